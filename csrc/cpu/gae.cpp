@@ -1,0 +1,214 @@
+// Two-lambda GAE reverse scan on the CPU (see vapo_kernels/ops/gae.py for the maths).
+//
+// Work is split into chunks of tokens. A sequence that is short, or one of many, is one
+// chunk and is scanned serially by one thread. When there are fewer sequences than
+// threads, long sequences are cut into several chunks so one 128k-token sequence still
+// uses every core:
+//   pass 1 (parallel): each chunk but the first of its sequence computes how its
+//          carry-out depends on its carry-in. The map is affine:
+//          A_out = a0 + w * (gamma * V_in + c * A_in) when the chunk has a valid token
+//          (w = c^(valid tokens - 1)), identity otherwise;
+//   carry  (serial, per sequence, over its few chunks): chain the summaries right to left;
+//   pass 2 (parallel): rescan every chunk from its true carry-in, writing the outputs.
+// Pass 1 re-reads the inputs once; that is the price of parallelism inside a sequence.
+//
+// The per-token step uses selects, never multiplies by the mask, so huge values or NaN
+// stored in masked slots cannot change a valid output.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../ops.h"
+
+namespace vapo {
+namespace {
+
+constexpr int64_t kMinChunk = 16384;  // below this, splitting costs more than it gains
+
+template <typename acc_t>
+struct Carry {
+  acc_t next_value = 0;  // value of the next valid token (0 past the end)
+  acc_t adv = 0;         // running advantage, lambda_policy
+  acc_t ret = 0;         // running advantage, lambda_critic
+};
+
+// Scan tokens [begin, end) backwards from `carry`; writes outputs when `out_adv` is set,
+// otherwise only returns the carry-out. `weight_p`/`weight_c` receive c^(valid-1), the
+// sensitivity of the first valid token's advantage to the carry-in term.
+template <typename scalar_t, typename acc_t, bool kHasMask, bool kSkip>
+Carry<acc_t> scan_chunk(const scalar_t* rewards, const scalar_t* values, const bool* mask,
+                        int64_t begin, int64_t end, acc_t coef_p, acc_t coef_c, acc_t gamma,
+                        Carry<acc_t> carry, acc_t* out_adv, acc_t* out_ret, acc_t* weight_p,
+                        acc_t* weight_c, bool* any_valid) {
+  acc_t next_value = carry.next_value, adv = carry.adv, ret = carry.ret;
+  acc_t wp = 1, wc = 1;
+  bool seen = false;
+  for (int64_t t = end - 1; t >= begin; --t) {
+    const bool valid = kHasMask ? mask[t] : true;
+    acc_t r = static_cast<acc_t>(rewards[t]);
+    acc_t v = static_cast<acc_t>(values[t]);
+    if (!kSkip) {  // OpenRLHF: masked tokens count as r = V = 0
+      r = valid ? r : acc_t(0);
+      v = valid ? v : acc_t(0);
+    }
+    const acc_t delta = r + gamma * next_value - v;
+    const acc_t new_adv = delta + coef_p * adv;
+    const acc_t new_ret = delta + coef_c * ret;
+    const bool take = kSkip ? valid : true;
+    if (weight_p != nullptr && take) {
+      wp = seen ? wp * coef_p : wp;
+      wc = seen ? wc * coef_c : wc;
+      seen = true;
+    }
+    adv = take ? new_adv : adv;
+    ret = take ? new_ret : ret;
+    next_value = take ? v : next_value;
+    if (out_adv != nullptr) {
+      out_adv[t] = adv;
+      out_ret[t] = ret + v;
+    }
+  }
+  if (weight_p != nullptr) {
+    *weight_p = wp;
+    *weight_c = wc;
+    *any_valid = seen;
+  }
+  return {next_value, adv, ret};
+}
+
+struct Chunk {
+  int64_t seq, begin, end;
+};
+
+template <typename scalar_t, bool kHasMask, bool kSkip>
+void run(const at::Tensor& rewards, const at::Tensor& values, const bool* mask,
+         const at::Tensor& offsets, const at::Tensor& coef_policy,
+         const at::Tensor& coef_critic, double gamma_d, at::Tensor& adv, at::Tensor& ret) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* r = rewards.data_ptr<scalar_t>();
+  const scalar_t* v = values.data_ptr<scalar_t>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const acc_t* cp = coef_policy.data_ptr<acc_t>();
+  const acc_t* cc = coef_critic.data_ptr<acc_t>();
+  acc_t* out_a = adv.data_ptr<acc_t>();
+  acc_t* out_r = ret.data_ptr<acc_t>();
+  const acc_t gamma = static_cast<acc_t>(gamma_d);
+  const int64_t num_seqs = offsets.size(0) - 1;
+
+  // Plan the chunks: split sequences only when there are too few to fill the threads.
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t splits_wanted = num_seqs >= 4 * threads ? 1 : (4 * threads + num_seqs - 1) / std::max<int64_t>(num_seqs, 1);
+  std::vector<Chunk> chunks;
+  std::vector<int64_t> first_chunk(num_seqs + 1);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    first_chunk[s] = static_cast<int64_t>(chunks.size());
+    const int64_t len = off[s + 1] - off[s];
+    const int64_t pieces = std::max<int64_t>(1, std::min(splits_wanted, len / kMinChunk));
+    for (int64_t p = 0; p < pieces; ++p) {
+      chunks.push_back({s, off[s] + len * p / pieces, off[s] + len * (p + 1) / pieces});
+    }
+  }
+  first_chunk[num_seqs] = static_cast<int64_t>(chunks.size());
+  const int64_t num_chunks = static_cast<int64_t>(chunks.size());
+  std::vector<Carry<acc_t>> carry_in(num_chunks);  // zero carries: the end of a sequence
+
+  if (num_chunks > num_seqs) {
+    // Pass 1: affine summary of every chunk that hands a carry to a chunk on its left.
+    std::vector<Carry<acc_t>> local(num_chunks);
+    std::vector<acc_t> wp(num_chunks, 1), wc(num_chunks, 1);
+    std::vector<char> any_valid(num_chunks, 0);
+    at::parallel_for(0, num_chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        const Chunk& c = chunks[i];
+        if (i == first_chunk[c.seq]) continue;
+        bool seen = false;
+        local[i] = scan_chunk<scalar_t, acc_t, kHasMask, kSkip>(
+            r, v, mask, c.begin, c.end, cp[c.seq], cc[c.seq], gamma, Carry<acc_t>{}, nullptr,
+            nullptr, &wp[i], &wc[i], &seen);
+        any_valid[i] = seen;
+      }
+    });
+    // Chain right to left inside each sequence.
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      for (int64_t i = first_chunk[s + 1] - 1; i > first_chunk[s]; --i) {
+        const Carry<acc_t>& in = carry_in[i];
+        Carry<acc_t> out = in;
+        if (any_valid[i]) {
+          out.next_value = local[i].next_value;
+          out.adv = local[i].adv + wp[i] * (gamma * in.next_value + cp[s] * in.adv);
+          out.ret = local[i].ret + wc[i] * (gamma * in.next_value + cc[s] * in.ret);
+        }
+        carry_in[i - 1] = out;
+      }
+    }
+  }
+
+  // Pass 2: the real scan, from each chunk's true carry-in.
+  at::parallel_for(0, num_chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      const Chunk& c = chunks[i];
+      scan_chunk<scalar_t, acc_t, kHasMask, kSkip>(r, v, mask, c.begin, c.end, cp[c.seq],
+                                                   cc[c.seq], gamma, carry_in[i], out_a,
+                                                   out_r, nullptr, nullptr, nullptr);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
+    const at::Tensor& rewards, const at::Tensor& values,
+    const std::optional<at::Tensor>& mask, const at::Tensor& offsets,
+    const at::Tensor& coef_policy, const at::Tensor& coef_critic, double gamma,
+    bool skip_masked) {
+  // The Python op validates everything; these checks guard direct callers of the binding.
+  TORCH_CHECK(rewards.device().is_cpu() && values.device().is_cpu(), "gae_scan_cpu: CPU tensors");
+  TORCH_CHECK(rewards.dim() == 1 && rewards.is_contiguous() && values.is_contiguous() &&
+                  rewards.sizes() == values.sizes() && rewards.dtype() == values.dtype(),
+              "gae_scan_cpu: rewards and values must be contiguous 1-D tensors of one dtype");
+  TORCH_CHECK(offsets.dtype() == at::kLong && offsets.dim() == 1 && offsets.size(0) >= 1 &&
+                  offsets.is_contiguous(),
+              "gae_scan_cpu: offsets must be a contiguous int64 tensor of S + 1 entries");
+  const int64_t num_seqs = offsets.size(0) - 1;
+  const auto acc_dtype = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(coef_policy.scalar_type() == acc_dtype && coef_critic.scalar_type() == acc_dtype &&
+                  coef_policy.numel() == num_seqs && coef_critic.numel() == num_seqs &&
+                  coef_policy.is_contiguous() && coef_critic.is_contiguous(),
+              "gae_scan_cpu: coefficients must be contiguous (S,) tensors in the output dtype");
+  const bool* mask_ptr = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() &&
+                    mask->numel() == rewards.numel(),
+                "gae_scan_cpu: mask must be a contiguous bool tensor like rewards");
+    mask_ptr = mask->data_ptr<bool>();
+  }
+  {
+    const int64_t* off = offsets.data_ptr<int64_t>();
+    TORCH_CHECK(off[0] == 0 && off[num_seqs] == rewards.numel(),
+                "gae_scan_cpu: offsets must start at 0 and end at N");
+    for (int64_t s = 0; s < num_seqs; ++s) {
+      TORCH_CHECK(off[s] <= off[s + 1], "gae_scan_cpu: offsets must be non-decreasing");
+    }
+  }
+  auto adv = at::empty(rewards.sizes(), rewards.options().dtype(acc_dtype));
+  auto ret = at::empty_like(adv);
+  if (rewards.numel() == 0) return {adv, ret};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "gae_scan_cpu", [&] {
+    if (mask_ptr != nullptr && skip_masked) {
+      run<scalar_t, true, true>(rewards, values, mask_ptr, offsets, coef_policy, coef_critic, gamma, adv, ret);
+    } else if (mask_ptr != nullptr) {
+      run<scalar_t, true, false>(rewards, values, mask_ptr, offsets, coef_policy, coef_critic, gamma, adv, ret);
+    } else {
+      // Without a mask both semantics coincide.
+      run<scalar_t, false, true>(rewards, values, mask_ptr, offsets, coef_policy, coef_critic, gamma, adv, ret);
+    }
+  });
+  return {adv, ret};
+}
+
+}  // namespace vapo

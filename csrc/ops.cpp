@@ -1,0 +1,13 @@
+// The pybind11 module of the JIT-built extension: binds each backend kernel.
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vapo_kernels C++ (CPU) and CUDA kernels";
+  m.def("gae_scan_cpu", &vapo::gae_scan_cpu, "two-lambda GAE reverse scan (CPU)");
+#ifdef VAPO_WITH_CUDA
+  m.def("gae_scan_cuda", &vapo::gae_scan_cuda, "two-lambda GAE reverse scan (CUDA)");
+  m.attr("has_cuda") = true;
+#else
+  m.attr("has_cuda") = false;
+#endif
+}

@@ -1,0 +1,28 @@
+// Declarations of every kernel entry point bound into the Python extension.
+// The schema of each op lives in Python (vapo_kernels/ops/*.py, torch.library); these
+// functions are the backend kernels behind it and follow the "kernel contract" written
+// in the op module's reference_kernel docstring.
+#pragma once
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+
+namespace vapo {
+
+// GAE: two-lambda reverse scan over ragged sequences (vapo_kernels/ops/gae.py).
+std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
+    const at::Tensor& rewards, const at::Tensor& values,
+    const std::optional<at::Tensor>& mask, const at::Tensor& offsets,
+    const at::Tensor& coef_policy, const at::Tensor& coef_critic, double gamma,
+    bool skip_masked);
+
+#ifdef VAPO_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> gae_scan_cuda(
+    const at::Tensor& rewards, const at::Tensor& values,
+    const std::optional<at::Tensor>& mask, const at::Tensor& offsets,
+    const at::Tensor& coef_policy, const at::Tensor& coef_critic, double gamma,
+    bool skip_masked);
+#endif
+
+}  // namespace vapo

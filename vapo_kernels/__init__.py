@@ -1,0 +1,31 @@
+"""vapo-kernels: fused, exact kernels for PPO/VAPO-style RL of LLMs.
+
+Public API (everything else is internal):
+
+* :func:`gae`, :func:`decoupled_gae`, :func:`masked_whiten`, :func:`length_adaptive_lambda`
+  - GAE as a fused reverse scan over ragged sequences (``torch.ops.vapo.gae``);
+* :func:`available_backends`, :func:`set_validation` - backend and input-check control.
+
+Peer-compatible drop-ins live in :mod:`vapo_kernels.compat`.
+"""
+
+from . import _backends
+from ._ragged import set_validation
+from .ops.gae import decoupled_gae, gae, length_adaptive_lambda, masked_whiten
+
+__version__ = "0.1.0"
+
+
+def available_backends(op: str = "gae", device="cpu") -> list[str]:
+    """Backends that can run ``op`` on ``device`` now (compiles the C++ extension if needed)."""
+    return _backends.available(op, device)
+
+
+__all__ = [
+    "available_backends",
+    "decoupled_gae",
+    "gae",
+    "length_adaptive_lambda",
+    "masked_whiten",
+    "set_validation",
+]

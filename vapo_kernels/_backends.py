@@ -1,0 +1,179 @@
+"""The one backend registry.
+
+Every op family registers its kernels here under a backend name:
+
+* ``reference`` - readable PyTorch, the spec (any device);
+* ``cpp``       - C++ CPU kernels from ``csrc/cpu`` (compiled just in time);
+* ``triton``    - Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``);
+* ``cuda``      - CUDA C++ kernels from ``csrc/cuda`` (compiled only with a CUDA build of torch).
+
+Which one runs: the ``backend=`` argument of the call, else the ``VAPO_BACKEND``
+environment variable, else the first available backend in the device's preference order.
+A backend asked for by name that cannot run raises; an automatic choice that cannot run
+is skipped with a one-time warning that says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+BACKENDS = ("reference", "cpp", "triton", "cuda")
+
+# Automatic order per device type. ``cuda`` is after ``triton``: the CUDA C++ kernels
+# are compiled in CI but have not yet run on a GPU in this project's history, so they
+# are used only when asked for by name (see README "Backends").
+_AUTO_ORDER = {
+    "cpu": ("cpp", "reference"),
+    "cuda": ("triton", "cuda", "reference"),
+}
+
+_kernels: dict[tuple[str, str], Callable] = {}
+_warned: set[str] = set()
+
+
+def register(op: str, backend: str):
+    """Decorator: ``@register("gae", "cpp")`` makes the function the ``cpp`` kernel of ``gae``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn):
+        _kernels[(op, backend)] = fn
+        return fn
+
+    return deco
+
+
+def _why_unavailable(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device``, else the reason it cannot."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        if device.type != "cpu":
+            return f"the cpp backend runs on CPU tensors, got {device.type}"
+        return extension_error()
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device.type}"
+        err = extension_error()
+        if err:
+            return err
+        if not getattr(extension(), "has_cuda", False):
+            return "the C++ extension was built without CUDA kernels (no nvcc or CPU-only torch)"
+        return None
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:  # pragma: no cover - triton is a test dependency
+            return f"triton is not installed ({e})"
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"Triton does not run on {device.type} tensors"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def select(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
+    """Pick the kernel of ``op`` for tensors on ``device``; returns ``(name, kernel)``."""
+    requested = backend or os.environ.get("VAPO_BACKEND") or None
+    if requested is not None:
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
+        if (op, requested) not in _kernels:
+            raise ValueError(f"op {op!r} has no {requested!r} backend")
+        why = _why_unavailable(requested, device)
+        if why:
+            raise RuntimeError(f"backend {requested!r} cannot run {op!r}: {why}")
+        return requested, _kernels[(op, requested)]
+    for name in _AUTO_ORDER.get(device.type, ("reference",)):
+        if (op, name) not in _kernels:
+            continue
+        why = _why_unavailable(name, device)
+        if why is None:
+            return name, _kernels[(op, name)]
+        if name not in _warned and name != "triton":
+            _warned.add(name)
+            warnings.warn(f"vapo_kernels: {name} backend unavailable, falling back: {why}", stacklevel=3)
+    return "reference", _kernels[(op, "reference")]
+
+
+def available(op: str, device: torch.device | str) -> list[str]:
+    """Backends that can run ``op`` on ``device`` right now (builds the extension if needed)."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if (op, b) in _kernels and _why_unavailable(b, device) is None]
+
+
+# --------------------------------------------------------------------------------------
+# The C++ / CUDA extension, compiled just in time and cached by torch.utils.cpp_extension.
+
+_ext = None
+_ext_error: str | None = None
+_ext_tried = False
+
+
+def csrc_dir() -> Path:
+    """csrc/ in a source checkout, or the copy shipped inside the wheel."""
+    here = Path(__file__).resolve().parent
+    for cand in (here.parent / "csrc", here / "_csrc"):
+        if (cand / "ops.cpp").exists():
+            return cand
+    raise FileNotFoundError("cannot find the csrc/ sources of vapo_kernels")
+
+
+def _cuda_wanted() -> bool:
+    return (
+        torch.version.cuda is not None
+        and os.environ.get("VAPO_NO_CUDA") != "1"
+        and (shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME"))
+    )
+
+
+def _build(verbose: bool = False):
+    from torch.utils import cpp_extension
+
+    src = csrc_dir()
+    sources = [src / "ops.cpp", *sorted((src / "cpu").glob("*.cpp"))]
+    defines = []
+    if _cuda_wanted():
+        sources += sorted((src / "cuda").glob("*.cu")) + sorted((src / "cuda").glob("*.cpp"))
+        defines.append("-DVAPO_WITH_CUDA")
+    # A name per source set so a CPU-only and a CUDA build never share a cache folder.
+    digest = hashlib.sha1("".join(str(s.name) for s in sources).encode()).hexdigest()[:8]
+    cflags = ["-O3", "-fopenmp", "-std=c++17", *defines]
+    return cpp_extension.load(
+        name=f"vapo_kernels_C_{digest}",
+        sources=[str(s) for s in sources],
+        extra_cflags=cflags,
+        extra_cuda_cflags=["-O3", "-lineinfo", *defines],
+        extra_ldflags=["-fopenmp"],
+        extra_include_paths=[str(src)],
+        verbose=verbose,
+    )
+
+
+def extension(verbose: bool = False):
+    """The compiled extension module (built on first call), or None if it cannot be built."""
+    global _ext, _ext_error, _ext_tried
+    if not _ext_tried:
+        _ext_tried = True
+        if os.environ.get("VAPO_NO_EXTENSION") == "1":
+            _ext_error = "disabled by VAPO_NO_EXTENSION=1"
+        else:
+            try:
+                _ext = _build(verbose)
+            except Exception as e:  # a missing compiler must not break `import vapo_kernels`
+                _ext_error = f"building the C++ extension failed: {type(e).__name__}: {e}"
+    return _ext
+
+
+def extension_error() -> str | None:
+    """None if the extension is usable, else why not (builds it on first call)."""
+    extension()
+    return _ext_error

@@ -1,0 +1,197 @@
+"""Validation and layout helpers shared by every op family.
+
+Two layouts are accepted everywhere:
+
+* padded: token tensors of shape ``(B, T)``, an optional ``mask`` of the same shape;
+* packed: token tensors of shape ``(N,)`` plus ``cu_seqlens`` (int32 or int64, ``S + 1``
+  offsets starting at 0, non-decreasing, ending at N, as in flash-attn's varlen API),
+  and an optional per-token ``mask`` of shape ``(N,)``.
+
+Checks come in two kinds. *Static* checks (shapes, dtypes, devices, scalar ranges) only
+look at metadata, so they also run on fake tensors and under ``torch.compile``.
+*Data* checks (offsets, NaN in valid slots, per-sequence lambda ranges) read tensor
+values; they run inside the op bodies, where ``torch.compile`` treats them as opaque.
+They can be switched off for production runs with ``VAPO_VALIDATE=0`` or
+:func:`set_validation` (each data check costs a device sync on GPU).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_validate_data = os.environ.get("VAPO_VALIDATE", "1") not in ("0", "false", "False")
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the data-dependent input checks on or off (they are on by default)."""
+    global _validate_data
+    _validate_data = bool(enabled)
+
+
+def validation_enabled() -> bool:
+    return _validate_data
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the token tensors look like: ``padded`` (B, T) or ``packed`` (N,) + offsets."""
+
+    packed: bool
+    num_seqs: int
+    num_tokens: int
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_unit_interval(name: str, x: float) -> None:
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        raise TypeError(f"{name} must be a float, got {type(x).__name__}")
+    if not 0.0 <= float(x) <= 1.0:  # also rejects NaN
+        raise ValueError(f"{name} must lie in [0, 1], got {x}")
+
+
+def check_layout(
+    tensors: dict[str, torch.Tensor],
+    mask: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+) -> Layout:
+    """Static checks of the token tensors, mask and offsets; returns the layout.
+
+    ``tensors`` maps argument names to float token tensors; the first is the reference
+    for shape and device.
+    """
+    items = list(tensors.items())
+    first_name, first = items[0]
+    for name, t in items:
+        check_float(name, t)
+        if t.shape != first.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but {first_name} has {tuple(first.shape)}"
+            )
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
+
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.is_complex():
+            raise TypeError(f"mask must be bool, integer or real float, got {mask.dtype}")
+        if mask.shape != first.shape:
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)} but {first_name} has {tuple(first.shape)}"
+            )
+        if mask.device != first.device:
+            raise ValueError(f"mask is on {mask.device} but {first_name} is on {first.device}")
+
+    if cu_seqlens is None:
+        if first.dim() != 2:
+            raise ValueError(
+                f"{first_name} must be 2-D (B, T) when cu_seqlens is None, "
+                f"got shape {tuple(first.shape)}; pass cu_seqlens for packed 1-D input"
+            )
+        return Layout(packed=False, num_seqs=first.shape[0], num_tokens=first.numel())
+
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 (or int64), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 1:
+        raise ValueError(
+            f"cu_seqlens must be 1-D with S + 1 >= 1 entries, got shape {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != first.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but {first_name} is on {first.device}")
+    if first.dim() != 1:
+        raise ValueError(
+            f"{first_name} must be 1-D (N,) packed tokens when cu_seqlens is given, "
+            f"got shape {tuple(first.shape)}"
+        )
+    return Layout(packed=True, num_seqs=cu_seqlens.shape[0] - 1, num_tokens=first.shape[0])
+
+
+def check_cu_seqlens_values(cu_seqlens: torch.Tensor, num_tokens: int) -> None:
+    """Data check: offsets start at 0, never decrease and end at N."""
+    if not _validate_data:
+        return
+    cu = cu_seqlens.to("cpu", torch.int64)
+    if cu[0].item() != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0].item()}")
+    if cu[-1].item() != num_tokens:
+        raise ValueError(
+            f"cu_seqlens must end at the number of tokens N={num_tokens}, got {cu[-1].item()}"
+        )
+    if cu.numel() > 1 and bool((cu[1:] < cu[:-1]).any()):
+        bad = int(torch.nonzero(cu[1:] < cu[:-1])[0].item())
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, but cu_seqlens[{bad + 1}]={cu[bad + 1].item()} "
+            f"< cu_seqlens[{bad}]={cu[bad].item()}"
+        )
+
+
+def check_no_nan_where_valid(name: str, t: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Data check: NaN in a valid slot is an error; garbage in masked slots is ignored."""
+    if not _validate_data:
+        return
+    bad = torch.isnan(t)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        raise ValueError(f"{name} contains NaN at valid (unmasked) positions")
+
+
+def as_bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask != 0
+
+
+def offsets(layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """int64 sequence offsets into the flattened token tensor, for either layout."""
+    if layout.packed:
+        return cu_seqlens.to(torch.int64)
+    batch, length = shape
+    return torch.arange(batch + 1, dtype=torch.int64, device=device) * length
+
+
+def valid_counts(
+    layout: Layout, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, shape, device
+) -> torch.Tensor:
+    """Number of valid tokens per sequence (int64, shape (S,)), traceable by torch.compile."""
+    if not layout.packed:
+        if mask is None:
+            return torch.full((shape[0],), shape[1], dtype=torch.int64, device=device)
+        return mask.sum(dim=1, dtype=torch.int64)
+    cu = cu_seqlens.to(torch.int64)
+    if mask is None:
+        return cu[1:] - cu[:-1]
+    prefix = torch.cat([mask.new_zeros(1, dtype=torch.int64), mask.cumsum(0, dtype=torch.int64)])
+    return prefix[cu[1:]] - prefix[cu[:-1]]
+
+
+def pack_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, fill=0) -> torch.Tensor:
+    """(N,) packed -> (S, max_len) right-padded with ``fill``."""
+    cu = cu_seqlens.to("cpu", torch.int64)
+    lengths = cu[1:] - cu[:-1]
+    width = int(lengths.max().item()) if lengths.numel() else 0
+    out = x.new_full((lengths.numel(), width), fill)
+    for s in range(lengths.numel()):
+        out[s, : lengths[s]] = x[cu[s] : cu[s + 1]]
+    return out
+
+
+def padded_to_pack(x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_to_padded`."""
+    cu = cu_seqlens.to("cpu", torch.int64)
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    if not lengths:
+        return x.new_empty((0,))
+    return torch.cat([x[s, :n] for s, n in enumerate(lengths)])
