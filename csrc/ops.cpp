@@ -4,6 +4,7 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vapo_kernels C++ (CPU) and CUDA kernels";
   m.def("gae_scan_cpu", &vapo::gae_scan_cpu, "two-lambda GAE reverse scan (CPU)");
+  m.def("masked_whiten_cpu", &vapo::masked_whiten_cpu, "masked whitening (CPU)");
 #ifdef VAPO_WITH_CUDA
   m.def("gae_scan_cuda", &vapo::gae_scan_cuda, "two-lambda GAE reverse scan (CUDA)");
   m.attr("has_cuda") = true;

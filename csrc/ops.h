@@ -17,6 +17,11 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
     const at::Tensor& coef_policy, const at::Tensor& coef_critic, double gamma,
     bool skip_masked);
 
+// Masked whitening over all valid tokens; returns (out, number of valid tokens).
+std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(const at::Tensor& x,
+                                                     const std::optional<at::Tensor>& mask,
+                                                     bool unbiased, double eps, bool shift_mean);
+
 #ifdef VAPO_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> gae_scan_cuda(
     const at::Tensor& rewards, const at::Tensor& values,

@@ -292,21 +292,29 @@ def test_lambda_zero_is_one_step_td_and_gamma_lambda_one_is_monte_carlo():
 # Whitening
 
 
-def test_masked_whiten_matches_formula():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(4, 11), (3, 20000), (50001,)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_masked_whiten_matches_formula(backend, shape, dtype, poisoned):
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 11, generator=gen, dtype=torch.float64)
-    m = torch.rand(4, 11, generator=gen) < 0.6
-    sel = x[m]
+    x = (3 + 2 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+    m = torch.rand(shape, generator=gen) < 0.6
+    xd = x.double()
+    sel = xd[m]
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
     for unbiased in (True, False):
-        var = sel.var(unbiased=unbiased)
-        exp = (x - sel.mean()) * torch.rsqrt(var + 1e-8)
-        torch.testing.assert_close(vk.masked_whiten(x, m, unbiased=unbiased), exp)
-    torch.testing.assert_close(
-        vk.masked_whiten(x, m, shift_mean=False), (x - sel.mean()) * torch.rsqrt(sel.var() + 1e-8) + sel.mean()
-    )
+        exp = (xd - sel.mean()) * torch.rsqrt(sel.var(unbiased=unbiased) + 1e-8)
+        with poisoned():
+            got = vk.masked_whiten(x, m, unbiased=unbiased, backend=backend)
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(got.double(), exp, **tol)
+    exp = (xd - sel.mean()) * torch.rsqrt(sel.var() + 1e-8) + sel.mean()
+    torch.testing.assert_close(vk.masked_whiten(x, m, shift_mean=False, backend=backend).double(), exp, **tol)
+    full = vk.masked_whiten(x, backend=backend).double()
+    torch.testing.assert_close(full, (xd - xd.mean()) * torch.rsqrt(xd.var() + 1e-8), **tol)
     garbage = x.clone()
     garbage[~m] = float("nan")
-    assert torch.equal(vk.masked_whiten(garbage, m)[m], vk.masked_whiten(x, m)[m])
+    assert torch.equal(vk.masked_whiten(garbage, m, backend=backend)[m], vk.masked_whiten(x, m, backend=backend)[m])
 
 
 def test_whiten_option_whitens_advantages_not_returns():
@@ -319,15 +327,20 @@ def test_whiten_option_whitens_advantages_not_returns():
     torch.testing.assert_close(adv, vk.masked_whiten(raw_adv, m))
 
 
-def test_masked_whiten_rejects_degenerate_masks():
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_masked_whiten_rejects_degenerate_masks(backend):
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="mask selects no element"):
-        vk.masked_whiten(x, torch.zeros(2, 3, dtype=torch.bool))
+        vk.masked_whiten(x, torch.zeros(2, 3, dtype=torch.bool), backend=backend)
     one = torch.zeros(2, 3, dtype=torch.bool)
     one[0, 0] = True
     with pytest.raises(ValueError, match="one element"):
-        vk.masked_whiten(x, one)
-    assert torch.isfinite(vk.masked_whiten(x, one, unbiased=False)[0, 0])
+        vk.masked_whiten(x, one, backend=backend)
+    assert torch.isfinite(vk.masked_whiten(x, one, unbiased=False, backend=backend)[0, 0])
+    with pytest.raises(ValueError, match="mask has shape"):
+        vk.masked_whiten(x, torch.ones(3, 2, dtype=torch.bool), backend=backend)
+    with pytest.raises(TypeError, match="x must be float"):
+        vk.masked_whiten(x.long(), backend=backend)
 
 
 # --------------------------------------------------------------------------------------
@@ -478,8 +491,8 @@ def test_opcheck_gae(args):
 
 
 def test_opcheck_masked_whiten():
-    torch.library.opcheck(torch.ops.vapo.masked_whiten.default, (torch.randn(3, 7), torch.rand(3, 7) < 0.8, True, 1e-8, True))
-    torch.library.opcheck(torch.ops.vapo.masked_whiten.default, (torch.randn(5), None, False, 1e-6, False))
+    torch.library.opcheck(torch.ops.vapo.masked_whiten.default, (torch.randn(3, 7), torch.rand(3, 7) < 0.8, True, 1e-8, True, "cpp"))
+    torch.library.opcheck(torch.ops.vapo.masked_whiten.default, (torch.randn(5), None, False, 1e-6, False, "reference"))
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])

@@ -80,17 +80,7 @@ def check_layout(
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}")
 
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.is_complex():
-            raise TypeError(f"mask must be bool, integer or real float, got {mask.dtype}")
-        if mask.shape != first.shape:
-            raise ValueError(
-                f"mask has shape {tuple(mask.shape)} but {first_name} has {tuple(first.shape)}"
-            )
-        if mask.device != first.device:
-            raise ValueError(f"mask is on {mask.device} but {first_name} is on {first.device}")
+    check_mask(mask, first_name, first)
 
     if cu_seqlens is None:
         if first.dim() != 2:
@@ -116,6 +106,20 @@ def check_layout(
             f"got shape {tuple(first.shape)}"
         )
     return Layout(packed=True, num_seqs=cu_seqlens.shape[0] - 1, num_tokens=first.shape[0])
+
+
+def check_mask(mask: torch.Tensor | None, like_name: str, like: torch.Tensor) -> None:
+    """A mask is None or a bool/int/float tensor with the shape and device of ``like``."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool, integer or real float, got {mask.dtype}")
+    if mask.shape != like.shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but {like_name} has {tuple(like.shape)}")
+    if mask.device != like.device:
+        raise ValueError(f"mask is on {mask.device} but {like_name} is on {like.device}")
 
 
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, num_tokens: int) -> None:

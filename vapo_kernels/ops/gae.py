@@ -167,8 +167,6 @@ def gae_op(
     mask = _ragged.as_bool_mask(mask)
     if layout.packed:
         _ragged.check_cu_seqlens_values(cu_seqlens, layout.num_tokens)
-    _ragged.check_no_nan_where_valid("values", values, mask)
-    _ragged.check_no_nan_where_valid("rewards", rewards, mask)
     if _ragged.validation_enabled():
         for name, lam in (("lam_policy", lam_policy), ("lam_critic", lam_critic)):
             if lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
@@ -187,6 +185,12 @@ def gae_op(
         return empty, empty.clone()
     _, kernel = _backends.select("gae", rewards.device, backend or None)
     adv, ret = kernel(*flat, flat_mask, offs, coef_p, coef_c, float(gamma), mask_mode == "skip")
+    # A NaN in a valid reward or value always reaches that token's advantage, and masked
+    # slots never produce one, so one reduction over the output screens both inputs; the
+    # per-argument check (several passes) runs only when something is wrong.
+    if _ragged.validation_enabled() and bool(torch.isnan(adv.sum())):
+        _ragged.check_no_nan_where_valid("values", values, mask)
+        _ragged.check_no_nan_where_valid("rewards", rewards, mask)
     return adv.view(rewards.shape), ret.view(rewards.shape)
 
 
@@ -198,36 +202,55 @@ def _gae_fake(rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, 
     return out, torch.empty_like(out)
 
 
+def reference_whiten_kernel(
+    x: Tensor, mask: Tensor | None, unbiased: bool, eps: float, shift_mean: bool
+) -> tuple[Tensor, Tensor]:
+    """Kernel contract of masked whitening: flat x, flat bool mask or None ->
+    (out in the output dtype, number of valid tokens as a 0-d int64 tensor)."""
+    out_dtype = _out_dtype(x.dtype)
+    x = x.to(out_dtype)
+    if mask is None:
+        mask = torch.ones_like(x, dtype=torch.bool)
+    count = mask.sum()
+    n = count.to(out_dtype)
+    zero = torch.zeros((), dtype=out_dtype, device=x.device)
+    mean = torch.where(mask, x, zero).sum() / n  # where, not x*mask: NaN garbage stays out
+    centered = x - mean
+    var = torch.where(mask, centered * centered, zero).sum() / (n - 1 if unbiased else n)
+    out = centered * torch.rsqrt(var + eps)
+    return (out if shift_mean else out + mean), count
+
+
+_backends.register("masked_whiten", "reference")(reference_whiten_kernel)
+
+
+@_backends.register("masked_whiten", "cpp")
+def _cpp_whiten(*args):
+    return _backends.extension().masked_whiten_cpu(*args)
+
+
 @torch.library.custom_op("vapo::masked_whiten", mutates_args=())
 def masked_whiten_op(
-    x: Tensor, mask: Tensor | None, unbiased: bool, eps: float, shift_mean: bool
+    x: Tensor, mask: Tensor | None, unbiased: bool, eps: float, shift_mean: bool, backend: str
 ) -> Tensor:
     """(x - mean) * rsqrt(var + eps) with mean/var over the valid tokens of the whole batch."""
     _ragged.check_float("x", x)
-    out_dtype = _out_dtype(x.dtype)
-    x = x.to(out_dtype)
+    _ragged.check_mask(mask, "x", x)
     mask = _ragged.as_bool_mask(mask)
-    if mask is None:
-        mask = torch.ones_like(x, dtype=torch.bool)
-    count = mask.sum(dtype=out_dtype)
+    flat_mask = None if mask is None else mask.reshape(-1).contiguous()
+    _, kernel = _backends.select("masked_whiten", x.device, backend or None)
+    out, count = kernel(x.reshape(-1).contiguous(), flat_mask, unbiased, float(eps), shift_mean)
     if _ragged.validation_enabled():
-        n = int(count.item())
+        n = int(count)
         if n == 0:
             raise ValueError("masked_whiten: mask selects no element; nothing to whiten")
         if unbiased and n == 1:
             raise ValueError("masked_whiten: mask selects one element; unbiased variance is undefined")
-    zero = torch.zeros((), dtype=out_dtype, device=x.device)
-    mean = torch.where(mask, x, zero).sum() / count
-    centered = x - mean
-    var = torch.where(mask, centered * centered, zero).sum() / count
-    if unbiased:
-        var = var * (count / (count - 1))
-    out = centered * torch.rsqrt(var + eps)
-    return out if shift_mean else out + mean
+    return out.view(x.shape)
 
 
 @masked_whiten_op.register_fake
-def _masked_whiten_fake(x, mask, unbiased, eps, shift_mean):
+def _masked_whiten_fake(x, mask, unbiased, eps, shift_mean, backend):
     return torch.empty(x.shape, dtype=_out_dtype(x.dtype), device=x.device)
 
 
@@ -294,7 +317,7 @@ def decoupled_gae(
         rewards, values, mask, cu_seqlens, lam_p, lam_c, gamma, mask_mode, backend or ""
     )
     if whiten:
-        adv = torch.ops.vapo.masked_whiten(adv, mask, True, 1e-8, True)
+        adv = torch.ops.vapo.masked_whiten(adv, mask, True, 1e-8, True, backend or "")
     return adv, targets
 
 
@@ -329,12 +352,17 @@ def masked_whiten(
     unbiased: bool = True,
     eps: float = 1e-8,
     shift_mean: bool = True,
+    backend: str | None = None,
 ) -> Tensor:
     """Whiten ``x`` with the mean and variance of its valid tokens (over the whole batch).
 
     ``unbiased`` picks the n-1 (verl) or n (OpenRLHF) variance; ``shift_mean=False`` adds
     the mean back. ``cu_seqlens`` is accepted so packed callers can pass the same
-    arguments as to :func:`gae`; the statistics are batch-wide in both layouts.
+    arguments as to :func:`gae`; the statistics are batch-wide in both layouts, and any
+    shape is accepted.
     """
-    _ragged.check_layout({"x": x}, mask, cu_seqlens)
-    return torch.ops.vapo.masked_whiten(x, mask, bool(unbiased), float(eps), bool(shift_mean))
+    if cu_seqlens is not None:
+        _ragged.check_layout({"x": x}, mask, cu_seqlens)
+    return torch.ops.vapo.masked_whiten(
+        x, mask, bool(unbiased), float(eps), bool(shift_mean), backend or ""
+    )

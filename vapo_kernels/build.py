@@ -1,0 +1,23 @@
+"""``python -m vapo_kernels.build``: compile (or find cached) the C++/CUDA extension now.
+
+The extension is otherwise built on first use; running this once after install moves the
+~30 s compile out of the first training step and prints any compiler error in full.
+"""
+
+import sys
+
+from . import _backends
+
+
+def main() -> int:
+    ext = _backends.extension(verbose="-v" in sys.argv)
+    if ext is None:
+        print(f"vapo_kernels: {_backends.extension_error()}", file=sys.stderr)
+        return 1
+    cuda = "with" if getattr(ext, "has_cuda", False) else "without"
+    print(f"vapo_kernels: extension ready ({ext.__file__}), {cuda} CUDA kernels")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
