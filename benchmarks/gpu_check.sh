@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (see README "GPU validation"): install, run the GPU
+# tests, compute-sanitizer over every CUDA/Triton kernel, and every benchmark.
+# Writes gpu_check.log, sanitizer.log and the benchmark JSON/PNG under $OUT.
+# Usage on the device: bash benchmarks/gpu_check.sh   (with .whl carried if peers travel)
+set -uo pipefail
+OUT=${OUT:-benchmarks/out/gpu}
+mkdir -p "$OUT"
+log="$OUT/gpu_check.log"
+exec > >(tee "$log") 2>&1
+export PYTHONUNBUFFERED=1
+step() { echo; echo "=== $* ==="; }
+
+step "install"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
+python3 -m vapo_kernels.build || exit 1
+
+step "GPU tests"
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -x
+python3 -m pytest -q -p no:cacheprovider tests/test_gae.py tests/test_gae_triton.py
+
+step "compute-sanitizer"
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool "$tool" --error-exitcode 1 python3 benchmarks/sanitize_driver.py \
+    > "$OUT/sanitizer_$tool.log" 2>&1; echo "$tool exit $?"; tail -3 "$OUT/sanitizer_$tool.log"
+done
+
+step "benchmarks"
+for bench in benchmarks/bench_*.py; do
+  python3 "$bench" --device cuda --out "$OUT" || echo "FAILED: $bench"
+done
+ls -la "$OUT"
