@@ -4,6 +4,8 @@ Public API (everything else is internal):
 
 * :func:`gae`, :func:`decoupled_gae`, :func:`masked_whiten`, :func:`length_adaptive_lambda`
   - GAE as a fused reverse scan over ragged sequences (``torch.ops.vapo.gae``);
+* :func:`token_logprobs` - log-probs (and entropy) of target tokens from logits, with
+  autograd and an optional in-place backward (``torch.ops.vapo.token_logprobs``);
 * :func:`available_backends`, :func:`set_validation` - backend and input-check control.
 
 Peer-compatible drop-ins live in :mod:`vapo_kernels.compat`.
@@ -12,6 +14,7 @@ Peer-compatible drop-ins live in :mod:`vapo_kernels.compat`.
 from . import _backends
 from ._ragged import set_validation
 from .ops.gae import decoupled_gae, gae, length_adaptive_lambda, masked_whiten
+from .ops.logprobs import linear_logprobs, token_logprobs
 
 __version__ = "0.1.0"
 
@@ -26,6 +29,8 @@ __all__ = [
     "decoupled_gae",
     "gae",
     "length_adaptive_lambda",
+    "linear_logprobs",
     "masked_whiten",
     "set_validation",
+    "token_logprobs",
 ]

@@ -19,8 +19,8 @@ import hashlib
 import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -168,7 +168,7 @@ def extension(verbose: bool = False):
         else:
             try:
                 _ext = _build(verbose)
-            except Exception as e:  # a missing compiler must not break `import vapo_kernels`
+            except Exception as e:  # noqa: BLE001 - a missing compiler must not break the import
                 _ext_error = f"building the C++ extension failed: {type(e).__name__}: {e}"
     return _ext
 
