@@ -1,10 +1,20 @@
-"""Drop-in replacements for the GAE functions of peer RL libraries.
+"""Drop-in replacements for functions of peer RL libraries.
 
 One module per peer - :mod:`~vapo_kernels.compat.verl`, :mod:`~vapo_kernels.compat.openrlhf`,
 :mod:`~vapo_kernels.compat.torchrl`, :mod:`~vapo_kernels.compat.trl`,
 :mod:`~vapo_kernels.compat.nemo` - each with the peer's signature, defaults, return types
-and numerics, computed by :func:`vapo_kernels.gae` / :func:`vapo_kernels.decoupled_gae`.
-Nothing here imports a peer at import time (only ``verl.patch()`` does, when called).
+and numerics:
+
+* GAE (all five), computed by :func:`vapo_kernels.gae` / :func:`vapo_kernels.decoupled_gae`;
+* token log-probs and entropy from logits (verl's ``logprobs_from_logits``,
+  ``entropy_from_logits[_with_chunking]``, ``linear_cross_entropy``; OpenRLHF's
+  ``log_probs_from_logits``, ``compute_entropy``; TRL's ``selective_log_softmax``,
+  ``entropy_from_logits``), computed by :func:`vapo_kernels.token_logprobs`. These
+  return float32 for half-precision logits, where the peers' CPU / eager paths round to
+  bf16 - the one deliberate dtype difference, documented per module.
+
+Nothing here imports a peer at import time. ``patch()`` / ``unpatch()`` of the verl,
+OpenRLHF and TRL modules import the peer and swap the adapters into it (and back).
 
 The peers' signatures have no room for a backend argument, so the kernel backend of
 every adapter is chosen here with :func:`set_backend` (or the ``VAPO_BACKEND``
@@ -12,6 +22,11 @@ environment variable, which applies when no backend is set here).
 """
 
 from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Callable, Iterator
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -61,6 +76,56 @@ def _check_binary_mask(name: str, mask: Tensor | None) -> None:
         return
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError(f"{name} must be binary (0/1); fractional weights are not supported")
+
+
+class _Swap:
+    """One peer function replaced by ours wherever the peer's package holds it by name.
+
+    ``from m import f`` copies the reference, so replacing ``m.f`` alone misses modules
+    imported earlier: every loaded module of ``package`` whose attribute ``name`` *is*
+    the peer's function gets the replacement (modules imported later read it from ``m``).
+    :meth:`undo` puts the peer's function back wherever the replacement is found.
+    Objects that stored the function elsewhere (an instance attribute, a closure, a
+    ``torch.compile`` wrapper built before :meth:`apply`) keep what they stored.
+    """
+
+    def __init__(self, package: str, module: str, name: str, replacement: Callable) -> None:
+        self.package, self.module, self.name = package, module, name
+        self.replacement = replacement
+        self.original: Callable | None = None
+
+    def _modules(self) -> Iterator[ModuleType]:
+        prefix = self.package + "."
+        for key, mod in list(sys.modules.items()):
+            if (key == self.package or key.startswith(prefix)) and isinstance(mod, ModuleType):
+                yield mod
+
+    def apply(self) -> None:
+        home = importlib.import_module(self.module)
+        if self.name not in vars(home):
+            raise AttributeError(
+                f"{self.module} has no {self.name}: not the peer version this adapter targets"
+            )
+        current = vars(home)[self.name]
+        if self.original is None:
+            if current is self.replacement:  # a stale patch of an earlier session
+                raise RuntimeError(f"{self.module}.{self.name} is already replaced")
+            self.original = current
+        for mod in self._modules():
+            if vars(mod).get(self.name) is self.original:
+                setattr(mod, self.name, self.replacement)
+
+    def undo(self) -> None:
+        if self.original is None:
+            return
+        for mod in self._modules():
+            if vars(mod).get(self.name) is self.replacement:
+                setattr(mod, self.name, self.original)
+        self.original = None
+
+    @property
+    def active(self) -> bool:
+        return self.original is not None
 
 
 __all__ = ["get_backend", "set_backend"]

@@ -1,4 +1,4 @@
-r"""OpenRLHF 0.11.2 drop-in: GAE and the batch-wide advantage normalisation.
+r"""OpenRLHF 0.11.2 drop-ins: GAE, the advantage normalisation, token log-probs, entropy.
 
 In OpenRLHF 0.11.2, GAE is the method
 ``openrlhf.trainer.ppo_utils.experience_maker.RemoteExperienceMaker.get_advantages_and_returns``
@@ -17,6 +17,27 @@ Differences from OpenRLHF, outside its well-defined inputs: NaN/inf stored in ma
 slots stays out of the valid outputs here (OpenRLHF's ``mask * values`` turns it into
 NaN); a fractional float mask raises ``ValueError``; ``gamma``/``lambd`` must lie in
 [0, 1]; half-precision inputs accumulate in float32 and are rounded once.
+
+**Log-probs and entropy** (``openrlhf.models.utils``, used by ``Actor.forward``):
+:func:`log_probs_from_logits` and :func:`compute_entropy`, computed by
+:func:`vapo_kernels.token_logprobs`::
+
+    logp = z[label] / tau - logsumexp(z / tau)
+    H    = logsumexp(z) - sum_v softmax(z)_v * z_v
+
+OpenRLHF's ``log_probs_from_logits`` divides the logits by ``temperature`` *in place*,
+then: fp32 / fp64 logits go to flash-attn's cross-entropy if it imports, else to a
+gather minus a logsumexp over chunks of 1024 rows (result in the logits' dtype); bf16 /
+fp16 logits go to a per-row ``log_softmax`` loop in half precision (bf16 result).
+``compute_entropy`` is a ``torch.compile``d softmax formula in the logits' dtype.
+OpenRLHF's actor casts the logits to float32 and applies the temperature itself before
+calling either, so it calls ``log_probs_from_logits`` with ``temperature=1.0``.
+
+Deliberate differences: the logits are never modified (the temperature is applied
+inside the kernel: OpenRLHF's in-place division is a memory saving, not part of the
+result); half-precision logits give float32 results instead of rounded bf16 ones; a
+label of -100 gives 0 and no gradient (OpenRLHF's fallback raises on it; flash-attn
+gives 0). :func:`patch` / :func:`unpatch` swap both functions into OpenRLHF.
 """
 
 from __future__ import annotations
@@ -27,9 +48,18 @@ import torch
 from torch import Tensor
 
 from ..ops.gae import gae
-from . import _check_binary_mask, _peer_dtype, _scalar, get_backend
+from ..ops.logprobs import token_logprobs
+from . import _check_binary_mask, _peer_dtype, _scalar, _Swap, get_backend
 
-__all__ = ["get_advantages_and_returns", "normalize_advantages"]
+__all__ = [
+    "compute_entropy",
+    "get_advantages_and_returns",
+    "is_patched",
+    "log_probs_from_logits",
+    "normalize_advantages",
+    "patch",
+    "unpatch",
+]
 
 
 def get_advantages_and_returns(
@@ -102,3 +132,65 @@ def normalize_advantages(
             rstd = var.clamp(min=1e-8).rsqrt()
             out = [(a - mean) * rstd for a in advs]
     return out[0] if single else out
+
+
+# --------------------------------------------------------------------------------------
+# Log-probs and entropy (openrlhf.models.utils)
+
+
+def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    r"""OpenRLHF's per-token log-probs: ``logits`` (..., V), ``labels`` (...) -> (...).
+
+    ::
+
+        logp = z[label] / tau - logsumexp(z / tau)
+        d logp / dz = (onehot(label) - softmax(z / tau)) / tau
+
+    float32 (float64 for float64 logits). Unlike OpenRLHF, ``logits`` is left unchanged
+    (no in-place division by the temperature).
+    """
+    return token_logprobs(logits, labels, temperature=temperature, backend=get_backend())
+
+
+def compute_entropy(logits: Tensor) -> Tensor:
+    r"""OpenRLHF's entropy of each row: ``logits`` (..., V) -> (...).
+
+    ::
+
+        H = logsumexp(z) - sum_v softmax(z)_v * z_v      dH/dz = p * (E_p[z] - z)
+
+    float32 (float64 for float64 logits); OpenRLHF returns the logits' dtype.
+    """
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    _, entropy = token_logprobs(logits, targets, return_entropy=True, backend=get_backend())
+    return entropy
+
+
+_UTILS = "openrlhf.models.utils"
+_SWAPS = [
+    _Swap("openrlhf", _UTILS, "log_probs_from_logits", log_probs_from_logits),
+    _Swap("openrlhf", _UTILS, "compute_entropy", compute_entropy),
+]
+
+
+def patch() -> None:
+    """Make OpenRLHF use :func:`log_probs_from_logits` and :func:`compute_entropy` from
+    here: in ``openrlhf.models.utils`` and every loaded ``openrlhf.*`` module that
+    imported them by name (``openrlhf.models.actor``, whose ``Actor.forward`` calls
+    them). Idempotent; call again after importing more of OpenRLHF, in every process
+    that runs the actor (each Ray worker). GAE is not patched: OpenRLHF computes it in
+    a method (see :func:`get_advantages_and_returns`).
+    """
+    for swap in _SWAPS:
+        swap.apply()
+
+
+def unpatch() -> None:
+    """Put OpenRLHF's own functions back. Idempotent."""
+    for swap in _SWAPS:
+        swap.undo()
+
+
+def is_patched() -> bool:
+    """Whether :func:`patch` is in effect."""
+    return any(swap.active for swap in _SWAPS)

@@ -1,4 +1,4 @@
-r"""TRL <= 1.12 PPO drop-in: the advantage/return block of ``PPOTrainer.train``.
+r"""TRL 1.12 drop-ins: PPO's advantage/return block, ``selective_log_softmax``, entropy.
 
 TRL has no GAE function: the computation is inline in ``PPOTrainer.train``
 (``trl/experimental/ppo/ppo_trainer.py`` in TRL 1.12, steps "5. whiten rewards" and
@@ -22,6 +22,21 @@ out of the recurrence unless ``whiten_rewards`` is set, so a non-zero reward on 
 reaches the advantages of the valid tokens (in TRL's trainer they are 0 there).
 Difference: where TRL's whitening divides by zero (a batch with a single response
 token) and returns NaN, this raises ``ValueError`` while input validation is on.
+
+**Log-probs and entropy** (``trl.trainer.utils``, imported by name by the GRPO, RLOO,
+DPO, KTO, SFT, PPO, ... trainers): :func:`selective_log_softmax` and
+:func:`entropy_from_logits`, computed by :func:`vapo_kernels.token_logprobs`::
+
+    logp = z[index] - logsumexp(z)
+    H    = logsumexp(z) - sum_v softmax(z)_v * z_v
+
+TRL 1.12 computes fp32 / fp64 logits as a gather minus a per-row logsumexp, and bf16 /
+fp16 logits with a per-row ``log_softmax`` in half precision (bf16 result); its entropy
+is ``-(exp(log_softmax) * log_softmax).sum()`` over chunks of rows in the logits' dtype.
+Deliberate differences: half-precision logits give float32 results (never rounded to
+bf16); an ``index`` of -100 gives 0 and no gradient when ``index`` has the logits'
+leading shape (TRL's gather raises); ``entropy_from_logits``' ``chunk_size`` is accepted
+and ignored. :func:`patch` / :func:`unpatch` swap both functions into TRL.
 """
 
 from __future__ import annotations
@@ -30,9 +45,17 @@ import torch
 from torch import Tensor
 
 from ..ops.gae import gae, masked_whiten
-from . import _peer_dtype, _scalar, get_backend
+from ..ops.logprobs import token_logprobs
+from . import _peer_dtype, _scalar, _Swap, get_backend
 
-__all__ = ["compute_advantages_and_returns"]
+__all__ = [
+    "compute_advantages_and_returns",
+    "entropy_from_logits",
+    "is_patched",
+    "patch",
+    "selective_log_softmax",
+    "unpatch",
+]
 
 
 def compute_advantages_and_returns(
@@ -87,3 +110,76 @@ def compute_advantages_and_returns(
         adv = masked_whiten(adv, ~padding_mask, unbiased=True, eps=1e-8, backend=backend)
         adv = adv.masked_fill(padding_mask, 0)
         return adv.to(dtype), returns.to(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# Log-probs and entropy (trl.trainer.utils)
+
+
+def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
+    r"""TRL's ``log_softmax(logits).gather(index)`` without the ``(..., V)`` log-softmax.
+
+    ``logits`` (..., V); ``index`` (...) gives one log-prob per position, ``index``
+    (..., K) gives K (e.g. top-K). Per position, for each selected token k::
+
+        logp_k = z_k - logsumexp(z)          d logp_k / dz = onehot(k) - softmax(z)
+
+    float32 (float64 for float64 logits). With K columns the row's logsumexp comes from
+    one pass of the op on the first column, ``logp_k = z_k - z_first + logp_first``, so
+    the logits are still read once (the gather's backward adds a ``(..., V)`` buffer).
+    """
+    if index.dim() == logits.dim() - 1:
+        return token_logprobs(logits, index, backend=get_backend())
+    if index.dim() != logits.dim() or index.shape[:-1] != logits.shape[:-1]:
+        raise ValueError(
+            f"index must have shape {tuple(logits.shape[:-1])} or "
+            f"{tuple(logits.shape[:-1])} + (K,), got {tuple(index.shape)}"
+        )
+    first = index[..., 0] if index.shape[-1] else index.new_zeros(logits.shape[:-1])
+    logp_first = token_logprobs(logits, first.contiguous(), backend=get_backend())
+    selected = logits.gather(-1, index.long()).to(logp_first.dtype)
+    offset = logp_first - logits.gather(-1, first.long().unsqueeze(-1)).squeeze(-1)
+    return selected + offset.to(logp_first.dtype).unsqueeze(-1)
+
+
+def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
+    r"""TRL's entropy of each row: ``logits`` (..., V) -> (...).
+
+    ::
+
+        H = logsumexp(z) - sum_v softmax(z)_v * z_v      dH/dz = p * (E_p[z] - z)
+
+    float32 (float64 for float64 logits); TRL returns the logits' dtype. ``chunk_size``
+    is accepted for compatibility and ignored (the op bounds its working set itself).
+    """
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    _, entropy = token_logprobs(logits, targets, return_entropy=True, backend=get_backend())
+    return entropy
+
+
+_UTILS = "trl.trainer.utils"
+_SWAPS = [
+    _Swap("trl", _UTILS, "selective_log_softmax", selective_log_softmax),
+    _Swap("trl", _UTILS, "entropy_from_logits", entropy_from_logits),
+]
+
+
+def patch() -> None:
+    """Make TRL use :func:`selective_log_softmax` and :func:`entropy_from_logits` from
+    here: in ``trl.trainer.utils`` and every loaded ``trl.*`` module that imported them
+    by name (the trainers). Idempotent; call again after importing more of TRL. The PPO
+    advantage block is inline in ``PPOTrainer.train`` and is not patched.
+    """
+    for swap in _SWAPS:
+        swap.apply()
+
+
+def unpatch() -> None:
+    """Put TRL's own functions back. Idempotent."""
+    for swap in _SWAPS:
+        swap.undo()
+
+
+def is_patched() -> bool:
+    """Whether :func:`patch` is in effect."""
+    return any(swap.active for swap in _SWAPS)

@@ -1,0 +1,710 @@
+"""The log-prob / entropy adapters against the real peer functions (verl, OpenRLHF, TRL).
+
+Every comparison runs with the default backend and with ``backend="reference"`` (set
+through ``vapo_kernels.compat.set_backend``). Outputs *and* gradients with respect to the
+logits (and to hidden / weight for ``linear_cross_entropy``) are compared, with random
+upstream gradients, on padded ``(B, T, V)`` and packed ``(N, V)`` logits, vocabularies
+that are not powers of two, rows from flat to sharply peaked.
+
+Tolerances (M = max_v |z_v| + log V of the row, g = upstream gradient of the row, p = the
+row's softmax):
+
+* fp32 / fp64: 1e-6 relative to the magnitude of the terms - ``1e-6 * (1 + max(|x|, M))``
+  for log-probs and entropy (both are differences of O(M) numbers, so any fp32
+  evaluation, the peer's included, carries an error of a few ulps of M), and
+  ``1e-6 * |g| * (1 + p_v * M)`` for gradient entries (an upper bound on the entry's
+  own magnitude).
+* bf16 logits: the peers compute in bf16 and return bf16; the adapters return fp32.
+  Both are measured against float64 computed on the same bf16 values. With u = 2^-8,
+  bf16's unit roundoff (one rounding changes a value x by at most u |x|), the
+  adapter-vs-peer tolerance is an a-priori bound on the peer's own rounding, counted
+  step by step in its formula, plus the adapter's (one rounding of a gradient, fp32
+  noise of a value):
+
+  - log-prob, a per-row bf16 ``log_softmax``: ``z - max``, the log-sum and the result are
+    rounded, each of size <= |logp| -> ``3u |logp|``;
+  - entropy, differences of bf16-rounded quantities of size <= M (verl: softmax,
+    ``p * z``, the sum, logsumexp, the difference - five roundings; TRL: the three of
+    ``log_softmax``, ``exp``, the product, the sum - six) -> ``6u M``;
+  - d logp, a bf16 ``log_softmax`` backward: ``exp`` of the rounded log-prob (its error,
+    ``3u |logp|`` relative on p, times ``p |g| <= |g| / e``), the product and the result
+    -> ``3u (|g| + |exact|)``;
+  - d H: p is perturbed relatively by up to ``3u |log p| <= 3u M``, on terms of size
+    ``|g| p (1 + M)`` -> ``4u |g| p M (1 + M)`` plus one rounding ``u |exact|``.
+
+  On top of the tolerance, the adapter must be more accurate than the peer (strictly for
+  log-probs, entropy and the entropy gradient; the log-prob gradient is a bf16 tensor
+  for both and both sit at about one rounding, so there it must be no worse).
+
+``linear_cross_entropy``: verl's kernel is Triton-on-CUDA only, so on CPU the adapter is
+compared with verl's own eager functions applied to ``hidden @ weight.T / temperature``
+(and with float64); the comparison with the real kernel is the ``gpu`` test at the end.
+OpenRLHF is imported with its GPU-only dependencies stubbed for the import only (as in
+``test_gae_peers.py``); its ``torch.compile``d ``compute_entropy`` is compared through the
+eager function it wraps (``_torchdynamo_orig_callable``), to keep compilation out of the
+test time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.machinery
+import importlib.metadata
+import importlib.util
+import math
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from vapo_kernels import compat
+
+pytestmark = pytest.mark.peers
+
+BACKENDS = [None, "reference"]  # None: the default (automatic) choice
+SHAPES = [(3, 17), (41,)]  # leading dims: padded (B, T) and packed (N,)
+# (leading dims, V not a power of two, dtype): each shape, vocabulary and dtype at least twice
+CASES = [
+    ((3, 17), 151, torch.float32),
+    ((41,), 1000, torch.float32),
+    ((3, 17), 1000, torch.float64),
+    ((41,), 151, torch.float64),
+]
+TOL = 1e-6
+
+
+@contextlib.contextmanager
+def use_backend(name):
+    compat.set_backend(name)
+    try:
+        with warnings.catch_warnings():
+            # the default backend may fall back to the reference with a one-time warning
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        compat.set_backend(None)
+
+
+@pytest.fixture(params=BACKENDS, ids=["default", "reference"])
+def backend(request):
+    """The backend of the adapters, active for the whole test."""
+    with use_backend(request.param):
+        yield request.param
+
+
+def require_version(dist: str, version: str) -> None:
+    try:
+        found = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{dist} is not installed")
+    if found != version:
+        pytest.skip(f"the adapter targets {dist}=={version}, found {found}")
+
+
+# --------------------------------------------------------------------------------------
+# Peers
+
+
+@pytest.fixture(scope="module")
+def verl_F():
+    require_version("verl", "0.9.1")
+    return pytest.importorskip("verl.utils.torch_functional")
+
+
+@pytest.fixture(scope="module")
+def trl_utils():
+    require_version("trl", "1.12.0")
+    return pytest.importorskip("trl.trainer.utils")
+
+
+_OPENRLHF_PACKAGES = ["openrlhf", "openrlhf.models"]
+_HEAVY = [
+    "deepspeed", "flash_attn", "flash_attn.bert_padding", "flash_attn.utils",
+    "flash_attn.utils.distributed", "peft", "peft.tuners", "peft.tuners.lora",
+]
+
+
+class _Stub(types.ModuleType):
+    """Any attribute is another stub: enough for import-time ``from x import y``."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Stub(f"{self.__name__}.{name}")
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
+@contextlib.contextmanager
+def openrlhf_modules():
+    """``openrlhf.models.utils`` and ``openrlhf.models.actor``, really imported, with the
+    package ``__init__``s bypassed and GPU-only imports stubbed; everything imported here
+    leaves ``sys.modules`` on exit (flash-attn must not stay stubbed: OpenRLHF imports it
+    at call time and falls back when it is missing)."""
+    require_version("openrlhf", "0.11.2")
+    pytest.importorskip("openrlhf")
+    root = Path(importlib.util.find_spec("openrlhf").origin).parent
+    saved = dict(sys.modules)
+    try:
+        for name in _OPENRLHF_PACKAGES:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
+            sys.modules[name] = pkg
+        for name in _HEAVY:
+            stub = _Stub(name)
+            stub.__path__ = []
+            stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
+            sys.modules[name] = stub
+        try:
+            utils = importlib.import_module("openrlhf.models.utils")
+            actor = importlib.import_module("openrlhf.models.actor")
+        except ImportError as e:
+            pytest.skip(f"cannot import OpenRLHF's models: {e}")
+        yield utils, actor
+    finally:
+        tops = {"openrlhf"} | {n.split(".")[0] for n in _HEAVY}
+        for name in list(sys.modules):
+            if name not in saved and name.split(".")[0] in tops:
+                del sys.modules[name]
+        for name in _OPENRLHF_PACKAGES + _HEAVY:
+            if name in saved:
+                sys.modules[name] = saved[name]
+
+
+@pytest.fixture(scope="module")
+def openrlhf_utils():
+    with openrlhf_modules() as (utils, _):
+        return utils
+
+
+def _openrlhf_entropy(utils):
+    fn = utils.compute_entropy
+    return getattr(fn, "_torchdynamo_orig_callable", fn)
+
+
+# (peer fixture, the adapter's log-prob fn, the peer's, the adapter's entropy fn, the peer's)
+def _peer_fns(name, request):
+    if name == "verl":
+        from vapo_kernels.compat import verl as ours
+
+        peer = request.getfixturevalue("verl_F")
+        return (ours.logprobs_from_logits, peer.logprobs_from_logits,
+                ours.entropy_from_logits, peer.entropy_from_logits)
+    if name == "openrlhf":
+        from vapo_kernels.compat import openrlhf as ours
+
+        peer = request.getfixturevalue("openrlhf_utils")
+        return (ours.log_probs_from_logits, peer.log_probs_from_logits,
+                ours.compute_entropy, _openrlhf_entropy(peer))
+    from vapo_kernels.compat import trl as ours
+
+    peer = request.getfixturevalue("trl_utils")
+    return (ours.selective_log_softmax, peer.selective_log_softmax,
+            ours.entropy_from_logits, peer.entropy_from_logits)
+
+
+PEERS = ["verl", "openrlhf", "trl"]
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and tolerances
+
+
+def make_inputs(lead, vocab, seed, dtype=torch.float32):
+    """logits (*lead, V) with per-row spreads from flat to sharply peaked, targets, and
+    upstream gradients for the log-prob and the entropy."""
+    gen = torch.Generator().manual_seed(seed)
+    spread = torch.rand(*lead, 1, generator=gen) * 5.5 + 0.5
+    logits = torch.randn(*lead, vocab, generator=gen) * spread
+    targets = torch.randint(0, vocab, lead, generator=gen)
+    g_logp = torch.randn(*lead, generator=gen)
+    g_entropy = torch.randn(*lead, generator=gen)
+    return logits.to(dtype), targets, g_logp, g_entropy
+
+
+def row_scale(logits):
+    """M = max |z| + log V per row: the size of the numbers whose difference is logp / H."""
+    return logits.double().abs().amax(-1) + math.log(logits.shape[-1])
+
+
+def exact(logits, targets, g_logp, g_entropy, temperature=1.0):
+    """float64 logp, entropy and their gradients, from the values ``logits`` holds."""
+    z = logits.detach().double().requires_grad_()
+    logq = torch.log_softmax(z / temperature, -1)
+    logp = logq.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    entropy = -(logq.exp() * logq).sum(-1)
+    (d_logp,) = torch.autograd.grad((logp * g_logp.double()).sum(), z, retain_graph=True)
+    (d_entropy,) = torch.autograd.grad((entropy * g_entropy.double()).sum(), z)
+    return logp.detach(), entropy.detach(), d_logp, d_entropy
+
+
+def value_and_grad(fn, logits, upstream, *args, clone_for_peer=False):
+    """fn's output on a fresh leaf copy of ``logits`` and d(sum(out * upstream))/dlogits."""
+    leaf = logits.detach().clone().requires_grad_()
+    x = leaf.clone() if clone_for_peer else leaf  # non-leaf input for in-place peers
+    out = fn(x, *args)
+    (grad,) = torch.autograd.grad((out * upstream.to(out.dtype)).sum(), leaf)
+    return out.detach(), grad
+
+
+def assert_within(ours, theirs, bound, what):
+    diff = (ours.double() - theirs.double()).abs()
+    excess = diff - bound
+    worst = int(excess.argmax())
+    assert bool((excess <= 0).all()), (
+        f"{what}: |diff| {diff.reshape(-1)[worst]:.3e} > bound "
+        f"{torch.as_tensor(bound).expand_as(diff).reshape(-1)[worst]:.3e} (max |diff| "
+        f"{diff.max():.3e})"
+    )
+
+
+def grad_bound(logits, g, scale, rel=TOL):
+    """rel * |g| * (1 + p_v * M): the magnitude of a gradient entry, times rel."""
+    p = torch.softmax(logits.double(), -1)
+    return rel * g.double().abs().unsqueeze(-1) * (1 + p * scale.unsqueeze(-1))
+
+
+# --------------------------------------------------------------------------------------
+# fp32 / fp64: the adapters reproduce the peers
+
+
+@pytest.mark.parametrize("peer", PEERS)
+@pytest.mark.parametrize(("lead", "vocab", "dtype"), CASES)
+def test_logprobs_and_entropy_match_peer(request, backend, peer, lead, vocab, dtype):
+    ours_lp, peer_lp, ours_h, peer_h = _peer_fns(peer, request)
+    logits, targets, g_logp, g_entropy = make_inputs(lead, vocab, seed=vocab + len(lead), dtype=dtype)
+    scale = row_scale(logits)
+
+    got, got_grad = value_and_grad(ours_lp, logits, g_logp, targets)
+    want, want_grad = value_and_grad(peer_lp, logits, g_logp, targets)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape == lead
+    assert_within(got, want, TOL * (1 + torch.maximum(want.double().abs(), scale)), "logp")
+    assert_within(got_grad, want_grad, grad_bound(logits, g_logp, scale), "d logp / dz")
+
+    got, got_grad = value_and_grad(ours_h, logits, g_entropy)
+    want, want_grad = value_and_grad(peer_h, logits, g_entropy)
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape == lead
+    assert_within(got, want, TOL * (1 + scale), "entropy")
+    assert_within(got_grad, want_grad, grad_bound(logits, g_entropy, scale), "dH / dz")
+
+
+@pytest.mark.parametrize(("lead", "temperature"), [((3, 17), 0.6), ((41,), 1.7)])
+def test_openrlhf_temperature(openrlhf_utils, backend, temperature, lead):
+    from vapo_kernels.compat.openrlhf import log_probs_from_logits
+
+    logits, targets, g_logp, _ = make_inputs(lead, 1000, seed=7)
+    scale = row_scale(logits / temperature)
+    # OpenRLHF divides its input in place: give it a non-leaf copy of the leaf
+    want, want_grad = value_and_grad(
+        openrlhf_utils.log_probs_from_logits, logits, g_logp, targets, temperature,
+        clone_for_peer=True,
+    )
+    before = logits.clone()
+    got, got_grad = value_and_grad(log_probs_from_logits, logits, g_logp, targets, temperature)
+    assert torch.equal(logits, before)
+    assert_within(got, want, TOL * (1 + torch.maximum(want.abs().double(), scale)), "logp")
+    assert_within(got_grad, want_grad, grad_bound(logits / temperature, g_logp, scale) / temperature,
+                  "d logp / dz")
+    _, _, d_exact, _ = exact(logits, targets, g_logp, g_logp, temperature)
+    torch.testing.assert_close(got_grad.double(), d_exact, atol=1e-6, rtol=1e-5)
+
+
+def test_openrlhf_modifies_its_input_and_the_adapter_does_not(openrlhf_utils):
+    from vapo_kernels.compat.openrlhf import log_probs_from_logits
+
+    logits, targets, _, _ = make_inputs((5,), 151, seed=1)
+    theirs = logits.clone()
+    openrlhf_utils.log_probs_from_logits(theirs, targets, 2.0)
+    assert torch.equal(theirs, logits / 2.0)
+    ours = logits.clone()
+    log_probs_from_logits(ours, targets, 2.0)
+    assert torch.equal(ours, logits)
+
+
+@pytest.mark.parametrize("k", [1, 5])
+@pytest.mark.parametrize("lead", SHAPES)
+def test_trl_index_with_k_columns(trl_utils, backend, k, lead):
+    from vapo_kernels.compat.trl import selective_log_softmax
+
+    logits, _, _, _ = make_inputs(lead, 1000, seed=k)
+    gen = torch.Generator().manual_seed(k)
+    index = torch.randint(0, 1000, (*lead, k), generator=gen)
+    upstream = torch.randn(*lead, k, generator=gen)
+    got, got_grad = value_and_grad(selective_log_softmax, logits, upstream, index)
+    want, want_grad = value_and_grad(trl_utils.selective_log_softmax, logits, upstream, index)
+    assert got.shape == want.shape == (*lead, k) and got.dtype == want.dtype
+    scale = row_scale(logits).unsqueeze(-1)
+    assert_within(got, want, TOL * (1 + torch.maximum(want.abs().double(), scale)), "logp")
+    torch.testing.assert_close(got_grad, want_grad, atol=TOL * k, rtol=TOL)
+
+
+# --------------------------------------------------------------------------------------
+# bf16 logits: the peers round to bf16, the adapters do not
+
+_BF16_ERRORS: dict[str, dict[str, tuple[float, float]]] = {}
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_bf16_more_accurate_than_peer(request, backend, peer):
+    ours_lp, peer_lp, ours_h, peer_h = _peer_fns(peer, request)
+    logits, targets, g_logp, g_entropy = make_inputs((4, 64), 1000, seed=0, dtype=torch.bfloat16)
+    e_lp, e_h, e_dlp, e_dh = exact(logits, targets, g_logp, g_entropy)
+    scale = row_scale(logits)
+    p = torch.softmax(logits.double(), -1)
+    m = scale.unsqueeze(-1)
+
+    got_lp, got_dlp = value_and_grad(ours_lp, logits, g_logp, targets)
+    want_lp, want_dlp = value_and_grad(peer_lp, logits, g_logp, targets)
+    got_h, got_dh = value_and_grad(ours_h, logits, g_entropy)
+    want_h, want_dh = value_and_grad(peer_h, logits, g_entropy)
+    assert got_lp.dtype == got_h.dtype == torch.float32
+    assert want_lp.dtype == want_h.dtype == torch.bfloat16  # the peers' half-precision path
+    assert got_dlp.dtype == got_dh.dtype == torch.bfloat16
+
+    # ours: fp32 results, bf16 gradients rounded once (u = 2^-8, a hair for fp32 noise)
+    u = 2**-8
+    assert_within(got_lp, e_lp, 1e-5 * (1 + scale), "ours logp vs fp64")
+    assert_within(got_h, e_h, 1e-5 * (1 + scale), "ours H vs fp64")
+    assert_within(got_dlp, e_dlp, 1.01 * u * e_dlp.abs() + 1e-6, "ours d logp vs fp64")
+    assert_within(got_dh, e_dh, 1.01 * u * e_dh.abs() + 1e-6, "ours dH vs fp64")
+
+    # ours vs the peer: the peer's rounding bound (module docstring) + ours
+    g_lp, g_h = g_logp.double().abs().unsqueeze(-1), g_entropy.double().abs().unsqueeze(-1)
+    assert_within(got_lp, want_lp, 3 * u * e_lp.abs() + 1e-5 * (1 + scale), "logp vs peer")
+    assert_within(got_h, want_h, 6 * u * scale + 1e-5 * (1 + scale), "H vs peer")
+    assert_within(got_dlp, want_dlp, 3 * u * (g_lp + e_dlp.abs()) + 1.01 * u * e_dlp.abs() + 1e-6,
+                  "d logp vs peer")
+    assert_within(got_dh, want_dh, 4 * u * g_h * p * m * (1 + m) + 2.01 * u * e_dh.abs() + 1e-6,
+                  "dH vs peer")
+
+    errors = {}
+    for what, got, want, ref in (
+        ("logp", got_lp, want_lp, e_lp), ("entropy", got_h, want_h, e_h),
+        ("d logp", got_dlp, want_dlp, e_dlp), ("d H", got_dh, want_dh, e_dh),
+    ):
+        errors[what] = (
+            float((got.double() - ref).abs().max()), float((want.double() - ref).abs().max())
+        )
+    _BF16_ERRORS[f"{peer}[{backend or 'default'}]"] = errors
+    print(f"\nbf16 max |err| vs fp64, {peer} (ours, peer): "
+          + ", ".join(f"{k} {a:.2e} / {b:.2e}" for k, (a, b) in errors.items()))
+    for what in ("logp", "entropy", "d H"):
+        ours_err, peer_err = errors[what]
+        assert ours_err < peer_err, f"{what}: ours {ours_err:.3e} not below the peer's {peer_err:.3e}"
+    ours_err, peer_err = errors["d logp"]
+    assert ours_err <= peer_err * (1 + 1e-3) + 1e-7, f"d logp: ours {ours_err:.3e} > {peer_err:.3e}"
+
+
+# --------------------------------------------------------------------------------------
+# Ignored labels, verl's in-place backward
+
+
+@pytest.mark.parametrize("peer", PEERS)
+def test_ignore_index_gives_zero(request, backend, peer):
+    ours_lp = _peer_fns(peer, request)[0]
+    logits, targets, g_logp, _ = make_inputs((2, 6), 151, seed=3)
+    targets[0, 2] = targets[1, 5] = -100
+    got, grad = value_and_grad(ours_lp, logits, g_logp, targets)
+    assert got[0, 2] == 0 and got[1, 5] == 0
+    assert not grad[0, 2].any() and not grad[1, 5].any()
+
+
+def test_verl_inplace_backward(verl_F, backend):
+    from vapo_kernels.compat.verl import entropy_from_logits, logprobs_from_logits
+
+    logits, targets, g_logp, _ = make_inputs((3, 9), 1000, seed=5)
+    want, want_grad = value_and_grad(verl_F.logprobs_from_logits, logits, g_logp, targets)
+    scale = row_scale(logits)
+
+    leaf = logits.clone().requires_grad_()
+    inner = leaf * 1.0  # non-leaf: its buffer may take the gradient
+    got = logprobs_from_logits(inner, targets)  # inplace_backward=True, verl's default
+    (got_grad,) = torch.autograd.grad((got * g_logp).sum(), leaf)
+    assert_within(got.detach(), want, TOL * (1 + scale), "logp")
+    assert_within(got_grad, want_grad, grad_bound(logits, g_logp, scale), "d logp / dz")
+    assert torch.equal(inner.detach(), got_grad), "the gradient was not written in place"
+
+    leaf = logits.clone().requires_grad_()  # a leaf is never overwritten
+    got = logprobs_from_logits(leaf, targets, inplace_backward=True)
+    (got_grad,) = torch.autograd.grad((got * g_logp).sum(), leaf)
+    assert torch.equal(leaf.detach(), logits)
+    assert_within(got_grad, want_grad, grad_bound(logits, g_logp, scale), "d logp / dz")
+
+    # Another node saved the same logits and runs its backward after ours (it was
+    # recorded first): refused, not silently fed the overwritten buffer.
+    for entropy_fn in (verl_F.entropy_from_logits, entropy_from_logits):
+        inner = logits.clone().requires_grad_() * 1.0
+        entropy = entropy_fn(inner)
+        loss = (logprobs_from_logits(inner, targets) + entropy).sum()
+        with pytest.raises(RuntimeError, match="inplace"):
+            loss.backward()
+
+
+def test_verl_entropy_with_chunking(verl_F, backend):
+    from vapo_kernels.compat.verl import entropy_from_logits_with_chunking
+
+    logits, _, _, g = make_inputs((37,), 1000, seed=11, dtype=torch.bfloat16)
+    got, got_grad = value_and_grad(entropy_from_logits_with_chunking, logits, g, 8)
+    want, want_grad = value_and_grad(verl_F.entropy_from_logits_with_chunking, logits, g, 8)
+    assert got.dtype == want.dtype == torch.float32 and got.shape == want.shape
+    scale = row_scale(logits)
+    # verl upcasts each chunk to fp32 too: fp32 agreement, bf16 gradients
+    assert_within(got, want, TOL * (1 + scale), "entropy")
+    torch.testing.assert_close(got_grad, want_grad, atol=2**-8 * float(g.abs().max()), rtol=2**-7)
+
+
+# --------------------------------------------------------------------------------------
+# linear_cross_entropy
+
+
+def linear_inputs(lead, hidden_size, vocab, seed, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*lead, hidden_size, generator=gen)
+    weight = torch.randn(vocab, hidden_size, generator=gen) * (2.0 / math.sqrt(hidden_size))
+    labels = torch.randint(0, vocab, lead, generator=gen)
+    n = math.prod(lead)
+    return (hidden.to(dtype), weight.to(dtype), labels,
+            torch.randn(n, generator=gen), torch.randn(n, generator=gen))
+
+
+def verl_eager_head(verl_F, hidden, weight, labels, temperature):
+    """verl's own functions on ``hidden @ weight.T / temperature`` (flattened, as its kernel)."""
+    logits = (hidden @ weight.T).reshape(-1, weight.shape[0]) / temperature
+    return (verl_F.logprobs_from_logits(logits, labels.reshape(-1)),
+            verl_F.entropy_from_logits(logits))
+
+
+def head_grads(fn, hidden, weight, g_logp, g_entropy):
+    hidden = hidden.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    logp, entropy = fn(hidden, weight)
+    loss = (logp.double() * g_logp.double()).sum() + (entropy.double() * g_entropy.double()).sum()
+    d_hidden, d_weight = torch.autograd.grad(loss, (hidden, weight))
+    return logp.detach(), entropy.detach(), d_hidden, d_weight
+
+
+@pytest.mark.parametrize(
+    ("lead", "temperature", "chunk_rows", "dtype"),  # chunk_rows 1000: one chunk; 4: several
+    [
+        ((2, 13), 0.7, 4, torch.float64),
+        ((29,), 1.0, 1000, torch.float64),
+        ((2, 13), 1.0, 1000, torch.float32),
+        ((29,), 1.3, 4, torch.float32),
+    ],
+)
+def test_verl_linear_cross_entropy(verl_F, backend, monkeypatch, lead, temperature, chunk_rows,
+                                   dtype):
+    from vapo_kernels.compat import verl as adapter
+
+    vocab, hidden_size = 307, 24
+    monkeypatch.setattr(adapter, "LINEAR_CE_CHUNK_BYTES", chunk_rows * vocab * 8)
+    hidden, weight, labels, g_logp, g_entropy = linear_inputs(lead, hidden_size, vocab, 2, dtype)
+    got = head_grads(lambda h, w: adapter.linear_cross_entropy(h, w, labels, temperature),
+                     hidden, weight, g_logp, g_entropy)
+    want = head_grads(lambda h, w: verl_eager_head(verl_F, h, w, labels, temperature),
+                      hidden, weight, g_logp, g_entropy)
+    n = math.prod(lead)
+    assert got[0].shape == got[1].shape == (n,)
+    assert got[0].dtype == got[1].dtype == torch.float32  # verl's kernel returns fp32
+    assert got[2].dtype == got[3].dtype == dtype
+    tol = 1e-6 if dtype == torch.float64 else 1e-5  # fp32: the GEMM's own rounding
+    for what, a, b in zip(("logp", "entropy", "d hidden", "d weight"), got, want):
+        torch.testing.assert_close(a.double(), b.double(), atol=tol, rtol=tol, msg=what)
+
+
+def test_verl_linear_cross_entropy_half_inputs_keep_fp32_logits(verl_F, backend):
+    """bf16 hidden / weight: logits are accumulated in fp32, never rounded to bf16 (as in
+    verl's kernel), so the results match float64 on the same bf16 values closely."""
+    from vapo_kernels.compat.verl import linear_cross_entropy
+
+    hidden, weight, labels, g_logp, g_entropy = linear_inputs((3, 11), 64, 1001, 4, torch.bfloat16)
+    got = head_grads(lambda h, w: linear_cross_entropy(h, w, labels, 0.9),
+                     hidden, weight, g_logp, g_entropy)
+    ref = head_grads(
+        lambda h, w: verl_eager_head(verl_F, h.double(), w.double(), labels, 0.9),
+        hidden, weight, g_logp, g_entropy,
+    )
+    torch.testing.assert_close(got[0].double(), ref[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1].double(), ref[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got[2:], ref[2:]):  # bf16 gradients: one rounding of the fp32 result
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=2**-7)
+
+
+def test_verl_linear_cross_entropy_reductions_and_refusals(verl_F, backend):
+    from vapo_kernels.compat.verl import linear_cross_entropy
+
+    hidden, weight, labels, _, _ = linear_inputs((2, 5), 16, 97, 6, torch.float64)
+    logp, entropy = linear_cross_entropy(hidden, weight, labels)
+    for reduction, want in (("sum", logp.sum()), ("mean", logp.mean()), ("none", logp)):
+        got, got_entropy = linear_cross_entropy(hidden, weight, labels, 1.0, reduction)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_entropy, entropy)
+    with pytest.raises(ValueError, match="dist_process_group"):
+        linear_cross_entropy(hidden, weight, labels, 1.0, "none", object())
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(hidden, weight, labels, 1.0, "max")
+    with pytest.raises(ValueError, match="weight"):
+        linear_cross_entropy(hidden, weight.T, labels)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="verl's fused kernel needs CUDA")
+def test_verl_linear_cross_entropy_matches_verl_kernel_on_gpu(verl_F):
+    """Against verl's real Triton kernel (bf16, H % 128 == 0, V not a multiple of 1024)."""
+    pytest.importorskip("triton")
+    kernel = pytest.importorskip("verl.utils.kernel.linear_cross_entropy").linear_cross_entropy
+    from vapo_kernels.compat.verl import linear_cross_entropy
+
+    hidden, weight, labels, g_logp, g_entropy = linear_inputs((2, 100), 256, 3001, 8, torch.float32)
+    hidden, weight, labels = hidden.cuda().bfloat16(), weight.cuda().bfloat16(), labels.cuda()
+    g_logp, g_entropy = g_logp.cuda(), g_entropy.cuda()
+    got = head_grads(lambda h, w: linear_cross_entropy(h, w, labels, 0.8),
+                     hidden, weight, g_logp, g_entropy)
+    want = head_grads(lambda h, w: kernel(h, w, labels, 0.8, "none"),
+                      hidden, weight, g_logp, g_entropy)
+    torch.testing.assert_close(got[0], want[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+    for a, b in zip(got[2:], want[2:]):  # both round d_logits to bf16 before the GEMMs
+        assert a.dtype == b.dtype == torch.bfloat16
+        scale = float(b.double().abs().max())
+        torch.testing.assert_close(a.double(), b.double(), atol=2**-7 * scale, rtol=2**-6)
+
+
+# --------------------------------------------------------------------------------------
+# patch() / unpatch()
+
+
+def _counting(monkeypatch, module):
+    """Count the adapter module's calls into the token log-prob op."""
+    calls = []
+    real = module.token_logprobs
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "token_logprobs", counted)
+    return calls
+
+
+def test_verl_patch_swaps_and_restores(verl_F, monkeypatch):
+    from vapo_kernels.compat import verl as adapter
+
+    core = pytest.importorskip("verl.trainer.ppo.core_algos")
+    lce = pytest.importorskip("verl.utils.kernel.linear_cross_entropy")
+    naive = pytest.importorskip("verl.workers.rollout.naive.naive_rollout")  # imports by name
+    names = ["logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking"]
+    originals = {n: getattr(verl_F, n) for n in names}
+    original_lce, original_naive = lce.linear_cross_entropy, naive.logprobs_from_logits
+    original_gae = core.compute_gae_advantage_return
+    calls = _counting(monkeypatch, adapter)
+
+    logits = make_inputs((3, 8), 151, seed=9)[0]
+    mask = torch.ones(3, 8)
+    want = core.compute_entropy_loss(logits, mask)  # verl's call site: verl_F.entropy_from_logits
+    assert not calls
+    late = types.ModuleType("verl._vapo_late_importer")
+    try:
+        adapter.patch()
+        adapter.patch()  # idempotent
+        assert adapter.is_patched()
+        for n in names:
+            assert getattr(verl_F, n) is getattr(adapter, n)
+        assert naive.logprobs_from_logits is adapter.logprobs_from_logits
+        assert lce.linear_cross_entropy is adapter._linear_cross_entropy_patched
+        assert core.compute_gae_advantage_return is adapter.compute_gae_advantage_return
+        got = core.compute_entropy_loss(logits, mask)
+        assert len(calls) == 1, "verl's call site did not reach the adapter"
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+        # a module importing by name after patch() gets ours, and unpatch() reverts it
+        sys.modules[late.__name__] = late
+        exec("from verl.utils.torch_functional import logprobs_from_logits", late.__dict__)  # noqa: S102
+        assert late.logprobs_from_logits is adapter.logprobs_from_logits
+        # tensor-parallel calls go to verl's kernel
+        swap = adapter._SWAPS["linear_ce"][0]
+        seen, real = [], swap.original
+        swap.original = lambda *args: seen.append(args) or "verl"
+        try:
+            assert lce.linear_cross_entropy(None, None, None, 1.0, "none", "tp-group") == "verl"
+        finally:
+            swap.original = real
+        assert seen == [(None, None, None, 1.0, "none", "tp-group")]
+    finally:
+        adapter.unpatch()
+        sys.modules.pop(late.__name__, None)
+    adapter.unpatch()  # idempotent
+    assert not adapter.is_patched()
+    for n in names:
+        assert getattr(verl_F, n) is originals[n]
+    assert naive.logprobs_from_logits is original_naive
+    assert late.logprobs_from_logits is original_naive
+    assert lce.linear_cross_entropy is original_lce
+    assert core.compute_gae_advantage_return is original_gae
+    core.compute_entropy_loss(logits, mask)
+    assert len(calls) == 1, "the adapter is still called after unpatch()"
+
+
+def test_verl_partial_patch(verl_F):
+    from vapo_kernels.compat import verl as adapter
+
+    lce = pytest.importorskip("verl.utils.kernel.linear_cross_entropy")
+    core = pytest.importorskip("verl.trainer.ppo.core_algos")
+    original_lce, original_gae = lce.linear_cross_entropy, core.compute_gae_advantage_return
+    try:
+        adapter.patch(gae=False, linear_ce=False)
+        assert verl_F.logprobs_from_logits is adapter.logprobs_from_logits
+        assert lce.linear_cross_entropy is original_lce
+        assert core.compute_gae_advantage_return is original_gae
+        adapter.patch()  # completes the patch
+        assert lce.linear_cross_entropy is adapter._linear_cross_entropy_patched
+    finally:
+        adapter.unpatch()
+    assert lce.linear_cross_entropy is original_lce and not adapter.is_patched()
+
+
+def test_openrlhf_patch_swaps_and_restores():
+    from vapo_kernels.compat import openrlhf as adapter
+
+    with openrlhf_modules() as (utils, actor):
+        originals = (utils.log_probs_from_logits, utils.compute_entropy)
+        assert actor.log_probs_from_logits is originals[0]
+        try:
+            adapter.patch()
+            adapter.patch()
+            assert adapter.is_patched()
+            for module in (utils, actor):  # Actor.forward reads the actor module's globals
+                assert module.log_probs_from_logits is adapter.log_probs_from_logits
+                assert module.compute_entropy is adapter.compute_entropy
+        finally:
+            adapter.unpatch()
+        adapter.unpatch()
+        assert not adapter.is_patched()
+        for module in (utils, actor):
+            assert (module.log_probs_from_logits, module.compute_entropy) == originals
+
+
+def test_trl_patch_swaps_and_restores(trl_utils):
+    from vapo_kernels.compat import trl as adapter
+
+    grpo = pytest.importorskip("trl.trainer.grpo_trainer")  # imports both by name
+    originals = (trl_utils.selective_log_softmax, trl_utils.entropy_from_logits)
+    assert (grpo.selective_log_softmax, grpo.entropy_from_logits) == originals
+    try:
+        adapter.patch()
+        adapter.patch()
+        assert adapter.is_patched()
+        for module in (trl_utils, grpo):
+            assert module.selective_log_softmax is adapter.selective_log_softmax
+            assert module.entropy_from_logits is adapter.entropy_from_logits
+    finally:
+        adapter.unpatch()
+    adapter.unpatch()
+    assert not adapter.is_patched()
+    for module in (trl_utils, grpo):
+        assert (module.selective_log_softmax, module.entropy_from_logits) == originals
