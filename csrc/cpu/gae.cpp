@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "alloc.h"
 
 namespace vapo {
 namespace {
@@ -194,8 +195,8 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
       TORCH_CHECK(off[s] <= off[s + 1], "gae_scan_cpu: offsets must be non-decreasing");
     }
   }
-  auto adv = at::empty(rewards.sizes(), rewards.options().dtype(acc_dtype));
-  auto ret = at::empty_like(adv);
+  auto adv = empty_cpu_output(rewards.sizes(), acc_dtype);
+  auto ret = empty_cpu_output(rewards.sizes(), acc_dtype);
   if (rewards.numel() == 0) return {adv, ret};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rewards.scalar_type(), "gae_scan_cpu", [&] {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "alloc.h"
 
 namespace vapo {
 namespace {
@@ -63,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(const at::Tensor& x,
     mask_ptr = mask->data_ptr<bool>();
   }
   const auto out_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  auto out = empty_cpu_output(x.sizes(), out_dtype);
   const int64_t n = x.numel();
   const int64_t blocks = (n + kBlock - 1) / kBlock;
   double count = 0;
