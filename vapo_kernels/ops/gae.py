@@ -303,12 +303,11 @@ def decoupled_gae(
     """
     layout = _ragged.check_layout({"rewards": rewards, "values": values}, mask, cu_seqlens)
     device = rewards.device
+    mask = _ragged.as_bool_mask(mask)  # once here, not again in the counts and the op
     if alpha is not None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha must be a positive float, got {alpha!r}")
-        counts = _ragged.valid_counts(
-            layout, _ragged.as_bool_mask(mask), cu_seqlens, rewards.shape, device
-        )
+        counts = _ragged.valid_counts(layout, mask, cu_seqlens, rewards.shape, device)
         lam_p = length_adaptive_lambda(counts, float(alpha))
     else:
         lam_p = _per_sequence_lambda("lam_policy", lam_policy, layout, device)
