@@ -17,6 +17,9 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
     const at::Tensor& coef_policy, const at::Tensor& coef_critic, double gamma,
     bool skip_masked);
 
+// Valid (mask = 1) tokens per sequence: (S,) int64.
+at::Tensor valid_counts_cpu(const at::Tensor& mask, const at::Tensor& offsets);
+
 // Masked whitening over all valid tokens; returns (out, number of valid tokens).
 std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(const at::Tensor& x,
                                                      const std::optional<at::Tensor>& mask,

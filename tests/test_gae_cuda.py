@@ -162,6 +162,7 @@ def test_opcheck(ext):
         lam,
         lam,
         0.99,
+        0.0,
         "skip",
         "cuda",
     )

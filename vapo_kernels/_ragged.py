@@ -166,21 +166,6 @@ def offsets(layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, 
     return torch.arange(batch + 1, dtype=torch.int64, device=device) * length
 
 
-def valid_counts(
-    layout: Layout, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None, shape, device
-) -> torch.Tensor:
-    """Number of valid tokens per sequence (int64, shape (S,)), traceable by torch.compile."""
-    if not layout.packed:
-        if mask is None:
-            return torch.full((shape[0],), shape[1], dtype=torch.int64, device=device)
-        return mask.sum(dim=1, dtype=torch.int64)
-    cu = cu_seqlens.to(torch.int64)
-    if mask is None:
-        return cu[1:] - cu[:-1]
-    prefix = torch.cat([mask.new_zeros(1, dtype=torch.int64), mask.cumsum(0, dtype=torch.int64)])
-    return prefix[cu[1:]] - prefix[cu[:-1]]
-
-
 def pack_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, fill=0) -> torch.Tensor:
     """(N,) packed -> (S, max_len) right-padded with ``fill``."""
     cu = cu_seqlens.to("cpu", torch.int64)

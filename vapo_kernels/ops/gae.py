@@ -106,6 +106,20 @@ def reference_kernel(
 _backends.register("gae", "reference")(reference_kernel)
 
 
+def reference_valid_counts(mask: Tensor, offsets: Tensor) -> Tensor:
+    """Kernel contract: flat bool mask (N,), int64 offsets (S+1,) -> (S,) int64 counts."""
+    prefix = torch.cat([mask.new_zeros(1, dtype=torch.int64), mask.cumsum(0, dtype=torch.int64)])
+    return prefix[offsets[1:]] - prefix[offsets[:-1]]
+
+
+_backends.register("valid_counts", "reference")(reference_valid_counts)
+
+
+@_backends.register("valid_counts", "cpp")
+def _cpp_valid_counts(*args):
+    return _backends.extension().valid_counts_cpu(*args)
+
+
 @_backends.register("gae", "cpp")
 def _cpp_kernel(*args):
     return _backends.extension().gae_scan_cpu(*args)
@@ -131,9 +145,11 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_static(rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, mask_mode):
+def _check_static(rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, alpha, mask_mode):
     layout = _ragged.check_layout({"rewards": rewards, "values": values}, mask, cu_seqlens)
     _ragged.check_unit_interval("gamma", gamma)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
+        raise ValueError(f"alpha must be a positive float (0: off), got {alpha!r}")
     if mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
     for name, lam in (("lam_policy", lam_policy), ("lam_critic", lam_critic)):
@@ -157,12 +173,17 @@ def gae_op(
     lam_policy: Tensor,
     lam_critic: Tensor,
     gamma: float,
+    alpha: float,
     mask_mode: str,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Fused two-lambda GAE scan. ``lam_*`` are per-sequence tensors; ``backend=""`` is auto."""
+    """Fused two-lambda GAE scan. ``lam_*`` are per-sequence tensors; ``backend=""`` is auto.
+
+    ``alpha > 0`` replaces ``lam_policy`` by the length-adaptive lambda of each sequence's
+    valid-token count (counted here, by the backend's counting kernel).
+    """
     layout = _check_static(
-        rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, mask_mode
+        rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, alpha, mask_mode
     )
     mask = _ragged.as_bool_mask(mask)
     if layout.packed:
@@ -180,10 +201,19 @@ def gae_op(
     # gamma*lambda in float64 first, then rounded once: matches `gamma * lam * A` in peers.
     coef_p = (gamma * lam_policy.to(torch.float64)).to(out_dtype).contiguous()
     coef_c = (gamma * lam_critic.to(torch.float64)).to(out_dtype).contiguous()
+    name, kernel = _backends.select("gae", rewards.device, backend or None)
+    if alpha > 0:
+        if flat_mask is None:
+            counts = offs[1:] - offs[:-1]
+        else:
+            # Only the C++ backend has its own counting kernel; torch's is fine elsewhere.
+            count_backend = "cpp" if name == "cpp" else "reference"
+            _, count_kernel = _backends.select("valid_counts", rewards.device, count_backend)
+            counts = count_kernel(flat_mask, offs)
+        coef_p = (gamma * length_adaptive_lambda(counts, alpha)).to(out_dtype).contiguous()
     if layout.num_tokens == 0:
         empty = torch.empty(rewards.shape, dtype=out_dtype, device=rewards.device)
         return empty, empty.clone()
-    _, kernel = _backends.select("gae", rewards.device, backend or None)
     adv, ret = kernel(*flat, flat_mask, offs, coef_p, coef_c, float(gamma), mask_mode == "skip")
     # A NaN in a valid reward or value always reaches that token's advantage, and masked
     # slots never produce one, so one reduction over the output screens both inputs; the
@@ -195,8 +225,10 @@ def gae_op(
 
 
 @gae_op.register_fake
-def _gae_fake(rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, mask_mode, backend):
-    _check_static(rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, mask_mode)
+def _gae_fake(
+    rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, alpha, mask_mode, backend
+):
+    _check_static(rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, alpha, mask_mode)
     dtype = _out_dtype(torch.promote_types(rewards.dtype, values.dtype))
     out = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
     return out, torch.empty_like(out)
@@ -303,17 +335,16 @@ def decoupled_gae(
     """
     layout = _ragged.check_layout({"rewards": rewards, "values": values}, mask, cu_seqlens)
     device = rewards.device
-    mask = _ragged.as_bool_mask(mask)  # once here, not again in the counts and the op
+    mask = _ragged.as_bool_mask(mask)  # once here, not again in the op
     if alpha is not None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha must be a positive float, got {alpha!r}")
-        counts = _ragged.valid_counts(layout, mask, cu_seqlens, rewards.shape, device)
-        lam_p = length_adaptive_lambda(counts, float(alpha))
-    else:
-        lam_p = _per_sequence_lambda("lam_policy", lam_policy, layout, device)
+        lam_policy = 0.0  # placeholder: the op derives lambda_policy from alpha
+    lam_p = _per_sequence_lambda("lam_policy", lam_policy, layout, device)
     lam_c = _per_sequence_lambda("lam_critic", lam_critic, layout, device)
     adv, targets = torch.ops.vapo.gae(
-        rewards, values, mask, cu_seqlens, lam_p, lam_c, gamma, mask_mode, backend or ""
+        rewards, values, mask, cu_seqlens, lam_p, lam_c, gamma, float(alpha or 0.0),
+        mask_mode, backend or "",
     )
     if whiten:
         adv = torch.ops.vapo.masked_whiten(adv, mask, True, 1e-8, True, backend or "")
