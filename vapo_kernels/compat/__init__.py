@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .._ragged import validation_enabled
+from ..ops.logprobs import token_logprobs
 
 _backend: str | None = None
 
@@ -67,6 +68,18 @@ def _scalar(name: str, x) -> float:
             )
         return float(x.item())
     return float(x)
+
+
+def _entropy(logits: Tensor) -> Tensor:
+    """Entropy of every row of ``logits`` (..., V) through the token log-prob op."""
+    flat = logits.dim() == 1
+    if flat:
+        logits = logits.unsqueeze(0)
+    # Any in-range target will do: only the entropy output is used (its log-prob output
+    # gets no gradient, so it adds nothing to the backward).
+    targets = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    _, entropy = token_logprobs(logits, targets, return_entropy=True, backend=get_backend())
+    return entropy.squeeze(0) if flat else entropy
 
 
 def _check_binary_mask(name: str, mask: Tensor | None) -> None:

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..ops.gae import gae
 from ..ops.logprobs import token_logprobs
-from . import _check_binary_mask, _peer_dtype, _scalar, _Swap, get_backend
+from . import _check_binary_mask, _entropy, _peer_dtype, _scalar, _Swap, get_backend
 
 __all__ = [
     "compute_entropy",
@@ -161,9 +161,7 @@ def compute_entropy(logits: Tensor) -> Tensor:
 
     float32 (float64 for float64 logits); OpenRLHF returns the logits' dtype.
     """
-    targets = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    _, entropy = token_logprobs(logits, targets, return_entropy=True, backend=get_backend())
-    return entropy
+    return _entropy(logits)
 
 
 _UTILS = "openrlhf.models.utils"

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ..ops.gae import gae, masked_whiten
 from ..ops.logprobs import token_logprobs
-from . import _peer_dtype, _scalar, _Swap, get_backend
+from . import _entropy, _peer_dtype, _scalar, _Swap, get_backend
 
 __all__ = [
     "compute_advantages_and_returns",
@@ -152,9 +152,7 @@ def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:
     float32 (float64 for float64 logits); TRL returns the logits' dtype. ``chunk_size``
     is accepted for compatibility and ignored (the op bounds its working set itself).
     """
-    targets = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    _, entropy = token_logprobs(logits, targets, return_entropy=True, backend=get_backend())
-    return entropy
+    return _entropy(logits)
 
 
 _UTILS = "trl.trainer.utils"

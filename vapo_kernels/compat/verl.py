@@ -72,7 +72,7 @@ from torch import Tensor
 
 from ..ops.gae import gae, masked_whiten
 from ..ops.logprobs import token_logprobs
-from . import _check_binary_mask, _peer_dtype, _scalar, _Swap, get_backend
+from . import _check_binary_mask, _entropy, _peer_dtype, _scalar, _Swap, get_backend
 
 __all__ = [
     "compute_gae_advantage_return",
@@ -136,18 +136,6 @@ def compute_gae_advantage_return(
 
 # --------------------------------------------------------------------------------------
 # Log-probs and entropy (verl.utils.torch_functional)
-
-
-def _entropy(logits: Tensor) -> Tensor:
-    """Entropy of every row of ``logits`` (..., V) through the token log-prob op."""
-    flat = logits.dim() == 1
-    if flat:
-        logits = logits.unsqueeze(0)
-    # Any in-range target will do: only the entropy output is used (its log-prob output
-    # gets no gradient, so it adds nothing to the backward).
-    targets = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    _, entropy = token_logprobs(logits, targets, return_entropy=True, backend=get_backend())
-    return entropy.squeeze(0) if flat else entropy
 
 
 def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool = True) -> Tensor:

@@ -73,13 +73,19 @@ def reference_forward(
         if rows.numel() == 0:
             continue
         s = logits[rows].to(acc) / temperature
-        row_lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - row_lse[:, None])
-        # p * s with p = 0 and s = -inf is 0, not NaN.
-        expected_s = torch.where(p > 0, p * s, 0).sum(-1)
-        logp[rows] = s.gather(1, targets[rows, None]).squeeze(1) - row_lse
-        entropy[rows] = row_lse - expected_s
-        lse[rows] = row_lse
+        # Work on t = s - max(s): entropy = lse_t - E_p[t] is then a difference of small
+        # numbers, where lse - E_p[s] cancels catastrophically for large logits (2% off
+        # in fp32 at |s| ~ 600).
+        row_max = s.amax(dim=-1, keepdim=True)
+        shift = torch.where(torch.isfinite(row_max), row_max, 0)
+        t = s - shift
+        lse_t = torch.logsumexp(t, dim=-1)
+        p = torch.exp(t - lse_t[:, None])
+        # p * t with p = 0 and t = -inf is 0, not NaN.
+        expected_t = torch.where(p > 0, p * t, 0).sum(-1)
+        logp[rows] = t.gather(1, targets[rows, None]).squeeze(1) - lse_t
+        entropy[rows] = lse_t - expected_t
+        lse[rows] = lse_t + shift.squeeze(1)
     # Rounding can push an entropy a hair below 0 or a log-prob above 0; clamp both so
     # the documented ranges hold exactly.
     return logp.clamp_(max=0), entropy.clamp_(min=0), lse
@@ -156,22 +162,28 @@ def _check_static(logits, targets, mask, temperature):
     _ragged.check_float("logits", logits)
     if logits.dim() < 2:
         raise ValueError(f"logits must be (N, V) or (B, T, V), got shape {tuple(logits.shape)}")
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"targets must be int64 (or int32), got {targets.dtype}")
-    if targets.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"targets has shape {tuple(targets.shape)} but logits {tuple(logits.shape)} "
-            f"need {tuple(logits.shape[:-1])}"
-        )
-    if targets.device != logits.device:
-        raise ValueError(f"targets is on {targets.device} but logits is on {logits.device}")
-    _ragged.check_mask(mask, "targets", targets)
+    _check_targets_mask_temperature(targets, "logits", logits, mask, temperature)
     if logits.shape[-1] == 0:
         raise ValueError("logits must have a vocabulary of at least 1 entry, got V = 0")
     if logits.stride(-1) != 1 and logits.numel() > 0:
         raise ValueError("logits must be contiguous along the vocabulary (last) dimension")
+
+
+def _check_targets_mask_temperature(targets, rows_name, rows, mask, temperature):
+    """Shared by both ops: targets of shape ``rows.shape[:-1]`` on rows' device, a mask
+    like the targets, a positive finite temperature."""
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"targets must be int64 (or int32), got {targets.dtype}")
+    if targets.shape != rows.shape[:-1]:
+        raise ValueError(
+            f"targets has shape {tuple(targets.shape)} but {rows_name} {tuple(rows.shape)} "
+            f"need {tuple(rows.shape[:-1])}"
+        )
+    if targets.device != rows.device:
+        raise ValueError(f"targets is on {targets.device} but {rows_name} is on {rows.device}")
+    _ragged.check_mask(mask, "targets", targets)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     if not (temperature > 0 and math.isfinite(temperature)):
@@ -635,22 +647,7 @@ def _check_linear_static(hidden, weight, bias, targets, mask, temperature):
             raise TypeError(f"bias has dtype {bias.dtype} but weight has {weight.dtype}")
         if bias.device != weight.device:
             raise ValueError(f"bias is on {bias.device} but weight is on {weight.device}")
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    if targets.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"targets must be int64 (or int32), got {targets.dtype}")
-    if targets.shape != hidden.shape[:-1]:
-        raise ValueError(
-            f"targets has shape {tuple(targets.shape)} but hidden {tuple(hidden.shape)} "
-            f"needs {tuple(hidden.shape[:-1])}"
-        )
-    if targets.device != hidden.device:
-        raise ValueError(f"targets is on {targets.device} but hidden is on {hidden.device}")
-    _ragged.check_mask(mask, "targets", targets)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive finite float, got {temperature}")
+    _check_targets_mask_temperature(targets, "hidden", hidden, mask, temperature)
 
 
 def _linear_rows(hidden: Tensor, targets: Tensor, mask: Tensor | None):
