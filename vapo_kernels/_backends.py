@@ -16,6 +16,7 @@ is skipped with a one-time warning that says why.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import shutil
 import warnings
@@ -48,6 +49,26 @@ def register(op: str, backend: str):
         return fn
 
     return deco
+
+
+def from_extension(name: str) -> Callable:
+    """A kernel that calls ``name`` of the compiled extension (built on first use)."""
+
+    def kernel(*args):
+        return getattr(extension(), name)(*args)
+
+    kernel.__name__ = name
+    return kernel
+
+
+def from_module(module: str, name: str) -> Callable:
+    """A kernel imported on first use: Triton modules read TRITON_INTERPRET at import."""
+
+    def kernel(*args):
+        return getattr(importlib.import_module(module), name)(*args)
+
+    kernel.__name__ = name
+    return kernel
 
 
 def _why_unavailable(backend: str, device: torch.device) -> str | None:

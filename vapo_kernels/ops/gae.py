@@ -115,26 +115,12 @@ def reference_valid_counts(mask: Tensor, offsets: Tensor) -> Tensor:
 _backends.register("valid_counts", "reference")(reference_valid_counts)
 
 
-@_backends.register("valid_counts", "cpp")
-def _cpp_valid_counts(*args):
-    return _backends.extension().valid_counts_cpu(*args)
+_backends.register("valid_counts", "cpp")(_backends.from_extension("valid_counts_cpu"))
 
 
-@_backends.register("gae", "cpp")
-def _cpp_kernel(*args):
-    return _backends.extension().gae_scan_cpu(*args)
-
-
-@_backends.register("gae", "cuda")
-def _cuda_kernel(*args):
-    return _backends.extension().gae_scan_cuda(*args)
-
-
-@_backends.register("gae", "triton")
-def _triton_kernel(*args):
-    from ..triton.gae import gae_scan  # imported late: TRITON_INTERPRET is read at import
-
-    return gae_scan(*args)
+_backends.register("gae", "cpp")(_backends.from_extension("gae_scan_cpu"))
+_backends.register("gae", "cuda")(_backends.from_extension("gae_scan_cuda"))
+_backends.register("gae", "triton")(_backends.from_module("vapo_kernels.triton.gae", "gae_scan"))
 
 
 # --------------------------------------------------------------------------------------
@@ -256,9 +242,7 @@ def reference_whiten_kernel(
 _backends.register("masked_whiten", "reference")(reference_whiten_kernel)
 
 
-@_backends.register("masked_whiten", "cpp")
-def _cpp_whiten(*args):
-    return _backends.extension().masked_whiten_cpu(*args)
+_backends.register("masked_whiten", "cpp")(_backends.from_extension("masked_whiten_cpu"))
 
 
 @torch.library.custom_op("vapo::masked_whiten", mutates_args=())

@@ -130,28 +130,10 @@ _backends.register("token_logprobs_fwd", "reference")(reference_forward)
 _backends.register("token_logprobs_bwd", "reference")(reference_backward)
 
 
-@_backends.register("token_logprobs_fwd", "cpp")
-def _cpp_forward(*args):
-    return _backends.extension().token_logprobs_fwd_cpu(*args)
-
-
-@_backends.register("token_logprobs_bwd", "cpp")
-def _cpp_backward(*args):
-    return _backends.extension().token_logprobs_bwd_cpu(*args)
-
-
-@_backends.register("token_logprobs_fwd", "triton")
-def _triton_forward(*args):
-    from ..triton.logprobs import token_logprobs_fwd  # late: TRITON_INTERPRET is read at import
-
-    return token_logprobs_fwd(*args)
-
-
-@_backends.register("token_logprobs_bwd", "triton")
-def _triton_backward(*args):
-    from ..triton.logprobs import token_logprobs_bwd
-
-    return token_logprobs_bwd(*args)
+_backends.register("token_logprobs_fwd", "cpp")(_backends.from_extension("token_logprobs_fwd_cpu"))
+_backends.register("token_logprobs_bwd", "cpp")(_backends.from_extension("token_logprobs_bwd_cpu"))
+for _name in ("token_logprobs_fwd", "token_logprobs_bwd"):
+    _backends.register(_name, "triton")(_backends.from_module("vapo_kernels.triton.logprobs", _name))
 
 
 # --------------------------------------------------------------------------------------
@@ -592,18 +574,10 @@ _backends.register("linear_logprobs_fwd", "reference")(reference_linear_forward)
 _backends.register("linear_logprobs_bwd", "reference")(reference_linear_backward)
 
 
-@_backends.register("linear_logprobs_fwd", "triton")
-def _triton_linear_forward(*args):
-    from ..triton.linear_logprobs import linear_logprobs_fwd  # late: reads TRITON_INTERPRET
-
-    return linear_logprobs_fwd(*args)
-
-
-@_backends.register("linear_logprobs_bwd", "triton")
-def _triton_linear_backward(*args):
-    from ..triton.linear_logprobs import linear_logprobs_bwd
-
-    return linear_logprobs_bwd(*args)
+for _name in ("linear_logprobs_fwd", "linear_logprobs_bwd"):
+    _backends.register(_name, "triton")(
+        _backends.from_module("vapo_kernels.triton.linear_logprobs", _name)
+    )
 
 
 def _finalise_state(m, den, mom, t, keep):
