@@ -417,6 +417,17 @@ def test_bad_input_raises_clear_error(backend, match, exc, call):
         call(backend)
 
 
+def test_outputs_are_constants_even_when_values_require_grad():
+    # A critic's values usually require grad; every peer computes GAE under no_grad.
+    v = V.clone().requires_grad_(True)
+    adv, ret = vk.gae(R, v, whiten=False)
+    white = vk.masked_whiten(v)
+    assert not adv.requires_grad and not ret.requires_grad and not white.requires_grad
+    loss = (v * 2).sum() + ret.sum()  # gradient flows through v's other uses only
+    loss.backward()
+    assert torch.equal(v.grad, torch.full_like(v, 2.0))
+
+
 def test_nan_in_masked_slot_is_not_an_error():
     v = V.clone()
     v[0, 0] = float("nan")

@@ -245,6 +245,19 @@ _backends.register("masked_whiten", "reference")(reference_whiten_kernel)
 _backends.register("masked_whiten", "cpp")(_backends.from_extension("masked_whiten_cpu"))
 
 
+def _constants_of_the_data(ctx, inputs, output):
+    # Advantages, returns and whitened values are constants of the batch in every peer
+    # (computed under no_grad): mark them so, rather than let autograd fail later.
+    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+
+
+def _no_gradient(ctx, *grads):
+    raise RuntimeError("vapo GAE and whitening outputs are not differentiable")
+
+
+torch.library.register_autograd("vapo::gae", _no_gradient, setup_context=_constants_of_the_data)
+
+
 @torch.library.custom_op("vapo::masked_whiten", mutates_args=())
 def masked_whiten_op(
     x: Tensor, mask: Tensor | None, unbiased: bool, eps: float, shift_mean: bool, backend: str
@@ -268,6 +281,11 @@ def masked_whiten_op(
 @masked_whiten_op.register_fake
 def _masked_whiten_fake(x, mask, unbiased, eps, shift_mean, backend):
     return torch.empty(x.shape, dtype=_out_dtype(x.dtype), device=x.device)
+
+
+torch.library.register_autograd(
+    "vapo::masked_whiten", _no_gradient, setup_context=_constants_of_the_data
+)
 
 
 # --------------------------------------------------------------------------------------
