@@ -560,3 +560,32 @@ def test_other_instruction_sets(capability):
         timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_row_offsets_beyond_int32_elements():
+    """Rows more than 2^31 elements into the buffer: a (3, V) fp16 view with a row stride
+    of 2^30 + 64, so row 2 starts at 2^31 + 128 elements - past int32 although the stride
+    itself fits. Row 1 is ignored, so only a few pages of the 4 GiB buffer are touched."""
+    ext = _backends.extension()
+    vocab, stride = 1025, 2**30 + 64
+    try:
+        buf = torch.empty(2 * stride + vocab, dtype=torch.float16)
+    except RuntimeError:
+        pytest.skip("cannot reserve 4 GiB of address space")
+    z = buf.as_strided((3, vocab), (stride, 1))
+    gen = torch.Generator().manual_seed(2)
+    rows = torch.randn(2, vocab, generator=gen).half()
+    z[0], z[2] = rows[0], rows[1]
+    y = torch.tensor([vocab - 1, -100, 5])
+    dense = torch.stack([rows[0], rows[0], rows[1]]).double()  # the same rows, contiguous
+    exp = reference_forward(dense, y, None, 1.0)
+    got = ext.token_logprobs_fwd_cpu(z, y, None, 1.0)
+    for g, e in zip(got, exp):
+        torch.testing.assert_close(g.double(), e, rtol=1e-6, atol=1e-6)
+    g_lp = torch.tensor([1.0, 1.0, -2.0])
+    exact = torch.empty(3, vocab, dtype=torch.float64)
+    reference_backward(g_lp.double(), None, dense, y, None, exp[2], exp[1], 1.0, exact)
+    # In place, so the stores too land 2^31 elements out.
+    ext.token_logprobs_bwd_cpu(g_lp, None, z, y, None, got[2], got[1], 1.0, z)
+    torch.testing.assert_close(z[[0, 2]].double(), exact[[0, 2]], rtol=2e-3, atol=1e-6)
+    assert bool((z[1] == 0).all())
