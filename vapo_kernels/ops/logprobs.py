@@ -234,8 +234,13 @@ def _token_logprobs_fake(logits, targets, mask, temperature, inplace_backward, b
     return out, torch.empty_like(out), torch.empty_like(out)
 
 
-def _backward_args(grad_logp, grad_entropy, logits, targets, mask, lse, entropy):
-    return (
+def _write_logits_grad(out, grad_logp, grad_entropy, logits, targets, mask, lse, entropy,
+                       temperature, backend):
+    """Run the backend's backward kernel, writing dL/dlogits into ``out`` (may be logits)."""
+    if not logits.numel():
+        return
+    _, kernel = _backends.select("token_logprobs_bwd", logits.device, backend or None)
+    kernel(
         grad_logp.reshape(-1).contiguous(),
         None if grad_entropy is None else grad_entropy.reshape(-1).contiguous(),
         _rows(logits),
@@ -243,6 +248,8 @@ def _backward_args(grad_logp, grad_entropy, logits, targets, mask, lse, entropy)
         _flat_mask(mask),
         lse.reshape(-1).contiguous(),
         entropy.reshape(-1).contiguous(),
+        float(temperature),
+        _rows(out),
     )
 
 
@@ -260,10 +267,9 @@ def token_logprobs_backward_op(
 ) -> Tensor:
     """dL/dlogits in a new tensor of logits' shape and dtype."""
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    if logits.numel():
-        _, kernel = _backends.select("token_logprobs_bwd", logits.device, backend or None)
-        args = _backward_args(grad_logp, grad_entropy, logits, targets, mask, lse, entropy)
-        kernel(*args, float(temperature), grad.view(-1, logits.shape[-1]))
+    _write_logits_grad(
+        grad, grad_logp, grad_entropy, logits, targets, mask, lse, entropy, temperature, backend
+    )
     return grad
 
 
@@ -285,10 +291,9 @@ def token_logprobs_backward_inplace_op(
     backend: str,
 ) -> None:
     """dL/dlogits written over the logits themselves (bumps their version counter)."""
-    if logits.numel():
-        _, kernel = _backends.select("token_logprobs_bwd", logits.device, backend or None)
-        args = _backward_args(grad_logp, grad_entropy, logits, targets, mask, lse, entropy)
-        kernel(*args, float(temperature), args[2])
+    _write_logits_grad(
+        logits, grad_logp, grad_entropy, logits, targets, mask, lse, entropy, temperature, backend
+    )
 
 
 @token_logprobs_backward_inplace_op.register_fake
