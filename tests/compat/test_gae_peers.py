@@ -35,7 +35,6 @@ import importlib.machinery
 import importlib.metadata
 import importlib.util
 import random
-import sys
 import textwrap
 import types
 import typing
@@ -49,6 +48,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vapo_kernels import compat
+
+from ._openrlhf import openrlhf_without_gpu_stack
 
 pytestmark = pytest.mark.peers
 
@@ -254,63 +255,21 @@ _OPENRLHF_PACKAGES = [
     "openrlhf.models", "openrlhf.trainer", "openrlhf.trainer.ppo_utils",
     "openrlhf.trainer.ray", "openrlhf.utils",
 ]
-_HEAVY = [
-    "deepspeed", "flash_attn", "flash_attn.bert_padding", "flash_attn.utils",
-    "flash_attn.utils.distributed", "peft", "peft.tuners", "peft.tuners.lora", "vllm",
-]
-
-
-class _Stub(types.ModuleType):
-    """Any attribute is another stub: enough for import-time ``from x import y``."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Stub(f"{self.__name__}.{name}")
-
-    def __call__(self, *args, **kwargs):
-        return self
 
 
 @pytest.fixture(scope="module")
 def openrlhf_em():
-    """The real ``experience_maker`` module of OpenRLHF, imported without its GPU stack.
-
-    Package ``__init__``s are replaced by bare packages over the real folders (so the
-    real submodule files load) and GPU-only imports by stubs; every stub is removed from
-    ``sys.modules`` afterwards so later imports (transformers probes deepspeed) see the
-    real environment.
-    """
+    """The real ``experience_maker`` module of OpenRLHF, imported without its GPU stack."""
     require_version("openrlhf", "0.11.2")
     pytest.importorskip("openrlhf")
     pytest.importorskip("ray")
-    root = Path(importlib.util.find_spec("openrlhf").origin).parent
-    saved = dict(sys.modules)
-    try:
-        for name in _OPENRLHF_PACKAGES:
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
-            sys.modules[name] = pkg
-        for name in _HEAVY:
-            stub = _Stub(name)
-            stub.__path__ = []
-            stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            sys.modules[name] = stub
-        launcher = types.ModuleType("openrlhf.trainer.ray.launcher")
-        launcher.RayActorGroup = object  # only an annotation in experience_maker
-        sys.modules[launcher.__name__] = launcher
+    launcher = types.ModuleType("openrlhf.trainer.ray.launcher")
+    launcher.RayActorGroup = object  # only an annotation in experience_maker
+    with openrlhf_without_gpu_stack(_OPENRLHF_PACKAGES, {launcher.__name__: launcher}):
         try:
             return importlib.import_module("openrlhf.trainer.ppo_utils.experience_maker")
         except ImportError as e:
             pytest.skip(f"cannot import OpenRLHF's experience_maker: {e}")
-    finally:
-        stubbed_tops = {"openrlhf"} | {n.split(".")[0] for n in _HEAVY}
-        for name in list(sys.modules):
-            if name not in saved and name.split(".")[0] in stubbed_tops:
-                del sys.modules[name]
-        for name in _OPENRLHF_PACKAGES + _HEAVY:
-            if name in saved:
-                sys.modules[name] = saved[name]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

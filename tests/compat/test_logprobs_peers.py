@@ -56,13 +56,14 @@ import math
 import sys
 import types
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import vapo_kernels.compat
 from vapo_kernels import compat
+
+from ._openrlhf import openrlhf_without_gpu_stack
 
 pytestmark = pytest.mark.peers
 
@@ -122,59 +123,21 @@ def trl_utils():
     return pytest.importorskip("trl.trainer.utils")
 
 
-_OPENRLHF_PACKAGES = ["openrlhf", "openrlhf.models"]
-_HEAVY = [
-    "deepspeed", "flash_attn", "flash_attn.bert_padding", "flash_attn.utils",
-    "flash_attn.utils.distributed", "peft", "peft.tuners", "peft.tuners.lora",
-]
-
-
-class _Stub(types.ModuleType):
-    """Any attribute is another stub: enough for import-time ``from x import y``."""
-
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _Stub(f"{self.__name__}.{name}")
-
-    def __call__(self, *args, **kwargs):
-        return self
-
-
 @contextlib.contextmanager
 def openrlhf_modules():
     """``openrlhf.models.utils`` and ``openrlhf.models.actor``, really imported, with the
-    package ``__init__``s bypassed and GPU-only imports stubbed; everything imported here
-    leaves ``sys.modules`` on exit (flash-attn must not stay stubbed: OpenRLHF imports it
-    at call time and falls back when it is missing)."""
+    package ``__init__``s bypassed and GPU-only imports stubbed; they leave
+    ``sys.modules`` on exit (flash-attn must not stay stubbed: OpenRLHF imports it at call
+    time and falls back when it is missing)."""
     require_version("openrlhf", "0.11.2")
     pytest.importorskip("openrlhf")
-    root = Path(importlib.util.find_spec("openrlhf").origin).parent
-    saved = dict(sys.modules)
-    try:
-        for name in _OPENRLHF_PACKAGES:
-            pkg = types.ModuleType(name)
-            pkg.__path__ = [str(root.joinpath(*name.split(".")[1:]))]
-            sys.modules[name] = pkg
-        for name in _HEAVY:
-            stub = _Stub(name)
-            stub.__path__ = []
-            stub.__spec__ = importlib.machinery.ModuleSpec(name, None)
-            sys.modules[name] = stub
+    with openrlhf_without_gpu_stack(["openrlhf", "openrlhf.models"]):
         try:
             utils = importlib.import_module("openrlhf.models.utils")
             actor = importlib.import_module("openrlhf.models.actor")
         except ImportError as e:
             pytest.skip(f"cannot import OpenRLHF's models: {e}")
         yield utils, actor
-    finally:
-        tops = {"openrlhf"} | {n.split(".")[0] for n in _HEAVY}
-        for name in list(sys.modules):
-            if name not in saved and name.split(".")[0] in tops:
-                del sys.modules[name]
-        for name in _OPENRLHF_PACKAGES + _HEAVY:
-            if name in saved:
-                sys.modules[name] = saved[name]
 
 
 @pytest.fixture(scope="module")
