@@ -443,13 +443,13 @@ def token_loss_op(
     sums, g_logp, g_values, g_entropy = kernel(
         *flat, flat_mask, offs, seq_w.contiguous(), lm_w, [float(p) for p in params], need_grad
     )
-    coefs = torch.zeros(NUM_SUMS, dtype=out_dtype, device=device)
-    coefs[S_PG] = 1.0
-    coefs[S_VF] = params[P_VF_COEF]
-    coefs[S_KL] = params[P_KL_COEF]
-    coefs[S_ENTROPY] = -params[P_ENTROPY_COEF]
-    coefs[S_LM] = params[P_LM_COEF]
-    loss = (sums * coefs).sum()
+    # The total: the five term sums with their coefficients (the metric slots hold
+    # +-inf for empty batches and must not meet a zero coefficient).
+    coefs = torch.tensor(
+        [1.0, params[P_VF_COEF], params[P_KL_COEF], -params[P_ENTROPY_COEF], params[P_LM_COEF]],
+        dtype=out_dtype, device=device,
+    )
+    loss = (sums[: S_LM + 1] * coefs).sum()
     # A NaN in a valid input always reaches its term's sum, and masked slots never
     # produce one: one check of the loss screens every input; per-input checks run only
     # when something is wrong, to name the argument.
@@ -489,6 +489,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(sums, g_logp, g_values, g_entropy)
     ctx.save_for_backward(g_logp, g_values, g_entropy)
     ctx.dtypes = [None if inputs[i] is None else inputs[i].dtype for i in (0, 3, 7)]
+    ctx.had_grads = inputs[19]  # need_grad
 
 
 def _backward(ctx, grad_loss, *unused):
@@ -497,7 +498,7 @@ def _backward(ctx, grad_loss, *unused):
     for slot, g, dtype in zip((0, 3, 7), (g_logp, g_values, g_entropy), ctx.dtypes):
         if not ctx.needs_input_grad[slot]:
             continue
-        if g.numel() == 0 and dtype is not None:
+        if not ctx.had_grads:
             raise RuntimeError(
                 "vapo token_loss: a gradient was requested but the forward ran with "
                 "need_grad=False; call the loss with grad mode on"

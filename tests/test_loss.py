@@ -1,0 +1,504 @@
+"""The PPO/VAPO loss spec (reference backend) against independent autograd code.
+
+The reference writes every gradient by hand (the kernels' contract). Here each term is
+written again the way peers write it (torch ops, autograd for the gradient, agg_loss
+by its definition), in float64, and the two must agree. Backends (cpp, triton) are
+tested against the reference in their own files.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vapo_kernels.ops import loss as L
+
+F64 = torch.float64
+
+
+# --------------------------------------------------------------------------------------
+# Independent float64 model: per-token terms as peers write them + agg by definition.
+
+
+def model_agg(mat, mask, agg, dp=1.0, g_tokens=None, g_seqs=None, scale=None):
+    """verl's agg_loss on padded (B, T), 0 instead of 0/0."""
+    m = mask.to(F64)
+    mat = torch.where(mask, mat, 0.0)
+    counts = m.sum(-1)
+    if agg == "token-mean":
+        den = counts.sum() if g_tokens is None else g_tokens
+        return mat.sum() / den * dp if den > 0 else mat.sum() * 0
+    if agg == "token-sum":
+        return mat.sum() * dp
+    seqs = (counts > 0).sum() if g_seqs is None else g_seqs
+    if seqs == 0:
+        return mat.sum() * 0
+    if agg == "seq-mean-token-mean":
+        per = torch.where(counts > 0, mat.sum(-1) / counts.clamp(min=1), 0.0)
+        return per.sum() / seqs * dp
+    out = mat.sum() / seqs * dp
+    if agg == "seq-mean-token-sum-norm":
+        out = out / (mask.shape[-1] if scale is None else scale)
+    return out
+
+
+def model_policy(logp, old, adv, lo=0.2, hi=0.28, c=None, clamp=20.0):
+    ratio = torch.exp(torch.clamp(logp - old, -clamp, clamp))
+    l1 = -adv * ratio
+    l2 = -adv * torch.clamp(ratio, 1 - lo, 1 + hi)
+    out = torch.maximum(l1, l2)
+    if c is not None:
+        out = torch.where(adv < 0, torch.min(out, -adv * c), out)
+    return out
+
+
+def model_value(v, old, ret, eps=0.5, form="verl"):
+    if eps is None:
+        return 0.5 * (v - ret) ** 2
+    if form == "verl":
+        vc = torch.max(torch.min(v, old + eps), old - eps)
+    else:
+        vc = old + (v - old).clamp(-eps, eps)
+    return 0.5 * torch.max((v - ret) ** 2, (vc - ret) ** 2)
+
+
+def random_batch(seed, B=4, T=9, p_mask=0.3, scale=0.5):
+    g = torch.Generator().manual_seed(seed)
+    logp = -torch.rand(B, T, generator=g, dtype=F64) * 3
+    old = logp + scale * torch.randn(B, T, generator=g, dtype=F64)
+    adv = torch.randn(B, T, generator=g, dtype=F64)
+    mask = torch.rand(B, T, generator=g) > p_mask
+    return logp, old, adv, mask, g
+
+
+def grads_of(fn, *tensors):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves)
+    got = torch.autograd.grad(out, leaves, allow_unused=True)
+    return out.detach(), [torch.zeros_like(t) if gr is None else gr for t, gr in zip(tensors, got)]
+
+
+# --------------------------------------------------------------------------------------
+# Policy
+
+
+@pytest.mark.parametrize("agg", L.AGG_MODES)
+@pytest.mark.parametrize("dual", [None, 3.0])
+def test_policy_matches_model(agg, dual):
+    logp, old, adv, mask, _ = random_batch(1)
+    mask[2] = False  # a fully masked sequence
+    kw = dict(dp=2.0, g_tokens=57.0, g_seqs=7.0) if agg != "token-sum" else dict(dp=2.0)
+
+    def ours(lp):
+        loss, _ = L.policy_loss(
+            lp, old, adv, mask, dual_clip=dual, agg=agg, dp_size=2,
+            global_tokens=kw.get("g_tokens"), global_seqs=kw.get("g_seqs"), backend="reference",
+        )
+        return loss
+
+    def model(lp):
+        return model_agg(model_policy(lp, old, adv, c=dual), mask, agg, **kw)
+
+    want, (g_want,) = grads_of(model, logp)
+    got, (g_got,) = grads_of(ours, logp)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(g_got, g_want, rtol=1e-12, atol=1e-14)
+
+
+def test_policy_metrics_match_their_definitions():
+    logp, old, adv, mask, _ = random_batch(2, B=6, T=40, scale=0.6)
+    _, m = L.policy_loss(logp, old, adv, mask, dual_clip=3.0, backend="reference")
+    lr = torch.clamp(logp - old, -20, 20)
+    r = lr.exp()
+    l1, l2 = -adv * r, -adv * r.clamp(0.8, 1.28)
+    clipped = (l2 > l1) & mask
+    n = mask.sum()
+    assert m["tokens"] == n
+    torch.testing.assert_close(m["clipfrac"], clipped.sum().double() / n, rtol=0, atol=0)
+    torch.testing.assert_close(m["clipfrac_high"], (clipped & (r > 1.28)).sum().double() / n, rtol=0, atol=0)
+    torch.testing.assert_close(m["clipfrac_low"], (clipped & (r < 0.8)).sum().double() / n, rtol=0, atol=0)
+    assert m["clipfrac_low"] > 0 and m["clipfrac_high"] > 0
+    dual = (adv < 0) & (torch.maximum(l1, l2) > -adv * 3.0) & mask
+    torch.testing.assert_close(m["dual_clipfrac"], dual.sum().double() / n, rtol=0, atol=0)
+    torch.testing.assert_close(m["approx_kl"], (-lr)[mask].mean(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(m["approx_kl_k3"], (r - 1 - lr)[mask].mean(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(m["ratio_mean"], r[mask].mean(), rtol=1e-12, atol=0)
+    assert m["ratio_min"] == r[mask].min() and m["ratio_max"] == r[mask].max()
+
+
+def test_dual_clip_bounds_negative_advantages():
+    # A < 0 and a huge ratio: plain PPO grows without bound, dual clip caps at -A*c.
+    logp = torch.tensor([[0.0, 0.0]], dtype=F64, requires_grad=True)
+    old = torch.tensor([[-5.0, -5.0]], dtype=F64)
+    adv = torch.tensor([[-1.0, 1.0]], dtype=F64)
+    loss, m = L.policy_loss(logp, old, adv, dual_clip=3.0, agg="token-sum", backend="reference")
+    # token 0: min(max(e^5, 0.8), 3) = 3 ; token 1: max(-e^5, -1.28) = -1.28
+    torch.testing.assert_close(loss, torch.tensor(3.0 - 1.28, dtype=F64))
+    loss.backward()
+    assert logp.grad.abs().max() == 0  # both tokens are clipped: no gradient
+    assert m["dual_clipfrac"] == 0.5 and m["clipfrac_high"] == 0.5
+
+
+def test_ratio_clamp_extremes_are_finite():
+    logp = torch.tensor([[0.0, -1000.0, 0.0]], dtype=torch.float32, requires_grad=True)
+    old = torch.tensor([[-1000.0, 0.0, 0.0]], dtype=torch.float32)
+    adv = torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float32)
+    loss, m = L.policy_loss(logp, old, adv, backend="reference")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert m["ratio_max"] == pytest.approx(math.exp(20), rel=1e-6)
+    assert m["ratio_min"] == pytest.approx(math.exp(-20), rel=1e-6)
+    assert logp.grad[0, 2] == 0  # A = 0: no gradient
+
+
+def test_is_weights_scale_loss_and_gradient():
+    logp, old, adv, mask, g = random_batch(3)
+    w = torch.rand(logp.shape, generator=g, dtype=F64)
+
+    def ours(lp):
+        return L.policy_loss(lp, old, adv, mask, is_weights=w, backend="reference")[0]
+
+    def model(lp):
+        return model_agg(model_policy(lp, old, adv) * w, mask, "token-mean")
+
+    want, (gw,) = grads_of(model, logp)
+    got, (gg,) = grads_of(ours, logp)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------
+# Value, KL, entropy, LM
+
+
+@pytest.mark.parametrize("form", ["verl", "openrlhf"])
+@pytest.mark.parametrize("eps", [None, 0.2])
+def test_value_matches_model(form, eps):
+    g = torch.Generator().manual_seed(4)
+    v, old, ret = (torch.randn(5, 8, generator=g, dtype=F64) for _ in range(3))
+    mask = torch.rand(5, 8, generator=g) > 0.3
+
+    def ours(x):
+        return L.value_loss(x, old, ret, mask, clip=eps, clip_form=form, backend="reference")[0]
+
+    def model(x):
+        return model_agg(model_value(x, old, ret, eps, form), mask, "token-mean")
+
+    want, (gw,) = grads_of(model, v)
+    got, (gg,) = grads_of(ours, v)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-14)
+
+
+def test_value_clip_tie_splits_gradient_like_torch():
+    # v exactly at old + eps: torch.min's tie rule halves the clipped branch's gradient.
+    v = torch.tensor([[1.5, 0.0]], dtype=F64)
+    old = torch.tensor([[1.0, 0.0]], dtype=F64)
+    ret = torch.tensor([[3.0, 0.0]], dtype=F64)
+
+    def ours(x):
+        return L.value_loss(x, old, ret, clip=0.5, agg="token-sum", backend="reference")[0]
+
+    def model(x):
+        return model_agg(model_value(x, old, ret, 0.5), torch.ones_like(x, dtype=torch.bool), "token-sum")
+
+    _, (gw,) = grads_of(model, v)
+    _, (gg,) = grads_of(ours, v)
+    torch.testing.assert_close(gg, gw, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+", "abs+"])
+def test_kl_kernel_matches_elementwise_kl_penalty(kind):
+    logp, ref, _, mask, _ = random_batch(5, scale=2.0)
+    ref = ref.clone()
+    ref[0, :3] = logp[0, :3] + 30.0  # clamps of k3 engaged
+
+    def ours(lp):
+        return L.kl_loss(lp, ref, mask, kind=kind, agg="seq-mean-token-mean", backend="reference")
+
+    def model(lp):
+        return model_agg(L.kl_penalty(lp, ref, kind), mask, "seq-mean-token-mean")
+
+    want, (gw,) = grads_of(model, logp)
+    got, (gg,) = grads_of(ours, logp)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-14)
+
+
+def test_kl_penalty_values():
+    lp = torch.tensor([-1.0, -2.0], dtype=F64)
+    ref = torch.tensor([-1.5, -1.0], dtype=F64)
+    d = lp - ref
+    torch.testing.assert_close(L.kl_penalty(lp, ref, "k1"), d)
+    torch.testing.assert_close(L.kl_penalty(lp, ref, "abs"), d.abs())
+    torch.testing.assert_close(L.kl_penalty(lp, ref, "k2"), 0.5 * d * d)
+    torch.testing.assert_close(L.kl_penalty(lp, ref, "k3"), torch.exp(-d) + d - 1)
+    with pytest.raises(ValueError, match="kind"):
+        L.kl_penalty(lp, ref, "k4")
+
+
+def test_agg_loss_and_positive_lm_loss():
+    logp, _, _, mask, g = random_batch(6, B=5)
+    positive = torch.tensor([True, False, True, False, False])
+    ent = torch.rand(logp.shape, generator=g, dtype=F64)
+    for agg in L.AGG_MODES:
+        got = L.agg_loss(ent, mask, agg=agg, backend="reference")
+        torch.testing.assert_close(got, model_agg(ent, mask, agg), rtol=1e-12, atol=1e-14)
+
+    def ours(lp):
+        return L.positive_lm_loss(lp, positive, mask, backend="reference")
+
+    def model(lp):
+        sel = mask & positive[:, None]
+        return -lp[sel].sum() / sel.sum()
+
+    want, (gw,) = grads_of(model, logp)
+    got, (gg,) = grads_of(ours, logp)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-14)
+    none = L.positive_lm_loss(logp, torch.zeros(5, dtype=torch.bool), mask, backend="reference")
+    assert none == 0
+
+
+def test_vapo_loss_is_the_sum_of_its_terms():
+    logp, old, adv, mask, g = random_batch(7, B=5)
+    v, vold, ret, ref, ent = (torch.randn(logp.shape, generator=g, dtype=F64) for _ in range(5))
+    ref = logp + 0.1 * ref
+    ent = ent.abs()
+    positive = torch.tensor([True, False, True, True, False])
+    coefs = dict(vf_coef=0.7, kl_coef=0.05, entropy_coef=0.01, lm_coef=0.1)
+
+    def ours(lp, vv, hh):
+        loss, _ = L.vapo_loss(
+            lp, old, adv, mask, values=vv, old_values=vold, returns=ret, ref_logp=ref,
+            entropy=hh, positive=positive, dual_clip=3.0, kl_kind="k3", backend="reference", **coefs,
+        )
+        return loss
+
+    def model(lp, vv, hh):
+        sel = mask & positive[:, None]
+        return (
+            model_agg(model_policy(lp, old, adv, c=3.0), mask, "token-mean")
+            + 0.7 * model_agg(model_value(vv, vold, ret), mask, "token-mean")
+            + 0.05 * model_agg(L.kl_penalty(lp, ref, "k3"), mask, "token-mean")
+            - 0.01 * model_agg(hh, mask, "token-mean")
+            + 0.1 * (-lp[sel].sum() / sel.sum())
+        )
+
+    want, gw = grads_of(model, logp, v, ent)
+    got, gg = grads_of(ours, logp, v, ent)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    for a, b in zip(gg, gw):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    _, m = L.vapo_loss(
+        logp, old, adv, mask, values=v, old_values=vold, returns=ret, ref_logp=ref, entropy=ent,
+        positive=positive, backend="reference",
+    )
+    assert {"pg_loss", "vf_loss", "kl_loss", "entropy", "lm_loss", "clipfrac", "vf_clipfrac"} <= set(m)
+
+
+# --------------------------------------------------------------------------------------
+# Ragged layouts, masks, garbage, empty batches
+
+
+@st.composite
+def ragged(draw):
+    lengths = draw(st.lists(st.integers(0, 9), min_size=0, max_size=6))
+    n = sum(lengths)
+    seed = draw(st.integers(0, 2**31 - 1))
+    p_mask = draw(st.sampled_from([0.0, 0.3, 1.0]))
+    return lengths, n, seed, p_mask
+
+
+@settings(max_examples=60, deadline=None)
+@given(ragged(), st.sampled_from(L.AGG_MODES), st.sampled_from([None, 2.5]))
+def test_packed_equals_padded(case, agg, dual):
+    lengths, n, seed, p_mask = case
+    g = torch.Generator().manual_seed(seed)
+    cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
+    logp = -torch.rand(n, generator=g, dtype=F64) * 2
+    old = logp + torch.randn(n, generator=g, dtype=F64)
+    adv = torch.randn(n, generator=g, dtype=F64)
+    v, vold, ret = (torch.randn(n, generator=g, dtype=F64) for _ in range(3))
+    mask = torch.rand(n, generator=g) >= p_mask
+    T = max(lengths, default=0)
+    S = len(lengths)
+    positive = torch.rand(S, generator=g) > 0.5
+
+    def pad(x, fill=0):
+        out = torch.full((S, T), fill, dtype=x.dtype)
+        for s in range(S):
+            out[s, : lengths[s]] = x[cu[s] : cu[s + 1]]
+        return out
+
+    kw = dict(dual_clip=dual, agg=agg, backend="reference", loss_scale_factor=7.0, positive=positive)
+    packed, mp = L.vapo_loss(logp, old, adv, mask, cu, values=v, old_values=vold, returns=ret, **kw)
+    padded, mq = L.vapo_loss(
+        pad(logp), pad(old), pad(adv), pad(mask, False), values=pad(v), old_values=pad(vold),
+        returns=pad(ret), **kw,
+    )
+    assert torch.isfinite(packed)
+    torch.testing.assert_close(packed, padded, rtol=1e-12, atol=1e-14)
+    for k in mp:
+        torch.testing.assert_close(mp[k], mq[k], rtol=1e-12, atol=1e-14)
+    if not bool(mask.any()):
+        assert packed == 0 and mp["tokens"] == 0 and mp["ratio_min"] == 1
+
+
+@pytest.mark.parametrize("garbage", [float("nan"), 1e30, -float("inf")])
+def test_garbage_in_masked_slots_changes_nothing(garbage):
+    logp, old, adv, mask, g = random_batch(8)
+    v, vold, ret, ref, ent = (torch.randn(logp.shape, generator=g, dtype=F64) for _ in range(5))
+    positive = torch.tensor([True, False, True, False])
+
+    def run(*xs):
+        lp, vv, hh = (x.clone().requires_grad_() for x in (xs[0], xs[5], xs[8]))
+        loss, m = L.vapo_loss(
+            lp, xs[1], xs[2], mask, values=vv, old_values=xs[6], returns=xs[7], ref_logp=xs[3],
+            entropy=hh, positive=positive, is_weights=xs[4].abs(), dual_clip=3.0, kl_coef=0.1,
+            entropy_coef=0.01, backend="reference",
+        )
+        loss.backward()
+        return [loss, *m.values(), lp.grad, vv.grad, hh.grad]
+
+    clean = (logp, old, adv, ref, ent, v, vold, ret, ent)
+    dirty = [torch.where(mask, x, torch.tensor(garbage, dtype=F64)) for x in clean]
+    for a, b in zip(run(*clean), run(*dirty)):
+        assert torch.equal(a, b)
+
+
+def test_all_masked_batch_has_zero_loss_and_gradient():
+    logp, old, adv, _, _ = random_batch(9)
+    logp.requires_grad_()
+    mask = torch.zeros(logp.shape, dtype=torch.bool)
+    for agg in L.AGG_MODES:
+        loss, m = L.policy_loss(logp, old, adv, mask, agg=agg, backend="reference")
+        loss.backward()
+        assert loss == 0 and torch.equal(logp.grad, torch.zeros_like(logp))
+        assert all(torch.isfinite(x) for x in m.values())
+        logp.grad = None
+
+
+def test_empty_batch():
+    x = torch.zeros(0, dtype=torch.float32, requires_grad=True)
+    cu = torch.zeros(1, dtype=torch.int32)
+    loss, m = L.policy_loss(x, x.detach(), x.detach(), None, cu, backend="reference")
+    loss.backward()
+    assert loss == 0 and m["tokens"] == 0 and x.grad.shape == (0,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_inputs_fp32_compute(dtype):
+    logp, old, adv, mask, _ = random_batch(10)
+    lp = logp.to(dtype).requires_grad_()
+    loss, _ = L.policy_loss(lp, old.to(dtype), adv.to(dtype), mask, backend="reference")
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert lp.grad.dtype == dtype
+    want, _ = L.policy_loss(lp.detach().double(), old.to(dtype).double(), adv.to(dtype).double(), mask,
+                            backend="reference")
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# torch.library integration
+
+
+def test_gradcheck_float64():
+    logp, old, adv, mask, g = random_batch(11, B=3, T=5)
+    v, vold, ret = (torch.randn(logp.shape, generator=g, dtype=F64) for _ in range(3))
+    ent = torch.rand(logp.shape, generator=g, dtype=F64)
+    ref = logp + 0.2 * torch.randn(logp.shape, generator=g, dtype=F64)
+
+    def fn(lp, vv, hh):
+        return L.vapo_loss(
+            lp, old, adv, mask, values=vv, old_values=vold, returns=ret, ref_logp=ref, entropy=hh,
+            positive=torch.tensor([True, False, True]), kl_coef=0.1, entropy_coef=0.1, dual_clip=3.0,
+            agg="seq-mean-token-mean", backend="reference",
+        )[0]
+
+    leaves = [t.clone().requires_grad_() for t in (logp, v, ent)]
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+def test_opcheck():
+    logp, old, adv, mask, g = random_batch(12, B=3, T=5)
+    v, vold, ret = (torch.randn(logp.shape, generator=g, dtype=F64) for _ in range(3))
+    params = L._params(dual_clip=3.0, value_clip=0.2)
+    args = (
+        logp.clone().requires_grad_(), old, adv, v.clone().requires_grad_(), vold, ret, None, None,
+        None, mask, None, None, params, "token-mean", None, None, None, 1.0, None, True, "reference",
+    )
+    torch.library.opcheck(torch.ops.vapo.token_loss.default, args)
+
+
+def test_torch_compile_fullgraph():
+    logp, old, adv, mask, _ = random_batch(13)
+
+    def fn(lp):
+        loss, m = L.policy_loss(lp, old, adv, mask, dual_clip=3.0, backend="reference")
+        return loss, m["clipfrac"]
+
+    lp1 = logp.clone().requires_grad_()
+    lp2 = logp.clone().requires_grad_()
+    eager = fn(lp1)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(lp2)
+    torch.testing.assert_close(compiled, eager)
+    eager[0].backward()
+    compiled[0].backward()
+    torch.testing.assert_close(lp2.grad, lp1.grad)
+
+
+def test_no_grad_skips_gradients():
+    logp, old, adv, mask, _ = random_batch(14)
+    with torch.no_grad():
+        loss, _ = L.policy_loss(logp.requires_grad_(), old, adv, mask, backend="reference")
+    assert not loss.requires_grad
+
+
+# --------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_errors_name_the_argument():
+    logp, old, adv, mask, _ = random_batch(15)
+    with pytest.raises(ValueError, match="old_logp"):
+        L.policy_loss(logp, old[:, :3], adv, mask)
+    with pytest.raises(ValueError, match="mask"):
+        L.policy_loss(logp, old, adv, mask[:, :3])
+    with pytest.raises(ValueError, match="agg"):
+        L.policy_loss(logp, old, adv, mask, agg="mean")
+    with pytest.raises(ValueError, match="clip_low"):
+        L.policy_loss(logp, old, adv, mask, clip_low=-0.1)
+    with pytest.raises(ValueError, match="clip_low"):
+        L.policy_loss(logp, old, adv, mask, clip_low=1.5)
+    with pytest.raises(ValueError, match="clip_high"):
+        L.policy_loss(logp, old, adv, mask, clip_high=float("nan"))
+    with pytest.raises(ValueError, match="dual_clip"):
+        L.policy_loss(logp, old, adv, mask, dual_clip=0.5)
+    with pytest.raises(ValueError, match="ratio_log_clamp"):
+        L.policy_loss(logp, old, adv, mask, ratio_log_clamp=0)
+    with pytest.raises(ValueError, match="global_tokens"):
+        L.policy_loss(logp, old, adv, mask, global_tokens=-1)
+    with pytest.raises(ValueError, match="loss_scale_factor"):
+        L.policy_loss(logp.flatten(), old.flatten(), adv.flatten(), mask.flatten(),
+                      torch.tensor([0, 10, 36], dtype=torch.int32), agg="seq-mean-token-sum-norm")
+    with pytest.raises(ValueError, match="positive"):
+        L.positive_lm_loss(logp, torch.ones(3, dtype=torch.bool), mask)
+    with pytest.raises(ValueError, match="value_clip_form"):
+        L.vapo_loss(None, values=logp, old_values=old, returns=adv, value_clip_form="trl")
+    with pytest.raises(ValueError, match="kl_kind"):
+        L.vapo_loss(logp, ref_logp=old, kl_kind="k5")
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        L.policy_loss(logp.flatten(), old.flatten(), adv.flatten(), None,
+                      torch.tensor([0, 10, 30], dtype=torch.int32))
+    with pytest.raises(ValueError, match="NaN"):
+        bad = logp.clone()
+        bad[mask.nonzero()[0].tolist()] = float("nan")
+        L.policy_loss(bad, old, adv, mask)
+    with pytest.raises(TypeError, match="old_logp"):
+        L.policy_loss(logp, old.long(), adv, mask)
