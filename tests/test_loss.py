@@ -95,8 +95,16 @@ def test_policy_matches_model(agg, dual):
 
     def ours(lp):
         loss, _ = L.policy_loss(
-            lp, old, adv, mask, dual_clip=dual, agg=agg, dp_size=2,
-            global_tokens=kw.get("g_tokens"), global_seqs=kw.get("g_seqs"), backend="reference",
+            lp,
+            old,
+            adv,
+            mask,
+            dual_clip=dual,
+            agg=agg,
+            dp_size=2,
+            global_tokens=kw.get("g_tokens"),
+            global_seqs=kw.get("g_seqs"),
+            backend="reference",
         )
         return loss
 
@@ -119,8 +127,12 @@ def test_policy_metrics_match_their_definitions():
     n = mask.sum()
     assert m["tokens"] == n
     torch.testing.assert_close(m["clipfrac"], clipped.sum().double() / n, rtol=0, atol=0)
-    torch.testing.assert_close(m["clipfrac_high"], (clipped & (r > 1.28)).sum().double() / n, rtol=0, atol=0)
-    torch.testing.assert_close(m["clipfrac_low"], (clipped & (r < 0.8)).sum().double() / n, rtol=0, atol=0)
+    torch.testing.assert_close(
+        m["clipfrac_high"], (clipped & (r > 1.28)).sum().double() / n, rtol=0, atol=0
+    )
+    torch.testing.assert_close(
+        m["clipfrac_low"], (clipped & (r < 0.8)).sum().double() / n, rtol=0, atol=0
+    )
     assert m["clipfrac_low"] > 0 and m["clipfrac_high"] > 0
     dual = (adv < 0) & (torch.maximum(l1, l2) > -adv * 3.0) & mask
     torch.testing.assert_close(m["dual_clipfrac"], dual.sum().double() / n, rtol=0, atol=0)
@@ -204,14 +216,18 @@ def test_value_clip_tie_splits_gradient_like_torch():
         return L.value_loss(x, old, ret, clip=0.5, agg="token-sum", backend="reference")[0]
 
     def model(x):
-        return model_agg(model_value(x, old, ret, 0.5), torch.ones_like(x, dtype=torch.bool), "token-sum")
+        return model_agg(
+            model_value(x, old, ret, 0.5), torch.ones_like(x, dtype=torch.bool), "token-sum"
+        )
 
     _, (gw,) = grads_of(model, v)
     _, (gg,) = grads_of(ours, v)
     torch.testing.assert_close(gg, gw, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("kind", ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+", "abs+"])
+@pytest.mark.parametrize(
+    "kind", ["k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "k3+", "abs+"]
+)
 def test_kl_kernel_matches_elementwise_kl_penalty(kind):
     logp, ref, _, mask, _ = random_batch(5, scale=2.0)
     ref = ref.clone()
@@ -274,8 +290,20 @@ def test_vapo_loss_is_the_sum_of_its_terms():
 
     def ours(lp, vv, hh):
         loss, _ = L.vapo_loss(
-            lp, old, adv, mask, values=vv, old_values=vold, returns=ret, ref_logp=ref,
-            entropy=hh, positive=positive, dual_clip=3.0, kl_kind="k3", backend="reference", **coefs,
+            lp,
+            old,
+            adv,
+            mask,
+            values=vv,
+            old_values=vold,
+            returns=ret,
+            ref_logp=ref,
+            entropy=hh,
+            positive=positive,
+            dual_clip=3.0,
+            kl_kind="k3",
+            backend="reference",
+            **coefs,
         )
         return loss
 
@@ -295,10 +323,27 @@ def test_vapo_loss_is_the_sum_of_its_terms():
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     _, m = L.vapo_loss(
-        logp, old, adv, mask, values=v, old_values=vold, returns=ret, ref_logp=ref, entropy=ent,
-        positive=positive, backend="reference",
+        logp,
+        old,
+        adv,
+        mask,
+        values=v,
+        old_values=vold,
+        returns=ret,
+        ref_logp=ref,
+        entropy=ent,
+        positive=positive,
+        backend="reference",
     )
-    assert {"pg_loss", "vf_loss", "kl_loss", "entropy", "lm_loss", "clipfrac", "vf_clipfrac"} <= set(m)
+    assert {
+        "pg_loss",
+        "vf_loss",
+        "kl_loss",
+        "entropy",
+        "lm_loss",
+        "clipfrac",
+        "vf_clipfrac",
+    } <= set(m)
 
 
 # --------------------------------------------------------------------------------------
@@ -319,7 +364,9 @@ def ragged(draw):
 def test_packed_equals_padded(case, agg, dual):
     lengths, n, seed, p_mask = case
     g = torch.Generator().manual_seed(seed)
-    cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
+    cu = torch.tensor(
+        [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32
+    )
     logp = -torch.rand(n, generator=g, dtype=F64) * 2
     old = logp + torch.randn(n, generator=g, dtype=F64)
     adv = torch.randn(n, generator=g, dtype=F64)
@@ -335,11 +382,19 @@ def test_packed_equals_padded(case, agg, dual):
             out[s, : lengths[s]] = x[cu[s] : cu[s + 1]]
         return out
 
-    kw = dict(dual_clip=dual, agg=agg, backend="reference", loss_scale_factor=7.0, positive=positive)
+    kw = dict(
+        dual_clip=dual, agg=agg, backend="reference", loss_scale_factor=7.0, positive=positive
+    )
     packed, mp = L.vapo_loss(logp, old, adv, mask, cu, values=v, old_values=vold, returns=ret, **kw)
     padded, mq = L.vapo_loss(
-        pad(logp), pad(old), pad(adv), pad(mask, False), values=pad(v), old_values=pad(vold),
-        returns=pad(ret), **kw,
+        pad(logp),
+        pad(old),
+        pad(adv),
+        pad(mask, False),
+        values=pad(v),
+        old_values=pad(vold),
+        returns=pad(ret),
+        **kw,
     )
     assert torch.isfinite(packed)
     torch.testing.assert_close(packed, padded, rtol=1e-12, atol=1e-14)
@@ -358,9 +413,21 @@ def test_garbage_in_masked_slots_changes_nothing(garbage):
     def run(*xs):
         lp, vv, hh = (x.clone().requires_grad_() for x in (xs[0], xs[5], xs[8]))
         loss, m = L.vapo_loss(
-            lp, xs[1], xs[2], mask, values=vv, old_values=xs[6], returns=xs[7], ref_logp=xs[3],
-            entropy=hh, positive=positive, is_weights=xs[4].abs(), dual_clip=3.0, kl_coef=0.1,
-            entropy_coef=0.01, backend="reference",
+            lp,
+            xs[1],
+            xs[2],
+            mask,
+            values=vv,
+            old_values=xs[6],
+            returns=xs[7],
+            ref_logp=xs[3],
+            entropy=hh,
+            positive=positive,
+            is_weights=xs[4].abs(),
+            dual_clip=3.0,
+            kl_coef=0.1,
+            entropy_coef=0.01,
+            backend="reference",
         )
         loss.backward()
         return [loss, *m.values(), lp.grad, vv.grad, hh.grad]
@@ -399,8 +466,13 @@ def test_low_precision_inputs_fp32_compute(dtype):
     assert loss.dtype == torch.float32
     loss.backward()
     assert lp.grad.dtype == dtype
-    want, _ = L.policy_loss(lp.detach().double(), old.to(dtype).double(), adv.to(dtype).double(), mask,
-                            backend="reference")
+    want, _ = L.policy_loss(
+        lp.detach().double(),
+        old.to(dtype).double(),
+        adv.to(dtype).double(),
+        mask,
+        backend="reference",
+    )
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
 
 
@@ -416,9 +488,21 @@ def test_gradcheck_float64():
 
     def fn(lp, vv, hh):
         return L.vapo_loss(
-            lp, old, adv, mask, values=vv, old_values=vold, returns=ret, ref_logp=ref, entropy=hh,
-            positive=torch.tensor([True, False, True]), kl_coef=0.1, entropy_coef=0.1, dual_clip=3.0,
-            agg="seq-mean-token-mean", backend="reference",
+            lp,
+            old,
+            adv,
+            mask,
+            values=vv,
+            old_values=vold,
+            returns=ret,
+            ref_logp=ref,
+            entropy=hh,
+            positive=torch.tensor([True, False, True]),
+            kl_coef=0.1,
+            entropy_coef=0.1,
+            dual_clip=3.0,
+            agg="seq-mean-token-mean",
+            backend="reference",
         )[0]
 
     leaves = [t.clone().requires_grad_() for t in (logp, v, ent)]
@@ -430,8 +514,27 @@ def test_opcheck():
     v, vold, ret = (torch.randn(logp.shape, generator=g, dtype=F64) for _ in range(3))
     params = L._params(dual_clip=3.0, value_clip=0.2)
     args = (
-        logp.clone().requires_grad_(), old, adv, v.clone().requires_grad_(), vold, ret, None, None,
-        None, mask, None, None, params, "token-mean", None, None, None, 1.0, None, True, "reference",
+        logp.clone().requires_grad_(),
+        old,
+        adv,
+        v.clone().requires_grad_(),
+        vold,
+        ret,
+        None,
+        None,
+        None,
+        mask,
+        None,
+        None,
+        params,
+        "token-mean",
+        None,
+        None,
+        None,
+        1.0,
+        None,
+        True,
+        "reference",
     )
     torch.library.opcheck(torch.ops.vapo.token_loss.default, args)
 
@@ -485,8 +588,14 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ValueError, match="global_tokens"):
         L.policy_loss(logp, old, adv, mask, global_tokens=-1)
     with pytest.raises(ValueError, match="loss_scale_factor"):
-        L.policy_loss(logp.flatten(), old.flatten(), adv.flatten(), mask.flatten(),
-                      torch.tensor([0, 10, 36], dtype=torch.int32), agg="seq-mean-token-sum-norm")
+        L.policy_loss(
+            logp.flatten(),
+            old.flatten(),
+            adv.flatten(),
+            mask.flatten(),
+            torch.tensor([0, 10, 36], dtype=torch.int32),
+            agg="seq-mean-token-sum-norm",
+        )
     with pytest.raises(ValueError, match="positive"):
         L.positive_lm_loss(logp, torch.ones(3, dtype=torch.bool), mask)
     with pytest.raises(ValueError, match="value_clip_form"):
@@ -494,11 +603,141 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ValueError, match="kl_kind"):
         L.vapo_loss(logp, ref_logp=old, kl_kind="k5")
     with pytest.raises(ValueError, match="cu_seqlens"):
-        L.policy_loss(logp.flatten(), old.flatten(), adv.flatten(), None,
-                      torch.tensor([0, 10, 30], dtype=torch.int32))
+        L.policy_loss(
+            logp.flatten(),
+            old.flatten(),
+            adv.flatten(),
+            None,
+            torch.tensor([0, 10, 30], dtype=torch.int32),
+        )
     with pytest.raises(ValueError, match="NaN"):
         bad = logp.clone()
         bad[mask.nonzero()[0].tolist()] = float("nan")
         L.policy_loss(bad, old, adv, mask)
     with pytest.raises(TypeError, match="old_logp"):
         L.policy_loss(logp, old.long(), adv, mask)
+
+
+# --------------------------------------------------------------------------------------
+# One pass from logits / hidden states
+
+
+def _lm_batch(seed, B=3, T=6, V=37, H=8, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=dtype) * 3
+    targets = torch.randint(0, V, (B, T), generator=g)
+    targets[0, 0] = -100  # ignored: not counted by the loss either
+    old = -torch.rand(B, T, generator=g, dtype=F64) * 4
+    adv = torch.randn(B, T, generator=g, dtype=F64)
+    mask = torch.rand(B, T, generator=g) > 0.25
+    hidden = torch.randn(B, T, H, generator=g, dtype=dtype)
+    weight = torch.randn(V, H, generator=g, dtype=dtype) / 3
+    kw = dict(
+        dual_clip=3.0,
+        entropy_coef=0.01,
+        ref_logp=old + 0.1,
+        kl_coef=0.1,
+        kl_kind="k3",
+        positive=torch.rand(B, generator=g) > 0.5,
+        lm_coef=0.1,
+        agg="seq-mean-token-mean",
+    )
+    return logits, targets, old, adv, mask, hidden, weight, kw
+
+
+def _composed(logp, entropy, targets, old, adv, mask, kw):
+    return L.vapo_loss(
+        logp, old, adv, mask & (targets != -100), entropy=entropy, backend="reference", **kw
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_loss_from_logits_equals_logprobs_then_loss(backend, inplace):
+    from vapo_kernels.ops.logprobs import token_logprobs
+
+    logits, targets, old, adv, mask, _, _, kw = _lm_batch(20)
+    leaf = logits.clone().requires_grad_()
+    x = leaf * 1.0 if inplace else leaf  # in-place needs a non-leaf buffer
+    loss, m = L.policy_loss_from_logits(
+        x, targets, old, adv, mask, temperature=0.7, inplace_backward=inplace, backend=backend, **kw
+    )
+    loss.backward()
+    ref_leaf = logits.clone().requires_grad_()
+    lp, ent = token_logprobs(
+        ref_leaf, targets, temperature=0.7, return_entropy=True, backend="reference"
+    )
+    want, wm = _composed(lp, ent, targets, old, adv, mask, kw)
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-10, atol=1e-14)
+    for k in wm:
+        torch.testing.assert_close(m[k], wm[k], rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        again, _ = L.policy_loss_from_logits(
+            logits, targets, old, adv, mask, temperature=0.7, backend=backend, **kw
+        )
+    torch.testing.assert_close(again, want.detach(), rtol=1e-12, atol=1e-14)
+
+
+def test_loss_from_logits_refuses_inplace_on_leaf():
+    logits, targets, old, adv, mask, _, _, _ = _lm_batch(21)
+    with pytest.raises(RuntimeError, match="leaf"):
+        L.policy_loss_from_logits(
+            logits.requires_grad_(), targets, old, adv, mask, inplace_backward=True
+        )
+    with pytest.raises(TypeError, match="clip_hgh"):
+        L.policy_loss_from_logits(logits, targets, old, adv, mask, clip_hgh=0.3)
+    with pytest.raises(ValueError, match="temperature"):
+        L.policy_loss_from_logits(logits, targets, old, adv, mask, temperature=0.0)
+
+
+def test_loss_from_hidden_equals_logits_path():
+    logits, targets, old, adv, mask, hidden, weight, kw = _lm_batch(22)
+    bias = torch.randn(weight.shape[0], dtype=F64)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    loss, m = L.policy_loss_from_hidden(
+        h, w, targets, old, adv, mask, bias=b, temperature=1.3, backend="reference", **kw
+    )
+    loss.backward()
+    h2, w2, b2 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    want, wm = L.policy_loss_from_logits(
+        h2 @ w2.T + b2, targets, old, adv, mask, temperature=1.3, backend="reference", **kw
+    )
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+    for a, b_ in ((h, h2), (w, w2), (b, b2)):
+        torch.testing.assert_close(a.grad, b_.grad, rtol=1e-10, atol=1e-13)
+    for k in wm:
+        torch.testing.assert_close(m[k], wm[k], rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=25, deadline=None)
+@given(ragged(), st.sampled_from(["token-mean", "seq-mean-token-sum"]))
+def test_loss_from_logits_packed_ragged(case, agg):
+    from vapo_kernels.ops.logprobs import token_logprobs
+
+    lengths, n, seed, p_mask = case
+    g = torch.Generator().manual_seed(seed)
+    V = 11
+    cu = torch.tensor(
+        [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32
+    )
+    logits = torch.randn(n, V, generator=g, dtype=torch.float32)
+    targets = torch.randint(0, V, (n,), generator=g)
+    old = -torch.rand(n, generator=g) * 3
+    adv = torch.randn(n, generator=g)
+    mask = torch.rand(n, generator=g) >= p_mask
+    a = logits.clone().requires_grad_()
+    loss, _ = L.policy_loss_from_logits(
+        a, targets, old, adv, mask, cu, agg=agg, backend="reference"
+    )
+    loss.backward()
+    b = logits.double().requires_grad_()
+    lp = token_logprobs(b, targets, backend="reference")
+    want, _ = L.policy_loss(lp, old.double(), adv.double(), mask, cu, agg=agg, backend="reference")
+    want.backward()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)
+    if not bool(mask.any()):
+        assert loss == 0 and not a.grad.any()

@@ -6,6 +6,10 @@ Public API (everything else is internal):
   - GAE as a fused reverse scan over ragged sequences (``torch.ops.vapo.gae``);
 * :func:`token_logprobs` - log-probs (and entropy) of target tokens from logits, with
   autograd and an optional in-place backward (``torch.ops.vapo.token_logprobs``);
+* :func:`policy_loss`, :func:`value_loss`, :func:`vapo_loss`, :func:`kl_loss`,
+  :func:`kl_penalty`, :func:`agg_loss`, :func:`positive_lm_loss` - PPO/VAPO losses in one
+  fused pass with metrics (``torch.ops.vapo.token_loss``); :func:`policy_loss_from_logits`
+  and :func:`policy_loss_from_hidden` go from logits / hidden states to the loss;
 * :func:`available_backends`, :func:`set_validation` - backend and input-check control.
 
 Peer-compatible drop-ins live in :mod:`vapo_kernels.compat`.
@@ -15,6 +19,17 @@ from . import _backends
 from ._ragged import set_validation
 from .ops.gae import decoupled_gae, gae, length_adaptive_lambda, masked_whiten
 from .ops.logprobs import linear_logprobs, token_logprobs
+from .ops.loss import (
+    agg_loss,
+    kl_loss,
+    kl_penalty,
+    policy_loss,
+    policy_loss_from_hidden,
+    policy_loss_from_logits,
+    positive_lm_loss,
+    value_loss,
+    vapo_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -25,12 +40,21 @@ def available_backends(op: str = "gae", device="cpu") -> list[str]:
 
 
 __all__ = [
+    "agg_loss",
     "available_backends",
     "decoupled_gae",
     "gae",
+    "kl_loss",
+    "kl_penalty",
     "length_adaptive_lambda",
     "linear_logprobs",
     "masked_whiten",
+    "policy_loss",
+    "policy_loss_from_hidden",
+    "policy_loss_from_logits",
+    "positive_lm_loss",
     "set_validation",
     "token_logprobs",
+    "value_loss",
+    "vapo_loss",
 ]

@@ -86,7 +86,9 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, kind: str = "k1") -> Tensor:
     straight = kind.endswith("+")
     base = kind[:-1] if straight else kind
     if base not in KL_KINDS:
-        raise ValueError(f"kind must be one of {sorted(KL_KINDS)} (optionally with '+'), got {kind!r}")
+        raise ValueError(
+            f"kind must be one of {sorted(KL_KINDS)} (optionally with '+'), got {kind!r}"
+        )
     diff = logp - ref_logp
     code = KL_KINDS[base]
     if code == 1:
@@ -157,7 +159,9 @@ def _value_terms(values, old_values, returns, params):
         upper = torch.min(values, hi)
         d_upper = torch.where(values < hi, 1.0, torch.where(values > hi, 0.0, 0.5)).to(values.dtype)
         v_clipped = torch.max(upper, lo)
-        d_clip = d_upper * torch.where(upper > lo, 1.0, torch.where(upper < lo, 0.0, 0.5)).to(values.dtype)
+        d_clip = d_upper * torch.where(upper > lo, 1.0, torch.where(upper < lo, 0.0, 0.5)).to(
+            values.dtype
+        )
     err_clipped = v_clipped - returns
     clipped = err_clipped * err_clipped
     # d/dv of 0.5 * max(...): the factor 2 of each square cancels the 0.5.
@@ -178,7 +182,11 @@ def _kl_terms(logp, ref_logp, kind: int, straight: bool):
         log_ratio = torch.clamp(-diff, min=-20.0, max=20.0)
         raw = torch.exp(log_ratio) - log_ratio - 1
         value = torch.clamp(raw, min=-10.0, max=10.0)
-        grad = -(torch.exp(log_ratio) - 1) * _in_range(-diff, -20.0, 20.0) * _in_range(raw, -10.0, 10.0)
+        grad = (
+            -(torch.exp(log_ratio) - 1)
+            * _in_range(-diff, -20.0, 20.0)
+            * _in_range(raw, -10.0, 10.0)
+        )
     if straight:
         grad = diff
     return value, grad
@@ -232,7 +240,8 @@ def reference_kernel(
         return None if t is None else torch.where(valid, t.to(dtype), zero)
 
     logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights = map(
-        clean, (logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights)
+        clean,
+        (logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights),
     )
     sums = torch.zeros(NUM_SUMS, dtype=dtype, device=device)
     sums[S_RATIO_MIN], sums[S_RATIO_MAX] = math.inf, -math.inf
@@ -240,7 +249,9 @@ def reference_kernel(
     g_logp = torch.zeros(n, dtype=dtype, device=device) if logp is not None else None
     g_values = g_entropy = None
     if advantages is not None:
-        pg, grad, flags, neg_log_ratio, k3, ratio = _policy_terms(logp, old_logp, advantages, params)
+        pg, grad, flags, neg_log_ratio, k3, ratio = _policy_terms(
+            logp, old_logp, advantages, params
+        )
         if is_weights is not None:
             pg, grad = pg * is_weights, grad * is_weights
         sums[S_PG] = (w * pg).sum()
@@ -340,8 +351,15 @@ def sequence_weights(
 
 
 _TOKEN_ARGS = (
-    "logp", "old_logp", "advantages", "values", "old_values", "returns", "ref_logp",
-    "entropy", "is_weights",
+    "logp",
+    "old_logp",
+    "advantages",
+    "values",
+    "old_values",
+    "returns",
+    "ref_logp",
+    "entropy",
+    "is_weights",
 )
 
 
@@ -371,7 +389,11 @@ def _check_static(tensors, mask, cu_seqlens, positive, params, agg, loss_scale_f
 
 
 def _out_dtype(tensors) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return (
+        torch.float64
+        if any(t is not None and t.dtype == torch.float64 for t in tensors)
+        else torch.float32
+    )
 
 
 @torch.library.custom_op("vapo::token_loss", mutates_args=())
@@ -404,7 +426,17 @@ def token_loss_op(
     kernel contract; the gradients are those of ``loss`` (shaped like their inputs, or
     empty when ``need_grad`` is False or the input is None).
     """
-    tensors = (logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights)
+    tensors = (
+        logp,
+        old_logp,
+        advantages,
+        values,
+        old_values,
+        returns,
+        ref_logp,
+        entropy,
+        is_weights,
+    )
     layout = _check_static(tensors, mask, cu_seqlens, positive, params, agg, loss_scale_factor)
     first = next(t for t in tensors if t is not None)
     shape, device = first.shape, first.device
@@ -430,13 +462,20 @@ def token_loss_op(
         counts = count_kernel(flat_mask, offs)
     horizon = shape[-1] if not layout.packed else None
     seq_w = sequence_weights(
-        counts, agg, horizon=horizon, global_tokens=global_tokens, global_seqs=global_seqs,
-        dp_size=dp_size, loss_scale_factor=loss_scale_factor,
+        counts,
+        agg,
+        horizon=horizon,
+        global_tokens=global_tokens,
+        global_seqs=global_seqs,
+        dp_size=dp_size,
+        loss_scale_factor=loss_scale_factor,
     ).to(out_dtype)
     lm_w = None
     if positive is not None:
         pos = (positive != 0).to(torch.float64)
-        pos_tokens = (pos * counts).sum() if global_positive_tokens is None else global_positive_tokens
+        pos_tokens = (
+            (pos * counts).sum() if global_positive_tokens is None else global_positive_tokens
+        )
         pos_tokens = torch.as_tensor(pos_tokens, dtype=torch.float64, device=device)
         lm_w = torch.where(pos_tokens > 0, dp_size * pos / pos_tokens.clamp(min=1e-300), 0.0)
         lm_w = lm_w.to(out_dtype).contiguous()
@@ -447,7 +486,8 @@ def token_loss_op(
     # +-inf for empty batches and must not meet a zero coefficient).
     coefs = torch.tensor(
         [1.0, params[P_VF_COEF], params[P_KL_COEF], -params[P_ENTROPY_COEF], params[P_LM_COEF]],
-        dtype=out_dtype, device=device,
+        dtype=out_dtype,
+        device=device,
     )
     loss = (sums[: S_LM + 1] * coefs).sum()
     # A NaN in a valid input always reaches its term's sum, and masked slots never
@@ -459,17 +499,47 @@ def token_loss_op(
                 _ragged.check_no_nan_where_valid(arg, t, mask)
     grads = []
     for g, src in ((g_logp, logp), (g_values, values), (g_entropy, entropy)):
-        grads.append(g.view(src.shape) if (src is not None and g.numel() == src.numel() and need_grad) else g)
+        grads.append(
+            g.view(src.shape) if (src is not None and g.numel() == src.numel() and need_grad) else g
+        )
     return loss, sums, *grads
 
 
 @token_loss_op.register_fake
 def _token_loss_fake(
-    logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights,
-    mask, cu_seqlens, positive, params, agg, global_tokens, global_seqs,
-    global_positive_tokens, dp_size, loss_scale_factor, need_grad, backend,
+    logp,
+    old_logp,
+    advantages,
+    values,
+    old_values,
+    returns,
+    ref_logp,
+    entropy,
+    is_weights,
+    mask,
+    cu_seqlens,
+    positive,
+    params,
+    agg,
+    global_tokens,
+    global_seqs,
+    global_positive_tokens,
+    dp_size,
+    loss_scale_factor,
+    need_grad,
+    backend,
 ):
-    tensors = (logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights)
+    tensors = (
+        logp,
+        old_logp,
+        advantages,
+        values,
+        old_values,
+        returns,
+        ref_logp,
+        entropy,
+        is_weights,
+    )
     _check_static(tensors, mask, cu_seqlens, positive, params, agg, loss_scale_factor)
     first = next(t for t in tensors if t is not None)
     dtype = _out_dtype(tensors)
@@ -525,14 +595,27 @@ def _count(name, x):
     return float(x)
 
 
-def _params(*, clip_low=0.2, clip_high=0.28, dual_clip=None, ratio_log_clamp=20.0,
-            value_clip=None, value_clip_form="verl", kl_kind=None, vf_coef=1.0, kl_coef=0.0,
-            entropy_coef=0.0, lm_coef=0.0) -> list[float]:
+def _params(
+    *,
+    clip_low=0.2,
+    clip_high=0.28,
+    dual_clip=None,
+    ratio_log_clamp=20.0,
+    value_clip=None,
+    value_clip_form="verl",
+    kl_kind=None,
+    vf_coef=1.0,
+    kl_coef=0.0,
+    entropy_coef=0.0,
+    lm_coef=0.0,
+) -> list[float]:
     for name, eps in (("clip_low", clip_low), ("clip_high", clip_high)):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"{name} must be a float >= 0, got {eps!r}")
     if clip_low > 1.0:
-        raise ValueError(f"clip_low must be <= 1 (the ratio's lower bound 1 - clip_low >= 0), got {clip_low}")
+        raise ValueError(
+            f"clip_low must be <= 1 (the ratio's lower bound 1 - clip_low >= 0), got {clip_low}"
+        )
     if dual_clip is not None and not (isinstance(dual_clip, (int, float)) and dual_clip > 1.0):
         raise ValueError(f"dual_clip must be a float > 1 or None, got {dual_clip!r}")
     if not (isinstance(ratio_log_clamp, (int, float)) and ratio_log_clamp > 0):
@@ -545,9 +628,16 @@ def _params(*, clip_low=0.2, clip_high=0.28, dual_clip=None, ratio_log_clamp=20.
     if kl_kind is not None:
         base = kl_kind[:-1] if kl_kind.endswith("+") else kl_kind
         if base not in KL_KINDS:
-            raise ValueError(f"kl_kind must be one of {sorted(KL_KINDS)} (optionally '+'), got {kl_kind!r}")
+            raise ValueError(
+                f"kl_kind must be one of {sorted(KL_KINDS)} (optionally '+'), got {kl_kind!r}"
+            )
         kind, straight = KL_KINDS[base], int(kl_kind.endswith("+"))
-    for name, c in (("vf_coef", vf_coef), ("kl_coef", kl_coef), ("entropy_coef", entropy_coef), ("lm_coef", lm_coef)):
+    for name, c in (
+        ("vf_coef", vf_coef),
+        ("kl_coef", kl_coef),
+        ("entropy_coef", entropy_coef),
+        ("lm_coef", lm_coef),
+    ):
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
             raise ValueError(f"{name} must be a finite float, got {c!r}")
     params = [0.0] * NUM_PARAMS
@@ -562,7 +652,9 @@ def _params(*, clip_low=0.2, clip_high=0.28, dual_clip=None, ratio_log_clamp=20.
     return params
 
 
-def _metrics(sums: Tensor, *, policy: bool, value: bool, kl: bool, entropy: bool, lm: bool) -> dict[str, Tensor]:
+def _metrics(
+    sums: Tensor, *, policy: bool, value: bool, kl: bool, entropy: bool, lm: bool
+) -> dict[str, Tensor]:
     """0-d tensors (no device sync): means over the local valid tokens; 0 when none.
 
     Ratio min/mean/max are 1 (no policy change) when there is no valid token.
@@ -649,33 +741,64 @@ def vapo_loss(
     if policy and (logp is None or old_logp is None or advantages is None):
         raise ValueError("the policy term needs logp, old_logp and advantages")
     value = any(t is not None for t in (values, old_values, returns))
-    if value and (values is None or returns is None or (value_clip is not None and old_values is None)):
-        raise ValueError("the value term needs values and returns (and old_values when value_clip is set)")
+    if value and (
+        values is None or returns is None or (value_clip is not None and old_values is None)
+    ):
+        raise ValueError(
+            "the value term needs values and returns (and old_values when value_clip is set)"
+        )
     if ref_logp is not None and logp is None:
         raise ValueError("the KL term needs logp")
     if positive is not None and logp is None:
         raise ValueError("the positive-example LM term needs logp")
     if is_weights is not None and not policy:
-        raise ValueError("is_weights applies to the policy term, which needs old_logp and advantages")
+        raise ValueError(
+            "is_weights applies to the policy term, which needs old_logp and advantages"
+        )
     params = _params(
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip, ratio_log_clamp=ratio_log_clamp,
-        value_clip=value_clip if value else None, value_clip_form=value_clip_form,
-        kl_kind=kl_kind if ref_logp is not None else None, vf_coef=vf_coef, kl_coef=kl_coef,
-        entropy_coef=entropy_coef, lm_coef=lm_coef,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        ratio_log_clamp=ratio_log_clamp,
+        value_clip=value_clip if value else None,
+        value_clip_form=value_clip_form,
+        kl_kind=kl_kind if ref_logp is not None else None,
+        vf_coef=vf_coef,
+        kl_coef=kl_coef,
+        entropy_coef=entropy_coef,
+        lm_coef=lm_coef,
     )
     if value and value_clip is None:
         old_values = None
     loss, sums, *_ = torch.ops.vapo.token_loss(
         logp if (policy or ref_logp is not None or positive is not None) else None,
-        old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights,
-        mask, cu_seqlens, positive, params, agg,
-        _count("global_tokens", global_tokens), _count("global_seqs", global_seqs),
-        _count("global_positive_tokens", global_positive_tokens), float(dp_size),
+        old_logp,
+        advantages,
+        values,
+        old_values,
+        returns,
+        ref_logp,
+        entropy,
+        is_weights,
+        mask,
+        cu_seqlens,
+        positive,
+        params,
+        agg,
+        _count("global_tokens", global_tokens),
+        _count("global_seqs", global_seqs),
+        _count("global_positive_tokens", global_positive_tokens),
+        float(dp_size),
         None if loss_scale_factor is None else float(loss_scale_factor),
-        _need_grad(logp, values, entropy), backend or "",
+        _need_grad(logp, values, entropy),
+        backend or "",
     )
     metrics = _metrics(
-        sums, policy=policy, value=value, kl=ref_logp is not None, entropy=entropy is not None,
+        sums,
+        policy=policy,
+        value=value,
+        kl=ref_logp is not None,
+        entropy=entropy is not None,
         lm=positive is not None,
     )
     return loss, metrics
@@ -707,10 +830,22 @@ def policy_loss(
     ``(loss, metrics)``; see :func:`vapo_loss` for the metrics.
     """
     return vapo_loss(
-        logp, old_logp, advantages, mask, cu_seqlens, is_weights=is_weights,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        ratio_log_clamp=ratio_log_clamp, lm_coef=0.0, agg=agg, global_tokens=global_tokens,
-        global_seqs=global_seqs, dp_size=dp_size, loss_scale_factor=loss_scale_factor,
+        logp,
+        old_logp,
+        advantages,
+        mask,
+        cu_seqlens,
+        is_weights=is_weights,
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        ratio_log_clamp=ratio_log_clamp,
+        lm_coef=0.0,
+        agg=agg,
+        global_tokens=global_tokens,
+        global_seqs=global_seqs,
+        dp_size=dp_size,
+        loss_scale_factor=loss_scale_factor,
         backend=backend,
     )
 
@@ -738,10 +873,22 @@ def value_loss(
     unclipped. Metrics: ``vf_loss``, ``vf_clipfrac``, ``tokens``.
     """
     return vapo_loss(
-        None, values=values, old_values=old_values, returns=returns, mask=mask,
-        cu_seqlens=cu_seqlens, value_clip=clip, value_clip_form=clip_form, vf_coef=1.0,
-        lm_coef=0.0, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs,
-        dp_size=dp_size, loss_scale_factor=loss_scale_factor, backend=backend,
+        None,
+        values=values,
+        old_values=old_values,
+        returns=returns,
+        mask=mask,
+        cu_seqlens=cu_seqlens,
+        value_clip=clip,
+        value_clip_form=clip_form,
+        vf_coef=1.0,
+        lm_coef=0.0,
+        agg=agg,
+        global_tokens=global_tokens,
+        global_seqs=global_seqs,
+        dp_size=dp_size,
+        loss_scale_factor=loss_scale_factor,
+        backend=backend,
     )
 
 
@@ -761,9 +908,19 @@ def kl_loss(
 ) -> Tensor:
     """``agg(kl_penalty(logp, ref_logp, kind))`` in one pass (verl's use_kl_loss term)."""
     loss, _ = vapo_loss(
-        logp, ref_logp=ref_logp, mask=mask, cu_seqlens=cu_seqlens, kl_kind=kind, kl_coef=1.0,
-        lm_coef=0.0, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs,
-        dp_size=dp_size, loss_scale_factor=loss_scale_factor, backend=backend,
+        logp,
+        ref_logp=ref_logp,
+        mask=mask,
+        cu_seqlens=cu_seqlens,
+        kl_kind=kind,
+        kl_coef=1.0,
+        lm_coef=0.0,
+        agg=agg,
+        global_tokens=global_tokens,
+        global_seqs=global_seqs,
+        dp_size=dp_size,
+        loss_scale_factor=loss_scale_factor,
+        backend=backend,
     )
     return loss
 
@@ -785,9 +942,18 @@ def agg_loss(
     Differentiable with respect to ``loss_mat``; masked slots never contribute.
     """
     loss, _ = vapo_loss(
-        None, entropy=loss_mat, mask=mask, cu_seqlens=cu_seqlens, entropy_coef=-1.0,
-        lm_coef=0.0, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs,
-        dp_size=dp_size, loss_scale_factor=loss_scale_factor, backend=backend,
+        None,
+        entropy=loss_mat,
+        mask=mask,
+        cu_seqlens=cu_seqlens,
+        entropy_coef=-1.0,
+        lm_coef=0.0,
+        agg=agg,
+        global_tokens=global_tokens,
+        global_seqs=global_seqs,
+        dp_size=dp_size,
+        loss_scale_factor=loss_scale_factor,
+        backend=backend,
     )
     return loss
 
@@ -805,7 +971,364 @@ def positive_lm_loss(
     """VAPO's positive-example LM loss: mean NLL ``-logp`` over the valid tokens of the
     sequences with ``positive[s]`` set (0 when there are none). Multiply by mu (0.1)."""
     loss, _ = vapo_loss(
-        logp, positive=positive, mask=mask, cu_seqlens=cu_seqlens, lm_coef=1.0,
-        global_positive_tokens=global_positive_tokens, dp_size=dp_size, backend=backend,
+        logp,
+        positive=positive,
+        mask=mask,
+        cu_seqlens=cu_seqlens,
+        lm_coef=1.0,
+        global_positive_tokens=global_positive_tokens,
+        dp_size=dp_size,
+        backend=backend,
     )
     return loss
+
+
+# --------------------------------------------------------------------------------------
+# From logits, or from hidden states and the LM head, to the loss and its gradient.
+#
+# The forward runs the log-prob kernel (logp, entropy, lse per row), the token-loss
+# kernel (which writes d loss / d logp and d loss / d entropy as it goes) and then, at
+# once, the log-prob backward kernel, so the gradient of the logits (or of hidden,
+# weight, bias) exists when the forward returns; backward only scales it. Between the
+# kernels only per-token vectors (4 bytes x N each) pass through memory: no N x V tensor
+# besides the logits themselves, and with ``inplace_backward=True`` the logits' gradient
+# is written over the logits (verl's trick), so the peak holds one N x V buffer. From
+# hidden states no N x V tensor exists at all (the fused LM-head kernels of
+# :mod:`vapo_kernels.ops.logprobs`).
+
+
+def _loss_kwargs(kw: dict) -> dict:
+    allowed = {
+        "clip_low",
+        "clip_high",
+        "dual_clip",
+        "ratio_log_clamp",
+        "agg",
+        "is_weights",
+        "global_tokens",
+        "global_seqs",
+        "global_positive_tokens",
+        "dp_size",
+        "loss_scale_factor",
+        "ref_logp",
+        "kl_kind",
+        "kl_coef",
+        "entropy_coef",
+        "positive",
+        "lm_coef",
+    }
+    unknown = set(kw) - allowed
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
+    return kw
+
+
+def _loss_mask(mask: Tensor | None, targets: Tensor) -> Tensor:
+    """Tokens the loss counts: mask set and target not the ignore index -100."""
+    keep = targets != -100
+    return keep if mask is None else keep & _ragged.as_bool_mask(mask)
+
+
+def _token_terms(logp, entropy, old_logp, advantages, mask, cu_seqlens, kw, need_grad, backend):
+    """Run the token-loss op on log-probs and entropies; returns (loss, metrics, g_logp, g_ent)."""
+    entropy_coef = kw.get("entropy_coef", 0.0)
+    ref_logp, positive = kw.get("ref_logp"), kw.get("positive")
+    params = _params(
+        clip_low=kw.get("clip_low", 0.2),
+        clip_high=kw.get("clip_high", 0.28),
+        dual_clip=kw.get("dual_clip"),
+        ratio_log_clamp=kw.get("ratio_log_clamp", 20.0),
+        kl_kind=kw.get("kl_kind", "k3") if ref_logp is not None else None,
+        kl_coef=kw.get("kl_coef", 0.0),
+        entropy_coef=entropy_coef,
+        lm_coef=kw.get("lm_coef", 0.0),
+    )
+    loss, sums, g_logp, _, g_ent = torch.ops.vapo.token_loss(
+        logp,
+        old_logp,
+        advantages,
+        None,
+        None,
+        None,
+        ref_logp,
+        entropy,
+        kw.get("is_weights"),
+        mask,
+        cu_seqlens,
+        positive,
+        params,
+        kw.get("agg", "token-mean"),
+        _count("global_tokens", kw.get("global_tokens")),
+        _count("global_seqs", kw.get("global_seqs")),
+        _count("global_positive_tokens", kw.get("global_positive_tokens")),
+        float(kw.get("dp_size", 1)),
+        None if kw.get("loss_scale_factor") is None else float(kw["loss_scale_factor"]),
+        need_grad,
+        backend,
+    )
+    metrics = _metrics(
+        sums,
+        policy=True,
+        value=False,
+        kl=ref_logp is not None,
+        entropy=True,
+        lm=positive is not None,
+    )
+    # The entropy term is always measured (the log-prob kernel computes it anyway), but
+    # its gradient only matters with a coefficient.
+    return loss, metrics, g_logp, (g_ent if entropy_coef else None)
+
+
+class _LossFromLogits(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        logits,
+        targets,
+        old_logp,
+        advantages,
+        mask,
+        cu_seqlens,
+        temperature,
+        inplace_backward,
+        backend,
+        kw,
+    ):
+        need_grad = logits.requires_grad
+        logp, entropy, lse = torch.ops.vapo.token_logprobs(
+            logits, targets, mask, temperature, False, backend
+        )
+        loss, metrics, g_logp, g_ent = _token_terms(
+            logp,
+            entropy,
+            old_logp,
+            advantages,
+            _loss_mask(mask, targets),
+            cu_seqlens,
+            kw,
+            need_grad,
+            backend,
+        )
+        grad = None
+        if need_grad:
+            args = (g_logp, g_ent, logits, targets, mask, lse, entropy, temperature, backend)
+            if inplace_backward:
+                torch.ops.vapo.token_logprobs_backward_(*args)
+                grad = logits
+            else:
+                grad = torch.ops.vapo.token_logprobs_backward(*args)
+        ctx.grad = grad  # not save_for_backward: the in-place buffer has a bumped version
+        values = [v.clone() for v in metrics.values()]  # own storage, not views of sums
+        ctx.mark_non_differentiable(*values)
+        return (loss, *values)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        grad, ctx.grad = ctx.grad, None
+        if grad is not None:
+            grad = grad.mul_(grad_loss.to(grad.dtype))  # scaled where it lies: no new N x V
+        return (grad, *([None] * 9))
+
+
+def policy_loss_from_logits(
+    logits: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    inplace_backward: bool = False,
+    backend: str | None = None,
+    **kw,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Policy loss straight from logits ``(N, V)`` packed or ``(B, T, V)`` padded.
+
+    Same result as ``policy_loss(token_logprobs(logits, targets, temperature=...), ...)``
+    (plus, through ``kw``, the KL, entropy and positive-LM terms of :func:`vapo_loss`:
+    ``ref_logp, kl_kind, kl_coef, entropy_coef, positive, lm_coef``), but the gradient of
+    the logits is computed in the forward pass (see the section comment above), and
+    ``inplace_backward=True`` writes it over the logits, which must then not be used
+    again (leaf logits are refused). Metrics include the mean entropy.
+    """
+    kw = _loss_kwargs(kw)
+    _check_temperature(temperature)
+    if inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise RuntimeError(
+            "policy_loss_from_logits(inplace_backward=True) would overwrite logits that are "
+            "a leaf tensor the caller owns; pass inplace_backward=False"
+        )
+    if torch.is_grad_enabled() and logits.requires_grad:
+        out = _LossFromLogits.apply(
+            logits,
+            targets,
+            old_logp,
+            advantages,
+            mask,
+            cu_seqlens,
+            float(temperature),
+            bool(inplace_backward),
+            backend or "",
+            kw,
+        )
+        return out[0], dict(zip(_metric_keys(kw), out[1:]))
+    logp, entropy, _ = torch.ops.vapo.token_logprobs(
+        logits, targets, mask, float(temperature), False, backend or ""
+    )
+    loss, metrics, _, _ = _token_terms(
+        logp,
+        entropy,
+        old_logp,
+        advantages,
+        _loss_mask(mask, targets),
+        cu_seqlens,
+        kw,
+        False,
+        backend or "",
+    )
+    return loss, metrics
+
+
+def _metric_keys(kw) -> list[str]:
+    """The order _metrics() fills its dict for the from-logits / from-hidden paths."""
+    probe = torch.zeros(NUM_SUMS)
+    return list(
+        _metrics(
+            probe,
+            policy=True,
+            value=False,
+            kl=kw.get("ref_logp") is not None,
+            entropy=True,
+            lm=kw.get("positive") is not None,
+        )
+    )
+
+
+def _check_temperature(temperature):
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not temperature > 0
+    ):
+        raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+
+
+class _LossFromHidden(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        bias,
+        targets,
+        old_logp,
+        advantages,
+        mask,
+        cu_seqlens,
+        temperature,
+        backend,
+        kw,
+    ):
+        need_h = hidden.requires_grad
+        need_w = weight.requires_grad or (bias is not None and bias.requires_grad)
+        logp, entropy, lse = torch.ops.vapo.linear_logprobs(
+            hidden, weight, bias, targets, mask, temperature, backend
+        )
+        loss, metrics, g_logp, g_ent = _token_terms(
+            logp,
+            entropy,
+            old_logp,
+            advantages,
+            _loss_mask(mask, targets),
+            cu_seqlens,
+            kw,
+            need_h or need_w,
+            backend,
+        )
+        grads = (None, None, None)
+        if need_h or need_w:
+            gh, gw, gb = torch.ops.vapo.linear_logprobs_backward(
+                g_logp,
+                g_ent,
+                hidden,
+                weight,
+                bias,
+                targets,
+                mask,
+                lse,
+                entropy,
+                temperature,
+                need_h,
+                need_w,
+                backend,
+            )
+            grads = (
+                gh if need_h else None,
+                gw if need_w else None,
+                gb if (bias is not None and need_w) else None,
+            )
+        ctx.grads = grads
+        values = [v.clone() for v in metrics.values()]  # own storage, not views of sums
+        ctx.mark_non_differentiable(*values)
+        return (loss, *values)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        grads, ctx.grads = ctx.grads, None
+        scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        return (*scaled, *([None] * 8))
+
+
+def policy_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    **kw,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Policy loss from hidden states ``(N, H)`` / ``(B, T, H)`` and the LM head
+    ``weight`` ``(V, H)`` (+ ``bias``): the N x V logits never exist (forward or
+    backward). Gradients of hidden, weight and bias are computed in the forward pass.
+    Keyword terms as in :func:`policy_loss_from_logits`."""
+    kw = _loss_kwargs(kw)
+    _check_temperature(temperature)
+    if torch.is_grad_enabled() and (
+        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    ):
+        out = _LossFromHidden.apply(
+            hidden,
+            weight,
+            bias,
+            targets,
+            old_logp,
+            advantages,
+            mask,
+            cu_seqlens,
+            float(temperature),
+            backend or "",
+            kw,
+        )
+        return out[0], dict(zip(_metric_keys(kw), out[1:]))
+    logp, entropy, _ = torch.ops.vapo.linear_logprobs(
+        hidden, weight, bias, targets, mask, float(temperature), backend or ""
+    )
+    loss, metrics, _, _ = _token_terms(
+        logp,
+        entropy,
+        old_logp,
+        advantages,
+        _loss_mask(mask, targets),
+        cu_seqlens,
+        kw,
+        False,
+        backend or "",
+    )
+    return loss, metrics
