@@ -54,6 +54,7 @@ import importlib.metadata
 import importlib.util
 import math
 import sys
+import textwrap
 import types
 import warnings
 
@@ -241,7 +242,9 @@ def grad_bound(logits, g, scale, rel=TOL):
 @pytest.mark.parametrize(("lead", "vocab", "dtype"), CASES)
 def test_logprobs_and_entropy_match_peer(request, backend, peer, lead, vocab, dtype):
     ours_lp, peer_lp, ours_h, peer_h = _peer_fns(peer, request)
-    logits, targets, g_logp, g_entropy = make_inputs(lead, vocab, seed=vocab + len(lead), dtype=dtype)
+    logits, targets, g_logp, g_entropy = make_inputs(
+        lead, vocab, seed=vocab + len(lead), dtype=dtype
+    )
     scale = row_scale(logits)
 
     got, got_grad = value_and_grad(ours_lp, logits, g_logp, targets)
@@ -272,8 +275,8 @@ def test_openrlhf_temperature(openrlhf_utils, backend, temperature, lead):
     got, got_grad = value_and_grad(log_probs_from_logits, logits, g_logp, targets, temperature)
     assert torch.equal(logits, before)
     assert_within(got, want, TOL * (1 + torch.maximum(want.abs().double(), scale)), "logp")
-    assert_within(got_grad, want_grad, grad_bound(logits / temperature, g_logp, scale) / temperature,
-                  "d logp / dz")
+    bound = grad_bound(logits / temperature, g_logp, scale) / temperature
+    assert_within(got_grad, want_grad, bound, "d logp / dz")
     _, _, d_exact, _ = exact(logits, targets, g_logp, g_logp, temperature)
     torch.testing.assert_close(got_grad.double(), d_exact, atol=1e-6, rtol=1e-5)
 
@@ -359,7 +362,9 @@ def test_bf16_more_accurate_than_peer(request, backend, peer):
           + ", ".join(f"{k} {a:.2e} / {b:.2e}" for k, (a, b) in errors.items()))
     for what in ("logp", "entropy", "d H"):
         ours_err, peer_err = errors[what]
-        assert ours_err < peer_err, f"{what}: ours {ours_err:.3e} not below the peer's {peer_err:.3e}"
+        assert ours_err < peer_err, (
+            f"{what}: ours {ours_err:.3e} not below the peer's {peer_err:.3e}"
+        )
     ours_err, peer_err = errors["d logp"]
     assert ours_err <= peer_err * (1 + 1e-3) + 1e-7, f"d logp: ours {ours_err:.3e} > {peer_err:.3e}"
 
@@ -453,20 +458,21 @@ def head_grads(fn, hidden, weight, g_logp, g_entropy):
 
 
 @pytest.mark.parametrize(
-    ("lead", "temperature", "chunk_rows", "dtype"),  # chunk_rows 1000: one chunk; 4: several
+    ("lead", "temperature", "tiles", "dtype"),  # tiles (rows, vocab) of the reference kernel
     [
-        ((2, 13), 0.7, 4, torch.float64),
-        ((29,), 1.0, 1000, torch.float64),
-        ((2, 13), 1.0, 1000, torch.float32),
-        ((29,), 1.3, 4, torch.float32),
+        ((2, 13), 0.7, (4, 64), torch.float64),  # several row and vocabulary tiles
+        ((29,), 1.0, (1024, 8192), torch.float64),  # one tile
+        ((2, 13), 1.0, (1024, 8192), torch.float32),
+        ((29,), 1.3, (4, 100), torch.float32),
     ],
 )
-def test_verl_linear_cross_entropy(verl_F, backend, monkeypatch, lead, temperature, chunk_rows,
-                                   dtype):
+def test_verl_linear_cross_entropy(verl_F, backend, monkeypatch, lead, temperature, tiles, dtype):
     from vapo_kernels.compat import verl as adapter
+    from vapo_kernels.ops import logprobs as ops_logprobs
 
     vocab, hidden_size = 307, 24
-    monkeypatch.setattr(adapter, "LINEAR_CE_CHUNK_BYTES", chunk_rows * vocab * 8)
+    monkeypatch.setattr(ops_logprobs, "_LINEAR_ROWS_PER_CHUNK", tiles[0])
+    monkeypatch.setattr(ops_logprobs, "_LINEAR_VOCAB_PER_CHUNK", tiles[1])
     hidden, weight, labels, g_logp, g_entropy = linear_inputs(lead, hidden_size, vocab, 2, dtype)
     got = head_grads(lambda h, w: adapter.linear_cross_entropy(h, w, labels, temperature),
                      hidden, weight, g_logp, g_entropy)
@@ -500,7 +506,7 @@ def test_verl_linear_cross_entropy_half_inputs_keep_fp32_logits(verl_F, backend)
         torch.testing.assert_close(a.double(), b.double(), atol=1e-4, rtol=2**-7)
 
 
-def test_verl_linear_cross_entropy_reductions_and_refusals(verl_F, backend):
+def test_verl_linear_cross_entropy_reductions_and_errors(verl_F, backend):
     from vapo_kernels.compat.verl import linear_cross_entropy
 
     hidden, weight, labels, _, _ = linear_inputs((2, 5), 16, 97, 6, torch.float64)
@@ -509,8 +515,6 @@ def test_verl_linear_cross_entropy_reductions_and_refusals(verl_F, backend):
         got, got_entropy = linear_cross_entropy(hidden, weight, labels, 1.0, reduction)
         torch.testing.assert_close(got, want)
         torch.testing.assert_close(got_entropy, entropy)
-    with pytest.raises(ValueError, match="dist_process_group"):
-        linear_cross_entropy(hidden, weight, labels, 1.0, "none", object())
     with pytest.raises(ValueError, match="reduction"):
         linear_cross_entropy(hidden, weight, labels, 1.0, "max")
     with pytest.raises(ValueError, match="weight"):
@@ -538,6 +542,108 @@ def test_verl_linear_cross_entropy_matches_verl_kernel_on_gpu(verl_F):
         assert a.dtype == b.dtype == torch.bfloat16
         scale = float(b.double().abs().max())
         torch.testing.assert_close(a.double(), b.double(), atol=2**-7 * scale, rtol=2**-6)
+
+
+_TP_SCRIPT = textwrap.dedent(
+    r"""
+    import sys
+    import torch
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    WORLD = 2
+
+
+    def check(rank, init_file):
+        from vapo_kernels.compat.verl import linear_cross_entropy
+
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=WORLD)
+        group = dist.new_group(ranks=list(range(WORLD)))
+        n, dim, vocab = 23, 16, 38
+        shard = vocab // WORLD  # verl's kernel assumes equal shards in rank order
+        v0, v1 = rank * shard, (rank + 1) * shard
+        done = 0
+        for dtype in (torch.float64, torch.float32):
+            for temperature, reduction in ((0.8, "none"), (1.0, "sum")):
+                gen = torch.Generator().manual_seed(5)  # identical data on every rank
+                h = torch.randn(2, n, dim, generator=gen, dtype=torch.float64).to(dtype)
+                w = (0.5 * torch.randn(vocab, dim, generator=gen, dtype=torch.float64)).to(dtype)
+                y = torch.randint(0, vocab, (2, n), generator=gen)
+                y[0, 0], y[0, 1], y[1, 0], y[1, 1] = 0, vocab - 1, shard - 1, shard  # shard edges
+                g_lp = torch.randn(2 * n, generator=gen, dtype=torch.float64)
+                g_ent = torch.randn(2 * n, generator=gen, dtype=torch.float64)
+
+                def run(h, w, group):
+                    lp, ent = linear_cross_entropy(h, w, y, temperature, reduction, group)
+                    lp_term = lp.double() * (g_lp if reduction == "none" else 1.0)
+                    (lp_term.sum() + (ent.double() * g_ent).sum()).backward()
+                    return lp.detach(), ent.detach()
+
+                full = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+                lp, ent = run(full[0], full[1], None)
+                part = [h.clone().requires_grad_(), w[v0:v1].clone().requires_grad_()]
+                lp_p, ent_p = run(part[0], part[1], group)
+
+                tol = 1e-12 if dtype == torch.float64 else 2e-5
+
+                def close(a, b):
+                    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+                what = f"rank {rank} {dtype} T={temperature} {reduction}"
+                try:
+                    assert lp_p.dtype == ent_p.dtype == torch.float32
+                    close(lp_p, lp)  # every rank: the full log-probs and entropy
+                    close(ent_p, ent)
+                    close(part[1].grad, full[1].grad[v0:v1])  # its own rows of dL/dW
+                    # dL/dhidden, verl's contract: the ranks' gradients sum to the full
+                    # one (Megatron reduce-scatters them); here each rank holds 1 / WORLD
+                    gh = part[0].grad.clone()
+                    assert gh.dtype == dtype and gh.shape == h.shape
+                    close(gh * WORLD, full[0].grad)
+                    dist.all_reduce(gh, group=group)
+                    close(gh, full[0].grad)
+                except AssertionError as e:
+                    raise AssertionError(f"{what}: {e}") from None
+                done += 1
+        dist.barrier()  # without it, destroy_process_group sometimes aborts on gloo
+        dist.destroy_process_group()
+        print(f"rank {rank}: {done} cases agree", flush=True)
+
+
+    if __name__ == "__main__":
+        mp.spawn(check, args=(sys.argv[1],), nprocs=WORLD, join=True)
+    """
+)
+
+
+def test_verl_linear_cross_entropy_dist_process_group(tmp_path):
+    """``dist_process_group``: the vocabulary sharded over 2 CPU processes (gloo), against
+    the single-process result on the whole head. Fresh interpreter, as in
+    ``tests/test_linear_logprobs_tp.py``."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    root = Path(__file__).resolve().parents[2]
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",  # two ranks on a small machine
+    }
+    script = tmp_path / "verl_tp_check.py"
+    script.write_text(_TP_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "init")],
+        check=False, capture_output=True, text=True, env=env, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in range(2):
+        assert f"rank {rank}: 4 cases agree" in proc.stdout, proc.stdout + proc.stderr
 
 
 # --------------------------------------------------------------------------------------
@@ -583,7 +689,7 @@ def test_verl_patch_swaps_and_restores(verl_F, monkeypatch):
         for n in names:
             assert getattr(verl_F, n) is getattr(adapter, n)
         assert naive.logprobs_from_logits is adapter.logprobs_from_logits
-        assert lce.linear_cross_entropy is adapter._linear_cross_entropy_patched
+        assert lce.linear_cross_entropy is adapter.linear_cross_entropy
         assert core.compute_gae_advantage_return is adapter.compute_gae_advantage_return
         got = core.compute_entropy_loss(logits, mask)
         assert len(calls) == 1, "verl's call site did not reach the adapter"
@@ -592,15 +698,6 @@ def test_verl_patch_swaps_and_restores(verl_F, monkeypatch):
         sys.modules[late.__name__] = late
         exec("from verl.utils.torch_functional import logprobs_from_logits", late.__dict__)  # noqa: S102
         assert late.logprobs_from_logits is adapter.logprobs_from_logits
-        # tensor-parallel calls go to verl's kernel
-        swap = adapter._SWAPS["linear_ce"][0]
-        seen, real = [], swap.original
-        swap.original = lambda *args: seen.append(args) or "verl"
-        try:
-            assert lce.linear_cross_entropy(None, None, None, 1.0, "none", "tp-group") == "verl"
-        finally:
-            swap.original = real
-        assert seen == [(None, None, None, 1.0, "none", "tp-group")]
     finally:
         adapter.unpatch()
         sys.modules.pop(late.__name__, None)
@@ -628,7 +725,7 @@ def test_verl_partial_patch(verl_F):
         assert lce.linear_cross_entropy is original_lce
         assert core.compute_gae_advantage_return is original_gae
         adapter.patch()  # completes the patch
-        assert lce.linear_cross_entropy is adapter._linear_cross_entropy_patched
+        assert lce.linear_cross_entropy is adapter.linear_cross_entropy
     finally:
         adapter.unpatch()
     assert lce.linear_cross_entropy is original_lce and not adapter.is_patched()

@@ -11,7 +11,13 @@ and numerics:
   ``log_probs_from_logits``, ``compute_entropy``; TRL's ``selective_log_softmax``,
   ``entropy_from_logits``), computed by :func:`vapo_kernels.token_logprobs`. These
   return float32 for half-precision logits, where the peers' CPU / eager paths round to
-  bf16 - the one deliberate dtype difference, documented per module.
+  bf16 - the one deliberate dtype difference, documented per module;
+* PPO losses (verl's ``compute_policy_loss_vanilla``, ``agg_loss``, ``compute_value_loss``,
+  ``kl_penalty``; OpenRLHF's ``PolicyLoss``, ``ValueLoss``, ``aggregate_loss``; TRL's
+  inline PPO loss as ``ppo_loss``), computed by the fused token-loss op
+  (:func:`vapo_kernels.policy_loss`, :func:`vapo_kernels.value_loss`,
+  :func:`vapo_kernels.agg_loss`). Where a peer divides 0 by 0 (no valid token) these
+  give 0; the other differences are listed per module.
 
 Nothing here imports a peer at import time. ``patch()`` / ``unpatch()`` of the verl,
 OpenRLHF and TRL modules import the peer and swap the adapters into it (and back).

@@ -1,4 +1,4 @@
-r"""TRL 1.12 drop-ins: PPO's advantage/return block, ``selective_log_softmax``, entropy.
+r"""TRL 1.12 drop-ins: PPO's advantage/return and loss blocks, ``selective_log_softmax``, entropy.
 
 TRL has no GAE function: the computation is inline in ``PPOTrainer.train``
 (``trl/experimental/ppo/ppo_trainer.py`` in TRL 1.12, steps "5. whiten rewards" and
@@ -23,6 +23,13 @@ reaches the advantages of the valid tokens (in TRL's trainer they are 0 there).
 Difference: where TRL's whitening divides by zero (a batch with a single response
 token) and returns NaN, this raises ``ValueError`` while input validation is on.
 
+**PPO loss.** The loss is inline in ``PPOTrainer.train`` too (the micro-batch loop:
+value loss over ``~padding_mask_p1``, clipped policy loss over ``~padding_mask``);
+:func:`ppo_loss` is that block as a function of the tensors it reads, on the fused
+token-loss op (see its docstring for the formulas and the differences: all-masked
+batches give 0 instead of NaN, exact-tie value-clip gradients, half precision). There
+is nothing in TRL to patch it into.
+
 **Log-probs and entropy** (``trl.trainer.utils``, imported by name by the GRPO, RLOO,
 DPO, KTO, SFT, PPO, ... trainers): :func:`selective_log_softmax` and
 :func:`entropy_from_logits`, computed by :func:`vapo_kernels.token_logprobs`::
@@ -41,11 +48,14 @@ and ignored. :func:`patch` / :func:`unpatch` swap both functions into TRL.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 from ..ops.gae import gae, masked_whiten
 from ..ops.logprobs import token_logprobs
+from ..ops.loss import policy_loss, value_loss
 from . import _entropy, _peer_dtype, _scalar, _Swap, get_backend
 
 __all__ = [
@@ -53,6 +63,7 @@ __all__ = [
     "entropy_from_logits",
     "is_patched",
     "patch",
+    "ppo_loss",
     "selective_log_softmax",
     "unpatch",
 ]
@@ -110,6 +121,71 @@ def compute_advantages_and_returns(
         adv = masked_whiten(adv, ~padding_mask, unbiased=True, eps=1e-8, backend=backend)
         adv = adv.masked_fill(padding_mask, 0)
         return adv.to(dtype), returns.to(dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The PPO loss (inline in PPOTrainer.train)
+
+
+def ppo_loss(
+    new_logprobs: Tensor,
+    mb_logprobs: Tensor,
+    mb_advantage: Tensor,
+    vpred: Tensor,
+    mb_values: Tensor,
+    mb_return: Tensor,
+    padding_mask: Tensor,
+    padding_mask_p1: Tensor,
+    cliprange: float,
+    cliprange_value: float,
+    vf_coef: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    r"""TRL PPO's loss block: ``(loss, pg_loss, vf_loss, pg_clipfrac, vf_clipfrac)``.
+
+    The names are those of ``PPOTrainer.train`` (TRL 1.12, a micro-batch already
+    selected: ``padding_mask[micro_batch_inds]`` is ``padding_mask`` here). With the
+    policy term averaged over the tokens where ``padding_mask`` is False and the value
+    term over those where ``padding_mask_p1`` is False (one slot more per response)::
+
+        ratio   = exp(new_logprobs - mb_logprobs)                   (no clamp in TRL)
+        pg_loss = mean(max(-A ratio, -A clamp(ratio, 1 - eps, 1 + eps)))   eps = cliprange
+        v_clip  = clamp(vpred, mb_values - eps_v, mb_values + eps_v)       eps_v = cliprange_value
+        vf_loss = 0.5 mean(max((vpred - R)^2, (v_clip - R)^2))
+        loss    = pg_loss + vf_coef * vf_loss
+        pg_clipfrac = mean(clipped term won),  vf_clipfrac = mean(clipped value won)
+
+    ``loss``, ``pg_loss`` and ``vf_loss`` are differentiable in ``new_logprobs`` and
+    ``vpred``; the clip fractions are detached 0-d float32 tensors (TRL computes them
+    under ``no_grad``). Two passes of the fused op (:func:`vapo_kernels.policy_loss`,
+    :func:`vapo_kernels.value_loss`): the two terms have different masks.
+
+    Differences from TRL's lines: a batch with no valid token gives 0 (TRL: 0 / 0 =
+    NaN); NaN / inf in padded slots never reaches a result (TRL fills them with
+    ``INVALID_LOGPROB`` / 0 first, so its values are finite there too); a NaN in a valid
+    slot raises ``ValueError`` while input validation is on; where ``vpred`` equals a
+    clip bound exactly, the gradient through ``v_clip`` is halved (``max(min(...))``'s
+    tie rule) where ``torch.clamp`` passes it whole - the loss value is the same;
+    half-precision inputs give float32 results.
+    """
+    eps = _scalar("cliprange", cliprange)
+    pg_loss, pm = policy_loss(
+        new_logprobs, mb_logprobs, mb_advantage, ~padding_mask.bool(),
+        # 1 - eps <= 0 clips nothing (the ratio is positive), as 1 - 1 = 0 does
+        clip_low=min(eps, 1.0), clip_high=eps, ratio_log_clamp=math.inf, backend=get_backend(),
+    )
+    vf_loss, vm = value_loss(
+        vpred, mb_values, mb_return, ~padding_mask_p1.bool(),
+        clip=_scalar("cliprange_value", cliprange_value), clip_form="verl", backend=get_backend(),
+    )
+    pg_loss = _in_peer_dtype(pg_loss, new_logprobs, mb_logprobs, mb_advantage)
+    vf_loss = _in_peer_dtype(vf_loss, vpred, mb_values, mb_return)
+    loss = pg_loss + vf_coef * vf_loss
+    return loss, pg_loss, vf_loss, pm["clipfrac"].float(), vm["vf_clipfrac"].float()
+
+
+def _in_peer_dtype(loss: Tensor, *tensors: Tensor) -> Tensor:
+    dtype = torch.promote_types(loss.dtype, _peer_dtype(*tensors))
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 # --------------------------------------------------------------------------------------

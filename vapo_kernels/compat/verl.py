@@ -1,4 +1,4 @@
-r"""verl 0.9.1 drop-ins: GAE, token log-probs / entropy, and an in-place :func:`patch`.
+r"""verl 0.9.1 drop-ins: GAE, token log-probs / entropy, PPO losses, and an in-place :func:`patch`.
 
 **GAE.** Matches ``verl.trainer.ppo.core_algos.compute_gae_advantage_return`` of verl 0.9.1,
 which has the multi-turn "carry" loop: a masked token (tool output, observation) is
@@ -37,9 +37,9 @@ Differences from verl, all outside its well-defined inputs:
   the default dtype). Here: float32 (float64 for float64 logits; the chunked variant
   returns the default dtype, as verl's).
 * :func:`linear_cross_entropy` - verl's fused Triton kernel (CUDA only) on
-  ``hidden @ weight.T`` with ``weight`` of shape ``(V, H)``. Until the fused op of this
-  package exists, it is computed here in row chunks (see its docstring for the memory
-  bound); it will switch to the fused op without changing its interface.
+  ``hidden @ weight.T`` with ``weight`` of shape ``(V, H)``, optionally with the
+  vocabulary sharded over a tensor-parallel group. Here: :func:`vapo_kernels.linear_logprobs`,
+  which never materialises the logits either (``process_group=`` for the shards).
 
 Deliberate differences of the log-prob functions:
 
@@ -58,27 +58,69 @@ Deliberate differences of the log-prob functions:
   :func:`linear_cross_entropy` such a row also gets entropy 0. Other out-of-range labels
   raise ``ValueError``.
 * ``linear_cross_entropy`` runs on any device and hidden size (verl: CUDA, H % 128 == 0),
-  accepts an ``int`` temperature, and refuses ``dist_process_group`` (tensor-parallel
-  vocabulary shards) with ``ValueError``; under :func:`patch` such calls go to verl's
-  own kernel.
+  accepts an ``int`` temperature and uneven vocabulary shards (verl: equal ones). With a
+  ``dist_process_group``, each rank's ``dL/dhidden`` is ``1 / group size`` of the full
+  gradient where verl's is the rank's own shard's part: both sum to the full gradient
+  over the group, which is what Megatron's reduce-scatter in front of the head takes.
+
+**PPO losses** (``verl.trainer.ppo.core_algos``): :func:`compute_policy_loss_vanilla`
+(and the deprecated :func:`compute_policy_loss`), :func:`agg_loss`,
+:func:`compute_value_loss`, :func:`kl_penalty`. The losses are one pass each of the fused
+token-loss op (:func:`vapo_kernels.policy_loss`, :func:`vapo_kernels.value_loss`,
+:func:`vapo_kernels.agg_loss`), which writes the gradients during the forward pass;
+metrics come from the same pass. Same signatures, return types, metric keys and
+numerics (fp32 <= 1e-6, tested in ``tests/compat/test_loss_peers.py``); the formulas are
+in each function's docstring. Differences, all outside verl's well-defined inputs:
+
+* No valid token at all (an all-masked micro-batch, or a zero global count): the loss is
+  0 with a zero gradient; verl's token-mean and seq-mean modes divide 0 by 0 (NaN loss,
+  NaN gradients). Metrics are 0 in both.
+* The op selects valid tokens instead of multiplying by the mask: NaN / inf in a masked
+  slot of any input never reaches the loss, the metrics or a gradient. verl's
+  ``masked_sum`` also selects, so its token-mean / token-sum losses stay finite, but its
+  seq-mean modes multiply by the mask (NaN loss), and NaN advantages or value inputs in
+  a masked slot make that slot's gradient NaN (``0 * NaN`` in backward). A NaN in a
+  *valid* slot raises ``ValueError`` while input validation is on (verl returns NaN).
+* A fractional float mask raises ``ValueError`` (verl weights tokens by it).
+* float64 with a float64 mask, ``seq-mean-token-mean``: verl divides each sequence's sum
+  by ``n_s + 1e-8`` in float64 (a relative 1e-8 / n_s), here by ``n_s``. With bool / int
+  / float32 masks - verl's workers pass bool - the 1e-8 vanishes in float32 and the two
+  agree. The metrics reproduce verl's ``+ 1e-8`` in every case.
+* Half-precision inputs: the loss is accumulated and returned in float32 (verl: half
+  precision arithmetic, half result); the metrics likewise.
+* No gradient flows to ``advantages``, ``old_log_prob``, the old ``values``, ``returns``
+  or ``rollout_is_weights`` (data in verl's trainers), and the deprecated
+  ``compute_policy_loss``'s ``ppo_kl`` is detached (verl's keeps a graph).
+* ``dp_size``, ``batch_num_tokens`` and ``global_batch_size`` may be tensors; a tensor
+  count is read once on the host (a device sync).
 
 **patch()** swaps all of the above into verl (see :func:`patch`).
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from ..ops.gae import gae, masked_whiten
-from ..ops.logprobs import token_logprobs
+from ..ops.logprobs import linear_logprobs, token_logprobs
+from ..ops.loss import KL_KINDS, policy_loss, value_loss
+from ..ops.loss import agg_loss as _agg_loss
+from ..ops.loss import kl_penalty as _kl_penalty
 from . import _check_binary_mask, _entropy, _peer_dtype, _scalar, _Swap, get_backend
 
 __all__ = [
+    "agg_loss",
     "compute_gae_advantage_return",
+    "compute_policy_loss",
+    "compute_policy_loss_vanilla",
+    "compute_value_loss",
     "entropy_from_logits",
     "entropy_from_logits_with_chunking",
     "is_patched",
+    "kl_penalty",
     "linear_cross_entropy",
     "logprobs_from_logits",
     "patch",
@@ -178,100 +220,28 @@ def entropy_from_logits_with_chunking(logits: Tensor, chunk_size: int = 2048) ->
 # --------------------------------------------------------------------------------------
 # linear_cross_entropy: log-probs and entropy straight from the last hidden states
 
-#: Bytes of float32 logits one chunk of :func:`linear_cross_entropy` may hold; a chunk
-#: has ``max(1, LINEAR_CE_CHUNK_BYTES // (4 * V))`` rows.
-LINEAR_CE_CHUNK_BYTES = 256 * 2**20
 
-_HALF = (torch.float16, torch.bfloat16)
+class _PartialHiddenGrad(torch.autograd.Function):
+    """Identity forward; backward divides the gradient by the group size.
 
-
-class _Gemm:
-    """Products with the ``(V, H)`` weight, accumulated and returned in float32 (float64
-    if either input is float64), so logits are never rounded to half precision.
-
-    On CUDA, half inputs go through ``torch.mm(..., out_dtype=float32)``; elsewhere (or if
-    that is unsupported) the weight is upcast once per call - an extra ``V x H`` buffer.
-    """
-
-    def __init__(self, hidden: Tensor, weight: Tensor) -> None:
-        self.acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
-        self.native = hidden.is_cuda and hidden.dtype == weight.dtype and hidden.dtype in _HALF
-        self.weight = weight if self.native or weight.dtype == self.acc else weight.to(self.acc)
-
-    def mm(self, a: Tensor, b: Tensor) -> Tensor:
-        """``a @ b`` in the accumulation dtype."""
-        if self.native:
-            half = self.weight.dtype
-            try:
-                return torch.mm(a.to(half), b.to(half), out_dtype=self.acc)
-            except (RuntimeError, NotImplementedError, TypeError):
-                self.native = False
-                self.weight = self.weight.to(self.acc)
-                b = b.to(self.acc)
-        return torch.mm(a.to(self.acc), b.to(self.acc))
-
-    def logits(self, hidden_rows: Tensor) -> Tensor:
-        return self.mm(hidden_rows, self.weight.t())
-
-
-class _LinearTokenLogprobs(torch.autograd.Function):
-    """(logp, entropy) of ``hidden @ weight.T`` computed chunk by chunk of rows.
-
-    Forward keeps one chunk of logits alive at a time and saves only the inputs.
-    Backward recomputes each chunk's logits, gets ``dL/dz`` from the token log-prob op,
-    and folds it into ``dL/dhidden = dz @ W`` and ``dL/dW += dz^T @ hidden``.
+    :func:`vapo_kernels.linear_logprobs` hands every vocabulary-parallel rank the FULL
+    ``dL/dhidden`` (it all-reduces the per-shard parts). verl's kernel hands each rank
+    only its own shard's part ``dz_r @ W_r`` and leaves the sum to Megatron, whose
+    ``gather_from_sequence_parallel_region`` in front of the head reduce-scatters the
+    gradient in backward. Dividing the full gradient by the group size W keeps that
+    contract: the ranks' gradients still sum to the full one (exactly, for W a power of
+    two), so the reduce-scatter yields what it yields with verl's kernel, instead of W
+    times it.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, temperature, backend, rows):
-        gemm = _Gemm(hidden, weight)
-        n = hidden.shape[0]
-        logp = torch.empty(n, dtype=gemm.acc, device=hidden.device)
-        entropy = torch.empty_like(logp)
-        for lo in range(0, n, rows):
-            hi = min(n, lo + rows)
-            logits = gemm.logits(hidden[lo:hi])
-            logp[lo:hi], entropy[lo:hi] = token_logprobs(
-                logits, labels[lo:hi], temperature=temperature, return_entropy=True,
-                backend=backend,
-            )
-            del logits
-        ctx.save_for_backward(hidden, weight, labels)
-        ctx.temperature, ctx.backend, ctx.rows = temperature, backend, rows
-        return logp.float(), entropy.float()
+    def forward(ctx, x, world):
+        ctx.world = world
+        return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_entropy):
-        hidden, weight, labels = ctx.saved_tensors
-        need_hidden, need_weight = ctx.needs_input_grad[:2]
-        gemm = _Gemm(hidden, weight)
-        n, rows = hidden.shape[0], ctx.rows
-        d_hidden = torch.empty_like(hidden) if need_hidden else None
-        d_weight = (
-            torch.zeros(weight.shape, dtype=gemm.acc, device=weight.device) if need_weight else None
-        )
-        for lo in range(0, n, rows):
-            hi = min(n, lo + rows)
-            logits = gemm.logits(hidden[lo:hi]).requires_grad_()
-            with torch.enable_grad():
-                logp, entropy = token_logprobs(
-                    logits, labels[lo:hi], temperature=ctx.temperature, return_entropy=True,
-                    backend=ctx.backend,
-                )
-                (d_logits,) = torch.autograd.grad(
-                    (logp, entropy),
-                    (logits,),
-                    (grad_logp[lo:hi].to(logp.dtype), grad_entropy[lo:hi].to(entropy.dtype)),
-                )
-            del logits, logp, entropy
-            if need_hidden:
-                d_hidden[lo:hi] = gemm.mm(d_logits, gemm.weight).to(hidden.dtype)
-            if need_weight:
-                d_weight += gemm.mm(d_logits.t(), hidden[lo:hi])
-            del d_logits
-        if d_weight is not None:
-            d_weight = d_weight.to(weight.dtype)
-        return d_hidden, d_weight, None, None, None, None
+    def backward(ctx, grad):
+        return grad / ctx.world, None
 
 
 def linear_cross_entropy(
@@ -295,24 +265,24 @@ def linear_cross_entropy(
     Returns float32 tensors of shape ``(N,)``, N = number of tokens (flattened, as
     verl); with ``reduction="sum"`` / ``"mean"`` the log-probs are summed / averaged
     into a scalar (the entropy stays per token). Gradients come back in the inputs'
-    dtypes.
+    dtypes (hidden and weight of different dtypes are first cast to the wider one).
 
-    Memory: the logits exist one chunk of ``max(1, LINEAR_CE_CHUNK_BYTES // (4 V))`` rows
-    at a time, in float32 - peak ``chunk x V`` floats in forward, ``2 x chunk x V`` in
-    backward (logits recomputed, plus their gradient) - plus, on CPU with half inputs, a
-    float32 copy of the weight, and a float32 ``V x H`` gradient accumulator for the
-    weight. Logits are recomputed in backward (one extra GEMM per chunk). This is the
-    interim implementation on top of :func:`vapo_kernels.token_logprobs`; it will switch
-    to the package's fused linear op with the same interface.
+    Computed by :func:`vapo_kernels.linear_logprobs`: the logits are never materialised
+    (tiles of them are computed in fp32 and reduced on the fly, and recomputed in
+    backward).
 
-    Raises ``ValueError`` for ``dist_process_group`` (vocabulary-parallel shards are not
-    supported) and for a reduction other than none / sum / mean.
+    ``dist_process_group``: a vocabulary-parallel head, as verl's Megatron path passes it
+    (the tensor-parallel group): every rank passes the same hidden and labels (GLOBAL
+    vocabulary ids) and its own contiguous shard of weight rows, shards in group-rank
+    order; every rank gets the full logprobs / entropy and the gradient of its own
+    shard of weight. ``dL/dhidden`` follows verl's kernel: the ranks' gradients SUM to
+    the full one (Megatron's reduce-scatter in front of the head adds them up); here
+    each rank holds ``1 / group size`` of the full gradient, not its shard's part. (The
+    op all-reduces ``dL/dhidden`` across the group in backward - N x H values - which
+    verl's kernel leaves to that reduce-scatter.)
+
+    Raises ``ValueError`` for a reduction other than none / sum / mean.
     """
-    if dist_process_group is not None:
-        raise ValueError(
-            "linear_cross_entropy: dist_process_group (tensor-parallel vocabulary shards) is "
-            "not supported; pass None, or leave such calls to verl (patch() does)"
-        )
     if not isinstance(reduction, str) or reduction.lower() not in ("none", "sum", "mean"):
         raise ValueError(f"Invalid reduction: {reduction!r}; expected 'none', 'sum' or 'mean'")
     if weight.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
@@ -325,13 +295,20 @@ def linear_cross_entropy(
         raise ValueError(
             f"labels has {labels.numel()} elements but hidden has {hidden_rows.shape[0]} tokens"
         )
-    acc = torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
-    itemsize = torch.empty((), dtype=acc).element_size()
-    rows = max(1, LINEAR_CE_CHUNK_BYTES // (itemsize * max(1, weight.shape[0])))
-    temperature = float(temperature) if isinstance(temperature, int) else temperature
-    logp, entropy = _LinearTokenLogprobs.apply(
-        hidden_rows, weight, labels.reshape(-1), temperature, get_backend(), rows
+    if hidden_rows.dtype != weight.dtype:  # the op takes one dtype; the wider one loses nothing
+        dtype = torch.promote_types(hidden_rows.dtype, weight.dtype)
+        hidden_rows, weight = hidden_rows.to(dtype), weight.to(dtype)
+    if dist_process_group is not None:
+        import torch.distributed as dist
+
+        world = dist.get_world_size(dist_process_group)
+        if world > 1:
+            hidden_rows = _PartialHiddenGrad.apply(hidden_rows, world)
+    logp, entropy = linear_logprobs(
+        hidden_rows, weight, labels.reshape(-1), temperature=temperature, return_entropy=True,
+        process_group=dist_process_group, backend=get_backend(),
     )
+    logp, entropy = logp.float(), entropy.float()
     if reduction.lower() == "sum":
         logp = logp.sum()
     elif reduction.lower() == "mean":
@@ -340,27 +317,252 @@ def linear_cross_entropy(
 
 
 # --------------------------------------------------------------------------------------
+# PPO losses (verl.trainer.ppo.core_algos)
+
+
+def _as_rows(t: Tensor | None) -> Tensor | None:
+    """verl sums over the last dim per sequence and treats the rest as the batch."""
+    if t is None or t.dim() == 2 or t.dim() == 0:
+        return t
+    return t.reshape(-1, t.shape[-1])
+
+
+def _agg_kwargs(
+    loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens=None,
+    global_batch_size=None,
+    loss_scale_factor=None,
+) -> dict:
+    """verl's ``agg_loss`` arguments as the fused op's keywords, with verl's checks."""
+    if loss_agg_mode == "token-mean":
+        if batch_num_tokens is None and dp_size > 1:
+            raise ValueError("(global) batch_num_tokens is required when dp_size > 1")
+        counts = {"global_tokens": batch_num_tokens}
+    elif loss_agg_mode == "token-sum":
+        counts = {}
+    elif loss_agg_mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm", "seq-mean-token-mean"):
+        if global_batch_size is None and dp_size > 1:
+            raise ValueError("global_batch_size is required when dp_size > 1")
+        counts = {"global_seqs": global_batch_size}
+        if loss_agg_mode == "seq-mean-token-sum-norm":
+            counts["loss_scale_factor"] = loss_scale_factor
+    else:
+        raise ValueError(f"Invalid loss_agg_mode: {loss_agg_mode}")
+    return {"agg": loss_agg_mode, "dp_size": dp_size, "backend": get_backend(), **counts}
+
+
+def _in_peer_dtype(loss: Tensor, *tensors: Tensor | None) -> Tensor:
+    """The op's result (fp32, fp64 for fp64 inputs) in the dtype verl's arithmetic on
+    ``tensors`` ends in, but never below float32."""
+    dtype = torch.promote_types(loss.dtype, _peer_dtype(*tensors))
+    return loss if loss.dtype == dtype else loss.to(dtype)
+
+
+def _verl_masked_mean(
+    mean: Tensor, tokens: Tensor, mask: Tensor, value_dtype: torch.dtype
+) -> Tensor:
+    """``verl_F.masked_mean(x, mask) = sum(x on mask) / (mask.sum() + 1e-8)`` from the op's
+    ``sum / max(n, 1)``. The 1e-8 is added in the mask's dtype (the default dtype for a
+    bool mask): it vanishes in float32 for n >= 1 and is reproduced in float64."""
+    denom = mask.dtype if mask.is_floating_point() else torch.get_default_dtype()
+    if denom == torch.float64:
+        n = tokens.double()
+        mean = mean.double() * (n / (n + 1e-8))
+    return mean.to(torch.promote_types(value_dtype, denom))
+
+
+def _policy(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c,
+            loss_agg_mode, rollout_is_weights, global_batch_info):
+    """verl's vanilla PPO policy loss: (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)."""
+    assert clip_ratio_c > 1.0, (
+        "The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0,"
+        + f" but get the value: {clip_ratio_c}."
+    )
+    _check_binary_mask("response_mask", response_mask)
+    kwargs = _agg_kwargs(loss_agg_mode, **global_batch_info)
+    loss, m = policy_loss(
+        _as_rows(log_prob), _as_rows(old_log_prob), _as_rows(advantages), _as_rows(response_mask),
+        # 1 - clip_low <= 0 clips nothing (the ratio is positive), as 1 - 1 = 0 does
+        clip_low=min(clip_low, 1.0), clip_high=clip_high, dual_clip=clip_ratio_c,
+        ratio_log_clamp=20.0, is_weights=_as_rows(rollout_is_weights), **kwargs,
+    )
+    loss = _in_peer_dtype(
+        loss, log_prob, old_log_prob, advantages, response_mask, rollout_is_weights
+    )
+    tokens = m["tokens"]
+    kl_dtype = _peer_dtype(log_prob, old_log_prob)
+    return (
+        loss,
+        _verl_masked_mean(m["clipfrac"], tokens, response_mask, torch.float32),
+        _verl_masked_mean(m["approx_kl"], tokens, response_mask, kl_dtype),
+        _verl_masked_mean(m["dual_clipfrac"], tokens, response_mask, torch.float32),
+    )
+
+
+def compute_policy_loss_vanilla(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, float]]:
+    r"""verl's PPO policy loss (the ``"vanilla"`` policy-loss mode): ``(pg_loss, metrics)``.
+
+    Per token, with eps_low / eps_high = ``config.clip_ratio_low`` / ``clip_ratio_high``
+    (each defaulting to ``config.clip_ratio``) and c = ``config.clip_ratio_c`` (3.0)::
+
+        ratio = exp(clamp(log_prob - old_log_prob, -20, 20))
+        L1    = max(-A ratio, -A clamp(ratio, 1 - eps_low, 1 + eps_high))
+        L     = min(L1, -A c) if A < 0 else L1          (dual clip, always on in verl)
+        L    *= rollout_is_weights                      (if given)
+        pg_loss = agg_loss(L, response_mask, loss_agg_mode, **config.global_batch_info)
+
+    ``metrics``: Python floats ``"actor/pg_clipfrac"`` (fraction of valid tokens where
+    the clipped term won), ``"actor/ppo_kl"`` (mean of ``-clamp(log ratio)``) and
+    ``"actor/pg_clipfrac_lower"`` (fraction where the dual clip bound won), each a
+    ``masked_mean`` as verl computes it. One pass of :func:`vapo_kernels.policy_loss`;
+    differences from verl in the module docstring.
+    """
+    assert config is not None
+    clip_ratio = config.clip_ratio
+    clip_low = config.clip_ratio_low if config.clip_ratio_low is not None else clip_ratio
+    clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else clip_ratio
+    clip_ratio_c = config.get("clip_ratio_c", 3.0)
+    loss, clipfrac, ppo_kl, clipfrac_lower = _policy(
+        old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c,
+        loss_agg_mode, rollout_is_weights, config.global_batch_info,
+    )
+    metrics = {
+        "actor/pg_clipfrac": clipfrac.item(),
+        "actor/ppo_kl": ppo_kl.item(),
+        "actor/pg_clipfrac_lower": clipfrac_lower.item(),
+    }
+    return loss, metrics
+
+
+def compute_policy_loss(
+    old_log_prob: Tensor,
+    log_prob: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    cliprange: float | None = None,
+    cliprange_low: float | None = None,
+    cliprange_high: float | None = None,
+    clip_ratio_c: float = 3.0,
+    loss_agg_mode: str = "token-mean",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    r"""verl's deprecated policy loss: ``(pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)``.
+
+    :func:`compute_policy_loss_vanilla` with the clip ranges as arguments
+    (``cliprange_low`` / ``cliprange_high`` default to ``cliprange``), local aggregation
+    only, and the metrics as 0-d tensors (detached; verl's ``ppo_kl`` keeps a graph).
+    Warns ``FutureWarning`` as verl does.
+    """
+    warnings.warn(
+        "Warning: Function 'verl.trainer.ppo.core_algos.compute_policy_loss' is deprecated. "
+        "Please use 'verl.trainer.ppo.core_algos.compute_policy_loss_vanilla' instead.",
+        category=FutureWarning,
+        stacklevel=2,
+    )
+    clip_low = cliprange if cliprange_low is None else cliprange_low
+    clip_high = cliprange if cliprange_high is None else cliprange_high
+    return _policy(
+        old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c,
+        loss_agg_mode, None, {},
+    )
+
+
+def agg_loss(
+    loss_mat: Tensor,
+    loss_mask: Tensor,
+    loss_agg_mode: str,
+    dp_size: int = 1,
+    batch_num_tokens: int | Tensor | None = None,
+    global_batch_size: int | Tensor | None = None,
+    loss_scale_factor: int | None = None,
+) -> Tensor:
+    r"""verl's aggregation of a per-token loss ``(bs, T)`` into a scalar.
+
+    With n_s the valid tokens of sequence s, N = sum n_s (or ``batch_num_tokens``), S =
+    the sequences with n_s > 0 (or ``global_batch_size``) and dp = ``dp_size``::
+
+        token-mean               dp / N        * sum_s sum_t l_st
+        token-sum                dp            * sum_s sum_t l_st
+        seq-mean-token-sum       dp / S        * sum_s sum_t l_st
+        seq-mean-token-sum-norm  dp / (S F)    * sum_s sum_t l_st     F = loss_scale_factor or T
+        seq-mean-token-mean      dp / S        * sum_s (sum_t l_st) / n_s
+
+    Differentiable in ``loss_mat``. ``dp_size > 1`` needs the global count of its mode,
+    as in verl. One pass of :func:`vapo_kernels.agg_loss`.
+    """
+    _check_binary_mask("loss_mask", loss_mask)
+    kwargs = _agg_kwargs(
+        loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
+    loss = _agg_loss(_as_rows(loss_mat), _as_rows(loss_mask), **kwargs)
+    return _in_peer_dtype(loss, loss_mat, loss_mask)
+
+
+def compute_value_loss(
+    vpreds: Tensor,
+    returns: Tensor,
+    values: Tensor,
+    response_mask: Tensor,
+    cliprange_value: float,
+    loss_agg_mode: str = "token-mean",
+    dp_size: int = 1,
+    batch_num_tokens: int | Tensor | None = None,
+    global_batch_size: int | Tensor | None = None,
+    loss_scale_factor: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""verl's clipped value loss: ``(vf_loss, vf_clipfrac)`` (note the argument order:
+    predictions, returns, then the old values).
+
+    ::
+
+        v_clip   = max(min(vpreds, values + eps), values - eps)        eps = cliprange_value
+        vf_loss  = 0.5 agg_loss(max((vpreds - R)^2, (v_clip - R)^2), response_mask, ...)
+        vf_clipfrac = masked_mean((v_clip - R)^2 > (vpreds - R)^2)     a 0-d tensor
+
+    One pass of :func:`vapo_kernels.value_loss` (``clip_form="verl"``). ``cliprange_value``
+    None (verl: an error) means no clipping.
+    """
+    _check_binary_mask("response_mask", response_mask)
+    kwargs = _agg_kwargs(
+        loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
+    )
+    clip = None if cliprange_value is None else _scalar("cliprange_value", cliprange_value)
+    loss, m = value_loss(
+        _as_rows(vpreds), _as_rows(values), _as_rows(returns), _as_rows(response_mask),
+        clip=clip, clip_form="verl", **kwargs,
+    )
+    loss = _in_peer_dtype(loss, vpreds, returns, values, response_mask)
+    return loss, _verl_masked_mean(m["vf_clipfrac"], m["tokens"], response_mask, torch.float32)
+
+
+def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
+    r"""verl's per-token KL estimator (elementwise, in the inputs' dtype).
+
+    ``kl`` / ``k1``: logp - ref; ``abs``; ``mse`` / ``k2``: 0.5 (logp - ref)^2;
+    ``low_var_kl`` / ``k3``: exp(ref - logp) - (ref - logp) - 1, log-ratio clamped to
+    [-20, 20] and result to [-10, 10]. A trailing ``+`` keeps the value and takes the
+    gradient of k2 (straight-through). Raises ``NotImplementedError`` for ``full`` and
+    unknown names, as verl. Computed by :func:`vapo_kernels.ops.loss.kl_penalty`.
+    """
+    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    if base not in KL_KINDS:
+        raise NotImplementedError(f"kl_penalty {kl_penalty!r} is not implemented")
+    return _kl_penalty(logprob, ref_logprob, kl_penalty)
+
+
+# --------------------------------------------------------------------------------------
 # Swapping verl's functions in place.
 
-
-def _linear_cross_entropy_patched(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    temperature: float = 1.0,
-    reduction: str = "none",
-    dist_process_group=None,
-) -> tuple[Tensor, Tensor]:
-    """What :func:`patch` installs: :func:`linear_cross_entropy`, except that calls with a
-    tensor-parallel ``dist_process_group`` go to verl's own kernel."""
-    if dist_process_group is not None:
-        original = _SWAPS["linear_ce"][0].original
-        if original is not None:
-            return original(hidden, weight, labels, temperature, reduction, dist_process_group)
-    return linear_cross_entropy(hidden, weight, labels, temperature, reduction, dist_process_group)
-
-
 _TF = "verl.utils.torch_functional"
+_CORE = "verl.trainer.ppo.core_algos"
 _SWAPS: dict[str, list[_Swap]] = {
     "logprobs": [
         _Swap("verl", _TF, "logprobs_from_logits", logprobs_from_logits),
@@ -370,18 +572,65 @@ _SWAPS: dict[str, list[_Swap]] = {
     "linear_ce": [
         _Swap(
             "verl", "verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy",
-            _linear_cross_entropy_patched,
+            linear_cross_entropy,
         )
+    ],
+    "loss": [
+        _Swap("verl", _CORE, "compute_policy_loss_vanilla", compute_policy_loss_vanilla),
+        _Swap("verl", _CORE, "compute_policy_loss", compute_policy_loss),
+        _Swap("verl", _CORE, "agg_loss", agg_loss),
+        _Swap("verl", _CORE, "compute_value_loss", compute_value_loss),
+        _Swap("verl", _CORE, "kl_penalty", kl_penalty),
     ],
 }
 
-# GAE: verl's trainer looks the function up as a module attribute at call time
-# (``core_algos.compute_gae_advantage_return(...)`` in ``ray_trainer.compute_advantage``),
-# and other code goes through the estimator registry (``get_adv_estimator_fn("gae")``),
-# so both are replaced.
+# Registries: verl's trainer looks GAE up as a module attribute at call time
+# (``core_algos.compute_gae_advantage_return(...)`` in ``ray_trainer.compute_advantage``)
+# and other code through the estimator registry (``get_adv_estimator_fn("gae")``); the
+# policy loss is found through ``get_policy_loss_fn("vanilla")`` (the workers' ppo_loss).
+# Module attributes are swapped by _Swap, registry entries here.
 
 _MISSING = object()
-_saved: dict | None = None  # verl's GAE originals while patched
+
+
+class _RegistrySwap:
+    """One entry of a registry dict of ``core_algos`` replaced (and put back)."""
+
+    def __init__(self, registry: str, key: str, replacement) -> None:
+        self.registry, self.key, self.replacement = registry, key, replacement
+        self.original = _MISSING
+
+    def _dict(self) -> dict | None:
+        return getattr(_core_algos(), self.registry, None)
+
+    def apply(self) -> None:
+        registry = self._dict()
+        if registry is None or self.key not in registry:
+            return
+        if self.original is _MISSING:
+            if registry[self.key] is self.replacement:
+                raise RuntimeError(f"{self.registry}[{self.key!r}] is already replaced")
+            self.original = registry[self.key]
+        registry[self.key] = self.replacement
+
+    def undo(self) -> None:
+        if self.original is _MISSING:
+            return
+        registry = self._dict()
+        if registry is not None and registry.get(self.key) is self.replacement:
+            registry[self.key] = self.original
+        self.original = _MISSING
+
+    @property
+    def active(self) -> bool:
+        return self.original is not _MISSING
+
+
+_REGISTRY_SWAPS = {
+    "gae": [_RegistrySwap("ADV_ESTIMATOR_REGISTRY", "gae", compute_gae_advantage_return)],
+    "loss": [_RegistrySwap("POLICY_LOSS_REGISTRY", "vanilla", compute_policy_loss_vanilla)],
+}
+_GAE_SWAP = _Swap("verl", _CORE, "compute_gae_advantage_return", compute_gae_advantage_return)
 
 
 def _core_algos():
@@ -390,33 +639,9 @@ def _core_algos():
     return core_algos
 
 
-def _patch_gae() -> None:
-    global _saved
-    core_algos = _core_algos()
-    registry = getattr(core_algos, "ADV_ESTIMATOR_REGISTRY", None)
-    if _saved is None:
-        _saved = {
-            "attr": core_algos.compute_gae_advantage_return,
-            "registry": _MISSING if registry is None else registry.get("gae", _MISSING),
-        }
-    core_algos.compute_gae_advantage_return = compute_gae_advantage_return
-    if registry is not None and _saved["registry"] is not _MISSING:
-        registry["gae"] = compute_gae_advantage_return
-
-
-def _unpatch_gae() -> None:
-    global _saved
-    if _saved is None:
-        return
-    core_algos = _core_algos()
-    core_algos.compute_gae_advantage_return = _saved["attr"]
-    registry = getattr(core_algos, "ADV_ESTIMATOR_REGISTRY", None)
-    if registry is not None and _saved["registry"] is not _MISSING:
-        registry["gae"] = _saved["registry"]
-    _saved = None
-
-
-def patch(*, gae: bool = True, logprobs: bool = True, linear_ce: bool = True) -> None:
+def patch(
+    *, gae: bool = True, logprobs: bool = True, linear_ce: bool = True, loss: bool = True
+) -> None:
     """Make verl use the functions of this module. Idempotent; call again after importing
     more of verl to reach its new import sites.
 
@@ -428,28 +653,38 @@ def patch(*, gae: bool = True, logprobs: bool = True, linear_ce: bool = True) ->
       automodel engines, the naive rollout, the prefix grouper);
     * ``linear_ce``: ``verl.utils.kernel.linear_cross_entropy.linear_cross_entropy`` and
       its importers (the transformers model forwards import it at call time; the Megatron
-      forwards at import time). Calls with a ``dist_process_group`` still run verl's
-      kernel.
+      forwards, which pass the tensor-parallel group, at import time);
+    * ``loss``: ``compute_policy_loss_vanilla`` (also the ``"vanilla"`` entry of verl's
+      policy-loss registry, which the workers' ``ppo_loss`` reads), the deprecated
+      ``compute_policy_loss``, ``agg_loss``, ``compute_value_loss`` and ``kl_penalty`` of
+      ``core_algos`` and their importers (``verl.workers.utils.losses``, the trainers).
+      verl's other policy losses (gspo, clip_cov, ...) stay verl's, but they call
+      ``agg_loss`` through ``core_algos``' globals, so they aggregate with the fused op.
 
     Patch before verl builds its workers' engines (they keep the entropy function they
     find at construction) and in every process that runs them (each Ray worker).
     """
-    if gae:
-        _patch_gae()
-    for group, wanted in (("logprobs", logprobs), ("linear_ce", linear_ce)):
-        if wanted:
-            for swap in _SWAPS[group]:
-                swap.apply()
+    for group, wanted in (("gae", gae), ("logprobs", logprobs), ("linear_ce", linear_ce),
+                          ("loss", loss)):
+        if not wanted:
+            continue
+        for swap in [*(_SWAPS.get(group, [])), *(_REGISTRY_SWAPS.get(group, []))]:
+            swap.apply()
+        if group == "gae":
+            _GAE_SWAP.apply()
+
+
+def _all_swaps():
+    return [*(s for swaps in _SWAPS.values() for s in swaps),
+            *(s for swaps in _REGISTRY_SWAPS.values() for s in swaps), _GAE_SWAP]
 
 
 def unpatch() -> None:
     """Put every verl function that :func:`patch` replaced back. Idempotent."""
-    _unpatch_gae()
-    for swaps in _SWAPS.values():
-        for swap in swaps:
-            swap.undo()
+    for swap in _all_swaps():
+        swap.undo()
 
 
 def is_patched() -> bool:
     """Whether any part of :func:`patch` is in effect."""
-    return _saved is not None or any(s.active for swaps in _SWAPS.values() for s in swaps)
+    return any(s.active for s in _all_swaps())
