@@ -483,13 +483,15 @@ def token_loss_op(
         *flat, flat_mask, offs, seq_w.contiguous(), lm_w, [float(p) for p in params], need_grad
     )
     # The total: the five term sums with their coefficients (the metric slots hold
-    # +-inf for empty batches and must not meet a zero coefficient).
-    coefs = torch.tensor(
-        [1.0, params[P_VF_COEF], params[P_KL_COEF], -params[P_ENTROPY_COEF], params[P_LM_COEF]],
-        dtype=out_dtype,
-        device=device,
+    # +-inf for empty batches and must not meet a zero coefficient). Python-float
+    # coefficients: no host-to-device copy, so no stream sync on CUDA.
+    loss = (
+        sums[S_PG]
+        + params[P_VF_COEF] * sums[S_VF]
+        + params[P_KL_COEF] * sums[S_KL]
+        - params[P_ENTROPY_COEF] * sums[S_ENTROPY]
+        + params[P_LM_COEF] * sums[S_LM]
     )
-    loss = (sums[: S_LM + 1] * coefs).sum()
     # A NaN in a valid input always reaches its term's sum, and masked slots never
     # produce one: one check of the loss screens every input; per-input checks run only
     # when something is wrong, to name the argument.

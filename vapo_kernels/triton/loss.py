@@ -69,8 +69,8 @@ from ..ops.loss import (
 # Launch parameters. GPU (not yet tuned on a device): the kernel is memory bound (up to
 # ten inputs and three gradients per token, ~50 bytes); 1024 tokens over 8 warps keeps
 # 4 tokens per thread, so the ~40 live values per token of the full VAPO objective fit
-# the register file. Interpreter: every program is a round of numpy calls, so blocks are
-# larger than the test shapes need only when a test asks.
+# the register file. Interpreter: each program costs a fixed round of numpy calls, and
+# test shapes are small; tests pass ``block=`` to put boundaries inside sequences.
 GPU_BLOCK = 1024
 GPU_NUM_WARPS = 8
 INTERPRET_BLOCK = 64
@@ -244,6 +244,7 @@ def _token_loss_kernel(
     if HAS_LOGP:
         lp = tl.where(valid, tl.load(lp_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
 
+    # k_ptr holds the _K_* scalars: lo, hi, dual, clamp, value eps, vf, kl, ent, lm coefs.
     if HAS_POLICY:
         olp = tl.where(valid, tl.load(olp_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
         adv = tl.where(valid, tl.load(adv_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
@@ -301,9 +302,8 @@ def _token_loss_kernel(
         s_lm = -tl.sum(tl.where(valid, w_lm * lp, zero), axis=0)
         g_lp = g_lp - tl.where(valid, tl.load(k_ptr + 8) * w_lm, zero)
 
-    if HAS_LOGP:
-        if NEED_GRAD:
-            tl.store(g_lp_ptr + idx, g_lp, mask=inb)
+    if HAS_LOGP and NEED_GRAD:
+        tl.store(g_lp_ptr + idx, g_lp, mask=inb)
 
     row = part_ptr + pid.to(tl.int64) * 15
     tl.store(row + 0, s_pg)
@@ -372,12 +372,11 @@ def token_loss(
 
     sums = torch.zeros(NUM_SUMS, dtype=out_dtype, device=device)
     sums[S_RATIO_MIN], sums[S_RATIO_MAX] = float("inf"), -float("inf")
-    empty = torch.empty(0, dtype=out_dtype, device=device)
 
     def grad_buffer(src, present_term):
-        if need_grad and src is not None and present_term:
-            return torch.empty(n, dtype=out_dtype, device=device)
-        return empty
+        # A fresh tensor per output: the op must not return aliased tensors.
+        size = n if (need_grad and src is not None and present_term) else 0
+        return torch.empty(size, dtype=out_dtype, device=device)
 
     g_logp = grad_buffer(logp, True)
     g_values = grad_buffer(values, value_mode != _V_NONE)
@@ -407,7 +406,9 @@ def token_loss(
     k[_K_DUAL], k[_K_CLAMP] = params[P_DUAL_CLIP], params[P_RATIO_CLAMP]
     k[_K_VEPS], k[_K_VF], k[_K_KL] = params[P_VALUE_CLIP], params[P_VF_COEF], params[P_KL_COEF]
     k[_K_ENT], k[_K_LM] = params[P_ENTROPY_COEF], params[P_LM_COEF]
-    k_t = torch.tensor(k, dtype=torch.float64).to(device=device, dtype=out_dtype)
+    k_t = torch.tensor(k, dtype=torch.float64).to(out_dtype)
+    if device.type == "cuda":  # pinned + non_blocking: no wait on the stream
+        k_t = k_t.pin_memory().to(device, non_blocking=True)
 
     # Sequences of the first and last token of every block: [first..., last...].
     n_blocks = triton.cdiv(n, block)
@@ -426,11 +427,12 @@ def token_loss(
         g_values if g_values.numel() else part,
         g_entropy if g_entropy.numel() else part,
         n, n_blocks,
-        HAS_LOGP=logp is not None, HAS_POLICY=has_policy, HAS_ISW=has_policy and is_weights is not None,
+        HAS_LOGP=logp is not None, HAS_POLICY=has_policy,
+        HAS_ISW=has_policy and is_weights is not None,
         HAS_DUAL=has_policy and params[P_DUAL_CLIP] > 0, VALUE_MODE=value_mode,
         KL_KIND=kl_kind, KL_STRAIGHT=bool(params[P_KL_STRAIGHT]), HAS_ENTROPY=entropy is not None,
         HAS_LM=has_lm, HAS_MASK=mask is not None, NEED_GRAD=bool(need_grad),
-        BLOCK=block, ACC=acc, num_warps=GPU_NUM_WARPS,
+        BLOCK=block, ACC=acc, num_warps=max(1, min(GPU_NUM_WARPS, block // 128)),
     )
     # Deterministic reduction of the per-block rows: sums in float64, then min / max.
     totals = part.to(torch.float64).sum(0)
