@@ -58,6 +58,7 @@ def from_extension(name: str) -> Callable:
         return getattr(extension(), name)(*args)
 
     kernel.__name__ = name
+    kernel.extension_symbol = name
     return kernel
 
 
@@ -101,6 +102,15 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
     return f"unknown backend {backend!r}"
 
 
+def _why_kernel_unavailable(op: str, backend: str, device: torch.device) -> str | None:
+    """Like _why_unavailable, and also checks that the built extension has the kernel."""
+    why = _why_unavailable(backend, device)
+    symbol = getattr(_kernels[(op, backend)], "extension_symbol", None)
+    if why is None and symbol is not None and not hasattr(extension(), symbol):
+        why = f"the compiled extension has no {symbol} (an old build? python -m vapo_kernels.build)"
+    return why
+
+
 def select(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
     """Pick the kernel of ``op`` for tensors on ``device``; returns ``(name, kernel)``."""
     requested = backend or os.environ.get("VAPO_BACKEND") or None
@@ -109,14 +119,14 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
         if (op, requested) not in _kernels:
             raise ValueError(f"op {op!r} has no {requested!r} backend")
-        why = _why_unavailable(requested, device)
+        why = _why_kernel_unavailable(op, requested, device)
         if why:
             raise RuntimeError(f"backend {requested!r} cannot run {op!r}: {why}")
         return requested, _kernels[(op, requested)]
     for name in _AUTO_ORDER.get(device.type, ("reference",)):
         if (op, name) not in _kernels:
             continue
-        why = _why_unavailable(name, device)
+        why = _why_kernel_unavailable(op, name, device)
         if why is None:
             return name, _kernels[(op, name)]
         if name not in _warned and name != "triton":
@@ -128,7 +138,8 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
 def available(op: str, device: torch.device | str) -> list[str]:
     """Backends that can run ``op`` on ``device`` right now (builds the extension if needed)."""
     device = torch.device(device)
-    return [b for b in BACKENDS if (op, b) in _kernels and _why_unavailable(b, device) is None]
+    runnable = [b for b in BACKENDS if (op, b) in _kernels]
+    return [b for b in runnable if _why_kernel_unavailable(op, b, device) is None]
 
 
 # --------------------------------------------------------------------------------------

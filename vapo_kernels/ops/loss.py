@@ -559,6 +559,9 @@ def _token_loss_fake(
 def _setup_context(ctx, inputs, output):
     _, sums, g_logp, g_values, g_entropy = output
     ctx.mark_non_differentiable(sums, g_logp, g_values, g_entropy)
+    # Only the loss is differentiable: without this, autograd would allocate and zero-fill
+    # a token-sized gradient for each of the other outputs on every backward.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(g_logp, g_values, g_entropy)
     ctx.dtypes = [None if inputs[i] is None else inputs[i].dtype for i in (0, 3, 7)]
     ctx.had_grads = inputs[19]  # need_grad
@@ -567,6 +570,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, *unused):
     g_logp, g_values, g_entropy = ctx.saved_tensors
     out = [None] * 21
+    if grad_loss is None:
+        return tuple(out)
     for slot, g, dtype in zip((0, 3, 7), (g_logp, g_values, g_entropy), ctx.dtypes):
         if not ctx.needs_input_grad[slot]:
             continue
