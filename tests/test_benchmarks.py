@@ -5,10 +5,16 @@
 * the benchmark's peer loaders and transcriptions compute GAE: slime's chunked method
   equals verl's loop on unmasked rows, NeMo's two-pass method equals verl's loop run per
   lambda, and the OpenRLHF function compiled from its source equals our ``"zero"`` mode.
+
+The log-prob benchmark (``bench_logprobs.py``): a ``--quick`` run has every row, ours
+verified against float64 and timed with a floor and a peak memory, peers checked or skipped
+with a reason; its checks refuse wrong answers (a shifted target, a flipped sign, a missing
+gradient) so that they are never timed.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
@@ -162,3 +168,242 @@ def test_openrlhf_from_source_equals_zero_mode():
     torch.testing.assert_close(adv, ours[0], rtol=1e-5, atol=1e-5)
     # OpenRLHF's returns add the masked (zeroed) values; ours add V itself
     torch.testing.assert_close(ret, ours[0] + x.values * x.maskf, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# bench_logprobs.py
+
+import bench_logprobs  # noqa: E402
+
+LOGPROBS_SCRIPT = ROOT / "benchmarks" / "bench_logprobs.py"
+
+# every peer row of a CPU run, with the package it needs (None: plain torch)
+LOGPROBS_PEERS = {
+    ("logp", "verl.logprobs_from_logits_v2"): "verl",
+    ("logp", "verl.logprobs_from_logits_naive"): "verl",
+    ("logp", "verl.logprobs_from_logits_flash_attn"): "flash_attn",
+    ("logp", "trl.selective_log_softmax"): "trl",
+    ("logp", "torch eager"): None,
+    ("logp", "torch.compile"): None,
+    ("logp+ent", "verl.logprobs_from_logits+entropy_from_logits"): "verl",
+    ("logp+ent", "verl.logprobs_from_logits+entropy_with_chunking"): "verl",
+    ("logp+ent", "trl.selective_log_softmax+entropy_from_logits"): "trl",
+    ("logp+ent", "trl.selective_log_softmax_and_entropy"): "trl",
+    ("logp+ent", "torch eager"): None,
+    ("logp+ent", "torch.compile"): None,
+    ("linear", "liger.fused_linear_cross_entropy"): "liger_kernel",
+    ("linear", "cce.linear_cross_entropy"): "cut_cross_entropy",
+    ("linear", "trl.ChunkedLogProbFunction"): "trl",
+    ("linear", "torch eager"): None,
+    ("linear", "torch.compile"): None,
+    ("linear+ent", "verl.linear_cross_entropy"): "verl",
+    ("linear+ent", "trl.ChunkedLogProbFunction"): "trl",
+    ("linear+ent", "torch eager"): None,
+    ("linear+ent", "torch.compile"): None,
+}
+
+
+@pytest.fixture(scope="module")
+def logprobs_quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_logprobs")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, str(LOGPROBS_SCRIPT), "--quick", "--out", str(out)],
+        check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out, json.loads((out / "logprobs_cpu.json").read_text())
+
+
+def test_logprobs_quick_run_has_every_row(logprobs_quick_run):
+    out, data = logprobs_quick_run
+    rows, meta = data["rows"], data["meta"]
+    assert meta["backends"]["logits"] and meta["backends"]["linear"]
+    labels = {
+        bench_logprobs.Shape(*s).label: bench_logprobs.Shape(*s)
+        for s in bench_logprobs.QUICK_SHAPES
+    }
+    assert {r["shape"] for r in rows} == set(labels)
+    for label, shape in labels.items():
+        family = "linear" if shape.linear else "logits"
+        ours_name = "vapo.linear_logprobs" if shape.linear else "vapo.token_logprobs"
+        want = {(t, f"{ours_name}[{b}]") for t in shape.tasks for b in meta["backends"][family]}
+        want |= {k for k in LOGPROBS_PEERS if k[0] in shape.tasks}
+        if shape.linear:
+            want.add(("linear", "torch.matmul (floor)"))
+        got = {(r["task"], r["impl"]) for r in rows if r["shape"] == label}
+        assert want <= got, sorted(want - got)
+        for key in got:  # one row per mode
+            modes = [
+                r["mode"] for r in rows if r["shape"] == label and (r["task"], r["impl"]) == key
+            ]
+            assert sorted(modes) == ["fwd", "fwd+bwd"], (key, modes)
+    for key in (
+        "device_name",
+        "torch",
+        "median_s",
+        "iqr_s",
+        "floor_s",
+        "fraction_of_floor",
+        "peak_mem_bytes",
+        "speedup_vs_best_peer",
+        "verified",
+        "note",
+    ):
+        assert all(key in r for r in rows), key
+    assert (out / "logprobs_cpu_logits.png").stat().st_size > 0
+    assert (out / "logprobs_cpu_linear.png").stat().st_size > 0
+    assert "floor fwd" in (out / "logprobs_cpu.txt").read_text()
+
+
+def test_logprobs_quick_run_verified_ours_before_timing(logprobs_quick_run):
+    _, data = logprobs_quick_run
+    ours = [r for r in data["rows"] if r["kind"] == "ours"]
+    assert ours
+    for r in ours:
+        assert r["status"] == "ok", r
+        assert r["verified"] is True and r["verified_against"].startswith("float64"), r
+        assert r["err_over_tol"] <= 1, r
+        assert r["median_s"] > 0 and r["floor_s"] > 0 and r["fraction_of_floor"] > 0, r
+        assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] >= 0, r
+        if r["mode"] == "fwd+bwd":
+            assert r["grad_rel_err"] is not None and r["grad_rel_err"] < 0.02, r
+    floor = [r for r in data["rows"] if r["kind"] == "floor"]
+    assert floor and all(r["status"] == "ok" and r["median_s"] > 0 for r in floor)
+
+
+def test_logprobs_quick_run_peers_checked_or_skipped_with_reason(logprobs_quick_run):
+    _, data = logprobs_quick_run
+    for r in (r for r in data["rows"] if r["kind"] == "peer"):
+        key = (r["task"], r["impl"])
+        assert key in LOGPROBS_PEERS, key
+        if r["status"] == "ok":
+            assert r["verified"] is True and r["median_s"] > 0, r
+            assert r["verified_against"].startswith("vapo."), r  # ours ran first and passed
+        else:
+            assert r["status"] == "skipped" and r["note"], r
+            package = LOGPROBS_PEERS[key]
+            if package is not None and _installed(package) and "CUDA" not in r["note"]:
+                # installed and not CUDA-only: only a version too old may skip it
+                assert "needs trl >= 1.16" in r["note"], r
+    by_key = {(r["task"], r["impl"], r["mode"]): r for r in data["rows"] if r["kind"] == "peer"}
+    for mode in ("fwd", "fwd+bwd"):  # plain torch always runs on CPU
+        assert by_key[("logp", "torch eager", mode)]["status"] == "ok"
+        assert by_key[("linear", "torch eager", mode)]["status"] == "ok"
+
+
+def _logprobs_state(shape):
+    args = argparse.Namespace(
+        dtype=torch.bfloat16,
+        sets=1,
+        seed=0,
+        max_call_s=60.0,
+        warmup=0,
+        max_reps=1,
+        budget=0.01,
+        min_reps=1,
+    )
+    return args, bench_logprobs.prepare_shape(shape, args, torch.device("cpu"))
+
+
+def _run(impl, mode, st, args):
+    r = bench_logprobs.Result(impl, mode)
+    bench_logprobs.run_mode(r, st, st.sets, args, torch.device("cpu"), None)
+    return r
+
+
+def test_logprobs_checks_refuse_wrong_answers():
+    bl = bench_logprobs
+    args, st = _logprobs_state(bl.Shape(64, 700))
+
+    def peer(name, fn, task="logp"):
+        return bl.Impl(name, task, "peer", fn)
+
+    # no row of ours has run: peers are held to the float64 rows
+    right = peer("torch eager", lambda x: bl.torch_logp_ent(bl._z(x), x.targets), "logp+ent")
+    shifted = peer("shifted", lambda x: (bl.torch_logp(bl._z(x), x.targets.roll(1)), None))
+    flipped = peer("flipped", lambda x: (-bl.torch_logp(bl._z(x), x.targets), None))
+    low_ent = peer(
+        "entropy of the wrong rows",
+        lambda x: (
+            bl.torch_logp(bl._z(x), x.targets),
+            bl.torch_logp_ent(bl._z(x), x.targets)[1].roll(1),
+        ),
+        "logp+ent",
+    )
+    # right values, no gradient through the softmax
+    no_grad = peer(
+        "no softmax gradient",
+        lambda x: (
+            bl._z(x).gather(-1, x.targets[:, None]).squeeze(-1)
+            - bl._z(x).detach().float().logsumexp(-1),
+            None,
+        ),
+    )
+    for mode in bl.MODES:
+        assert _run(right, mode, st, args).status == "ok"
+    for impl in (shifted, flipped, low_ent):
+        r = _run(impl, "fwd", st, args)
+        assert r.status == "failed_verification" and r.stats is None, (impl.name, r)
+    assert _run(no_grad, "fwd", st, args).status == "ok"
+    r = _run(no_grad, "fwd+bwd", st, args)
+    assert r.status == "failed_verification" and r.grad_rel_err > 0.5 and r.stats is None, r
+
+    # ours first: then the peers are compared with ours at full size
+    ours = bl.Impl("vapo", "logp", "ours", lambda x: (vk.token_logprobs(bl._z(x), x.targets), None))
+    for mode in bl.MODES:
+        r = _run(ours, mode, st, args)
+        assert r.status == "ok" and r.verified_against.startswith("float64"), r
+    assert st.expected["logp"].source == "vapo" and st.expected["logp"].grads is not None
+    r = _run(
+        peer("torch eager", lambda x: (bl.torch_logp(bl._z(x), x.targets), None)),
+        "fwd+bwd",
+        st,
+        args,
+    )
+    assert r.status == "ok" and r.verified_against == "vapo", r
+    # a wrong row outside the float64 rows is caught at full size
+    bad_row = int(torch.arange(st.shape.n)[~torch.isin(torch.arange(st.shape.n), st.check_rows)][0])
+
+    def one_wrong(x):
+        lp = bl.torch_logp(bl._z(x), x.targets).clone()
+        lp[bad_row] -= 1.0
+        return lp, None
+
+    assert _run(peer("one wrong row", one_wrong), "fwd", st, args).status == "failed_verification"
+
+
+def test_logprobs_linear_checks():
+    bl = bench_logprobs
+    args, st = _logprobs_state(bl.Shape(48, 600, 64))
+    ours = bl.Impl(
+        "vapo",
+        "linear+ent",
+        "ours",
+        lambda x: bl._pair(vk.linear_logprobs(x.hidden, x.weight, x.targets, return_entropy=True)),
+    )
+    for mode in bl.MODES:
+        r = _run(ours, mode, st, args)
+        assert r.status == "ok", r
+        assert mode == "fwd" or r.grad_rel_err < 1e-2, r
+    eager = bl.Impl(
+        "torch eager",
+        "linear+ent",
+        "peer",
+        lambda x: bl.torch_linear_logp_ent(x.hidden, x.weight, x.targets),
+    )
+    assert _run(eager, "fwd+bwd", st, args).status == "ok"
+    # a wrong weight gradient (hidden's is right) is caught
+    wrong_dw = bl.Impl(
+        "detached head",
+        "linear+ent",
+        "peer",
+        lambda x: bl.torch_linear_logp_ent(x.hidden, x.weight.detach() + 0 * x.weight, x.targets),
+    )
+    r = _run(wrong_dw, "fwd+bwd", st, args)
+    assert r.status == "failed_verification", r
