@@ -7,6 +7,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace vapo {
 
@@ -35,6 +36,18 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
                             const at::Tensor& logits, const at::Tensor& targets,
                             const std::optional<at::Tensor>& valid, const at::Tensor& lse,
                             const at::Tensor& entropy, double temperature, at::Tensor out);
+
+// Fused PPO / VAPO token loss: (sums, grad_logp, grad_values, grad_entropy)
+// (vapo_kernels/ops/loss.py, reference_kernel). Absent terms' tensors are None.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
+    const std::optional<at::Tensor>& logp, const std::optional<at::Tensor>& old_logp,
+    const std::optional<at::Tensor>& advantages, const std::optional<at::Tensor>& values,
+    const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns,
+    const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>& is_weights, const std::optional<at::Tensor>& mask,
+    const at::Tensor& offsets, const at::Tensor& seq_weight,
+    const std::optional<at::Tensor>& lm_weight, const std::vector<double>& params,
+    bool need_grad);
 
 #ifdef VAPO_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> gae_scan_cuda(

@@ -161,7 +161,7 @@ def as_bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
 def offsets(layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
     """int64 sequence offsets into the flattened token tensor, for either layout."""
     if layout.packed:
-        return cu_seqlens.to(torch.int64)
+        return cu_seqlens.to(torch.int64).contiguous()  # kernels index it as a flat array
     batch, length = shape
     return torch.arange(batch + 1, dtype=torch.int64, device=device) * length
 

@@ -548,7 +548,8 @@ def _token_loss_fake(
     loss = first.new_empty((), dtype=dtype)
     sums = first.new_empty((NUM_SUMS,), dtype=dtype)
     grads = []
-    for src in (logp, values, entropy):
+    # As in the kernels: values get a gradient only when the value term is on (returns).
+    for src in (logp, values if returns is not None else None, entropy):
         if need_grad and src is not None:
             grads.append(first.new_empty(src.shape, dtype=dtype))
         else:

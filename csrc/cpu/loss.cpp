@@ -1,0 +1,841 @@
+// Fused PPO / VAPO token loss on the CPU (vapo_kernels/ops/loss.py: the formulas are in
+// the module docstring, the kernel contract in reference_kernel's docstring, the exact
+// per-token values and gradients - torch's tie rules included - in _policy_terms,
+// _value_terms and _kl_terms).
+//
+// One read of every input, one write of every gradient. The tokens are cut into chunks
+// of kChunk tokens (a fixed size: the cut, and so every rounding, does not depend on the
+// number of threads); chunks run in parallel and each finds its first sequence by binary
+// search in the offsets, so one 1M-token sequence and a million empty ones cost the same
+// as any other layout.
+//
+// A chunk is walked in tiles of kTileBytes per input, small enough that all of a tile's
+// buffers stay in L1: the inputs of a tile are first converted to the compute type
+// (float; double for fp64) with masked slots replaced by 0 - selects, never products,
+// so NaN or 1e30 in a masked slot cannot reach anything - then each term (policy,
+// value, KL, entropy, LM) runs as one branch-free loop over the tile, specialised on its
+// options (dual clip, importance weights, value-clip form, KL kind). GCC's vectoriser
+// gives up on loops this branchy, so they are written with GCC / Clang vector
+// extensions, W lanes wide. Each loop sums its terms in W-lane registers of the compute
+// type over the tile (16 tokens per lane with AVX2, 32 with SSE2: the fp32 partial sums
+// stay short) and adds them into per-chunk double lanes at the end of the tile; a
+// chunk's lanes are summed in a fixed order, then the chunks in chunk order. Hence sums
+// and gradients are bitwise reproducible across runs and thread counts. (Across
+// instruction sets they may differ in the last bits: the lane count differs, and GCC
+// contracts a * b + c into an FMA where the ISA has one.)
+//
+// The float exponential is a polynomial one (as in logprobs.cpp: GCC does not vectorise
+// libm's expf), about 1 ulp from expf; fp64 uses std::exp. The kernel is compiled for
+// SSE2 and for AVX2 + FMA + F16C, which runs where the CPU and torch's
+// ATEN_CPU_CAPABILITY allow it. (No AVX-512 build: GCC 12 expands 512-bit vector
+// compares in always-inline helpers lane by lane, and at 256 bits the kernel is within a
+// small factor of memory bandwidth.)
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../ops.h"
+#include "alloc.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define VAPO_LOSS_MULTIVERSION 1
+#define VAPO_LOSS_AVX2 __attribute__((target("avx2,fma,f16c")))
+#else
+#define VAPO_LOSS_MULTIVERSION 0
+#endif
+
+// Vectors wider than the baseline ISA are passed between always-inlined helpers only;
+// the ABI note GCC prints for them does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#define VAPO_LOSS_INLINE __attribute__((always_inline)) inline
+
+namespace vapo {
+namespace {
+
+// Layout of `params` and of `sums` (vapo_kernels/ops/loss.py, P_* and S_*).
+enum : int {
+  P_CLIP_LOW = 0, P_CLIP_HIGH, P_DUAL_CLIP, P_RATIO_CLAMP, P_VALUE_CLIP,
+  P_VALUE_CLIP_OPENRLHF, P_KL_KIND, P_KL_STRAIGHT, P_VF_COEF, P_KL_COEF,
+  P_ENTROPY_COEF, P_LM_COEF, NUM_PARAMS
+};
+enum : int {
+  S_PG = 0, S_VF, S_KL, S_ENTROPY, S_LM, S_TOKENS, S_CLIP_LOW, S_CLIP_HIGH,
+  S_DUAL_CLIP, S_NEG_LOG_RATIO, S_K3, S_RATIO_SUM, S_RATIO_MIN, S_RATIO_MAX, S_VF_CLIP,
+  NUM_SUMS
+};
+
+constexpr int64_t kChunk = 8192;  // tokens per parallel task: fixed, for reproducible sums
+constexpr int kTileBytes = 512;   // per input buffer: a tile is 128 fp32 / 64 fp64 tokens
+constexpr int kMaxW = 8;          // widest vector: 8 fp32 lanes (AVX2)
+
+enum class ValueForm { kNone, kVerl, kOpenRLHF };
+
+// The options, and the constants in the compute type T (as torch casts Python scalars to
+// the dtype of the tensor they meet).
+template <typename T>
+struct Config {
+  bool policy = false, dual = false, isw = false, value = false, kl = false, entropy = false,
+       lm = false, has_logp = false;
+  ValueForm value_form = ValueForm::kNone;
+  int kl_kind = 0;
+  bool kl_straight = false;
+  T clamp = 0, lo = 0, hi = 0, dual_clip = 0, value_eps = 0;
+  T vf_coef = 0, kl_coef = 0, neg_entropy_coef = 0, lm_coef = 0;
+};
+
+template <typename scalar_t, typename T>
+struct Args {
+  const scalar_t *logp = nullptr, *old_logp = nullptr, *adv = nullptr, *values = nullptr,
+                 *old_values = nullptr, *returns = nullptr, *ref_logp = nullptr,
+                 *entropy = nullptr, *isw = nullptr;
+  const uint8_t* mask = nullptr;  // torch bool: one byte, 0 or 1
+  const int64_t* off = nullptr;
+  int64_t num_seqs = 0;
+  const T* seq_weight = nullptr;
+  const T* lm_weight = nullptr;
+  T *g_logp = nullptr, *g_values = nullptr, *g_entropy = nullptr;  // null: not written
+  Config<T> cfg;
+};
+
+// What a chunk hands to the final reduction.
+struct ChunkSums {
+  double sums[NUM_SUMS];
+  double ratio_min, ratio_max;
+};
+
+// One tile of tokens in the compute type.
+template <typename T>
+struct Tile {
+  static constexpr int kN = kTileBytes / static_cast<int>(sizeof(T));
+  alignas(64) T valid[kN];  // 1 valid, 0 masked (and padding)
+  alignas(64) T w[kN];      // aggregation weight, 0 on masked tokens
+  alignas(64) T wlm[kN];    // LM weight, 0 on masked tokens
+  alignas(64) T lp[kN];
+  alignas(64) T old[kN];
+  alignas(64) T adv[kN];
+  alignas(64) T isw[kN];
+  alignas(64) T v[kN];
+  alignas(64) T ov[kN];
+  alignas(64) T ret[kN];
+  alignas(64) T ref[kN];
+  alignas(64) T ent[kN];
+  alignas(64) T g_lp[kN];
+  alignas(64) T g_v[kN];
+  alignas(64) T g_e[kN];
+};
+
+// A chunk's running sums: double lanes (lane = token index mod W within each tile).
+template <typename T>
+struct ChunkAcc {
+  double lanes[NUM_SUMS][kMaxW] = {};
+  T ratio_min[kMaxW], ratio_max[kMaxW];
+};
+
+// ---- vectors ----------------------------------------------------------------------------
+
+template <typename T, int W>
+struct VecOf {
+  typedef T type __attribute__((vector_size(sizeof(T) * W)));
+};
+template <typename T, int W>
+using Vec = typename VecOf<T, W>::type;
+
+template <typename V, typename T>
+VAPO_LOSS_INLINE V vload(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+VAPO_LOSS_INLINE void vstore(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename T, int W>
+VAPO_LOSS_INLINE Vec<T, W> splat(T x) {
+  Vec<T, W> v;
+  for (int k = 0; k < W; ++k) v[k] = x;
+  return v;
+}
+
+// Adds the W lanes of v to lanes[0, W) in double.
+template <typename T, int W>
+VAPO_LOSS_INLINE void flush(double* lanes, const Vec<T, W>& v) {
+  for (int k = 0; k < W; ++k) lanes[k] += static_cast<double>(v[k]);
+}
+
+// ---- torch's elementwise rules (scalars and vectors alike) ------------------------------
+
+// torch.maximum / minimum: a NaN operand wins.
+template <typename V>
+VAPO_LOSS_INLINE V t_max(V a, V b) {
+  return ((a > b) | (a != a)) ? a : b;
+}
+template <typename V>
+VAPO_LOSS_INLINE V t_min(V a, V b) {
+  return ((a < b) | (a != a)) ? a : b;
+}
+// torch.clamp(x, lo, hi) for lo <= hi: NaN passes through.
+template <typename V>
+VAPO_LOSS_INLINE V t_clamp(V x, V lo, V hi) {
+  const V y = x < lo ? lo : x;
+  return y > hi ? hi : y;
+}
+// Where torch.clamp(x, lo, hi) passes its gradient: 1 inside, bounds included.
+template <typename V>
+VAPO_LOSS_INLINE V in_range(V x, V lo, V hi, V one, V zero) {
+  return ((x >= lo) & (x <= hi)) ? one : zero;
+}
+// Gradient of max(a, b) from those of a and b: a tie splits evenly.
+template <typename V>
+VAPO_LOSS_INLINE V tie_split(V a, V b, V ga, V gb, V half) {
+  const V tie = half * (ga + gb);
+  return a > b ? ga : (b > a ? gb : tie);
+}
+
+// exp for float lanes: 2^k * p(r), k = round(x / ln2), r = x - k ln2, p the degree-7
+// Taylor polynomial (truncation 5e-9 relative on |r| <= ln2 / 2); 2^k is applied as two
+// normal factors so that results overflow to inf and underflow gradually as expf does.
+// NaN stays NaN.
+template <int W>
+VAPO_LOSS_INLINE Vec<float, W> vexp(Vec<float, W> x) {
+  using VF = Vec<float, W>;
+  using VU = Vec<uint32_t, W>;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2Hi = 0.693359375f;  // 9 bits: k * kLn2Hi is exact for |k| < 2^15
+  constexpr float kLn2Lo = -2.12194440054690583e-4f;
+  const VF lo = splat<float, W>(-104.0f), hi = splat<float, W>(89.0f);
+  x = x < lo ? lo : x;  // exp(-104) is below the least subnormal: 0 either way
+  x = x > hi ? hi : x;  // exp(89) > FLT_MAX: inf either way
+  const VF t = x * kLog2e + kRound;
+  const VF k = t - kRound;
+  VF r = x - k * kLn2Hi;
+  r = r - k * kLn2Lo;
+  VF p = r * (1.0f / 5040.0f) + (1.0f / 720.0f);
+  p = p * r + (1.0f / 120.0f);
+  p = p * r + (1.0f / 24.0f);
+  p = p * r + (1.0f / 6.0f);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  // k (two's complement) from the low mantissa bits of t, split as k1 + k2 with both
+  // halves in the normal exponent range. Unsigned arithmetic: NaN's garbage bits wrap
+  // (p is NaN then anyway).
+  const VU ki = (VU)t - 0x4B400000u;
+  const VU k1 = ((ki + 0x80000000u) >> 1) - 0x40000000u;  // floor(k / 2)
+  const VU k2 = ki - k1;
+  const VF s1 = (VF)((k1 + 127u) << 23), s2 = (VF)((k2 + 127u) << 23);
+  return (p * s1) * s2;
+}
+
+template <int W>
+VAPO_LOSS_INLINE Vec<double, W> vexp(Vec<double, W> x) {
+  Vec<double, W> e;
+  for (int k = 0; k < W; ++k) e[k] = std::exp(x[k]);
+  return e;
+}
+
+// Constants of a tile loop, broadcast once.
+template <typename T, int W>
+struct Splats {
+  using V = Vec<T, W>;
+  V zero = splat<T, W>(T(0)), one = splat<T, W>(T(1)), half = splat<T, W>(T(0.5));
+  V inf = splat<T, W>(std::numeric_limits<T>::infinity());
+};
+
+// ---- the terms: one loop each over a tile of nr tokens (a multiple of W) ----------------
+//
+// Padding tokens are invalid with zero inputs and weights: they add (+-)0 to every sum,
+// +-inf to the ratio extremes, and their gradients are never stored.
+
+template <typename T, int W, bool kDual, bool kIsw>
+VAPO_LOSS_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+  using V = Vec<T, W>;
+  const Splats<T, W> k;
+  const V clamp = splat<T, W>(c.clamp), neg_clamp = -clamp;
+  const V lo = splat<T, W>(c.lo), hi = splat<T, W>(c.hi);
+  const V dual_clip = splat<T, W>(c.dual_clip);
+  V s_pg = k.zero, s_low = k.zero, s_high = k.zero, s_dual = k.zero, s_nlr = k.zero,
+    s_k3 = k.zero, s_ratio = k.zero, r_min = k.inf, r_max = -k.inf;
+  for (int i = 0; i < nr; i += W) {
+    const V adv = vload<V>(b.adv + i);
+    const V na = -adv;
+    const V raw = vload<V>(b.lp + i) - vload<V>(b.old + i);
+    const V log_ratio = t_clamp(raw, neg_clamp, clamp);
+    const V ratio = vexp<W>(log_ratio);
+    const V unclipped = na * ratio;
+    const V clipped = na * t_clamp(ratio, lo, hi);
+    V pg = t_max(unclipped, clipped);
+    V d_ratio =
+        tie_split(unclipped, clipped, na, na * in_range(ratio, lo, hi, k.one, k.zero), k.half);
+    const auto was_clipped = clipped > unclipped;
+    const auto valid = vload<V>(b.valid + i) != k.zero;
+    if constexpr (kDual) {
+      // min(pg, floor), floor constant in logp: full gradient below, half at a tie.
+      const V floor = na * dual_clip;
+      const auto negative = adv < k.zero;
+      const auto dual = negative & (pg > floor);
+      const V half = k.half * d_ratio;
+      const V below = pg < floor ? d_ratio : (pg > floor ? k.zero : half);
+      d_ratio = negative ? below : d_ratio;
+      pg = negative ? t_min(pg, floor) : pg;
+      s_dual += (valid & dual) ? k.one : k.zero;
+    }
+    V grad = d_ratio * ratio * in_range(raw, neg_clamp, clamp, k.one, k.zero);
+    if constexpr (kIsw) {
+      const V isw = vload<V>(b.isw + i);
+      pg = pg * isw;
+      grad = grad * isw;
+    }
+    const V w = vload<V>(b.w + i);
+    s_pg += w * pg;
+    vstore(b.g_lp + i, vload<V>(b.g_lp + i) + w * grad);
+    s_low += (valid & was_clipped & (ratio < lo)) ? k.one : k.zero;
+    s_high += (valid & was_clipped & (ratio > hi)) ? k.one : k.zero;
+    s_nlr += valid ? -log_ratio : k.zero;
+    s_k3 += valid ? (ratio - k.one) - log_ratio : k.zero;
+    s_ratio += valid ? ratio : k.zero;
+    r_min = t_min(r_min, valid ? ratio : k.inf);
+    r_max = t_max(r_max, valid ? ratio : -k.inf);
+  }
+  flush<T, W>(acc.lanes[S_PG], s_pg);
+  flush<T, W>(acc.lanes[S_CLIP_LOW], s_low);
+  flush<T, W>(acc.lanes[S_CLIP_HIGH], s_high);
+  if constexpr (kDual) flush<T, W>(acc.lanes[S_DUAL_CLIP], s_dual);
+  flush<T, W>(acc.lanes[S_NEG_LOG_RATIO], s_nlr);
+  flush<T, W>(acc.lanes[S_K3], s_k3);
+  flush<T, W>(acc.lanes[S_RATIO_SUM], s_ratio);
+  for (int l = 0; l < W; ++l) {
+    acc.ratio_min[l] = t_min(acc.ratio_min[l], r_min[l]);
+    acc.ratio_max[l] = t_max(acc.ratio_max[l], r_max[l]);
+  }
+}
+
+template <typename T, int W, ValueForm kForm>
+VAPO_LOSS_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+  using V = Vec<T, W>;
+  const Splats<T, W> k;
+  const V eps = splat<T, W>(c.value_eps), neg_eps = -eps, vf_coef = splat<T, W>(c.vf_coef);
+  V s_vf = k.zero, s_clip = k.zero;
+  for (int i = 0; i < nr; i += W) {
+    const V v = vload<V>(b.v + i), ret = vload<V>(b.ret + i);
+    const V err = v - ret;
+    const V unclipped = err * err;
+    V vf, grad;
+    if constexpr (kForm == ValueForm::kNone) {
+      vf = k.half * unclipped;
+      grad = err;
+    } else {
+      const V ov = vload<V>(b.ov + i);
+      V v_clipped, d_clip;
+      if constexpr (kForm == ValueForm::kOpenRLHF) {
+        const V step = v - ov;
+        v_clipped = ov + t_clamp(step, neg_eps, eps);
+        d_clip = in_range(step, neg_eps, eps, k.one, k.zero);
+      } else {  // verl's clip_by_value: max(min(v, old + eps), old - eps)
+        const V hi = ov + eps, lo = ov - eps;
+        const V upper = t_min(v, hi);
+        const V d_upper = v < hi ? k.one : (v > hi ? k.zero : k.half);
+        v_clipped = t_max(upper, lo);
+        d_clip = d_upper * (upper > lo ? k.one : (upper < lo ? k.zero : k.half));
+      }
+      const V err_clipped = v_clipped - ret;
+      const V clipped = err_clipped * err_clipped;
+      // d/dv of 0.5 * max(...): the factor 2 of each square cancels the 0.5.
+      grad = tie_split(unclipped, clipped, err, err_clipped * d_clip, k.half);
+      vf = k.half * t_max(unclipped, clipped);
+      const auto valid = vload<V>(b.valid + i) != k.zero;
+      s_clip += (valid & (clipped > unclipped)) ? k.one : k.zero;
+    }
+    const V w = vload<V>(b.w + i);
+    s_vf += w * vf;
+    vstore(b.g_v + i, vf_coef * w * grad);
+  }
+  flush<T, W>(acc.lanes[S_VF], s_vf);
+  if constexpr (kForm != ValueForm::kNone) flush<T, W>(acc.lanes[S_VF_CLIP], s_clip);
+}
+
+template <typename T, int W, int kKind>
+VAPO_LOSS_INLINE void kl_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+  using V = Vec<T, W>;
+  const Splats<T, W> k;
+  const V kl_coef = splat<T, W>(c.kl_coef);
+  const V twenty = splat<T, W>(T(20)), ten = splat<T, W>(T(10));
+  const bool straight = c.kl_straight;
+  V s_kl = k.zero;
+  for (int i = 0; i < nr; i += W) {
+    const V diff = vload<V>(b.lp + i) - vload<V>(b.ref + i);
+    V value, grad;
+    if constexpr (kKind == 1) {  // k1
+      value = diff;
+      grad = k.one;
+    } else if constexpr (kKind == 2) {  // abs; torch.sign(0) = 0 (and sign(NaN) = 0)
+      value = diff < k.zero ? -diff : diff;
+      grad = diff > k.zero ? k.one : (diff < k.zero ? -k.one : k.zero);
+    } else if constexpr (kKind == 3) {  // k2
+      value = k.half * diff * diff;
+      grad = diff;
+    } else {  // k3 (low_var_kl): log-ratio clamped to [-20, 20], value to [-10, 10]
+      const V log_ratio = t_clamp(-diff, -twenty, twenty);
+      const V e = vexp<W>(log_ratio);
+      const V raw = e - log_ratio - k.one;
+      value = t_clamp(raw, -ten, ten);
+      grad = -(e - k.one) * in_range(-diff, -twenty, twenty, k.one, k.zero) *
+             in_range(raw, -ten, ten, k.one, k.zero);
+    }
+    if (straight) grad = diff;  // '+': the gradient of k2
+    const V w = vload<V>(b.w + i);
+    s_kl += w * value;
+    vstore(b.g_lp + i, vload<V>(b.g_lp + i) + kl_coef * w * grad);
+  }
+  flush<T, W>(acc.lanes[S_KL], s_kl);
+}
+
+template <typename T, int W>
+VAPO_LOSS_INLINE void entropy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+  using V = Vec<T, W>;
+  const V neg_coef = splat<T, W>(c.neg_entropy_coef);
+  V s = splat<T, W>(T(0));
+  for (int i = 0; i < nr; i += W) {
+    const V w = vload<V>(b.w + i);
+    s += w * vload<V>(b.ent + i);
+    vstore(b.g_e + i, neg_coef * w);
+  }
+  flush<T, W>(acc.lanes[S_ENTROPY], s);
+}
+
+// sums[S_LM] = -sum(w_lm * logp): the sign is applied once, at the end.
+template <typename T, int W>
+VAPO_LOSS_INLINE void lm_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+  using V = Vec<T, W>;
+  const V lm_coef = splat<T, W>(c.lm_coef);
+  V s = splat<T, W>(T(0));
+  for (int i = 0; i < nr; i += W) {
+    const V wlm = vload<V>(b.wlm + i);
+    s += wlm * vload<V>(b.lp + i);
+    vstore(b.g_lp + i, vload<V>(b.g_lp + i) - lm_coef * wlm);
+  }
+  flush<T, W>(acc.lanes[S_LM], s);
+}
+
+template <typename T, int W>
+VAPO_LOSS_INLINE void count_tile(const Tile<T>& b, int nr, ChunkAcc<T>& acc) {
+  using V = Vec<T, W>;
+  V s = splat<T, W>(T(0));
+  for (int i = 0; i < nr; i += W) s += vload<V>(b.valid + i);
+  flush<T, W>(acc.lanes[S_TOKENS], s);
+}
+
+// ---- a chunk ----------------------------------------------------------------------------
+
+#if VAPO_LOSS_MULTIVERSION
+// fp16 -> fp32 by F16C, 8 at a time; returns how many were converted. A plain function:
+// an AVX2 body cannot be inlined into the baseline-ISA helpers, but can be into the AVX2
+// entry point.
+VAPO_LOSS_AVX2 int half_to_float_f16c(const c10::Half* in, int n, float* out) {
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(h));
+  }
+  return i;
+}
+#endif
+
+// Converts src[0, n) to T with masked slots replaced by 0 (a select: garbage stays out),
+// and zero-fills the padding [n, nr).
+template <typename scalar_t, typename T, int kBytes>
+VAPO_LOSS_INLINE void load_clean(const scalar_t* src, const T* valid, int n, int nr, T* dst) {
+  int i = 0;
+#if VAPO_LOSS_MULTIVERSION
+  if constexpr (std::is_same_v<scalar_t, c10::Half> && kBytes >= 32) {
+    // c10's fp16 -> fp32 conversion branches and does not vectorise; F16C does it exactly.
+    i = half_to_float_f16c(src, n, dst);
+    for (int j = i; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+    for (int j = 0; j < n; ++j) dst[j] = valid[j] != T(0) ? dst[j] : T(0);
+    i = n;
+  }
+#endif
+  for (; i < n; ++i) {
+    const T x = static_cast<T>(src[i]);
+    dst[i] = valid[i] != T(0) ? x : T(0);
+  }
+  for (i = n; i < nr; ++i) dst[i] = T(0);
+}
+
+template <typename T>
+VAPO_LOSS_INLINE void store_grad(const T* g, const T* valid, int n, T* out) {
+  for (int i = 0; i < n; ++i) out[i] = valid[i] != T(0) ? g[i] : T(0);
+}
+
+template <typename scalar_t, typename T, int kBytes>
+VAPO_LOSS_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t end,
+                                 ChunkSums& out) {
+  constexpr int kN = Tile<T>::kN;
+  constexpr int W = kBytes / static_cast<int>(sizeof(T));  // lanes of the tile loops
+  static_assert(kN % W == 0 && W <= kMaxW, "a tile is a whole number of vectors");
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  const Config<T>& c = a.cfg;
+  Tile<T> b;
+  ChunkAcc<T> acc;
+  std::fill(acc.ratio_min, acc.ratio_min + kMaxW, kInf);
+  std::fill(acc.ratio_max, acc.ratio_max + kMaxW, -kInf);
+
+  // The sequence holding token `begin`: off[s] <= begin < off[s + 1] (empty ones skipped).
+  int64_t s = std::upper_bound(a.off, a.off + a.num_seqs + 1, begin) - a.off - 1;
+
+  for (int64_t t0 = begin; t0 < end; t0 += kN) {
+    const int n = static_cast<int>(std::min<int64_t>(kN, end - t0));
+    const int nr = (n + W - 1) / W * W;  // the vector loops run to nr; padding is invalid
+    // Weights, by runs of one sequence.
+    for (int64_t pos = t0; pos < t0 + n;) {
+      while (a.off[s + 1] <= pos) ++s;
+      const int64_t stop = std::min<int64_t>(a.off[s + 1], t0 + n);
+      const T ws = a.seq_weight[s];
+      for (int64_t p = pos; p < stop; ++p) b.w[p - t0] = ws;
+      if (c.lm) {
+        const T wl = a.lm_weight[s];
+        for (int64_t p = pos; p < stop; ++p) b.wlm[p - t0] = wl;
+      }
+      pos = stop;
+    }
+    if (a.mask != nullptr) {
+      const uint8_t* m = a.mask + t0;
+      for (int i = 0; i < n; ++i) b.valid[i] = m[i] != 0 ? T(1) : T(0);
+    } else {
+      for (int i = 0; i < n; ++i) b.valid[i] = T(1);
+    }
+    for (int i = n; i < nr; ++i) b.valid[i] = b.w[i] = b.wlm[i] = T(0);
+    for (int i = 0; i < n; ++i) b.w[i] = b.valid[i] != T(0) ? b.w[i] : T(0);
+    if (c.lm) {
+      for (int i = 0; i < n; ++i) b.wlm[i] = b.valid[i] != T(0) ? b.wlm[i] : T(0);
+    }
+    count_tile<T, W>(b, nr, acc);
+    if (c.has_logp) {
+      load_clean<scalar_t, T, kBytes>(a.logp + t0, b.valid, n, nr, b.lp);
+      std::fill(b.g_lp, b.g_lp + nr, T(0));
+    }
+
+    if (c.policy) {
+      load_clean<scalar_t, T, kBytes>(a.old_logp + t0, b.valid, n, nr, b.old);
+      load_clean<scalar_t, T, kBytes>(a.adv + t0, b.valid, n, nr, b.adv);
+      if (c.isw) load_clean<scalar_t, T, kBytes>(a.isw + t0, b.valid, n, nr, b.isw);
+      if (c.dual) {
+        if (c.isw) policy_tile<T, W, true, true>(b, nr, c, acc);
+        else policy_tile<T, W, true, false>(b, nr, c, acc);
+      } else {
+        if (c.isw) policy_tile<T, W, false, true>(b, nr, c, acc);
+        else policy_tile<T, W, false, false>(b, nr, c, acc);
+      }
+    }
+    if (c.value) {
+      load_clean<scalar_t, T, kBytes>(a.values + t0, b.valid, n, nr, b.v);
+      load_clean<scalar_t, T, kBytes>(a.returns + t0, b.valid, n, nr, b.ret);
+      switch (c.value_form) {
+        case ValueForm::kNone:
+          value_tile<T, W, ValueForm::kNone>(b, nr, c, acc);
+          break;
+        case ValueForm::kVerl:
+          load_clean<scalar_t, T, kBytes>(a.old_values + t0, b.valid, n, nr, b.ov);
+          value_tile<T, W, ValueForm::kVerl>(b, nr, c, acc);
+          break;
+        case ValueForm::kOpenRLHF:
+          load_clean<scalar_t, T, kBytes>(a.old_values + t0, b.valid, n, nr, b.ov);
+          value_tile<T, W, ValueForm::kOpenRLHF>(b, nr, c, acc);
+          break;
+      }
+      if (a.g_values != nullptr) store_grad(b.g_v, b.valid, n, a.g_values + t0);
+    }
+    if (c.kl) {
+      load_clean<scalar_t, T, kBytes>(a.ref_logp + t0, b.valid, n, nr, b.ref);
+      switch (c.kl_kind) {
+        case 1: kl_tile<T, W, 1>(b, nr, c, acc); break;
+        case 2: kl_tile<T, W, 2>(b, nr, c, acc); break;
+        case 3: kl_tile<T, W, 3>(b, nr, c, acc); break;
+        default: kl_tile<T, W, 4>(b, nr, c, acc); break;
+      }
+    }
+    if (c.entropy) {
+      load_clean<scalar_t, T, kBytes>(a.entropy + t0, b.valid, n, nr, b.ent);
+      entropy_tile<T, W>(b, nr, c, acc);
+      if (a.g_entropy != nullptr) store_grad(b.g_e, b.valid, n, a.g_entropy + t0);
+    }
+    if (c.lm) lm_tile<T, W>(b, nr, c, acc);
+    if (a.g_logp != nullptr) store_grad(b.g_lp, b.valid, n, a.g_logp + t0);
+  }
+
+  for (int k = 0; k < NUM_SUMS; ++k) {
+    double sum = 0;
+    for (int l = 0; l < kMaxW; ++l) sum += acc.lanes[k][l];
+    out.sums[k] = sum;
+  }
+  T lo = kInf, hi = -kInf;
+  for (int l = 0; l < kMaxW; ++l) {
+    lo = t_min(lo, acc.ratio_min[l]);
+    hi = t_max(hi, acc.ratio_max[l]);
+  }
+  out.ratio_min = static_cast<double>(lo);
+  out.ratio_max = static_cast<double>(hi);
+}
+
+// One entry point per instruction set; the helpers above are inlined into each.
+template <typename scalar_t, typename T>
+void chunk_base(const Args<scalar_t, T>& a, int64_t begin, int64_t end, ChunkSums& out) {
+  chunk_impl<scalar_t, T, 16>(a, begin, end, out);
+}
+
+#if VAPO_LOSS_MULTIVERSION
+template <typename scalar_t, typename T>
+VAPO_LOSS_AVX2 void chunk_avx2(const Args<scalar_t, T>& a, int64_t begin, int64_t end,
+                               ChunkSums& out) {
+  chunk_impl<scalar_t, T, 32>(a, begin, end, out);
+}
+#endif
+
+enum class Isa { kBase, kAvx2 };
+
+// AVX2 where the CPU has it and torch's ATEN_CPU_CAPABILITY allows it (as logprobs.cpp).
+Isa cpu_isa() {
+#if VAPO_LOSS_MULTIVERSION
+  static const Isa isa = [] {
+    const std::string cap = at::get_cpu_capability();
+    __builtin_cpu_init();
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                      __builtin_cpu_supports("f16c");
+    if (avx2 && (cap.rfind("AVX2", 0) == 0 || cap.rfind("AVX512", 0) == 0)) return Isa::kAvx2;
+    return Isa::kBase;
+  }();
+  return isa;
+#else
+  return Isa::kBase;
+#endif
+}
+
+template <typename scalar_t, typename T>
+using ChunkFn = void (*)(const Args<scalar_t, T>&, int64_t, int64_t, ChunkSums&);
+
+template <typename scalar_t, typename T>
+ChunkFn<scalar_t, T> pick_chunk() {
+#if VAPO_LOSS_MULTIVERSION
+  if (cpu_isa() == Isa::kAvx2) return &chunk_avx2<scalar_t, T>;
+#endif
+  return &chunk_base<scalar_t, T>;
+}
+
+// ---- checks ------------------------------------------------------------------------------
+
+constexpr const char* kFn = "token_loss_cpu";
+
+// A token tensor: None, or a contiguous 1-D float CPU tensor of the common dtype and length.
+const at::Tensor* check_token(const char* name, const std::optional<at::Tensor>& t,
+                              const at::Tensor*& first, const char*& first_name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->device().is_cpu(), kFn, ": ", name, " must be a CPU tensor, got ", t->device());
+  const auto dt = t->scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              kFn, ": ", name, " must be float16, bfloat16, float32 or float64, got ", dt);
+  TORCH_CHECK(t->dim() == 1 && t->is_contiguous(), kFn, ": ", name,
+              " must be a contiguous 1-D (N,) tensor, got shape ", t->sizes());
+  if (first == nullptr) {
+    first = &*t;
+    first_name = name;
+  } else {
+    TORCH_CHECK(dt == first->scalar_type(), kFn, ": ", name, " has dtype ", dt, " but ",
+                first_name, " has ", first->scalar_type(), " (token tensors share one dtype)");
+    TORCH_CHECK(t->size(0) == first->size(0), kFn, ": ", name, " has ", t->size(0),
+                " tokens but ", first_name, " has ", first->size(0));
+  }
+  return &*t;
+}
+
+void check_weights(const char* name, const at::Tensor& t, int64_t num_seqs, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 &&
+                  t.size(0) == num_seqs && t.is_contiguous(),
+              kFn, ": ", name, " must be a contiguous (S,) CPU tensor of dtype ", dtype,
+              " (the output dtype), S = ", num_seqs, "; got shape ", t.sizes(), " and dtype ",
+              t.scalar_type());
+}
+
+template <typename scalar_t>
+const scalar_t* ptr(const at::Tensor* t) {
+  return t == nullptr ? nullptr : t->data_ptr<scalar_t>();
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
+    const std::optional<at::Tensor>& logp, const std::optional<at::Tensor>& old_logp,
+    const std::optional<at::Tensor>& advantages, const std::optional<at::Tensor>& values,
+    const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns,
+    const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& entropy,
+    const std::optional<at::Tensor>& is_weights, const std::optional<at::Tensor>& mask,
+    const at::Tensor& offsets, const at::Tensor& seq_weight,
+    const std::optional<at::Tensor>& lm_weight, const std::vector<double>& params,
+    bool need_grad) {
+  // The Python op validates everything; these checks guard direct callers of the binding.
+  TORCH_CHECK(static_cast<int>(params.size()) == NUM_PARAMS, kFn, ": params must hold ",
+              static_cast<int>(NUM_PARAMS), " floats, got ", params.size());
+  const at::Tensor* first = nullptr;
+  const char* first_name = nullptr;
+  const at::Tensor* t_logp = check_token("logp", logp, first, first_name);
+  const at::Tensor* t_old = check_token("old_logp", old_logp, first, first_name);
+  const at::Tensor* t_adv = check_token("advantages", advantages, first, first_name);
+  const at::Tensor* t_values = check_token("values", values, first, first_name);
+  const at::Tensor* t_old_values = check_token("old_values", old_values, first, first_name);
+  const at::Tensor* t_returns = check_token("returns", returns, first, first_name);
+  const at::Tensor* t_ref = check_token("ref_logp", ref_logp, first, first_name);
+  const at::Tensor* t_entropy = check_token("entropy", entropy, first, first_name);
+  const at::Tensor* t_isw = check_token("is_weights", is_weights, first, first_name);
+  TORCH_CHECK(t_logp != nullptr || t_values != nullptr || t_entropy != nullptr, kFn,
+              ": needs at least one of logp, values or entropy");
+  const int64_t n = first->size(0);
+  const auto in_dtype = first->scalar_type();
+  const auto out_dtype = in_dtype == at::kDouble ? at::kDouble : at::kFloat;
+
+  const uint8_t* mask_ptr = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool && mask->dim() == 1 &&
+                    mask->size(0) == n && mask->is_contiguous(),
+                kFn, ": mask must be a contiguous bool (N,) CPU tensor, N = ", n, "; got shape ",
+                mask->sizes(), " and dtype ", mask->scalar_type());
+    mask_ptr = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
+  }
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong &&
+                  offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.is_contiguous(),
+              kFn, ": offsets must be a contiguous int64 CPU tensor of S + 1 entries");
+  const int64_t num_seqs = offsets.size(0) - 1;
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[num_seqs] == n, kFn,
+              ": offsets must start at 0 and end at N = ", n, ", got ", off[0], " and ",
+              off[num_seqs]);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(off[s] <= off[s + 1], kFn, ": offsets must be non-decreasing, but offsets[",
+                s + 1, "] = ", off[s + 1], " < offsets[", s, "] = ", off[s]);
+  }
+  check_weights("seq_weight", seq_weight, num_seqs, out_dtype);
+  if (lm_weight.has_value()) check_weights("lm_weight", *lm_weight, num_seqs, out_dtype);
+
+  // Which terms run, and what each needs (reference_kernel's contract).
+  const bool policy = t_adv != nullptr;
+  TORCH_CHECK(!policy || (t_logp != nullptr && t_old != nullptr), kFn,
+              ": the policy term (advantages given) needs logp and old_logp");
+  const bool value = t_returns != nullptr;
+  const double value_clip = params[P_VALUE_CLIP];
+  TORCH_CHECK(!value || (t_values != nullptr && (value_clip < 0 || t_old_values != nullptr)),
+              kFn, ": the value term (returns given) needs values, and old_values unless "
+              "params[P_VALUE_CLIP] < 0");
+  const bool kl = t_ref != nullptr && params[P_KL_KIND] > 0;
+  if (kl) {
+    const double kind = params[P_KL_KIND];
+    TORCH_CHECK(kind == 1 || kind == 2 || kind == 3 || kind == 4, kFn,
+                ": params[P_KL_KIND] must be 0 (off), 1 (k1), 2 (abs), 3 (k2) or 4 (k3), got ",
+                kind);
+    TORCH_CHECK(t_logp != nullptr, kFn, ": the KL term (ref_logp given) needs logp");
+  }
+  const bool lm = lm_weight.has_value();
+  TORCH_CHECK(!lm || t_logp != nullptr, kFn, ": the LM term (lm_weight given) needs logp");
+
+  auto sums = empty_cpu_output({NUM_SUMS}, out_dtype);
+  auto grad_or_empty = [&](bool wanted) {
+    return wanted && need_grad ? empty_cpu_output({n}, out_dtype)
+                               : at::empty({0}, at::TensorOptions().dtype(out_dtype));
+  };
+  at::Tensor g_logp = grad_or_empty(t_logp != nullptr);
+  at::Tensor g_values = grad_or_empty(value);
+  at::Tensor g_entropy = grad_or_empty(t_entropy != nullptr);
+
+  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+  std::vector<ChunkSums> parts(static_cast<size_t>(num_chunks));
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in_dtype, "token_loss_cpu", [&] {
+    using T = at::opmath_type<scalar_t>;  // float, or double for fp64
+    Args<scalar_t, T> a;
+    a.logp = ptr<scalar_t>(t_logp);
+    a.old_logp = ptr<scalar_t>(t_old);
+    a.adv = ptr<scalar_t>(t_adv);
+    a.values = ptr<scalar_t>(t_values);
+    a.old_values = ptr<scalar_t>(t_old_values);
+    a.returns = ptr<scalar_t>(t_returns);
+    a.ref_logp = ptr<scalar_t>(t_ref);
+    a.entropy = ptr<scalar_t>(t_entropy);
+    a.isw = ptr<scalar_t>(t_isw);
+    a.mask = mask_ptr;
+    a.off = off;
+    a.num_seqs = num_seqs;
+    a.seq_weight = seq_weight.data_ptr<T>();
+    a.lm_weight = lm ? lm_weight->data_ptr<T>() : nullptr;
+    a.g_logp = g_logp.numel() ? g_logp.data_ptr<T>() : nullptr;
+    a.g_values = g_values.numel() ? g_values.data_ptr<T>() : nullptr;
+    a.g_entropy = g_entropy.numel() ? g_entropy.data_ptr<T>() : nullptr;
+    Config<T>& c = a.cfg;
+    c.has_logp = t_logp != nullptr;
+    c.policy = policy;
+    c.dual = params[P_DUAL_CLIP] > 0;
+    c.isw = policy && t_isw != nullptr;
+    c.value = value;
+    c.value_form = value_clip < 0 ? ValueForm::kNone
+                   : params[P_VALUE_CLIP_OPENRLHF] != 0 ? ValueForm::kOpenRLHF
+                                                        : ValueForm::kVerl;
+    c.kl = kl;
+    c.kl_kind = kl ? static_cast<int>(params[P_KL_KIND]) : 0;
+    c.kl_straight = params[P_KL_STRAIGHT] != 0;
+    c.entropy = t_entropy != nullptr;
+    c.lm = lm;
+    c.clamp = static_cast<T>(params[P_RATIO_CLAMP]);
+    c.lo = static_cast<T>(1.0 - params[P_CLIP_LOW]);
+    c.hi = static_cast<T>(1.0 + params[P_CLIP_HIGH]);
+    c.dual_clip = static_cast<T>(params[P_DUAL_CLIP]);
+    c.value_eps = static_cast<T>(value_clip);
+    c.vf_coef = static_cast<T>(params[P_VF_COEF]);
+    c.kl_coef = static_cast<T>(params[P_KL_COEF]);
+    c.neg_entropy_coef = static_cast<T>(-params[P_ENTROPY_COEF]);
+    c.lm_coef = static_cast<T>(params[P_LM_COEF]);
+
+    const ChunkFn<scalar_t, T> chunk = pick_chunk<scalar_t, T>();
+    at::parallel_for(0, num_chunks, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t i = lo; i < hi; ++i) {
+        chunk(a, i * kChunk, std::min(n, (i + 1) * kChunk), parts[static_cast<size_t>(i)]);
+      }
+    });
+  });
+
+  // Chunk results in chunk order: the same bits whatever the number of threads.
+  double total[NUM_SUMS] = {};
+  double ratio_min = std::numeric_limits<double>::infinity();
+  double ratio_max = -std::numeric_limits<double>::infinity();
+  for (const ChunkSums& p : parts) {
+    for (int k = 0; k < NUM_SUMS; ++k) total[k] += p.sums[k];
+    ratio_min = t_min(ratio_min, p.ratio_min);
+    ratio_max = t_max(ratio_max, p.ratio_max);
+  }
+  total[S_LM] = -total[S_LM];
+  total[S_RATIO_MIN] = ratio_min;
+  total[S_RATIO_MAX] = ratio_max;
+  if (out_dtype == at::kDouble) {
+    double* o = sums.data_ptr<double>();
+    for (int k = 0; k < NUM_SUMS; ++k) o[k] = total[k];
+  } else {
+    float* o = sums.data_ptr<float>();
+    for (int k = 0; k < NUM_SUMS; ++k) o[k] = static_cast<float>(total[k]);
+  }
+  return {sums, g_logp, g_values, g_entropy};
+}
+
+}  // namespace vapo
