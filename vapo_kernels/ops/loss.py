@@ -1005,30 +1005,21 @@ def positive_lm_loss(
 # :mod:`vapo_kernels.ops.logprobs`).
 
 
+# Keywords of :func:`vapo_loss` the from-logits / from-hidden paths pass through: every
+# term whose gradient reaches the log-probs or entropies (a value term would not).
+_PASSED_KEYWORDS = frozenset({
+    "clip_low", "clip_high", "dual_clip", "ratio_log_clamp", "agg", "is_weights",
+    "global_tokens", "global_seqs", "global_positive_tokens", "dp_size",
+    "loss_scale_factor", "ref_logp", "kl_kind", "kl_coef", "entropy_coef", "positive",
+    "lm_coef",
+})
+
+
 def _loss_kwargs(kw: dict) -> dict:
-    allowed = {
-        "clip_low",
-        "clip_high",
-        "dual_clip",
-        "ratio_log_clamp",
-        "agg",
-        "is_weights",
-        "global_tokens",
-        "global_seqs",
-        "global_positive_tokens",
-        "dp_size",
-        "loss_scale_factor",
-        "ref_logp",
-        "kl_kind",
-        "kl_coef",
-        "entropy_coef",
-        "positive",
-        "lm_coef",
-    }
-    unknown = set(kw) - allowed
+    unknown = set(kw) - _PASSED_KEYWORDS
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
-    return kw
+    return {"lm_coef": 0.0, **kw}  # the positive-LM term only when asked for
 
 
 def _loss_mask(mask: Tensor | None, targets: Tensor) -> Tensor:
@@ -1037,105 +1028,54 @@ def _loss_mask(mask: Tensor | None, targets: Tensor) -> Tensor:
     return keep if mask is None else keep & _ragged.as_bool_mask(mask)
 
 
-def _token_terms(logp, entropy, old_logp, advantages, mask, cu_seqlens, kw, need_grad, backend):
-    """Run the token-loss op on log-probs and entropies; returns (loss, metrics, g_logp, g_ent)."""
-    entropy_coef = kw.get("entropy_coef", 0.0)
-    ref_logp, positive = kw.get("ref_logp"), kw.get("positive")
-    params = _params(
-        clip_low=kw.get("clip_low", 0.2),
-        clip_high=kw.get("clip_high", 0.28),
-        dual_clip=kw.get("dual_clip"),
-        ratio_log_clamp=kw.get("ratio_log_clamp", 20.0),
-        kl_kind=kw.get("kl_kind", "k3") if ref_logp is not None else None,
-        kl_coef=kw.get("kl_coef", 0.0),
-        entropy_coef=entropy_coef,
-        lm_coef=kw.get("lm_coef", 0.0),
-    )
-    loss, sums, g_logp, _, g_ent = torch.ops.vapo.token_loss(
-        logp,
-        old_logp,
-        advantages,
-        None,
-        None,
-        None,
-        ref_logp,
-        entropy,
-        kw.get("is_weights"),
-        mask,
-        cu_seqlens,
-        positive,
-        params,
-        kw.get("agg", "token-mean"),
-        _count("global_tokens", kw.get("global_tokens")),
-        _count("global_seqs", kw.get("global_seqs")),
-        _count("global_positive_tokens", kw.get("global_positive_tokens")),
-        float(kw.get("dp_size", 1)),
-        None if kw.get("loss_scale_factor") is None else float(kw["loss_scale_factor"]),
-        need_grad,
-        backend,
-    )
-    metrics = _metrics(
-        sums,
-        policy=True,
-        value=False,
-        kl=ref_logp is not None,
-        entropy=True,
-        lm=positive is not None,
-    )
-    # The entropy term is always measured (the log-prob kernel computes it anyway), but
-    # its gradient only matters with a coefficient.
-    return loss, metrics, g_logp, (g_ent if entropy_coef else None)
+def _loss_and_grads(logp, entropy, old_logp, advantages, mask, cu_seqlens, kw, need_grad, backend):
+    """:func:`vapo_loss` on log-probs and entropies: ``(loss, metrics, d logp, d entropy)``.
+
+    The gradients come from the op's own backward (they were written in its forward);
+    d entropy is None when the entropy term has no coefficient (the entropy is still
+    measured: the log-prob kernels compute it anyway).
+    """
+    args = (old_logp, advantages, mask, cu_seqlens)
+    if not need_grad:
+        loss, metrics = vapo_loss(logp, *args, entropy=entropy, backend=backend, **kw)
+        return loss, metrics, None, None
+    with_entropy = bool(kw.get("entropy_coef"))
+    with torch.enable_grad():  # autograd.Function.forward runs without grad mode
+        logp = logp.detach().requires_grad_()
+        entropy = entropy.detach().requires_grad_(with_entropy)
+        loss, metrics = vapo_loss(logp, *args, entropy=entropy, backend=backend, **kw)
+        grads = torch.autograd.grad(loss, [logp, entropy] if with_entropy else [logp])
+    return loss.detach(), metrics, grads[0], (grads[1] if with_entropy else None)
 
 
 class _LossFromLogits(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx,
-        logits,
-        targets,
-        old_logp,
-        advantages,
-        mask,
-        cu_seqlens,
-        temperature,
-        inplace_backward,
-        backend,
-        kw,
+        ctx, logits, targets, old_logp, advantages, mask, cu_seqlens, temperature,
+        inplace_backward, backend, kw, metrics_out,
     ):
-        need_grad = logits.requires_grad
         logp, entropy, lse = torch.ops.vapo.token_logprobs(
             logits, targets, mask, temperature, False, backend
         )
-        loss, metrics, g_logp, g_ent = _token_terms(
-            logp,
-            entropy,
-            old_logp,
-            advantages,
-            _loss_mask(mask, targets),
-            cu_seqlens,
-            kw,
-            need_grad,
-            backend,
+        loss, metrics, g_logp, g_ent = _loss_and_grads(
+            logp, entropy, old_logp, advantages, _loss_mask(mask, targets), cu_seqlens, kw,
+            True, backend,
         )
-        grad = None
-        if need_grad:
-            args = (g_logp, g_ent, logits, targets, mask, lse, entropy, temperature, backend)
-            if inplace_backward:
-                torch.ops.vapo.token_logprobs_backward_(*args)
-                grad = logits
-            else:
-                grad = torch.ops.vapo.token_logprobs_backward(*args)
-        ctx.grad = grad  # not save_for_backward: the in-place buffer has a bumped version
-        values = [v.clone() for v in metrics.values()]  # own storage, not views of sums
-        ctx.mark_non_differentiable(*values)
-        return (loss, *values)
+        args = (g_logp, g_ent, logits, targets, mask, lse, entropy, temperature, backend)
+        if inplace_backward:
+            torch.ops.vapo.token_logprobs_backward_(*args)
+            ctx.grad = logits
+        else:
+            ctx.grad = torch.ops.vapo.token_logprobs_backward(*args)
+        # ctx attribute, not save_for_backward: the in-place buffer has a bumped version.
+        metrics_out.update(metrics)  # non-differentiable: handed back beside the graph
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
+    def backward(ctx, grad_loss):
         grad, ctx.grad = ctx.grad, None
-        if grad is not None:
-            grad = grad.mul_(grad_loss.to(grad.dtype))  # scaled where it lies: no new N x V
-        return (grad, *([None] * 9))
+        grad = grad.mul_(grad_loss.to(grad.dtype))  # scaled where it lies: no new N x V
+        return (grad, *([None] * 10))
 
 
 def policy_loss_from_logits(
@@ -1167,50 +1107,22 @@ def policy_loss_from_logits(
             "policy_loss_from_logits(inplace_backward=True) would overwrite logits that are "
             "a leaf tensor the caller owns; pass inplace_backward=False"
         )
+    temperature, backend = float(temperature), backend or ""
     if torch.is_grad_enabled() and logits.requires_grad:
-        out = _LossFromLogits.apply(
-            logits,
-            targets,
-            old_logp,
-            advantages,
-            mask,
-            cu_seqlens,
-            float(temperature),
-            bool(inplace_backward),
-            backend or "",
-            kw,
+        metrics: dict[str, Tensor] = {}
+        loss = _LossFromLogits.apply(
+            logits, targets, old_logp, advantages, mask, cu_seqlens, temperature,
+            bool(inplace_backward), backend, kw, metrics,
         )
-        return out[0], dict(zip(_metric_keys(kw), out[1:]))
+        return loss, metrics
     logp, entropy, _ = torch.ops.vapo.token_logprobs(
-        logits, targets, mask, float(temperature), False, backend or ""
+        logits, targets, mask, temperature, False, backend
     )
-    loss, metrics, _, _ = _token_terms(
-        logp,
-        entropy,
-        old_logp,
-        advantages,
-        _loss_mask(mask, targets),
-        cu_seqlens,
-        kw,
-        False,
-        backend or "",
+    loss, metrics, _, _ = _loss_and_grads(
+        logp, entropy, old_logp, advantages, _loss_mask(mask, targets), cu_seqlens, kw,
+        False, backend,
     )
     return loss, metrics
-
-
-def _metric_keys(kw) -> list[str]:
-    """The order _metrics() fills its dict for the from-logits / from-hidden paths."""
-    probe = torch.zeros(NUM_SUMS)
-    return list(
-        _metrics(
-            probe,
-            policy=True,
-            value=False,
-            kl=kw.get("ref_logp") is not None,
-            entropy=True,
-            lm=kw.get("positive") is not None,
-        )
-    )
 
 
 def _check_temperature(temperature):
@@ -1225,67 +1137,35 @@ def _check_temperature(temperature):
 class _LossFromHidden(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx,
-        hidden,
-        weight,
-        bias,
-        targets,
-        old_logp,
-        advantages,
-        mask,
-        cu_seqlens,
-        temperature,
-        backend,
-        kw,
+        ctx, hidden, weight, bias, targets, old_logp, advantages, mask, cu_seqlens,
+        temperature, backend, kw, metrics_out,
     ):
         need_h = hidden.requires_grad
         need_w = weight.requires_grad or (bias is not None and bias.requires_grad)
         logp, entropy, lse = torch.ops.vapo.linear_logprobs(
             hidden, weight, bias, targets, mask, temperature, backend
         )
-        loss, metrics, g_logp, g_ent = _token_terms(
-            logp,
-            entropy,
-            old_logp,
-            advantages,
-            _loss_mask(mask, targets),
-            cu_seqlens,
-            kw,
-            need_h or need_w,
-            backend,
+        loss, metrics, g_logp, g_ent = _loss_and_grads(
+            logp, entropy, old_logp, advantages, _loss_mask(mask, targets), cu_seqlens, kw,
+            True, backend,
         )
-        grads = (None, None, None)
-        if need_h or need_w:
-            gh, gw, gb = torch.ops.vapo.linear_logprobs_backward(
-                g_logp,
-                g_ent,
-                hidden,
-                weight,
-                bias,
-                targets,
-                mask,
-                lse,
-                entropy,
-                temperature,
-                need_h,
-                need_w,
-                backend,
-            )
-            grads = (
-                gh if need_h else None,
-                gw if need_w else None,
-                gb if (bias is not None and need_w) else None,
-            )
-        ctx.grads = grads
-        values = [v.clone() for v in metrics.values()]  # own storage, not views of sums
-        ctx.mark_non_differentiable(*values)
-        return (loss, *values)
+        gh, gw, gb = torch.ops.vapo.linear_logprobs_backward(
+            g_logp, g_ent, hidden, weight, bias, targets, mask, lse, entropy, temperature,
+            need_h, need_w, backend,
+        )
+        ctx.grads = (
+            gh if need_h else None,
+            gw if need_w else None,
+            gb if (bias is not None and need_w) else None,
+        )
+        metrics_out.update(metrics)  # non-differentiable: handed back beside the graph
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
+    def backward(ctx, grad_loss):
         grads, ctx.grads = ctx.grads, None
         scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return (*scaled, *([None] * 8))
+        return (*scaled, *([None] * 9))
 
 
 def policy_loss_from_hidden(
@@ -1308,35 +1188,20 @@ def policy_loss_from_hidden(
     Keyword terms as in :func:`policy_loss_from_logits`."""
     kw = _loss_kwargs(kw)
     _check_temperature(temperature)
-    if torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    ):
-        out = _LossFromHidden.apply(
-            hidden,
-            weight,
-            bias,
-            targets,
-            old_logp,
-            advantages,
-            mask,
-            cu_seqlens,
-            float(temperature),
-            backend or "",
-            kw,
+    temperature, backend = float(temperature), backend or ""
+    params = (hidden, weight) if bias is None else (hidden, weight, bias)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
+        metrics: dict[str, Tensor] = {}
+        loss = _LossFromHidden.apply(
+            hidden, weight, bias, targets, old_logp, advantages, mask, cu_seqlens,
+            temperature, backend, kw, metrics,
         )
-        return out[0], dict(zip(_metric_keys(kw), out[1:]))
+        return loss, metrics
     logp, entropy, _ = torch.ops.vapo.linear_logprobs(
-        hidden, weight, bias, targets, mask, float(temperature), backend or ""
+        hidden, weight, bias, targets, mask, temperature, backend
     )
-    loss, metrics, _, _ = _token_terms(
-        logp,
-        entropy,
-        old_logp,
-        advantages,
-        _loss_mask(mask, targets),
-        cu_seqlens,
-        kw,
-        False,
-        backend or "",
+    loss, metrics, _, _ = _loss_and_grads(
+        logp, entropy, old_logp, advantages, _loss_mask(mask, targets), cu_seqlens, kw,
+        False, backend,
     )
     return loss, metrics
