@@ -43,29 +43,16 @@
 #include <vector>
 
 #include "../ops.h"
+#include "simd.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if VAPO_X86_MULTIVERSION
 #include <immintrin.h>
 #endif
 
-// Vectors wider than the baseline ISA are passed between always-inlined helpers only;
-// the ABI note GCC prints for them does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define VAPO_X86_MULTIVERSION 1
-#define VAPO_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
+#if VAPO_X86_MULTIVERSION
 #define VAPO_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c")))
-#else
-#define VAPO_X86_MULTIVERSION 0
 #endif
-
-// Helpers are inlined into each ISA-specific entry point, so that each gets code for its
-// own vector width instead of calling a baseline copy.
-#define VAPO_INLINE __attribute__((always_inline)) inline
 
 namespace vapo {
 namespace {
@@ -74,32 +61,6 @@ constexpr int64_t kIgnoreIndex = -100;
 constexpr int64_t kBlock = 1024;         // logits per block: a 4 KiB fp32 tile, stays in L1
 constexpr int64_t kMinSegment = 16384;   // shortest piece of a row worth a thread of its own
 constexpr int64_t kMinWorkPerTask = 32768;  // logits per parallel_for grain
-
-template <typename T, int W>
-struct VecOf {
-  typedef T type __attribute__((vector_size(sizeof(T) * W)));
-};
-template <typename T, int W>
-using Vec = typename VecOf<T, W>::type;
-
-template <typename V, typename T>
-VAPO_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));  // unaligned vector load
-  return v;
-}
-
-template <typename V, typename T>
-VAPO_INLINE void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-template <typename T, int W>
-VAPO_INLINE Vec<T, W> splat(T x) {
-  Vec<T, W> v;
-  for (int k = 0; k < W; ++k) v[k] = x;
-  return v;
-}
 
 // Domain of the exponential. Clamping with selects keeps NaN (both compares are false)
 // and maps -inf to a finite floor whose exp is 0, so exp(x) * x is 0, not NaN. For

@@ -48,21 +48,11 @@
 #include "../ops.h"
 #include "alloc.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include "simd.h"
+
+#if VAPO_X86_MULTIVERSION
 #include <immintrin.h>
-#define VAPO_LOSS_MULTIVERSION 1
-#define VAPO_LOSS_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define VAPO_LOSS_MULTIVERSION 0
 #endif
-
-// Vectors wider than the baseline ISA are passed between always-inlined helpers only;
-// the ABI note GCC prints for them does not apply.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
-#define VAPO_LOSS_INLINE __attribute__((always_inline)) inline
 
 namespace vapo {
 namespace {
@@ -148,35 +138,9 @@ struct ChunkAcc {
 
 // ---- vectors ----------------------------------------------------------------------------
 
-template <typename T, int W>
-struct VecOf {
-  typedef T type __attribute__((vector_size(sizeof(T) * W)));
-};
-template <typename T, int W>
-using Vec = typename VecOf<T, W>::type;
-
-template <typename V, typename T>
-VAPO_LOSS_INLINE V vload(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-VAPO_LOSS_INLINE void vstore(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-template <typename T, int W>
-VAPO_LOSS_INLINE Vec<T, W> splat(T x) {
-  Vec<T, W> v;
-  for (int k = 0; k < W; ++k) v[k] = x;
-  return v;
-}
-
 // Adds the W lanes of v to lanes[0, W) in double.
 template <typename T, int W>
-VAPO_LOSS_INLINE void flush(double* lanes, const Vec<T, W>& v) {
+VAPO_INLINE void flush(double* lanes, const Vec<T, W>& v) {
   for (int k = 0; k < W; ++k) lanes[k] += static_cast<double>(v[k]);
 }
 
@@ -184,27 +148,27 @@ VAPO_LOSS_INLINE void flush(double* lanes, const Vec<T, W>& v) {
 
 // torch.maximum / minimum: a NaN operand wins.
 template <typename V>
-VAPO_LOSS_INLINE V t_max(V a, V b) {
+VAPO_INLINE V t_max(V a, V b) {
   return ((a > b) | (a != a)) ? a : b;
 }
 template <typename V>
-VAPO_LOSS_INLINE V t_min(V a, V b) {
+VAPO_INLINE V t_min(V a, V b) {
   return ((a < b) | (a != a)) ? a : b;
 }
 // torch.clamp(x, lo, hi) for lo <= hi: NaN passes through.
 template <typename V>
-VAPO_LOSS_INLINE V t_clamp(V x, V lo, V hi) {
+VAPO_INLINE V t_clamp(V x, V lo, V hi) {
   const V y = x < lo ? lo : x;
   return y > hi ? hi : y;
 }
 // Where torch.clamp(x, lo, hi) passes its gradient: 1 inside, bounds included.
 template <typename V>
-VAPO_LOSS_INLINE V in_range(V x, V lo, V hi, V one, V zero) {
+VAPO_INLINE V in_range(V x, V lo, V hi, V one, V zero) {
   return ((x >= lo) & (x <= hi)) ? one : zero;
 }
 // Gradient of max(a, b) from those of a and b: a tie splits evenly.
 template <typename V>
-VAPO_LOSS_INLINE V tie_split(V a, V b, V ga, V gb, V half) {
+VAPO_INLINE V tie_split(V a, V b, V ga, V gb, V half) {
   const V tie = half * (ga + gb);
   return a > b ? ga : (b > a ? gb : tie);
 }
@@ -214,7 +178,7 @@ VAPO_LOSS_INLINE V tie_split(V a, V b, V ga, V gb, V half) {
 // normal factors so that results overflow to inf and underflow gradually as expf does.
 // NaN stays NaN.
 template <int W>
-VAPO_LOSS_INLINE Vec<float, W> vexp(Vec<float, W> x) {
+VAPO_INLINE Vec<float, W> vexp(Vec<float, W> x) {
   using VF = Vec<float, W>;
   using VU = Vec<uint32_t, W>;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
@@ -246,7 +210,7 @@ VAPO_LOSS_INLINE Vec<float, W> vexp(Vec<float, W> x) {
 }
 
 template <int W>
-VAPO_LOSS_INLINE Vec<double, W> vexp(Vec<double, W> x) {
+VAPO_INLINE Vec<double, W> vexp(Vec<double, W> x) {
   Vec<double, W> e;
   for (int k = 0; k < W; ++k) e[k] = std::exp(x[k]);
   return e;
@@ -266,7 +230,7 @@ struct Splats {
 // +-inf to the ratio extremes, and their gradients are never stored.
 
 template <typename T, int W, bool kDual, bool kIsw>
-VAPO_LOSS_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+VAPO_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
   using V = Vec<T, W>;
   const Splats<T, W> k;
   const V clamp = splat<T, W>(c.clamp), neg_clamp = -clamp;
@@ -275,9 +239,9 @@ VAPO_LOSS_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkA
   V s_pg = k.zero, s_low = k.zero, s_high = k.zero, s_dual = k.zero, s_nlr = k.zero,
     s_k3 = k.zero, s_ratio = k.zero, r_min = k.inf, r_max = -k.inf;
   for (int i = 0; i < nr; i += W) {
-    const V adv = vload<V>(b.adv + i);
+    const V adv = load<V>(b.adv + i);
     const V na = -adv;
-    const V raw = vload<V>(b.lp + i) - vload<V>(b.old + i);
+    const V raw = load<V>(b.lp + i) - load<V>(b.old + i);
     const V log_ratio = t_clamp(raw, neg_clamp, clamp);
     const V ratio = vexp<W>(log_ratio);
     const V unclipped = na * ratio;
@@ -286,7 +250,7 @@ VAPO_LOSS_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkA
     V d_ratio =
         tie_split(unclipped, clipped, na, na * in_range(ratio, lo, hi, k.one, k.zero), k.half);
     const auto was_clipped = clipped > unclipped;
-    const auto valid = vload<V>(b.valid + i) != k.zero;
+    const auto valid = load<V>(b.valid + i) != k.zero;
     if constexpr (kDual) {
       // min(pg, floor), floor constant in logp: full gradient below, half at a tie.
       const V floor = na * dual_clip;
@@ -300,13 +264,13 @@ VAPO_LOSS_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkA
     }
     V grad = d_ratio * ratio * in_range(raw, neg_clamp, clamp, k.one, k.zero);
     if constexpr (kIsw) {
-      const V isw = vload<V>(b.isw + i);
+      const V isw = load<V>(b.isw + i);
       pg = pg * isw;
       grad = grad * isw;
     }
-    const V w = vload<V>(b.w + i);
+    const V w = load<V>(b.w + i);
     s_pg += w * pg;
-    vstore(b.g_lp + i, vload<V>(b.g_lp + i) + w * grad);
+    store(b.g_lp + i, load<V>(b.g_lp + i) + w * grad);
     s_low += (valid & was_clipped & (ratio < lo)) ? k.one : k.zero;
     s_high += (valid & was_clipped & (ratio > hi)) ? k.one : k.zero;
     s_nlr += valid ? -log_ratio : k.zero;
@@ -329,13 +293,13 @@ VAPO_LOSS_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkA
 }
 
 template <typename T, int W, ValueForm kForm>
-VAPO_LOSS_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+VAPO_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
   using V = Vec<T, W>;
   const Splats<T, W> k;
   const V eps = splat<T, W>(c.value_eps), neg_eps = -eps, vf_coef = splat<T, W>(c.vf_coef);
   V s_vf = k.zero, s_clip = k.zero;
   for (int i = 0; i < nr; i += W) {
-    const V v = vload<V>(b.v + i), ret = vload<V>(b.ret + i);
+    const V v = load<V>(b.v + i), ret = load<V>(b.ret + i);
     const V err = v - ret;
     const V unclipped = err * err;
     V vf, grad;
@@ -343,7 +307,7 @@ VAPO_LOSS_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAc
       vf = k.half * unclipped;
       grad = err;
     } else {
-      const V ov = vload<V>(b.ov + i);
+      const V ov = load<V>(b.ov + i);
       V v_clipped, d_clip;
       if constexpr (kForm == ValueForm::kOpenRLHF) {
         const V step = v - ov;
@@ -361,19 +325,19 @@ VAPO_LOSS_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAc
       // d/dv of 0.5 * max(...): the factor 2 of each square cancels the 0.5.
       grad = tie_split(unclipped, clipped, err, err_clipped * d_clip, k.half);
       vf = k.half * t_max(unclipped, clipped);
-      const auto valid = vload<V>(b.valid + i) != k.zero;
+      const auto valid = load<V>(b.valid + i) != k.zero;
       s_clip += (valid & (clipped > unclipped)) ? k.one : k.zero;
     }
-    const V w = vload<V>(b.w + i);
+    const V w = load<V>(b.w + i);
     s_vf += w * vf;
-    vstore(b.g_v + i, vf_coef * w * grad);
+    store(b.g_v + i, vf_coef * w * grad);
   }
   flush<T, W>(acc.lanes[S_VF], s_vf);
   if constexpr (kForm != ValueForm::kNone) flush<T, W>(acc.lanes[S_VF_CLIP], s_clip);
 }
 
 template <typename T, int W, int kKind>
-VAPO_LOSS_INLINE void kl_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+VAPO_INLINE void kl_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
   using V = Vec<T, W>;
   const Splats<T, W> k;
   const V kl_coef = splat<T, W>(c.kl_coef);
@@ -381,7 +345,7 @@ VAPO_LOSS_INLINE void kl_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T
   const bool straight = c.kl_straight;
   V s_kl = k.zero;
   for (int i = 0; i < nr; i += W) {
-    const V diff = vload<V>(b.lp + i) - vload<V>(b.ref + i);
+    const V diff = load<V>(b.lp + i) - load<V>(b.ref + i);
     V value, grad;
     if constexpr (kKind == 1) {  // k1
       value = diff;
@@ -401,55 +365,55 @@ VAPO_LOSS_INLINE void kl_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T
              in_range(raw, -ten, ten, k.one, k.zero);
     }
     if (straight) grad = diff;  // '+': the gradient of k2
-    const V w = vload<V>(b.w + i);
+    const V w = load<V>(b.w + i);
     s_kl += w * value;
-    vstore(b.g_lp + i, vload<V>(b.g_lp + i) + kl_coef * w * grad);
+    store(b.g_lp + i, load<V>(b.g_lp + i) + kl_coef * w * grad);
   }
   flush<T, W>(acc.lanes[S_KL], s_kl);
 }
 
 template <typename T, int W>
-VAPO_LOSS_INLINE void entropy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+VAPO_INLINE void entropy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
   using V = Vec<T, W>;
   const V neg_coef = splat<T, W>(c.neg_entropy_coef);
   V s = splat<T, W>(T(0));
   for (int i = 0; i < nr; i += W) {
-    const V w = vload<V>(b.w + i);
-    s += w * vload<V>(b.ent + i);
-    vstore(b.g_e + i, neg_coef * w);
+    const V w = load<V>(b.w + i);
+    s += w * load<V>(b.ent + i);
+    store(b.g_e + i, neg_coef * w);
   }
   flush<T, W>(acc.lanes[S_ENTROPY], s);
 }
 
 // sums[S_LM] = -sum(w_lm * logp): the sign is applied once, at the end.
 template <typename T, int W>
-VAPO_LOSS_INLINE void lm_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+VAPO_INLINE void lm_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
   using V = Vec<T, W>;
   const V lm_coef = splat<T, W>(c.lm_coef);
   V s = splat<T, W>(T(0));
   for (int i = 0; i < nr; i += W) {
-    const V wlm = vload<V>(b.wlm + i);
-    s += wlm * vload<V>(b.lp + i);
-    vstore(b.g_lp + i, vload<V>(b.g_lp + i) - lm_coef * wlm);
+    const V wlm = load<V>(b.wlm + i);
+    s += wlm * load<V>(b.lp + i);
+    store(b.g_lp + i, load<V>(b.g_lp + i) - lm_coef * wlm);
   }
   flush<T, W>(acc.lanes[S_LM], s);
 }
 
 template <typename T, int W>
-VAPO_LOSS_INLINE void count_tile(const Tile<T>& b, int nr, ChunkAcc<T>& acc) {
+VAPO_INLINE void count_tile(const Tile<T>& b, int nr, ChunkAcc<T>& acc) {
   using V = Vec<T, W>;
   V s = splat<T, W>(T(0));
-  for (int i = 0; i < nr; i += W) s += vload<V>(b.valid + i);
+  for (int i = 0; i < nr; i += W) s += load<V>(b.valid + i);
   flush<T, W>(acc.lanes[S_TOKENS], s);
 }
 
 // ---- a chunk ----------------------------------------------------------------------------
 
-#if VAPO_LOSS_MULTIVERSION
+#if VAPO_X86_MULTIVERSION
 // fp16 -> fp32 by F16C, 8 at a time; returns how many were converted. A plain function:
 // an AVX2 body cannot be inlined into the baseline-ISA helpers, but can be into the AVX2
 // entry point.
-VAPO_LOSS_AVX2 int half_to_float_f16c(const c10::Half* in, int n, float* out) {
+VAPO_TARGET_AVX2 int half_to_float_f16c(const c10::Half* in, int n, float* out) {
   int i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i));
@@ -462,9 +426,9 @@ VAPO_LOSS_AVX2 int half_to_float_f16c(const c10::Half* in, int n, float* out) {
 // Converts src[0, n) to T with masked slots replaced by 0 (a select: garbage stays out),
 // and zero-fills the padding [n, nr).
 template <typename scalar_t, typename T, int kBytes>
-VAPO_LOSS_INLINE void load_clean(const scalar_t* src, const T* valid, int n, int nr, T* dst) {
+VAPO_INLINE void load_clean(const scalar_t* src, const T* valid, int n, int nr, T* dst) {
   int i = 0;
-#if VAPO_LOSS_MULTIVERSION
+#if VAPO_X86_MULTIVERSION
   if constexpr (std::is_same_v<scalar_t, c10::Half> && kBytes >= 32) {
     // c10's fp16 -> fp32 conversion branches and does not vectorise; F16C does it exactly.
     i = half_to_float_f16c(src, n, dst);
@@ -481,12 +445,12 @@ VAPO_LOSS_INLINE void load_clean(const scalar_t* src, const T* valid, int n, int
 }
 
 template <typename T>
-VAPO_LOSS_INLINE void store_grad(const T* g, const T* valid, int n, T* out) {
+VAPO_INLINE void store_grad(const T* g, const T* valid, int n, T* out) {
   for (int i = 0; i < n; ++i) out[i] = valid[i] != T(0) ? g[i] : T(0);
 }
 
 template <typename scalar_t, typename T, int kBytes>
-VAPO_LOSS_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t end,
+VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t end,
                                  ChunkSums& out) {
   constexpr int kN = Tile<T>::kN;
   constexpr int W = kBytes / static_cast<int>(sizeof(T));  // lanes of the tile loops
@@ -601,9 +565,9 @@ void chunk_base(const Args<scalar_t, T>& a, int64_t begin, int64_t end, ChunkSum
   chunk_impl<scalar_t, T, 16>(a, begin, end, out);
 }
 
-#if VAPO_LOSS_MULTIVERSION
+#if VAPO_X86_MULTIVERSION
 template <typename scalar_t, typename T>
-VAPO_LOSS_AVX2 void chunk_avx2(const Args<scalar_t, T>& a, int64_t begin, int64_t end,
+VAPO_TARGET_AVX2 void chunk_avx2(const Args<scalar_t, T>& a, int64_t begin, int64_t end,
                                ChunkSums& out) {
   chunk_impl<scalar_t, T, 32>(a, begin, end, out);
 }
@@ -613,7 +577,7 @@ enum class Isa { kBase, kAvx2 };
 
 // AVX2 where the CPU has it and torch's ATEN_CPU_CAPABILITY allows it (as logprobs.cpp).
 Isa cpu_isa() {
-#if VAPO_LOSS_MULTIVERSION
+#if VAPO_X86_MULTIVERSION
   static const Isa isa = [] {
     const std::string cap = at::get_cpu_capability();
     __builtin_cpu_init();
@@ -633,7 +597,7 @@ using ChunkFn = void (*)(const Args<scalar_t, T>&, int64_t, int64_t, ChunkSums&)
 
 template <typename scalar_t, typename T>
 ChunkFn<scalar_t, T> pick_chunk() {
-#if VAPO_LOSS_MULTIVERSION
+#if VAPO_X86_MULTIVERSION
   if (cpu_isa() == Isa::kAvx2) return &chunk_avx2<scalar_t, T>;
 #endif
   return &chunk_base<scalar_t, T>;
