@@ -8,10 +8,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,14 +15,10 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "bench_loss.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_loss  # noqa: E402
-
-
-def _installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+from _quick_bench import installed, run_quick  # noqa: E402
 
 
 # peer rows per task -> the package they need (None: always there)
@@ -59,18 +51,7 @@ OURS_PREFIX = {
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_loss")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        check=False,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, json.loads((out / "loss_cpu.json").read_text()), proc.stdout
+    return (out, *run_quick("bench_loss.py", "loss_cpu.json", out))
 
 
 def test_quick_run_rows_checked_timed_and_measured(quick_run):
@@ -96,7 +77,7 @@ def test_quick_run_rows_checked_timed_and_measured(quick_run):
                 assert all(x.get("speedup_vs", {}).get(r["impl"]) for x in ours), r
             else:  # not installed, or torch.compile (off in --quick): said why
                 assert r["status"] == "skipped" and r["note"], r
-                if package and _installed(package) and "compile" not in r["impl"]:
+                if package and installed(package) and "compile" not in r["impl"]:
                     assert "liger" in r["impl"] and task == "policy", r
     for key in ("device_name", "torch", "timestamp", "tokens", "floor_s", "iqr_s", "loss_err"):
         assert all(key in r for r in rows), key

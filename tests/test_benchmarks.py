@@ -15,10 +15,6 @@ gradient) so that they are never timed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,16 +22,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "bench_gae.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_gae
 
 import vapo_kernels as vk
-
-
-def _installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+from _quick_bench import installed, run_quick
 
 
 PEER_ROWS = {
@@ -51,18 +43,7 @@ PEER_ROWS = {
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-        check=False,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, json.loads((out / "gae_cpu.json").read_text()), proc.stdout
+    return (out, *run_quick("bench_gae.py", "gae_cpu.json", out))
 
 
 def test_quick_run_has_every_row(quick_run):
@@ -105,10 +86,10 @@ def test_quick_run_verified_ours_before_timing(quick_run):
     for r in (r for r in data["rows"] if r["kind"] == "ours"):
         assert r["status"] == "ok", r
         assert r["verified"] is True and r["max_abs_err"] <= 1e-4, r
-        if _installed("verl"):
+        if installed("verl"):
             assert r["verified_against"].startswith("verl"), r
         assert r["median_s"] > 0 and r["fraction_of_copy"] > 0
-        if _installed("verl"):
+        if installed("verl"):
             assert r["speedup_vs_verl"] > 0
 
 
@@ -117,7 +98,7 @@ def test_quick_run_peers_timed_or_skipped_with_reason(quick_run):
     for r in (r for r in data["rows"] if r["kind"] == "peer"):
         assert r["impl"] in PEER_ROWS
         package = PEER_ROWS[r["impl"]]
-        if package is None or _installed(package):
+        if package is None or installed(package):
             assert r["status"] == "ok", r  # quick shapes are small enough for every peer
             assert r["median_s"] > 0
         else:
@@ -128,7 +109,7 @@ def _inputs(batch=5, seqlen=300, seed=3):
     return bench_gae.make_inputs(batch, seqlen, torch.device("cpu"), seed)
 
 
-@pytest.mark.skipif(not _installed("verl"), reason="verl is not installed")
+@pytest.mark.skipif(not installed("verl"), reason="verl is not installed")
 def test_slime_transcription_equals_verl_on_unmasked_rows():
     x = _inputs()
     verl = bench_gae.load_verl()
@@ -139,7 +120,7 @@ def test_slime_transcription_equals_verl_on_unmasked_rows():
     torch.testing.assert_close(ret_s, ret, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not _installed("verl"), reason="verl is not installed")
+@pytest.mark.skipif(not installed("verl"), reason="verl is not installed")
 def test_nemo_transcription_equals_verl_per_lambda():
     x = _inputs()
     verl = bench_gae.load_verl()
@@ -160,7 +141,7 @@ def test_nemo_transcription_equals_verl_per_lambda():
     assert abs(float(adv[v].mean())) < 1e-5 and abs(float(adv[v].std()) - 1) < 1e-2
 
 
-@pytest.mark.skipif(not _installed("openrlhf"), reason="openrlhf is not installed")
+@pytest.mark.skipif(not installed("openrlhf"), reason="openrlhf is not installed")
 def test_openrlhf_from_source_equals_zero_mode():
     x = _inputs()
     adv, ret = bench_gae.load_openrlhf()(x.values, x.rewards, x.maskf, 0.99, 0.9)
@@ -175,7 +156,6 @@ def test_openrlhf_from_source_equals_zero_mode():
 
 import bench_logprobs  # noqa: E402
 
-LOGPROBS_SCRIPT = ROOT / "benchmarks" / "bench_logprobs.py"
 
 # every peer row of a CPU run, with the package it needs (None: plain torch)
 LOGPROBS_PEERS = {
@@ -206,18 +186,7 @@ LOGPROBS_PEERS = {
 @pytest.fixture(scope="module")
 def logprobs_quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_logprobs")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(LOGPROBS_SCRIPT), "--quick", "--out", str(out)],
-        check=False,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return out, json.loads((out / "logprobs_cpu.json").read_text())
+    return out, run_quick("bench_logprobs.py", "logprobs_cpu.json", out)[0]
 
 
 def test_logprobs_quick_run_has_every_row(logprobs_quick_run):
@@ -288,7 +257,7 @@ def test_logprobs_quick_run_peers_checked_or_skipped_with_reason(logprobs_quick_
         else:
             assert r["status"] == "skipped" and r["note"], r
             package = LOGPROBS_PEERS[key]
-            if package is not None and _installed(package) and "CUDA" not in r["note"]:
+            if package is not None and installed(package) and "CUDA" not in r["note"]:
                 # installed and not CUDA-only: only a version too old, or a dependency the
                 # peer's --no-deps install (.ci/install_peers.sh) left out, may skip it
                 too_old = "needs trl >= 1.16" in r["note"]
