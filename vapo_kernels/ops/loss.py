@@ -322,28 +322,32 @@ def sequence_weights(
     and zero gradient where verl's token-mean would divide 0 by 0.
     """
     counts = counts.to(torch.float64)
-    zero = torch.zeros((), dtype=torch.float64, device=counts.device)
-
-    def safe_div(num, den):
-        den = torch.as_tensor(den, dtype=torch.float64, device=counts.device)
-        return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), zero)
-
     dp = float(dp_size)
     if agg == "token-sum":
         return torch.full_like(counts, dp)
     if agg == "token-mean":
         tokens = counts.sum() if global_tokens is None else global_tokens
-        return safe_div(dp, tokens).expand_as(counts).clone()
+        return torch.zeros_like(counts) + _share(dp, tokens)
     seqs = (counts > 0).sum() if global_seqs is None else global_seqs
-    per_seq = safe_div(dp, seqs).expand_as(counts)
+    per_seq = _share(dp, seqs)
     if agg == "seq-mean-token-sum":
-        return per_seq.clone()
+        return torch.zeros_like(counts) + per_seq
     if agg == "seq-mean-token-sum-norm":
         scale = horizon if loss_scale_factor is None else loss_scale_factor
-        return per_seq / float(scale)
+        return (torch.zeros_like(counts) + per_seq) / float(scale)
     if agg == "seq-mean-token-mean":
-        return safe_div(per_seq, counts)
+        return torch.where(counts > 0, per_seq / counts.clamp(min=1), 0.0)
     raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def _share(total: float, count: Tensor | float) -> Tensor | float:
+    """``total / count``, 0 when count is 0. A count passed as a number (a global count)
+    stays a Python float: no host-to-device copy, hence no stream sync on CUDA. A tensor
+    count is a local count of tokens or sequences, an integer."""
+    if isinstance(count, Tensor):
+        count = count.to(torch.float64)  # an int64 count would divide in float32
+        return torch.where(count > 0, total / count.clamp(min=1), 0.0)
+    return total / count if count > 0 else 0.0
 
 
 # --------------------------------------------------------------------------------------
@@ -476,9 +480,7 @@ def token_loss_op(
         pos_tokens = (
             (pos * counts).sum() if global_positive_tokens is None else global_positive_tokens
         )
-        pos_tokens = torch.as_tensor(pos_tokens, dtype=torch.float64, device=device)
-        lm_w = torch.where(pos_tokens > 0, dp_size * pos / pos_tokens.clamp(min=1e-300), 0.0)
-        lm_w = lm_w.to(out_dtype).contiguous()
+        lm_w = (pos * _share(dp_size, pos_tokens)).to(out_dtype).contiguous()
     sums, g_logp, g_values, g_entropy = kernel(
         *flat, flat_mask, offs, seq_w.contiguous(), lm_w, [float(p) for p in params], need_grad
     )
