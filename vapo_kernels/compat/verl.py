@@ -563,26 +563,6 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
 
 _TF = "verl.utils.torch_functional"
 _CORE = "verl.trainer.ppo.core_algos"
-_SWAPS: dict[str, list[_Swap]] = {
-    "logprobs": [
-        _Swap("verl", _TF, "logprobs_from_logits", logprobs_from_logits),
-        _Swap("verl", _TF, "entropy_from_logits", entropy_from_logits),
-        _Swap("verl", _TF, "entropy_from_logits_with_chunking", entropy_from_logits_with_chunking),
-    ],
-    "linear_ce": [
-        _Swap(
-            "verl", "verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy",
-            linear_cross_entropy,
-        )
-    ],
-    "loss": [
-        _Swap("verl", _CORE, "compute_policy_loss_vanilla", compute_policy_loss_vanilla),
-        _Swap("verl", _CORE, "compute_policy_loss", compute_policy_loss),
-        _Swap("verl", _CORE, "agg_loss", agg_loss),
-        _Swap("verl", _CORE, "compute_value_loss", compute_value_loss),
-        _Swap("verl", _CORE, "kl_penalty", kl_penalty),
-    ],
-}
 
 # Registries: verl's trainer looks GAE up as a module attribute at call time
 # (``core_algos.compute_gae_advantage_return(...)`` in ``ray_trainer.compute_advantage``)
@@ -626,11 +606,32 @@ class _RegistrySwap:
         return self.original is not _MISSING
 
 
-_REGISTRY_SWAPS = {
-    "gae": [_RegistrySwap("ADV_ESTIMATOR_REGISTRY", "gae", compute_gae_advantage_return)],
-    "loss": [_RegistrySwap("POLICY_LOSS_REGISTRY", "vanilla", compute_policy_loss_vanilla)],
+# Each group of patch(): module attributes (_Swap) and registry entries (_RegistrySwap).
+_SWAPS: dict[str, list[_Swap | _RegistrySwap]] = {
+    "gae": [
+        _Swap("verl", _CORE, "compute_gae_advantage_return", compute_gae_advantage_return),
+        _RegistrySwap("ADV_ESTIMATOR_REGISTRY", "gae", compute_gae_advantage_return),
+    ],
+    "logprobs": [
+        _Swap("verl", _TF, "logprobs_from_logits", logprobs_from_logits),
+        _Swap("verl", _TF, "entropy_from_logits", entropy_from_logits),
+        _Swap("verl", _TF, "entropy_from_logits_with_chunking", entropy_from_logits_with_chunking),
+    ],
+    "linear_ce": [
+        _Swap(
+            "verl", "verl.utils.kernel.linear_cross_entropy", "linear_cross_entropy",
+            linear_cross_entropy,
+        )
+    ],
+    "loss": [
+        _Swap("verl", _CORE, "compute_policy_loss_vanilla", compute_policy_loss_vanilla),
+        _Swap("verl", _CORE, "compute_policy_loss", compute_policy_loss),
+        _Swap("verl", _CORE, "agg_loss", agg_loss),
+        _Swap("verl", _CORE, "compute_value_loss", compute_value_loss),
+        _Swap("verl", _CORE, "kl_penalty", kl_penalty),
+        _RegistrySwap("POLICY_LOSS_REGISTRY", "vanilla", compute_policy_loss_vanilla),
+    ],
 }
-_GAE_SWAP = _Swap("verl", _CORE, "compute_gae_advantage_return", compute_gae_advantage_return)
 
 
 def _core_algos():
@@ -668,15 +669,12 @@ def patch(
                           ("loss", loss)):
         if not wanted:
             continue
-        for swap in [*(_SWAPS.get(group, [])), *(_REGISTRY_SWAPS.get(group, []))]:
+        for swap in _SWAPS[group]:
             swap.apply()
-        if group == "gae":
-            _GAE_SWAP.apply()
 
 
 def _all_swaps():
-    return [*(s for swaps in _SWAPS.values() for s in swaps),
-            *(s for swaps in _REGISTRY_SWAPS.values() for s in swaps), _GAE_SWAP]
+    return [s for swaps in _SWAPS.values() for s in swaps]
 
 
 def unpatch() -> None:
