@@ -118,7 +118,7 @@ def load_from_source(
     *,
     keep_decorators: Sequence[str] = ("no_grad",),
 ) -> dict[str, Any]:
-    """Compile just the named functions of an installed package's source file.
+    """Compile just the named functions (or classes) of an installed package's source file.
 
     For a peer whose package import drags in heavy or missing dependencies (ray, peft,
     deepspeed, tensordict) that the function never touches. The functions' own code runs
@@ -127,7 +127,8 @@ def load_from_source(
     may be top-level or methods (a method's ``self`` is then an ordinary argument).
     Decorators are dropped unless their text contains one of ``keep_decorators``
     (``torch.no_grad`` stays; registries like verl's ``@register_adv_est`` go: they
-    only record the function under a name). The package itself is never imported.
+    only record the function under a name). Classes are taken whole, as written. The
+    package itself is never imported.
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -136,7 +137,9 @@ def load_from_source(
     tree = ast.parse(path.read_text(), filename=str(path))
     found = {}
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name in names and node.name not in found:
+        if isinstance(node, ast.ClassDef) and node.name in names and node.name not in found:
+            found[node.name] = node
+        elif isinstance(node, ast.FunctionDef) and node.name in names and node.name not in found:
             node.decorator_list = [
                 d for d in node.decorator_list if any(k in ast.unparse(d) for k in keep_decorators)
             ]

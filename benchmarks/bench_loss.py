@@ -67,7 +67,6 @@ installed on the CPU machine this was written on).
 from __future__ import annotations
 
 import argparse
-import ast
 import ctypes
 import gc
 import importlib
@@ -403,22 +402,6 @@ def load_verl() -> tuple[Callable, Callable, str]:
         return mod.compute_policy_loss_vanilla, mod.compute_value_loss, "import"
 
 
-def _classes_from_source(package: str, relpath: str, names: list[str], namespace: dict) -> dict:
-    """Like ``_harness.load_from_source``, for classes (whole class bodies, unchanged)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"{package} is not installed")
-    path = Path(next(iter(spec.submodule_search_locations))) / relpath
-    tree = ast.parse(path.read_text(), filename=str(path))
-    found = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in names}
-    missing = [n for n in names if n not in found]
-    if missing:
-        raise ImportError(f"{', '.join(missing)} not found in {path}")
-    module = ast.Module(body=[found[n] for n in names], type_ignores=[])
-    exec(compile(module, str(path), "exec"), namespace)  # noqa: S102 - the peer's own code
-    return namespace
-
-
 def load_openrlhf() -> tuple[Any, Any, str]:
     """OpenRLHF's ``PolicyLoss`` and ``ValueLoss`` modules.
 
@@ -440,8 +423,9 @@ def load_openrlhf() -> tuple[Any, Any, str]:
             "Tuple": Tuple,
             "masked_mean": utils["masked_mean"],
         }
-        H.load_from_source("openrlhf", "models/loss.py", ["aggregate_loss"], ns)
-        _classes_from_source("openrlhf", "models/loss.py", ["PolicyLoss", "ValueLoss"], ns)
+        H.load_from_source(
+            "openrlhf", "models/loss.py", ["aggregate_loss", "PolicyLoss", "ValueLoss"], ns
+        )
         return ns["PolicyLoss"], ns["ValueLoss"], "source"
     except ImportError:
         shim_path = ROOT / "tests" / "compat" / "_openrlhf.py"
