@@ -550,12 +550,22 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     ``low_var_kl`` / ``k3``: exp(ref - logp) - (ref - logp) - 1, log-ratio clamped to
     [-20, 20] and result to [-10, 10]. A trailing ``+`` keeps the value and takes the
     gradient of k2 (straight-through). Raises ``NotImplementedError`` for ``full`` and
-    unknown names, as verl. Computed by :func:`vapo_kernels.ops.loss.kl_penalty`.
+    unknown names, as verl. Computed by :func:`vapo_kernels.ops.loss.kl_penalty`, except
+    k3, which keeps verl's rounding here (elementwise drop-in); the loss op computes it
+    as expm1(x) - x, exact to float32 rounding where exp(x) - 1 - x cancels.
     """
-    base = kl_penalty[:-1] if kl_penalty.endswith("+") else kl_penalty
+    straight = kl_penalty.endswith("+")
+    base = kl_penalty[:-1] if straight else kl_penalty
     if base not in KL_KINDS:
         raise NotImplementedError(f"kl_penalty {kl_penalty!r} is not implemented")
-    return _kl_penalty(logprob, ref_logprob, kl_penalty)
+    if KL_KINDS[base] != KL_KINDS["k3"]:
+        return _kl_penalty(logprob, ref_logprob, kl_penalty)
+    log_ratio = torch.clamp(ref_logprob - logprob, min=-20.0, max=20.0)
+    value = torch.clamp(torch.exp(log_ratio) - log_ratio - 1, min=-10.0, max=10.0)
+    if not straight:
+        return value
+    surrogate = 0.5 * (logprob - ref_logprob).square()
+    return surrogate - surrogate.detach() + value.detach()
 
 
 # --------------------------------------------------------------------------------------

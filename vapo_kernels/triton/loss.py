@@ -157,6 +157,28 @@ def _value(v, ov, ret, eps, MODE: tl.constexpr):
 
 
 @triton.jit
+def _expm1_minus_x(x, e):
+    """expm1(x) - x given e = exp(x) (k3 of a log-ratio x); e - 1 - x cancels for small
+    |x| (at |x| ~ 1e-3, float32 keeps a few digits of k3 ~ x^2 / 2).
+
+    float32: below |x| = 1/2 the series x^2 (1/2! + x/3! + ... + x^6/8!), truncated
+    below 1e-10 relative. float64 (whose literals Triton would round to float32):
+    Kahan's expm1 = (e - 1) x / log(e), a few ulps, as good as the reference's expm1.
+    """
+    if x.dtype == tl.float64:
+        em1 = tl.where(e == 1.0, x, (e - 1.0) * x / tl.log(e))
+        return tl.where(tl.abs(x) < 0.5, em1 - x, (e - 1.0) - x)
+    p = tl.full(x.shape, 1.0 / 40320.0, x.dtype)
+    p = p * x + (1.0 / 5040.0)
+    p = p * x + (1.0 / 720.0)
+    p = p * x + (1.0 / 120.0)
+    p = p * x + (1.0 / 24.0)
+    p = p * x + (1.0 / 6.0)
+    p = p * x + 0.5
+    return tl.where(tl.abs(x) < 0.5, x * x * p, (e - 1.0) - x)
+
+
+@triton.jit
 def _kl(lp, ref, KIND: tl.constexpr, STRAIGHT: tl.constexpr):
     """The KL estimator and its gradient in logp."""
     diff = lp - ref
@@ -173,10 +195,10 @@ def _kl(lp, ref, KIND: tl.constexpr, STRAIGHT: tl.constexpr):
         neg = -diff
         log_ratio = tl.minimum(tl.maximum(neg, -20.0), 20.0)
         e = tl.exp(log_ratio)
-        raw = e - log_ratio - 1.0
+        raw = _expm1_minus_x(log_ratio, e)
         value = tl.minimum(tl.maximum(raw, -10.0), 10.0)
         passes = (neg >= -20.0) & (neg <= 20.0) & (raw >= -10.0) & (raw <= 10.0)
-        grad = tl.where(passes, -(e - 1.0), 0.0)
+        grad = tl.where(passes, -(raw + log_ratio), 0.0)
     if STRAIGHT:
         grad = diff
     return value, grad
@@ -265,7 +287,7 @@ def _token_loss_kernel(
         s_clip_high = tl.sum(tl.where(valid & f_high, 1.0, zero), axis=0)
         s_dual = tl.sum(tl.where(valid & f_dual, 1.0, zero), axis=0)
         s_nlr = tl.sum(tl.where(valid, -log_ratio, zero), axis=0)
-        s_k3 = tl.sum(tl.where(valid, ratio - 1.0 - log_ratio, zero), axis=0)
+        s_k3 = tl.sum(tl.where(valid, _expm1_minus_x(log_ratio, ratio), zero), axis=0)
         s_ratio = tl.sum(tl.where(valid, ratio, zero), axis=0)
         r_min = tl.min(tl.where(valid, ratio, float("inf")), axis=0)
         r_max = tl.max(tl.where(valid, ratio, -float("inf")), axis=0)
