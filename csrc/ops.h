@@ -49,6 +49,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
     const std::optional<at::Tensor>& lm_weight, const std::vector<double>& params,
     bool need_grad);
 
+// Token log-probs, the loss above and d loss / d logits in one pass over the rows:
+// returns the sums; the gradient goes to `out` (may be logits) unless None
+// (vapo_kernels/ops/loss.py, reference_logits_kernel).
+at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
+                           const at::Tensor& old_logp, const at::Tensor& advantages,
+                           const std::optional<at::Tensor>& ref_logp,
+                           const std::optional<at::Tensor>& is_weights, const at::Tensor& valid,
+                           const at::Tensor& offsets, const at::Tensor& seq_weight,
+                           const std::optional<at::Tensor>& lm_weight,
+                           const std::vector<double>& params, double temperature,
+                           const std::optional<at::Tensor>& out);
+
 #ifdef VAPO_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> gae_scan_cuda(
     const at::Tensor& rewards, const at::Tensor& values,

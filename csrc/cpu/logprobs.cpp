@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "logprobs_rows.h"
 #include "simd.h"
 
 #if VAPO_X86_MULTIVERSION
@@ -57,7 +58,6 @@
 namespace vapo {
 namespace {
 
-constexpr int64_t kIgnoreIndex = -100;
 constexpr int64_t kBlock = 1024;         // logits per block: a 4 KiB fp32 tile, stays in L1
 constexpr int64_t kMinSegment = 16384;   // shortest piece of a row worth a thread of its own
 constexpr int64_t kMinWorkPerTask = 32768;  // logits per parallel_for grain
@@ -238,6 +238,20 @@ inline Partial merge(Partial a, const Partial& b, double tau) {
   return {m, a.s + c.s, a.w + c.w};
 }
 
+// The row's outputs from its merged partial and its target logit. Relative to the max,
+// so lse's rounding does not land on logp or the entropy. std::min / std::max with the
+// value first keep NaN, like torch's clamp. Every logit -inf (invalid input): what the
+// reference gives (logp NaN, entropy 0, lse -inf).
+inline RowStats row_stats(const Partial& p, double z_y, double tau) {
+  if (!(p.m > -std::numeric_limits<double>::infinity())) {
+    return {-std::numeric_limits<double>::infinity(), 0.0,
+            std::numeric_limits<double>::quiet_NaN()};
+  }
+  const double log_s = std::log(p.s);
+  return {p.m / tau + log_s, std::max(log_s - p.w / p.s, 0.0),
+          std::min((z_y - p.m) / tau - log_s, 0.0)};
+}
+
 #if VAPO_X86_MULTIVERSION
 // fp16 <-> fp32 by the F16C instructions, 8 at a time; return how many were converted.
 // Plain (not always-inline) functions: an AVX2 body cannot be forced into the
@@ -416,6 +430,24 @@ BackwardFn<scalar_t> pick_backward() {
   return &backward_base<scalar_t>;
 }
 
+// The gradient of a row, or of the piece [lo, lo + len) of one: every element through
+// the backward segment, then the target's onehot term patched in from its logit, read
+// before the piece is written (out may be the logits). yl: the target relative to lo.
+template <typename scalar_t>
+void backward_piece(BackwardFn<scalar_t> segment, const scalar_t* z, scalar_t* out, int64_t len,
+                    int64_t yl, double tau, double lse, double h, double glp, double gh) {
+  const double inv_tau = 1.0 / tau;
+  const bool has_target = yl >= 0 && yl < len;
+  const double z_y = has_target ? static_cast<double>(z[yl]) : 0.0;
+  segment(z, out, len, tau, lse, -(glp + gh * h) * inv_tau, gh * inv_tau);
+  if (has_target) {
+    const double t_y = z_y / tau - lse;
+    const double p_y = std::exp(t_y);
+    const double ent_term = p_y > 0 ? gh * p_y * (-t_y - h) : 0.0;  // 0, not 0 * inf
+    out[yl] = static_cast<scalar_t>((glp * (1.0 - p_y) + ent_term) * inv_tau);
+  }
+}
+
 // How rows are cut: whole rows when there are enough to feed the threads, else each row
 // into `segments` pieces of `seg_len` logits (a multiple of kBlock).
 struct Plan {
@@ -445,6 +477,27 @@ at::ScalarType acc_dtype(const at::Tensor& logits) {
 // Shared checks of both directions; returns the validity mask pointer (or nullptr).
 const bool* check_inputs(const char* fn, const at::Tensor& logits, const at::Tensor& targets,
                          const std::optional<at::Tensor>& valid, double temperature) {
+  check_logits_and_targets(fn, logits, targets, temperature);
+  const int64_t n = logits.size(0);
+  if (!valid.has_value()) return nullptr;
+  TORCH_CHECK(valid->device().is_cpu() && valid->scalar_type() == at::kBool &&
+                  valid->dim() == 1 && valid->size(0) == n && valid->is_contiguous(),
+              fn, ": valid must be a contiguous bool (N,) tensor, N = ", n);
+  return valid->data_ptr<bool>();
+}
+
+void check_row_vector(const char* fn, const char* name, const at::Tensor& t, int64_t n,
+                      at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 &&
+                  t.size(0) == n && t.is_contiguous(),
+              fn, ": ", name, " must be a contiguous (N,) CPU tensor of dtype ", dtype,
+              ", N = ", n);
+}
+
+}  // namespace
+
+const int64_t* check_logits_and_targets(const char* fn, const at::Tensor& logits,
+                                        const at::Tensor& targets, double temperature) {
   TORCH_CHECK(logits.device().is_cpu() && targets.device().is_cpu(), fn, ": CPU tensors only");
   TORCH_CHECK(logits.dim() == 2, fn, ": logits must be (N, V), got ", logits.sizes());
   const auto dt = logits.scalar_type();
@@ -458,33 +511,57 @@ const bool* check_inputs(const char* fn, const at::Tensor& logits, const at::Ten
               fn, ": targets must be a contiguous int64 (N,) tensor, N = ", n);
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature), fn,
               ": temperature must be positive and finite, got ", temperature);
-  const bool* valid_ptr = nullptr;
-  if (valid.has_value()) {
-    TORCH_CHECK(valid->device().is_cpu() && valid->scalar_type() == at::kBool &&
-                    valid->dim() == 1 && valid->size(0) == n && valid->is_contiguous(),
-                fn, ": valid must be a contiguous bool (N,) tensor, N = ", n);
-    valid_ptr = valid->data_ptr<bool>();
-  }
-  // Every target indexes its row (masked rows included, as in the Python op): a bad one
-  // must be an error here, never a read outside the row.
   const int64_t* y = targets.data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r) {
     TORCH_CHECK(y[r] == kIgnoreIndex || (y[r] >= 0 && y[r] < vocab), fn,
                 ": targets must lie in [0, V=", vocab, ") or equal -100, got ", y[r],
                 " at row ", r);
   }
-  return valid_ptr;
+  return y;
 }
 
-void check_row_vector(const char* fn, const char* name, const at::Tensor& t, int64_t n,
-                      at::ScalarType dtype) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 &&
-                  t.size(0) == n && t.is_contiguous(),
-              fn, ": ", name, " must be a contiguous (N,) CPU tensor of dtype ", dtype,
-              ", N = ", n);
+void check_grad_out(const char* fn, const at::Tensor& logits, const at::Tensor& out) {
+  const int64_t n = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == logits.scalar_type() &&
+                  out.sizes() == logits.sizes() && (out.stride(1) == 1 || vocab <= 1),
+              fn, ": out must be an (N, V) CPU tensor in logits' dtype, contiguous along V");
+  if (n == 0 || vocab == 0) return;
+  TORCH_CHECK(n == 1 || out.stride(0) >= vocab, fn, ": out rows must not overlap");
+  // In place is fine (each block is read before it is written) only when out IS logits;
+  // any other overlap would read gradients already written over logits.
+  const int64_t es = logits.element_size();
+  const char* zb = static_cast<const char*>(logits.data_ptr());
+  const char* ob = static_cast<const char*>(out.data_ptr());
+  const char* ze = zb + ((n - 1) * logits.stride(0) + vocab) * es;
+  const char* oe = ob + ((n - 1) * out.stride(0) + vocab) * es;
+  const bool same = zb == ob && (n == 1 || logits.stride(0) == out.stride(0));
+  TORCH_CHECK(same || oe <= zb || ze <= ob, fn,
+              ": out must be logits itself (in-place) or not overlap it");
 }
 
-}  // namespace
+template <typename scalar_t>
+RowStats logprob_row_forward(const scalar_t* z, int64_t vocab, int64_t target, double tau) {
+  static const ForwardFn<scalar_t> segment = pick_forward<scalar_t>();
+  return row_stats(segment(z, vocab, tau), static_cast<double>(z[target]), tau);
+}
+
+template <typename scalar_t>
+void logprob_row_backward(const scalar_t* z, scalar_t* out, int64_t vocab, int64_t target,
+                          double tau, double lse, double entropy, double g_logp,
+                          double g_entropy) {
+  static const BackwardFn<scalar_t> segment = pick_backward<scalar_t>();
+  backward_piece(segment, z, out, vocab, target, tau, lse, entropy, g_logp, g_entropy);
+}
+
+#define VAPO_ROW_API(T)                                                                  \
+  template RowStats logprob_row_forward<T>(const T*, int64_t, int64_t, double);          \
+  template void logprob_row_backward<T>(const T*, T*, int64_t, int64_t, double, double,  \
+                                        double, double, double);
+VAPO_ROW_API(float)
+VAPO_ROW_API(double)
+VAPO_ROW_API(c10::Half)
+VAPO_ROW_API(c10::BFloat16)
+#undef VAPO_ROW_API
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& valid,
@@ -512,20 +589,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
         o_logp[r] = o_ent[r] = o_lse[r] = 0;
         return;
       }
-      if (!(p.m > -std::numeric_limits<double>::infinity())) {
-        // Every logit -inf (invalid input): what the reference gives.
-        o_logp[r] = std::numeric_limits<out_t>::quiet_NaN();
-        o_ent[r] = 0;
-        o_lse[r] = -std::numeric_limits<out_t>::infinity();
-        return;
-      }
-      const double log_s = std::log(p.s);
-      const double z_y = static_cast<double>(z[r * row_stride + y[r]]);
-      // Relative to the max, so lse's rounding does not land on logp or the entropy.
-      // std::min / std::max with the value first keep NaN, like torch's clamp.
-      o_logp[r] = static_cast<out_t>(std::min((z_y - p.m) / temperature - log_s, 0.0));
-      o_ent[r] = static_cast<out_t>(std::max(log_s - p.w / p.s, 0.0));
-      o_lse[r] = static_cast<out_t>(p.m / temperature + log_s);
+      const RowStats st = row_stats(p, static_cast<double>(z[r * row_stride + y[r]]), temperature);
+      o_logp[r] = static_cast<out_t>(st.logp);
+      o_ent[r] = static_cast<out_t>(st.entropy);
+      o_lse[r] = static_cast<out_t>(st.lse);
     };
 
     if (pl.segments == 1) {
@@ -567,23 +634,8 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
   if (grad_entropy.has_value()) check_row_vector(fn, "grad_entropy", *grad_entropy, n, acc);
   check_row_vector(fn, "lse", lse, n, acc);
   check_row_vector(fn, "entropy", entropy, n, acc);
-  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == logits.scalar_type() &&
-                  out.sizes() == logits.sizes() && (out.stride(1) == 1 || vocab <= 1),
-              fn, ": out must be an (N, V) CPU tensor in logits' dtype, contiguous along V");
+  check_grad_out(fn, logits, out);
   if (n == 0 || vocab == 0) return;
-  TORCH_CHECK(n == 1 || out.stride(0) >= vocab, fn, ": out rows must not overlap");
-  // In place is fine (each block is read before it is written) only when out IS logits;
-  // any other overlap would read gradients already written over logits.
-  {
-    const int64_t es = logits.element_size();
-    const char* zb = static_cast<const char*>(logits.data_ptr());
-    const char* ob = static_cast<const char*>(out.data_ptr());
-    const char* ze = zb + ((n - 1) * logits.stride(0) + vocab) * es;
-    const char* oe = ob + ((n - 1) * out.stride(0) + vocab) * es;
-    const bool same = zb == ob && (n == 1 || logits.stride(0) == out.stride(0));
-    TORCH_CHECK(same || oe <= zb || ze <= ob, fn,
-                ": out must be logits itself (in-place) or not overlap it");
-  }
   const int64_t z_stride = logits.stride(0), o_stride = out.stride(0);
   const int64_t* y = targets.data_ptr<int64_t>();
   const Plan pl = plan(n, vocab);
@@ -608,21 +660,10 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
           std::fill(orow, orow + len, static_cast<scalar_t>(0));  // logits never read
           continue;
         }
-        const double inv_tau = 1.0 / temperature;
-        const double glp = static_cast<double>(g_lp[r]);
-        const double gh = g_h != nullptr ? static_cast<double>(g_h[r]) : 0.0;
-        const double row_lse = static_cast<double>(lse_p[r]), h = static_cast<double>(ent_p[r]);
-        const int64_t yl = y[r] - lo;  // the target, relative to this segment
-        const bool has_target = yl >= 0 && yl < len;
-        // Read before the segment is written: out may be the logits.
-        const double z_y = has_target ? static_cast<double>(zr[yl]) : 0.0;
-        segment(zr, orow, len, temperature, row_lse, -(glp + gh * h) * inv_tau, gh * inv_tau);
-        if (has_target) {
-          const double t_y = z_y / temperature - row_lse;
-          const double p_y = std::exp(t_y);
-          const double ent_term = p_y > 0 ? gh * p_y * (-t_y - h) : 0.0;  // 0, not 0 * inf
-          orow[yl] = static_cast<scalar_t>((glp * (1.0 - p_y) + ent_term) * inv_tau);
-        }
+        backward_piece(segment, zr, orow, len, y[r] - lo, temperature,
+                       static_cast<double>(lse_p[r]), static_cast<double>(ent_p[r]),
+                       static_cast<double>(g_lp[r]),
+                       g_h != nullptr ? static_cast<double>(g_h[r]) : 0.0);
       }
     });
   });

@@ -49,6 +49,7 @@
 #include "alloc.h"
 
 #include "simd.h"
+#include "token_loss_block.h"
 
 #if VAPO_X86_MULTIVERSION
 #include <immintrin.h>
@@ -94,6 +95,7 @@ struct Args {
                  *old_values = nullptr, *returns = nullptr, *ref_logp = nullptr,
                  *entropy = nullptr, *isw = nullptr;
   const uint8_t* mask = nullptr;  // torch bool: one byte, 0 or 1
+  int64_t base = 0;               // the token arrays above (and gradients) start at token base
   const int64_t* off = nullptr;
   int64_t num_seqs = 0;
   const T* seq_weight = nullptr;
@@ -103,10 +105,8 @@ struct Args {
 };
 
 // What a chunk hands to the final reduction.
-struct ChunkSums {
-  double sums[NUM_SUMS];
-  double ratio_min, ratio_max;
-};
+using ChunkSums = LossSums;
+static_assert(kNumLossSums == NUM_SUMS, "token_loss_block.h and loss.py agree on the sums");
 
 // One tile of tokens in the compute type.
 template <typename T>
@@ -492,6 +492,7 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
 
   for (int64_t t0 = begin; t0 < end; t0 += kN) {
     const int n = static_cast<int>(std::min<int64_t>(kN, end - t0));
+    const int64_t i0 = t0 - a.base;  // where the tile starts in the token arrays
     const int nr = (n + W - 1) / W * W;  // the vector loops run to nr; padding is invalid
     // Weights, by runs of one sequence.
     for (int64_t pos = t0; pos < t0 + n;) {
@@ -506,7 +507,7 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
       pos = stop;
     }
     if (a.mask != nullptr) {
-      const uint8_t* m = a.mask + t0;
+      const uint8_t* m = a.mask + i0;
       for (int i = 0; i < n; ++i) b.valid[i] = m[i] != 0 ? T(1) : T(0);
     } else {
       for (int i = 0; i < n; ++i) b.valid[i] = T(1);
@@ -518,14 +519,14 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
     }
     count_tile<T, W>(b, nr, acc);
     if (c.has_logp) {
-      load_clean<scalar_t, T, kBytes>(a.logp + t0, b.valid, n, nr, b.lp);
+      load_clean<scalar_t, T, kBytes>(a.logp + i0, b.valid, n, nr, b.lp);
       std::fill(b.g_lp, b.g_lp + nr, T(0));
     }
 
     if (c.policy) {
-      load_clean<scalar_t, T, kBytes>(a.old_logp + t0, b.valid, n, nr, b.old);
-      load_clean<scalar_t, T, kBytes>(a.adv + t0, b.valid, n, nr, b.adv);
-      if (c.isw) load_clean<scalar_t, T, kBytes>(a.isw + t0, b.valid, n, nr, b.isw);
+      load_clean<scalar_t, T, kBytes>(a.old_logp + i0, b.valid, n, nr, b.old);
+      load_clean<scalar_t, T, kBytes>(a.adv + i0, b.valid, n, nr, b.adv);
+      if (c.isw) load_clean<scalar_t, T, kBytes>(a.isw + i0, b.valid, n, nr, b.isw);
       if (c.dual) {
         if (c.isw) policy_tile<T, W, true, true>(b, nr, c, acc);
         else policy_tile<T, W, true, false>(b, nr, c, acc);
@@ -535,25 +536,25 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
       }
     }
     if (c.value) {
-      load_clean<scalar_t, T, kBytes>(a.values + t0, b.valid, n, nr, b.v);
-      load_clean<scalar_t, T, kBytes>(a.returns + t0, b.valid, n, nr, b.ret);
+      load_clean<scalar_t, T, kBytes>(a.values + i0, b.valid, n, nr, b.v);
+      load_clean<scalar_t, T, kBytes>(a.returns + i0, b.valid, n, nr, b.ret);
       switch (c.value_form) {
         case ValueForm::kNone:
           value_tile<T, W, ValueForm::kNone>(b, nr, c, acc);
           break;
         case ValueForm::kVerl:
-          load_clean<scalar_t, T, kBytes>(a.old_values + t0, b.valid, n, nr, b.ov);
+          load_clean<scalar_t, T, kBytes>(a.old_values + i0, b.valid, n, nr, b.ov);
           value_tile<T, W, ValueForm::kVerl>(b, nr, c, acc);
           break;
         case ValueForm::kOpenRLHF:
-          load_clean<scalar_t, T, kBytes>(a.old_values + t0, b.valid, n, nr, b.ov);
+          load_clean<scalar_t, T, kBytes>(a.old_values + i0, b.valid, n, nr, b.ov);
           value_tile<T, W, ValueForm::kOpenRLHF>(b, nr, c, acc);
           break;
       }
-      if (a.g_values != nullptr) store_grad(b.g_v, b.valid, n, a.g_values + t0);
+      if (a.g_values != nullptr) store_grad(b.g_v, b.valid, n, a.g_values + i0);
     }
     if (c.kl) {
-      load_clean<scalar_t, T, kBytes>(a.ref_logp + t0, b.valid, n, nr, b.ref);
+      load_clean<scalar_t, T, kBytes>(a.ref_logp + i0, b.valid, n, nr, b.ref);
       switch (c.kl_kind) {
         case 1: kl_tile<T, W, 1>(b, nr, c, acc); break;
         case 2: kl_tile<T, W, 2>(b, nr, c, acc); break;
@@ -562,12 +563,12 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
       }
     }
     if (c.entropy) {
-      load_clean<scalar_t, T, kBytes>(a.entropy + t0, b.valid, n, nr, b.ent);
+      load_clean<scalar_t, T, kBytes>(a.entropy + i0, b.valid, n, nr, b.ent);
       entropy_tile<T, W>(b, nr, c, acc);
-      if (a.g_entropy != nullptr) store_grad(b.g_e, b.valid, n, a.g_entropy + t0);
+      if (a.g_entropy != nullptr) store_grad(b.g_e, b.valid, n, a.g_entropy + i0);
     }
     if (c.lm) lm_tile<T, W>(b, nr, c, acc);
-    if (a.g_logp != nullptr) store_grad(b.g_lp, b.valid, n, a.g_logp + t0);
+    if (a.g_logp != nullptr) store_grad(b.g_lp, b.valid, n, a.g_logp + i0);
   }
 
   for (int k = 0; k < NUM_SUMS; ++k) {
@@ -626,6 +627,37 @@ ChunkFn<scalar_t, T> pick_chunk() {
   if (cpu_isa() == Isa::kAvx2) return &chunk_avx2<scalar_t, T>;
 #endif
   return &chunk_base<scalar_t, T>;
+}
+
+// The options from `params` (P_*) and which inputs are present.
+template <typename T>
+Config<T> make_config(const std::vector<double>& params, bool has_logp, bool policy, bool isw,
+                      bool value, bool kl, bool entropy, bool lm) {
+  Config<T> c;
+  const double value_clip = params[P_VALUE_CLIP];
+  c.has_logp = has_logp;
+  c.policy = policy;
+  c.dual = params[P_DUAL_CLIP] > 0;
+  c.isw = policy && isw;
+  c.value = value;
+  c.value_form = value_clip < 0 ? ValueForm::kNone
+                 : params[P_VALUE_CLIP_OPENRLHF] != 0 ? ValueForm::kOpenRLHF
+                                                      : ValueForm::kVerl;
+  c.kl = kl;
+  c.kl_kind = kl ? static_cast<int>(params[P_KL_KIND]) : 0;
+  c.kl_straight = params[P_KL_STRAIGHT] != 0;
+  c.entropy = entropy;
+  c.lm = lm;
+  c.clamp = static_cast<T>(params[P_RATIO_CLAMP]);
+  c.lo = static_cast<T>(1.0 - params[P_CLIP_LOW]);
+  c.hi = static_cast<T>(1.0 + params[P_CLIP_HIGH]);
+  c.dual_clip = static_cast<T>(params[P_DUAL_CLIP]);
+  c.value_eps = static_cast<T>(value_clip);
+  c.vf_coef = static_cast<T>(params[P_VF_COEF]);
+  c.kl_coef = static_cast<T>(params[P_KL_COEF]);
+  c.neg_entropy_coef = static_cast<T>(-params[P_ENTROPY_COEF]);
+  c.lm_coef = static_cast<T>(params[P_LM_COEF]);
+  return c;
 }
 
 // ---- checks ------------------------------------------------------------------------------
@@ -741,7 +773,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
   const bool lm = lm_weight.has_value();
   TORCH_CHECK(!lm || t_logp != nullptr, kFn, ": the LM term (lm_weight given) needs logp");
 
-  auto sums = empty_cpu_output({NUM_SUMS}, out_dtype);
   auto grad_or_empty = [&](bool wanted) {
     return wanted && need_grad ? empty_cpu_output({n}, out_dtype)
                                : at::empty({0}, at::TensorOptions().dtype(out_dtype));
@@ -773,29 +804,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
     a.g_logp = g_logp.numel() ? g_logp.data_ptr<T>() : nullptr;
     a.g_values = g_values.numel() ? g_values.data_ptr<T>() : nullptr;
     a.g_entropy = g_entropy.numel() ? g_entropy.data_ptr<T>() : nullptr;
-    Config<T>& c = a.cfg;
-    c.has_logp = t_logp != nullptr;
-    c.policy = policy;
-    c.dual = params[P_DUAL_CLIP] > 0;
-    c.isw = policy && t_isw != nullptr;
-    c.value = value;
-    c.value_form = value_clip < 0 ? ValueForm::kNone
-                   : params[P_VALUE_CLIP_OPENRLHF] != 0 ? ValueForm::kOpenRLHF
-                                                        : ValueForm::kVerl;
-    c.kl = kl;
-    c.kl_kind = kl ? static_cast<int>(params[P_KL_KIND]) : 0;
-    c.kl_straight = params[P_KL_STRAIGHT] != 0;
-    c.entropy = t_entropy != nullptr;
-    c.lm = lm;
-    c.clamp = static_cast<T>(params[P_RATIO_CLAMP]);
-    c.lo = static_cast<T>(1.0 - params[P_CLIP_LOW]);
-    c.hi = static_cast<T>(1.0 + params[P_CLIP_HIGH]);
-    c.dual_clip = static_cast<T>(params[P_DUAL_CLIP]);
-    c.value_eps = static_cast<T>(value_clip);
-    c.vf_coef = static_cast<T>(params[P_VF_COEF]);
-    c.kl_coef = static_cast<T>(params[P_KL_COEF]);
-    c.neg_entropy_coef = static_cast<T>(-params[P_ENTROPY_COEF]);
-    c.lm_coef = static_cast<T>(params[P_LM_COEF]);
+    a.cfg = make_config<T>(params, t_logp != nullptr, policy, t_isw != nullptr, value, kl,
+                           t_entropy != nullptr, lm);
 
     const ChunkFn<scalar_t, T> chunk = pick_chunk<scalar_t, T>();
     at::parallel_for(0, num_chunks, 1, [&](int64_t lo, int64_t hi) {
@@ -805,11 +815,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
     });
   });
 
-  // Chunk results in chunk order: the same bits whatever the number of threads.
+  const at::Tensor sums = reduce_loss_sums(parts, out_dtype);
+  return {sums, g_logp, g_values, g_entropy};
+}
+
+at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType dtype) {
   double total[NUM_SUMS] = {};
   double ratio_min = std::numeric_limits<double>::infinity();
   double ratio_max = -std::numeric_limits<double>::infinity();
-  for (const ChunkSums& p : parts) {
+  for (const LossSums& p : parts) {
     for (int k = 0; k < NUM_SUMS; ++k) total[k] += p.sums[k];
     ratio_min = t_min(ratio_min, p.ratio_min);
     ratio_max = t_max(ratio_max, p.ratio_max);
@@ -817,14 +831,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
   total[S_LM] = -total[S_LM];
   total[S_RATIO_MIN] = ratio_min;
   total[S_RATIO_MAX] = ratio_max;
-  if (out_dtype == at::kDouble) {
+  auto sums = at::empty({NUM_SUMS}, at::TensorOptions().dtype(dtype));
+  if (dtype == at::kDouble) {
     double* o = sums.data_ptr<double>();
     for (int k = 0; k < NUM_SUMS; ++k) o[k] = total[k];
   } else {
     float* o = sums.data_ptr<float>();
     for (int k = 0; k < NUM_SUMS; ++k) o[k] = static_cast<float>(total[k]);
   }
-  return {sums, g_logp, g_values, g_entropy};
+  return sums;
 }
+
+template <typename T>
+void token_loss_block(const LossBlock<T>& block, const std::vector<double>& params,
+                      LossSums& out) {
+  TORCH_CHECK(static_cast<int>(params.size()) == NUM_PARAMS, "token_loss_block: params must hold ",
+              static_cast<int>(NUM_PARAMS), " floats, got ", params.size());
+  Args<T, T> a;
+  a.logp = block.logp;
+  a.old_logp = block.old_logp;
+  a.adv = block.adv;
+  a.ref_logp = block.ref_logp;
+  a.entropy = block.entropy;
+  a.isw = block.isw;
+  a.mask = reinterpret_cast<const uint8_t*>(block.valid);
+  a.base = block.begin;
+  a.off = block.offsets;
+  a.num_seqs = block.num_seqs;
+  a.seq_weight = block.seq_weight;
+  a.lm_weight = block.lm_weight;
+  a.g_logp = block.g_logp;
+  a.g_entropy = block.g_entropy;
+  const bool kl = block.ref_logp != nullptr && params[P_KL_KIND] > 0;
+  a.cfg = make_config<T>(params, true, true, block.isw != nullptr, false, kl,
+                         block.entropy != nullptr, block.lm_weight != nullptr);
+  static const ChunkFn<T, T> chunk = pick_chunk<T, T>();
+  chunk(a, block.begin, block.end, out);
+}
+
+template void token_loss_block<float>(const LossBlock<float>&, const std::vector<double>&,
+                                      LossSums&);
+template void token_loss_block<double>(const LossBlock<double>&, const std::vector<double>&,
+                                       LossSums&);
 
 }  // namespace vapo

@@ -446,11 +446,8 @@ def token_loss_op(
     layout = _check_static(tensors, mask, cu_seqlens, positive, params, agg, loss_scale_factor)
     first = next(t for t in tensors if t is not None)
     shape, device = first.shape, first.device
-    if layout.packed:
-        _ragged.check_cu_seqlens_values(cu_seqlens, layout.num_tokens)
     mask = _ragged.as_bool_mask(mask)
     flat_mask = None if mask is None else mask.reshape(-1).contiguous()
-    offs = _ragged.offsets(layout, shape, cu_seqlens, device)
     out_dtype = _out_dtype(tensors)
     # The kernels read one float dtype; mixed inputs (rare) are promoted once here.
     dtype = first.dtype
@@ -460,10 +457,36 @@ def token_loss_op(
     flat = [None if t is None else t.reshape(-1).to(dtype).contiguous() for t in tensors]
 
     name, kernel = _backends.select("token_loss", device, backend or None)
+    offs, seq_w, lm_w = _aggregation_weights(
+        layout, shape, device, cu_seqlens, flat_mask, positive, out_dtype, name, agg, global_tokens,
+        global_seqs, global_positive_tokens, dp_size, loss_scale_factor,
+    )
+    sums, g_logp, g_values, g_entropy = kernel(
+        *flat, flat_mask, offs, seq_w, lm_w, [float(p) for p in params], need_grad
+    )
+    loss = _total(sums, params)
+    _screen_nan(loss, zip(_TOKEN_ARGS, tensors), mask)
+    grads = []
+    for g, src in ((g_logp, logp), (g_values, values), (g_entropy, entropy)):
+        grads.append(
+            g.view(src.shape) if (src is not None and g.numel() == src.numel() and need_grad) else g
+        )
+    return loss, sums, *grads
+
+
+def _aggregation_weights(
+    layout, shape, device, cu_seqlens, flat_mask, positive, out_dtype, backend_name, agg,
+    global_tokens, global_seqs, global_positive_tokens, dp_size, loss_scale_factor,
+):
+    """``(offsets, seq_weight, lm_weight)`` of the kernel contract from the valid tokens
+    (``shape``: the token tensors' shape, (B, T) padded or (N,) packed)."""
+    if layout.packed:
+        _ragged.check_cu_seqlens_values(cu_seqlens, layout.num_tokens)
+    offs = _ragged.offsets(layout, shape, cu_seqlens, device)
     if flat_mask is None:
         counts = offs[1:] - offs[:-1]
     else:
-        count_backend = "cpp" if name == "cpp" else "reference"
+        count_backend = "cpp" if backend_name == "cpp" else "reference"
         _, count_kernel = _backends.select("valid_counts", device, count_backend)
         counts = count_kernel(flat_mask, offs)
     horizon = shape[-1] if not layout.packed else None
@@ -483,32 +506,30 @@ def token_loss_op(
             (pos * counts).sum() if global_positive_tokens is None else global_positive_tokens
         )
         lm_w = (pos * _share(dp_size, pos_tokens)).to(out_dtype).contiguous()
-    sums, g_logp, g_values, g_entropy = kernel(
-        *flat, flat_mask, offs, seq_w.contiguous(), lm_w, [float(p) for p in params], need_grad
-    )
-    # The total: the five term sums with their coefficients (the metric slots hold
-    # +-inf for empty batches and must not meet a zero coefficient). Python-float
-    # coefficients: no host-to-device copy, so no stream sync on CUDA.
-    loss = (
+    return offs, seq_w.contiguous(), lm_w
+
+
+def _total(sums: Tensor, params: Sequence[float]) -> Tensor:
+    """The loss: the five term sums with their coefficients (the metric slots hold +-inf
+    for empty batches and must not meet a zero coefficient). Python-float coefficients:
+    no host-to-device copy, so no stream sync on CUDA."""
+    return (
         sums[S_PG]
         + params[P_VF_COEF] * sums[S_VF]
         + params[P_KL_COEF] * sums[S_KL]
         - params[P_ENTROPY_COEF] * sums[S_ENTROPY]
         + params[P_LM_COEF] * sums[S_LM]
     )
-    # A NaN in a valid input always reaches its term's sum, and masked slots never
-    # produce one: one check of the loss screens every input; per-input checks run only
-    # when something is wrong, to name the argument.
+
+
+def _screen_nan(loss: Tensor, named_inputs, mask: Tensor | None) -> None:
+    """A NaN in a valid input always reaches its term's sum, and masked slots never
+    produce one: one check of the loss screens every input; per-input checks run only
+    when something is wrong, to name the argument."""
     if _ragged.validation_enabled() and bool(torch.isnan(loss)):
-        for arg, t in zip(_TOKEN_ARGS, tensors):
+        for arg, t in named_inputs:
             if t is not None:
                 _ragged.check_no_nan_where_valid(arg, t, mask)
-    grads = []
-    for g, src in ((g_logp, logp), (g_values, values), (g_entropy, entropy)):
-        grads.append(
-            g.view(src.shape) if (src is not None and g.numel() == src.numel() and need_grad) else g
-        )
-    return loss, sums, *grads
 
 
 @token_loss_op.register_fake
@@ -996,17 +1017,237 @@ def positive_lm_loss(
 
 
 # --------------------------------------------------------------------------------------
-# From logits, or from hidden states and the LM head, to the loss and its gradient.
+# From logits to the loss and its gradient in one kernel: ``vapo::logits_loss``.
 #
-# The forward runs the log-prob kernel (logp, entropy, lse per row), the token-loss
-# kernel (which writes d loss / d logp and d loss / d entropy as it goes) and then, at
-# once, the log-prob backward kernel, so the gradient of the logits (or of hidden,
-# weight, bias) exists when the forward returns; backward only scales it. Between the
-# kernels only per-token vectors (4 bytes x N each) pass through memory: no N x V tensor
-# besides the logits themselves, and with ``inplace_backward=True`` the logits' gradient
-# is written over the logits (verl's trick), so the peak holds one N x V buffer. From
-# hidden states no N x V tensor exists at all (the fused LM-head kernels of
-# :mod:`vapo_kernels.ops.logprobs`).
+# Per row (token) the kernel reads the logits once for the log-sum-exp, the target's
+# log-prob and the entropy; evaluates the token's loss terms, its metrics and
+# d loss / d logp, d loss / d H in registers; and, reading the row again (from cache),
+# writes d loss / d logits - in place over the logits with ``logits_loss_``. Nothing
+# per token (log-prob, entropy, ratio, clip flags, gradients) goes through memory: the
+# only outputs are the loss, the NUM_SUMS sums and the N x V gradient.
+#
+# From hidden states and the LM head, ``policy_loss_from_hidden`` composes the fused
+# LM-head kernels of :mod:`vapo_kernels.ops.logprobs` (no N x V tensor exists at all)
+# with the token-loss op; only per-token vectors (4 bytes x N) pass between them.
+
+
+def reference_logits_kernel(
+    logits: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    ref_logp: Tensor | None,
+    is_weights: Tensor | None,
+    valid: Tensor,
+    offsets: Tensor,
+    seq_weight: Tensor,
+    lm_weight: Tensor | None,
+    params: Sequence[float],
+    temperature: float,
+    out: Tensor | None,
+) -> Tensor:
+    """The kernel contract of ``vapo::logits_loss``: log-probs, loss and gradient in one.
+
+    ``logits`` (N, V) any float dtype, last dim contiguous; ``targets`` (N,) int64, in
+    [0, V) on valid rows; ``old_logp, advantages, ref_logp, is_weights`` (N,) contiguous
+    in the accumulation dtype (float32; float64 for float64 logits), the last two None
+    when off; ``valid`` (N,) bool: the rows that count (mask set, target not -100);
+    ``offsets, seq_weight, lm_weight, params`` as in :func:`reference_kernel` (the
+    entropy of each row is always an input of the loss, with coefficient
+    ``params[P_ENTROPY_COEF]``, so its weighted sum is a metric). ``out``: None (no
+    gradient) or (N, V) in logits' dtype, possibly ``logits`` itself, which receives
+    d loss / d logits (zero rows where not valid).
+
+    Returns ``sums`` (NUM_SUMS,) in the accumulation dtype. By definition the result is
+    :func:`vapo_kernels.ops.logprobs.reference_forward`, then :func:`reference_kernel`,
+    then :func:`~vapo_kernels.ops.logprobs.reference_backward`; fused backends do the
+    three per row without writing the per-token vectors in between.
+    """
+    from . import logprobs as lp_ops
+
+    logp, entropy, lse = lp_ops.reference_forward(logits, targets, valid, temperature)
+    sums, g_logp, _, g_entropy = reference_kernel(
+        logp, old_logp, advantages, None, None, None, ref_logp, entropy, is_weights, valid,
+        offsets, seq_weight, lm_weight, params, out is not None,
+    )
+    if out is not None:
+        lp_ops.reference_backward(
+            g_logp, g_entropy if params[P_ENTROPY_COEF] != 0 else None, logits, targets,
+            valid, lse, entropy, temperature, out,
+        )
+    return sums
+
+
+_backends.register("logits_loss", "reference")(reference_logits_kernel)
+_backends.register("logits_loss", "cpp")(_backends.from_extension("logits_loss_cpu"))
+
+_LOGITS_TOKEN_ARGS = ("old_logp", "advantages", "ref_logp", "is_weights")
+
+
+def _check_logits_static(
+    logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens, positive,
+    params, temperature, agg, loss_scale_factor,
+):
+    from . import logprobs as lp_ops
+
+    lp_ops._check_static(logits, targets, mask, temperature)
+    for name, t in (("old_logp", old_logp), ("advantages", advantages)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    tensors = (None, old_logp, advantages, None, None, None, ref_logp, None, is_weights)
+    layout = _check_static(tensors, mask, cu_seqlens, positive, params, agg, loss_scale_factor)
+    if old_logp.shape != targets.shape:
+        raise ValueError(
+            f"old_logp has shape {tuple(old_logp.shape)} but targets {tuple(targets.shape)}: "
+            "one entry per token"
+        )
+    return layout
+
+
+def _logits_loss(
+    logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens, positive,
+    params, temperature, agg, global_tokens, global_seqs, global_positive_tokens, dp_size,
+    loss_scale_factor, out, backend,
+) -> tuple[Tensor, Tensor]:
+    """Both ops' body: ``(loss, sums)``, the gradient written into ``out`` unless None."""
+    from . import logprobs as lp_ops
+
+    layout = _check_logits_static(
+        logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens,
+        positive, params, temperature, agg, loss_scale_factor,
+    )
+    lp_ops._check_targets_in_range(targets, logits.shape[-1])
+    device, shape = logits.device, targets.shape
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    flat_targets = targets.reshape(-1).long().contiguous()
+    valid = flat_targets != lp_ops.IGNORE_INDEX
+    user_mask = _ragged.as_bool_mask(mask)
+    if user_mask is not None:
+        valid &= user_mask.reshape(-1)
+    name, kernel = _backends.select("logits_loss", device, backend or None)
+    offs, seq_w, lm_w = _aggregation_weights(
+        layout, shape, device, cu_seqlens, valid, positive, acc, name, agg, global_tokens,
+        global_seqs, global_positive_tokens, dp_size, loss_scale_factor,
+    )
+    flat = [
+        None if t is None else t.reshape(-1).to(acc).contiguous()
+        for t in (old_logp, advantages, ref_logp, is_weights)
+    ]
+    sums = kernel(
+        lp_ops._rows(logits), flat_targets, *flat, valid, offs, seq_w, lm_w,
+        [float(p) for p in params], float(temperature),
+        None if out is None else lp_ops._rows(out),
+    )
+    loss = _total(sums, params)
+    if _ragged.validation_enabled() and bool(torch.isnan(loss)):
+        _screen_nan(loss, zip(_LOGITS_TOKEN_ARGS, flat), valid)
+        # A NaN (or +inf) logit makes its row's gradient NaN; in place the logits are
+        # gone, but their gradient rows show it just as well.
+        rows = lp_ops._rows(logits if out is None else out)
+        if bool((rows.isnan().any(-1) & valid).any()):
+            raise ValueError("logits contain NaN or +inf in a valid row")
+    return loss, sums
+
+
+@torch.library.custom_op("vapo::logits_loss", mutates_args=())
+def logits_loss_op(
+    logits: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    ref_logp: Tensor | None,
+    is_weights: Tensor | None,
+    mask: Tensor | None,
+    cu_seqlens: Tensor | None,
+    positive: Tensor | None,
+    params: Sequence[float],
+    temperature: float,
+    agg: str,
+    global_tokens: float | None,
+    global_seqs: float | None,
+    global_positive_tokens: float | None,
+    dp_size: float,
+    loss_scale_factor: float | None,
+    need_grad: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(loss, sums, grad_logits)`` from logits in one kernel; ``grad_logits`` has
+    logits' shape and dtype (empty when ``need_grad`` is False). The gradient is the
+    caller's to scale: this op has no autograd formula of its own (see
+    :func:`policy_loss_from_logits`)."""
+    grad = torch.empty_like(logits) if need_grad else logits.new_empty((0,))
+    loss, sums = _logits_loss(
+        logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens,
+        positive, params, temperature, agg, global_tokens, global_seqs,
+        global_positive_tokens, dp_size, loss_scale_factor, grad if need_grad else None,
+        backend,
+    )
+    return loss, sums, grad
+
+
+@torch.library.custom_op("vapo::logits_loss_", mutates_args=("logits",))
+def logits_loss_inplace_op(
+    logits: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    ref_logp: Tensor | None,
+    is_weights: Tensor | None,
+    mask: Tensor | None,
+    cu_seqlens: Tensor | None,
+    positive: Tensor | None,
+    params: Sequence[float],
+    temperature: float,
+    agg: str,
+    global_tokens: float | None,
+    global_seqs: float | None,
+    global_positive_tokens: float | None,
+    dp_size: float,
+    loss_scale_factor: float | None,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """``(loss, sums)``; d loss / d logits is written over the logits themselves."""
+    return _logits_loss(
+        logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens,
+        positive, params, temperature, agg, global_tokens, global_seqs,
+        global_positive_tokens, dp_size, loss_scale_factor, logits, backend,
+    )
+
+
+def _logits_loss_fake_outputs(logits, targets, old_logp, advantages, ref_logp, is_weights,
+                              mask, cu_seqlens, positive, params, temperature, agg,
+                              loss_scale_factor):
+    _check_logits_static(
+        logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens,
+        positive, params, temperature, agg, loss_scale_factor,
+    )
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return logits.new_empty((), dtype=acc), logits.new_empty((NUM_SUMS,), dtype=acc)
+
+
+@logits_loss_op.register_fake
+def _logits_loss_fake(
+    logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens, positive,
+    params, temperature, agg, global_tokens, global_seqs, global_positive_tokens, dp_size,
+    loss_scale_factor, need_grad, backend,
+):
+    loss, sums = _logits_loss_fake_outputs(
+        logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens,
+        positive, params, temperature, agg, loss_scale_factor,
+    )
+    return loss, sums, torch.empty_like(logits) if need_grad else logits.new_empty((0,))
+
+
+@logits_loss_inplace_op.register_fake
+def _logits_loss_inplace_fake(
+    logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens, positive,
+    params, temperature, agg, global_tokens, global_seqs, global_positive_tokens, dp_size,
+    loss_scale_factor, backend,
+):
+    return _logits_loss_fake_outputs(
+        logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens,
+        positive, params, temperature, agg, loss_scale_factor,
+    )
 
 
 # Keywords of :func:`vapo_loss` the from-logits / from-hidden paths pass through: every
@@ -1024,6 +1265,36 @@ def _loss_kwargs(kw: dict) -> dict:
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
     return {"lm_coef": 0.0, **kw}  # the positive-LM term only when asked for
+
+
+def _logits_loss_args(kw: dict) -> tuple[list, dict]:
+    """From :func:`policy_loss_from_logits`'s keywords: the op's tensor arguments
+    (ref_logp, is_weights, positive), and the rest as the op's keyword values."""
+    kw = _loss_kwargs(kw)
+    ref_logp, positive = kw.get("ref_logp"), kw.get("positive")
+    params = _params(
+        clip_low=kw.get("clip_low", 0.2),
+        clip_high=kw.get("clip_high", 0.28),
+        dual_clip=kw.get("dual_clip"),
+        ratio_log_clamp=kw.get("ratio_log_clamp", 20.0),
+        kl_kind=kw.get("kl_kind", "k3") if ref_logp is not None else None,
+        kl_coef=kw.get("kl_coef", 0.0),
+        entropy_coef=kw.get("entropy_coef", 0.0),
+        lm_coef=kw["lm_coef"],
+    )
+    loss_scale_factor = kw.get("loss_scale_factor")
+    rest = dict(
+        params=params,
+        agg=kw.get("agg", "token-mean"),
+        global_tokens=_count("global_tokens", kw.get("global_tokens")),
+        global_seqs=_count("global_seqs", kw.get("global_seqs")),
+        global_positive_tokens=_count(
+            "global_positive_tokens", kw.get("global_positive_tokens")
+        ),
+        dp_size=float(kw.get("dp_size", 1)),
+        loss_scale_factor=None if loss_scale_factor is None else float(loss_scale_factor),
+    )
+    return [ref_logp, kw.get("is_weights"), positive], rest
 
 
 def _loss_mask(mask: Tensor | None, targets: Tensor) -> Tensor:
@@ -1053,33 +1324,37 @@ def _loss_and_grads(logp, entropy, old_logp, advantages, mask, cu_seqlens, kw, n
 
 
 class _LossFromLogits(torch.autograd.Function):
+    """The fused op in the forward; the backward scales the gradient it wrote."""
+
     @staticmethod
-    def forward(
-        ctx, logits, targets, old_logp, advantages, mask, cu_seqlens, temperature,
-        inplace_backward, backend, kw, metrics_out,
-    ):
-        logp, entropy, lse = torch.ops.vapo.token_logprobs(
-            logits, targets, mask, temperature, False, backend
-        )
-        loss, metrics, g_logp, g_ent = _loss_and_grads(
-            logp, entropy, old_logp, advantages, _loss_mask(mask, targets), cu_seqlens, kw,
-            True, backend,
-        )
-        args = (g_logp, g_ent, logits, targets, mask, lse, entropy, temperature, backend)
+    def forward(ctx, logits, targets, old_logp, advantages, mask, cu_seqlens, temperature,
+                inplace_backward, backend, tensors, rest, metrics_out):
+        ref_logp, is_weights, positive = tensors
+        args = (logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens,
+                positive, rest["params"], temperature, rest["agg"], rest["global_tokens"],
+                rest["global_seqs"], rest["global_positive_tokens"], rest["dp_size"],
+                rest["loss_scale_factor"])
         if inplace_backward:
-            torch.ops.vapo.token_logprobs_backward_(*args)
+            loss, sums = torch.ops.vapo.logits_loss_(*args, backend)
             ctx.grad = logits
         else:
-            ctx.grad = torch.ops.vapo.token_logprobs_backward(*args)
+            loss, sums, ctx.grad = torch.ops.vapo.logits_loss(*args, True, backend)
         # ctx attribute, not save_for_backward: the in-place buffer has a bumped version.
-        metrics_out.update(metrics)  # non-differentiable: handed back beside the graph
+        metrics_out.update(_logits_metrics(sums, ref_logp, positive))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad, ctx.grad = ctx.grad, None
         grad = grad.mul_(grad_loss.to(grad.dtype))  # scaled where it lies: no new N x V
-        return (grad, *([None] * 10))
+        return (grad, *([None] * 11))
+
+
+def _logits_metrics(sums, ref_logp, positive):
+    return _metrics(
+        sums, policy=True, value=False, kl=ref_logp is not None, entropy=True,
+        lm=positive is not None,
+    )
 
 
 def policy_loss_from_logits(
@@ -1099,12 +1374,13 @@ def policy_loss_from_logits(
 
     Same result as ``policy_loss(token_logprobs(logits, targets, temperature=...), ...)``
     (plus, through ``kw``, the KL, entropy and positive-LM terms of :func:`vapo_loss`:
-    ``ref_logp, kl_kind, kl_coef, entropy_coef, positive, lm_coef``), but the gradient of
-    the logits is computed in the forward pass (see the section comment above), and
-    ``inplace_backward=True`` writes it over the logits, which must then not be used
-    again (leaf logits are refused). Metrics include the mean entropy.
+    ``ref_logp, kl_kind, kl_coef, entropy_coef, positive, lm_coef``), computed by one
+    kernel (``vapo::logits_loss``) that also writes the gradient of the logits during the
+    forward; ``inplace_backward=True`` writes it over the logits, which must then not be
+    used again (leaf logits are refused). Targets -100 are left out. Computed in float32
+    (float64 for float64 logits). Metrics include the aggregated entropy.
     """
-    kw = _loss_kwargs(kw)
+    tensors, rest = _logits_loss_args(kw)
     _check_temperature(temperature)
     if inplace_backward and logits.is_leaf and logits.requires_grad:
         raise RuntimeError(
@@ -1116,17 +1392,16 @@ def policy_loss_from_logits(
         metrics: dict[str, Tensor] = {}
         loss = _LossFromLogits.apply(
             logits, targets, old_logp, advantages, mask, cu_seqlens, temperature,
-            bool(inplace_backward), backend, kw, metrics,
+            bool(inplace_backward), backend, tensors, rest, metrics,
         )
         return loss, metrics
-    logp, entropy, _ = torch.ops.vapo.token_logprobs(
-        logits, targets, mask, temperature, False, backend
+    loss, sums, _ = torch.ops.vapo.logits_loss(
+        logits, targets, old_logp, advantages, tensors[0], tensors[1], mask, cu_seqlens,
+        tensors[2], rest["params"], temperature, rest["agg"], rest["global_tokens"],
+        rest["global_seqs"], rest["global_positive_tokens"], rest["dp_size"],
+        rest["loss_scale_factor"], False, backend,
     )
-    loss, metrics, _, _ = _loss_and_grads(
-        logp, entropy, old_logp, advantages, _loss_mask(mask, targets), cu_seqlens, kw,
-        False, backend,
-    )
-    return loss, metrics
+    return loss, _logits_metrics(sums, tensors[0], tensors[2])
 
 
 def _check_temperature(temperature):

@@ -1,0 +1,40 @@
+// Per-row log-prob kernels of logprobs.cpp, for kernels that fuse more work per row
+// (logits_loss.cpp): the same code paths as vapo::token_logprobs, one row at a time on
+// the calling thread.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace vapo {
+
+constexpr int64_t kIgnoreIndex = -100;
+
+// A valid row summarised: log-sum-exp of z / tau, the entropy and the target's log-prob,
+// exactly as token_logprobs_fwd_cpu writes them (logp <= 0, entropy >= 0).
+struct RowStats {
+  double lse, entropy, logp;
+};
+
+template <typename scalar_t>
+RowStats logprob_row_forward(const scalar_t* z, int64_t vocab, int64_t target, double tau);
+
+// Writes d loss / d z of the row into out (which may be z itself) given the gradients of
+// the loss with respect to the row's log-prob and entropy, as token_logprobs_bwd_cpu.
+template <typename scalar_t>
+void logprob_row_backward(const scalar_t* z, scalar_t* out, int64_t vocab, int64_t target,
+                          double tau, double lse, double entropy, double g_logp,
+                          double g_entropy);
+
+// Checks shared by the kernels that take logits: returns the targets pointer. Every
+// target must index its row or be -100 (masked rows included: never a read outside).
+const int64_t* check_logits_and_targets(const char* fn, const at::Tensor& logits,
+                                        const at::Tensor& targets, double temperature);
+
+// `out` must be an (N, V) CPU tensor in logits' dtype, contiguous along V, whose rows do
+// not overlap, and either logits itself (in place: each block is read before it is
+// written) or disjoint from it.
+void check_grad_out(const char* fn, const at::Tensor& logits, const at::Tensor& out);
+
+}  // namespace vapo

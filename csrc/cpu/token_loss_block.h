@@ -1,0 +1,48 @@
+// The token-loss terms of loss.cpp over one block of tokens, for kernels that produce
+// the log-probs themselves (logits_loss.cpp): the same tiles, rules and sums as
+// vapo::token_loss, on inputs already in the compute type T (float, or double).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace vapo {
+
+// The sums layout of vapo_kernels/ops/loss.py (S_*).
+constexpr int kNumLossSums = 15;
+
+// One block's sums, combined across blocks in block order by reduce_loss_sums.
+struct LossSums {
+  double sums[kNumLossSums];
+  double ratio_min, ratio_max;
+};
+
+// Tokens [begin, end) of a batch. Per-token arrays hold tokens [begin, end) (index
+// t - begin); offsets (S + 1) and the per-sequence weights are the batch's. The policy
+// term (logp, old_logp, advantages) is always on; ref_logp (with params' KL kind > 0),
+// entropy, is_weights and lm_weight switch their terms on; g_logp / g_entropy (null:
+// not written) receive the gradients, 0 on masked tokens.
+template <typename T>
+struct LossBlock {
+  int64_t begin = 0, end = 0;
+  const T *logp = nullptr, *old_logp = nullptr, *adv = nullptr, *ref_logp = nullptr,
+          *entropy = nullptr, *isw = nullptr;
+  const bool* valid = nullptr;
+  const int64_t* offsets = nullptr;
+  int64_t num_seqs = 0;
+  const T* seq_weight = nullptr;
+  const T* lm_weight = nullptr;
+  T *g_logp = nullptr, *g_entropy = nullptr;
+};
+
+template <typename T>
+void token_loss_block(const LossBlock<T>& block, const std::vector<double>& params,
+                      LossSums& out);
+
+// The (NUM_SUMS,) sums tensor of the kernel contract from the blocks' sums, added in
+// block order (the same bits whatever the number of threads).
+at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType dtype);
+
+}  // namespace vapo
