@@ -1080,6 +1080,9 @@ def reference_logits_kernel(
 
 _backends.register("logits_loss", "reference")(reference_logits_kernel)
 _backends.register("logits_loss", "cpp")(_backends.from_extension("logits_loss_cpu"))
+_backends.register("logits_loss", "triton")(
+    _backends.from_module("vapo_kernels.triton.loss", "logits_loss")
+)
 
 _LOGITS_TOKEN_ARGS = ("old_logp", "advantages", "ref_logp", "is_weights")
 

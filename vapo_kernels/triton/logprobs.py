@@ -31,6 +31,10 @@ no program touches another row, so ``out`` may be the logits buffer itself.
 
 Row offsets are int64 (``row * row_stride`` exceeds 2^31 elements at N x V > 2^31);
 column offsets stay int32 (V < 2^31).
+
+The per-row bodies are the jit functions ``_row_forward`` / ``_row_backward`` /
+``_row_zero``, so the fused loss kernel (``vapo::logits_loss``, triton/loss.py) runs
+the same arithmetic, bit for bit, with the loss terms in between.
 """
 
 from __future__ import annotations
@@ -81,6 +85,94 @@ def _keep_row(y_ptr, valid_ptr, row, HAS_VALID: tl.constexpr):
 
 
 @triton.jit
+def _row_forward(z_row, y, V, inv_tau, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
+    """(lse, entropy, logp of target y) of the row at ``z_row``, in ACC.
+
+    Shared by the log-prob kernel and the fused loss kernel (triton/loss.py).
+    """
+    # Constants built in ACC: a Python float literal would be rounded to fp32 first.
+    ln2 = tl.full([], _LN2, ACC)
+    # t = z * c = s log2(e); c is formed exactly as in _row_backward, so both passes
+    # see bit-identical t.
+    c = tl.full([], _LOG2E, ACC) * inv_tau
+    m = tl.full([], float("-inf"), ACC)
+    s_sum = tl.full([], 0.0, ACC)
+    w_sum = tl.full([], 0.0, ACC)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        # Padding lanes read as -inf: they add exactly 0 below, like a -inf logit.
+        t = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(ACC) * c
+        m_new = tl.maximum(m, tl.max(t, axis=0))
+        # While every logit so far is -inf, shift by 0 instead (-inf - -inf is NaN).
+        shift = tl.where(m_new > float("-inf"), m_new, 0.0)
+        d = t - shift
+        e = tl.exp2(d)
+        alpha = tl.exp2(m - shift)  # 0 while nothing has been accumulated
+        # W's weights were measured from the old max: re-measure from the new one.
+        # S == 0 means m is still -inf; pick m = shift there so no inf * 0 appears.
+        m_old = tl.where(s_sum > 0, m, shift)
+        w_sum = alpha * (w_sum + (m_old - shift) * s_sum)
+        s_sum = alpha * s_sum + tl.sum(e, axis=0)
+        # e == 0 exactly when d is -inf (or underflows): its term is 0, not 0 * inf.
+        w_sum += tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
+        m = m_new
+    # The max lane contributes exactly 2^0 = 1 and every d <= 0, so S >= 1, W <= 0
+    # and t_y <= m (same load, same c): H >= 0 and logp <= 0 hold by construction.
+    # The clamps only make the contract's ranges explicit; they cost nothing per logit.
+    log2_s = tl.log2(s_sum)
+    t_y = tl.load(z_row + y).to(ACC) * c
+    lse = (m + log2_s) * ln2
+    ent = tl.maximum((log2_s - w_sum / s_sum) * ln2, 0.0)
+    logp = tl.minimum((t_y - m - log2_s) * ln2, 0.0)
+    return lse, ent, logp
+
+
+@triton.jit
+def _row_backward(
+    z_row, out_row, y, V, inv_tau, lse, ent, g_lp, g_h,
+    HAS_GH: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    """Writes d/dz of (g_lp logp + g_h H) for the row at ``z_row`` into ``out_row``
+    (ent and g_h are not read without HAS_GH).
+
+    Every chunk is loaded into registers before this program stores that chunk's
+    gradient, and nothing else is read after, so ``out_row`` may be ``z_row``.
+    """
+    log2e = tl.full([], _LOG2E, ACC)
+    c = log2e * inv_tau
+    lse2 = lse * log2e
+    # dz = a onehot + p (b (E_t - t) - a), everything in base-2 units t = s log2(e):
+    # a = g_lp / tau,  b = g_H ln2 / tau,  E_t = (lse - H) log2(e).
+    a = g_lp * inv_tau
+    if HAS_GH:
+        b = g_h * inv_tau * tl.full([], _LN2, ACC)
+        e_t = (lse - ent) * log2e
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        inside = cols < V
+        t = tl.load(z_row + cols, mask=inside, other=float("-inf")).to(ACC) * c
+        p = tl.exp2(t - lse2)
+        if HAS_GH:
+            # Where p == 0 (t = -inf) the entropy term is 0; replacing t by E_t
+            # there keeps (E_t - t) finite, so no 0 * inf is ever formed.
+            t_safe = tl.where(p > 0, t, e_t)
+            g = p * (b * (e_t - t_safe) - a)
+        else:
+            g = -a * p
+        g = tl.where(cols == y, g + a, g)
+        tl.store(out_row + cols, g.to(out_row.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _row_zero(out_row, V, BLOCK_V: tl.constexpr):
+    """Zeros over an ignored row: still written, ``out`` is usually fresh torch.empty."""
+    zeros = tl.zeros([BLOCK_V], dtype=out_row.dtype.element_ty)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        tl.store(out_row + cols, zeros, mask=cols < V)
+
+
+@triton.jit
 def _token_logprobs_fwd_kernel(
     z_ptr, stride_z, y_ptr, valid_ptr, tau_ptr, logp_ptr, ent_ptr, lse_ptr, V,
     HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
@@ -92,41 +184,8 @@ def _token_logprobs_fwd_kernel(
     ent = zero
     lse = zero
     if keep:
-        z_row = z_ptr + row * stride_z
-        # Constants built in ACC: a Python float literal would be rounded to fp32 first.
-        ln2 = tl.full([], _LN2, ACC)
-        # t = z * c = s log2(e); c is formed exactly as in the backward, so both passes
-        # see bit-identical t.
-        c = tl.full([], _LOG2E, ACC) * (1.0 / tl.load(tau_ptr))
-        m = tl.full([], float("-inf"), ACC)
-        s_sum = zero
-        w_sum = zero
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            # Padding lanes read as -inf: they add exactly 0 below, like a -inf logit.
-            t = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(ACC) * c
-            m_new = tl.maximum(m, tl.max(t, axis=0))
-            # While every logit so far is -inf, shift by 0 instead (-inf - -inf is NaN).
-            shift = tl.where(m_new > float("-inf"), m_new, 0.0)
-            d = t - shift
-            e = tl.exp2(d)
-            alpha = tl.exp2(m - shift)  # 0 while nothing has been accumulated
-            # W's weights were measured from the old max: re-measure from the new one.
-            # S == 0 means m is still -inf; pick m = shift there so no inf * 0 appears.
-            m_old = tl.where(s_sum > 0, m, shift)
-            w_sum = alpha * (w_sum + (m_old - shift) * s_sum)
-            s_sum = alpha * s_sum + tl.sum(e, axis=0)
-            # e == 0 exactly when d is -inf (or underflows): its term is 0, not 0 * inf.
-            w_sum += tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
-            m = m_new
-        # The max lane contributes exactly 2^0 = 1 and every d <= 0, so S >= 1, W <= 0
-        # and t_y <= m (same load, same c): H >= 0 and logp <= 0 hold by construction.
-        # The clamps only make the contract's ranges explicit; they cost nothing per logit.
-        log2_s = tl.log2(s_sum)
-        t_y = tl.load(z_row + y).to(ACC) * c
-        lse = (m + log2_s) * ln2
-        ent = tl.maximum((log2_s - w_sum / s_sum) * ln2, 0.0)
-        logp = tl.minimum((t_y - m - log2_s) * ln2, 0.0)
+        inv_tau = 1.0 / tl.load(tau_ptr)
+        lse, ent, logp = _row_forward(z_ptr + row * stride_z, y, V, inv_tau, BLOCK_V, ACC)
     tl.store(logp_ptr + row, logp)
     tl.store(ent_ptr + row, ent)
     tl.store(lse_ptr + row, lse)
@@ -142,40 +201,18 @@ def _token_logprobs_bwd_kernel(
     y, keep = _keep_row(y_ptr, valid_ptr, row, HAS_VALID)
     out_row = out_ptr + row * stride_out
     if keep:
-        z_row = z_ptr + row * stride_z
-        log2e = tl.full([], _LOG2E, ACC)
-        inv_tau = 1.0 / tl.load(tau_ptr)
-        c = log2e * inv_tau
-        lse = tl.load(lse_ptr + row)
-        lse2 = lse * log2e
-        # dz = a onehot + p (b (E_t - t) - a), everything in base-2 units t = s log2(e):
-        # a = g_lp / tau,  b = g_H ln2 / tau,  E_t = (lse - H) log2(e).
-        a = tl.load(gl_ptr + row) * inv_tau
+        zero = tl.full([], 0.0, ACC)
+        ent = zero
+        g_h = zero
         if HAS_GH:
-            b = tl.load(gh_ptr + row) * inv_tau * tl.full([], _LN2, ACC)
-            e_t = (lse - tl.load(ent_ptr + row)) * log2e
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            inside = cols < V
-            # The whole chunk is in registers before this program stores over it: safe
-            # when out aliases the logits.
-            t = tl.load(z_row + cols, mask=inside, other=float("-inf")).to(ACC) * c
-            p = tl.exp2(t - lse2)
-            if HAS_GH:
-                # Where p == 0 (t = -inf) the entropy term is 0; replacing t by E_t
-                # there keeps (E_t - t) finite, so no 0 * inf is ever formed.
-                t_safe = tl.where(p > 0, t, e_t)
-                g = p * (b * (e_t - t_safe) - a)
-            else:
-                g = -a * p
-            g = tl.where(cols == y, g + a, g)
-            tl.store(out_row + cols, g.to(out_ptr.dtype.element_ty), mask=inside)
+            ent = tl.load(ent_ptr + row)
+            g_h = tl.load(gh_ptr + row)
+        _row_backward(
+            z_ptr + row * stride_z, out_row, y, V, 1.0 / tl.load(tau_ptr),
+            tl.load(lse_ptr + row), ent, tl.load(gl_ptr + row), g_h, HAS_GH, BLOCK_V, ACC,
+        )
     else:
-        # Ignored rows: zeros, still written (out is usually fresh torch.empty memory).
-        zeros = tl.zeros([BLOCK_V], dtype=out_ptr.dtype.element_ty)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            tl.store(out_row + cols, zeros, mask=cols < V)
+        _row_zero(out_row, V, BLOCK_V)
 
 
 # --------------------------------------------------------------------------------------
@@ -186,10 +223,20 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _launch_params(vocab: int, block_v: int | None) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for a row of ``vocab`` logits."""
+def _launch_params(
+    vocab: int,
+    block_v: int | None,
+    *,
+    gpu_block_v: int | None = None,
+    interpret_block_v: int | None = None,
+) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for a row of ``vocab`` logits; other row-streaming kernels
+    pass their own default chunk widths (None: this module's, read at call time)."""
     if block_v is None:
-        block_v = INTERPRET_BLOCK_V if _interpreting() else GPU_BLOCK_V
+        if _interpreting():
+            block_v = INTERPRET_BLOCK_V if interpret_block_v is None else interpret_block_v
+        else:
+            block_v = GPU_BLOCK_V if gpu_block_v is None else gpu_block_v
         # A chunk wider than the row would only be padding.
         block_v = min(block_v, triton.next_power_of_2(vocab))
     if block_v < 1 or block_v & (block_v - 1):
@@ -277,7 +324,9 @@ def token_logprobs_bwd(
     device = logits.device
     acc = _acc_dtype(logits.dtype)
     targets, valid = _row_args(targets, valid, n, device)
-    vec = lambda x: x.to(device=device, dtype=acc).reshape(n).contiguous()
+    def vec(x):
+        return x.to(device=device, dtype=acc).reshape(n).contiguous()
+
     grad_logp, lse, entropy = vec(grad_logp), vec(lse), vec(entropy)
     has_gh = grad_entropy is not None
     grad_entropy = vec(grad_entropy) if has_gh else grad_logp  # never read without HAS_GH

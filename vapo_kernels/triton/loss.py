@@ -25,10 +25,15 @@ the mask instead of multiplying by it, so NaN or 1e30 stored there changes no ou
 bit. Compute is in float32 (float64 for float64 inputs); the scalar parameters are
 passed as a small tensor in that dtype, since a Python float kernel argument would be
 float32 and round them for float64 inputs.
+
+The second kernel, ``_logits_loss_kernel``, is the ``triton`` backend of
+``vapo::logits_loss`` (contract: :func:`vapo_kernels.ops.loss.reference_logits_kernel`):
+logits -> loss sums and d loss / d logits in one launch, see :func:`logits_loss`.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -36,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ..ops.loss import (
+    NUM_PARAMS,
     NUM_SUMS,
     P_CLIP_HIGH,
     P_CLIP_LOW,
@@ -65,6 +71,8 @@ from ..ops.loss import (
     S_VF,
     S_VF_CLIP,
 )
+from . import logprobs as _lp
+from .logprobs import _keep_row, _row_backward, _row_forward, _row_zero
 
 # Launch parameters. GPU (not yet tuned on a device): the kernel is memory bound (up to
 # ten inputs and three gradients per token, ~50 bytes); 1024 tokens over 8 warps keeps
@@ -89,7 +97,9 @@ def _interpreting() -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# Per-token terms (the reference's formulas, torch's tie and clamp-gradient rules)
+# Per-token terms (the reference's formulas, torch's tie and clamp-gradient rules).
+# Elementwise: the token kernel applies them to a block of tokens, the logits kernel to
+# one token's 0-d values.
 
 
 @triton.jit
@@ -349,6 +359,19 @@ def _token_loss_kernel(
 # Host side
 
 
+def _scalar_params(params, dtype, device, extra=()) -> torch.Tensor:
+    """The _K_* scalars, then ``extra``: derived in float64, rounded once to ``dtype``."""
+    k = [0.0] * _NUM_K
+    k[_K_LO], k[_K_HI] = 1.0 - params[P_CLIP_LOW], 1.0 + params[P_CLIP_HIGH]
+    k[_K_DUAL], k[_K_CLAMP] = params[P_DUAL_CLIP], params[P_RATIO_CLAMP]
+    k[_K_VEPS], k[_K_VF], k[_K_KL] = params[P_VALUE_CLIP], params[P_VF_COEF], params[P_KL_COEF]
+    k[_K_ENT], k[_K_LM] = params[P_ENTROPY_COEF], params[P_LM_COEF]
+    k_t = torch.tensor(k + [float(x) for x in extra], dtype=torch.float64).to(dtype)
+    if device.type == "cuda":  # pinned + non_blocking: no wait on the stream
+        k_t = k_t.pin_memory().to(device, non_blocking=True)
+    return k_t
+
+
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1).contiguous()
 
@@ -422,15 +445,7 @@ def token_loss(
     seq_weight = seq_weight.to(device=device, dtype=out_dtype).contiguous()
     lm_w = lm_weight.to(device=device, dtype=out_dtype).contiguous() if has_lm else seq_weight
 
-    # Derived scalars in float64, rounded once to the compute dtype.
-    k = [0.0] * _NUM_K
-    k[_K_LO], k[_K_HI] = 1.0 - params[P_CLIP_LOW], 1.0 + params[P_CLIP_HIGH]
-    k[_K_DUAL], k[_K_CLAMP] = params[P_DUAL_CLIP], params[P_RATIO_CLAMP]
-    k[_K_VEPS], k[_K_VF], k[_K_KL] = params[P_VALUE_CLIP], params[P_VF_COEF], params[P_KL_COEF]
-    k[_K_ENT], k[_K_LM] = params[P_ENTROPY_COEF], params[P_LM_COEF]
-    k_t = torch.tensor(k, dtype=torch.float64).to(out_dtype)
-    if device.type == "cuda":  # pinned + non_blocking: no wait on the stream
-        k_t = k_t.pin_memory().to(device, non_blocking=True)
+    k_t = _scalar_params(params, out_dtype, device)
 
     # Sequences of the first and last token of every block: [first..., last...].
     n_blocks = triton.cdiv(n, block)
@@ -462,6 +477,289 @@ def token_loss(
     sums[S_RATIO_MIN] = part[:, S_RATIO_MIN].min()
     sums[S_RATIO_MAX] = part[:, S_RATIO_MAX].max()
     return sums, g_logp, g_values, g_entropy
+
+
+# --------------------------------------------------------------------------------------
+# vapo::logits_loss: from logits to the loss sums and d loss / d logits in one kernel
+#
+# One program per row (token), a 1-D grid of N programs; a row's work (two streaming
+# passes over V logits) dwarfs the per-program overhead, and nothing about sequences
+# is on the grid. A valid row runs, in registers:
+#   _row_forward (lse, H, logp; logprobs.py) -> its sequence by a binary search over
+#   offsets -> the token's loss terms with the token kernel's helpers on 0-d values ->
+#   g_logp, g_H -> _row_backward (d loss / d z, logprobs.py) into ``out``.
+# An invalid row writes a zero gradient row and loads nothing else, so garbage in its
+# logits or token inputs reaches no output. Each program writes its row of NUM_SUMS
+# partial sums to an (N, NUM_SUMS) buffer, reduced by the host in a fixed order.
+#
+# In place (out is logits): a program only touches its own row; the forward pass has
+# read the whole row (including the target logit) before the backward starts, since the
+# backward's values depend on lse, logp and H, and _row_backward loads each chunk
+# before storing over it.
+
+# Launch parameters. GPU (not yet tuned on a device): the same streaming pattern as the
+# log-prob kernels, so the same chunk: 8192 logits over 16 warps (logprobs.py explains
+# it); the loss terms in between are a few dozen scalar operations per row.
+# Interpreter: every tl op is a numpy call per program; a chunk of 64 keeps the tests'
+# small vocabularies over several chunks, and tests pass block_v= to move boundaries.
+LOGITS_GPU_BLOCK_V = 8192
+LOGITS_INTERPRET_BLOCK_V = 64
+
+# The temperature follows the _K_* scalars in the kernel's parameter tensor.
+_K_TAU = _NUM_K
+assert _K_TAU == 9  # the kernel reads it at k_ptr + 9
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@triton.jit
+def _sequence_of(offs_ptr, n_seqs, row):
+    """The s in [0, n_seqs) with offsets[s] <= row < offsets[s + 1]: the last s with
+    offsets[s] <= row, so empty sequences (repeated offsets) are skipped."""
+    lo = tl.zeros([], tl.int64)
+    hi = lo + (n_seqs - 1)
+    while lo < hi:  # ceil(log2(n_seqs)) loads of offsets, which stay in cache
+        mid = (lo + hi + 1) // 2
+        starts_here = tl.load(offs_ptr + mid) <= row
+        lo = tl.where(starts_here, mid, lo)
+        hi = tl.where(starts_here, hi, mid - 1)
+    return lo
+
+
+@triton.jit
+def _logits_loss_kernel(
+    z_ptr, stride_z, y_ptr, valid_ptr, olp_ptr, adv_ptr, ref_ptr, isw_ptr,
+    offs_ptr, n_seqs, sw_ptr, lmw_ptr, k_ptr, part_ptr, out_ptr, stride_out, V,
+    HAS_ISW: tl.constexpr, HAS_DUAL: tl.constexpr, KL_KIND: tl.constexpr,
+    KL_STRAIGHT: tl.constexpr, HAS_LM: tl.constexpr, HAS_GH: tl.constexpr,
+    NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 before multiplying by the row stride
+    # A valid row whose target is -100 counts as invalid: the contract excludes it, and
+    # its logit load would fall outside the row.
+    y, keep = _keep_row(y_ptr, valid_ptr, row, True)
+    zero = tl.full([], 0.0, ACC)
+    one = tl.full([], 1.0, ACC)
+    s_pg = zero
+    s_kl = zero
+    s_ent = zero
+    s_lm = zero
+    s_tokens = zero
+    s_clip_low = zero
+    s_clip_high = zero
+    s_dual = zero
+    s_nlr = zero
+    s_k3 = zero
+    s_ratio = zero
+    r_min = zero + float("inf")
+    r_max = zero - float("inf")
+    if keep:
+        z_row = z_ptr + row * stride_z
+        inv_tau = 1.0 / tl.load(k_ptr + 9)
+        lse, ent, lp = _row_forward(z_row, y, V, inv_tau, BLOCK_V, ACC)
+        seq = _sequence_of(offs_ptr, n_seqs, row)
+        w = tl.load(sw_ptr + seq)
+        s_tokens = one
+
+        # k_ptr: lo, hi, dual, clamp, (value eps, vf), kl, ent, lm coefs, tau.
+        pg, g_lp, f_low, f_high, f_dual, log_ratio, ratio = _policy(
+            lp, tl.load(olp_ptr + row), tl.load(adv_ptr + row), tl.load(k_ptr + 0),
+            tl.load(k_ptr + 1), tl.load(k_ptr + 2), tl.load(k_ptr + 3), HAS_DUAL,
+        )
+        if HAS_ISW:
+            isw = tl.load(isw_ptr + row)
+            pg = pg * isw
+            g_lp = g_lp * isw
+        s_pg = w * pg
+        g_lp = w * g_lp
+        s_clip_low = tl.where(f_low, one, zero)
+        s_clip_high = tl.where(f_high, one, zero)
+        s_dual = tl.where(f_dual, one, zero)
+        s_nlr = -log_ratio
+        s_k3 = _expm1_minus_x(log_ratio, ratio)
+        s_ratio = ratio
+        r_min = ratio
+        r_max = ratio
+
+        if KL_KIND > 0:
+            kl, g_kl = _kl(lp, tl.load(ref_ptr + row), KL_KIND, KL_STRAIGHT)
+            s_kl = w * kl
+            g_lp = g_lp + tl.load(k_ptr + 6) * w * g_kl
+
+        s_ent = w * ent
+        g_h = -tl.load(k_ptr + 7) * w
+
+        if HAS_LM:
+            w_lm = tl.load(lmw_ptr + seq)
+            s_lm = -(w_lm * lp)
+            g_lp = g_lp - tl.load(k_ptr + 8) * w_lm
+
+        if NEED_GRAD:
+            _row_backward(
+                z_row, out_ptr + row * stride_out, y, V, inv_tau, lse, ent, g_lp, g_h,
+                HAS_GH, BLOCK_V, ACC,
+            )
+    else:
+        if NEED_GRAD:
+            _row_zero(out_ptr + row * stride_out, V, BLOCK_V)
+
+    part = part_ptr + row * 15
+    tl.store(part + 0, s_pg)
+    tl.store(part + 1, zero)  # no value term from logits
+    tl.store(part + 2, s_kl)
+    tl.store(part + 3, s_ent)
+    tl.store(part + 4, s_lm)
+    tl.store(part + 5, s_tokens)
+    tl.store(part + 6, s_clip_low)
+    tl.store(part + 7, s_clip_high)
+    tl.store(part + 8, s_dual)
+    tl.store(part + 9, s_nlr)
+    tl.store(part + 10, s_k3)
+    tl.store(part + 11, s_ratio)
+    tl.store(part + 12, r_min)
+    tl.store(part + 13, r_max)
+    tl.store(part + 14, zero)
+
+
+def _check_tensor(name, t, shape, dtype, device, optional=False):
+    if t is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} is required, got None")
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, logits on {device}")
+    return t.contiguous()
+
+
+def _check_rows_layout(name, t):
+    if t.shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name} must be contiguous along the vocabulary (last) dimension")
+
+
+def _extent(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses a tensor's elements span."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return start, start + (last + 1) * t.element_size()
+
+
+def logits_loss(
+    logits, targets, old_logp, advantages, ref_logp, is_weights, valid, offsets,
+    seq_weight, lm_weight, params, temperature, out, *, block_v: int | None = None,
+):
+    """The kernel contract of :func:`vapo_kernels.ops.loss.reference_logits_kernel`.
+
+    Returns ``sums`` (NUM_SUMS,) in the accumulation dtype (float32; float64 for float64
+    logits) and, when ``out`` is given, writes d loss / d logits there (``out`` may be
+    ``logits``). ``block_v`` (a power of two) overrides the vocabulary chunk width;
+    tests use it to put chunk boundaries inside small vocabularies.
+
+    Shapes, dtypes and devices are checked here (ValueError); values are not, since
+    that would wait for the device: targets of valid rows must lie in [0, V) (the op
+    checks them), and the offsets must be non-decreasing from 0 to N.
+    """
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be a (N, V) tensor, got {shape}")
+    if logits.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    n, vocab = logits.shape
+    if vocab < 1:
+        raise ValueError("logits must have a vocabulary of at least 1 entry, got V = 0")
+    _check_rows_layout("logits", logits)
+    device = logits.device
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point or (
+        targets.dtype in (torch.bool, torch.complex64, torch.complex128)
+    ):
+        raise ValueError(f"targets must be an integer tensor, got {getattr(targets, 'dtype', targets)}")
+    targets = _check_tensor("targets", targets, (n,), None, device).to(torch.int64)
+    old_logp = _check_tensor("old_logp", old_logp, (n,), acc, device)
+    advantages = _check_tensor("advantages", advantages, (n,), acc, device)
+    ref_logp = _check_tensor("ref_logp", ref_logp, (n,), acc, device, optional=True)
+    is_weights = _check_tensor("is_weights", is_weights, (n,), acc, device, optional=True)
+    valid = _check_tensor("valid", valid, (n,), torch.bool, device)
+    if not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.numel() < 1:
+        raise ValueError("offsets must be a 1-D tensor of S + 1 >= 1 entries")
+    n_seqs = offsets.numel() - 1
+    offsets = _check_tensor("offsets", offsets, (n_seqs + 1,), torch.int64, device)
+    if n > 0 and n_seqs == 0:
+        raise ValueError(f"offsets has no sequence for the {n} rows")
+    seq_weight = _check_tensor("seq_weight", seq_weight, (n_seqs,), acc, device)
+    lm_weight = _check_tensor("lm_weight", lm_weight, (n_seqs,), acc, device, optional=True)
+
+    try:
+        params = [float(p) for p in params]
+    except (TypeError, ValueError):
+        raise ValueError(f"params must be {NUM_PARAMS} floats") from None
+    if len(params) != NUM_PARAMS:
+        raise ValueError(f"params must have {NUM_PARAMS} entries, got {len(params)}")
+    kl_kind = 0
+    if ref_logp is not None:
+        if params[P_KL_KIND] not in (0.0, 1.0, 2.0, 3.0, 4.0):
+            raise ValueError(f"params[P_KL_KIND] must be 0..4, got {params[P_KL_KIND]}")
+        kl_kind = int(params[P_KL_KIND])
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float))
+        or not (0 < temperature < math.inf)
+    ):
+        raise ValueError(f"temperature must be a finite float > 0, got {temperature!r}")
+
+    if out is not None:
+        if not isinstance(out, torch.Tensor):
+            raise ValueError(f"out must be a tensor or None, got {type(out).__name__}")
+        if tuple(out.shape) != (n, vocab) or out.dtype != logits.dtype:
+            raise ValueError(
+                f"out must be ({n}, {vocab}) {logits.dtype} like logits, "
+                f"got {tuple(out.shape)} {out.dtype}"
+            )
+        if out.device != device:
+            raise ValueError(f"out is on {out.device}, logits on {device}")
+        _check_rows_layout("out", out)
+        same = out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride()
+        if not same and n > 0:
+            (a0, a1), (b0, b1) = _extent(out), _extent(logits)
+            if a0 < b1 and b0 < a1:
+                raise ValueError("out must be logits itself or not overlap it")
+
+    if n == 0:  # a 0-program grid is invalid
+        sums = torch.zeros(NUM_SUMS, dtype=acc, device=device)
+        sums[S_RATIO_MIN], sums[S_RATIO_MAX] = math.inf, -math.inf
+        return sums
+
+    block, num_warps = _lp._launch_params(
+        vocab, block_v, gpu_block_v=LOGITS_GPU_BLOCK_V,
+        interpret_block_v=LOGITS_INTERPRET_BLOCK_V,
+    )
+    # Temperature in the parameter tensor, in the accumulation dtype: a Python float
+    # kernel argument would be passed as fp32 and round tau for fp64 logits.
+    k_t = _scalar_params(params, acc, device, extra=(temperature,))
+    part = torch.empty((n, NUM_SUMS), dtype=acc, device=device)
+    need_grad = out is not None
+    _logits_loss_kernel[(n,)](
+        logits, logits.stride(0), targets, valid, old_logp, advantages,
+        old_logp if ref_logp is None else ref_logp,  # never read where their flag is off
+        old_logp if is_weights is None else is_weights,
+        offsets, n_seqs, seq_weight, seq_weight if lm_weight is None else lm_weight, k_t,
+        part, out if need_grad else logits, out.stride(0) if need_grad else 0, vocab,
+        HAS_ISW=is_weights is not None, HAS_DUAL=params[P_DUAL_CLIP] > 0,
+        KL_KIND=kl_kind, KL_STRAIGHT=bool(params[P_KL_STRAIGHT]), HAS_LM=lm_weight is not None,
+        HAS_GH=params[P_ENTROPY_COEF] != 0, NEED_GRAD=need_grad, BLOCK_V=block,
+        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps,
+    )
+    # Deterministic: torch's reductions over the per-row partials, in a fixed order.
+    sums = part.sum(0, dtype=torch.float64).to(acc)
+    sums[S_RATIO_MIN] = part[:, S_RATIO_MIN].min()
+    sums[S_RATIO_MAX] = part[:, S_RATIO_MAX].max()
+    return sums
 
 
 # The row layout the kernel writes must be the contract's.
