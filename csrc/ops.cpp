@@ -1,5 +1,6 @@
 // The pybind11 module of the JIT-built extension: binds each backend kernel.
 #include "ops.h"
+#include "cpu/alloc.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vapo_kernels C++ (CPU) and CUDA kernels";
@@ -9,6 +10,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_logprobs_fwd_cpu", &vapo::token_logprobs_fwd_cpu, "token log-probs, entropy, lse (CPU)");
   m.def("token_logprobs_bwd_cpu", &vapo::token_logprobs_bwd_cpu, "token log-probs backward, may be in place (CPU)");
   m.def("token_loss_cpu", &vapo::token_loss_cpu, "fused PPO/VAPO token loss (CPU)");
+  m.def("empty_like_cpu", [](const at::Tensor& like) {
+    return vapo::empty_cpu_output(like.sizes(), like.scalar_type());
+  }, "uninitialised CPU tensor like `like`, large ones on transparent huge pages");
   m.def("logits_loss_cpu", &vapo::logits_loss_cpu, "log-probs + PPO/VAPO loss + logits gradient in one pass (CPU)");
 #ifdef VAPO_WITH_CUDA
   m.def("gae_scan_cuda", &vapo::gae_scan_cuda, "two-lambda GAE reverse scan (CUDA)");

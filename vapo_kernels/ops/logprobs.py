@@ -266,7 +266,7 @@ def token_logprobs_backward_op(
     backend: str,
 ) -> Tensor:
     """dL/dlogits in a new tensor of logits' shape and dtype."""
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    grad = _backends.empty_output(logits)
     _write_logits_grad(
         grad, grad_logp, grad_entropy, logits, targets, mask, lse, entropy, temperature, backend
     )

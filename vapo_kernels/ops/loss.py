@@ -1178,7 +1178,7 @@ def logits_loss_op(
     logits' shape and dtype (empty when ``need_grad`` is False). The gradient is the
     caller's to scale: this op has no autograd formula of its own (see
     :func:`policy_loss_from_logits`)."""
-    grad = torch.empty_like(logits) if need_grad else logits.new_empty((0,))
+    grad = _backends.empty_output(logits) if need_grad else logits.new_empty((0,))
     loss, sums = _logits_loss(
         logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens,
         positive, params, temperature, agg, global_tokens, global_seqs,
