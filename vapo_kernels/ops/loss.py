@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _ragged
+from . import logprobs as lp_ops
 
 AGG_MODES = (
     "token-mean",
@@ -1063,8 +1064,6 @@ def reference_logits_kernel(
     then :func:`~vapo_kernels.ops.logprobs.reference_backward`; fused backends do the
     three per row without writing the per-token vectors in between.
     """
-    from . import logprobs as lp_ops
-
     logp, entropy, lse = lp_ops.reference_forward(logits, targets, valid, temperature)
     sums, g_logp, _, g_entropy = reference_kernel(
         logp, old_logp, advantages, None, None, None, ref_logp, entropy, is_weights, valid,
@@ -1091,8 +1090,6 @@ def _check_logits_static(
     logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens, positive,
     params, temperature, agg, loss_scale_factor,
 ):
-    from . import logprobs as lp_ops
-
     lp_ops._check_static(logits, targets, mask, temperature)
     for name, t in (("old_logp", old_logp), ("advantages", advantages)):
         if not isinstance(t, Tensor):
@@ -1113,8 +1110,6 @@ def _logits_loss(
     loss_scale_factor, out, backend,
 ) -> tuple[Tensor, Tensor]:
     """Both ops' body: ``(loss, sums)``, the gradient written into ``out`` unless None."""
-    from . import logprobs as lp_ops
-
     layout = _check_logits_static(
         logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens,
         positive, params, temperature, agg, loss_scale_factor,
@@ -1123,10 +1118,7 @@ def _logits_loss(
     device, shape = logits.device, targets.shape
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     flat_targets = targets.reshape(-1).long().contiguous()
-    valid = flat_targets != lp_ops.IGNORE_INDEX
-    user_mask = _ragged.as_bool_mask(mask)
-    if user_mask is not None:
-        valid &= user_mask.reshape(-1)
+    valid = _loss_mask(mask, targets).reshape(-1).contiguous()
     name, kernel = _backends.select("logits_loss", device, backend or None)
     offs, seq_w, lm_w = _aggregation_weights(
         layout, shape, device, cu_seqlens, valid, positive, acc, name, agg, global_tokens,
@@ -1270,34 +1262,39 @@ def _loss_kwargs(kw: dict) -> dict:
     return {"lm_coef": 0.0, **kw}  # the positive-LM term only when asked for
 
 
-def _logits_loss_args(kw: dict) -> tuple[list, dict]:
-    """From :func:`policy_loss_from_logits`'s keywords: the op's tensor arguments
-    (ref_logp, is_weights, positive), and the rest as the op's keyword values."""
+# _params' keywords among policy_loss_from_logits' ones (the rest go to the op itself).
+_PARAM_KEYWORDS = ("clip_low", "clip_high", "dual_clip", "ratio_log_clamp", "kl_coef",
+                   "entropy_coef", "lm_coef")
+
+
+def _logits_loss_args(logits, targets, old_logp, advantages, mask, cu_seqlens, temperature,
+                      kw: dict) -> tuple:
+    """The arguments of ``vapo::logits_loss(_)`` up to ``loss_scale_factor`` from
+    :func:`policy_loss_from_logits`' own (defaults: :func:`_params`' and
+    :func:`vapo_loss`')."""
     kw = _loss_kwargs(kw)
-    ref_logp, positive = kw.get("ref_logp"), kw.get("positive")
+    ref_logp = kw.get("ref_logp")
     params = _params(
-        clip_low=kw.get("clip_low", 0.2),
-        clip_high=kw.get("clip_high", 0.28),
-        dual_clip=kw.get("dual_clip"),
-        ratio_log_clamp=kw.get("ratio_log_clamp", 20.0),
         kl_kind=kw.get("kl_kind", "k3") if ref_logp is not None else None,
-        kl_coef=kw.get("kl_coef", 0.0),
-        entropy_coef=kw.get("entropy_coef", 0.0),
-        lm_coef=kw["lm_coef"],
+        **{k: kw[k] for k in _PARAM_KEYWORDS if k in kw},
     )
-    loss_scale_factor = kw.get("loss_scale_factor")
-    rest = dict(
-        params=params,
-        agg=kw.get("agg", "token-mean"),
-        global_tokens=_count("global_tokens", kw.get("global_tokens")),
-        global_seqs=_count("global_seqs", kw.get("global_seqs")),
-        global_positive_tokens=_count(
-            "global_positive_tokens", kw.get("global_positive_tokens")
-        ),
-        dp_size=float(kw.get("dp_size", 1)),
-        loss_scale_factor=None if loss_scale_factor is None else float(loss_scale_factor),
+    scale = kw.get("loss_scale_factor")
+    return (
+        logits, targets, old_logp, advantages, ref_logp, kw.get("is_weights"), mask,
+        cu_seqlens, kw.get("positive"), params, temperature, kw.get("agg", "token-mean"),
+        _count("global_tokens", kw.get("global_tokens")),
+        _count("global_seqs", kw.get("global_seqs")),
+        _count("global_positive_tokens", kw.get("global_positive_tokens")),
+        float(kw.get("dp_size", 1)), None if scale is None else float(scale),
     )
-    return [ref_logp, kw.get("is_weights"), positive], rest
+
+
+def _logits_metrics(args: tuple, sums: Tensor) -> dict[str, Tensor]:
+    """Metrics of a logits_loss call made with ``args`` (ref_logp: 4, positive: 8)."""
+    return _metrics(
+        sums, policy=True, value=False, kl=args[4] is not None, entropy=True,
+        lm=args[8] is not None,
+    )
 
 
 def _loss_mask(mask: Tensor | None, targets: Tensor) -> Tensor:
@@ -1330,34 +1327,22 @@ class _LossFromLogits(torch.autograd.Function):
     """The fused op in the forward; the backward scales the gradient it wrote."""
 
     @staticmethod
-    def forward(ctx, logits, targets, old_logp, advantages, mask, cu_seqlens, temperature,
-                inplace_backward, backend, tensors, rest, metrics_out):
-        ref_logp, is_weights, positive = tensors
-        args = (logits, targets, old_logp, advantages, ref_logp, is_weights, mask, cu_seqlens,
-                positive, rest["params"], temperature, rest["agg"], rest["global_tokens"],
-                rest["global_seqs"], rest["global_positive_tokens"], rest["dp_size"],
-                rest["loss_scale_factor"])
+    def forward(ctx, logits, rest, inplace_backward, backend, metrics_out):
+        args = (logits, *rest)
         if inplace_backward:
             loss, sums = torch.ops.vapo.logits_loss_(*args, backend)
             ctx.grad = logits
         else:
             loss, sums, ctx.grad = torch.ops.vapo.logits_loss(*args, True, backend)
         # ctx attribute, not save_for_backward: the in-place buffer has a bumped version.
-        metrics_out.update(_logits_metrics(sums, ref_logp, positive))
+        metrics_out.update(_logits_metrics(args, sums))
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad, ctx.grad = ctx.grad, None
         grad = grad.mul_(grad_loss.to(grad.dtype))  # scaled where it lies: no new N x V
-        return (grad, *([None] * 11))
-
-
-def _logits_metrics(sums, ref_logp, positive):
-    return _metrics(
-        sums, policy=True, value=False, kl=ref_logp is not None, entropy=True,
-        lm=positive is not None,
-    )
+        return grad, None, None, None, None
 
 
 def policy_loss_from_logits(
@@ -1383,28 +1368,22 @@ def policy_loss_from_logits(
     used again (leaf logits are refused). Targets -100 are left out. Computed in float32
     (float64 for float64 logits). Metrics include the aggregated entropy.
     """
-    tensors, rest = _logits_loss_args(kw)
     _check_temperature(temperature)
     if inplace_backward and logits.is_leaf and logits.requires_grad:
         raise RuntimeError(
             "policy_loss_from_logits(inplace_backward=True) would overwrite logits that are "
             "a leaf tensor the caller owns; pass inplace_backward=False"
         )
-    temperature, backend = float(temperature), backend or ""
+    args = _logits_loss_args(
+        logits, targets, old_logp, advantages, mask, cu_seqlens, float(temperature), kw
+    )
+    backend = backend or ""
     if torch.is_grad_enabled() and logits.requires_grad:
         metrics: dict[str, Tensor] = {}
-        loss = _LossFromLogits.apply(
-            logits, targets, old_logp, advantages, mask, cu_seqlens, temperature,
-            bool(inplace_backward), backend, tensors, rest, metrics,
-        )
+        loss = _LossFromLogits.apply(logits, args[1:], bool(inplace_backward), backend, metrics)
         return loss, metrics
-    loss, sums, _ = torch.ops.vapo.logits_loss(
-        logits, targets, old_logp, advantages, tensors[0], tensors[1], mask, cu_seqlens,
-        tensors[2], rest["params"], temperature, rest["agg"], rest["global_tokens"],
-        rest["global_seqs"], rest["global_positive_tokens"], rest["dp_size"],
-        rest["loss_scale_factor"], False, backend,
-    )
-    return loss, _logits_metrics(sums, tensors[0], tensors[2])
+    loss, sums, _ = torch.ops.vapo.logits_loss(*args, False, backend)
+    return loss, _logits_metrics(args, sums)
 
 
 def _check_temperature(temperature):
