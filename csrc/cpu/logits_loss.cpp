@@ -32,9 +32,6 @@ namespace {
 constexpr int64_t kCacheBytes = 256 * 1024;  // about half an L2: the row block plus tiles
 constexpr int64_t kMaxRows = 256;            // bounds the per-block stack arrays
 
-// params indices the entry point reads itself (vapo_kernels/ops/loss.py P_*).
-constexpr int kParamKlKind = 6, kParamEntropyCoef = 10, kNumParams = 12;
-
 void check_tokens(const char* fn, const char* name, const at::Tensor& t, int64_t n,
                   at::ScalarType dtype) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.dim() == 1 &&
@@ -68,23 +65,14 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
   if (ref_logp.has_value()) check_tokens(fn, "ref_logp", *ref_logp, n, acc);
   if (is_weights.has_value()) check_tokens(fn, "is_weights", *is_weights, n, acc);
   check_tokens(fn, "valid", valid, n, at::kBool);
-  TORCH_CHECK(static_cast<int>(params.size()) == kNumParams, fn, ": params must hold ",
-              kNumParams, " floats, got ", params.size());
-  const double kl_kind = params[kParamKlKind];
+  TORCH_CHECK(static_cast<int>(params.size()) == NUM_PARAMS, fn, ": params must hold ",
+              static_cast<int>(NUM_PARAMS), " floats, got ", params.size());
+  const double kl_kind = params[P_KL_KIND];
   TORCH_CHECK(kl_kind == 0 || kl_kind == 1 || kl_kind == 2 || kl_kind == 3 || kl_kind == 4, fn,
               ": params[P_KL_KIND] must be 0 (off), 1 (k1), 2 (abs), 3 (k2) or 4 (k3), got ",
               kl_kind);
-  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong &&
-                  offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.is_contiguous(),
-              fn, ": offsets must be a contiguous int64 CPU tensor of S + 1 entries");
+  const int64_t* off = check_loss_offsets(fn, offsets, n);
   const int64_t num_seqs = offsets.size(0) - 1;
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[num_seqs] == n, fn, ": offsets must start at 0 and end at N = ",
-              n, ", got ", off[0], " and ", off[num_seqs]);
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    TORCH_CHECK(off[s] <= off[s + 1], fn, ": offsets must be non-decreasing, but offsets[",
-                s + 1, "] = ", off[s + 1], " < offsets[", s, "] = ", off[s]);
-  }
   check_tokens(fn, "seq_weight", seq_weight, num_seqs, acc);
   if (lm_weight.has_value()) check_tokens(fn, "lm_weight", *lm_weight, num_seqs, acc);
   if (out.has_value()) check_grad_out(fn, logits, *out);
@@ -94,7 +82,7 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
   const int64_t num_blocks = (n + rows_per_block - 1) / rows_per_block;
   std::vector<LossSums> parts(static_cast<size_t>(num_blocks));
   const bool* keep = valid.data_ptr<bool>();
-  const double entropy_coef = params[kParamEntropyCoef];
+  const double entropy_coef = params[P_ENTROPY_COEF];
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logits_loss_cpu", [&] {
     using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;

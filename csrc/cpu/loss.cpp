@@ -58,18 +58,6 @@
 namespace vapo {
 namespace {
 
-// Layout of `params` and of `sums` (vapo_kernels/ops/loss.py, P_* and S_*).
-enum : int {
-  P_CLIP_LOW = 0, P_CLIP_HIGH, P_DUAL_CLIP, P_RATIO_CLAMP, P_VALUE_CLIP,
-  P_VALUE_CLIP_OPENRLHF, P_KL_KIND, P_KL_STRAIGHT, P_VF_COEF, P_KL_COEF,
-  P_ENTROPY_COEF, P_LM_COEF, NUM_PARAMS
-};
-enum : int {
-  S_PG = 0, S_VF, S_KL, S_ENTROPY, S_LM, S_TOKENS, S_CLIP_LOW, S_CLIP_HIGH,
-  S_DUAL_CLIP, S_NEG_LOG_RATIO, S_K3, S_RATIO_SUM, S_RATIO_MIN, S_RATIO_MAX, S_VF_CLIP,
-  NUM_SUMS
-};
-
 constexpr int64_t kChunk = 8192;  // tokens per parallel task: fixed, for reproducible sums
 constexpr int kTileBytes = 512;   // per input buffer: a tile is 128 fp32 / 64 fp64 tokens
 constexpr int kMaxW = 8;          // widest vector: 8 fp32 lanes (AVX2)
@@ -106,7 +94,6 @@ struct Args {
 
 // What a chunk hands to the final reduction.
 using ChunkSums = LossSums;
-static_assert(kNumLossSums == NUM_SUMS, "token_loss_block.h and loss.py agree on the sums");
 
 // One tile of tokens in the compute type.
 template <typename T>
@@ -738,18 +725,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
                 mask->sizes(), " and dtype ", mask->scalar_type());
     mask_ptr = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
   }
-  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong &&
-                  offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.is_contiguous(),
-              kFn, ": offsets must be a contiguous int64 CPU tensor of S + 1 entries");
+  const int64_t* off = check_loss_offsets(kFn, offsets, n);
   const int64_t num_seqs = offsets.size(0) - 1;
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[num_seqs] == n, kFn,
-              ": offsets must start at 0 and end at N = ", n, ", got ", off[0], " and ",
-              off[num_seqs]);
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    TORCH_CHECK(off[s] <= off[s + 1], kFn, ": offsets must be non-decreasing, but offsets[",
-                s + 1, "] = ", off[s + 1], " < offsets[", s, "] = ", off[s]);
-  }
   check_weights("seq_weight", seq_weight, num_seqs, out_dtype);
   if (lm_weight.has_value()) check_weights("lm_weight", *lm_weight, num_seqs, out_dtype);
 
@@ -817,6 +794,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
 
   const at::Tensor sums = reduce_loss_sums(parts, out_dtype);
   return {sums, g_logp, g_values, g_entropy};
+}
+
+const int64_t* check_loss_offsets(const char* fn, const at::Tensor& offsets, int64_t n) {
+  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong &&
+                  offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.is_contiguous(),
+              fn, ": offsets must be a contiguous int64 CPU tensor of S + 1 entries");
+  const int64_t num_seqs = offsets.size(0) - 1;
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[num_seqs] == n, fn,
+              ": offsets must start at 0 and end at N = ", n, ", got ", off[0], " and ",
+              off[num_seqs]);
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    TORCH_CHECK(off[s] <= off[s + 1], fn, ": offsets must be non-decreasing, but offsets[",
+                s + 1, "] = ", off[s + 1], " < offsets[", s, "] = ", off[s]);
+  }
+  return off;
 }
 
 at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType dtype) {

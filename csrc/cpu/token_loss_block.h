@@ -10,12 +10,21 @@
 
 namespace vapo {
 
-// The sums layout of vapo_kernels/ops/loss.py (S_*).
-constexpr int kNumLossSums = 15;
+// Layout of `params` and of `sums` (vapo_kernels/ops/loss.py, P_* and S_*).
+enum : int {
+  P_CLIP_LOW = 0, P_CLIP_HIGH, P_DUAL_CLIP, P_RATIO_CLAMP, P_VALUE_CLIP,
+  P_VALUE_CLIP_OPENRLHF, P_KL_KIND, P_KL_STRAIGHT, P_VF_COEF, P_KL_COEF,
+  P_ENTROPY_COEF, P_LM_COEF, NUM_PARAMS
+};
+enum : int {
+  S_PG = 0, S_VF, S_KL, S_ENTROPY, S_LM, S_TOKENS, S_CLIP_LOW, S_CLIP_HIGH,
+  S_DUAL_CLIP, S_NEG_LOG_RATIO, S_K3, S_RATIO_SUM, S_RATIO_MIN, S_RATIO_MAX, S_VF_CLIP,
+  NUM_SUMS
+};
 
 // One block's sums, combined across blocks in block order by reduce_loss_sums.
 struct LossSums {
-  double sums[kNumLossSums];
+  double sums[NUM_SUMS];
   double ratio_min, ratio_max;
 };
 
@@ -40,6 +49,10 @@ struct LossBlock {
 template <typename T>
 void token_loss_block(const LossBlock<T>& block, const std::vector<double>& params,
                       LossSums& out);
+
+// Checks the (S + 1,) int64 sequence offsets of N tokens (from 0 to N, non-decreasing);
+// returns their pointer.
+const int64_t* check_loss_offsets(const char* fn, const at::Tensor& offsets, int64_t n);
 
 // The (NUM_SUMS,) sums tensor of the kernel contract from the blocks' sums, added in
 // block order (the same bits whatever the number of threads).
