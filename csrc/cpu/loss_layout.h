@@ -1,0 +1,41 @@
+// Generated from vapo_kernels/_loss_layout.py by
+// `python -m vapo_kernels.build --write-layout`: edit the Python module, not this.
+#pragma once
+
+namespace vapo {
+
+constexpr int P_CLIP_LOW = 0;
+constexpr int P_CLIP_HIGH = 1;
+constexpr int P_DUAL_CLIP = 2;
+constexpr int P_RATIO_CLAMP = 3;
+constexpr int P_VALUE_CLIP = 4;
+constexpr int P_VALUE_CLIP_OPENRLHF = 5;
+constexpr int P_KL_KIND = 6;
+constexpr int P_KL_STRAIGHT = 7;
+constexpr int P_VF_COEF = 8;
+constexpr int P_KL_COEF = 9;
+constexpr int P_ENTROPY_COEF = 10;
+constexpr int P_LM_COEF = 11;
+constexpr int NUM_PARAMS = 12;
+constexpr int S_PG = 0;
+constexpr int S_VF = 1;
+constexpr int S_KL = 2;
+constexpr int S_ENTROPY = 3;
+constexpr int S_LM = 4;
+constexpr int S_TOKENS = 5;
+constexpr int S_CLIP_LOW = 6;
+constexpr int S_CLIP_HIGH = 7;
+constexpr int S_DUAL_CLIP = 8;
+constexpr int S_NEG_LOG_RATIO = 9;
+constexpr int S_K3 = 10;
+constexpr int S_RATIO_SUM = 11;
+constexpr int S_RATIO_MIN = 12;
+constexpr int S_RATIO_MAX = 13;
+constexpr int S_VF_CLIP = 14;
+constexpr int S_RETURNS = 15;
+constexpr int S_RETURNS_SQ = 16;
+constexpr int S_VALUE_ERR = 17;
+constexpr int S_VALUE_ERR_SQ = 18;
+constexpr int NUM_SUMS = 19;
+
+}  // namespace vapo

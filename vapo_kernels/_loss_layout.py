@@ -1,0 +1,83 @@
+"""The loss kernels' two vectors, defined once for every backend.
+
+Every backend of ``vapo::token_loss`` and ``vapo::logits_loss`` receives the scalar
+options as one ``params`` vector (floats, ``P_*`` slots) and returns one ``sums`` vector
+(``S_*`` slots). This module is their only definition:
+
+* the ops (``vapo_kernels.ops``) and the reference kernels index them by these names;
+* the Triton kernels read the same names as ``L.S_PG``-style module attributes (Triton
+  resolves a module's integer attributes at compile time, as constants);
+* the C++ kernels include ``csrc/cpu/loss_layout.h``, which :func:`cpp_header` writes
+  from this module; ``python -m vapo_kernels.build --write-layout`` rewrites it and a
+  test fails when the committed header differs.
+
+A leaf: it imports nothing from the package, so kernels can import it.
+"""
+
+from __future__ import annotations
+
+# ``params``: the options of one call.
+P_CLIP_LOW = 0  # eps_low: the ratio's lower bound is 1 - eps_low
+P_CLIP_HIGH = 1  # eps_high (Clip-Higher): upper bound 1 + eps_high
+P_DUAL_CLIP = 2  # c > 1 of dual clip, 0 when off
+P_RATIO_CLAMP = 3  # C: the log-ratio is clamped to [-C, C] before exp
+P_VALUE_CLIP = 4  # eps_v of the clipped value loss, < 0 for the unclipped loss
+P_VALUE_CLIP_OPENRLHF = 5  # 1: OpenRLHF's clip form, 0: verl's
+P_KL_KIND = 6  # KL estimator code (KL_CODES), 0 when the KL term is off
+P_KL_STRAIGHT = 7  # 1: straight-through "+" kind (k2's gradient)
+P_VF_COEF = 8
+P_KL_COEF = 9
+P_ENTROPY_COEF = 10
+P_LM_COEF = 11
+NUM_PARAMS = 12
+
+# ``sums``: S_PG..S_LM are the weighted loss terms before their coefficients; the rest
+# are plain sums over the valid tokens (ratio min / max: +inf / -inf when no valid token
+# has a policy term; the returns and value-error sums only when the value term is on).
+S_PG = 0
+S_VF = 1
+S_KL = 2
+S_ENTROPY = 3
+S_LM = 4
+S_TOKENS = 5
+S_CLIP_LOW = 6
+S_CLIP_HIGH = 7
+S_DUAL_CLIP = 8
+S_NEG_LOG_RATIO = 9
+S_K3 = 10
+S_RATIO_SUM = 11
+S_RATIO_MIN = 12
+S_RATIO_MAX = 13
+S_VF_CLIP = 14
+S_RETURNS = 15  # sum of R
+S_RETURNS_SQ = 16  # sum of R^2
+S_VALUE_ERR = 17  # sum of R - v
+S_VALUE_ERR_SQ = 18  # sum of (R - v)^2
+NUM_SUMS = 19
+
+# KL estimator codes of P_KL_KIND; a trailing "+" on a kind sets P_KL_STRAIGHT.
+KL_CODES = {"k1": 1, "kl": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 4}
+
+
+def constants() -> dict[str, int]:
+    """Every P_*, S_* and NUM_* constant of this module, in slot order."""
+    return {
+        name: value
+        for name, value in globals().items()
+        if name.startswith(("P_", "S_", "NUM_")) and isinstance(value, int)
+    }
+
+
+def cpp_header() -> str:
+    """The text of ``csrc/cpu/loss_layout.h``."""
+    lines = [
+        "// Generated from vapo_kernels/_loss_layout.py by",
+        "// `python -m vapo_kernels.build --write-layout`: edit the Python module, not this.",
+        "#pragma once",
+        "",
+        "namespace vapo {",
+        "",
+    ]
+    lines += [f"constexpr int {name} = {value};" for name, value in constants().items()]
+    lines += ["", "}  // namespace vapo", ""]
+    return "\n".join(lines)
