@@ -43,6 +43,8 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _ragged
+from .. import _loss_layout as L
+from .._loss_layout import *  # noqa: F403 - P_*, S_*, NUM_* (transitional)
 from . import logprobs as lp_ops
 
 AGG_MODES = (
@@ -53,22 +55,8 @@ AGG_MODES = (
     "seq-mean-token-sum-norm",
 )
 
-# kl kinds -> kernel code. "+" (straight-through) variants keep the forward value of the
-# estimator and take the gradient of k2, as verl's kl_penalty does.
-KL_KINDS = {"k1": 1, "kl": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 4}
-
-# Layout of the ``params`` list every kernel receives (floats).
-P_CLIP_LOW, P_CLIP_HIGH, P_DUAL_CLIP, P_RATIO_CLAMP = 0, 1, 2, 3
-P_VALUE_CLIP, P_VALUE_CLIP_OPENRLHF, P_KL_KIND, P_KL_STRAIGHT = 4, 5, 6, 7
-P_VF_COEF, P_KL_COEF, P_ENTROPY_COEF, P_LM_COEF = 8, 9, 10, 11
-NUM_PARAMS = 12
-
-# Layout of the ``sums`` vector every kernel returns. S_PG..S_LM are weighted sums (the
-# loss terms before their coefficients); the rest are plain sums over valid tokens.
-S_PG, S_VF, S_KL, S_ENTROPY, S_LM = 0, 1, 2, 3, 4
-S_TOKENS, S_CLIP_LOW, S_CLIP_HIGH, S_DUAL_CLIP = 5, 6, 7, 8
-S_NEG_LOG_RATIO, S_K3, S_RATIO_SUM, S_RATIO_MIN, S_RATIO_MAX, S_VF_CLIP = 9, 10, 11, 12, 13, 14
-NUM_SUMS = 15
+# The params / sums layout and the KL codes are defined once, in _loss_layout.
+KL_KINDS = L.KL_CODES
 
 
 # --------------------------------------------------------------------------------------
@@ -270,6 +258,9 @@ def reference_kernel(
         vf, grad, vf_clipped = _value_terms(values, old_values, returns, params)
         sums[S_VF] = (w * vf).sum()
         sums[S_VF_CLIP] = (vf_clipped & valid).sum()
+        err = returns - values  # 0 on masked tokens (both were cleaned)
+        sums[S_RETURNS], sums[S_RETURNS_SQ] = returns.sum(), (returns * returns).sum()
+        sums[S_VALUE_ERR], sums[S_VALUE_ERR_SQ] = err.sum(), (err * err).sum()
         g_values = params[P_VF_COEF] * w * grad
     if ref_logp is not None and params[P_KL_KIND] > 0:
         kl, grad = _kl_terms(logp, ref_logp, int(params[P_KL_KIND]), bool(params[P_KL_STRAIGHT]))
