@@ -309,11 +309,18 @@ VAPO_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>&
   using V = Vec<T, W>;
   const Splats<T, W> k;
   const V eps = splat<T, W>(c.value_eps), neg_eps = -eps, vf_coef = splat<T, W>(c.vf_coef);
-  V s_vf = k.zero, s_clip = k.zero;
+  // s_ret .. s_err_sq: the critic's explained variance from this pass. Masked and
+  // padding tokens hold v = R = 0 in the tile, so they add 0 without a select.
+  V s_vf = k.zero, s_clip = k.zero, s_ret = k.zero, s_ret_sq = k.zero, s_err = k.zero,
+    s_err_sq = k.zero;
   for (int i = 0; i < nr; i += W) {
     const V v = load<V>(b.v + i), ret = load<V>(b.ret + i);
     const V err = v - ret;
     const V unclipped = err * err;
+    s_ret += ret;
+    s_ret_sq += ret * ret;
+    s_err -= err;  // the contract sums R - v: exactly -(v - R), and rounding is symmetric
+    s_err_sq += unclipped;
     V vf, grad;
     if constexpr (kForm == ValueForm::kNone) {
       vf = k.half * unclipped;
@@ -346,6 +353,10 @@ VAPO_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>&
   }
   flush<T, W>(acc.lanes[S_VF], s_vf);
   if constexpr (kForm != ValueForm::kNone) flush<T, W>(acc.lanes[S_VF_CLIP], s_clip);
+  flush<T, W>(acc.lanes[S_RETURNS], s_ret);
+  flush<T, W>(acc.lanes[S_RETURNS_SQ], s_ret_sq);
+  flush<T, W>(acc.lanes[S_VALUE_ERR], s_err);
+  flush<T, W>(acc.lanes[S_VALUE_ERR_SQ], s_err_sq);
 }
 
 template <typename T, int W, int kKind>

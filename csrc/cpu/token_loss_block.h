@@ -8,19 +8,11 @@
 #include <cstdint>
 #include <vector>
 
-namespace vapo {
+// P_* (params) and S_* (sums) slots, NUM_PARAMS and NUM_SUMS: generated from
+// vapo_kernels/_loss_layout.py, the one definition every backend reads.
+#include "loss_layout.h"
 
-// Layout of `params` and of `sums` (vapo_kernels/ops/loss.py, P_* and S_*).
-enum : int {
-  P_CLIP_LOW = 0, P_CLIP_HIGH, P_DUAL_CLIP, P_RATIO_CLAMP, P_VALUE_CLIP,
-  P_VALUE_CLIP_OPENRLHF, P_KL_KIND, P_KL_STRAIGHT, P_VF_COEF, P_KL_COEF,
-  P_ENTROPY_COEF, P_LM_COEF, NUM_PARAMS
-};
-enum : int {
-  S_PG = 0, S_VF, S_KL, S_ENTROPY, S_LM, S_TOKENS, S_CLIP_LOW, S_CLIP_HIGH,
-  S_DUAL_CLIP, S_NEG_LOG_RATIO, S_K3, S_RATIO_SUM, S_RATIO_MIN, S_RATIO_MAX, S_VF_CLIP,
-  NUM_SUMS
-};
+namespace vapo {
 
 // One block's sums, combined across blocks in block order by reduce_loss_sums.
 struct LossSums {
