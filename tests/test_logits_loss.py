@@ -23,7 +23,10 @@ from hypothesis import strategies as st
 
 from vapo_kernels import _backends
 from vapo_kernels.ops import logprobs as LP
-from vapo_kernels.ops import loss as L
+import vapo_kernels as vk
+from vapo_kernels import _loss_layout as layout
+from vapo_kernels.ops import loss_spec
+from vapo_kernels.ops.logits_loss import reference_logits_kernel
 
 F64 = torch.float64
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -79,7 +82,7 @@ def make(case, garbage=None):
     valid = (torch.rand(n, generator=g) >= case["p_mask"]) & ~ignore
     lp64, _, _ = LP.reference_forward(logits.to(F64), targets, valid, case["temperature"])
     old = lp64 + 0.3 * torch.randn(n, generator=g, dtype=F64)
-    params = L._params(
+    params = loss_spec.loss_params(
         dual_clip=case["dual"] or None,
         kl_kind=({1: "k1", 2: "abs", 3: "k2", 4: "k3"}[case["kl_kind"]]
                  + ("+" if case["kl_straight"] else "")) if case["kl_kind"] else None,
@@ -88,7 +91,7 @@ def make(case, garbage=None):
         lm_coef=0.1,
     )
     ratio = torch.exp(lp64 - old)
-    bounds = [1 - params[L.P_CLIP_LOW], 1 + params[L.P_CLIP_HIGH]]
+    bounds = [1 - params[layout.P_CLIP_LOW], 1 + params[layout.P_CLIP_HIGH]]
     if case["dual"]:
         bounds.append(case["dual"])
     near = torch.zeros(n, dtype=torch.bool)
@@ -101,7 +104,7 @@ def make(case, garbage=None):
     offsets = torch.tensor([0, *torch.tensor(case["lengths"]).cumsum(0).tolist()], dtype=torch.int64)
     counts = torch.stack([valid[a:b].sum() for a, b in zip(offsets[:-1], offsets[1:])]) if len(
         case["lengths"]) else torch.zeros(0, dtype=torch.int64)
-    seq_w = L.sequence_weights(counts, "seq-mean-token-mean", horizon=None).to(acc)
+    seq_w = loss_spec.sequence_weights(counts, "seq-mean-token-mean", horizon=None).to(acc)
     lm_w = None
     if case["lm"]:
         pos = (torch.arange(len(case["lengths"])) % 2 == 0).to(F64)
@@ -138,15 +141,15 @@ def spec(a):
     """The reference in float64 on the same (upcast) inputs."""
     up = {k: (v.to(F64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
           for k, v in a.items()}
-    return run(L.reference_logits_kernel, up, logits=a["logits"].to(F64))
+    return run(reference_logits_kernel, up, logits=a["logits"].to(F64))
 
 
 def assert_close_sums(got, want, rtol):
     got, want = got.to(F64), want.to(F64)
-    for i in range(L.NUM_SUMS):
-        if i in (L.S_TOKENS, L.S_CLIP_LOW, L.S_CLIP_HIGH, L.S_DUAL_CLIP):
+    for i in range(layout.NUM_SUMS):
+        if i in (layout.S_TOKENS, layout.S_CLIP_LOW, layout.S_CLIP_HIGH, layout.S_DUAL_CLIP):
             assert got[i] == want[i], (i, got[i], want[i])
-        elif i in (L.S_RATIO_MIN, L.S_RATIO_MAX) and torch.isinf(want[i]):
+        elif i in (layout.S_RATIO_MIN, layout.S_RATIO_MAX) and torch.isinf(want[i]):
             assert got[i] == want[i], (i, got[i], want[i])
         else:
             torch.testing.assert_close(got[i], want[i], rtol=rtol, atol=rtol)
@@ -262,7 +265,7 @@ def _op_args(logits, targets, old, adv, mask, **over):
     args = dict(
         logits=logits, targets=targets, old_logp=old, advantages=adv, ref_logp=None,
         is_weights=None, mask=mask, cu_seqlens=None, positive=None,
-        params=L._params(entropy_coef=0.01), temperature=1.0, agg="token-mean",
+        params=loss_spec.loss_params(entropy_coef=0.01), temperature=1.0, agg="token-mean",
         global_tokens=None, global_seqs=None, global_positive_tokens=None, dp_size=1.0,
         loss_scale_factor=None,
     )
@@ -280,9 +283,9 @@ def test_packed_equals_padded(backend):
     for b, n in enumerate(lengths):
         keep[b, :n] = True
     pm = mask & keep
-    pad, _ = L.policy_loss_from_logits(logits, targets, old, adv, pm, backend=backend)
+    pad, _ = vk.policy_loss_from_logits(logits, targets, old, adv, pm, backend=backend)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-    pk, _ = L.policy_loss_from_logits(
+    pk, _ = vk.policy_loss_from_logits(
         logits[keep], targets[keep], old[keep], adv[keep], mask[keep], cu, backend=backend
     )
     torch.testing.assert_close(pk, pad, rtol=1e-6, atol=1e-7)
@@ -290,7 +293,7 @@ def test_packed_equals_padded(backend):
 
 def test_op_errors_name_the_argument():
     logits, targets, old, adv, mask = _op_batch(2)
-    f = L.policy_loss_from_logits
+    f = vk.policy_loss_from_logits
     with pytest.raises(ValueError, match="old_logp"):
         f(logits, targets, old[:, :3], adv, mask)
     with pytest.raises(ValueError, match="advantages"):
@@ -335,7 +338,7 @@ def test_opcheck():
 
 def test_torch_compile_fullgraph():
     logits, targets, old, adv, mask = _op_batch(4)
-    params = L._params(entropy_coef=0.01)
+    params = loss_spec.loss_params(entropy_coef=0.01)
 
     def step(x):
         loss, sums, grad = torch.ops.vapo.logits_loss(
@@ -353,11 +356,11 @@ def test_torch_compile_fullgraph():
 def test_wrapper_metrics_and_gradient_scale_with_upstream():
     logits, targets, old, adv, mask = _op_batch(5)
     x = logits.clone().requires_grad_()
-    loss, metrics = L.policy_loss_from_logits(x, targets, old, adv, mask, entropy_coef=0.01)
+    loss, metrics = vk.policy_loss_from_logits(x, targets, old, adv, mask, entropy_coef=0.01)
     (3.0 * loss).backward()
     y = logits.clone().requires_grad_()
     lp, ent = LP.token_logprobs(y, targets, mask=mask, return_entropy=True)
-    want, wm = L.vapo_loss(lp, old, adv, mask & (targets != -100), entropy=ent,
+    want, wm = vk.vapo_loss(lp, old, adv, mask & (targets != -100), entropy=ent,
                            entropy_coef=0.01, lm_coef=0.0)
     (3.0 * want).backward()
     torch.testing.assert_close(loss, want)

@@ -32,9 +32,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vapo_kernels.ops import loss as L
+import vapo_kernels as vk
+from vapo_kernels import _loss_layout as layout
+from vapo_kernels.ops import loss_spec
 from vapo_kernels.ops.logprobs import reference_forward
-from vapo_kernels.ops.loss import NUM_SUMS, reference_logits_kernel
+from vapo_kernels._loss_layout import NUM_SUMS
+from vapo_kernels.ops.logits_loss import reference_logits_kernel
 from vapo_kernels.triton import logprobs as tlp
 from vapo_kernels.triton import loss as tloss
 
@@ -45,7 +48,7 @@ BLOCK_V = 16
 EDGE_V = [1, 2, BLOCK_V - 1, BLOCK_V, BLOCK_V + 1, 2 * BLOCK_V + 1, 4 * BLOCK_V - 1]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 KL_KINDS = [None, "k1", "abs", "k2", "k3", "low_var_kl", "k1+", "abs+", "k2+", "k3+"]
-COUNT_SUMS = (L.S_TOKENS, L.S_CLIP_LOW, L.S_CLIP_HIGH, L.S_DUAL_CLIP, L.S_VF_CLIP)
+COUNT_SUMS = (layout.S_TOKENS, layout.S_CLIP_LOW, layout.S_CLIP_HIGH, layout.S_DUAL_CLIP, layout.S_VF_CLIP)
 TOKEN_ARGS = ("old_logp", "advantages", "ref_logp", "is_weights")
 # Per-unit-of-scale rounding of the accumulation dtype (as in test_logprobs_triton), and
 # a safety factor for the few operations that compound it.
@@ -106,7 +109,7 @@ def cases(draw):
 
 
 def params_of(case) -> list[float]:
-    return L._params(
+    return loss_spec.loss_params(
         clip_low=case["clip_low"], clip_high=case["clip_high"], dual_clip=case["dual_clip"],
         ratio_log_clamp=case["ratio_log_clamp"], kl_kind=case["kl"], kl_coef=case["kl_coef"],
         entropy_coef=case["entropy_coef"], lm_coef=case["lm_coef"],
@@ -121,17 +124,17 @@ def separate_policy(lp, olp, valid, params, acc):
     """Move old_logp until, on every valid token, the log-ratio (with old_logp as the
     kernel sees it, rounded to acc) keeps MARGIN from the clamp bounds +-C, the clip
     bounds and (with a dual clip) the dual-clip constant."""
-    clamp = params[L.P_RATIO_CLAMP]
-    lo = _log_bound(1.0 - params[L.P_CLIP_LOW])
-    hi = _log_bound(1.0 + params[L.P_CLIP_HIGH])
+    clamp = params[layout.P_RATIO_CLAMP]
+    lo = _log_bound(1.0 - params[layout.P_CLIP_LOW])
+    hi = _log_bound(1.0 + params[layout.P_CLIP_HIGH])
     for _ in range(100):
         raw = lp - olp.to(acc).double()
         lr = raw.clamp(-clamp, clamp)
         bad = ((raw.abs() - clamp).abs() < MARGIN) | ((lr - lo).abs() < MARGIN)
         bad |= (lr - hi).abs() < MARGIN
-        if params[L.P_DUAL_CLIP] > 0:
+        if params[layout.P_DUAL_CLIP] > 0:
             top = torch.maximum(lr, lr.clamp(lo, hi))
-            bad |= (top - math.log(params[L.P_DUAL_CLIP])).abs() < MARGIN
+            bad |= (top - math.log(params[layout.P_DUAL_CLIP])).abs() < MARGIN
         bad &= valid
         if not bad.any():
             return olp.to(acc)
@@ -142,7 +145,7 @@ def separate_policy(lp, olp, valid, params, acc):
 def separate_kl(lp, ref, valid, params, acc):
     """Move ref_logp away from the kinks of the KL estimator (|diff| = 0 for abs; the
     clamps of -diff at +-20 and of k3 at 10)."""
-    kind = int(params[L.P_KL_KIND])
+    kind = int(params[layout.P_KL_KIND])
     for _ in range(100):
         diff = lp - ref.to(acc).double()
         bad = torch.zeros_like(valid)
@@ -305,11 +308,11 @@ def token_scales(x, rest):
     w = clean(cpu64(rest["seq_weight"])[seq])
     olp = clean(cpu64(x["old_logp"]))
     adv = clean(cpu64(x["advantages"]))
-    clamp = params[L.P_RATIO_CLAMP]
+    clamp = params[layout.P_RATIO_CLAMP]
     lr = (lp - olp).clamp(-clamp, clamp)
     r = clean(torch.exp(lr))
     isw = 1.0 if x["is_weights"] is None else clean(cpu64(x["is_weights"])).abs()
-    big = 1 + params[L.P_CLIP_HIGH] + params[L.P_DUAL_CLIP]
+    big = 1 + params[layout.P_CLIP_HIGH] + params[layout.P_DUAL_CLIP]
     t = {
         "valid": valid, "row_scale": clean(row_scale), "lp": lp, "ent": ent, "lse": lse,
         "w": w, "r": r, "lr": lr, "inputs": clean(lp.abs() + olp.abs() + 1),
@@ -317,15 +320,15 @@ def token_scales(x, rest):
     }
     t["g_lp"] = w * t["pg"]  # bounds |g_logp| and its sensitivity to logp
     t["kl"] = torch.zeros(n, dtype=torch.float64)
-    if x["ref_logp"] is not None and params[L.P_KL_KIND] > 0:
+    if x["ref_logp"] is not None and params[layout.P_KL_KIND] > 0:
         d = (lp - clean(cpu64(x["ref_logp"]))).abs()
         t["kl"] = clean(1 + d + d * d + torch.exp(d.clamp(max=20)))
-        t["g_lp"] = t["g_lp"] + abs(params[L.P_KL_COEF]) * w * t["kl"]
+        t["g_lp"] = t["g_lp"] + abs(params[layout.P_KL_COEF]) * w * t["kl"]
     t["w_lm"] = torch.zeros(n, dtype=torch.float64)
     if rest["lm_weight"] is not None:
         t["w_lm"] = clean(cpu64(rest["lm_weight"])[seq])
-        t["g_lp"] = t["g_lp"] + abs(params[L.P_LM_COEF]) * t["w_lm"]
-    t["g_h"] = abs(params[L.P_ENTROPY_COEF]) * w
+        t["g_lp"] = t["g_lp"] + abs(params[layout.P_LM_COEF]) * t["w_lm"]
+    t["g_h"] = abs(params[layout.P_ENTROPY_COEF]) * w
     return t
 
 
@@ -335,15 +338,15 @@ def sum_tolerances(t, rtol):
     u = rtol * t["row_scale"]
     e = u + rtol * t["inputs"]  # error of the log-ratio
     tol = torch.zeros(NUM_SUMS, dtype=torch.float64)
-    tol[L.S_PG] = (t["w"] * t["pg"] * e).sum()
-    tol[L.S_KL] = (t["w"] * t["kl"] * e).sum()
-    tol[L.S_ENTROPY] = (t["w"] * (u + rtol * t["ent"])).sum()
-    tol[L.S_LM] = (t["w_lm"] * (u + rtol * t["lp"].abs())).sum()
-    tol[L.S_NEG_LOG_RATIO] = e.sum()
-    tol[L.S_K3] = ((t["r"] + 1 + t["lr"].abs()) * e).sum()
-    tol[L.S_RATIO_SUM] = (t["r"] * e).sum()
+    tol[layout.S_PG] = (t["w"] * t["pg"] * e).sum()
+    tol[layout.S_KL] = (t["w"] * t["kl"] * e).sum()
+    tol[layout.S_ENTROPY] = (t["w"] * (u + rtol * t["ent"])).sum()
+    tol[layout.S_LM] = (t["w_lm"] * (u + rtol * t["lp"].abs())).sum()
+    tol[layout.S_NEG_LOG_RATIO] = e.sum()
+    tol[layout.S_K3] = ((t["r"] + 1 + t["lr"].abs()) * e).sum()
+    tol[layout.S_RATIO_SUM] = (t["r"] * e).sum()
     extreme = (t["r"] * e).max() if t["r"].numel() else torch.zeros(())
-    tol[L.S_RATIO_MIN] = tol[L.S_RATIO_MAX] = extreme
+    tol[layout.S_RATIO_MIN] = tol[layout.S_RATIO_MAX] = extreme
     return SAFETY * tol
 
 
@@ -478,7 +481,7 @@ def test_clip_flags_are_exercised():
     clean, _, rest = build(case)
     sums, grad = run_kernel(clean, rest, "fresh", 8)
     check_against_reference(sums, grad, clean, rest, case["dtype"])
-    assert sums[L.S_CLIP_LOW] > 0 and sums[L.S_CLIP_HIGH] > 0 and sums[L.S_DUAL_CLIP] > 0
+    assert sums[layout.S_CLIP_LOW] > 0 and sums[layout.S_CLIP_HIGH] > 0 and sums[layout.S_DUAL_CLIP] > 0
 
 
 def test_many_short_sequences():
@@ -497,9 +500,9 @@ def test_many_short_sequences():
 
 
 def test_all_invalid_and_empty(poisoned):
-    params = L._params(dual_clip=3.0, kl_kind="k3", entropy_coef=0.1, lm_coef=0.1)
+    params = loss_spec.loss_params(dual_clip=3.0, kl_kind="k3", entropy_coef=0.1, lm_coef=0.1)
     expected = torch.zeros(NUM_SUMS)
-    expected[L.S_RATIO_MIN], expected[L.S_RATIO_MAX] = math.inf, -math.inf
+    expected[layout.S_RATIO_MIN], expected[layout.S_RATIO_MAX] = math.inf, -math.inf
     for n, offsets in ((5, [0, 2, 5]), (3, [0, 0, 3, 3]), (0, [0, 0, 0]), (0, [0])):
         s = len(offsets) - 1
         z = torch.full((n, 7), math.nan, device=DEVICE)
@@ -581,7 +584,7 @@ def test_row_offsets_are_int64():
     adv = torch.tensor([1.0, 0.0, -0.5])
     offs = torch.tensor([0, 1, 3])
     sw = torch.tensor([0.5, 0.25])
-    params = L._params(entropy_coef=0.1)
+    params = loss_spec.loss_params(entropy_coef=0.1)
     args = (y, tok, adv, None, None, valid, offs, sw, None, params, 1.0)
     exp_grad = torch.empty(3, vocab, dtype=torch.float16)
     exp = tloss.logits_loss(dense, *args, exp_grad, block_v=BLOCK_V)
@@ -646,7 +649,7 @@ BAD_ARGS = {
     "seq_weight_shape": (lambda kw: {"seq_weight": kw["seq_weight"][:-1]}, "seq_weight"),
     "lm_weight_dtype": (lambda kw: {"lm_weight": kw["seq_weight"].double()}, "lm_weight"),
     "params_len": (lambda kw: {"params": kw["params"][:-1]}, "params"),
-    "kl_kind": (lambda kw: {"params": [7.0 if i == L.P_KL_KIND else p
+    "kl_kind": (lambda kw: {"params": [7.0 if i == layout.P_KL_KIND else p
                                        for i, p in enumerate(kw["params"])]}, "P_KL_KIND"),
     "temperature_zero": (lambda kw: {"temperature": 0.0}, "temperature"),
     "temperature_nan": (lambda kw: {"temperature": math.nan}, "temperature"),
@@ -693,7 +696,7 @@ def test_public_api_matches_reference_backend(inplace, monkeypatch):
     def run(backend, dtype, device, inplace_backward):
         leaf = base.to(device, dtype).detach().clone().requires_grad_()
         logits = leaf * 1  # a non-leaf, as a model's logits are
-        loss, metrics = L.policy_loss_from_logits(
+        loss, metrics = vk.policy_loss_from_logits(
             logits, y.to(device), old.to(device), adv.to(device), mask.to(device),
             temperature=0.8, backend=backend,
             inplace_backward=inplace_backward,

@@ -15,7 +15,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vapo_kernels.ops import loss as L
+import vapo_kernels as vk
+from vapo_kernels import _loss_layout as layout
+from vapo_kernels.ops import loss_spec
 
 F64 = torch.float64
 
@@ -86,7 +88,7 @@ def grads_of(fn, *tensors):
 # Policy
 
 
-@pytest.mark.parametrize("agg", L.AGG_MODES)
+@pytest.mark.parametrize("agg", loss_spec.AGG_MODES)
 @pytest.mark.parametrize("dual", [None, 3.0])
 def test_policy_matches_model(agg, dual):
     logp, old, adv, mask, _ = random_batch(1)
@@ -94,7 +96,7 @@ def test_policy_matches_model(agg, dual):
     kw = dict(dp=2.0, g_tokens=57.0, g_seqs=7.0) if agg != "token-sum" else dict(dp=2.0)
 
     def ours(lp):
-        loss, _ = L.policy_loss(
+        loss, _ = vk.policy_loss(
             lp,
             old,
             adv,
@@ -119,7 +121,7 @@ def test_policy_matches_model(agg, dual):
 
 def test_policy_metrics_match_their_definitions():
     logp, old, adv, mask, _ = random_batch(2, B=6, T=40, scale=0.6)
-    _, m = L.policy_loss(logp, old, adv, mask, dual_clip=3.0, backend="reference")
+    _, m = vk.policy_loss(logp, old, adv, mask, dual_clip=3.0, backend="reference")
     lr = torch.clamp(logp - old, -20, 20)
     r = lr.exp()
     l1, l2 = -adv * r, -adv * r.clamp(0.8, 1.28)
@@ -147,7 +149,7 @@ def test_dual_clip_bounds_negative_advantages():
     logp = torch.tensor([[0.0, 0.0]], dtype=F64, requires_grad=True)
     old = torch.tensor([[-5.0, -5.0]], dtype=F64)
     adv = torch.tensor([[-1.0, 1.0]], dtype=F64)
-    loss, m = L.policy_loss(logp, old, adv, dual_clip=3.0, agg="token-sum", backend="reference")
+    loss, m = vk.policy_loss(logp, old, adv, dual_clip=3.0, agg="token-sum", backend="reference")
     # token 0: min(max(e^5, 0.8), 3) = 3 ; token 1: max(-e^5, -1.28) = -1.28
     torch.testing.assert_close(loss, torch.tensor(3.0 - 1.28, dtype=F64))
     loss.backward()
@@ -159,7 +161,7 @@ def test_ratio_clamp_extremes_are_finite():
     logp = torch.tensor([[0.0, -1000.0, 0.0]], dtype=torch.float32, requires_grad=True)
     old = torch.tensor([[-1000.0, 0.0, 0.0]], dtype=torch.float32)
     adv = torch.tensor([[1.0, -1.0, 0.0]], dtype=torch.float32)
-    loss, m = L.policy_loss(logp, old, adv, backend="reference")
+    loss, m = vk.policy_loss(logp, old, adv, backend="reference")
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
     assert m["ratio_max"] == pytest.approx(math.exp(20), rel=1e-6)
@@ -172,7 +174,7 @@ def test_is_weights_scale_loss_and_gradient():
     w = torch.rand(logp.shape, generator=g, dtype=F64)
 
     def ours(lp):
-        return L.policy_loss(lp, old, adv, mask, is_weights=w, backend="reference")[0]
+        return vk.policy_loss(lp, old, adv, mask, is_weights=w, backend="reference")[0]
 
     def model(lp):
         return model_agg(model_policy(lp, old, adv) * w, mask, "token-mean")
@@ -195,7 +197,7 @@ def test_value_matches_model(form, eps):
     mask = torch.rand(5, 8, generator=g) > 0.3
 
     def ours(x):
-        return L.value_loss(x, old, ret, mask, clip=eps, clip_form=form, backend="reference")[0]
+        return vk.value_loss(x, old, ret, mask, value_clip=eps, value_clip_form=form, backend="reference")[0]
 
     def model(x):
         return model_agg(model_value(x, old, ret, eps, form), mask, "token-mean")
@@ -213,7 +215,7 @@ def test_value_clip_tie_splits_gradient_like_torch():
     ret = torch.tensor([[3.0, 0.0]], dtype=F64)
 
     def ours(x):
-        return L.value_loss(x, old, ret, clip=0.5, agg="token-sum", backend="reference")[0]
+        return vk.value_loss(x, old, ret, value_clip=0.5, agg="token-sum", backend="reference")[0]
 
     def model(x):
         return model_agg(
@@ -234,10 +236,10 @@ def test_kl_kernel_matches_elementwise_kl_penalty(kind):
     ref[0, :3] = logp[0, :3] + 30.0  # clamps of k3 engaged
 
     def ours(lp):
-        return L.kl_loss(lp, ref, mask, kind=kind, agg="seq-mean-token-mean", backend="reference")
+        return vk.kl_loss(lp, ref, mask, kl_kind=kind, agg="seq-mean-token-mean", backend="reference")[0]
 
     def model(lp):
-        return model_agg(L.kl_penalty(lp, ref, kind), mask, "seq-mean-token-mean")
+        return model_agg(vk.kl_penalty(lp, ref, kind), mask, "seq-mean-token-mean")
 
     want, (gw,) = grads_of(model, logp)
     got, (gg,) = grads_of(ours, logp)
@@ -249,12 +251,12 @@ def test_kl_penalty_values():
     lp = torch.tensor([-1.0, -2.0], dtype=F64)
     ref = torch.tensor([-1.5, -1.0], dtype=F64)
     d = lp - ref
-    torch.testing.assert_close(L.kl_penalty(lp, ref, "k1"), d)
-    torch.testing.assert_close(L.kl_penalty(lp, ref, "abs"), d.abs())
-    torch.testing.assert_close(L.kl_penalty(lp, ref, "k2"), 0.5 * d * d)
-    torch.testing.assert_close(L.kl_penalty(lp, ref, "k3"), torch.exp(-d) + d - 1)
+    torch.testing.assert_close(vk.kl_penalty(lp, ref, "k1"), d)
+    torch.testing.assert_close(vk.kl_penalty(lp, ref, "abs"), d.abs())
+    torch.testing.assert_close(vk.kl_penalty(lp, ref, "k2"), 0.5 * d * d)
+    torch.testing.assert_close(vk.kl_penalty(lp, ref, "k3"), torch.exp(-d) + d - 1)
     with pytest.raises(ValueError, match="kind"):
-        L.kl_penalty(lp, ref, "k4")
+        vk.kl_penalty(lp, ref, "k4")
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
@@ -270,12 +272,12 @@ def test_k3_keeps_precision_for_small_log_ratios_in_float32(backend):
         x64 = (logp.double() - old.double())
         want = (torch.expm1(x64) - x64).sum()
         try:
-            _, metrics = L.policy_loss(logp, old, torch.ones(1, 4096), backend=backend)
+            _, metrics = vk.policy_loss(logp, old, torch.ones(1, 4096), backend=backend)
         except RuntimeError as e:  # backend not built / not available here
             pytest.skip(str(e))
         torch.testing.assert_close(metrics["approx_kl_k3"].double() * 4096, want, rtol=1e-4, atol=0)
         # KL k3 of logp against ref = old: the same estimator with the log-ratio negated.
-        got = L.kl_loss(logp, old, kind="k3", agg="token-sum", backend=backend)
+        got = vk.kl_loss(logp, old, kl_kind="k3", agg="token-sum", backend=backend)[0]
         want_kl = (torch.expm1(-x64) + x64).sum()
         torch.testing.assert_close(got.double(), want_kl, rtol=1e-4, atol=0)
 
@@ -284,12 +286,12 @@ def test_agg_loss_and_positive_lm_loss():
     logp, _, _, mask, g = random_batch(6, B=5)
     positive = torch.tensor([True, False, True, False, False])
     ent = torch.rand(logp.shape, generator=g, dtype=F64)
-    for agg in L.AGG_MODES:
-        got = L.agg_loss(ent, mask, agg=agg, backend="reference")
+    for agg in loss_spec.AGG_MODES:
+        got, _ = vk.agg_loss(ent, mask, agg=agg, backend="reference")
         torch.testing.assert_close(got, model_agg(ent, mask, agg), rtol=1e-12, atol=1e-14)
 
     def ours(lp):
-        return L.positive_lm_loss(lp, positive, mask, backend="reference")
+        return vk.positive_lm_loss(lp, positive, mask, backend="reference")[0]
 
     def model(lp):
         sel = mask & positive[:, None]
@@ -299,7 +301,9 @@ def test_agg_loss_and_positive_lm_loss():
     got, (gg,) = grads_of(ours, logp)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(gg, gw, rtol=1e-12, atol=1e-14)
-    none = L.positive_lm_loss(logp, torch.zeros(5, dtype=torch.bool), mask, backend="reference")
+    none, _ = vk.positive_lm_loss(
+        logp, torch.zeros(5, dtype=torch.bool), mask, backend="reference"
+    )
     assert none == 0
 
 
@@ -312,7 +316,7 @@ def test_vapo_loss_is_the_sum_of_its_terms():
     coefs = dict(vf_coef=0.7, kl_coef=0.05, entropy_coef=0.01, lm_coef=0.1)
 
     def ours(lp, vv, hh):
-        loss, _ = L.vapo_loss(
+        loss, _ = vk.vapo_loss(
             lp,
             old,
             adv,
@@ -335,7 +339,7 @@ def test_vapo_loss_is_the_sum_of_its_terms():
         return (
             model_agg(model_policy(lp, old, adv, c=3.0), mask, "token-mean")
             + 0.7 * model_agg(model_value(vv, vold, ret), mask, "token-mean")
-            + 0.05 * model_agg(L.kl_penalty(lp, ref, "k3"), mask, "token-mean")
+            + 0.05 * model_agg(vk.kl_penalty(lp, ref, "k3"), mask, "token-mean")
             - 0.01 * model_agg(hh, mask, "token-mean")
             + 0.1 * (-lp[sel].sum() / sel.sum())
         )
@@ -345,7 +349,7 @@ def test_vapo_loss_is_the_sum_of_its_terms():
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
     for a, b in zip(gg, gw):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
-    _, m = L.vapo_loss(
+    _, m = vk.vapo_loss(
         logp,
         old,
         adv,
@@ -383,7 +387,7 @@ def ragged(draw):
 
 
 @settings(max_examples=60, deadline=None)
-@given(ragged(), st.sampled_from(L.AGG_MODES), st.sampled_from([None, 2.5]))
+@given(ragged(), st.sampled_from(loss_spec.AGG_MODES), st.sampled_from([None, 2.5]))
 def test_packed_equals_padded(case, agg, dual):
     lengths, n, seed, p_mask = case
     g = torch.Generator().manual_seed(seed)
@@ -408,8 +412,8 @@ def test_packed_equals_padded(case, agg, dual):
     kw = dict(
         dual_clip=dual, agg=agg, backend="reference", loss_scale_factor=7.0, positive=positive
     )
-    packed, mp = L.vapo_loss(logp, old, adv, mask, cu, values=v, old_values=vold, returns=ret, **kw)
-    padded, mq = L.vapo_loss(
+    packed, mp = vk.vapo_loss(logp, old, adv, mask, cu, values=v, old_values=vold, returns=ret, **kw)
+    padded, mq = vk.vapo_loss(
         pad(logp),
         pad(old),
         pad(adv),
@@ -435,7 +439,7 @@ def test_garbage_in_masked_slots_changes_nothing(garbage):
 
     def run(*xs):
         lp, vv, hh = (x.clone().requires_grad_() for x in (xs[0], xs[5], xs[8]))
-        loss, m = L.vapo_loss(
+        loss, m = vk.vapo_loss(
             lp,
             xs[1],
             xs[2],
@@ -465,8 +469,8 @@ def test_all_masked_batch_has_zero_loss_and_gradient():
     logp, old, adv, _, _ = random_batch(9)
     logp.requires_grad_()
     mask = torch.zeros(logp.shape, dtype=torch.bool)
-    for agg in L.AGG_MODES:
-        loss, m = L.policy_loss(logp, old, adv, mask, agg=agg, backend="reference")
+    for agg in loss_spec.AGG_MODES:
+        loss, m = vk.policy_loss(logp, old, adv, mask, agg=agg, backend="reference")
         loss.backward()
         assert loss == 0 and torch.equal(logp.grad, torch.zeros_like(logp))
         assert all(torch.isfinite(x) for x in m.values())
@@ -476,7 +480,7 @@ def test_all_masked_batch_has_zero_loss_and_gradient():
 def test_empty_batch():
     x = torch.zeros(0, dtype=torch.float32, requires_grad=True)
     cu = torch.zeros(1, dtype=torch.int32)
-    loss, m = L.policy_loss(x, x.detach(), x.detach(), None, cu, backend="reference")
+    loss, m = vk.policy_loss(x, x.detach(), x.detach(), None, cu, backend="reference")
     loss.backward()
     assert loss == 0 and m["tokens"] == 0 and x.grad.shape == (0,)
 
@@ -485,11 +489,11 @@ def test_empty_batch():
 def test_low_precision_inputs_fp32_compute(dtype):
     logp, old, adv, mask, _ = random_batch(10)
     lp = logp.to(dtype).requires_grad_()
-    loss, _ = L.policy_loss(lp, old.to(dtype), adv.to(dtype), mask, backend="reference")
+    loss, _ = vk.policy_loss(lp, old.to(dtype), adv.to(dtype), mask, backend="reference")
     assert loss.dtype == torch.float32
     loss.backward()
     assert lp.grad.dtype == dtype
-    want, _ = L.policy_loss(
+    want, _ = vk.policy_loss(
         lp.detach().double(),
         old.to(dtype).double(),
         adv.to(dtype).double(),
@@ -510,7 +514,7 @@ def test_gradcheck_float64():
     ref = logp + 0.2 * torch.randn(logp.shape, generator=g, dtype=F64)
 
     def fn(lp, vv, hh):
-        return L.vapo_loss(
+        return vk.vapo_loss(
             lp,
             old,
             adv,
@@ -535,7 +539,7 @@ def test_gradcheck_float64():
 def test_opcheck():
     logp, old, adv, mask, g = random_batch(12, B=3, T=5)
     v, vold, ret = (torch.randn(logp.shape, generator=g, dtype=F64) for _ in range(3))
-    params = L._params(dual_clip=3.0, value_clip=0.2)
+    params = loss_spec.loss_params(dual_clip=3.0, value_clip=0.2)
     args = (
         logp.clone().requires_grad_(),
         old,
@@ -566,7 +570,7 @@ def test_torch_compile_fullgraph():
     logp, old, adv, mask, _ = random_batch(13)
 
     def fn(lp):
-        loss, m = L.policy_loss(lp, old, adv, mask, dual_clip=3.0, backend="reference")
+        loss, m = vk.policy_loss(lp, old, adv, mask, dual_clip=3.0, backend="reference")
         return loss, m["clipfrac"]
 
     lp1 = logp.clone().requires_grad_()
@@ -582,7 +586,7 @@ def test_torch_compile_fullgraph():
 def test_no_grad_skips_gradients():
     logp, old, adv, mask, _ = random_batch(14)
     with torch.no_grad():
-        loss, _ = L.policy_loss(logp.requires_grad_(), old, adv, mask, backend="reference")
+        loss, _ = vk.policy_loss(logp.requires_grad_(), old, adv, mask, backend="reference")
     assert not loss.requires_grad
 
 
@@ -593,25 +597,25 @@ def test_no_grad_skips_gradients():
 def test_bad_input_errors_name_the_argument():
     logp, old, adv, mask, _ = random_batch(15)
     with pytest.raises(ValueError, match="old_logp"):
-        L.policy_loss(logp, old[:, :3], adv, mask)
+        vk.policy_loss(logp, old[:, :3], adv, mask)
     with pytest.raises(ValueError, match="mask"):
-        L.policy_loss(logp, old, adv, mask[:, :3])
+        vk.policy_loss(logp, old, adv, mask[:, :3])
     with pytest.raises(ValueError, match="agg"):
-        L.policy_loss(logp, old, adv, mask, agg="mean")
+        vk.policy_loss(logp, old, adv, mask, agg="mean")
     with pytest.raises(ValueError, match="clip_low"):
-        L.policy_loss(logp, old, adv, mask, clip_low=-0.1)
+        vk.policy_loss(logp, old, adv, mask, clip_low=-0.1)
     with pytest.raises(ValueError, match="clip_low"):
-        L.policy_loss(logp, old, adv, mask, clip_low=1.5)
+        vk.policy_loss(logp, old, adv, mask, clip_low=1.5)
     with pytest.raises(ValueError, match="clip_high"):
-        L.policy_loss(logp, old, adv, mask, clip_high=float("nan"))
+        vk.policy_loss(logp, old, adv, mask, clip_high=float("nan"))
     with pytest.raises(ValueError, match="dual_clip"):
-        L.policy_loss(logp, old, adv, mask, dual_clip=0.5)
+        vk.policy_loss(logp, old, adv, mask, dual_clip=0.5)
     with pytest.raises(ValueError, match="ratio_log_clamp"):
-        L.policy_loss(logp, old, adv, mask, ratio_log_clamp=0)
+        vk.policy_loss(logp, old, adv, mask, ratio_log_clamp=0)
     with pytest.raises(ValueError, match="global_tokens"):
-        L.policy_loss(logp, old, adv, mask, global_tokens=-1)
+        vk.policy_loss(logp, old, adv, mask, global_tokens=-1)
     with pytest.raises(ValueError, match="loss_scale_factor"):
-        L.policy_loss(
+        vk.policy_loss(
             logp.flatten(),
             old.flatten(),
             adv.flatten(),
@@ -620,13 +624,13 @@ def test_bad_input_errors_name_the_argument():
             agg="seq-mean-token-sum-norm",
         )
     with pytest.raises(ValueError, match="positive"):
-        L.positive_lm_loss(logp, torch.ones(3, dtype=torch.bool), mask)
+        vk.positive_lm_loss(logp, torch.ones(3, dtype=torch.bool), mask)
     with pytest.raises(ValueError, match="value_clip_form"):
-        L.vapo_loss(None, values=logp, old_values=old, returns=adv, value_clip_form="trl")
+        vk.vapo_loss(None, values=logp, old_values=old, returns=adv, value_clip_form="trl")
     with pytest.raises(ValueError, match="kl_kind"):
-        L.vapo_loss(logp, ref_logp=old, kl_kind="k5")
+        vk.vapo_loss(logp, ref_logp=old, kl_kind="k5")
     with pytest.raises(ValueError, match="cu_seqlens"):
-        L.policy_loss(
+        vk.policy_loss(
             logp.flatten(),
             old.flatten(),
             adv.flatten(),
@@ -636,9 +640,9 @@ def test_bad_input_errors_name_the_argument():
     with pytest.raises(ValueError, match="NaN"):
         bad = logp.clone()
         bad[mask.nonzero()[0].tolist()] = float("nan")
-        L.policy_loss(bad, old, adv, mask)
+        vk.policy_loss(bad, old, adv, mask)
     with pytest.raises(TypeError, match="old_logp"):
-        L.policy_loss(logp, old.long(), adv, mask)
+        vk.policy_loss(logp, old.long(), adv, mask)
 
 
 # --------------------------------------------------------------------------------------
@@ -669,7 +673,7 @@ def _lm_batch(seed, B=3, T=6, V=37, H=8, dtype=F64):
 
 
 def _composed(logp, entropy, targets, old, adv, mask, kw):
-    return L.vapo_loss(
+    return vk.vapo_loss(
         logp, old, adv, mask & (targets != -100), entropy=entropy, backend="reference", **kw
     )
 
@@ -682,7 +686,7 @@ def test_loss_from_logits_equals_logprobs_then_loss(backend, inplace):
     logits, targets, old, adv, mask, _, _, kw = _lm_batch(20)
     leaf = logits.clone().requires_grad_()
     x = leaf * 1.0 if inplace else leaf  # in-place needs a non-leaf buffer
-    loss, m = L.policy_loss_from_logits(
+    loss, m = vk.policy_loss_from_logits(
         x, targets, old, adv, mask, temperature=0.7, inplace_backward=inplace, backend=backend, **kw
     )
     loss.backward()
@@ -697,7 +701,7 @@ def test_loss_from_logits_equals_logprobs_then_loss(backend, inplace):
     for k in wm:
         torch.testing.assert_close(m[k], wm[k], rtol=1e-12, atol=1e-14)
     with torch.no_grad():
-        again, _ = L.policy_loss_from_logits(
+        again, _ = vk.policy_loss_from_logits(
             logits, targets, old, adv, mask, temperature=0.7, backend=backend, **kw
         )
     torch.testing.assert_close(again, want.detach(), rtol=1e-12, atol=1e-14)
@@ -706,25 +710,25 @@ def test_loss_from_logits_equals_logprobs_then_loss(backend, inplace):
 def test_loss_from_logits_refuses_inplace_on_leaf():
     logits, targets, old, adv, mask, _, _, _ = _lm_batch(21)
     with pytest.raises(RuntimeError, match="leaf"):
-        L.policy_loss_from_logits(
+        vk.policy_loss_from_logits(
             logits.requires_grad_(), targets, old, adv, mask, inplace_backward=True
         )
     with pytest.raises(TypeError, match="clip_hgh"):
-        L.policy_loss_from_logits(logits, targets, old, adv, mask, clip_hgh=0.3)
+        vk.policy_loss_from_logits(logits, targets, old, adv, mask, clip_hgh=0.3)
     with pytest.raises(ValueError, match="temperature"):
-        L.policy_loss_from_logits(logits, targets, old, adv, mask, temperature=0.0)
+        vk.policy_loss_from_logits(logits, targets, old, adv, mask, temperature=0.0)
 
 
 def test_loss_from_hidden_equals_logits_path():
     logits, targets, old, adv, mask, hidden, weight, kw = _lm_batch(22)
     bias = torch.randn(weight.shape[0], dtype=F64)
     h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    loss, m = L.policy_loss_from_hidden(
+    loss, m = vk.policy_loss_from_hidden(
         h, w, targets, old, adv, mask, bias=b, temperature=1.3, backend="reference", **kw
     )
     loss.backward()
     h2, w2, b2 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
-    want, wm = L.policy_loss_from_logits(
+    want, wm = vk.policy_loss_from_logits(
         h2 @ w2.T + b2, targets, old, adv, mask, temperature=1.3, backend="reference", **kw
     )
     want.backward()
@@ -752,13 +756,13 @@ def test_loss_from_logits_packed_ragged(case, agg):
     adv = torch.randn(n, generator=g)
     mask = torch.rand(n, generator=g) >= p_mask
     a = logits.clone().requires_grad_()
-    loss, _ = L.policy_loss_from_logits(
+    loss, _ = vk.policy_loss_from_logits(
         a, targets, old, adv, mask, cu, agg=agg, backend="reference"
     )
     loss.backward()
     b = logits.double().requires_grad_()
     lp = token_logprobs(b, targets, backend="reference")
-    want, _ = L.policy_loss(lp, old.double(), adv.double(), mask, cu, agg=agg, backend="reference")
+    want, _ = vk.policy_loss(lp, old.double(), adv.double(), mask, cu, agg=agg, backend="reference")
     want.backward()
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-6)

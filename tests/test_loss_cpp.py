@@ -28,7 +28,9 @@ from hypothesis import strategies as st
 
 from vapo_kernels import _backends
 from vapo_kernels._ragged import pack_to_padded
-from vapo_kernels.ops import loss as L
+import vapo_kernels as vk
+from vapo_kernels import _loss_layout as layout
+from vapo_kernels.ops import loss_spec
 
 SUM_NAMES = [
     "PG",
@@ -47,7 +49,7 @@ SUM_NAMES = [
     "RATIO_MAX",
     "VF_CLIP",
 ]
-COUNTS = [L.S_TOKENS, L.S_CLIP_LOW, L.S_CLIP_HIGH, L.S_DUAL_CLIP, L.S_VF_CLIP]
+COUNTS = [layout.S_TOKENS, layout.S_CLIP_LOW, layout.S_CLIP_HIGH, layout.S_DUAL_CLIP, layout.S_VF_CLIP]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -112,7 +114,7 @@ def cases(draw, max_seqs=6, max_len=40):
         "ratio_log_clamp": draw(st.sampled_from([20.0, 0.5, 5.0])),
         "value_clip": draw(st.sampled_from([None, 0.5, 0.2, 0.0])),
         "value_clip_form": draw(st.sampled_from(["verl", "openrlhf"])),
-        "agg": draw(st.sampled_from(L.AGG_MODES)),
+        "agg": draw(st.sampled_from(loss_spec.AGG_MODES)),
         "coefs": draw(
             st.sampled_from([(1.0, 0.1, 0.01, 0.1), (0.5, 1.0, -0.3, 1.0), (0.0, 0.0, 0.0, 0.0)])
         ),
@@ -242,7 +244,7 @@ def build(case):
         dtype=torch.int64,
     )
     horizon = max(lengths, default=0)
-    seq_w = L.sequence_weights(
+    seq_w = loss_spec.sequence_weights(
         counts,
         case["agg"],
         horizon=horizon if not case["packed"] else None,
@@ -253,7 +255,7 @@ def build(case):
         lm_w = (torch.rand(len(lengths), generator=gen) < 0.5).to(od) * torch.rand(
             len(lengths), generator=gen
         ).to(od)
-    params = L._params(
+    params = loss_spec.loss_params(
         clip_low=case["clip_low"],
         clip_high=case["clip_high"],
         dual_clip=case["dual_clip"] if case["dual_clip"] != 1.0 else 1.5,
@@ -267,7 +269,7 @@ def build(case):
         lm_coef=case["coefs"][3],
     )
     if case["dual_clip"] == 1.0:
-        params[L.P_DUAL_CLIP] = 1.0
+        params[layout.P_DUAL_CLIP] = 1.0
     logp, old, adv, values, old_values, returns, ref, ent, isw = t
     use_logp = (
         case["policy"]
@@ -336,31 +338,31 @@ def sum_scales(args64):
     logp, old, adv, values, old_values, returns, ref, ent, isw = map(
         clean, (logp, old, adv, values, old_values, returns, ref, ent, isw)
     )
-    scale = torch.zeros(L.NUM_SUMS, dtype=torch.float64)
+    scale = torch.zeros(layout.NUM_SUMS, dtype=torch.float64)
     if adv is not None:
-        pg, _, _, nlr, _, ratio = L._policy_terms(logp, old, adv, params)
+        pg, _, _, nlr, _, ratio = loss_spec._policy_terms(logp, old, adv, params)
         if isw is not None:
             pg = pg * isw
-        scale[L.S_PG] = (w * pg.abs()).sum()
-        scale[L.S_NEG_LOG_RATIO] = nlr.abs().sum()
+        scale[layout.S_PG] = (w * pg.abs()).sum()
+        scale[layout.S_NEG_LOG_RATIO] = nlr.abs().sum()
         # k3 = (ratio - 1) - log_ratio cancels: its rounding scales with the operands.
-        scale[L.S_K3] = (ratio + 1 + nlr.abs()).sum()
-        scale[L.S_RATIO_SUM] = ratio.abs().sum()
+        scale[layout.S_K3] = (ratio + 1 + nlr.abs()).sum()
+        scale[layout.S_RATIO_SUM] = ratio.abs().sum()
     if returns is not None:
-        vf, _, _ = L._value_terms(values, old_values, returns, params)
-        scale[L.S_VF] = (w * vf.abs()).sum()
-    if ref is not None and params[L.P_KL_KIND] > 0:
-        kind = int(params[L.P_KL_KIND])
-        kl, _ = L._kl_terms(logp, ref, kind, bool(params[L.P_KL_STRAIGHT]))
+        vf, _, _ = loss_spec._value_terms(values, old_values, returns, params)
+        scale[layout.S_VF] = (w * vf.abs()).sum()
+    if ref is not None and params[layout.P_KL_KIND] > 0:
+        kind = int(params[layout.P_KL_KIND])
+        kl, _ = loss_spec._kl_terms(logp, ref, kind, bool(params[layout.P_KL_STRAIGHT]))
         if kind == 4:  # exp(lr) - lr - 1 cancels like k3 above
             lr = (ref - logp).clamp(-20, 20)
             kl = torch.exp(lr) + lr.abs() + 1
-        scale[L.S_KL] = (w * kl.abs()).sum()
+        scale[layout.S_KL] = (w * kl.abs()).sum()
     if ent is not None:
-        scale[L.S_ENTROPY] = (w * ent.abs()).sum()
+        scale[layout.S_ENTROPY] = (w * ent.abs()).sum()
     if lm_w is not None:
         wl = torch.where(valid, lm_w[seq_ids], 0.0).abs()
-        scale[L.S_LM] = (wl * logp.abs()).sum()
+        scale[layout.S_LM] = (wl * logp.abs()).sum()
     return scale
 
 
@@ -369,17 +371,17 @@ def rtol_of(dtype):
 
 
 def check_sums(got, want, scale, dtype, what="sums", counts_want=None):
-    assert got.dtype == out_dtype(dtype) and got.shape == (L.NUM_SUMS,)
+    assert got.dtype == out_dtype(dtype) and got.shape == (layout.NUM_SUMS,)
     got = got.double()
     assert not torch.isnan(got).any(), f"{what}: NaN in {got}"
     rtol = rtol_of(dtype)
-    for k in range(L.NUM_SUMS):
+    for k in range(layout.NUM_SUMS):
         g, w = got[k].item(), want[k].item()
         name = SUM_NAMES[k]
         if k in COUNTS:
             expect = w if counts_want is None else counts_want[k].item()
             assert g == expect, f"{what}[{name}]: {g} != {expect}"
-        elif k in (L.S_RATIO_MIN, L.S_RATIO_MAX):
+        elif k in (layout.S_RATIO_MIN, layout.S_RATIO_MAX):
             if math.isinf(w):
                 assert g == w, f"{what}[{name}]: {g} != {w}"
             else:
@@ -472,13 +474,13 @@ def check_kernel_case(case, poisoned):
     args, args64, mask = build(case)
     with poisoned():
         sums, g_logp, g_values, g_entropy = ext().token_loss_cpu(*args)
-    want = L.reference_kernel(*args64)
+    want = loss_spec.reference_kernel(*args64)
     counts_want = None
     if case["dtype"] != torch.float64 and case["value_clip_form"] == "openrlhf":
         # v_old + (v - v_old) is not always v in fp32: the 'clipped won' flag of an
         # unclipped token follows fp32 rounding, as in the spec run in fp32.
         counts_want = want[0].clone()
-        counts_want[L.S_VF_CLIP] = L.reference_kernel(*args)[0][L.S_VF_CLIP].double()
+        counts_want[layout.S_VF_CLIP] = loss_spec.reference_kernel(*args)[0][layout.S_VF_CLIP].double()
     check_sums(sums, want[0], sum_scales(args64), case["dtype"], counts_want=counts_want)
     for got, w, src, name in zip(
         (g_logp, g_values, g_entropy),
@@ -537,7 +539,7 @@ def test_public_wrappers_match_reference_backend(case, wrapper, pattern, poisone
         logp, old, adv, values, old_values, returns, ref, ent, isw = public
         with poisoned():
             if wrapper == "vapo_loss":
-                loss, metrics = L.vapo_loss(
+                loss, metrics = vk.vapo_loss(
                     logp,
                     old,
                     adv,
@@ -565,7 +567,7 @@ def test_public_wrappers_match_reference_backend(case, wrapper, pattern, poisone
                     **kw,
                 )
             elif wrapper == "policy_loss":
-                loss, metrics = L.policy_loss(
+                loss, metrics = vk.policy_loss(
                     logp,
                     old,
                     adv,
@@ -580,23 +582,23 @@ def test_public_wrappers_match_reference_backend(case, wrapper, pattern, poisone
                     **kw,
                 )
             elif wrapper == "value_loss":
-                loss, metrics = L.value_loss(
+                loss, metrics = vk.value_loss(
                     values,
                     old_values,
                     returns,
                     m,
                     c,
-                    clip=case["value_clip"],
-                    clip_form=case["value_clip_form"],
+                    value_clip=case["value_clip"],
+                    value_clip_form=case["value_clip_form"],
                     **agg,
                     **kw,
                 )
             elif wrapper == "kl_loss":
-                loss, metrics = L.kl_loss(logp, ref, m, c, kind=case["kl"] or "k1", **agg, **kw), {}
+                loss, metrics = vk.kl_loss(logp, ref, m, c, kl_kind=case["kl"] or "k1", **agg, **kw)
             elif wrapper == "agg_loss":
-                loss, metrics = L.agg_loss(ent, m, c, **agg, **kw), {}
+                loss, metrics = vk.agg_loss(ent, m, c, **agg, **kw)
             else:
-                loss, metrics = L.positive_lm_loss(logp, positive, m, c, **kw), {}
+                loss, metrics = vk.positive_lm_loss(logp, positive, m, c, **kw)
             loss.backward()
         grads = [x.grad for x in leaves if x.requires_grad]
         return loss, metrics, grads
@@ -699,7 +701,7 @@ def test_several_chunks_match_float64_spec(dtype, poisoned):
     _, (args, args64, _) = _big_case(dtype)
     with poisoned():
         got = ext().token_loss_cpu(*args)
-    want = L.reference_kernel(*args64)
+    want = loss_spec.reference_kernel(*args64)
     check_sums(got[0], want[0], sum_scales(args64), dtype)
     for g, w, name in zip(got[1:], want[1:], ("grad_logp", "grad_values", "grad_entropy")):
         check_grad(g, w, dtype, name)
@@ -728,7 +730,7 @@ def test_one_million_token_sequence_and_many_empty_ones(poisoned):
     _, old, *_ = nudge(case, [logp, old, adv, adv, adv, adv, logp, ent, ent])
     mask = torch.rand(n, generator=gen) < 0.9
     seq_w = torch.rand(len(lengths), generator=gen, dtype=torch.float64).float().double()
-    params = L._params(dual_clip=3.0, entropy_coef=0.01)
+    params = loss_spec.loss_params(dual_clip=3.0, entropy_coef=0.01)
     args64 = [
         logp,
         old,
@@ -754,7 +756,7 @@ def test_one_million_token_sequence_and_many_empty_ones(poisoned):
             ]
         )
         got64 = ext().token_loss_cpu(*args64)
-    want = L.reference_kernel(*args64)
+    want = loss_spec.reference_kernel(*args64)
     scale = sum_scales(args64)
     check_sums(got64[0], want[0], scale, torch.float64)
     check_sums(got32[0], want[0], scale, torch.float32)
@@ -775,12 +777,12 @@ def test_many_empty_sequences_are_cheap():
     n = int(offsets[-1])
     ent = torch.rand(n, generator=gen, dtype=torch.float64)
     seq_w = torch.rand(s, generator=gen, dtype=torch.float64)
-    params = L._params(entropy_coef=1.0)
+    params = loss_spec.loss_params(entropy_coef=1.0)
     args = [None] * 7 + [ent, None, None, offsets, seq_w, None, params, True]
     got = ext().token_loss_cpu(*args)
     seq_ids = torch.repeat_interleave(torch.arange(s), lengths)
     torch.testing.assert_close(
-        got[0][L.S_ENTROPY], (seq_w[seq_ids] * ent).sum(), rtol=1e-12, atol=0
+        got[0][layout.S_ENTROPY], (seq_w[seq_ids] * ent).sum(), rtol=1e-12, atol=0
     )
     torch.testing.assert_close(got[3], -seq_w[seq_ids], rtol=0, atol=0)
 
@@ -796,15 +798,15 @@ def test_empty_and_all_masked(dtype, lengths, poisoned):
         [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int64
     )
     seq_w = torch.ones(len(lengths), dtype=od)
-    params = L._params(
+    params = loss_spec.loss_params(
         dual_clip=2.0, value_clip=0.2, kl_kind="k3", kl_coef=1.0, entropy_coef=0.1, lm_coef=0.1
     )
     with poisoned():
         sums, g_lp, g_v, g_e = ext().token_loss_cpu(
             x, x, x, x, x, x, x, x, x, mask, offsets, seq_w, seq_w, params, True
         )
-    want = torch.zeros(L.NUM_SUMS, dtype=od)
-    want[L.S_RATIO_MIN], want[L.S_RATIO_MAX] = math.inf, -math.inf
+    want = torch.zeros(layout.NUM_SUMS, dtype=od)
+    want[layout.S_RATIO_MIN], want[layout.S_RATIO_MAX] = math.inf, -math.inf
     assert torch.equal(sums, want)
     for g in (g_lp, g_v, g_e):
         assert g.dtype == od and torch.equal(g, torch.zeros(n, dtype=od))
@@ -823,11 +825,11 @@ def test_empty_and_all_masked(dtype, lengths, poisoned):
         offsets,
         seq_w,
         None,
-        L._params(),
+        loss_spec.loss_params(),
         False,
     )
     assert all(g.shape == (0,) and g.dtype == od for g in grads)
-    assert sums2[L.S_TOKENS].item() == n
+    assert sums2[layout.S_TOKENS].item() == n
 
 
 def test_exact_values_by_hand():
@@ -841,7 +843,7 @@ def test_exact_values_by_hand():
     values, old_values, returns = t(1.0), t(0.25), t(0.0)
     ref, ent = t(-1.0), t(0.7)
     offsets = torch.tensor([0, 1])
-    params = L._params(
+    params = loss_spec.loss_params(
         clip_low=0.2,
         clip_high=0.28,
         value_clip=0.5,
@@ -869,14 +871,14 @@ def test_exact_values_by_hand():
         True,
     )
     ratio = math.exp(0.5)  # > 1.28: clipped, pg = -A * 1.28, no gradient
-    assert sums[L.S_PG].item() == pytest.approx(2.0 * -2.0 * 1.28, rel=1e-15)
-    assert sums[L.S_CLIP_HIGH].item() == 1 and sums[L.S_CLIP_LOW].item() == 0
+    assert sums[layout.S_PG].item() == pytest.approx(2.0 * -2.0 * 1.28, rel=1e-15)
+    assert sums[layout.S_CLIP_HIGH].item() == 1 and sums[layout.S_CLIP_LOW].item() == 0
     # v = 1, clip to [-0.25, 0.75] -> 0.75: max(1, 0.5625) = 1 -> unclipped wins
-    assert sums[L.S_VF].item() == pytest.approx(2.0 * 0.5, rel=1e-15)
-    assert sums[L.S_VF_CLIP].item() == 0
-    assert sums[L.S_KL].item() == 0 and sums[L.S_ENTROPY].item() == pytest.approx(1.4)
-    assert sums[L.S_LM].item() == pytest.approx(4.0)  # -(4 * -1)
-    assert sums[L.S_RATIO_MIN].item() == sums[L.S_RATIO_MAX].item() == pytest.approx(ratio)
+    assert sums[layout.S_VF].item() == pytest.approx(2.0 * 0.5, rel=1e-15)
+    assert sums[layout.S_VF_CLIP].item() == 0
+    assert sums[layout.S_KL].item() == 0 and sums[layout.S_ENTROPY].item() == pytest.approx(1.4)
+    assert sums[layout.S_LM].item() == pytest.approx(4.0)  # -(4 * -1)
+    assert sums[layout.S_RATIO_MIN].item() == sums[layout.S_RATIO_MAX].item() == pytest.approx(ratio)
     assert g_lp.item() == pytest.approx(0.0 + 0.3 * 2.0 * 0.0 - 0.2 * 4.0)
     assert g_v.item() == pytest.approx(0.5 * 2.0 * 1.0)
     assert g_e.item() == pytest.approx(-0.1 * 2.0)
@@ -902,7 +904,7 @@ def test_nan_in_a_valid_slot_reaches_the_loss():
         x[8] = x[8].abs()
         x[i][5] = math.nan
         with pytest.raises(ValueError, match=f"{name} contains NaN"):
-            L.vapo_loss(
+            vk.vapo_loss(
                 x[0],
                 x[1],
                 x[2],
@@ -939,7 +941,7 @@ def _good_args(**change):
         "offsets": torch.tensor([0, 2, 6]),
         "seq_weight": torch.ones(2),
         "lm_weight": None,
-        "params": L._params(),
+        "params": loss_spec.loss_params(),
         "need_grad": True,
     }
     args.update(change)
@@ -959,7 +961,7 @@ BAD_CALLS = {
     "policy without old_logp": ({"old_logp": None}, "policy term .* needs logp and old_logp"),
     "value without values": ({"returns": torch.randn(6)}, "value term"),
     "value clip without old_values": (
-        {"values": torch.randn(6), "returns": torch.randn(6), "params": L._params(value_clip=0.2)},
+        {"values": torch.randn(6), "returns": torch.randn(6), "params": loss_spec.loss_params(value_clip=0.2)},
         "old_values unless",
     ),
     "kl without logp": (
@@ -969,12 +971,12 @@ BAD_CALLS = {
             "advantages": None,
             "entropy": torch.randn(6),
             "ref_logp": torch.randn(6),
-            "params": L._params(kl_kind="k1"),
+            "params": loss_spec.loss_params(kl_kind="k1"),
         },
         "KL term .* needs logp",
     ),
     "bad kl kind": (
-        {"ref_logp": torch.randn(6), "params": [*L._params()[:6], 7.0, *L._params()[7:]]},
+        {"ref_logp": torch.randn(6), "params": [*loss_spec.loss_params()[:6], 7.0, *loss_spec.loss_params()[7:]]},
         "P_KL_KIND",
     ),
     "lm without logp": (
@@ -1033,7 +1035,9 @@ def test_good_arguments_pass():
 _ISA_CHECK = r"""
 import torch
 from vapo_kernels import _backends
-from vapo_kernels.ops import loss as L
+import vapo_kernels as vk
+from vapo_kernels import _loss_layout as layout
+from vapo_kernels.ops import loss_spec
 ext = _backends.extension()
 gen = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
@@ -1046,11 +1050,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     w = torch.rand(4, generator=gen).to(od)
     for kl in ("k1", "abs", "k2", "k3+"):
         for form in ("verl", "openrlhf"):
-            params = L._params(dual_clip=3.0, value_clip=0.3, value_clip_form=form, kl_kind=kl,
+            params = loss_spec.loss_params(dual_clip=3.0, value_clip=0.3, value_clip_form=form, kl_kind=kl,
                                kl_coef=0.2, entropy_coef=0.1, lm_coef=0.1)
             args = [*x, mask, offsets, w, w, params, True]
             got = ext.token_loss_cpu(*args)
-            want = L.reference_kernel(*args)  # in fp32 for fp32 / bf16 / fp16 inputs, as the kernel
+            want = loss_spec.reference_kernel(*args)  # in fp32 for fp32 / bf16 / fp16 inputs, as the kernel
             tol = 1e-10 if dtype == torch.float64 else 1e-4
             for g, r in zip(got, want):
                 r = r.double()

@@ -30,8 +30,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vapo_kernels.ops import loss as L
-from vapo_kernels.ops.loss import NUM_SUMS, reference_kernel
+import vapo_kernels as vk
+from vapo_kernels import _loss_layout as layout
+from vapo_kernels.ops import loss_spec
+from vapo_kernels._loss_layout import NUM_SUMS
+from vapo_kernels.ops.loss_spec import reference_kernel
 from vapo_kernels.triton import loss as tloss
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -40,7 +43,7 @@ BLOCK = 16
 EDGE_LENGTHS = [0, 1, 2, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK + 1, 4 * BLOCK + 3]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 KL_KINDS = [None, "k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl", "k1+", "abs+", "k2+", "k3+"]
-COUNT_SUMS = (L.S_TOKENS, L.S_CLIP_LOW, L.S_CLIP_HIGH, L.S_DUAL_CLIP, L.S_VF_CLIP)
+COUNT_SUMS = (layout.S_TOKENS, layout.S_CLIP_LOW, layout.S_CLIP_HIGH, layout.S_DUAL_CLIP, layout.S_VF_CLIP)
 # Rounding allowed per unit of scale: a few ulps of the compute dtype.
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
@@ -134,7 +137,7 @@ def grid(x: torch.Tensor) -> torch.Tensor:
 def params_of(case) -> list[float]:
     vf, kl, ent, lm = case["coefs"]
     value = case["value"]
-    return L._params(
+    return loss_spec.loss_params(
         clip_low=case["clip_low"], clip_high=case["clip_high"], dual_clip=case["dual_clip"],
         ratio_log_clamp=case["ratio_log_clamp"],
         value_clip=None if value in (None, "unclipped") else case["value_clip"],
@@ -157,12 +160,12 @@ def separate_from_bounds(x, params, dtype):
     lp, olp, ref = x["logp"], x["old_logp"], x["ref_logp"]
     if olp is not None:
         raw = lp.double() - olp.double()
-        clamp = params[L.P_RATIO_CLAMP]
+        clamp = params[layout.P_RATIO_CLAMP]
         ratio = torch.exp(raw.clamp(-clamp, clamp))
-        lo, hi = 1.0 - params[L.P_CLIP_LOW], 1.0 + params[L.P_CLIP_HIGH]
+        lo, hi = 1.0 - params[layout.P_CLIP_LOW], 1.0 + params[layout.P_CLIP_HIGH]
         bad = near(ratio, lo, out) | near(ratio, hi, out)
-        if params[L.P_DUAL_CLIP] > 0:
-            bad |= near(torch.maximum(ratio, ratio.clamp(lo, hi)), params[L.P_DUAL_CLIP], out)
+        if params[layout.P_DUAL_CLIP] > 0:
+            bad |= near(torch.maximum(ratio, ratio.clamp(lo, hi)), params[layout.P_DUAL_CLIP], out)
         x["old_logp"] = torch.where(bad, lp, olp)
     if ref is not None:
         lr = (ref.double() - lp.double()).clamp(-20, 20)
@@ -294,35 +297,35 @@ def scales(x, mask, offsets, sw, lmw, params):
         return torch.where(valid, t, zero)
 
     if c["advantages"] is not None:
-        clamp = params[L.P_RATIO_CLAMP]
+        clamp = params[layout.P_RATIO_CLAMP]
         lr = (c["logp"] - c["old_logp"]).clamp(-clamp, clamp)
         r = torch.exp(lr)
         isw = 1.0 if c["is_weights"] is None else c["is_weights"].abs()
-        big = 1 + params[L.P_CLIP_HIGH] + params[L.P_DUAL_CLIP]
+        big = 1 + params[layout.P_CLIP_HIGH] + params[layout.P_DUAL_CLIP]
         a = c["advantages"].abs() * isw
-        s[L.S_PG] = (w * a * (r + big)).sum()
+        s[layout.S_PG] = (w * a * (r + big)).sum()
         g_lp += w * a * r
-        s[L.S_NEG_LOG_RATIO] = one(lr.abs()).sum()
-        s[L.S_K3] = one(r + 1 + lr.abs()).sum()
-        s[L.S_RATIO_SUM] = one(r).sum()
+        s[layout.S_NEG_LOG_RATIO] = one(lr.abs()).sum()
+        s[layout.S_K3] = one(r + 1 + lr.abs()).sum()
+        s[layout.S_RATIO_SUM] = one(r).sum()
     if c["returns"] is not None:
-        eps = max(params[L.P_VALUE_CLIP], 0.0)
+        eps = max(params[layout.P_VALUE_CLIP], 0.0)
         ov = c["values"] if c["old_values"] is None else c["old_values"]
         e = (c["values"] - c["returns"]).abs() + (ov - c["returns"]).abs() + eps
-        s[L.S_VF] = (w * e * e).sum()
-        g_v += abs(params[L.P_VF_COEF]) * w * e
-    if c["ref_logp"] is not None and params[L.P_KL_KIND] > 0:
+        s[layout.S_VF] = (w * e * e).sum()
+        g_v += abs(params[layout.P_VF_COEF]) * w * e
+    if c["ref_logp"] is not None and params[layout.P_KL_KIND] > 0:
         d = (c["logp"] - c["ref_logp"]).abs()
         e = 1 + d + d * d + torch.exp(d.clamp(max=20))
-        s[L.S_KL] = (w * e).sum()
-        g_lp += abs(params[L.P_KL_COEF]) * w * e
+        s[layout.S_KL] = (w * e).sum()
+        g_lp += abs(params[layout.P_KL_COEF]) * w * e
     if c["entropy"] is not None:
-        s[L.S_ENTROPY] = (w * c["entropy"].abs()).sum()
-        g_h += abs(params[L.P_ENTROPY_COEF]) * w
+        s[layout.S_ENTROPY] = (w * c["entropy"].abs()).sum()
+        g_h += abs(params[layout.P_ENTROPY_COEF]) * w
     if lmw is not None:
         w_lm = torch.where(valid, cpu(lmw)[seq], zero)
-        s[L.S_LM] = (w_lm * c["logp"].abs()).sum()
-        g_lp += abs(params[L.P_LM_COEF]) * w_lm
+        s[layout.S_LM] = (w_lm * c["logp"].abs()).sum()
+        g_lp += abs(params[layout.P_LM_COEF]) * w_lm
     return s, (g_lp, g_v, g_h)
 
 
@@ -331,7 +334,7 @@ def assert_sums_match(got, exp, scale, dtype, what=""):
     rtol = RTOL[out_dtype(dtype)]
     for i in COUNT_SUMS:
         assert got[i] == exp[i], f"{what} sum {i}: {got[i].item()} != {exp[i].item()}"
-    for i in (L.S_RATIO_MIN, L.S_RATIO_MAX):
+    for i in (layout.S_RATIO_MIN, layout.S_RATIO_MAX):
         if math.isinf(exp[i]):
             assert got[i] == exp[i], f"{what} sum {i}: {got[i].item()} != {exp[i].item()}"
         else:
@@ -339,7 +342,7 @@ def assert_sums_match(got, exp, scale, dtype, what=""):
                 f"{what} sum {i}: {got[i].item()} vs {exp[i].item()}"
             )
     for i in range(NUM_SUMS):
-        if i in COUNT_SUMS or i in (L.S_RATIO_MIN, L.S_RATIO_MAX):
+        if i in COUNT_SUMS or i in (layout.S_RATIO_MIN, layout.S_RATIO_MAX):
             continue
         tol = rtol * (scale[i] + abs(exp[i])) + 1e-300
         assert abs(got[i] - exp[i]) <= tol, (
@@ -419,7 +422,7 @@ def test_exact_ties_and_bounds():
     sw = torch.tensor([0.5, 0.25], dtype=torch.float32, device=DEVICE)
     for form in ("verl", "openrlhf"):
         for kl in ("k3", "abs", "k3+"):
-            params = L._params(clip_low=0.0, clip_high=0.0, dual_clip=1.5, ratio_log_clamp=0.5,
+            params = loss_spec.loss_params(clip_low=0.0, clip_high=0.0, dual_clip=1.5, ratio_log_clamp=0.5,
                                value_clip=0.5, value_clip_form=form, kl_kind=kl, kl_coef=0.5)
             h = torch.rand(n, device=DEVICE)
             x = dict(zip(ARGS, (logp, old, adv, v, ov, ret, ref, h, None)))
@@ -439,7 +442,7 @@ def test_sequences_across_blocks_and_many_per_block():
     x["entropy"] = grid(torch.rand(n, generator=gen, dtype=torch.float64))
     sw = torch.arange(1, len(lengths) + 1, dtype=torch.float64) / 7
     lmw = torch.arange(len(lengths), dtype=torch.float64) % 3 / 5
-    params = L._params(entropy_coef=0.25, lm_coef=0.5)
+    params = loss_spec.loss_params(entropy_coef=0.25, lm_coef=0.5)
     x = {k: dev(t) for k, t in x.items()}
     mask = dev(torch.rand(n, generator=gen) < 0.8)
     offsets, sw, lmw = dev(offsets), dev(sw), dev(lmw)
@@ -449,7 +452,7 @@ def test_sequences_across_blocks_and_many_per_block():
 
 
 def test_all_masked_and_empty():
-    params = L._params(dual_clip=3.0, value_clip=0.5, kl_kind="k3", entropy_coef=0.1, lm_coef=0.1)
+    params = loss_spec.loss_params(dual_clip=3.0, value_clip=0.5, kl_kind="k3", entropy_coef=0.1, lm_coef=0.1)
     for n, offsets in ((5, [0, 2, 5]), (0, [0, 0, 0]), (0, [0])):
         offs = torch.tensor(offsets, dtype=torch.int64, device=DEVICE)
         s = len(offsets) - 1
@@ -458,7 +461,7 @@ def test_all_masked_and_empty():
         sw = torch.ones(s, device=DEVICE)
         sums, g_lp, g_v, g_h = run_triton(x, mask, offs, sw, sw, params, True)
         exp = torch.zeros(NUM_SUMS)
-        exp[L.S_RATIO_MIN], exp[L.S_RATIO_MAX] = math.inf, -math.inf
+        exp[layout.S_RATIO_MIN], exp[layout.S_RATIO_MAX] = math.inf, -math.inf
         assert torch.equal(sums.cpu(), exp)
         for g in (g_lp, g_v, g_h):
             assert g.shape == (n,) and (g == 0).all()
@@ -470,7 +473,7 @@ def test_no_grad_and_absent_inputs_give_empty_gradients():
     x["returns"] = torch.randn(10, device=DEVICE, dtype=torch.float64)
     offs = torch.tensor([0, 10], device=DEVICE)
     sw = torch.ones(1, device=DEVICE, dtype=torch.float64)
-    params = L._params(value_clip=None)
+    params = loss_spec.loss_params(value_clip=None)
     sums, g_lp, g_v, g_h = run_triton(x, None, offs, sw, None, params, True)
     assert sums.dtype == torch.float64
     assert g_lp.shape == g_h.shape == (0,) and g_v.shape == (10,)
@@ -488,7 +491,7 @@ def test_deterministic():
         x[k] = torch.randn(n, generator=gen).to(DEVICE)
     offs = torch.tensor([0, 7, 150, 300], device=DEVICE)
     sw = torch.rand(3, generator=gen).to(DEVICE)
-    params = L._params(entropy_coef=0.01)
+    params = loss_spec.loss_params(entropy_coef=0.01)
     a = run_triton(x, None, offs, sw, None, params, True, block=32)
     b = run_triton(x, None, offs, sw, None, params, True, block=32)
     for u, v in zip(a, b):
@@ -500,7 +503,7 @@ def test_bad_block_raises():
     x["entropy"] = torch.zeros(4, device=DEVICE)
     offs = torch.tensor([0, 4], device=DEVICE)
     with pytest.raises(ValueError, match="power of two"):
-        run_triton(x, None, offs, torch.ones(1, device=DEVICE), None, L._params(), True, block=24)
+        run_triton(x, None, offs, torch.ones(1, device=DEVICE), None, loss_spec.loss_params(), True, block=24)
 
 
 # --------------------------------------------------------------------------------------
@@ -514,7 +517,7 @@ WRAPPERS = ["policy_loss", "value_loss", "vapo_loss", "kl_loss", "agg_loss", "po
 def wrapper_cases(draw):
     case = draw(cases(max_seqs=4))
     case["wrapper"] = draw(st.sampled_from(WRAPPERS))
-    case["agg"] = draw(st.sampled_from(L.AGG_MODES))
+    case["agg"] = draw(st.sampled_from(loss_spec.AGG_MODES))
     case["spread"] = "small"
     return case
 
@@ -552,35 +555,36 @@ def call_wrapper(case, x, mask, cu, positive, backend, dtype):
     kw = {"mask": dev(mask), "cu_seqlens": dev(cu), "backend": backend}
     norm = case["agg"] == "seq-mean-token-sum-norm"
     agg = {"agg": case["agg"], "loss_scale_factor": 7.0 if norm else None}
-    vk = case["value"] if case["value"] in ("verl", "openrlhf") else "verl"
+    form = case["value"] if case["value"] in ("verl", "openrlhf") else "verl"
     clip = None if case["value"] in (None, "unclipped") else case["value_clip"]
     name = case["wrapper"]
     metrics = {}
     if name == "policy_loss":
-        loss, metrics = L.policy_loss(
+        loss, metrics = vk.policy_loss(
             lp, prep(x["old_logp"]), prep(x["advantages"]), **kw, **agg,
             clip_low=case["clip_low"], clip_high=case["clip_high"], dual_clip=case["dual_clip"],
             ratio_log_clamp=case["ratio_log_clamp"],
             is_weights=prep(x["is_weights"]) if case["isw"] else None,
         )
     elif name == "value_loss":
-        loss, metrics = L.value_loss(
-            v, prep(x["old_values"]), prep(x["returns"]), **kw, **agg, clip=clip, clip_form=vk
+        loss, metrics = vk.value_loss(
+            v, prep(x["old_values"]), prep(x["returns"]), **kw, **agg, value_clip=clip,
+            value_clip_form=form,
         )
     elif name == "kl_loss":
-        loss = L.kl_loss(lp, prep(x["ref_logp"]), **kw, **agg, kind=case["kl"] or "k3")
+        loss, _ = vk.kl_loss(lp, prep(x["ref_logp"]), **kw, **agg, kl_kind=case["kl"] or "k3")
     elif name == "agg_loss":
-        loss = L.agg_loss(h, **kw, **agg)
+        loss, _ = vk.agg_loss(h, **kw, **agg)
     elif name == "positive_lm_loss":
-        loss = L.positive_lm_loss(lp, positive.to(DEVICE), **kw)
+        loss, _ = vk.positive_lm_loss(lp, positive.to(DEVICE), **kw)
     else:
         vf, klc, ent, lmc = case["coefs"]
-        loss, metrics = L.vapo_loss(
+        loss, metrics = vk.vapo_loss(
             lp, prep(x["old_logp"]), prep(x["advantages"]), **kw, **agg, values=v,
             old_values=prep(x["old_values"]), returns=prep(x["returns"]),
             ref_logp=prep(x["ref_logp"]), entropy=h, positive=positive.to(DEVICE),
             clip_low=case["clip_low"], clip_high=case["clip_high"],
-            dual_clip=case["dual_clip"], value_clip=clip, value_clip_form=vk, vf_coef=vf,
+            dual_clip=case["dual_clip"], value_clip=clip, value_clip_form=form, vf_coef=vf,
             kl_kind=case["kl"] or "k3", kl_coef=klc, entropy_coef=ent, lm_coef=lmc,
         )
     inputs = [t for t in (lp, v, h) if t is not None]
@@ -646,7 +650,7 @@ def _big_case(lengths, dtype, seed=0):
     s = len(lengths)
     sw = torch.rand(s, generator=gen, device="cuda", dtype=torch.float64) / n
     lmw = torch.rand(s, generator=gen, device="cuda", dtype=torch.float64) / n
-    params = L._params(
+    params = loss_spec.loss_params(
         dual_clip=3.0, value_clip=0.2, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01, lm_coef=0.1
     )
     return x, mask, offsets, sw.to(out_dtype(dtype)), lmw.to(out_dtype(dtype)), params
@@ -700,12 +704,12 @@ def test_gpu_indices_beyond_int32():
     h[first:] = torch.arange(3000, device="cuda", dtype=torch.float32).to(torch.bfloat16)
     offsets = torch.tensor([0, first, n], dtype=torch.int64, device="cuda")
     sw = torch.tensor([0.5, 0.25], device="cuda")
-    params = L._params(entropy_coef=2.0)
+    params = loss_spec.loss_params(entropy_coef=2.0)
     x = {k: None for k in ARGS}
     x["entropy"] = h
     sums, _, _, g_h = tloss.token_loss(*(x[k] for k in ARGS), None, offsets, sw, None, params, True)
     h_tail = torch.arange(3000, dtype=torch.float64).to(torch.bfloat16).double()
     exp = 0.5 * first + 0.25 * h_tail.sum().item()
-    assert abs(sums[L.S_ENTROPY].item() - exp) <= 1e-6 * exp
-    assert sums[L.S_TOKENS].item() == float(n)
+    assert abs(sums[layout.S_ENTROPY].item() - exp) <= 1e-6 * exp
+    assert sums[layout.S_TOKENS].item() == float(n)
     assert (g_h[first - 5 : first] == -1.0).all() and (g_h[first:] == -0.5).all()

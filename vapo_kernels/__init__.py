@@ -19,13 +19,13 @@ from . import _backends
 from ._ragged import set_validation
 from .ops.gae import decoupled_gae, gae, length_adaptive_lambda, masked_whiten
 from .ops.logprobs import linear_logprobs, token_logprobs
-from .ops.loss import (
+from .ops.hidden_loss import policy_loss_from_hidden
+from .ops.logits_loss import policy_loss_from_logits
+from .ops.loss_spec import kl_penalty
+from .ops.token_loss import (
     agg_loss,
     kl_loss,
-    kl_penalty,
     policy_loss,
-    policy_loss_from_hidden,
-    policy_loss_from_logits,
     positive_lm_loss,
     value_loss,
     vapo_loss,

@@ -44,7 +44,7 @@ import pytest
 import torch
 
 from vapo_kernels import compat
-from vapo_kernels.ops.loss import policy_loss
+from vapo_kernels import policy_loss
 
 from ._openrlhf import openrlhf_without_gpu_stack
 

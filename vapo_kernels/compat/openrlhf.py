@@ -82,8 +82,8 @@ from torch import Tensor, nn
 
 from ..ops.gae import gae
 from ..ops.logprobs import token_logprobs
-from ..ops.loss import agg_loss as _agg_loss
-from ..ops.loss import policy_loss, value_loss
+from .. import agg_loss as _agg_loss
+from .. import policy_loss, value_loss
 from . import _check_binary_mask, _entropy, _peer_dtype, _scalar, _Swap, get_backend
 
 __all__ = [
@@ -260,7 +260,7 @@ def aggregate_loss(
     """
     _check_binary_mask("loss_mask", loss_mask)
     kwargs = _agg_kwargs(token_level_loss, dp_size, batch_num_tokens, global_batch_size)
-    out = _agg_loss(_as_rows(loss), _as_rows(loss_mask), **kwargs)
+    out, _ = _agg_loss(_as_rows(loss), _as_rows(loss_mask), **kwargs)
     return _in_peer_dtype(out, loss, loss_mask)
 
 
@@ -428,8 +428,8 @@ class ValueLoss(nn.Module):
         clip = self.clip_eps
         loss, _ = value_loss(
             _as_rows(values), None if clip is None else _as_rows(old_values), _as_rows(returns),
-            _as_rows(action_mask), clip=None if clip is None else _scalar("clip_eps", clip),
-            clip_form="openrlhf", **kwargs,
+            _as_rows(action_mask), value_clip=None if clip is None else _scalar("clip_eps", clip),
+            value_clip_form="openrlhf", **kwargs,
         )
         return _in_peer_dtype(loss, values, old_values if clip is not None else None, returns,
                               action_mask)

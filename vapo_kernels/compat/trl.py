@@ -55,7 +55,7 @@ from torch import Tensor
 
 from ..ops.gae import gae, masked_whiten
 from ..ops.logprobs import token_logprobs
-from ..ops.loss import policy_loss, value_loss
+from .. import policy_loss, value_loss
 from . import _entropy, _peer_dtype, _scalar, _Swap, get_backend
 
 __all__ = [
@@ -175,7 +175,7 @@ def ppo_loss(
     )
     vf_loss, vm = value_loss(
         vpred, mb_values, mb_return, ~padding_mask_p1.bool(),
-        clip=_scalar("cliprange_value", cliprange_value), clip_form="verl", backend=get_backend(),
+        value_clip=_scalar("cliprange_value", cliprange_value), value_clip_form="verl", backend=get_backend(),
     )
     pg_loss = _in_peer_dtype(pg_loss, new_logprobs, mb_logprobs, mb_advantage)
     vf_loss = _in_peer_dtype(vf_loss, vpred, mb_values, mb_return)

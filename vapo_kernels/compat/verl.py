@@ -106,9 +106,10 @@ from torch import Tensor
 
 from ..ops.gae import gae, masked_whiten
 from ..ops.logprobs import linear_logprobs, token_logprobs
-from ..ops.loss import KL_KINDS, policy_loss, value_loss
-from ..ops.loss import agg_loss as _agg_loss
-from ..ops.loss import kl_penalty as _kl_penalty
+from .. import agg_loss as _agg_loss
+from .. import kl_penalty as _kl_penalty
+from .. import policy_loss, value_loss
+from .._loss_layout import KL_CODES as KL_KINDS
 from . import _check_binary_mask, _entropy, _peer_dtype, _scalar, _Swap, get_backend
 
 __all__ = [
@@ -502,7 +503,7 @@ def agg_loss(
     kwargs = _agg_kwargs(
         loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
     )
-    loss = _agg_loss(_as_rows(loss_mat), _as_rows(loss_mask), **kwargs)
+    loss, _ = _agg_loss(_as_rows(loss_mat), _as_rows(loss_mask), **kwargs)
     return _in_peer_dtype(loss, loss_mat, loss_mask)
 
 
@@ -527,7 +528,7 @@ def compute_value_loss(
         vf_loss  = 0.5 agg_loss(max((vpreds - R)^2, (v_clip - R)^2), response_mask, ...)
         vf_clipfrac = masked_mean((v_clip - R)^2 > (vpreds - R)^2)     a 0-d tensor
 
-    One pass of :func:`vapo_kernels.value_loss` (``clip_form="verl"``). ``cliprange_value``
+    One pass of :func:`vapo_kernels.value_loss` (``value_clip_form="verl"``). ``cliprange_value``
     None (verl: an error) means no clipping.
     """
     _check_binary_mask("response_mask", response_mask)
@@ -537,7 +538,7 @@ def compute_value_loss(
     clip = None if cliprange_value is None else _scalar("cliprange_value", cliprange_value)
     loss, m = value_loss(
         _as_rows(vpreds), _as_rows(values), _as_rows(returns), _as_rows(response_mask),
-        clip=clip, clip_form="verl", **kwargs,
+        value_clip=clip, value_clip_form="verl", **kwargs,
     )
     loss = _in_peer_dtype(loss, vpreds, returns, values, response_mask)
     return loss, _verl_masked_mean(m["vf_clipfrac"], m["tokens"], response_mask, torch.float32)
@@ -550,7 +551,7 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     ``low_var_kl`` / ``k3``: exp(ref - logp) - (ref - logp) - 1, log-ratio clamped to
     [-20, 20] and result to [-10, 10]. A trailing ``+`` keeps the value and takes the
     gradient of k2 (straight-through). Raises ``NotImplementedError`` for ``full`` and
-    unknown names, as verl. Computed by :func:`vapo_kernels.ops.loss.kl_penalty`, except
+    unknown names, as verl. Computed by :func:`vapo_kernels.kl_penalty`, except
     k3, which keeps verl's rounding here (elementwise drop-in); the loss op computes it
     as expm1(x) - x, exact to float32 rounding where exp(x) - 1 - x cancels.
     """

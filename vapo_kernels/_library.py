@@ -1,0 +1,143 @@
+"""How a vapo op is defined: its arguments once, as a NamedTuple; a schema, a fake kernel
+and autograd from it; and a call that skips the dispatcher in plain eager mode.
+
+``torch.library.custom_op`` gives each op a schema that ``torch.compile``, ``torch.export``
+and ``opcheck`` understand - but calling it through the dispatcher costs 30-60 us of
+Python per call (more with autograd: ``fill_defaults`` alone is ~100 us for a 20-argument
+op), which at the micro-batch sizes a trainer uses is more than the kernel. So
+:meth:`Op.__call__` runs the op's own implementation directly (with an equivalent
+``torch.autograd.Function`` when a gradient is needed) whenever nothing traces the call,
+and goes through ``torch.ops.vapo.<name>`` otherwise (under ``torch.compile``, a fake or
+functional tensor mode, functorch transforms, or tensor subclasses). Both paths run the
+same Python and kernels, so their results are identical (tested).
+
+Op implementations, fakes, ``setup_context`` and ``backward`` receive the arguments as
+the op's NamedTuple (``a.logits``, ``a.need_grad``) - never as positional indices.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+_SCHEMA_TYPES = {
+    Tensor: "Tensor",
+    float: "float",
+    int: "int",
+    bool: "bool",
+    str: "str",
+    Sequence[float]: "float[]",
+}
+
+
+def _schema_type(annotation) -> str:
+    if annotation in _SCHEMA_TYPES:
+        return _SCHEMA_TYPES[annotation]
+    args = typing.get_args(annotation)
+    if len(args) == 2 and type(None) in args:  # X | None
+        inner = args[0] if args[1] is type(None) else args[1]
+        return _SCHEMA_TYPES[inner] + "?"
+    raise TypeError(f"no schema type for {annotation!r}")
+
+
+def schema(args: type[NamedTuple], returns: str, mutates: Sequence[str] = ()) -> str:
+    """``(Tensor logits, float temperature, ...) -> returns`` from the NamedTuple's hints."""
+    hints = typing.get_type_hints(args)
+    parts = []
+    for name in args._fields:
+        kind = _schema_type(hints[name])
+        if name in mutates:
+            kind = kind.replace("Tensor", f"Tensor({name}!)", 1)
+        parts.append(f"{kind} {name}")
+    return f"({', '.join(parts)}) -> {returns}"
+
+
+def traced(args: Sequence) -> bool:
+    """True when the call must go through the dispatcher: something is tracing it."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return any(isinstance(a, Tensor) and type(a) is not Tensor for a in args)
+
+
+class Op:
+    """``vapo::<name>``: defined from ``args`` (a NamedTuple class), ``impl`` and ``fake``
+    (both called with an ``args`` instance), optionally ``setup_context(ctx, a, output)``
+    and ``backward(ctx, *grads)`` (returning one gradient per field, by name: see
+    :meth:`grads`)."""
+
+    def __init__(
+        self,
+        name: str,
+        args: type[NamedTuple],
+        returns: str,
+        impl: Callable,
+        fake: Callable,
+        *,
+        mutates: Sequence[str] = (),
+        setup_context: Callable | None = None,
+        backward: Callable | None = None,
+    ):
+        self.name, self.args, self.impl = name, args, impl
+        self.mutates = tuple(args._fields.index(m) for m in mutates)
+        self.op = torch.library.custom_op(
+            f"vapo::{name}",
+            lambda *a: impl(args(*a)),
+            mutates_args=tuple(mutates),
+            schema=schema(args, returns, mutates),
+        )
+        self.op.register_fake(lambda *a: fake(args(*a)))
+        self.function = None
+        if backward is not None:
+            self.op.register_autograd(
+                backward, setup_context=lambda ctx, inputs, output: setup_context(
+                    ctx, args(*inputs), output
+                )
+            )
+            self.function = _autograd_function(name, args, impl, setup_context, backward)
+
+    def __call__(self, a: NamedTuple):
+        """Run the op on ``a`` (an instance of its args class)."""
+        if traced(a):
+            return getattr(torch.ops.vapo, self.name)(*a)
+        if (
+            self.function is not None
+            and torch.is_grad_enabled()
+            and any(isinstance(t, Tensor) and t.requires_grad for t in a)
+        ):
+            return self.function.apply(*a)
+        out = self.impl(a)
+        for i in self.mutates:  # what the dispatcher does for a mutating op
+            torch.autograd.graph.increment_version(a[i])
+        return out
+
+    def grads(self, **by_name) -> tuple:
+        """A backward's return value: the named gradients, None for every other field."""
+        out = [None] * len(self.args._fields)
+        for name, g in by_name.items():
+            out[self.args._fields.index(name)] = g
+        return tuple(out)
+
+
+def _autograd_function(name, args, impl, setup_context, backward) -> type:
+    """The eager twin of the dispatcher's autograd for the op: same setup and backward.
+    (``forward`` takes ``ctx`` itself: the separate-``setup_context`` style of
+    ``autograd.Function`` costs ~30 us more per call.)"""
+
+    def forward(ctx, *a):
+        a = args(*a)
+        output = impl(a)
+        setup_context(ctx, a, output)
+        return output
+
+    return type(
+        f"{name}_function",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )

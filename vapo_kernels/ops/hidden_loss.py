@@ -1,0 +1,104 @@
+r"""The policy loss from hidden states and the LM head: no N x V tensor, ever.
+
+:func:`policy_loss_from_hidden` composes the fused LM-head kernels
+(``vapo::linear_logprobs`` and its backward, :mod:`.logprobs`) with ``vapo::token_loss``:
+the forward computes per-token log-probs and entropies from tiles of the matmul, the
+token-loss op returns the loss with d loss / d logp and d loss / d H (it writes them in
+its forward), and the LM-head backward turns those into the gradients of hidden, weight
+and bias - all inside the forward pass; the backward only scales them. Only per-token
+vectors (4 bytes x N) pass between the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import loss_spec
+from .logits_loss import (
+    check_flat_input,
+    check_temperature,
+    logp_loss_metrics,
+    logp_loss_options,
+    loss_mask,
+)
+from .token_loss import TokenLossArgs, token_loss_op
+
+
+def _loss_and_grads(hidden, weight, bias, targets, old_logp, advantages, mask, cu_seqlens,
+                    temperature, backend, o, need_h, need_w):
+    """``(loss, sums, grad_hidden, grad_weight, grad_bias)``; gradients None unless asked."""
+    need_grad = need_h or need_w
+    logp, entropy, lse = torch.ops.vapo.linear_logprobs(
+        hidden, weight, bias, targets, mask, temperature, backend
+    )
+    with_entropy = o["params"][loss_spec.L.P_ENTROPY_COEF] != 0.0
+    a = TokenLossArgs(
+        logp, old_logp, advantages, None, None, None, o["ref_logp"], entropy,
+        o["is_weights"], loss_mask(mask, targets), cu_seqlens, o["positive"], o["params"],
+        o["agg"], loss_spec.global_count("global_tokens", o["global_tokens"]),
+        loss_spec.global_count("global_seqs", o["global_seqs"]),
+        loss_spec.global_count("global_positive_tokens", o["global_positive_tokens"]),
+        float(o["dp_size"]),
+        None if o["loss_scale_factor"] is None else float(o["loss_scale_factor"]),
+        need_grad, backend,
+    )
+    loss, sums, g_logp, _, g_entropy = token_loss_op(a)
+    if not need_grad:
+        return loss, sums, None, None, None
+    gh, gw, gb = torch.ops.vapo.linear_logprobs_backward(
+        g_logp, g_entropy if with_entropy else None, hidden, weight, bias, targets, mask, lse,
+        entropy, temperature, need_h, need_w, backend,
+    )
+    return loss, sums, gh if need_h else None, gw if need_w else None, (
+        gb if (bias is not None and need_w) else None
+    )
+
+
+class _LossFromHidden(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rest, metrics_out, o):
+        need_h = hidden.requires_grad
+        need_w = weight.requires_grad or (bias is not None and bias.requires_grad)
+        loss, sums, *ctx.grads = _loss_and_grads(hidden, weight, bias, *rest, o, need_h, need_w)
+        metrics_out.update(logp_loss_metrics(o, sums))  # handed back beside the graph
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grads, ctx.grads = ctx.grads, None
+        scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
+        return (*scaled, None, None, None)
+
+
+def policy_loss_from_hidden(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    backend: str | None = None,
+    **kw,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Policy loss from hidden states ``(N, H)`` packed (with ``cu_seqlens``) or
+    ``(B, T, H)`` padded and the LM head ``weight`` ``(V, H)`` (+ ``bias``):
+    ``(loss, metrics)``. The N x V logits never exist (forward or backward); the
+    gradients of hidden, weight and bias are computed in the forward pass. Keyword terms
+    as in :func:`.logits_loss.policy_loss_from_logits`."""
+    o = logp_loss_options(kw)
+    check_flat_input("hidden", hidden, cu_seqlens)
+    rest = (targets, old_logp, advantages, mask, cu_seqlens, check_temperature(temperature),
+            backend or "")
+    if torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    ):
+        metrics: dict[str, Tensor] = {}
+        loss = _LossFromHidden.apply(hidden, weight, bias, rest, metrics, o)
+        return loss, metrics
+    loss, sums, *_ = _loss_and_grads(hidden, weight, bias, *rest, o, False, False)
+    return loss, logp_loss_metrics(o, sums)

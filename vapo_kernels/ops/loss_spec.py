@@ -1,0 +1,493 @@
+r"""PPO / VAPO losses as one fused pass over the tokens: policy, value, KL, entropy, LM.
+
+Every loss here is a weighted sum over the valid tokens of ragged sequences::
+
+    loss = sum_s sum_{t in s, valid} w_s * L_t
+
+where ``w_s`` is the *aggregation weight* of sequence s (the same for every token of a
+sequence in all of verl's modes, see :func:`sequence_weights`) and ``L_t`` is the sum of
+the per-token terms that are switched on::
+
+    d_t   = clamp(logp_t - old_logp_t, -C, C)                  C = ratio_log_clamp (20)
+    r_t   = exp(d_t)
+    pg_t  = max(-A_t r_t, -A_t clamp(r_t, 1 - eps_low, 1 + eps_high))        Clip-Higher
+    pg_t  = min(pg_t, -A_t c)        if A_t < 0 and dual_clip = c is set     dual clip
+    pg_t *= is_weight_t              if importance weights are given
+    vf_t  = 0.5 max((v_t - R_t)^2, (clip(v_t, v_old_t - eps_v, v_old_t + eps_v) - R_t)^2)
+    kl_t  = kl_penalty(logp_t, ref_logp_t, kind)                  k1 / abs / k2 / k3 (+)
+    lm_t  = -logp_t                  on sequences marked positive (own weight, see below)
+
+    L_t   = pg_t + vf_coef vf_t + kl_coef kl_t - entropy_coef H_t   (+ lm_coef lm_t)
+
+The positive-example LM term (VAPO) has its own weight: the mean NLL over the valid
+tokens of the sequences marked positive, ``w_lm = dp_size / (positive tokens)``.
+
+Because the loss is linear in ``w`` and every term is elementwise, the forward pass can
+write the gradient of each input as it goes (one read of every input, one write of each
+gradient); the backward pass only scales those by the incoming gradient. Metrics
+(clip fractions, approx-KL, ratio range, token count) come from the same pass.
+
+This module is the spec every loss op shares: the per-token terms as the peers write
+them, the reference kernel of ``vapo::token_loss`` (:func:`reference_kernel`, the
+contract every backend implements), the aggregation weights, the options vector and the
+metrics. The ops live in :mod:`.token_loss` (log-probs in), :mod:`.logits_loss` (logits
+in) and :mod:`.hidden_loss` (hidden states and the LM head in).
+Advantages, old log-probs, returns, old values, reference log-probs and importance
+weights are data: no gradient flows to them (as in every peer).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _loss_layout as L
+
+AGG_MODES = (
+    "token-mean",
+    "token-sum",
+    "seq-mean-token-sum",
+    "seq-mean-token-mean",
+    "seq-mean-token-sum-norm",
+)
+
+# The params / sums layout and the KL codes are defined once, in _loss_layout.
+KL_KINDS = L.KL_CODES
+
+
+# --------------------------------------------------------------------------------------
+# The spec: per-token terms written as the peers write them (so ties, clamps and their
+# gradients follow torch's rules), gradients by autograd, all in the compute dtype.
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_kind: str = "k1") -> Tensor:
+    """Per-token KL estimator of ``logp`` against ``ref_logp`` (verl's ``kl_penalty``).
+
+    ``k1``/``kl``: logp - ref; ``abs``: |logp - ref|; ``k2``/``mse``: 0.5 (logp - ref)^2;
+    ``k3``/``low_var_kl``: expm1(ref - logp) - (ref - logp) with the log-ratio clamped
+    to [-20, 20] and the result to [-10, 10]. A trailing ``+`` keeps the value and takes
+    the gradient of k2 (an unbiased gradient of KL; straight-through).
+    """
+    straight = kl_kind.endswith("+")
+    base = kl_kind[:-1] if straight else kl_kind
+    if base not in KL_KINDS:
+        raise ValueError(
+            f"kl_kind must be one of {sorted(KL_KINDS)} (optionally with '+'), got {kl_kind!r}"
+        )
+    diff = logp - ref_logp
+    code = KL_KINDS[base]
+    if code == 1:
+        value = diff
+    elif code == 2:
+        value = diff.abs()
+    elif code == 3:
+        value = 0.5 * diff.square()
+    else:
+        log_ratio = torch.clamp(-diff, min=-20.0, max=20.0)
+        value = torch.clamp(torch.expm1(log_ratio) - log_ratio, min=-10.0, max=10.0)
+    if not straight or code == 3:
+        return value
+    surrogate = 0.5 * diff.square()
+    return surrogate - surrogate.detach() + value.detach()
+
+
+def _tie_split(a: Tensor, b: Tensor, grad_a: Tensor, grad_b: Tensor) -> Tensor:
+    """Gradient of max(a, b) given those of a and b: torch's rule, a tie splits evenly."""
+    return torch.where(a > b, grad_a, torch.where(b > a, grad_b, 0.5 * (grad_a + grad_b)))
+
+
+def _in_range(x: Tensor, lo, hi) -> Tensor:
+    """Where torch.clamp(x, lo, hi) passes its gradient (bounds included)."""
+    return ((x >= lo) & (x <= hi)).to(x.dtype)
+
+
+def _policy_terms(logp, old_logp, adv, params):
+    """Per token: pg, d pg / d logp, flags (clip_low, clip_high, dual), -log_ratio, k3, ratio."""
+    clamp = params[L.P_RATIO_CLAMP]
+    raw = logp - old_logp
+    log_ratio = torch.clamp(raw, min=-clamp, max=clamp)
+    ratio = torch.exp(log_ratio)
+    lo, hi = 1.0 - params[L.P_CLIP_LOW], 1.0 + params[L.P_CLIP_HIGH]
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, lo, hi)
+    pg = torch.maximum(unclipped, clipped)
+    d_ratio = _tie_split(unclipped, clipped, -adv, -adv * _in_range(ratio, lo, hi))
+    was_clipped = clipped > unclipped
+    dual = torch.zeros_like(was_clipped)
+    if params[L.P_DUAL_CLIP] > 0:
+        floor = -adv * params[L.P_DUAL_CLIP]
+        negative = adv < 0
+        dual = negative & (pg > floor)
+        # min(pg, floor) with floor constant in logp: full gradient below, half at a tie.
+        below = torch.where(pg < floor, d_ratio, torch.where(pg > floor, 0.0, 0.5 * d_ratio))
+        d_ratio = torch.where(negative, below, d_ratio)
+        pg = torch.where(negative, torch.minimum(pg, floor), pg)
+    grad = d_ratio * ratio * _in_range(raw, -clamp, clamp)
+    # expm1, not exp - 1: for |log_ratio| ~ 1e-3, exp(x) - 1 in float32 keeps ~4 digits
+    # of x and k3 ~ x^2 / 2 would be ~20% off.
+    k3 = torch.expm1(log_ratio) - log_ratio
+    flags = (was_clipped & (ratio < lo), was_clipped & (ratio > hi), dual)
+    return pg, grad, flags, -log_ratio, k3, ratio
+
+
+def _value_terms(values, old_values, returns, params):
+    """Per token: 0.5 max((v-R)^2, (v_clip-R)^2), its gradient in v, and 'clipped won'."""
+    eps = params[L.P_VALUE_CLIP]
+    err = values - returns
+    unclipped = err * err
+    if eps < 0:
+        return 0.5 * unclipped, err, torch.zeros_like(unclipped, dtype=torch.bool)
+    if params[L.P_VALUE_CLIP_OPENRLHF]:
+        step = values - old_values
+        v_clipped = old_values + step.clamp(-eps, eps)
+        d_clip = _in_range(step, -eps, eps)
+    else:  # verl's clip_by_value: max(min(v, old + eps), old - eps), torch's tie rules
+        hi, lo = old_values + eps, old_values - eps
+        upper = torch.min(values, hi)
+        d_upper = torch.where(values < hi, 1.0, torch.where(values > hi, 0.0, 0.5)).to(values.dtype)
+        v_clipped = torch.max(upper, lo)
+        d_clip = d_upper * torch.where(upper > lo, 1.0, torch.where(upper < lo, 0.0, 0.5)).to(
+            values.dtype
+        )
+    err_clipped = v_clipped - returns
+    clipped = err_clipped * err_clipped
+    # d/dv of 0.5 * max(...): the factor 2 of each square cancels the 0.5.
+    grad = _tie_split(unclipped, clipped, err, err_clipped * d_clip)
+    return 0.5 * torch.max(unclipped, clipped), grad, clipped > unclipped
+
+
+def _kl_terms(logp, ref_logp, kind: int, straight: bool):
+    """Per token: the KL estimator and its gradient in logp (see :func:`kl_penalty`)."""
+    diff = logp - ref_logp
+    if kind == 1:
+        value, grad = diff, torch.ones_like(diff)
+    elif kind == 2:
+        value, grad = diff.abs(), torch.sign(diff)
+    elif kind == 3:
+        value, grad = 0.5 * diff * diff, diff
+    else:
+        log_ratio = torch.clamp(-diff, min=-20.0, max=20.0)
+        raw = torch.expm1(log_ratio) - log_ratio
+        value = torch.clamp(raw, min=-10.0, max=10.0)
+        grad = (
+            -torch.expm1(log_ratio)
+            * _in_range(-diff, -20.0, 20.0)
+            * _in_range(raw, -10.0, 10.0)
+        )
+    if straight:
+        grad = diff
+    return value, grad
+
+
+def reference_kernel(
+    logp: Tensor | None,
+    old_logp: Tensor | None,
+    advantages: Tensor | None,
+    values: Tensor | None,
+    old_values: Tensor | None,
+    returns: Tensor | None,
+    ref_logp: Tensor | None,
+    entropy: Tensor | None,
+    is_weights: Tensor | None,
+    mask: Tensor | None,
+    offsets: Tensor,
+    seq_weight: Tensor,
+    lm_weight: Tensor | None,
+    params: Sequence[float],
+    need_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The kernel contract every backend implements.
+
+    Token tensors: (N,) contiguous, all the same float dtype, or None when their term is
+    off. The policy term needs ``logp, old_logp, advantages``; the value term ``values,
+    returns`` (and ``old_values`` unless ``params[L.P_VALUE_CLIP] < 0``); KL needs ``logp,
+    ref_logp`` and ``params[L.P_KL_KIND] > 0``; the entropy term ``entropy``; the LM term
+    ``logp`` and ``lm_weight``. ``mask``: (N,) bool or None (all valid); ``offsets``:
+    (S+1,) int64; ``seq_weight``, ``lm_weight``: (S,) in the output dtype. ``params``:
+    L.NUM_PARAMS floats (P_* indices).
+
+    Returns ``sums`` (L.NUM_SUMS,) in the output dtype (float32; float64 for float64 inputs)
+    and the gradients of ``sum_t w_t L_t`` (coefficients applied) with respect to logp,
+    values and entropy, (N,) in the output dtype, zero on masked tokens; a gradient is an
+    empty (0,) tensor when ``need_grad`` is False or its input is None. RATIO_MIN/MAX are
+    +inf/-inf when no valid token has a policy term. Ties (max/min of equal terms) and
+    clamp bounds follow torch's autograd rules, so gradients match the peers' autograd.
+    """
+    present = [t for t in (logp, values, entropy) if t is not None]
+    dtype = torch.float64 if present[0].dtype == torch.float64 else torch.float32
+    device = present[0].device
+    n = present[0].shape[0]
+    valid = torch.ones(n, dtype=torch.bool, device=device) if mask is None else mask
+    lengths = offsets[1:] - offsets[:-1]
+    seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    w = torch.where(valid, seq_weight.to(dtype)[seq_ids], zero)  # 0 on masked tokens
+
+    def clean(t):  # garbage in masked slots (NaN, 1e30) must not reach anything
+        return None if t is None else torch.where(valid, t.to(dtype), zero)
+
+    logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights = map(
+        clean,
+        (logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights),
+    )
+    sums = torch.zeros(L.NUM_SUMS, dtype=dtype, device=device)
+    sums[L.S_RATIO_MIN], sums[L.S_RATIO_MAX] = math.inf, -math.inf
+    sums[L.S_TOKENS] = valid.sum()
+    g_logp = torch.zeros(n, dtype=dtype, device=device) if logp is not None else None
+    g_values = g_entropy = None
+    if advantages is not None:
+        pg, grad, flags, neg_log_ratio, k3, ratio = _policy_terms(
+            logp, old_logp, advantages, params
+        )
+        if is_weights is not None:
+            pg, grad = pg * is_weights, grad * is_weights
+        sums[L.S_PG] = (w * pg).sum()
+        g_logp += w * grad
+        for idx, flag in zip((L.S_CLIP_LOW, L.S_CLIP_HIGH, L.S_DUAL_CLIP), flags):
+            sums[idx] = (flag & valid).sum()
+        sums[L.S_NEG_LOG_RATIO] = torch.where(valid, neg_log_ratio, zero).sum()
+        sums[L.S_K3] = torch.where(valid, k3, zero).sum()
+        sums[L.S_RATIO_SUM] = torch.where(valid, ratio, zero).sum()
+        if bool(valid.any()):
+            sums[L.S_RATIO_MIN], sums[L.S_RATIO_MAX] = ratio[valid].min(), ratio[valid].max()
+    if returns is not None:
+        vf, grad, vf_clipped = _value_terms(values, old_values, returns, params)
+        sums[L.S_VF] = (w * vf).sum()
+        sums[L.S_VF_CLIP] = (vf_clipped & valid).sum()
+        err = returns - values  # 0 on masked tokens (both were cleaned)
+        sums[L.S_RETURNS], sums[L.S_RETURNS_SQ] = returns.sum(), (returns * returns).sum()
+        sums[L.S_VALUE_ERR], sums[L.S_VALUE_ERR_SQ] = err.sum(), (err * err).sum()
+        g_values = params[L.P_VF_COEF] * w * grad
+    if ref_logp is not None and params[L.P_KL_KIND] > 0:
+        kl, grad = _kl_terms(logp, ref_logp, int(params[L.P_KL_KIND]), bool(params[L.P_KL_STRAIGHT]))
+        sums[L.S_KL] = (w * kl).sum()
+        g_logp += params[L.P_KL_COEF] * w * grad
+    if entropy is not None:
+        sums[L.S_ENTROPY] = (w * entropy).sum()
+        g_entropy = -params[L.P_ENTROPY_COEF] * w
+    if lm_weight is not None:
+        w_lm = torch.where(valid, lm_weight.to(dtype)[seq_ids], zero)
+        sums[L.S_LM] = -(w_lm * logp).sum()
+        g_logp -= params[L.P_LM_COEF] * w_lm
+    grads = [
+        g if (g is not None and need_grad) else torch.empty(0, dtype=dtype, device=device)
+        for g in (g_logp, g_values, g_entropy)
+    ]
+    return sums, *grads
+
+
+# --------------------------------------------------------------------------------------
+# Aggregation weights
+
+
+def sequence_weights(
+    counts: Tensor,
+    agg: str,
+    *,
+    horizon: int | None,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+    dp_size: float = 1.0,
+    loss_scale_factor: float | None = None,
+) -> Tensor:
+    """Per-sequence weight ``w_s`` of verl's ``agg_loss`` modes, (S,) in float64.
+
+    ``counts``: valid tokens per sequence (S,). With local counts T = sum(counts) and
+    S' = number of sequences with at least one valid token (fully masked sequences are
+    excluded, as in verl), or the global counts when given (data-parallel training):
+
+    * token-mean: dp / T;  token-sum: dp;  seq-mean-token-sum: dp / S';
+    * seq-mean-token-sum-norm: dp / (S' * loss_scale_factor) (default: the padded
+      horizon; packed inputs must pass loss_scale_factor);
+    * seq-mean-token-mean: dp / (S' * counts_s).
+
+    A zero count divides as if it were 1: the weight then multiplies no valid token, so an
+    all-masked batch has loss 0 and zero gradient where verl's token-mean would divide 0
+    by 0 (a zero *global* count gives weight 0). Few tensor ops, no host sync: this runs
+    on every call.
+    """
+    dp = float(dp_size)
+    num_seqs = counts.shape[0]
+    if agg == "token-sum":
+        return counts.new_full((num_seqs,), dp, dtype=torch.float64)
+    if agg == "token-mean":
+        if global_tokens is not None:
+            return counts.new_full((num_seqs,), _share(dp, global_tokens), dtype=torch.float64)
+        return (dp / counts.sum(dtype=torch.float64).clamp(min=1)).expand(num_seqs)
+    if global_seqs is not None:
+        per_seq = counts.new_full((num_seqs,), _share(dp, global_seqs), dtype=torch.float64)
+    else:
+        seqs = (counts > 0).sum(dtype=torch.float64).clamp(min=1)
+        per_seq = (dp / seqs).expand(num_seqs)
+    if agg == "seq-mean-token-sum":
+        return per_seq
+    if agg == "seq-mean-token-sum-norm":
+        return per_seq / float(horizon if loss_scale_factor is None else loss_scale_factor)
+    if agg == "seq-mean-token-mean":
+        return per_seq / counts.clamp(min=1)
+    raise ValueError(f"agg must be one of {AGG_MODES}, got {agg!r}")
+
+
+def positive_weights(
+    counts: Tensor, positive: Tensor, global_positive_tokens: float | None, dp_size: float
+) -> Tensor:
+    """Per-sequence weight of the positive-example LM term: ``dp / (positive tokens)`` on
+    positive sequences, 0 on the others (S,) float64."""
+    pos = (positive != 0).to(torch.float64)
+    if global_positive_tokens is not None:
+        return pos * _share(float(dp_size), global_positive_tokens)
+    return pos * (float(dp_size) / (pos * counts).sum().clamp(min=1))
+
+
+def _share(total: float, count: float) -> float:
+    """``total / count`` for a global count (a Python float: no host-to-device copy, so no
+    stream sync on CUDA), 0 when the count is 0."""
+    return total / count if count > 0 else 0.0
+
+
+def global_count(name: str, x) -> float | None:
+    """A global count (data-parallel token or sequence count) as a Python float; a tensor
+    from an all-reduce is read once here."""
+    if x is None:
+        return None
+    if isinstance(x, Tensor):
+        x = x.item()
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0:
+        raise ValueError(f"{name} must be a non-negative number or None, got {x!r}")
+    return float(x)
+
+
+def _check_number(name: str, x, ok: bool, expected: str) -> None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not ok:
+        raise ValueError(f"{name} must be {expected}, got {x!r}")
+
+
+def loss_params(**options) -> tuple[float, ...]:
+    """The ``params`` vector (``P_*`` slots) of the loss kernels from the options (the
+    keywords of :func:`_loss_params`), each checked and named in the error. Cached: a
+    trainer passes the same options every call (under ``torch.compile`` dynamo traces
+    the uncached function instead of warning about the cache)."""
+    if torch.compiler.is_compiling():
+        return _loss_params.__wrapped__(**options)
+    return _loss_params(**options)
+
+
+@functools.lru_cache(maxsize=256)
+def _loss_params(
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = None,
+    ratio_log_clamp: float = 20.0,
+    value_clip: float | None = None,
+    value_clip_form: str = "verl",
+    kl_kind: str | None = None,
+    vf_coef: float = 1.0,
+    kl_coef: float = 0.0,
+    entropy_coef: float = 0.0,
+    lm_coef: float = 0.0,
+) -> tuple[float, ...]:
+    """See :func:`loss_params`."""
+    for name, eps in (("clip_low", clip_low), ("clip_high", clip_high)):
+        _check_number(name, eps, eps >= 0, "a float >= 0")
+    if clip_low > 1.0:
+        raise ValueError(
+            f"clip_low must be <= 1 (the ratio's lower bound 1 - clip_low >= 0), got {clip_low}"
+        )
+    if dual_clip is not None:
+        _check_number("dual_clip", dual_clip, dual_clip > 1.0, "a float > 1 or None")
+    _check_number("ratio_log_clamp", ratio_log_clamp, ratio_log_clamp > 0, "a float > 0")
+    if value_clip is not None:
+        _check_number("value_clip", value_clip, value_clip >= 0, "a float >= 0 or None")
+    if value_clip_form not in ("verl", "openrlhf"):
+        raise ValueError(f"value_clip_form must be 'verl' or 'openrlhf', got {value_clip_form!r}")
+    kind, straight = 0, 0
+    if kl_kind is not None:
+        base = kl_kind[:-1] if kl_kind.endswith("+") else kl_kind
+        if base not in KL_KINDS:
+            raise ValueError(
+                f"kl_kind must be one of {sorted(KL_KINDS)} (optionally '+'), got {kl_kind!r}"
+            )
+        kind, straight = KL_KINDS[base], int(kl_kind.endswith("+"))
+    coefs = {"vf_coef": vf_coef, "kl_coef": kl_coef, "entropy_coef": entropy_coef,
+             "lm_coef": lm_coef}
+    for name, c in coefs.items():
+        _check_number(name, c, math.isfinite(c), "a finite float")
+    params = [0.0] * L.NUM_PARAMS
+    params[L.P_CLIP_LOW], params[L.P_CLIP_HIGH] = float(clip_low), float(clip_high)
+    params[L.P_DUAL_CLIP] = 0.0 if dual_clip is None else float(dual_clip)
+    params[L.P_RATIO_CLAMP] = float(ratio_log_clamp)
+    params[L.P_VALUE_CLIP] = -1.0 if value_clip is None else float(value_clip)
+    params[L.P_VALUE_CLIP_OPENRLHF] = float(value_clip_form == "openrlhf")
+    params[L.P_KL_KIND], params[L.P_KL_STRAIGHT] = float(kind), float(straight)
+    params[L.P_VF_COEF], params[L.P_KL_COEF] = float(vf_coef), float(kl_coef)
+    params[L.P_ENTROPY_COEF], params[L.P_LM_COEF] = float(entropy_coef), float(lm_coef)
+    return tuple(params)
+
+
+def loss_total(sums: Tensor, params: Sequence[float]) -> Tensor:
+    """The loss: the five term sums with their coefficients (the metric slots hold +-inf
+    for empty batches and must not meet a zero coefficient). Python-float coefficients:
+    no host-to-device copy, so no stream sync on CUDA."""
+    total = sums[L.S_PG].clone()  # a view would alias the op's sums output
+    for slot, coef in (
+        (L.S_VF, params[L.P_VF_COEF]),
+        (L.S_KL, params[L.P_KL_COEF]),
+        (L.S_ENTROPY, -params[L.P_ENTROPY_COEF]),
+        (L.S_LM, params[L.P_LM_COEF]),
+    ):
+        if coef != 0.0:  # a term that is off costs no op
+            total = total + coef * sums[slot]
+    return total
+
+
+# verl's explained-variance guard: 1 - var(R - v) / (var(R) + 1e-5), unbiased variances.
+_EXPLAINED_VAR_EPS = 1e-5
+
+
+def loss_metrics(
+    sums: Tensor, *, policy: bool, value: bool, kl: bool, entropy: bool, lm: bool
+) -> dict[str, Tensor]:
+    """The metrics of a loss call from its sums, as 0-d tensors (no device sync): means
+    over the local valid tokens, 0 when there are none; ratio min / mean / max are 1 (no
+    policy change) then. ``explained_var`` (value term) is the critic's explained
+    variance over the valid tokens as verl computes it, 0 with fewer than 2 tokens."""
+    sums = sums.detach()
+    tokens = sums[L.S_TOKENS]
+    any_valid = tokens > 0
+    means = (sums / tokens.clamp(min=1)).unbind()  # one op for every per-token mean
+    total = sums.unbind()
+    out = {"tokens": total[L.S_TOKENS]}
+    if policy:
+        # RATIO_MIN and RATIO_MAX are adjacent slots: one select for both (+-inf when empty)
+        extremes = torch.where(any_valid, sums[L.S_RATIO_MIN : L.S_RATIO_MAX + 1], 1.0).unbind()
+        out.update(
+            pg_loss=total[L.S_PG],
+            clipfrac_low=means[L.S_CLIP_LOW],
+            clipfrac_high=means[L.S_CLIP_HIGH],
+            clipfrac=means[L.S_CLIP_LOW] + means[L.S_CLIP_HIGH],
+            dual_clipfrac=means[L.S_DUAL_CLIP],
+            approx_kl=means[L.S_NEG_LOG_RATIO],
+            approx_kl_k3=means[L.S_K3],
+            ratio_mean=torch.where(any_valid, means[L.S_RATIO_SUM], 1.0),
+            ratio_min=extremes[0],
+            ratio_max=extremes[1],
+        )
+    if value:
+        n = tokens.clamp(min=2)
+        unbiased = n / (n - 1)
+        var_err = (means[L.S_VALUE_ERR_SQ] - means[L.S_VALUE_ERR].square()) * unbiased
+        var_ret = (means[L.S_RETURNS_SQ] - means[L.S_RETURNS].square()) * unbiased
+        explained = torch.where(tokens > 1, 1.0 - var_err / (var_ret + _EXPLAINED_VAR_EPS), 0.0)
+        out.update(vf_loss=total[L.S_VF], vf_clipfrac=means[L.S_VF_CLIP], explained_var=explained)
+    if kl:
+        out["kl_loss"] = total[L.S_KL]
+    if entropy:
+        out["entropy"] = total[L.S_ENTROPY]
+    if lm:
+        out["lm_loss"] = total[L.S_LM]
+    return out

@@ -1,0 +1,480 @@
+r"""``vapo::token_loss``: every PPO / VAPO loss term from per-token log-probs, in one pass.
+
+The formulas are in :mod:`.loss_spec`. The op takes per-token tensors (padded ``(B, T)``
++ mask, or packed ``(N,)`` + ``cu_seqlens``), the options vector (``P_*`` slots of
+:mod:`vapo_kernels._loss_layout`) and the aggregation; it returns ``(loss, sums,
+grad_logp, grad_values, grad_entropy)``: the loss is linear in the per-sequence weights
+and every term is elementwise, so the kernel writes the gradients as it reads the tokens
+and the backward only scales them. The public losses below (:func:`vapo_loss`,
+:func:`policy_loss`, :func:`value_loss`, :func:`kl_loss`, :func:`agg_loss`,
+:func:`positive_lm_loss`) are this op with some terms switched off; each returns
+``(loss, metrics)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import _backends, _ragged
+from .. import _loss_layout as L
+from .._library import Op
+from . import loss_spec
+from .loss_spec import AGG_MODES, loss_metrics, loss_params, loss_total, sequence_weights
+
+_backends.register("token_loss", "reference")(loss_spec.reference_kernel)
+_backends.register("token_loss", "cpp")(_backends.from_extension("token_loss_cpu"))
+_backends.register("token_loss", "triton")(
+    _backends.from_module("vapo_kernels.triton.loss", "token_loss")
+)
+
+
+class TokenLossArgs(NamedTuple):
+    """The arguments of ``vapo::token_loss`` (its schema is made from these hints)."""
+
+    logp: Tensor | None
+    old_logp: Tensor | None
+    advantages: Tensor | None
+    values: Tensor | None
+    old_values: Tensor | None
+    returns: Tensor | None
+    ref_logp: Tensor | None
+    entropy: Tensor | None
+    is_weights: Tensor | None
+    mask: Tensor | None
+    cu_seqlens: Tensor | None
+    positive: Tensor | None
+    params: Sequence[float]
+    agg: str
+    global_tokens: float | None
+    global_seqs: float | None
+    global_positive_tokens: float | None
+    dp_size: float
+    loss_scale_factor: float | None
+    need_grad: bool
+    backend: str
+
+
+# The per-token inputs, in the kernel contract's order.
+TOKEN_INPUTS = TokenLossArgs._fields[:9]
+
+
+def check_aggregation(a, layout: _ragged.Layout) -> None:
+    """Static checks of the aggregation arguments shared by the loss ops (``a``: an args
+    tuple with ``positive, params, agg, loss_scale_factor`` fields)."""
+    if a.agg not in AGG_MODES:
+        raise ValueError(f"agg must be one of {AGG_MODES}, got {a.agg!r}")
+    if a.agg == "seq-mean-token-sum-norm" and layout.packed and a.loss_scale_factor is None:
+        raise ValueError(
+            "agg='seq-mean-token-sum-norm' on packed input needs loss_scale_factor "
+            "(verl divides by the padded response length)"
+        )
+    if a.positive is not None:
+        if not isinstance(a.positive, Tensor):
+            raise TypeError(f"positive must be a tensor or None, got {type(a.positive).__name__}")
+        if a.positive.shape != (layout.num_seqs,):
+            raise ValueError(
+                f"positive must have one entry per sequence, shape ({layout.num_seqs},), "
+                f"got {tuple(a.positive.shape)}"
+            )
+    if len(a.params) != L.NUM_PARAMS:
+        raise ValueError(f"params must hold {L.NUM_PARAMS} floats, got {len(a.params)}")
+
+
+def _check_static(a: TokenLossArgs) -> _ragged.Layout:
+    given = {k: t for k, t in zip(TOKEN_INPUTS, a) if t is not None}
+    if not given:
+        raise ValueError("token_loss needs at least one of logp, values or entropy")
+    layout = _ragged.check_layout(given, a.mask, a.cu_seqlens)
+    check_aggregation(a, layout)
+    return layout
+
+
+def _acc_dtype(tensors) -> torch.dtype:
+    """float64 if any input is, else float32: the kernels' compute and output dtype."""
+    return (
+        torch.float64
+        if any(t is not None and t.dtype == torch.float64 for t in tensors)
+        else torch.float32
+    )
+
+
+def aggregation_weights(a, layout, shape, device, flat_mask, acc):
+    """``(offsets, seq_weight, lm_weight)`` of the kernel contract for the valid tokens
+    (``shape``: the token tensors' shape, (B, T) padded or (N,) packed; ``a``: the op's
+    args). The valid-token counts come from the family's counting kernel."""
+    if layout.packed:
+        _ragged.check_cu_seqlens_values(a.cu_seqlens, layout.num_tokens)
+    offs = _ragged.offsets(layout, shape, a.cu_seqlens, device)
+    if flat_mask is None:
+        counts = offs[1:] - offs[:-1]
+    else:
+        counts = _backends.select("valid_counts", device, a.backend)[1](flat_mask, offs)
+    seq_w = sequence_weights(
+        counts,
+        a.agg,
+        horizon=None if layout.packed else shape[-1],
+        global_tokens=a.global_tokens,
+        global_seqs=a.global_seqs,
+        dp_size=a.dp_size,
+        loss_scale_factor=a.loss_scale_factor,
+    )
+    lm_w = None
+    if a.positive is not None:
+        lm_w = loss_spec.positive_weights(
+            counts, a.positive, a.global_positive_tokens, a.dp_size
+        ).to(acc)
+    return offs, seq_w.to(acc).contiguous(), lm_w
+
+
+def screen_nan(loss: Tensor, named_inputs, mask: Tensor | None) -> None:
+    """A NaN in a valid input always reaches its term's sum, and masked slots never
+    produce one: one check of the loss screens every input; per-input checks run only
+    when something is wrong, to name the argument."""
+    if _ragged.validation_enabled() and bool(torch.isnan(loss)):
+        for arg, t in named_inputs:
+            if t is not None:
+                _ragged.check_no_nan_where_valid(arg, t, mask)
+
+
+def _impl(a: TokenLossArgs):
+    layout = _check_static(a)
+    tensors = a[:9]
+    first = next(t for t in tensors if t is not None)
+    shape, device = first.shape, first.device
+    mask = _ragged.as_bool_mask(a.mask)
+    flat_mask = None if mask is None else mask.reshape(-1).contiguous()
+    acc = _acc_dtype(tensors)
+    # The kernels read one float dtype; mixed inputs (rare) are promoted once here.
+    dtype = first.dtype
+    for t in tensors:
+        if t is not None and t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    flat = [None if t is None else t.reshape(-1).to(dtype).contiguous() for t in tensors]
+    _, kernel = _backends.select("token_loss", device, a.backend)
+    offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, flat_mask, acc)
+    sums, g_logp, g_values, g_entropy = kernel(
+        *flat, flat_mask, offs, seq_w, lm_w, list(a.params), a.need_grad
+    )
+    loss = loss_total(sums, a.params)
+    screen_nan(loss, zip(TOKEN_INPUTS, tensors), mask)
+    grads = [
+        g.view(src.shape) if (src is not None and a.need_grad and g.numel() == src.numel()) else g
+        for g, src in ((g_logp, a.logp), (g_values, a.values), (g_entropy, a.entropy))
+    ]
+    return loss, sums, *grads
+
+
+def _fake(a: TokenLossArgs):
+    _check_static(a)
+    first = next(t for t in a[:9] if t is not None)
+    dtype = _acc_dtype(a[:9])
+    grads = [
+        # As in the kernels: values get a gradient only when the value term is on.
+        first.new_empty(src.shape if (a.need_grad and src is not None) else (0,), dtype=dtype)
+        for src in (a.logp, a.values if a.returns is not None else None, a.entropy)
+    ]
+    return first.new_empty((), dtype=dtype), first.new_empty((L.NUM_SUMS,), dtype=dtype), *grads
+
+
+def _setup_context(ctx, a: TokenLossArgs, output):
+    _, sums, g_logp, g_values, g_entropy = output
+    ctx.mark_non_differentiable(sums, g_logp, g_values, g_entropy)
+    # Only the loss is differentiable: without this, autograd would allocate and zero-fill
+    # a token-sized gradient for each of the other outputs on every backward.
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(g_logp, g_values, g_entropy)
+    ctx.dtypes = [None if t is None else t.dtype for t in (a.logp, a.values, a.entropy)]
+    ctx.had_grads = a.need_grad
+
+
+def _backward(ctx, grad_loss, *unused):
+    if grad_loss is None:
+        return token_loss_op.grads()
+    wanted = {}
+    saved = zip(("logp", "values", "entropy"), ctx.saved_tensors, ctx.dtypes)
+    for name, g, dtype in saved:
+        if not ctx.needs_input_grad[TokenLossArgs._fields.index(name)]:
+            continue
+        if not ctx.had_grads:
+            raise RuntimeError(
+                "vapo token_loss: a gradient was requested but the forward ran with "
+                "need_grad=False; call the loss with grad mode on"
+            )
+        wanted[name] = (g * grad_loss.to(g.dtype)).to(dtype)
+    return token_loss_op.grads(**wanted)
+
+
+token_loss_op = Op(
+    "token_loss",
+    TokenLossArgs,
+    "(Tensor, Tensor, Tensor, Tensor, Tensor)",
+    _impl,
+    _fake,
+    setup_context=_setup_context,
+    backward=_backward,
+)
+
+
+# --------------------------------------------------------------------------------------
+# Public API: every function returns (loss, metrics).
+
+
+def _need_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def vapo_loss(
+    logp: Tensor | None,
+    old_logp: Tensor | None = None,
+    advantages: Tensor | None = None,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    *,
+    values: Tensor | None = None,
+    old_values: Tensor | None = None,
+    returns: Tensor | None = None,
+    ref_logp: Tensor | None = None,
+    entropy: Tensor | None = None,
+    positive: Tensor | None = None,
+    is_weights: Tensor | None = None,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = None,
+    ratio_log_clamp: float = 20.0,
+    value_clip: float | None = 0.5,
+    value_clip_form: str = "verl",
+    vf_coef: float | None = None,
+    kl_kind: str = "k3",
+    kl_coef: float | None = None,
+    entropy_coef: float | None = None,
+    lm_coef: float | None = None,
+    agg: str = "token-mean",
+    global_tokens: float | Tensor | None = None,
+    global_seqs: float | Tensor | None = None,
+    global_positive_tokens: float | Tensor | None = None,
+    dp_size: int = 1,
+    loss_scale_factor: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    r"""VAPO's whole token-level objective in one pass: ``(loss, metrics)``.
+
+    ``loss = pg + vf_coef * vf + kl_coef * kl - entropy_coef * H + lm_coef * lm`` where
+    each term is on when its inputs are given (policy: ``old_logp`` and ``advantages``;
+    value: ``values, returns`` and, with ``value_clip`` set, ``old_values``; KL:
+    ``ref_logp``; entropy: ``entropy``; positive-example LM: ``positive``, one flag per
+    sequence). pg, vf, kl and H are aggregated with ``agg``; lm is the mean NLL over the
+    valid tokens of positive sequences. A coefficient left at None takes its default when
+    its term is on (vf_coef 1.0, kl_coef 0.0, entropy_coef 0.0, lm_coef 0.1, VAPO's mu);
+    setting one whose term has no inputs is an error (it would be silently ignored).
+    See :mod:`.loss_spec` for every formula. ``metrics`` holds 0-d tensors: each term,
+    clip fractions (low / high / dual), approx-KL (mean -log-ratio and k3), ratio
+    min/mean/max, value clip fraction, the critic's explained variance and the token count.
+    """
+    policy = advantages is not None or old_logp is not None
+    if policy and (logp is None or old_logp is None or advantages is None):
+        raise ValueError("the policy term needs logp, old_logp and advantages")
+    value = any(t is not None for t in (values, old_values, returns))
+    if value and (
+        values is None or returns is None or (value_clip is not None and old_values is None)
+    ):
+        raise ValueError(
+            "the value term needs values and returns (and old_values when value_clip is set)"
+        )
+    coefs = {}  # the effective coefficient of each term: its default when on, 0 when off
+    for name, given, default, term, needs in (
+        ("vf_coef", vf_coef, 1.0, value, "values and returns"),
+        ("kl_coef", kl_coef, 0.0, ref_logp is not None, "ref_logp"),
+        ("entropy_coef", entropy_coef, 0.0, entropy is not None, "entropy"),
+        ("lm_coef", lm_coef, 0.1, positive is not None, "positive"),
+    ):
+        if not term and given:  # an explicit 0 ignores nothing
+            raise ValueError(f"{name}={given!r} is set but its term is off: pass {needs}")
+        coefs[name] = (default if given is None else given) if term else 0.0
+    if ref_logp is not None and logp is None:
+        raise ValueError("the KL term needs logp")
+    if positive is not None and logp is None:
+        raise ValueError("the positive-example LM term needs logp")
+    if is_weights is not None and not policy:
+        raise ValueError(
+            "is_weights applies to the policy term, which needs old_logp and advantages"
+        )
+    params = loss_params(
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        ratio_log_clamp=ratio_log_clamp,
+        value_clip=value_clip if value else None,
+        value_clip_form=value_clip_form,
+        kl_kind=kl_kind if ref_logp is not None else None,
+        **coefs,
+    )
+    if value and value_clip is None:
+        old_values = None
+    a = TokenLossArgs(
+        logp if (policy or ref_logp is not None or positive is not None) else None,
+        old_logp,
+        advantages,
+        values,
+        old_values,
+        returns,
+        ref_logp,
+        entropy,
+        is_weights,
+        mask,
+        cu_seqlens,
+        positive,
+        params,
+        agg,
+        loss_spec.global_count("global_tokens", global_tokens),
+        loss_spec.global_count("global_seqs", global_seqs),
+        loss_spec.global_count("global_positive_tokens", global_positive_tokens),
+        float(dp_size),
+        None if loss_scale_factor is None else float(loss_scale_factor),
+        _need_grad(logp, values, entropy),
+        backend or "",
+    )
+    loss, sums, *_ = token_loss_op(a)
+    metrics = loss_metrics(
+        sums,
+        policy=policy,
+        value=value,
+        kl=ref_logp is not None,
+        entropy=entropy is not None,
+        lm=positive is not None,
+    )
+    return loss, metrics
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip: float | None = None,
+    ratio_log_clamp: float = 20.0,
+    is_weights: Tensor | None = None,
+    agg: str = "token-mean",
+    global_tokens: float | Tensor | None = None,
+    global_seqs: float | Tensor | None = None,
+    dp_size: int = 1,
+    loss_scale_factor: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped PPO policy loss with Clip-Higher, dual clip and verl's aggregation modes.
+
+    Per-token advantages. ``clip_high < clip_low`` is allowed (it is just another
+    asymmetric trust region); both must be >= 0 and ``clip_low <= 1``. Returns
+    ``(loss, metrics)``; see :func:`vapo_loss` for the metrics.
+    """
+    return vapo_loss(
+        logp, old_logp, advantages, mask, cu_seqlens, is_weights=is_weights,
+        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+        ratio_log_clamp=ratio_log_clamp, agg=agg, global_tokens=global_tokens,
+        global_seqs=global_seqs, dp_size=dp_size, loss_scale_factor=loss_scale_factor,
+        backend=backend,
+    )
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor | None,
+    returns: Tensor,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    *,
+    value_clip: float | None = 0.5,
+    value_clip_form: str = "verl",
+    agg: str = "token-mean",
+    global_tokens: float | Tensor | None = None,
+    global_seqs: float | Tensor | None = None,
+    dp_size: int = 1,
+    loss_scale_factor: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss ``0.5 agg(max((v - R)^2, (clip(v, v_old +- eps_v) - R)^2))``.
+
+    ``value_clip_form="verl"`` clips as ``max(min(v, v_old + eps), v_old - eps)``;
+    ``"openrlhf"`` as ``v_old + clamp(v - v_old, -eps, eps)`` (the same number up to
+    rounding). ``value_clip=None``: unclipped (``old_values`` may then be None).
+    Metrics: ``vf_loss``, ``vf_clipfrac``, ``explained_var``, ``tokens``.
+    """
+    return vapo_loss(
+        None, mask=mask, cu_seqlens=cu_seqlens, values=values, old_values=old_values,
+        returns=returns, value_clip=value_clip, value_clip_form=value_clip_form, agg=agg,
+        global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size,
+        loss_scale_factor=loss_scale_factor, backend=backend,
+    )
+
+
+def kl_loss(
+    logp: Tensor,
+    ref_logp: Tensor,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    *,
+    kl_kind: str = "k3",
+    agg: str = "token-mean",
+    global_tokens: float | Tensor | None = None,
+    global_seqs: float | Tensor | None = None,
+    dp_size: int = 1,
+    loss_scale_factor: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """``agg(kl_penalty(logp, ref_logp, kl_kind))`` in one pass (verl's use_kl_loss term).
+    Metrics: ``kl_loss``, ``tokens``."""
+    return vapo_loss(
+        logp, mask=mask, cu_seqlens=cu_seqlens, ref_logp=ref_logp, kl_kind=kl_kind,
+        kl_coef=1.0, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs,
+        dp_size=dp_size, loss_scale_factor=loss_scale_factor, backend=backend,
+    )
+
+
+def agg_loss(
+    loss_mat: Tensor,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    *,
+    agg: str = "token-mean",
+    global_tokens: float | Tensor | None = None,
+    global_seqs: float | Tensor | None = None,
+    dp_size: int = 1,
+    loss_scale_factor: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Aggregate any per-token loss with verl's modes: ``(loss, {"tokens": ...})``.
+
+    Differentiable with respect to ``loss_mat``; masked slots never contribute.
+    """
+    loss, metrics = vapo_loss(
+        None, mask=mask, cu_seqlens=cu_seqlens, entropy=loss_mat, entropy_coef=-1.0,
+        agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size,
+        loss_scale_factor=loss_scale_factor, backend=backend,
+    )
+    return loss, {"tokens": metrics["tokens"]}
+
+
+def positive_lm_loss(
+    logp: Tensor,
+    positive: Tensor,
+    mask: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    *,
+    global_positive_tokens: float | Tensor | None = None,
+    dp_size: int = 1,
+    backend: str | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """VAPO's positive-example LM loss: the mean NLL ``-logp`` over the valid tokens of
+    the sequences with ``positive[s]`` set (0 when there are none); multiply by mu (0.1).
+    Metrics: ``lm_loss``, ``tokens``."""
+    return vapo_loss(
+        logp, mask=mask, cu_seqlens=cu_seqlens, positive=positive, lm_coef=1.0,
+        global_positive_tokens=global_positive_tokens, dp_size=dp_size, backend=backend,
+    )
