@@ -40,37 +40,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.loss import (
-    NUM_PARAMS,
-    NUM_SUMS,
-    P_CLIP_HIGH,
-    P_CLIP_LOW,
-    P_DUAL_CLIP,
-    P_ENTROPY_COEF,
-    P_KL_COEF,
-    P_KL_KIND,
-    P_KL_STRAIGHT,
-    P_LM_COEF,
-    P_RATIO_CLAMP,
-    P_VALUE_CLIP,
-    P_VALUE_CLIP_OPENRLHF,
-    P_VF_COEF,
-    S_CLIP_HIGH,
-    S_CLIP_LOW,
-    S_DUAL_CLIP,
-    S_ENTROPY,
-    S_K3,
-    S_KL,
-    S_LM,
-    S_NEG_LOG_RATIO,
-    S_PG,
-    S_RATIO_MAX,
-    S_RATIO_MIN,
-    S_RATIO_SUM,
-    S_TOKENS,
-    S_VF,
-    S_VF_CLIP,
-)
+# The params / sums slots, by name (L.S_PG, ...; Triton reads a module's integer
+# attributes as compile-time constants). A leaf: kernels never import the op layer.
+from .. import _loss_layout as L
 from . import logprobs as _lp
 from .logprobs import _keep_row, _row_backward, _row_forward, _row_zero
 
@@ -86,10 +58,20 @@ INTERPRET_BLOCK = 64
 # Value-clip modes (constexpr).
 _V_NONE, _V_UNCLIPPED, _V_VERL, _V_OPENRLHF = 0, 1, 2, 3
 
-# Layout of the scalar parameter tensor the kernel reads (derived on the host in float64,
-# then rounded once to the compute dtype, as torch does with a Python scalar).
-_K_LO, _K_HI, _K_DUAL, _K_CLAMP, _K_VEPS, _K_VF, _K_KL, _K_ENT, _K_LM = range(9)
-_NUM_K = 9
+# Slots of the scalar parameter tensor both kernels read (derived on the host in float64
+# from params, then rounded once to the compute dtype, as torch does with a Python
+# scalar). constexpr, so that the kernels can index it by these names.
+_K_LO = tl.constexpr(0)  # 1 - eps_low
+_K_HI = tl.constexpr(1)  # 1 + eps_high
+_K_DUAL = tl.constexpr(2)  # dual-clip c
+_K_CLAMP = tl.constexpr(3)  # log-ratio clamp C
+_K_VEPS = tl.constexpr(4)  # value clip eps_v
+_K_VF = tl.constexpr(5)  # vf_coef
+_K_KL = tl.constexpr(6)  # kl_coef
+_K_ENT = tl.constexpr(7)  # entropy_coef
+_K_LM = tl.constexpr(8)  # lm_coef
+_K_TAU = tl.constexpr(9)  # temperature (logits kernel only)
+_NUM_K = 10
 
 
 def _interpreting() -> bool:
@@ -214,6 +196,41 @@ def _kl(lp, ref, KIND: tl.constexpr, STRAIGHT: tl.constexpr):
     return value, grad
 
 
+@triton.jit
+def _store_sums(
+    part_ptr, prog, pg, vf, kl, entropy, lm, tokens, clip_low, clip_high, dual_clip,
+    neg_log_ratio, k3, ratio_sum, ratio_min, ratio_max, vf_clip, returns, returns_sq,
+    value_err, value_err_sq,
+):
+    """Row ``prog`` (int64) of the (programs, NUM_SUMS) partial sums: every slot, by its
+    _loss_layout name. Both kernels write their row here, so a slot cannot be missed
+    (the buffer is torch.empty) or put at a stale offset."""
+    row = part_ptr + prog * L.NUM_SUMS
+    tl.store(row + L.S_PG, pg)
+    tl.store(row + L.S_VF, vf)
+    tl.store(row + L.S_KL, kl)
+    tl.store(row + L.S_ENTROPY, entropy)
+    tl.store(row + L.S_LM, lm)
+    tl.store(row + L.S_TOKENS, tokens)
+    tl.store(row + L.S_CLIP_LOW, clip_low)
+    tl.store(row + L.S_CLIP_HIGH, clip_high)
+    tl.store(row + L.S_DUAL_CLIP, dual_clip)
+    tl.store(row + L.S_NEG_LOG_RATIO, neg_log_ratio)
+    tl.store(row + L.S_K3, k3)
+    tl.store(row + L.S_RATIO_SUM, ratio_sum)
+    tl.store(row + L.S_RATIO_MIN, ratio_min)
+    tl.store(row + L.S_RATIO_MAX, ratio_max)
+    tl.store(row + L.S_VF_CLIP, vf_clip)
+    tl.store(row + L.S_RETURNS, returns)
+    tl.store(row + L.S_RETURNS_SQ, returns_sq)
+    tl.store(row + L.S_VALUE_ERR, value_err)
+    tl.store(row + L.S_VALUE_ERR_SQ, value_err_sq)
+
+
+# One argument per slot: a slot added to _loss_layout must be added to _store_sums too.
+assert len(_store_sums.arg_names) == 2 + L.NUM_SUMS
+
+
 # --------------------------------------------------------------------------------------
 # The kernel
 
@@ -270,20 +287,24 @@ def _token_loss_kernel(
     r_min = def_zero + float("inf")
     r_max = def_zero - float("inf")
     s_vf_clip = def_zero
+    s_ret = def_zero
+    s_ret_sq = def_zero
+    s_err = def_zero
+    s_err_sq = def_zero
     s_tokens = tl.sum(tl.where(valid, 1.0, zero), axis=0)
 
     g_lp = zero
     if HAS_LOGP:
         lp = tl.where(valid, tl.load(lp_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
 
-    # k_ptr holds the _K_* scalars: lo, hi, dual, clamp, value eps, vf, kl, ent, lm coefs.
+    # k_ptr holds the _K_* scalars (_scalar_params).
     if HAS_POLICY:
         olp = tl.where(valid, tl.load(olp_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
         adv = tl.where(valid, tl.load(adv_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
-        k_lo = tl.load(k_ptr + 0)
-        k_hi = tl.load(k_ptr + 1)
-        k_dual = tl.load(k_ptr + 2)
-        k_clamp = tl.load(k_ptr + 3)
+        k_lo = tl.load(k_ptr + _K_LO)
+        k_hi = tl.load(k_ptr + _K_HI)
+        k_dual = tl.load(k_ptr + _K_DUAL)
+        k_clamp = tl.load(k_ptr + _K_CLAMP)
         pg, grad, f_low, f_high, f_dual, log_ratio, ratio = _policy(
             lp, olp, adv, k_lo, k_hi, k_dual, k_clamp, HAS_DUAL
         )
@@ -309,64 +330,61 @@ def _token_loss_kernel(
             ov = tl.where(valid, tl.load(ov_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
         else:
             ov = zero
-        vf, g_vf, won = _value(v, ov, ret, tl.load(k_ptr + 4), VALUE_MODE)
+        vf, g_vf, won = _value(v, ov, ret, tl.load(k_ptr + _K_VEPS), VALUE_MODE)
         s_vf = tl.sum(tl.where(valid, w * vf, zero), axis=0)
         s_vf_clip = tl.sum(tl.where(valid & won, 1.0, zero), axis=0)
+        # The critic's explained variance from this pass. v and R are already 0 on
+        # masked and out-of-range tokens (selected above), so no further select.
+        err = ret - v
+        s_ret = tl.sum(ret, axis=0)
+        s_ret_sq = tl.sum(ret * ret, axis=0)
+        s_err = tl.sum(err, axis=0)
+        s_err_sq = tl.sum(err * err, axis=0)
         if NEED_GRAD:
-            g_v = tl.where(valid, tl.load(k_ptr + 5) * w * g_vf, zero)
+            g_v = tl.where(valid, tl.load(k_ptr + _K_VF) * w * g_vf, zero)
             tl.store(g_v_ptr + idx, g_v, mask=inb)
 
     if KL_KIND > 0:
         ref = tl.where(valid, tl.load(ref_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
         kl, g_kl = _kl(lp, ref, KL_KIND, KL_STRAIGHT)
         s_kl = tl.sum(tl.where(valid, w * kl, zero), axis=0)
-        g_lp = g_lp + tl.where(valid, tl.load(k_ptr + 6) * w * g_kl, zero)
+        g_lp = g_lp + tl.where(valid, tl.load(k_ptr + _K_KL) * w * g_kl, zero)
 
     if HAS_ENTROPY:
         ent = tl.where(valid, tl.load(ent_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
         s_ent = tl.sum(tl.where(valid, w * ent, zero), axis=0)
         if NEED_GRAD:
-            g_ent = tl.where(valid, -tl.load(k_ptr + 7) * w, zero)
+            g_ent = tl.where(valid, -tl.load(k_ptr + _K_ENT) * w, zero)
             tl.store(g_ent_ptr + idx, g_ent, mask=inb)
 
     if HAS_LM:
         w_lm = tl.where(valid, tl.load(lmw_ptr + seq, mask=inb, other=0.0).to(ACC), zero)
         s_lm = -tl.sum(tl.where(valid, w_lm * lp, zero), axis=0)
-        g_lp = g_lp - tl.where(valid, tl.load(k_ptr + 8) * w_lm, zero)
+        g_lp = g_lp - tl.where(valid, tl.load(k_ptr + _K_LM) * w_lm, zero)
 
     if HAS_LOGP and NEED_GRAD:
         tl.store(g_lp_ptr + idx, g_lp, mask=inb)
 
-    row = part_ptr + pid.to(tl.int64) * 15
-    tl.store(row + 0, s_pg)
-    tl.store(row + 1, s_vf)
-    tl.store(row + 2, s_kl)
-    tl.store(row + 3, s_ent)
-    tl.store(row + 4, s_lm)
-    tl.store(row + 5, s_tokens)
-    tl.store(row + 6, s_clip_low)
-    tl.store(row + 7, s_clip_high)
-    tl.store(row + 8, s_dual)
-    tl.store(row + 9, s_nlr)
-    tl.store(row + 10, s_k3)
-    tl.store(row + 11, s_ratio)
-    tl.store(row + 12, r_min)
-    tl.store(row + 13, r_max)
-    tl.store(row + 14, s_vf_clip)
+    _store_sums(
+        part_ptr, pid.to(tl.int64), s_pg, s_vf, s_kl, s_ent, s_lm, s_tokens, s_clip_low,
+        s_clip_high, s_dual, s_nlr, s_k3, s_ratio, r_min, r_max, s_vf_clip, s_ret, s_ret_sq,
+        s_err, s_err_sq,
+    )
 
 
 # --------------------------------------------------------------------------------------
 # Host side
 
 
-def _scalar_params(params, dtype, device, extra=()) -> torch.Tensor:
-    """The _K_* scalars, then ``extra``: derived in float64, rounded once to ``dtype``."""
+def _scalar_params(params, dtype, device, temperature=1.0) -> torch.Tensor:
+    """The _K_* scalars: derived in float64, rounded once to ``dtype``."""
     k = [0.0] * _NUM_K
-    k[_K_LO], k[_K_HI] = 1.0 - params[P_CLIP_LOW], 1.0 + params[P_CLIP_HIGH]
-    k[_K_DUAL], k[_K_CLAMP] = params[P_DUAL_CLIP], params[P_RATIO_CLAMP]
-    k[_K_VEPS], k[_K_VF], k[_K_KL] = params[P_VALUE_CLIP], params[P_VF_COEF], params[P_KL_COEF]
-    k[_K_ENT], k[_K_LM] = params[P_ENTROPY_COEF], params[P_LM_COEF]
-    k_t = torch.tensor(k + [float(x) for x in extra], dtype=torch.float64).to(dtype)
+    k[_K_LO], k[_K_HI] = 1.0 - params[L.P_CLIP_LOW], 1.0 + params[L.P_CLIP_HIGH]
+    k[_K_DUAL], k[_K_CLAMP] = params[L.P_DUAL_CLIP], params[L.P_RATIO_CLAMP]
+    k[_K_VEPS], k[_K_VF] = params[L.P_VALUE_CLIP], params[L.P_VF_COEF]
+    k[_K_KL], k[_K_ENT] = params[L.P_KL_COEF], params[L.P_ENTROPY_COEF]
+    k[_K_LM], k[_K_TAU] = params[L.P_LM_COEF], float(temperature)
+    k_t = torch.tensor(k, dtype=torch.float64).to(dtype)
     if device.type == "cuda":  # pinned + non_blocking: no wait on the stream
         k_t = k_t.pin_memory().to(device, non_blocking=True)
     return k_t
@@ -400,23 +418,23 @@ def token_loss(
     if returns is not None:
         if values is None:
             raise ValueError("the value term needs values and returns")
-        if params[P_VALUE_CLIP] < 0:
+        if params[L.P_VALUE_CLIP] < 0:
             value_mode = _V_UNCLIPPED
         else:
             if old_values is None:
                 raise ValueError("a clipped value term needs old_values")
-            value_mode = _V_OPENRLHF if params[P_VALUE_CLIP_OPENRLHF] else _V_VERL
-    kl_kind = int(params[P_KL_KIND]) if ref_logp is not None else 0
+            value_mode = _V_OPENRLHF if params[L.P_VALUE_CLIP_OPENRLHF] else _V_VERL
+    kl_kind = int(params[L.P_KL_KIND]) if ref_logp is not None else 0
     if kl_kind not in (0, 1, 2, 3, 4):
-        raise ValueError(f"params[P_KL_KIND] must be 0..4, got {params[P_KL_KIND]}")
+        raise ValueError(f"params[P_KL_KIND] must be 0..4, got {params[L.P_KL_KIND]}")
     if kl_kind and logp is None:
         raise ValueError("the KL term needs logp")
     has_lm = lm_weight is not None
     if has_lm and logp is None:
         raise ValueError("the positive-example LM term needs logp")
 
-    sums = torch.zeros(NUM_SUMS, dtype=out_dtype, device=device)
-    sums[S_RATIO_MIN], sums[S_RATIO_MAX] = float("inf"), -float("inf")
+    sums = torch.zeros(L.NUM_SUMS, dtype=out_dtype, device=device)
+    sums[L.S_RATIO_MIN], sums[L.S_RATIO_MAX] = float("inf"), -float("inf")
 
     def grad_buffer(src, present_term):
         # A fresh tensor per output: the op must not return aliased tensors.
@@ -455,7 +473,7 @@ def token_loss(
     span = span.contiguous()
 
     acc = tl.float64 if out_dtype == torch.float64 else tl.float32
-    part = torch.empty((n_blocks, NUM_SUMS), dtype=out_dtype, device=device)
+    part = torch.empty((n_blocks, L.NUM_SUMS), dtype=out_dtype, device=device)
     _token_loss_kernel[(n_blocks,)](
         *tensors, mask if mask is not None else dummy,
         offsets, span, seq_weight, lm_w, k_t,
@@ -466,16 +484,16 @@ def token_loss(
         n, n_blocks,
         HAS_LOGP=logp is not None, HAS_POLICY=has_policy,
         HAS_ISW=has_policy and is_weights is not None,
-        HAS_DUAL=has_policy and params[P_DUAL_CLIP] > 0, VALUE_MODE=value_mode,
-        KL_KIND=kl_kind, KL_STRAIGHT=bool(params[P_KL_STRAIGHT]), HAS_ENTROPY=entropy is not None,
+        HAS_DUAL=has_policy and params[L.P_DUAL_CLIP] > 0, VALUE_MODE=value_mode,
+        KL_KIND=kl_kind, KL_STRAIGHT=bool(params[L.P_KL_STRAIGHT]), HAS_ENTROPY=entropy is not None,
         HAS_LM=has_lm, HAS_MASK=mask is not None, NEED_GRAD=bool(need_grad),
         BLOCK=block, ACC=acc, num_warps=max(1, min(GPU_NUM_WARPS, block // 128)),
     )
     # Deterministic reduction of the per-block rows: sums in float64, then min / max.
     totals = part.to(torch.float64).sum(0)
     sums = totals.to(out_dtype)
-    sums[S_RATIO_MIN] = part[:, S_RATIO_MIN].min()
-    sums[S_RATIO_MAX] = part[:, S_RATIO_MAX].max()
+    sums[L.S_RATIO_MIN] = part[:, L.S_RATIO_MIN].min()
+    sums[L.S_RATIO_MAX] = part[:, L.S_RATIO_MAX].max()
     return sums, g_logp, g_values, g_entropy
 
 
@@ -504,10 +522,6 @@ def token_loss(
 # small vocabularies over several chunks, and tests pass block_v= to move boundaries.
 LOGITS_GPU_BLOCK_V = 8192
 LOGITS_INTERPRET_BLOCK_V = 64
-
-# The temperature follows the _K_* scalars in the kernel's parameter tensor.
-_K_TAU = _NUM_K
-assert _K_TAU == 9  # the kernel reads it at k_ptr + 9
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -555,16 +569,17 @@ def _logits_loss_kernel(
     r_max = zero - float("inf")
     if keep:
         z_row = z_ptr + row * stride_z
-        inv_tau = 1.0 / tl.load(k_ptr + 9)
+        inv_tau = 1.0 / tl.load(k_ptr + _K_TAU)
         lse, ent, lp = _row_forward(z_row, y, V, inv_tau, BLOCK_V, ACC)
         seq = _sequence_of(offs_ptr, n_seqs, row)
         w = tl.load(sw_ptr + seq)
         s_tokens = one
 
-        # k_ptr: lo, hi, dual, clamp, (value eps, vf), kl, ent, lm coefs, tau.
+        # k_ptr holds the _K_* scalars (_scalar_params); no value term here.
         pg, g_lp, f_low, f_high, f_dual, log_ratio, ratio = _policy(
-            lp, tl.load(olp_ptr + row), tl.load(adv_ptr + row), tl.load(k_ptr + 0),
-            tl.load(k_ptr + 1), tl.load(k_ptr + 2), tl.load(k_ptr + 3), HAS_DUAL,
+            lp, tl.load(olp_ptr + row), tl.load(adv_ptr + row), tl.load(k_ptr + _K_LO),
+            tl.load(k_ptr + _K_HI), tl.load(k_ptr + _K_DUAL), tl.load(k_ptr + _K_CLAMP),
+            HAS_DUAL,
         )
         if HAS_ISW:
             isw = tl.load(isw_ptr + row)
@@ -584,15 +599,15 @@ def _logits_loss_kernel(
         if KL_KIND > 0:
             kl, g_kl = _kl(lp, tl.load(ref_ptr + row), KL_KIND, KL_STRAIGHT)
             s_kl = w * kl
-            g_lp = g_lp + tl.load(k_ptr + 6) * w * g_kl
+            g_lp = g_lp + tl.load(k_ptr + _K_KL) * w * g_kl
 
         s_ent = w * ent
-        g_h = -tl.load(k_ptr + 7) * w
+        g_h = -tl.load(k_ptr + _K_ENT) * w
 
         if HAS_LM:
             w_lm = tl.load(lmw_ptr + seq)
             s_lm = -(w_lm * lp)
-            g_lp = g_lp - tl.load(k_ptr + 8) * w_lm
+            g_lp = g_lp - tl.load(k_ptr + _K_LM) * w_lm
 
         if NEED_GRAD:
             _row_backward(
@@ -603,22 +618,11 @@ def _logits_loss_kernel(
         if NEED_GRAD:
             _row_zero(out_ptr + row * stride_out, V, BLOCK_V)
 
-    part = part_ptr + row * 15
-    tl.store(part + 0, s_pg)
-    tl.store(part + 1, zero)  # no value term from logits
-    tl.store(part + 2, s_kl)
-    tl.store(part + 3, s_ent)
-    tl.store(part + 4, s_lm)
-    tl.store(part + 5, s_tokens)
-    tl.store(part + 6, s_clip_low)
-    tl.store(part + 7, s_clip_high)
-    tl.store(part + 8, s_dual)
-    tl.store(part + 9, s_nlr)
-    tl.store(part + 10, s_k3)
-    tl.store(part + 11, s_ratio)
-    tl.store(part + 12, r_min)
-    tl.store(part + 13, r_max)
-    tl.store(part + 14, zero)
+    # No value term from logits: its sums (vf, vf_clip, returns, value error) are 0.
+    _store_sums(
+        part_ptr, row, s_pg, zero, s_kl, s_ent, s_lm, s_tokens, s_clip_low, s_clip_high,
+        s_dual, s_nlr, s_k3, s_ratio, r_min, r_max, zero, zero, zero, zero, zero,
+    )
 
 
 def _check_tensor(name, t, shape, dtype, device, optional=False):
@@ -698,14 +702,14 @@ def logits_loss(
     try:
         params = [float(p) for p in params]
     except (TypeError, ValueError):
-        raise ValueError(f"params must be {NUM_PARAMS} floats") from None
-    if len(params) != NUM_PARAMS:
-        raise ValueError(f"params must have {NUM_PARAMS} entries, got {len(params)}")
+        raise ValueError(f"params must be {L.NUM_PARAMS} floats") from None
+    if len(params) != L.NUM_PARAMS:
+        raise ValueError(f"params must have {L.NUM_PARAMS} entries, got {len(params)}")
     kl_kind = 0
     if ref_logp is not None:
-        if params[P_KL_KIND] not in (0.0, 1.0, 2.0, 3.0, 4.0):
-            raise ValueError(f"params[P_KL_KIND] must be 0..4, got {params[P_KL_KIND]}")
-        kl_kind = int(params[P_KL_KIND])
+        if params[L.P_KL_KIND] not in (0.0, 1.0, 2.0, 3.0, 4.0):
+            raise ValueError(f"params[P_KL_KIND] must be 0..4, got {params[L.P_KL_KIND]}")
+        kl_kind = int(params[L.P_KL_KIND])
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
@@ -731,8 +735,8 @@ def logits_loss(
                 raise ValueError("out must be logits itself or not overlap it")
 
     if n == 0:  # a 0-program grid is invalid
-        sums = torch.zeros(NUM_SUMS, dtype=acc, device=device)
-        sums[S_RATIO_MIN], sums[S_RATIO_MAX] = math.inf, -math.inf
+        sums = torch.zeros(L.NUM_SUMS, dtype=acc, device=device)
+        sums[L.S_RATIO_MIN], sums[L.S_RATIO_MAX] = math.inf, -math.inf
         return sums
 
     block, num_warps = _lp._launch_params(
@@ -741,8 +745,8 @@ def logits_loss(
     )
     # Temperature in the parameter tensor, in the accumulation dtype: a Python float
     # kernel argument would be passed as fp32 and round tau for fp64 logits.
-    k_t = _scalar_params(params, acc, device, extra=(temperature,))
-    part = torch.empty((n, NUM_SUMS), dtype=acc, device=device)
+    k_t = _scalar_params(params, acc, device, temperature)
+    part = torch.empty((n, L.NUM_SUMS), dtype=acc, device=device)
     need_grad = out is not None
     _logits_loss_kernel[(n,)](
         logits, logits.stride(0), targets, valid, old_logp, advantages,
@@ -750,18 +754,14 @@ def logits_loss(
         old_logp if is_weights is None else is_weights,
         offsets, n_seqs, seq_weight, seq_weight if lm_weight is None else lm_weight, k_t,
         part, out if need_grad else logits, out.stride(0) if need_grad else 0, vocab,
-        HAS_ISW=is_weights is not None, HAS_DUAL=params[P_DUAL_CLIP] > 0,
-        KL_KIND=kl_kind, KL_STRAIGHT=bool(params[P_KL_STRAIGHT]), HAS_LM=lm_weight is not None,
-        HAS_GH=params[P_ENTROPY_COEF] != 0, NEED_GRAD=need_grad, BLOCK_V=block,
+        HAS_ISW=is_weights is not None, HAS_DUAL=params[L.P_DUAL_CLIP] > 0,
+        KL_KIND=kl_kind, KL_STRAIGHT=bool(params[L.P_KL_STRAIGHT]), HAS_LM=lm_weight is not None,
+        HAS_GH=params[L.P_ENTROPY_COEF] != 0, NEED_GRAD=need_grad, BLOCK_V=block,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps,
     )
     # Deterministic: torch's reductions over the per-row partials, in a fixed order.
     sums = part.sum(0, dtype=torch.float64).to(acc)
-    sums[S_RATIO_MIN] = part[:, S_RATIO_MIN].min()
-    sums[S_RATIO_MAX] = part[:, S_RATIO_MAX].max()
+    sums[L.S_RATIO_MIN] = part[:, L.S_RATIO_MIN].min()
+    sums[L.S_RATIO_MAX] = part[:, L.S_RATIO_MAX].max()
     return sums
 
-
-# The row layout the kernel writes must be the contract's.
-assert (S_PG, S_VF, S_KL, S_ENTROPY, S_LM, S_TOKENS, S_CLIP_LOW, S_CLIP_HIGH, S_DUAL_CLIP,
-        S_NEG_LOG_RATIO, S_K3, S_RATIO_SUM, S_RATIO_MIN, S_RATIO_MAX, S_VF_CLIP) == tuple(range(15))
