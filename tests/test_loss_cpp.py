@@ -32,23 +32,8 @@ import vapo_kernels as vk
 from vapo_kernels import _loss_layout as layout
 from vapo_kernels.ops import loss_spec
 
-SUM_NAMES = [
-    "PG",
-    "VF",
-    "KL",
-    "ENTROPY",
-    "LM",
-    "TOKENS",
-    "CLIP_LOW",
-    "CLIP_HIGH",
-    "DUAL_CLIP",
-    "NEG_LOG_RATIO",
-    "K3",
-    "RATIO_SUM",
-    "RATIO_MIN",
-    "RATIO_MAX",
-    "VF_CLIP",
-]
+# Slot -> name ("PG", ...), from the layout so that every slot, new ones included, is named.
+SUM_NAMES = {v: k[2:] for k, v in layout.constants().items() if k.startswith("S_")}
 COUNTS = [layout.S_TOKENS, layout.S_CLIP_LOW, layout.S_CLIP_HIGH, layout.S_DUAL_CLIP, layout.S_VF_CLIP]
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
@@ -351,6 +336,12 @@ def sum_scales(args64):
     if returns is not None:
         vf, _, _ = loss_spec._value_terms(values, old_values, returns, params)
         scale[layout.S_VF] = (w * vf.abs()).sum()
+        # Plain sums of R, R^2, R - v, (R - v)^2: R and v have either sign, so a sum can
+        # cancel; the rounding of R - v in the compute dtype scales with |R| + |v|.
+        scale[layout.S_RETURNS] = returns.abs().sum()
+        scale[layout.S_RETURNS_SQ] = (returns * returns).sum()
+        scale[layout.S_VALUE_ERR] = (returns.abs() + values.abs()).sum()
+        scale[layout.S_VALUE_ERR_SQ] = ((returns.abs() + values.abs()) ** 2).sum()
     if ref is not None and params[layout.P_KL_KIND] > 0:
         kind = int(params[layout.P_KL_KIND])
         kl, _ = loss_spec._kl_terms(logp, ref, kind, bool(params[layout.P_KL_STRAIGHT]))

@@ -314,6 +314,10 @@ def scales(x, mask, offsets, sw, lmw, params):
         e = (c["values"] - c["returns"]).abs() + (ov - c["returns"]).abs() + eps
         s[layout.S_VF] = (w * e * e).sum()
         g_v += abs(params[layout.P_VF_COEF]) * w * e
+        # Plain sums of R, R^2, R - v, (R - v)^2, which can cancel: scaled by magnitudes.
+        r, a = c["returns"].abs(), c["returns"].abs() + c["values"].abs()
+        s[layout.S_RETURNS], s[layout.S_RETURNS_SQ] = r.sum(), (r * r).sum()
+        s[layout.S_VALUE_ERR], s[layout.S_VALUE_ERR_SQ] = a.sum(), (a * a).sum()
     if c["ref_logp"] is not None and params[layout.P_KL_KIND] > 0:
         d = (c["logp"] - c["ref_logp"]).abs()
         e = 1 + d + d * d + torch.exp(d.clamp(max=20))
