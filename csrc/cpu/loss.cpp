@@ -1,4 +1,4 @@
-// Fused PPO / VAPO token loss on the CPU (vapo_kernels/ops/loss.py: the formulas are in
+// Fused PPO / VAPO token loss on the CPU (vapo_kernels/ops/loss_spec.py: the formulas are in
 // the module docstring, the kernel contract in reference_kernel's docstring, the exact
 // per-token values and gradients - torch's tie rules included - in _policy_terms,
 // _value_terms and _kl_terms).
