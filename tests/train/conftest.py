@@ -1,0 +1,50 @@
+"""Shared helpers of the trainer tests: tiny configs, tiny model folders, metric rows."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from vapo_kernels.train.config import parse_config
+
+# A run of a few seconds: 1-layer models, chains of 2-3 steps, 4 prompts x 2 samples.
+TINY = [
+    "--tiny_hidden_size", "32", "--tiny_layers", "1", "--tiny_heads", "2",
+    "--min_steps", "2", "--max_steps", "3", "--eval_size", "16",
+    "--warmup_steps", "4", "--warmup_eval_every", "2", "--warmup_batch_size", "16",
+    "--prompts_per_step", "4", "--group_size", "2", "--value_pretrain_steps", "1",
+    "--steps", "2", "--eval_every", "1", "--no_progress", "--no_tensorboard", "--no_plots",
+]
+
+
+def tiny_argv(drop: tuple[str, ...] = ()) -> list[str]:
+    """TINY without the options in ``drop`` (and their values)."""
+    out, skip = [], False
+    for i, arg in enumerate(TINY):
+        if skip:
+            skip = False
+            continue
+        if arg in drop:
+            skip = i + 1 < len(TINY) and not TINY[i + 1].startswith("--")
+            continue
+        out.append(arg)
+    return out
+
+
+def tiny_config(tmp_path, *extra: str, drop: tuple[str, ...] = ()):
+    return parse_config([*tiny_argv(drop), "--output_dir", str(tmp_path / "run"), *extra])
+
+
+def read_rows(run_dir) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_hf():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    yield

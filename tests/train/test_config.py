@@ -1,0 +1,104 @@
+"""Options: --help, YAML + overrides, ablations, and one clear error line for bad configs."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from vapo_kernels.train.cli import main
+from vapo_kernels.train.config import ABLATIONS, GROUPS, TrainConfig, parse_config, save_config
+from vapo_kernels.train.models import build_char_tokenizer, build_tiny_llama
+
+
+def test_help_lists_every_option_with_default_and_help():
+    out = subprocess.run([sys.executable, "-m", "vapo_kernels.train", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for cls in GROUPS.values():
+        for f in dataclasses.fields(cls):
+            assert f"--{f.name}" in out, f.name
+            assert f.metadata["help"].split()[0] in out
+    for required in ("--model", "--task", "--steps", "--output_dir", "--seed", "--config"):
+        assert required in out
+    assert "(default: running_sum)" in out and "(default: 0.28)" in out
+
+
+def test_yaml_grouped_or_flat_then_command_line_wins(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"algorithm": {"clip_high": 0.3, "lm_coef": 0.2}, "steps": 7}))
+    config = parse_config(["--config", str(path), "--lm_coef", "0.05"])
+    assert config.algorithm.clip_high == 0.3 and config.run.steps == 7
+    assert config.algorithm.lm_coef == 0.05
+
+
+def test_saved_config_reloads_to_the_same_config(tmp_path):
+    config = parse_config(["--steps", "3", "--ablation", "no_lm_loss"])
+    save_config(config, tmp_path / "resolved.yaml")
+    again = parse_config(["--config", str(tmp_path / "resolved.yaml")])
+    again.run.config = ""  # the only difference: where it was read from
+    assert again.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize("name", sorted(ABLATIONS))
+def test_each_ablation_sets_its_switch(name):
+    config = parse_config(["--ablation", name])
+    default = TrainConfig()
+    flat = {k: v for group in config.to_dict().values() for k, v in group.items()}
+    base = {k: v for group in default.to_dict().values() for k, v in group.items()}
+    changed = {k for k in flat if flat[k] != base[k]} - {"ablation"}
+    assert changed == set(ABLATIONS[name])
+    if name == "no_group_sampling":  # same batch, one sample per prompt
+        assert config.samples_per_prompt == 1 and config.prompts_per_step == default.batch_size
+    if name == "vanilla_ppo":
+        assert changed == {k for o in ABLATIONS.values() for k in o}
+
+
+def _tokenizer_without_pad(folder):
+    tokenizer = build_char_tokenizer("0123")
+    model = build_tiny_llama(tokenizer, hidden_size=16, layers=1, heads=2, max_positions=16,
+                             attn_implementation="sdpa")
+    model.save_pretrained(folder)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--bogus_option", "1"], "--bogus_option"),
+        (["--group_size", "1"], "--group-size"),
+        (["--prompts_per_step", "3", "--group_size", "3", "--mini_batches", "2"], "--mini-batches"),
+        (["--micro_batch_size", "5"], "--micro-batch-size"),
+        (["--model", "/nonexistent/model"], "--model"),
+        (["--clip_low", "-0.1"], "--clip-low"),
+        (["--gamma", "1.5"], "--gamma"),
+        (["--task", "nope"], "--task"),
+        (["--task", "jsonl:/nonexistent.jsonl"], "--task"),
+        (["--steps", "x"], "--steps"),
+        (["--loss_agg", "mean"], "--loss_agg"),
+        (["--config", "/nonexistent.yaml"], "--config"),
+        ("no_pad", "--model"),
+    ],
+)
+def test_bad_config_is_one_line_naming_the_option(argv, option, tmp_path, capsys):
+    if argv == "no_pad":
+        argv = ["--model", str(_tokenizer_without_pad(tmp_path / "m")),
+                "--output_dir", str(tmp_path / "run")]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's own errors (type, choices)
+        code = exit_.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("vapo-train: error:") and option in err, err
+    assert "Traceback" not in err
+
+
+def test_yaml_with_unknown_key_names_it(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("clip_hihg: 0.3\n")
+    assert main(["--config", str(path)]) == 2
+    assert "--clip-hihg" in capsys.readouterr().err

@@ -1,0 +1,368 @@
+"""The trainer's configuration: one dataclass per option group, one tree (:class:`TrainConfig`).
+
+Parsed by ``transformers.HfArgumentParser`` (each field's ``help`` is its documentation and
+``vapo-train --help`` prints it with the default). Sources, later wins: the defaults below
+(the CPU preset), ``--config FILE.yaml`` (flat ``option: value`` or grouped
+``group: {option: value}``), ``--ablation NAME``, then the command line.
+
+The defaults are a CPU-sized VAPO: every component of the paper is on; sizes and learning
+rates are scaled to a 0.3M-parameter model (the paper's values are in each help line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+
+class ConfigError(ValueError):
+    """A bad option: the CLI prints ``vapo-train: error: <message>`` and exits 2."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(f"--{option}: {message}")
+        self.option = option
+
+
+def _opt(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelArgs:
+    _argument_group_name = "model"
+    model: str = _opt("", "Local Hugging Face causal-LM folder (with its tokenizer). Empty: build "
+                      "a tiny Llama from a config (random init) and a character tokenizer.")
+    value_model: str = _opt("", "Folder of a token-classification value model (num_labels=1). "
+                            "Empty: initialise it from the policy after warm-up.")
+    tiny_hidden_size: int = _opt(128, "Built-in model: hidden size.")
+    tiny_layers: int = _opt(2, "Built-in model: decoder layers.")
+    tiny_heads: int = _opt(4, "Built-in model: attention heads.")
+    attn_implementation: str = _opt("sdpa", "transformers attention: sdpa, eager, or "
+                                    "flash_attention_2 (GPU; the forward is then packed).",
+                                    choices=["sdpa", "eager", "flash_attention_2"])
+    logprobs_from: str = _opt("logits", "Log-probs via vk.token_logprobs on the logits, or from "
+                              "hidden states through the fused LM head (vk.linear_logprobs, no "
+                              "N x V logits).", choices=["logits", "hidden"])
+
+
+@dataclass
+class TaskArgs:
+    _argument_group_name = "task"
+    task: str = _opt("running_sum", "running_sum (built-in) | jsonl:PATH | reasoning_gym:NAME.")
+    min_steps: int = _opt(3, "running_sum: shortest chain (digits to add).")
+    max_steps: int = _opt(8, "running_sum: longest chain; a batch mixes lengths in "
+                          "[min_steps, max_steps].")
+    modulus: int = _opt(10, "running_sum: difficulty, the sum is taken modulo this (2..36).")
+    verifier: str = _opt("exact", "jsonl: answer check, one of exact, last_number, after_equals, "
+                         "contains.", choices=["exact", "last_number", "after_equals", "contains"])
+    max_new_tokens: int = _opt(0, "Longest response; 0: the task's own bound.")
+    eval_size: int = _opt(256, "Held-out problems for the accuracy (greedy decoding).")
+
+
+@dataclass
+class WarmupArgs:
+    _argument_group_name = "supervised warm-up"
+    warmup_steps: int = _opt(2500, "Most supervised steps on the task's demonstrations before "
+                             "RL (0: none).")
+    warmup_target_accuracy: float = _opt(0.35, "Stop the warm-up once held-out accuracy reaches "
+                                         "this (leaves room for RL; 1.0: never stop early).")
+    warmup_eval_every: int = _opt(10, "Held-out evaluation interval during warm-up.")
+    warmup_lr: float = _opt(3e-3, "AdamW learning rate of the warm-up.")
+    warmup_batch_size: int = _opt(64, "Demonstrations per warm-up step.")
+    demo_slip_prob: float = _opt(0.35, "running_sum: share of demonstrations with one slipped "
+                                 "step (imperfect demonstrations).")
+
+
+@dataclass
+class RolloutArgs:
+    _argument_group_name = "rollout (group sampling)"
+    prompts_per_step: int = _opt(16, "Prompts per RL step (paper: 512).")
+    group_size: int = _opt(8, "Samples per prompt (paper: 16). Must be >= 2 with group sampling.")
+    group_sampling: bool = _opt(True, "Sample group_size responses per prompt. Off: one sample per "
+                                "prompt and prompts_per_step * group_size prompts (same batch).")
+    temperature: float = _opt(1.0, "Sampling temperature (log-probs use the same).")
+    rollout_engine: str = _opt("hf", "hf: transformers generate with its KV cache. vllm: GPU "
+                               "extra, not implemented yet.", choices=["hf", "vllm"])
+
+
+@dataclass
+class AlgorithmArgs:
+    _argument_group_name = "VAPO algorithm"
+    gamma: float = _opt(1.0, "Discount (paper: 1.0).")
+    lam_critic: float = _opt(1.0, "GAE lambda of the value targets (paper: 1.0, Monte-Carlo).")
+    decoupled_gae: bool = _opt(True, "Decoupled GAE: critic uses lam_critic, policy its own "
+                               "lambda. Off: the critic uses the policy's lambda too.")
+    length_adaptive: bool = _opt(True, "lambda_policy = 1 - 1/(alpha * l) per sequence. Off: "
+                                 "fixed lam_policy.")
+    alpha: float = _opt(1.0, "Length-adaptive alpha. Paper: 0.05 for responses of thousands of "
+                        "tokens; our chains are 14-35 tokens, where 0.05 gives lambda = 0, so the "
+                        "CPU preset uses 1.0 (lambda 0.93-0.97).")
+    lam_policy: float = _opt(0.95, "Fixed lambda_policy when length_adaptive is off.")
+    whiten_advantages: bool = _opt(True, "Whiten advantages over the batch's valid tokens.")
+    clip_low: float = _opt(0.2, "PPO epsilon_low (paper: 0.2).")
+    clip_high: float = _opt(0.28, "Clip-Higher epsilon_high (paper: 0.28; = clip_low: off).")
+    dual_clip: float = _opt(0.0, "Dual-clip constant c > 1 for negative advantages (0: off).")
+    value_clip: float = _opt(0.5, "Value-loss clip around the old values (0: unclipped).")
+    vf_coef: float = _opt(1.0, "Weight of the value loss in the joint loss.")
+    lm_coef: float = _opt(0.1, "Positive-example LM loss weight mu (paper: 0.1; 0: off).")
+    kl_coef: float = _opt(0.0, "KL to a frozen reference policy (0: off, no reference model).")
+    kl_kind: str = _opt("k3", "KL estimator.", choices=["k1", "k2", "k3", "abs", "mse", "low_var_kl"])
+    entropy_coef: float = _opt(0.0, "Entropy bonus weight.")
+    loss_agg: str = _opt("token-mean", "Loss aggregation (paper: token-level = token-mean).",
+                         choices=["token-mean", "token-sum", "seq-mean-token-sum",
+                                  "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    value_pretrain_steps: int = _opt(20, "Value pretraining steps on Monte-Carlo returns of the "
+                                     "warmed-up policy before RL (paper: 50; 0: off).")
+
+
+@dataclass
+class OptimArgs:
+    _argument_group_name = "optimisation"
+    actor_lr: float = _opt(5e-4, "Policy AdamW learning rate (paper: 1e-6 at 32B; 2e-3 collapsed "
+                           "the tiny model).")
+    critic_lr: float = _opt(1e-3, "Value AdamW learning rate, above the actor's (paper: 2e-6).")
+    lr_warmup_steps: int = _opt(3, "Linear learning-rate warm-up (optimizer steps), then constant.")
+    ppo_epochs: int = _opt(2, "Passes over each RL batch.")
+    mini_batches: int = _opt(2, "Optimizer steps per epoch; the batch must divide into them.")
+    micro_batch_size: int = _opt(0, "Sequences per forward/backward (gradient accumulation); "
+                                 "0: the whole mini-batch.")
+    grad_clip: float = _opt(1.0, "Gradient-norm clip per model (0: off).")
+    weight_decay: float = _opt(0.0, "AdamW weight decay.")
+
+
+@dataclass
+class RunArgs:
+    _argument_group_name = "run"
+    steps: int = _opt(50, "RL steps.")
+    output_dir: str = _opt("", "Run folder; empty: runs/<task>-seed<seed>-<time>.")
+    seed: int = _opt(0, "Seed of everything (same seed, same numbers).")
+    eval_every: int = _opt(5, "Held-out evaluation interval in RL steps (also before the first).")
+    device: str = _opt("auto", "cpu, cuda, or auto.")
+    threads: int = _opt(0, "torch CPU threads (0: torch's default).")
+    config: str = _opt("", "YAML file of options (flat or grouped); the command line overrides it.")
+    ablation: str = _opt("none", "A VAPO ablation of the paper's table (see ABLATIONS).",
+                         choices=["none", "no_value_pretrain", "no_decoupled_gae",
+                                  "no_length_adaptive", "no_clip_higher", "no_token_level",
+                                  "no_lm_loss", "no_group_sampling", "vanilla_ppo"])
+    supervised_baseline: bool = _opt(False, "After RL, rewind to the post-warm-up policy (and its "
+                                     "optimizer) and continue supervised for the same wall time "
+                                     "as value pretraining + RL: the honest baseline.")
+    save_checkpoint: bool = _opt(True, "save_pretrained policy, value model and tokenizer at the end.")
+    plots: bool = _opt(True, "Write PNG plots at the end.")
+    tensorboard: bool = _opt(True, "Also log to TensorBoard when it is installed.")
+    progress: bool = _opt(True, "tqdm progress bar with a live metrics line.")
+
+
+GROUPS = {
+    "model": ModelArgs,
+    "task": TaskArgs,
+    "warmup": WarmupArgs,
+    "rollout": RolloutArgs,
+    "algorithm": AlgorithmArgs,
+    "optim": OptimArgs,
+    "run": RunArgs,
+}
+
+# Each of the VAPO paper's ablations (its Table 1) as option overrides.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "no_value_pretrain": {"value_pretrain_steps": 0},
+    "no_decoupled_gae": {"decoupled_gae": False},
+    "no_length_adaptive": {"length_adaptive": False},
+    "no_clip_higher": {"clip_high": 0.2},
+    "no_token_level": {"loss_agg": "seq-mean-token-mean"},
+    "no_lm_loss": {"lm_coef": 0.0},
+    "no_group_sampling": {"group_sampling": False},
+}
+ABLATIONS["vanilla_ppo"] = {k: v for name, o in ABLATIONS.items() for k, v in o.items()}
+
+
+@dataclass
+class TrainConfig:
+    """The whole configuration: one field per option group."""
+
+    model: ModelArgs = field(default_factory=ModelArgs)
+    task: TaskArgs = field(default_factory=TaskArgs)
+    warmup: WarmupArgs = field(default_factory=WarmupArgs)
+    rollout: RolloutArgs = field(default_factory=RolloutArgs)
+    algorithm: AlgorithmArgs = field(default_factory=AlgorithmArgs)
+    optim: OptimArgs = field(default_factory=OptimArgs)
+    run: RunArgs = field(default_factory=RunArgs)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in GROUPS}
+
+    # Derived sizes, in one place so the loop and the checks agree.
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.rollout.group_size if self.rollout.group_sampling else 1
+
+    @property
+    def prompts_per_step(self) -> int:
+        r = self.rollout
+        return r.prompts_per_step if r.group_sampling else r.prompts_per_step * r.group_size
+
+    @property
+    def batch_size(self) -> int:
+        return self.rollout.prompts_per_step * self.rollout.group_size
+
+
+class _OneLineErrorParser(HfArgumentParser):
+    """argparse prints usage + error; a user needs only the error naming the option."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def make_parser(prog: str = "vapo-train") -> HfArgumentParser:
+    return _OneLineErrorParser(
+        list(GROUPS.values()),
+        prog=prog,
+        description="VAPO (arXiv 2504.05118) on vapo_kernels' fused ops: supervised warm-up, "
+        "value pretraining, then RL. Defaults: the CPU preset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
+def _option_names() -> dict[str, str]:
+    return {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
+
+
+def _flatten_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError("config", f"no such file: {path}")
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError("config", f"{path} must hold a mapping of options")
+    flat: dict[str, Any] = {}
+    names = _option_names()
+    for key, value in data.items():
+        if key in GROUPS and isinstance(value, dict):
+            flat.update(value)
+        else:
+            flat[key] = value
+    for key in flat:
+        if key not in names:
+            raise ConfigError(str(key).replace("_", "-"), f"unknown option in {path}")
+    return flat
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "vapo-train") -> TrainConfig:
+    """Defaults < YAML file < ablation < command line; then :func:`validate`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = make_parser(prog)
+    # First pass: only to find --config and --ablation and to reject unknown options.
+    *groups, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise ConfigError(unknown[0].lstrip("-"), "unknown option (vapo-train --help lists them)")
+    first = TrainConfig(*groups)
+    overrides: dict[str, Any] = {}
+    if first.run.config:
+        overrides.update(_flatten_yaml(first.run.config))
+    ablation = overrides.get("ablation", first.run.ablation)
+    if first.run.ablation != "none":
+        ablation = first.run.ablation
+    if ablation not in ABLATIONS:
+        raise ConfigError("ablation", f"unknown ablation {ablation!r}")
+    overrides.update(ABLATIONS[ablation])
+    # Re-parse with the file's and the ablation's values as defaults, so the command line
+    # still wins over both.
+    parser.set_defaults(**overrides)
+    config = TrainConfig(*parser.parse_args_into_dataclasses(args=argv))
+    validate(config)
+    return config
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first bad option (before anything is built)."""
+    m, t, w, r, a, o, run = (config.model, config.task, config.warmup, config.rollout,
+                             config.algorithm, config.optim, config.run)
+
+    def need(ok: bool, option: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(option.replace("_", "-"), message)
+
+    if m.model:
+        need(os.path.isdir(m.model), "model", f"no such model folder: {m.model}")
+        need(os.path.isfile(os.path.join(m.model, "config.json")), "model",
+             f"{m.model} has no config.json (not a save_pretrained folder)")
+    if m.value_model:
+        need(os.path.isdir(m.value_model), "value_model", f"no such folder: {m.value_model}")
+    for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads"):
+        need(getattr(m, name) >= 1, name, "must be >= 1")
+    need(m.tiny_hidden_size % m.tiny_heads == 0, "tiny_heads", "must divide tiny_hidden_size")
+    kind = t.task.split(":", 1)[0]
+    need(kind in ("running_sum", "jsonl", "reasoning_gym"), "task",
+         f"unknown task {t.task!r}: running_sum, jsonl:PATH or reasoning_gym:NAME")
+    if kind == "jsonl":
+        path = t.task.split(":", 1)[1] if ":" in t.task else ""
+        need(os.path.isfile(path), "task", f"no such jsonl file: {path!r}")
+    if kind == "reasoning_gym":
+        try:
+            import reasoning_gym  # noqa: F401
+        except ImportError:
+            raise ConfigError("task", "reasoning-gym is not installed "
+                              "(pip install 'vapo-kernels[reasoning-gym]')") from None
+    need(1 <= t.min_steps <= t.max_steps, "min_steps", "need 1 <= min_steps <= max_steps")
+    need(2 <= t.modulus <= 36, "modulus", "must be in [2, 36]")
+    need(t.max_new_tokens >= 0, "max_new_tokens", "must be >= 0")
+    need(t.eval_size >= 1, "eval_size", "must be >= 1")
+    need(w.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+    need(0.0 <= w.warmup_target_accuracy <= 1.0, "warmup_target_accuracy", "must be in [0, 1]")
+    need(w.warmup_eval_every >= 1, "warmup_eval_every", "must be >= 1")
+    need(w.warmup_lr > 0, "warmup_lr", "must be > 0")
+    need(w.warmup_batch_size >= 1, "warmup_batch_size", "must be >= 1")
+    need(0.0 <= w.demo_slip_prob <= 1.0, "demo_slip_prob", "must be in [0, 1]")
+    need(r.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+    need(r.group_size >= 1, "group_size", "must be >= 1")
+    if r.group_sampling:
+        need(r.group_size >= 2, "group_size",
+             f"group sampling needs >= 2 samples per prompt, got {r.group_size} "
+             "(--no-group-sampling for one sample per prompt)")
+    need(r.temperature > 0, "temperature", "must be > 0")
+    need(r.rollout_engine == "hf", "rollout_engine", "vllm is not implemented yet; use hf")
+    need(0.0 <= a.gamma <= 1.0, "gamma", "must be in [0, 1]")
+    need(0.0 <= a.lam_critic <= 1.0, "lam_critic", "must be in [0, 1]")
+    need(0.0 <= a.lam_policy <= 1.0, "lam_policy", "must be in [0, 1]")
+    need(a.alpha > 0, "alpha", "must be > 0")
+    need(a.clip_low >= 0, "clip_low", "must be >= 0")
+    need(a.clip_high >= 0, "clip_high", "must be >= 0")
+    need(a.dual_clip == 0 or a.dual_clip > 1, "dual_clip", "must be 0 (off) or > 1")
+    need(a.value_clip >= 0, "value_clip", "must be >= 0")
+    for name in ("vf_coef", "lm_coef", "kl_coef", "entropy_coef"):
+        need(getattr(a, name) >= 0, name, "must be >= 0")
+    need(a.value_pretrain_steps >= 0, "value_pretrain_steps", "must be >= 0")
+    need(o.actor_lr > 0, "actor_lr", "must be > 0")
+    need(o.critic_lr > 0, "critic_lr", "must be > 0")
+    need(o.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")
+    need(o.ppo_epochs >= 1, "ppo_epochs", "must be >= 1")
+    need(o.mini_batches >= 1, "mini_batches", "must be >= 1")
+    need(config.batch_size % o.mini_batches == 0, "mini_batches",
+         f"the batch of {config.batch_size} sequences (prompts_per_step x group_size) does not "
+         f"divide into {o.mini_batches} mini-batches")
+    mini = config.batch_size // o.mini_batches
+    need(o.micro_batch_size >= 0, "micro_batch_size", "must be >= 0")
+    if o.micro_batch_size:
+        need(mini % o.micro_batch_size == 0, "micro_batch_size",
+             f"a mini-batch of {mini} sequences does not divide into micro-batches of "
+             f"{o.micro_batch_size}")
+    need(o.grad_clip >= 0, "grad_clip", "must be >= 0")
+    need(run.steps >= 0, "steps", "must be >= 0")
+    need(run.eval_every >= 1, "eval_every", "must be >= 1")
+    need(run.device in ("auto", "cpu", "cuda") or run.device.startswith("cuda:"), "device",
+         "cpu, cuda[:N] or auto")
+    need(run.threads >= 0, "threads", "must be >= 0")
+
+
+def save_config(config: TrainConfig, path: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)

@@ -1,0 +1,172 @@
+"""Metrics: one JSONL row per logged step, a live tqdm line, TensorBoard when installed, PNGs.
+
+Every row carries ``phase`` (``warmup``, ``value_pretrain``, ``rl`` or ``supervised`` for
+the baseline) and ``step`` (counted within its phase), plus ``elapsed_s`` since the run
+started. Rows with ``heldout_accuracy`` are evaluations (the first RL one is taken before
+any RL update).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+LIVE_KEYS = ("reward", "heldout_accuracy", "vf_loss", "explained_var", "entropy", "clipfrac",
+             "response_length")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class PhaseTimer:
+    """Wall time per named part of a step (rollout, old log-probs, GAE, ...)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def rows(self) -> dict[str, float]:
+        return {f"time_{k}_s": round(v, 4) for k, v in self.seconds.items()}
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, *, progress: bool, tensorboard: bool) -> None:
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._start = time.perf_counter()
+        self._bar = None
+        self._progress = progress
+        self._last: dict[str, Any] = {}
+        self._tb = None
+        self._tb_step = 0
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:  # tensorboard is optional
+                self._tb = None
+
+    @property
+    def tensorboard_dir(self) -> str | None:
+        return None if self._tb is None else self._tb.log_dir
+
+    def start_phase(self, phase: str, total: int) -> None:
+        """A fresh progress bar for a phase (``total`` steps)."""
+        self.close_bar()
+        if self._progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total, desc=phase, dynamic_ncols=True, leave=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def log(self, phase: str, step: int, **metrics: Any) -> dict[str, Any]:
+        row = {"phase": phase, "step": step,
+               "elapsed_s": round(time.perf_counter() - self._start, 3)}
+        row.update({k: _plain(v) for k, v in metrics.items()})
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        self._last.update({k: v for k, v in row.items() if k in LIVE_KEYS and v is not None})
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.3g}" for k, v in self._last.items()}, refresh=False)
+        if self._tb is not None:
+            self._tb_step += 1
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key not in ("step",):
+                    self._tb.add_scalar(f"{phase}/{key}", value, self._tb_step)
+        return row
+
+    def write(self, message: str) -> None:
+        """Print without breaking the progress bar."""
+        if self._bar is not None:
+            self._bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+PLOTS = (
+    ("accuracy and reward", ("heldout_accuracy", "reward")),
+    ("value loss and explained variance", ("vf_loss", "explained_var")),
+    ("entropy", ("entropy",)),
+    ("response length (tokens)", ("response_length",)),
+    ("clip fractions", ("clipfrac_low", "clipfrac_high", "vf_clipfrac")),
+)
+
+
+def plot_run(metrics_path: str, out_path: str, title: str = "") -> str:
+    """One PNG with a panel per metric family and the phase-time breakdown, x = wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_rows(metrics_path)
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    colors = {"warmup": "tab:gray", "value_pretrain": "tab:orange", "rl": "tab:blue",
+              "supervised": "tab:green"}
+    for ax, (name, keys) in zip(axes.flat, PLOTS):
+        for key in keys:
+            for phase, color in colors.items():
+                points = [(r["elapsed_s"], r[key]) for r in rows
+                          if r["phase"] == phase and r.get(key) is not None]
+                if points:
+                    xs, ys = zip(*points)
+                    style = "o-" if key == "heldout_accuracy" else "-"
+                    ax.plot(xs, ys, style, color=color, markersize=3,
+                            alpha=1.0 if key == keys[0] else 0.5,
+                            label=f"{key} ({phase})")
+        ax.set_title(name)
+        ax.set_xlabel("wall time (s)")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    # Phase-time breakdown of the RL steps: mean seconds per step of each part.
+    ax = axes.flat[5]
+    rl = [r for r in rows if r["phase"] == "rl" and "time_rollout_s" in r]
+    if rl:
+        parts = sorted({k for r in rl for k in r if k.startswith("time_")})
+        means = [sum(r.get(k, 0.0) for r in rl) / len(rl) for k in parts]
+        ax.barh([p[5:-2] for p in parts], means, color="tab:blue")
+        ax.set_xlabel("seconds per RL step (mean)")
+    ax.set_title("where an RL step's time goes")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=90)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,249 @@
+"""Rollouts and the token layout our ops see.
+
+**Layout.** Each sampled sequence is ``prompt + response`` (response up to and including
+EOS). The model forward runs on a right-padded ``(B, T)`` batch with an attention mask
+(on CPU, and for any attention implementation without varlen support); the
+``flash_attention_2`` path instead runs one packed row with per-sequence ``position_ids``,
+which transformers turns into flash-attn varlen calls. Either way only the **response
+tokens** are gathered out of the forward: the logits (or hidden state) at the position
+*before* each response token, packed into ``(N,)`` with ``cu_seqlens`` (one segment per
+sequence). Every vapo_kernels op — log-probs, ``decoupled_gae``, ``vapo_loss`` — sees only
+those N real tokens; nothing is computed on padding or prompts.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+import vapo_kernels as vk
+
+from .task import Problem, Task
+
+
+@dataclass
+class RolloutBatch:
+    """Sequences of one step in both layouts (padded for the model, packed for our ops)."""
+
+    input_ids: Tensor  # (B, T) prompt + response, right-padded
+    attention_mask: Tensor  # (B, T)
+    prompt_lengths: Tensor  # (B,)
+    response_lengths: Tensor  # (B,) incl. EOS when generated
+    cu_seqlens: Tensor  # (B + 1,) int32 offsets of the packed response tokens
+    rewards: Tensor  # (N,) sparse: the sequence's score on its last token
+    scores: Tensor  # (B,) verifier score per sequence
+    problems: list[Problem]
+    responses: list[str]
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.cu_seqlens[-1])
+
+    def token_positions(self) -> tuple[Tensor, Tensor]:
+        """(row, column) in the padded layout of the position that *predicts* each packed
+        response token: the model's output there gives the token's log-prob and, for the
+        critic, the value of the state before the token."""
+        rows = torch.repeat_interleave(torch.arange(self.size), self.response_lengths)
+        starts = self.cu_seqlens[:-1].long()
+        offset_in_response = torch.arange(self.num_tokens) - torch.repeat_interleave(
+            starts, self.response_lengths
+        )
+        cols = self.prompt_lengths[rows] + offset_in_response - 1
+        return rows, cols
+
+    def targets(self) -> Tensor:
+        """The packed response tokens (N,)."""
+        rows, cols = self.token_positions()
+        return self.input_ids[rows, cols + 1]
+
+    def select(self, index: Tensor) -> RolloutBatch:
+        """The sub-batch of sequences ``index`` (a micro- or mini-batch), columns trimmed."""
+        index = index.long()
+        lengths = self.response_lengths[index]
+        width = int((self.prompt_lengths[index] + lengths).max())
+        token_index = torch.cat(
+            [torch.arange(int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])) for i in index]
+        ) if len(index) else torch.zeros(0, dtype=torch.long)
+        return RolloutBatch(
+            input_ids=self.input_ids[index, :width],
+            attention_mask=self.attention_mask[index, :width],
+            prompt_lengths=self.prompt_lengths[index],
+            response_lengths=lengths,
+            cu_seqlens=_offsets(lengths),
+            rewards=self.rewards[token_index],
+            scores=self.scores[index],
+            problems=[self.problems[i] for i in index.tolist()],
+            responses=[self.responses[i] for i in index.tolist()],
+        )
+
+    def token_index(self, index: Tensor) -> Tensor:
+        """Positions in the packed (N,) tensors of the tokens of sequences ``index``."""
+        return torch.cat(
+            [torch.arange(int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])) for i in index.tolist()]
+        )
+
+
+def _offsets(lengths: Tensor) -> Tensor:
+    return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+
+
+def build_batch(
+    tokenizer, problems: list[Problem], responses_ids: list[list[int]], task: Task
+) -> RolloutBatch:
+    """Lay out prompts + responses (token ids, EOS included when present) and score them."""
+    prompts = [tokenizer(p.prompt, add_special_tokens=False).input_ids for p in problems]
+    lengths = [len(p) + len(r) for p, r in zip(prompts, responses_ids)]
+    width = max(lengths)
+    input_ids = torch.full((len(problems), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(problems), width), dtype=torch.long)
+    for row, (p, r) in enumerate(zip(prompts, responses_ids)):
+        input_ids[row, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
+        attention_mask[row, : len(p) + len(r)] = 1
+    responses = [tokenizer.decode(r, skip_special_tokens=True) for r in responses_ids]
+    scores = torch.tensor([task.score(p, text) for p, text in zip(problems, responses)])
+    response_lengths = torch.tensor([len(r) for r in responses_ids], dtype=torch.long)
+    cu_seqlens = _offsets(response_lengths)
+    rewards = torch.zeros(int(cu_seqlens[-1]))
+    has_tokens = response_lengths > 0
+    rewards[cu_seqlens[1:].long()[has_tokens] - 1] = scores[has_tokens]
+    return RolloutBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        prompt_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.long),
+        response_lengths=response_lengths,
+        cu_seqlens=cu_seqlens,
+        rewards=rewards,
+        scores=scores,
+        problems=problems,
+        responses=responses,
+    )
+
+
+@torch.no_grad()
+def generate(
+    policy,
+    tokenizer,
+    problems: list[Problem],
+    task: Task,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    greedy: bool = False,
+    response_prefixes: list[str] | None = None,
+) -> RolloutBatch:
+    """Sample (or greedily decode) one response per problem with ``generate`` + KV cache.
+
+    ``response_prefixes`` continue given partial responses (the diagnostics' prefix
+    continuation); the prefix is then part of the returned response and of its score.
+    """
+    device = next(policy.parameters()).device
+    prompts = [p.prompt + (response_prefixes[i] if response_prefixes else "")
+               for i, p in enumerate(problems)]
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    encoded = {k: v.to(device) for k, v in encoded.items()}
+    was_training = policy.training
+    policy.eval()
+    sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+    out = policy.generate(
+        **encoded,
+        do_sample=not greedy,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+        **sampling,
+    )
+    policy.train(was_training)
+    new_tokens = out[:, encoded["input_ids"].shape[1]:].cpu().tolist()
+    responses_ids = []
+    for i, tokens in enumerate(new_tokens):
+        if tokenizer.eos_token_id in tokens:
+            tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
+        else:
+            tokens = [t for t in tokens if t != tokenizer.pad_token_id]
+        prefix = response_prefixes[i] if response_prefixes else ""
+        prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
+        responses_ids.append(prefix_ids + tokens)
+    return build_batch(tokenizer, problems, responses_ids, task)
+
+
+def demonstration_batch(
+    tokenizer, task: Task, rng: random.Random, count: int
+) -> RolloutBatch:
+    """Supervised warm-up data: the task's demonstrations (with their slips) + EOS."""
+    problems, responses_ids = [], []
+    while len(problems) < count:
+        for problem in task.sample(rng, count - len(problems)):
+            demo = task.demonstration(problem, rng)
+            if demo is None:
+                continue
+            problems.append(problem)
+            responses_ids.append(
+                tokenizer(demo, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+            )
+    return build_batch(tokenizer, problems, responses_ids, task)
+
+
+# -- forwards: the model's outputs at the packed response positions --------------------------
+def _forward_inputs(batch: RolloutBatch, device, packed: bool) -> dict[str, Tensor]:
+    if not packed:
+        return {
+            "input_ids": batch.input_ids.to(device),
+            "attention_mask": batch.attention_mask.to(device),
+        }
+    # flash-attn varlen: one row, positions restart at 0 for every sequence.
+    valid = batch.attention_mask.bool()
+    lengths = valid.sum(1)
+    positions = torch.cat([torch.arange(int(n)) for n in lengths])
+    return {
+        "input_ids": batch.input_ids[valid][None].to(device),
+        "position_ids": positions[None].to(device),
+    }
+
+
+def _gather(output: Tensor, batch: RolloutBatch, packed: bool) -> Tensor:
+    """(B, T, ...) or packed (1, sum T, ...) model output -> (N, ...) at the response positions."""
+    rows, cols = batch.token_positions()
+    if packed:
+        starts = torch.cat([torch.zeros(1, dtype=torch.long),
+                            batch.attention_mask.sum(1).cumsum(0)[:-1]])
+        return output[0, (starts[rows] + cols).to(output.device)]
+    return output[rows.to(output.device), cols.to(output.device)]
+
+
+def policy_logprobs(
+    policy, batch: RolloutBatch, *, temperature: float, logprobs_from: str, packed: bool
+) -> tuple[Tensor, Tensor]:
+    """Packed (N,) log-probs and entropies of the response tokens under ``policy``.
+
+    From logits through ``vk.token_logprobs``; or from the final hidden states through
+    ``vk.linear_logprobs`` (the LM head fused in, no N x V logits).
+    """
+    device = next(policy.parameters()).device
+    targets = batch.targets().to(device)
+    inputs = _forward_inputs(batch, device, packed)
+    if logprobs_from == "hidden":
+        hidden = policy.base_model(**inputs).last_hidden_state
+        head = policy.get_output_embeddings()
+        return vk.linear_logprobs(
+            _gather(hidden, batch, packed), head.weight, targets, bias=head.bias,
+            temperature=temperature, return_entropy=True,
+        )
+    logits = policy(**inputs).logits
+    return vk.token_logprobs(
+        _gather(logits, batch, packed), targets, temperature=temperature, return_entropy=True
+    )
+
+
+def value_estimates(value_model, batch: RolloutBatch, *, packed: bool) -> Tensor:
+    """Packed (N,) values V(s_t) of the state before each response token."""
+    device = next(value_model.parameters()).device
+    scores = value_model(**_forward_inputs(batch, device, packed)).logits[..., 0]
+    return _gather(scores, batch, packed).float()
