@@ -490,13 +490,16 @@ def test_import_falls_back_when_the_extension_cannot_build():
 
 
 def _opcheck_samples():
+    # (rewards, values, mask, cu_seqlens, lam_policy, lam_critic, scalar_lam_policy,
+    #  scalar_lam_critic, gamma, alpha, mask_mode, backend)
     m = torch.rand(3, 7) < 0.7
     lam = torch.full((3,), 0.9)
-    yield (torch.randn(3, 7), torch.randn(3, 7), m, None, lam, torch.ones(3), 0.99, 0.0, "skip", "")
-    yield (torch.randn(3, 7), torch.randn(3, 7), m, None, lam, torch.ones(3), 0.99, 0.05, "skip", "cpp")
-    yield (torch.randn(6), torch.randn(6), None, CU, torch.full((2,), 0.5), torch.ones(2), 1.0, 0.0, "zero", "cpp")
+    yield (torch.randn(3, 7), torch.randn(3, 7), m, None, lam, torch.ones(3), 0.0, 0.0, 0.99, 0.0, "skip", "")
+    yield (torch.randn(3, 7), torch.randn(3, 7), m, None, None, None, 0.9, 1.0, 0.99, 0.05, "skip", "cpp")
+    yield (torch.randn(6), torch.randn(6), None, CU, torch.full((2,), 0.5), None, 0.0, 1.0, 1.0, 0.0, "zero", "cpp")
     yield (torch.randn(6, dtype=torch.float64), torch.randn(6, dtype=torch.float64), None, CU,
-           torch.full((2,), 0.5, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 1.0, 0.5, "skip", "reference")
+           torch.full((2,), 0.5, dtype=torch.float64), torch.ones(2, dtype=torch.float64), 0.0, 0.0,
+           1.0, 0.5, "skip", "reference")
 
 
 @pytest.mark.parametrize("args", list(_opcheck_samples()))

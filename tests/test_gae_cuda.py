@@ -161,6 +161,8 @@ def test_opcheck(ext):
         case["offsets"],
         lam,
         lam,
+        0.0,
+        0.0,
         0.99,
         0.0,
         "skip",

@@ -332,7 +332,7 @@ def test_opcheck():
             )
         torch.library.opcheck(
             torch.ops.vapo.logits_loss_.default,
-            (*{**args, "logits": logits.clone()}.values(), backend),
+            (*{**args, "logits": logits.clone()}.values(), True, backend),
         )
 
 

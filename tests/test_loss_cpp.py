@@ -240,7 +240,7 @@ def build(case):
         lm_w = (torch.rand(len(lengths), generator=gen) < 0.5).to(od) * torch.rand(
             len(lengths), generator=gen
         ).to(od)
-    params = loss_spec.loss_params(
+    params = list(loss_spec.loss_params(
         clip_low=case["clip_low"],
         clip_high=case["clip_high"],
         dual_clip=case["dual_clip"] if case["dual_clip"] != 1.0 else 1.5,
@@ -252,7 +252,7 @@ def build(case):
         kl_coef=case["coefs"][1],
         entropy_coef=case["coefs"][2],
         lm_coef=case["coefs"][3],
-    )
+    ))
     if case["dual_clip"] == 1.0:
         params[layout.P_DUAL_CLIP] = 1.0
     logp, old, adv, values, old_values, returns, ref, ent, isw = t
@@ -721,7 +721,7 @@ def test_one_million_token_sequence_and_many_empty_ones(poisoned):
     _, old, *_ = nudge(case, [logp, old, adv, adv, adv, adv, logp, ent, ent])
     mask = torch.rand(n, generator=gen) < 0.9
     seq_w = torch.rand(len(lengths), generator=gen, dtype=torch.float64).float().double()
-    params = loss_spec.loss_params(dual_clip=3.0, entropy_coef=0.01)
+    params = list(loss_spec.loss_params(dual_clip=3.0, entropy_coef=0.01))
     args64 = [
         logp,
         old,
@@ -768,7 +768,7 @@ def test_many_empty_sequences_are_cheap():
     n = int(offsets[-1])
     ent = torch.rand(n, generator=gen, dtype=torch.float64)
     seq_w = torch.rand(s, generator=gen, dtype=torch.float64)
-    params = loss_spec.loss_params(entropy_coef=1.0)
+    params = list(loss_spec.loss_params(entropy_coef=1.0))
     args = [None] * 7 + [ent, None, None, offsets, seq_w, None, params, True]
     got = ext().token_loss_cpu(*args)
     seq_ids = torch.repeat_interleave(torch.arange(s), lengths)
@@ -789,9 +789,9 @@ def test_empty_and_all_masked(dtype, lengths, poisoned):
         [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int64
     )
     seq_w = torch.ones(len(lengths), dtype=od)
-    params = loss_spec.loss_params(
+    params = list(loss_spec.loss_params(
         dual_clip=2.0, value_clip=0.2, kl_kind="k3", kl_coef=1.0, entropy_coef=0.1, lm_coef=0.1
-    )
+    ))
     with poisoned():
         sums, g_lp, g_v, g_e = ext().token_loss_cpu(
             x, x, x, x, x, x, x, x, x, mask, offsets, seq_w, seq_w, params, True
@@ -834,7 +834,7 @@ def test_exact_values_by_hand():
     values, old_values, returns = t(1.0), t(0.25), t(0.0)
     ref, ent = t(-1.0), t(0.7)
     offsets = torch.tensor([0, 1])
-    params = loss_spec.loss_params(
+    params = list(loss_spec.loss_params(
         clip_low=0.2,
         clip_high=0.28,
         value_clip=0.5,
@@ -843,7 +843,7 @@ def test_exact_values_by_hand():
         kl_coef=0.3,
         entropy_coef=0.1,
         lm_coef=0.2,
-    )
+    ))
     sums, g_lp, g_v, g_e = ext().token_loss_cpu(
         logp,
         old,
@@ -1041,8 +1041,8 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
     w = torch.rand(4, generator=gen).to(od)
     for kl in ("k1", "abs", "k2", "k3+"):
         for form in ("verl", "openrlhf"):
-            params = loss_spec.loss_params(dual_clip=3.0, value_clip=0.3, value_clip_form=form, kl_kind=kl,
-                               kl_coef=0.2, entropy_coef=0.1, lm_coef=0.1)
+            params = list(loss_spec.loss_params(dual_clip=3.0, value_clip=0.3, value_clip_form=form, kl_kind=kl,
+                               kl_coef=0.2, entropy_coef=0.1, lm_coef=0.1))
             args = [*x, mask, offsets, w, w, params, True]
             got = ext.token_loss_cpu(*args)
             want = loss_spec.reference_kernel(*args)  # in fp32 for fp32 / bf16 / fp16 inputs, as the kernel

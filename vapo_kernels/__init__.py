@@ -17,11 +17,12 @@ Peer-compatible drop-ins live in :mod:`vapo_kernels.compat`.
 
 from . import _backends
 from ._ragged import set_validation
-from .ops.gae import decoupled_gae, gae, length_adaptive_lambda, masked_whiten
+from .ops.gae import decoupled_gae, gae, length_adaptive_lambda
 from .ops.logprobs import linear_logprobs, token_logprobs
 from .ops.hidden_loss import policy_loss_from_hidden
 from .ops.logits_loss import policy_loss_from_logits
 from .ops.loss_spec import kl_penalty
+from .ops.whiten import masked_whiten
 from .ops.token_loss import (
     agg_loss,
     kl_loss,

@@ -111,18 +111,38 @@ def _why_kernel_unavailable(op: str, backend: str, device: torch.device) -> str 
     return why
 
 
+# Families of ops: a backend a user names is a request for the whole family. The first
+# op of each family is its primary one: ``available_backends(family)`` lists what it can
+# run, and every other op of the family (helpers such as the whitening or counting
+# kernels) resolves the same name to its best kernel that can run (see :func:`select`).
+FAMILIES = {
+    "gae": ("gae", "masked_whiten", "valid_counts"),
+    "logprobs": (
+        "token_logprobs", "token_logprobs_backward", "linear_logprobs", "linear_logprobs_backward",
+    ),
+    "loss": ("token_loss", "logits_loss", "valid_counts"),
+}
+
+
 def select(op: str, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
-    """Pick the kernel of ``op`` for tensors on ``device``; returns ``(name, kernel)``."""
+    """Pick the kernel of ``op`` for tensors on ``device``; returns ``(name, kernel)``.
+
+    ``backend`` (else ``VAPO_BACKEND``) names a backend for the op's family: the op runs
+    that backend's kernel when it has one (raising if it cannot run here), and otherwise
+    its best kernel in the device's automatic order - so ``gae(..., whiten=True,
+    backend="triton")`` whitens with whatever whitening kernel runs best. With no name,
+    the automatic order; an automatic choice that cannot run falls back with a one-time
+    warning that says why.
+    """
     requested = backend or os.environ.get("VAPO_BACKEND") or None
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
-        if (op, requested) not in _kernels:
-            raise ValueError(f"op {op!r} has no {requested!r} backend")
-        why = _why_kernel_unavailable(op, requested, device)
-        if why:
-            raise RuntimeError(f"backend {requested!r} cannot run {op!r}: {why}")
-        return requested, _kernels[(op, requested)]
+        if (op, requested) in _kernels:
+            why = _why_kernel_unavailable(op, requested, device)
+            if why:
+                raise RuntimeError(f"backend {requested!r} cannot run {op!r}: {why}")
+            return requested, _kernels[(op, requested)]
     for name in _AUTO_ORDER.get(device.type, ("reference",)):
         if (op, name) not in _kernels:
             continue
@@ -136,7 +156,9 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
 
 
 def available(op: str, device: torch.device | str) -> list[str]:
-    """Backends that can run ``op`` on ``device`` right now (builds the extension if needed)."""
+    """Backends that can run ``op`` (an op name, or a family: its primary op) on
+    ``device`` right now (builds the extension if needed)."""
+    op = FAMILIES[op][0] if op in FAMILIES else op
     device = torch.device(device)
     runnable = [b for b in BACKENDS if (op, b) in _kernels]
     return [b for b in runnable if _why_kernel_unavailable(op, b, device) is None]

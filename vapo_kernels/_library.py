@@ -66,6 +66,17 @@ def traced(args: Sequence) -> bool:
     return any(isinstance(a, Tensor) and type(a) is not Tensor for a in args)
 
 
+def mark_outputs_constant(ctx, a, output) -> None:
+    """``setup_context`` of ops whose outputs are constants of the batch (advantages,
+    returns, whitened values: every peer computes them under no_grad), marked so rather
+    than let autograd fail later."""
+    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+
+
+def no_gradient(ctx, *grads):
+    raise RuntimeError("vapo GAE and whitening outputs are not differentiable")
+
+
 class Op:
     """``vapo::<name>``: defined from ``args`` (a NamedTuple class), ``impl`` and ``fake``
     (both called with an ``args`` instance), optionally ``setup_context(ctx, a, output)``

@@ -45,6 +45,11 @@ class Layout:
     num_tokens: int
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The compute and output dtype of the kernels for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -152,10 +157,18 @@ def check_no_nan_where_valid(name: str, t: torch.Tensor, mask: torch.Tensor | No
         raise ValueError(f"{name} contains NaN at valid (unmasked) positions")
 
 
-def as_bool_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+def as_bool_mask(mask: torch.Tensor | None, name: str = "mask") -> torch.Tensor | None:
+    """The bool form of a bool / int / float 0-1 mask. Any other value (a float mask of
+    0.5 is a weight, not a mask) is refused, naming the argument, when data checks are on."""
     if mask is None or mask.dtype == torch.bool:
         return mask
-    return mask != 0
+    keep = mask != 0
+    if _validate_data and mask.numel() and not bool((keep == (mask == 1)).all()):
+        bad = mask[keep != (mask == 1)][0].item()
+        raise ValueError(
+            f"{name} must hold only 0 and 1 (it selects tokens; it is not a weight), got {bad}"
+        )
+    return keep
 
 
 def offsets(layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:

@@ -23,16 +23,21 @@ In both modes, whatever is stored in a masked slot (huge numbers, NaN) leaves ev
 valid output bit-for-bit unchanged. Outputs are float32 (float64 for float64 inputs).
 
 The data-flow is: public wrappers (:func:`gae`, :func:`decoupled_gae`) -> the
-``torch.ops.vapo.gae`` custom op -> the backend kernel chosen by ``_backends.select``.
-Every backend implements the *kernel contract* of :func:`reference_kernel`.
+``vapo::gae`` op -> the backend kernel chosen by ``_backends.select``. Every backend
+implements the *kernel contract* of :func:`reference_kernel`. Whitening is its own op,
+:mod:`.whiten`.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import _backends, _ragged
+from .._library import Op, mark_outputs_constant, no_gradient
+from .whiten import masked_whiten
 
 MASK_MODES = ("skip", "zero")
 
@@ -94,7 +99,7 @@ def reference_kernel(
     coef_policy, coef_critic: (S,) gamma*lambda per sequence, in the output dtype.
     Returns (advantages, returns), (N,), float32 (float64 for float64 inputs).
     """
-    out_dtype = _out_dtype(rewards.dtype)
+    out_dtype = _ragged.acc_dtype(rewards.dtype)
     r = rewards.to(out_dtype)
     v = values.to(out_dtype)
     m = torch.ones_like(r, dtype=torch.bool) if mask is None else mask
@@ -124,167 +129,109 @@ _backends.register("gae", "triton")(_backends.from_module("vapo_kernels.triton.g
 
 
 # --------------------------------------------------------------------------------------
-# The torch op: one schema, a fake kernel, a body that validates and dispatches.
+# The op: one schema, a fake kernel, a body that validates and dispatches.
 
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+class GaeArgs(NamedTuple):
+    """The arguments of ``vapo::gae``. A per-sequence lambda tensor (S,), when given,
+    replaces its scalar; ``alpha > 0`` replaces lambda_policy by the length-adaptive
+    lambda of each sequence's valid-token count; ``backend=""`` is automatic."""
+
+    rewards: Tensor
+    values: Tensor
+    mask: Tensor | None
+    cu_seqlens: Tensor | None
+    lam_policy: Tensor | None
+    lam_critic: Tensor | None
+    scalar_lam_policy: float
+    scalar_lam_critic: float
+    gamma: float
+    alpha: float
+    mask_mode: str
+    backend: str
 
 
-def _check_static(rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, alpha, mask_mode):
-    layout = _ragged.check_layout({"rewards": rewards, "values": values}, mask, cu_seqlens)
-    _ragged.check_unit_interval("gamma", gamma)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha >= 0:
-        raise ValueError(f"alpha must be a positive float (0: off), got {alpha!r}")
-    if mask_mode not in MASK_MODES:
-        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
-    for name, lam in (("lam_policy", lam_policy), ("lam_critic", lam_critic)):
+def _check_static(a: GaeArgs) -> _ragged.Layout:
+    layout = _ragged.check_layout({"rewards": a.rewards, "values": a.values}, a.mask, a.cu_seqlens)
+    _ragged.check_unit_interval("gamma", a.gamma)
+    if isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or not a.alpha >= 0:
+        raise ValueError(f"alpha must be a positive float (0: off), got {a.alpha!r}")
+    if a.mask_mode not in MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {a.mask_mode!r}")
+    for name in ("lam_policy", "lam_critic"):
+        _ragged.check_unit_interval(name, getattr(a, "scalar_" + name))
+        lam = getattr(a, name)
+        if lam is None:
+            continue
         _ragged.check_float(name, lam)
         if lam.shape != (layout.num_seqs,):
             raise ValueError(
                 f"{name} must have one entry per sequence, shape ({layout.num_seqs},), "
                 f"got {tuple(lam.shape)}"
             )
-        if lam.device != rewards.device:
-            raise ValueError(f"{name} is on {lam.device} but rewards is on {rewards.device}")
+        if lam.device != a.rewards.device:
+            raise ValueError(f"{name} is on {lam.device} but rewards is on {a.rewards.device}")
     return layout
 
 
-@torch.library.custom_op("vapo::gae", mutates_args=())
-def gae_op(
-    rewards: Tensor,
-    values: Tensor,
-    mask: Tensor | None,
-    cu_seqlens: Tensor | None,
-    lam_policy: Tensor,
-    lam_critic: Tensor,
-    gamma: float,
-    alpha: float,
-    mask_mode: str,
-    backend: str,
-) -> tuple[Tensor, Tensor]:
-    """Fused two-lambda GAE scan. ``lam_*`` are per-sequence tensors; ``backend=""`` is auto.
+def _coefficients(lam: Tensor | None, scalar: float, gamma: float, name: str, num_seqs: int,
+                  dtype: torch.dtype, device) -> Tensor:
+    """gamma * lambda per sequence, in float64 first and then rounded once (what
+    ``gamma * lam * A`` does in the peers); a scalar lambda costs one op."""
+    if lam is None:
+        return torch.full((num_seqs,), gamma * scalar, dtype=dtype, device=device)
+    if _ragged.validation_enabled() and lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
+        raise ValueError(f"{name} must lie in [0, 1] for every sequence")
+    return (gamma * lam.to(torch.float64)).to(dtype).contiguous()
 
-    ``alpha > 0`` replaces ``lam_policy`` by the length-adaptive lambda of each sequence's
-    valid-token count (counted here, by the backend's counting kernel).
-    """
-    layout = _check_static(
-        rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, alpha, mask_mode
-    )
-    mask = _ragged.as_bool_mask(mask)
+
+def _impl(a: GaeArgs) -> tuple[Tensor, Tensor]:
+    layout = _check_static(a)
+    rewards, device = a.rewards, a.rewards.device
+    mask = _ragged.as_bool_mask(a.mask)
     if layout.packed:
-        _ragged.check_cu_seqlens_values(cu_seqlens, layout.num_tokens)
-    if _ragged.validation_enabled():
-        for name, lam in (("lam_policy", lam_policy), ("lam_critic", lam_critic)):
-            if lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
-                raise ValueError(f"{name} must lie in [0, 1] for every sequence")
-
-    dtype = torch.promote_types(rewards.dtype, values.dtype)
-    out_dtype = _out_dtype(dtype)
-    flat = [x.reshape(-1).to(dtype).contiguous() for x in (rewards, values)]
+        _ragged.check_cu_seqlens_values(a.cu_seqlens, layout.num_tokens)
+    dtype = torch.promote_types(rewards.dtype, a.values.dtype)
+    acc = _ragged.acc_dtype(dtype)
+    if layout.num_tokens == 0:
+        empty = torch.empty(rewards.shape, dtype=acc, device=device)
+        return empty, empty.clone()
+    flat = [x.reshape(-1).to(dtype).contiguous() for x in (rewards, a.values)]
     flat_mask = None if mask is None else mask.reshape(-1).contiguous()
-    offs = _ragged.offsets(layout, rewards.shape, cu_seqlens, rewards.device)
-    # gamma*lambda in float64 first, then rounded once: matches `gamma * lam * A` in peers.
-    coef_p = (gamma * lam_policy.to(torch.float64)).to(out_dtype).contiguous()
-    coef_c = (gamma * lam_critic.to(torch.float64)).to(out_dtype).contiguous()
-    name, kernel = _backends.select("gae", rewards.device, backend or None)
-    if alpha > 0:
+    offs = _ragged.offsets(layout, rewards.shape, a.cu_seqlens, device)
+    n = layout.num_seqs
+    if a.alpha > 0:
         if flat_mask is None:
             counts = offs[1:] - offs[:-1]
         else:
-            # Only the C++ backend has its own counting kernel; torch's is fine elsewhere.
-            count_backend = "cpp" if name == "cpp" else "reference"
-            _, count_kernel = _backends.select("valid_counts", rewards.device, count_backend)
-            counts = count_kernel(flat_mask, offs)
-        coef_p = (gamma * length_adaptive_lambda(counts, alpha)).to(out_dtype).contiguous()
-    if layout.num_tokens == 0:
-        empty = torch.empty(rewards.shape, dtype=out_dtype, device=rewards.device)
-        return empty, empty.clone()
-    adv, ret = kernel(*flat, flat_mask, offs, coef_p, coef_c, float(gamma), mask_mode == "skip")
+            counts = _backends.select("valid_counts", device, a.backend)[1](flat_mask, offs)
+        coef_p = (a.gamma * length_adaptive_lambda(counts, a.alpha)).to(acc).contiguous()
+    else:
+        coef_p = _coefficients(
+            a.lam_policy, a.scalar_lam_policy, a.gamma, "lam_policy", n, acc, device
+        )
+    coef_c = _coefficients(a.lam_critic, a.scalar_lam_critic, a.gamma, "lam_critic", n, acc, device)
+    _, kernel = _backends.select("gae", device, a.backend)
+    adv, ret = kernel(*flat, flat_mask, offs, coef_p, coef_c, float(a.gamma), a.mask_mode == "skip")
     # A NaN in a valid reward or value always reaches that token's advantage, and masked
     # slots never produce one, so one reduction over the output screens both inputs; the
     # per-argument check (several passes) runs only when something is wrong.
     if _ragged.validation_enabled() and bool(torch.isnan(adv.sum())):
-        _ragged.check_no_nan_where_valid("values", values, mask)
+        _ragged.check_no_nan_where_valid("values", a.values, mask)
         _ragged.check_no_nan_where_valid("rewards", rewards, mask)
     return adv.view(rewards.shape), ret.view(rewards.shape)
 
 
-@gae_op.register_fake
-def _gae_fake(
-    rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, alpha, mask_mode, backend
-):
-    _check_static(rewards, values, mask, cu_seqlens, lam_policy, lam_critic, gamma, alpha, mask_mode)
-    dtype = _out_dtype(torch.promote_types(rewards.dtype, values.dtype))
-    out = torch.empty(rewards.shape, dtype=dtype, device=rewards.device)
+def _fake(a: GaeArgs):
+    _check_static(a)
+    acc = _ragged.acc_dtype(torch.promote_types(a.rewards.dtype, a.values.dtype))
+    out = torch.empty(a.rewards.shape, dtype=acc, device=a.rewards.device)
     return out, torch.empty_like(out)
 
 
-def reference_whiten_kernel(
-    x: Tensor, mask: Tensor | None, unbiased: bool, eps: float, shift_mean: bool
-) -> tuple[Tensor, Tensor]:
-    """Kernel contract of masked whitening: flat x, flat bool mask or None ->
-    (out in the output dtype, number of valid tokens as a 0-d int64 tensor)."""
-    out_dtype = _out_dtype(x.dtype)
-    x = x.to(out_dtype)
-    if mask is None:
-        mask = torch.ones_like(x, dtype=torch.bool)
-    count = mask.sum()
-    n = count.to(out_dtype)
-    zero = torch.zeros((), dtype=out_dtype, device=x.device)
-    mean = torch.where(mask, x, zero).sum() / n  # where, not x*mask: NaN garbage stays out
-    centered = x - mean
-    var = torch.where(mask, centered * centered, zero).sum() / (n - 1 if unbiased else n)
-    out = centered * torch.rsqrt(var + eps)
-    return (out if shift_mean else out + mean), count
-
-
-_backends.register("masked_whiten", "reference")(reference_whiten_kernel)
-
-
-_backends.register("masked_whiten", "cpp")(_backends.from_extension("masked_whiten_cpu"))
-
-
-def _constants_of_the_data(ctx, inputs, output):
-    # Advantages, returns and whitened values are constants of the batch in every peer
-    # (computed under no_grad): mark them so, rather than let autograd fail later.
-    ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
-
-
-def _no_gradient(ctx, *grads):
-    raise RuntimeError("vapo GAE and whitening outputs are not differentiable")
-
-
-torch.library.register_autograd("vapo::gae", _no_gradient, setup_context=_constants_of_the_data)
-
-
-@torch.library.custom_op("vapo::masked_whiten", mutates_args=())
-def masked_whiten_op(
-    x: Tensor, mask: Tensor | None, unbiased: bool, eps: float, shift_mean: bool, backend: str
-) -> Tensor:
-    """(x - mean) * rsqrt(var + eps) with mean/var over the valid tokens of the whole batch."""
-    _ragged.check_float("x", x)
-    _ragged.check_mask(mask, "x", x)
-    mask = _ragged.as_bool_mask(mask)
-    flat_mask = None if mask is None else mask.reshape(-1).contiguous()
-    _, kernel = _backends.select("masked_whiten", x.device, backend or None)
-    out, count = kernel(x.reshape(-1).contiguous(), flat_mask, unbiased, float(eps), shift_mean)
-    if _ragged.validation_enabled():
-        n = int(count)
-        if n == 0:
-            raise ValueError("masked_whiten: mask selects no element; nothing to whiten")
-        if unbiased and n == 1:
-            raise ValueError("masked_whiten: mask selects one element; unbiased variance is undefined")
-    return out.view(x.shape)
-
-
-@masked_whiten_op.register_fake
-def _masked_whiten_fake(x, mask, unbiased, eps, shift_mean, backend):
-    return torch.empty(x.shape, dtype=_out_dtype(x.dtype), device=x.device)
-
-
-torch.library.register_autograd(
-    "vapo::masked_whiten", _no_gradient, setup_context=_constants_of_the_data
+gae_op = Op(
+    "gae", GaeArgs, "(Tensor, Tensor)", _impl, _fake,
+    setup_context=mark_outputs_constant, backward=no_gradient,
 )
 
 
@@ -292,14 +239,13 @@ torch.library.register_autograd(
 # Public API
 
 
-def _per_sequence_lambda(name: str, lam, layout: _ragged.Layout, device) -> Tensor:
+def _lambda(name: str, lam) -> tuple[Tensor | None, float]:
+    """A lambda argument as (per-sequence tensor or None, scalar)."""
     if isinstance(lam, Tensor):
         _ragged.check_float(name, lam)
-        if lam.dim() == 0:
-            lam = lam.expand(layout.num_seqs)
-        return lam
+        return lam, 0.0
     _ragged.check_unit_interval(name, lam)
-    return torch.full((layout.num_seqs,), float(lam), dtype=torch.float64, device=device)
+    return None, float(lam)
 
 
 def length_adaptive_lambda(valid_tokens: Tensor, alpha: float) -> Tensor:
@@ -335,21 +281,20 @@ def decoupled_gae(
     per-sequence tensors of shape (S,). ``whiten=True`` whitens the advantages over the
     valid tokens of the batch (unbiased variance, eps 1e-8); targets are never whitened.
     """
-    layout = _ragged.check_layout({"rewards": rewards, "values": values}, mask, cu_seqlens)
-    device = rewards.device
-    mask = _ragged.as_bool_mask(mask)  # once here, not again in the op
     if alpha is not None:
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha must be a positive float, got {alpha!r}")
         lam_policy = 0.0  # placeholder: the op derives lambda_policy from alpha
-    lam_p = _per_sequence_lambda("lam_policy", lam_policy, layout, device)
-    lam_c = _per_sequence_lambda("lam_critic", lam_critic, layout, device)
-    adv, targets = torch.ops.vapo.gae(
-        rewards, values, mask, cu_seqlens, lam_p, lam_c, gamma, float(alpha or 0.0),
-        mask_mode, backend or "",
-    )
+    lam_p, scalar_p = _lambda("lam_policy", lam_policy)
+    lam_c, scalar_c = _lambda("lam_critic", lam_critic)
+    if isinstance(mask, Tensor) and mask.dtype != torch.bool:
+        mask = _ragged.as_bool_mask(mask)  # once here, not again in the whitening op
+    adv, targets = gae_op(GaeArgs(
+        rewards, values, mask, cu_seqlens, lam_p, lam_c, scalar_p, scalar_c, gamma,
+        float(alpha or 0.0), mask_mode, backend or "",
+    ))
     if whiten:
-        adv = torch.ops.vapo.masked_whiten(adv, mask, True, 1e-8, True, backend or "")
+        adv = masked_whiten(adv, mask, backend=backend)
     return adv, targets
 
 
@@ -375,26 +320,3 @@ def gae(
         mask_mode=mask_mode, whiten=whiten, backend=backend,
     )
 
-
-def masked_whiten(
-    x: Tensor,
-    mask: Tensor | None = None,
-    cu_seqlens: Tensor | None = None,
-    *,
-    unbiased: bool = True,
-    eps: float = 1e-8,
-    shift_mean: bool = True,
-    backend: str | None = None,
-) -> Tensor:
-    """Whiten ``x`` with the mean and variance of its valid tokens (over the whole batch).
-
-    ``unbiased`` picks the n-1 (verl) or n (OpenRLHF) variance; ``shift_mean=False`` adds
-    the mean back. ``cu_seqlens`` is accepted so packed callers can pass the same
-    arguments as to :func:`gae`; the statistics are batch-wide in both layouts, and any
-    shape is accepted.
-    """
-    if cu_seqlens is not None:
-        _ragged.check_layout({"x": x}, mask, cu_seqlens)
-    return torch.ops.vapo.masked_whiten(
-        x, mask, bool(unbiased), float(eps), bool(shift_mean), backend or ""
-    )

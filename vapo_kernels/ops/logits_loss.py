@@ -142,8 +142,8 @@ def _loss_sums(a: LogitsLossArgs, out: Tensor | None) -> tuple[Tensor, Tensor]:
         None if out is None else lp_ops._rows(out),
     )
     loss = loss_spec.loss_total(sums, a.params)
-    if _ragged.validation_enabled() and bool(torch.isnan(loss)):
-        screen_nan(loss, zip(_TOKEN_INPUTS, flat), valid)
+    if _ragged.validation_enabled() and bool(torch.isnan(sums[L.S_PG : L.S_LM + 1].sum())):
+        screen_nan(sums, zip(_TOKEN_INPUTS, flat), valid)
         # A NaN (or +inf) logit makes its row's gradient NaN; in place the logits are
         # gone, but their gradient rows show it just as well.
         rows = lp_ops._rows(a.logits if out is None else out)

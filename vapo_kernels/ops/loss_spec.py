@@ -317,12 +317,12 @@ def sequence_weights(
     if agg == "token-mean":
         if global_tokens is not None:
             return counts.new_full((num_seqs,), _share(dp, global_tokens), dtype=torch.float64)
-        return (dp / counts.sum(dtype=torch.float64).clamp(min=1)).expand(num_seqs)
+        return (dp / counts.sum(dtype=torch.float64).clamp(min=1)).expand(num_seqs).contiguous()
     if global_seqs is not None:
         per_seq = counts.new_full((num_seqs,), _share(dp, global_seqs), dtype=torch.float64)
     else:
         seqs = (counts > 0).sum(dtype=torch.float64).clamp(min=1)
-        per_seq = (dp / seqs).expand(num_seqs)
+        per_seq = (dp / seqs).expand(num_seqs).contiguous()
     if agg == "seq-mean-token-sum":
         return per_seq
     if agg == "seq-mean-token-sum-norm":

@@ -130,11 +130,11 @@ def aggregation_weights(a, layout, shape, device, flat_mask, acc):
     return offs, seq_w.to(acc).contiguous(), lm_w
 
 
-def screen_nan(loss: Tensor, named_inputs, mask: Tensor | None) -> None:
-    """A NaN in a valid input always reaches its term's sum, and masked slots never
-    produce one: one check of the loss screens every input; per-input checks run only
-    when something is wrong, to name the argument."""
-    if _ragged.validation_enabled() and bool(torch.isnan(loss)):
+def screen_nan(sums: Tensor, named_inputs, mask: Tensor | None) -> None:
+    """A NaN in a valid input always reaches its term's sum (whatever its coefficient),
+    and masked slots never produce one: one check of the term sums screens every input;
+    per-input checks run only when something is wrong, to name the argument."""
+    if _ragged.validation_enabled() and bool(torch.isnan(sums[L.S_PG : L.S_LM + 1].sum())):
         for arg, t in named_inputs:
             if t is not None:
                 _ragged.check_no_nan_where_valid(arg, t, mask)
@@ -160,7 +160,7 @@ def _impl(a: TokenLossArgs):
         *flat, flat_mask, offs, seq_w, lm_w, list(a.params), a.need_grad
     )
     loss = loss_total(sums, a.params)
-    screen_nan(loss, zip(TOKEN_INPUTS, tensors), mask)
+    screen_nan(sums, zip(TOKEN_INPUTS, tensors), mask)
     grads = [
         g.view(src.shape) if (src is not None and a.need_grad and g.numel() == src.numel()) else g
         for g, src in ((g_logp, a.logp), (g_values, a.values), (g_entropy, a.entropy))
