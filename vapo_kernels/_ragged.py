@@ -17,6 +17,7 @@ They can be switched off for production runs with ``VAPO_VALIDATE=0`` or
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -172,11 +173,23 @@ def as_bool_mask(mask: torch.Tensor | None, name: str = "mask") -> torch.Tensor 
 
 
 def offsets(layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
-    """int64 sequence offsets into the flattened token tensor, for either layout."""
+    """int64 sequence offsets into the flattened token tensor, for either layout. The
+    padded layout's offsets are cached per shape and device (kernels only read them)."""
     if layout.packed:
         return cu_seqlens.to(torch.int64).contiguous()  # kernels index it as a flat array
-    batch, length = shape
+    return _padded_offsets(shape[0], shape[1], torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _padded_offsets(batch: int, length: int, device: torch.device) -> torch.Tensor:
     return torch.arange(batch + 1, dtype=torch.int64, device=device) * length
+
+
+def flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` as a contiguous 1-D tensor of ``dtype`` (no op where it already is one)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t.reshape(-1).contiguous()
 
 
 def pack_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, fill=0) -> torch.Tensor:

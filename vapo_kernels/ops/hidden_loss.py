@@ -11,6 +11,8 @@ vectors (4 bytes x N) pass between the kernels.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
 
@@ -61,7 +63,7 @@ class _LossFromHidden(torch.autograd.Function):
         need_h = hidden.requires_grad
         need_w = weight.requires_grad or (bias is not None and bias.requires_grad)
         loss, sums, *ctx.grads = _loss_and_grads(hidden, weight, bias, *rest, o, need_h, need_w)
-        metrics_out.update(logp_loss_metrics(o, sums))  # handed back beside the graph
+        metrics_out.append(logp_loss_metrics(o, sums))  # handed back beside the graph
         return loss
 
     @staticmethod
@@ -84,7 +86,7 @@ def policy_loss_from_hidden(
     temperature: float = 1.0,
     backend: str | None = None,
     **kw,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, Mapping[str, Tensor]]:
     """Policy loss from hidden states ``(N, H)`` packed (with ``cu_seqlens``) or
     ``(B, T, H)`` padded and the LM head ``weight`` ``(V, H)`` (+ ``bias``):
     ``(loss, metrics)``. The N x V logits never exist (forward or backward); the
@@ -97,8 +99,8 @@ def policy_loss_from_hidden(
     if torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
     ):
-        metrics: dict[str, Tensor] = {}
+        metrics: list = []
         loss = _LossFromHidden.apply(hidden, weight, bias, rest, metrics, o)
-        return loss, metrics
+        return loss, metrics[0]
     loss, sums, *_ = _loss_and_grads(hidden, weight, bias, *rest, o, False, False)
     return loss, logp_loss_metrics(o, sums)

@@ -10,7 +10,7 @@ the outputs are the loss, the sums vector and the N x V gradient.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -142,8 +142,8 @@ def _loss_sums(a: LogitsLossArgs, out: Tensor | None) -> tuple[Tensor, Tensor]:
         None if out is None else lp_ops._rows(out),
     )
     loss = loss_spec.loss_total(sums, a.params)
-    if _ragged.validation_enabled() and bool(torch.isnan(sums[L.S_PG : L.S_LM + 1].sum())):
-        screen_nan(sums, zip(_TOKEN_INPUTS, flat), valid)
+    if _ragged.validation_enabled() and bool(torch.isnan(loss)):
+        screen_nan(loss, zip(_TOKEN_INPUTS, flat), valid)
         # A NaN (or +inf) logit makes its row's gradient NaN; in place the logits are
         # gone, but their gradient rows show it just as well.
         rows = lp_ops._rows(a.logits if out is None else out)
@@ -265,7 +265,7 @@ class _LossFromLogits(torch.autograd.Function):
         else:
             loss, sums, ctx.grad = logits_loss_op(a)
         # ctx attribute, not save_for_backward: the in-place buffer has a bumped version.
-        metrics_out.update(logp_loss_metrics(options, sums))
+        metrics_out.append(logp_loss_metrics(options, sums))
         return loss
 
     @staticmethod
@@ -287,7 +287,7 @@ def policy_loss_from_logits(
     inplace_backward: bool = False,
     backend: str | None = None,
     **kw,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, Mapping[str, Tensor]]:
     """Policy loss straight from logits ``(N, V)`` packed (with ``cu_seqlens``) or
     ``(B, T, V)`` padded: ``(loss, metrics)``.
 
@@ -319,8 +319,8 @@ def policy_loss_from_logits(
         grad, backend or "",
     )
     if grad:
-        metrics: dict[str, Tensor] = {}
+        metrics: list = []
         loss = _LossFromLogits.apply(logits, a, bool(inplace_backward), metrics, o)
-        return loss, metrics
+        return loss, metrics[0]
     loss, sums, _ = logits_loss_op(a)
     return loss, logp_loss_metrics(o, sums)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -316,10 +316,10 @@ def sequence_weights(
         return counts.new_full((num_seqs,), dp, dtype=torch.float64)
     if agg == "token-mean":
         if global_tokens is not None:
-            return counts.new_full((num_seqs,), _share(dp, global_tokens), dtype=torch.float64)
+            return counts.new_full((num_seqs,), share(dp, global_tokens), dtype=torch.float64)
         return (dp / counts.sum(dtype=torch.float64).clamp(min=1)).expand(num_seqs).contiguous()
     if global_seqs is not None:
-        per_seq = counts.new_full((num_seqs,), _share(dp, global_seqs), dtype=torch.float64)
+        per_seq = counts.new_full((num_seqs,), share(dp, global_seqs), dtype=torch.float64)
     else:
         seqs = (counts > 0).sum(dtype=torch.float64).clamp(min=1)
         per_seq = (dp / seqs).expand(num_seqs).contiguous()
@@ -339,11 +339,11 @@ def positive_weights(
     positive sequences, 0 on the others (S,) float64."""
     pos = (positive != 0).to(torch.float64)
     if global_positive_tokens is not None:
-        return pos * _share(float(dp_size), global_positive_tokens)
+        return pos * share(float(dp_size), global_positive_tokens)
     return pos * (float(dp_size) / (pos * counts).sum().clamp(min=1))
 
 
-def _share(total: float, count: float) -> float:
+def share(total: float, count: float) -> float:
     """``total / count`` for a global count (a Python float: no host-to-device copy, so no
     stream sync on CUDA), 0 when the count is 0."""
     return total / count if count > 0 else 0.0
@@ -430,19 +430,26 @@ def _loss_params(
 
 
 def loss_total(sums: Tensor, params: Sequence[float]) -> Tensor:
-    """The loss: the five term sums with their coefficients (the metric slots hold +-inf
-    for empty batches and must not meet a zero coefficient). Python-float coefficients:
-    no host-to-device copy, so no stream sync on CUDA."""
-    total = sums[L.S_PG].clone()  # a view would alias the op's sums output
+    """The loss: the five term sums (slots PG..LM) dotted with their coefficients. A term
+    with coefficient 0 still enters (0 * NaN = NaN keeps the NaN screen of its input);
+    the metric slots, which hold +-inf for empty batches, never do. The coefficient
+    vector is cached per options, dtype and device: no host-to-device copy per call, so
+    no stream sync on CUDA."""
+    coefs = _term_coefficients(tuple(params), sums.dtype, sums.device)
+    return torch.dot(sums[L.S_PG : L.S_LM + 1], coefs)
+
+
+@functools.lru_cache(maxsize=64)
+def _term_coefficients(params: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    coefs = [1.0, 0.0, 0.0, 0.0, 0.0]
     for slot, coef in (
         (L.S_VF, params[L.P_VF_COEF]),
         (L.S_KL, params[L.P_KL_COEF]),
         (L.S_ENTROPY, -params[L.P_ENTROPY_COEF]),
         (L.S_LM, params[L.P_LM_COEF]),
     ):
-        if coef != 0.0:  # a term that is off costs no op
-            total = total + coef * sums[slot]
-    return total
+        coefs[slot - L.S_PG] = coef
+    return torch.tensor(coefs, dtype=dtype, device=device)
 
 
 # verl's explained-variance guard: 1 - var(R - v) / (var(R) + 1e-5), unbiased variances.
@@ -451,43 +458,86 @@ _EXPLAINED_VAR_EPS = 1e-5
 
 def loss_metrics(
     sums: Tensor, *, policy: bool, value: bool, kl: bool, entropy: bool, lm: bool
-) -> dict[str, Tensor]:
-    """The metrics of a loss call from its sums, as 0-d tensors (no device sync): means
-    over the local valid tokens, 0 when there are none; ratio min / mean / max are 1 (no
-    policy change) then. ``explained_var`` (value term) is the critic's explained
-    variance over the valid tokens as verl computes it, 0 with fewer than 2 tokens."""
-    sums = sums.detach()
-    tokens = sums[L.S_TOKENS]
-    any_valid = tokens > 0
-    means = (sums / tokens.clamp(min=1)).unbind()  # one op for every per-token mean
-    total = sums.unbind()
-    out = {"tokens": total[L.S_TOKENS]}
-    if policy:
-        # RATIO_MIN and RATIO_MAX are adjacent slots: one select for both (+-inf when empty)
-        extremes = torch.where(any_valid, sums[L.S_RATIO_MIN : L.S_RATIO_MAX + 1], 1.0).unbind()
-        out.update(
-            pg_loss=total[L.S_PG],
-            clipfrac_low=means[L.S_CLIP_LOW],
-            clipfrac_high=means[L.S_CLIP_HIGH],
-            clipfrac=means[L.S_CLIP_LOW] + means[L.S_CLIP_HIGH],
-            dual_clipfrac=means[L.S_DUAL_CLIP],
-            approx_kl=means[L.S_NEG_LOG_RATIO],
-            approx_kl_k3=means[L.S_K3],
-            ratio_mean=torch.where(any_valid, means[L.S_RATIO_SUM], 1.0),
-            ratio_min=extremes[0],
-            ratio_max=extremes[1],
-        )
-    if value:
+) -> Mapping[str, Tensor]:
+    """The metrics of a loss call from its sums (see :class:`LossMetrics`); a plain dict
+    under ``torch.compile``."""
+    metrics = LossMetrics(sums.detach(), policy, value, kl, entropy, lm)
+    return dict(metrics) if torch.compiler.is_compiling() else metrics
+
+
+class LossMetrics(Mapping):
+    """The metrics of a loss call, as 0-d tensors (no device sync), computed from the
+    call's sums vector when first read: means over the local valid tokens (0 when there
+    are none; ratio min / mean / max are 1 then), the loss terms, and ``explained_var``,
+    the critic's explained variance over the valid tokens as verl computes it
+    (``1 - var(R - v) / (var(R) + 1e-5)``, unbiased; 0 with fewer than 2 tokens).
+
+    Lazy because a trainer calls the loss per micro-batch and reads a few metrics: a
+    dozen 0-d tensors made eagerly cost more than the loss kernel at those sizes. A
+    ``Mapping``: ``dict(metrics)``, ``metrics.items()`` and ``{**metrics}`` work.
+    """
+
+    def __init__(self, sums: Tensor, policy: bool, value: bool, kl: bool, entropy: bool,
+                 lm: bool):
+        self._sums = sums
+        self._cache: dict[str, Tensor] = {}
+        self._keys = ["tokens"]
+        if policy:
+            self._keys += [
+                "pg_loss", "clipfrac_low", "clipfrac_high", "clipfrac", "dual_clipfrac",
+                "approx_kl", "approx_kl_k3", "ratio_mean", "ratio_min", "ratio_max",
+            ]
+        if value:
+            self._keys += ["vf_loss", "vf_clipfrac", "explained_var"]
+        self._keys += [k for k, on in (("kl_loss", kl), ("entropy", entropy), ("lm_loss", lm)) if on]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __repr__(self) -> str:
+        return f"LossMetrics({dict(self)!r})"
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._cache:
+            if key not in self._keys:
+                raise KeyError(key)
+            self._cache[key] = self._compute(key)
+        return self._cache[key]
+
+    def _compute(self, key: str) -> Tensor:
+        sums = self._sums
+        tokens = sums[L.S_TOKENS]
+
+        def mean(slot):
+            return sums[slot] / tokens.clamp(min=1)
+
+        if key in _TOTALS:
+            return sums[_TOTALS[key]]
+        if key in _MEANS:
+            return mean(_MEANS[key])
+        if key == "clipfrac":
+            return mean(L.S_CLIP_LOW) + mean(L.S_CLIP_HIGH)
+        if key in ("ratio_mean", "ratio_min", "ratio_max"):
+            value = mean(L.S_RATIO_SUM) if key == "ratio_mean" else sums[_RATIO[key]]
+            return torch.where(tokens > 0, value, 1.0)  # min/max hold +-inf when empty
+        # explained_var
         n = tokens.clamp(min=2)
         unbiased = n / (n - 1)
-        var_err = (means[L.S_VALUE_ERR_SQ] - means[L.S_VALUE_ERR].square()) * unbiased
-        var_ret = (means[L.S_RETURNS_SQ] - means[L.S_RETURNS].square()) * unbiased
-        explained = torch.where(tokens > 1, 1.0 - var_err / (var_ret + _EXPLAINED_VAR_EPS), 0.0)
-        out.update(vf_loss=total[L.S_VF], vf_clipfrac=means[L.S_VF_CLIP], explained_var=explained)
-    if kl:
-        out["kl_loss"] = total[L.S_KL]
-    if entropy:
-        out["entropy"] = total[L.S_ENTROPY]
-    if lm:
-        out["lm_loss"] = total[L.S_LM]
-    return out
+        var_err = (mean(L.S_VALUE_ERR_SQ) - mean(L.S_VALUE_ERR).square()) * unbiased
+        var_ret = (mean(L.S_RETURNS_SQ) - mean(L.S_RETURNS).square()) * unbiased
+        return torch.where(tokens > 1, 1.0 - var_err / (var_ret + _EXPLAINED_VAR_EPS), 0.0)
+
+
+_TOTALS = {
+    "tokens": L.S_TOKENS, "pg_loss": L.S_PG, "vf_loss": L.S_VF, "kl_loss": L.S_KL,
+    "entropy": L.S_ENTROPY, "lm_loss": L.S_LM,
+}
+_MEANS = {
+    "clipfrac_low": L.S_CLIP_LOW, "clipfrac_high": L.S_CLIP_HIGH,
+    "dual_clipfrac": L.S_DUAL_CLIP, "approx_kl": L.S_NEG_LOG_RATIO, "approx_kl_k3": L.S_K3,
+    "vf_clipfrac": L.S_VF_CLIP,
+}
+_RATIO = {"ratio_min": L.S_RATIO_MIN, "ratio_max": L.S_RATIO_MAX}

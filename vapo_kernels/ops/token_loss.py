@@ -13,7 +13,7 @@ and the backward only scales them. The public losses below (:func:`vapo_loss`,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -105,10 +105,24 @@ def _acc_dtype(tensors) -> torch.dtype:
 def aggregation_weights(a, layout, shape, device, flat_mask, acc):
     """``(offsets, seq_weight, lm_weight)`` of the kernel contract for the valid tokens
     (``shape``: the token tensors' shape, (B, T) padded or (N,) packed; ``a``: the op's
-    args). The valid-token counts come from the family's counting kernel."""
+    args). Token-level modes need only the total count (one reduction); the others take
+    per-sequence counts from the family's counting kernel."""
     if layout.packed:
         _ragged.check_cu_seqlens_values(a.cu_seqlens, layout.num_tokens)
     offs = _ragged.offsets(layout, shape, a.cu_seqlens, device)
+    num_seqs = layout.num_seqs
+    if a.agg in ("token-mean", "token-sum") and a.positive is None:
+        # The common case (VAPO's token-mean) in as few ops as possible: at micro-batch
+        # sizes each tensor op costs about as much as the loss kernel.
+        dp = float(a.dp_size)
+        if a.agg == "token-sum" or a.global_tokens is not None:
+            scale = dp if a.agg == "token-sum" else loss_spec.share(dp, a.global_tokens)
+            return offs, torch.full((num_seqs,), scale, dtype=acc, device=device), None
+        if flat_mask is None:
+            scale = loss_spec.share(dp, layout.num_tokens)
+            return offs, torch.full((num_seqs,), scale, dtype=acc, device=device), None
+        tokens = flat_mask.sum(dtype=torch.float64).clamp_(min=1)  # 0 tokens: weight unused
+        return offs, (dp / tokens).to(acc).expand(num_seqs).contiguous(), None
     if flat_mask is None:
         counts = offs[1:] - offs[:-1]
     else:
@@ -130,11 +144,12 @@ def aggregation_weights(a, layout, shape, device, flat_mask, acc):
     return offs, seq_w.to(acc).contiguous(), lm_w
 
 
-def screen_nan(sums: Tensor, named_inputs, mask: Tensor | None) -> None:
-    """A NaN in a valid input always reaches its term's sum (whatever its coefficient),
-    and masked slots never produce one: one check of the term sums screens every input;
-    per-input checks run only when something is wrong, to name the argument."""
-    if _ragged.validation_enabled() and bool(torch.isnan(sums[L.S_PG : L.S_LM + 1].sum())):
+def screen_nan(loss: Tensor, named_inputs, mask: Tensor | None) -> None:
+    """A NaN in a valid input always reaches its term's sum and so the loss (a zero
+    coefficient too: 0 * NaN), and masked slots never produce one: one check of the loss
+    screens every input; per-input checks run only when something is wrong, to name the
+    argument."""
+    if _ragged.validation_enabled() and bool(torch.isnan(loss)):
         for arg, t in named_inputs:
             if t is not None:
                 _ragged.check_no_nan_where_valid(arg, t, mask)
@@ -153,14 +168,14 @@ def _impl(a: TokenLossArgs):
     for t in tensors:
         if t is not None and t.dtype != dtype:
             dtype = torch.promote_types(dtype, t.dtype)
-    flat = [None if t is None else t.reshape(-1).to(dtype).contiguous() for t in tensors]
+    flat = [None if t is None else _ragged.flat(t, dtype) for t in tensors]
     _, kernel = _backends.select("token_loss", device, a.backend)
     offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, flat_mask, acc)
     sums, g_logp, g_values, g_entropy = kernel(
         *flat, flat_mask, offs, seq_w, lm_w, list(a.params), a.need_grad
     )
     loss = loss_total(sums, a.params)
-    screen_nan(sums, zip(TOKEN_INPUTS, tensors), mask)
+    screen_nan(loss, zip(TOKEN_INPUTS, tensors), mask)
     grads = [
         g.view(src.shape) if (src is not None and a.need_grad and g.numel() == src.numel()) else g
         for g, src in ((g_logp, a.logp), (g_values, a.values), (g_entropy, a.entropy))
@@ -259,7 +274,7 @@ def vapo_loss(
     dp_size: int = 1,
     loss_scale_factor: float | None = None,
     backend: str | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, Mapping[str, Tensor]]:
     r"""VAPO's whole token-level objective in one pass: ``(loss, metrics)``.
 
     ``loss = pg + vf_coef * vf + kl_coef * kl - entropy_coef * H + lm_coef * lm`` where
@@ -367,7 +382,7 @@ def policy_loss(
     dp_size: int = 1,
     loss_scale_factor: float | None = None,
     backend: str | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, Mapping[str, Tensor]]:
     """Clipped PPO policy loss with Clip-Higher, dual clip and verl's aggregation modes.
 
     Per-token advantages. ``clip_high < clip_low`` is allowed (it is just another
@@ -398,7 +413,7 @@ def value_loss(
     dp_size: int = 1,
     loss_scale_factor: float | None = None,
     backend: str | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, Mapping[str, Tensor]]:
     """Clipped value loss ``0.5 agg(max((v - R)^2, (clip(v, v_old +- eps_v) - R)^2))``.
 
     ``value_clip_form="verl"`` clips as ``max(min(v, v_old + eps), v_old - eps)``;
@@ -427,7 +442,7 @@ def kl_loss(
     dp_size: int = 1,
     loss_scale_factor: float | None = None,
     backend: str | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, Mapping[str, Tensor]]:
     """``agg(kl_penalty(logp, ref_logp, kl_kind))`` in one pass (verl's use_kl_loss term).
     Metrics: ``kl_loss``, ``tokens``."""
     return vapo_loss(
@@ -448,7 +463,7 @@ def agg_loss(
     dp_size: int = 1,
     loss_scale_factor: float | None = None,
     backend: str | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, Mapping[str, Tensor]]:
     """Aggregate any per-token loss with verl's modes: ``(loss, {"tokens": ...})``.
 
     Differentiable with respect to ``loss_mat``; masked slots never contribute.
@@ -470,7 +485,7 @@ def positive_lm_loss(
     global_positive_tokens: float | Tensor | None = None,
     dp_size: int = 1,
     backend: str | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+) -> tuple[Tensor, Mapping[str, Tensor]]:
     """VAPO's positive-example LM loss: the mean NLL ``-logp`` over the valid tokens of
     the sequences with ``positive[s]`` set (0 when there are none); multiply by mu (0.1).
     Metrics: ``lm_loss``, ``tokens``."""
