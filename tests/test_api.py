@@ -1,0 +1,203 @@
+"""The public API's conventions (README "API conventions"): one vocabulary, errors that
+name the user's argument instead of silent acceptance, metrics from the loss pass, and
+the eager fast path of every op against its ``torch.ops.vapo`` twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import vapo_kernels as vk
+from vapo_kernels.ops import gae as gae_mod
+from vapo_kernels.ops import loss_spec
+from vapo_kernels.ops import token_loss as token_loss_mod
+
+B, T = 3, 7
+
+
+def _batch(seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    rewards = torch.randn(B, T, generator=g, dtype=dtype)
+    values = torch.randn(B, T, generator=g, dtype=dtype)
+    mask = torch.rand(B, T, generator=g) < 0.7
+    mask[:, 0] = True
+    logp = -torch.rand(B, T, generator=g, dtype=dtype)
+    old = logp + 0.1 * torch.randn(B, T, generator=g, dtype=dtype)
+    return rewards, values, mask, logp, old
+
+
+# --------------------------------------------------------------------------------------
+# Silent acceptance, found by a new user: each is now an error naming the argument.
+
+
+def test_fractional_float_mask_is_refused_everywhere():
+    rewards, values, mask, logp, old = _batch()
+    half = mask.float() * 0.5
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1.*0.5"):
+        vk.gae(rewards, values, half)
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        vk.policy_loss(logp, old, rewards, half)
+    logits = torch.randn(B, T, 11)
+    targets = torch.randint(0, 11, (B, T))
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        vk.token_logprobs(logits, targets, mask=half)
+    # 0 / 1 floats and ints are masks, and give what the bool mask gives.
+    want = vk.gae(rewards, values, mask)
+    for as_dtype in (torch.float32, torch.int64, torch.uint8):
+        got = vk.gae(rewards, values, mask.to(as_dtype))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_nan_in_a_float_mask_is_refused():
+    rewards, values, mask, *_ = _batch()
+    bad = mask.float()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        vk.gae(rewards, values, bad)
+
+
+@pytest.mark.parametrize(
+    "coef,needs", [("kl_coef", "ref_logp"), ("entropy_coef", "entropy"), ("lm_coef", "positive")]
+)
+def test_a_coefficient_without_its_term_is_an_error(coef, needs):
+    rewards, values, mask, logp, old = _batch()
+    with pytest.raises(ValueError, match=f"{coef}=0.1 is set but its term is off: pass {needs}"):
+        vk.vapo_loss(logp, old, rewards, mask, **{coef: 0.1})
+    vk.vapo_loss(logp, old, rewards, mask, **{coef: 0.0})  # an explicit 0 ignores nothing
+
+
+def test_vf_coef_without_values_is_an_error():
+    rewards, values, mask, logp, old = _batch()
+    with pytest.raises(ValueError, match="vf_coef=0.5 is set but its term is off"):
+        vk.vapo_loss(logp, old, rewards, mask, vf_coef=0.5)
+
+
+def test_from_logits_coefficient_without_its_term_is_an_error():
+    logits = torch.randn(B, T, 11)
+    targets = torch.randint(0, 11, (B, T))
+    rewards, _, mask, _, old = _batch()
+    with pytest.raises(ValueError, match="kl_coef=0.1 is set but its term is off: pass ref_logp"):
+        vk.policy_loss_from_logits(logits, targets, old, rewards, mask, kl_coef=0.1)
+
+
+def test_flat_rows_without_cu_seqlens_name_the_users_argument():
+    n, h, v = 10, 8, 13
+    hidden = torch.randn(n, h)
+    weight = torch.randn(v, h)
+    targets = torch.randint(0, v, (n,))
+    old, adv = -torch.rand(n), torch.randn(n)
+    with pytest.raises(ValueError, match="hidden is flat.*pass cu_seqlens"):
+        vk.policy_loss_from_hidden(hidden, weight, targets, old, adv)
+    with pytest.raises(ValueError, match="logits is flat.*pass cu_seqlens"):
+        vk.policy_loss_from_logits(torch.randn(n, v), targets, old, adv)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    loss, _ = vk.policy_loss_from_hidden(hidden, weight, targets, old, adv, None, cu)
+    assert torch.isfinite(loss)
+
+
+# --------------------------------------------------------------------------------------
+# One vocabulary
+
+
+def test_every_loss_returns_loss_and_metrics():
+    rewards, values, mask, logp, old = _batch()
+    positive = torch.tensor([True, False, True])
+    calls = {
+        "policy_loss": lambda: vk.policy_loss(logp, old, rewards, mask),
+        "value_loss": lambda: vk.value_loss(values, values.flip(0), rewards, mask, value_clip=0.2),
+        "kl_loss": lambda: vk.kl_loss(logp, old, mask, kl_kind="k3"),
+        "agg_loss": lambda: vk.agg_loss(rewards, mask),
+        "positive_lm_loss": lambda: vk.positive_lm_loss(logp, positive, mask),
+        "vapo_loss": lambda: vk.vapo_loss(logp, old, rewards, mask),
+    }
+    for name, call in calls.items():
+        loss, metrics = call()
+        assert loss.dim() == 0, name
+        assert "tokens" in metrics and metrics["tokens"] == mask.sum(), name
+        assert all(v.dim() == 0 for v in dict(metrics).values()), name
+
+
+def test_metrics_are_a_read_only_mapping_of_the_pass():
+    rewards, values, mask, logp, old = _batch()
+    loss, m = vk.vapo_loss(
+        logp, old, rewards, mask, values=values, old_values=values, returns=rewards
+    )
+    keys = list(m)
+    assert keys[0] == "tokens" and "clipfrac_high" in keys and "explained_var" in keys
+    assert set(dict(m)) == set(keys) == set({**m})
+    with pytest.raises(KeyError):
+        m["no_such_metric"]
+    with pytest.raises(TypeError):
+        m["tokens"] = 0  # a Mapping, not a dict
+    assert m["clipfrac"] == m["clipfrac_low"] + m["clipfrac_high"]
+
+
+def test_explained_variance_is_verls_formula():
+    g = torch.Generator().manual_seed(3)
+    values = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    returns = values + 0.3 * torch.randn(4, 9, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 9, generator=g) < 0.8
+    garbage = torch.where(mask, returns, torch.tensor(1e30, dtype=torch.float64))
+    _, m = vk.value_loss(values, None, garbage, mask, value_clip=None)
+    r, v = returns[mask], values[mask]
+    want = 1 - torch.var(r - v) / (torch.var(r) + 1e-5)  # verl's metric, unbiased
+    torch.testing.assert_close(m["explained_var"], want, rtol=1e-10, atol=1e-12)
+    nothing = torch.zeros(4, 9, dtype=torch.bool)
+    _, empty = vk.value_loss(values, None, returns, nothing, value_clip=None)
+    assert empty["explained_var"] == 0  # no valid token: 0, not NaN
+
+
+# --------------------------------------------------------------------------------------
+# The eager fast path and the dispatcher run the same code
+
+
+def _gae_args(rewards, values, mask):
+    return gae_mod.GaeArgs(
+        rewards, values, mask, None, None, None, 0.9, 1.0, 0.99, 0.05, "skip", ""
+    )
+
+
+def test_eager_gae_equals_the_dispatched_op():
+    rewards, values, mask, *_ = _batch(1)
+    a = _gae_args(rewards, values, mask)
+    fast = gae_mod.gae_op(a)
+    slow = torch.ops.vapo.gae(*a)
+    for f, s in zip(fast, slow):
+        assert torch.equal(f, s)
+
+
+def test_eager_token_loss_equals_the_dispatched_op_with_gradients():
+    rewards, values, mask, logp, old = _batch(2)
+    params = loss_spec.loss_params(dual_clip=3.0)
+    outs = []
+    for call in (token_loss_mod.token_loss_op, lambda a: torch.ops.vapo.token_loss(*a)):
+        x = logp.clone().requires_grad_()
+        a = token_loss_mod.TokenLossArgs(
+            x, old, rewards, None, None, None, None, None, None, mask, None, None, params,
+            "token-mean", None, None, None, 1.0, None, True, "",
+        )
+        loss, sums, *_ = call(a)
+        loss.backward()
+        outs.append((loss.detach(), sums, x.grad))
+    for f, s in zip(*outs):
+        assert torch.equal(f, s)
+
+
+def test_traced_calls_go_through_the_dispatcher():
+    # Under a fake tensor mode the implementation cannot run (it reads data): the call
+    # must reach the op's fake kernel.
+    with FakeTensorMode():
+        rewards = torch.randn(B, T)
+        adv, ret = vk.gae(rewards, torch.randn(B, T), torch.ones(B, T, dtype=torch.bool))
+        loss, metrics = vk.policy_loss(-torch.rand(B, T), -torch.rand(B, T), rewards)
+    assert adv.shape == ret.shape == (B, T) and loss.shape == ()
+
+
+def test_eager_inplace_op_bumps_the_version_counter():
+    logits = torch.randn(B, T, 11, requires_grad=True) * 1.0  # not a leaf
+    targets = torch.randint(0, 11, (B, T))
+    rewards, _, mask, _, old = _batch()
+    before = logits._version
+    loss, _ = vk.policy_loss_from_logits(logits, targets, old, rewards, mask, inplace_backward=True)
+    assert logits._version > before
