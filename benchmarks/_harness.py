@@ -8,6 +8,10 @@ the byte floor at the copy bandwidth measured on the same device in the same run
 * CPU: ``time.perf_counter`` around each call.
 * CUDA: CUDA events around each call (device work is asynchronous), a 256 MiB buffer
   overwritten between repetitions so L2 starts cold.
+* Per-call (tiny) shapes, where a call has almost no work and its time is its fixed
+  cost: one torch thread (:func:`num_threads`), a median of hundreds of calls
+  (:class:`PerCall`), beside a bare torch op (and an autograd round trip) timed the same
+  way in the same run (:func:`bare_op_stats`).
 
 Nothing here knows about a particular op; ``bench_<family>.py`` scripts build their rows
 from :class:`Measurement` and these helpers.
@@ -25,7 +29,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +221,64 @@ def warmup_calls(predicted_s: float, warmup: int = 2) -> int:
     already run the code path once.
     """
     return warmup if predicted_s < 1.0 else 0
+
+
+# --------------------------------------------------------------------------------------
+# Per-call cost (tiny shapes): what a call costs when there is almost no work in it
+
+
+@dataclass(frozen=True)
+class PerCall:
+    """How the rows of a per-call (tiny) shape are timed: ``threads`` torch threads, a
+    median of up to ``reps`` calls (or ``budget_s`` of timed calls) after ``warmup``."""
+
+    threads: int = 1
+    reps: int = 500
+    warmup: int = 20
+    budget_s: float = 5.0
+
+    def describe(self) -> str:
+        return (
+            f"{self.threads} torch thread(s), median of up to {self.reps} calls "
+            f"(or {self.budget_s:g} s) after {self.warmup} warm-up calls"
+        )
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def bare_op_stats(
+    a: torch.Tensor, b: torch.Tensor, device: torch.device, pc: PerCall, leaf=None
+) -> dict[str, Stats]:
+    """The same-run reference for a per-call row: one ``torch.add(a, b)`` (the cost of
+    any op call), and with ``leaf`` one autograd round trip ``(leaf * b).sum()`` then
+    ``torch.autograd.grad`` (the cost of any differentiable call), timed like the rows."""
+    a, b = a.detach(), b.detach()
+    kw = {"warmup": pc.warmup, "reps": pc.reps, "budget_s": pc.budget_s}
+    out = {"torch.add": time_calls(lambda _: torch.add(a, b), [None], device, **kw)}
+    if leaf is not None:
+
+        def round_trip(_):
+            with torch.enable_grad():
+                return torch.autograd.grad((leaf * b).sum(), [leaf])
+
+        out["autograd mul+sum fwd+bwd"] = time_calls(round_trip, [None], device, **kw)
+    return {k: summarize(v) for k, v in out.items()}
+
+
+def fmt_bare(bare: dict[str, Stats]) -> str:
+    return ", ".join(
+        f"bare {k} {fmt_time(s.median_s)} (IQR {fmt_time(s.iqr_s)})" for k, s in bare.items()
+    )
 
 
 @dataclass

@@ -59,8 +59,12 @@ BYTES_PER_TOKEN = 17  # r, V fp32 + mask (1 B) in; A, R fp32 out
 RTOL = ATOL = 1e-4
 PREFIX = 512  # columns timed once to predict a slow peer's full-size cost
 
-DEFAULT_SHAPES = [(8, 1024), (64, 4096), (512, 16384), (1, 131072)]
-QUICK_SHAPES = [(8, 1024), (1, 4096)]
+# Per-call shapes: almost no work per call, so a row's time is the call's fixed cost
+# (Python, validation, dispatch). Their rows run on --per-call-threads threads (1), each
+# the median of hundreds of calls, beside a bare torch op timed in the same run.
+PER_CALL_SHAPES = [(8, 128)]
+DEFAULT_SHAPES = [*PER_CALL_SHAPES, (8, 1024), (64, 4096), (512, 16384), (1, 131072)]
+QUICK_SHAPES = [*PER_CALL_SHAPES, (8, 1024), (1, 4096)]
 
 
 # --------------------------------------------------------------------------------------
@@ -544,7 +548,16 @@ def compare(out, ref, mask) -> tuple[bool, float]:
 # The run
 
 
-def run_shape(batch, seqlen, args, device, peers, backends, flush) -> list[H.Measurement]:
+def run_shape(
+    batch, seqlen, args, device, peers, backends, flush, pc: H.PerCall | None = None
+) -> list[H.Measurement]:
+    """One shape's rows; with ``pc`` (a per-call shape) every row, and a bare torch op
+    first, is timed on ``pc.threads`` threads over ``pc.reps`` calls."""
+    with H.num_threads(pc.threads if pc else None):
+        return _run_shape(batch, seqlen, args, device, peers, backends, flush, pc)
+
+
+def _run_shape(batch, seqlen, args, device, peers, backends, flush, pc) -> list[H.Measurement]:
     shape = f"{batch}x{seqlen}"
     tokens = batch * seqlen
     t0 = time.perf_counter()
@@ -555,6 +568,11 @@ def run_shape(batch, seqlen, args, device, peers, backends, flush) -> list[H.Mea
         f"made in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
+    reps, budget = (pc.reps, pc.budget_s) if pc else (args.max_reps, args.budget)
+    bare: dict[str, H.Stats] = {}
+    if pc:
+        bare = H.bare_op_stats(sets[0].rewards, sets[0].values, device, pc)
+        print(f"  per call: {pc.describe()}; {H.fmt_bare(bare)}", flush=True)
     with_ref = args.reference and tokens <= 65536
     impls = build_impls(backends, peers, seqlen, with_ref)
     prefix = sets[0].prefix(min(seqlen, PREFIX))
@@ -584,11 +602,19 @@ def run_shape(batch, seqlen, args, device, peers, backends, flush) -> list[H.Mea
     expected = Expected(sets[0], peers, use_verl=not why_not, why_not=why_not)
 
     results = []
+    per_call = {"threads": pc.threads, "reps": pc.reps} if pc else None
+    for name, st in bare.items():
+        m = H.Measurement(
+            f"bare {name} (reference)", "gae", "bare", shape, batch, seqlen, tokens, stats=st
+        )
+        m.note = "one torch op on rewards and values: the fixed cost of any op call"
+        m.extra.update(valid_tokens=valid, per_call=per_call)
+        results.append(m)
     for impl in impls:
         m = H.Measurement(
             impl.name, impl.task, impl.kind, shape, batch, seqlen, tokens, note=impl.note
         )
-        m.extra["valid_tokens"] = valid
+        m.extra.update(valid_tokens=valid, per_call=per_call)
         results.append(m)
         if impl.unavailable:
             m.status, m.note = "skipped", impl.unavailable
@@ -628,15 +654,9 @@ def run_shape(batch, seqlen, args, device, peers, backends, flush) -> list[H.Mea
                     )
                     print(f"  skip {impl.name}: {m.note}", flush=True)
                     continue
-            warm = H.warmup_calls(predicted)
+            warm = pc.warmup if pc else H.warmup_calls(predicted)
             times = H.time_calls(
-                impl.run,
-                sets,
-                device,
-                warmup=warm,
-                reps=args.max_reps,
-                flush=flush,
-                budget_s=args.budget,
+                impl.run, sets, device, warmup=warm, reps=reps, flush=flush, budget_s=budget
             )
             m.stats, m.warmup = H.summarize(times), warm
             m.estimated = len(times) < args.min_reps
@@ -657,13 +677,14 @@ def to_rows(results: list[H.Measurement], env: dict, copy_bps: float) -> list[di
         by_shape.setdefault(m.shape, []).append(m)
     for shape, ms in by_shape.items():
         verl = next((m.median_s for m in ms if m.impl == "verl" and m.median_s), None)
+        bare = next((m.median_s for m in ms if m.kind == "bare" and m.median_s), None)
         best = {}
         for task in ("gae", "decoupled"):
             peers = [m for m in ms if m.kind == "peer" and m.task == task and m.median_s]
             best[task] = min(peers, key=lambda m: m.median_s) if peers else None
         for m in ms:
             med = m.median_s
-            b = best[m.task]
+            b = best[m.task] if m.kind != "bare" else None
             row = {
                 **env,
                 "shape": shape,
@@ -684,7 +705,10 @@ def to_rows(results: list[H.Measurement], env: dict, copy_bps: float) -> list[di
                 **H.throughput_fields(m, BYTES_PER_TOKEN, copy_bps),
                 "bytes_per_token": BYTES_PER_TOKEN,
                 "copy_GB_s": copy_bps / 1e9,
-                "speedup_vs_verl": verl / med if (verl and med) else None,
+                "speedup_vs_verl": verl / med if (verl and med and m.kind != "bare") else None,
+                "per_call": m.extra.get("per_call"),
+                "bare_op_s": bare,
+                "over_bare_op": med / bare if (bare and med) else None,
                 "best_peer": b.impl if b else None,
                 "speedup_vs_best_peer": b.median_s / med if (b and med) else None,
                 "verified": m.extra.get("verified"),
@@ -710,13 +734,14 @@ def table(rows: list[dict]) -> str:
         "%copy",
         "x verl",
         "x best peer",
+        "/ bare op",
         "check",
         "note",
     ]
     out = []
     for r in rows:
         check = {True: "ok", False: "FAIL", None: "-"}[r["verified"]]
-        note = r["note"] if r["status"] != "ok" or r["kind"] == "peer" or r["estimated"] else ""
+        note = r["note"] if r["status"] != "ok" or r["kind"] != "ours" or r["estimated"] else ""
         out.append(
             [
                 r["impl"],
@@ -729,6 +754,7 @@ def table(rows: list[dict]) -> str:
                 H.fmt_num(r["fraction_of_copy"] and 100 * r["fraction_of_copy"], ".3g", "%"),
                 H.fmt_num(r["speedup_vs_verl"], ".3g", "x"),
                 H.fmt_num(r["speedup_vs_best_peer"], ".3g", "x"),
+                H.fmt_num(r["over_bare_op"], ".3g", "x"),
                 check,
                 note[:110],
             ]
@@ -782,6 +808,15 @@ def main(argv=None) -> int:
         action="store_true",
         help="switch off vapo_kernels' data checks (VAPO_VALIDATE=0)",
     )
+    p.add_argument(
+        "--per-call-threads",
+        type=int,
+        default=1,
+        help=f"torch threads for the per-call shapes {PER_CALL_SHAPES} (default 1)",
+    )
+    p.add_argument(
+        "--per-call-reps", type=int, help="timed calls per row at a per-call shape (default 500)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -794,6 +829,12 @@ def main(argv=None) -> int:
     args.max_reps = args.max_reps or (5 if args.quick else (100 if gpu else 50))
     if args.quick:
         args.min_reps = min(args.min_reps, 3)
+    pc = H.PerCall(
+        threads=args.per_call_threads,
+        reps=args.per_call_reps or (30 if args.quick else 500),
+        warmup=5 if args.quick else 20,
+        budget_s=1.0 if args.quick else 5.0,
+    )
     shapes = QUICK_SHAPES if args.quick else DEFAULT_SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
@@ -833,7 +874,7 @@ def main(argv=None) -> int:
     print(
         f"  timing: median of up to {args.max_reps} calls or {args.budget:g} s per row, "
         f"rotating {args.sets} input sets, cache flush between calls: "
-        f"{'on' if flush else 'off'}",
+        f"{'on' if flush else 'off'}; per-call shapes {PER_CALL_SHAPES}: {pc.describe()}",
         flush=True,
     )
     meta = {
@@ -857,6 +898,8 @@ def main(argv=None) -> int:
             "max_reps": args.max_reps,
             "max_call_s": args.max_call_s,
             "flush": bool(args.flush),
+            "per_call_shapes": PER_CALL_SHAPES,
+            "per_call": vars(pc),
         },
     }
 
@@ -864,12 +907,15 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     text = []
     for batch, seqlen in shapes:
-        res = run_shape(batch, seqlen, args, device, peers, backends, flush)
+        shape_pc = pc if (batch, seqlen) in PER_CALL_SHAPES else None
+        res = run_shape(batch, seqlen, args, device, peers, backends, flush, shape_pc)
         shape_rows = to_rows(res, env, copy_bps)
         rows += shape_rows
         block = (
             f"\n{batch}x{seqlen} on {env['device_name']} (byte floor "
-            f"{H.fmt_time(shape_rows[0]['floor_s'])} at {copy_bps / 1e9:.1f} GB/s copy)\n"
+            f"{H.fmt_time(shape_rows[0]['floor_s'])} at {copy_bps / 1e9:.1f} GB/s copy)"
+            + (f"; PER CALL: {shape_pc.describe()}" if shape_pc else "")
+            + "\n"
             + table(shape_rows)
         )
         text.append(block)
@@ -881,7 +927,7 @@ def main(argv=None) -> int:
     H.write_json(args.out / f"gae_{tag}.json", meta, rows)
     (args.out / f"gae_{tag}.txt").write_text("\n".join(text) + "\n")
     plotted = H.plot_throughput(
-        [r for r in rows if r["status"] == "ok"],
+        [r for r in rows if r["status"] == "ok" and r["kind"] != "bare"],
         args.out / f"gae_{tag}.png",
         title=f"GAE tokens/s, {env['device_name']}, torch {env['torch']}, {env['timestamp']}",
     )

@@ -100,12 +100,17 @@ UNIT_ROUNDOFF = {
     torch.float64: 2.0**-53,
 }
 
+# Per-call shapes: little work per call, so the call's fixed cost shows. Their rows run on
+# --per-call-threads threads (1), each the median of hundreds of calls, beside a bare
+# torch op timed in the same run.
+PER_CALL_SHAPES = [(1024, 1024)]
 # CPU: small enough that the default run takes minutes on 2 cores.
-CPU_SHAPES = [(1024, 32768), (4096, 32768), (1024, 151936), (1024, 32768, 512)]
+CPU_SHAPES = [*PER_CALL_SHAPES, (1024, 32768), (4096, 32768), (1024, 151936), (1024, 32768, 512)]
 GPU_SHAPES = [(n, v) for n in (4096, 16384, 65536) for v in (32768, 151936)] + [
     (n, v, h) for n in (4096, 16384, 65536) for v in (32768, 151936) for h in (2048, 4096)
 ]
-QUICK_SHAPES = [(256, 3000), (64, 3000, 128)]
+QUICK_SHAPES = [*PER_CALL_SHAPES, (256, 3000), (64, 3000, 128)]
+PER_CALL = {(*s, None)[:3] for s in PER_CALL_SHAPES}  # as (n, v, h)
 
 
 @dataclass(frozen=True)
@@ -429,7 +434,7 @@ Outputs = tuple[Tensor, Tensor | None]  # (logp (N,), entropy (N,) or None)
 class Impl:
     name: str
     task: str
-    kind: str  # "ours" | "peer" | "floor" (the bare matmul: timed, not checked)
+    kind: str  # "ours" | "peer" | "floor" (the bare matmul) | "bare" (a bare op): not checked
     fn: Callable[[Inputs], Outputs]
     note: str = ""
     unavailable: str | None = None
@@ -1113,6 +1118,23 @@ def prepare_shape(shape: Shape, args, device) -> ShapeState:
 
 
 def run_shape(shape: Shape, args, device, peers, backends, flush, compile_why) -> list[Result]:
+    """One shape's rows; a per-call shape runs on ``--per-call-threads`` threads, its rows
+    timed over ``--per-call-reps`` calls, a bare torch op first."""
+    pc = args.per_call_spec if (shape.n, shape.v, shape.h) in PER_CALL else None
+    if pc:
+        args = argparse.Namespace(**vars(args))
+        args.max_reps, args.budget, args.warmup = pc.reps, pc.budget_s, pc.warmup + 1
+        if args.compile:
+            torch._dynamo.reset()  # compiled as a first shape, the next ones as without it
+    try:
+        with H.num_threads(pc.threads if pc else None):
+            return _run_shape(shape, args, device, peers, backends, flush, compile_why, pc)
+    finally:
+        if pc and args.compile:
+            torch._dynamo.reset()
+
+
+def _run_shape(shape, args, device, peers, backends, flush, compile_why, pc) -> list[Result]:
     t_start = time.perf_counter()
     st = prepare_shape(shape, args, device)
     sets = st.sets
@@ -1125,6 +1147,22 @@ def run_shape(shape: Shape, args, device, peers, backends, flush, compile_why) -
     )
     impls = build_impls(shape, backends, peers, tasks, device, compile_why)
     results: list[Result] = []
+    if pc and tasks:
+        bare = H.bare_op_stats(sets[0].w, sets[0].c, device, pc)["torch.add"]
+        print(
+            f"  per call: {pc.describe()}; bare torch.add on two (N,) fp32 tensors "
+            f"{H.fmt_time(bare.median_s)} (IQR {H.fmt_time(bare.iqr_s)})",
+            flush=True,
+        )
+        impl = Impl(
+            "bare torch.add (reference)",
+            tasks[0],
+            "bare",
+            None,
+            "one torch op on two (N,) fp32 tensors: the fixed cost of any op call "
+            "(the same time in both mode columns)",
+        )
+        results += [Result(impl, mode, stats=bare) for mode in MODES]
     for impl in impls:
         rs = [Result(impl, mode) for mode in MODES]
         results += rs
@@ -1179,7 +1217,9 @@ def floors(shape: Shape, results: list[Result], copy_bps, matmul_flops, dtype) -
     }
 
 
-def to_rows(shape: Shape, results: list[Result], env, copy_bps, matmul_flops, dtype) -> list[dict]:
+def to_rows(
+    shape: Shape, results: list[Result], env, copy_bps, matmul_flops, dtype, pc=None
+) -> list[dict]:
     fl = floors(shape, results, copy_bps, matmul_flops, dtype)
     rows = []
     for r in results:
@@ -1194,6 +1234,7 @@ def to_rows(shape: Shape, results: list[Result], env, copy_bps, matmul_flops, dt
         ]
         best = min(peers, key=lambda p: p.median_s) if peers else None
         med = r.median_s
+        bare = next((b.median_s for b in results if b.impl.kind == "bare"), None)
         rows.append(
             {
                 **env,
@@ -1228,6 +1269,9 @@ def to_rows(shape: Shape, results: list[Result], env, copy_bps, matmul_flops, dt
                 "peak_mem_bytes": r.peak_bytes,
                 "best_peer": best.impl.name if best else None,
                 "speedup_vs_best_peer": best.median_s / med if (best and med) else None,
+                "per_call": vars(pc) if pc else None,
+                "bare_op_s": bare,
+                "over_bare_op": med / bare if (bare and med) else None,
                 "verified": r.verified,
                 "verified_against": r.verified_against,
                 "max_abs_err": r.max_abs_err,
@@ -1302,10 +1346,17 @@ def shape_header(rows: list[dict], env: dict) -> str:
         basis = f"copy {r0['copy_GB_s']:.1f} GB/s (read + write)"
     else:
         basis = f"the bare matmul's {fwd['matmul_TFLOP_s'] * 1e3:.4g} GFLOP/s at this shape"
+    pc = r0.get("per_call")
     return (
         f"\n{r0['shape']} {r0['dtype']} on {env['device_name']}: floor fwd "
         f"{H.fmt_time(fwd['floor_s'])} ({fwd['floor_basis']}), fwd+bwd "
         f"{H.fmt_time(trn['floor_s'])} ({trn['floor_basis']}) at {basis}"
+        + (
+            f"\n  PER CALL: {H.PerCall(**pc).describe()}; bare torch.add "
+            f"{H.fmt_time(r0['bare_op_s'])}"
+            if pc
+            else ""
+        )
     )
 
 
@@ -1344,6 +1395,15 @@ def main(argv=None) -> int:
         help="overwrite a buffer larger than the last-level cache before each timed call "
         "(default: on for CUDA, off for CPU)",
     )
+    p.add_argument(
+        "--per-call-threads",
+        type=int,
+        default=1,
+        help=f"torch threads for the per-call shapes {PER_CALL_SHAPES} (default 1)",
+    )
+    p.add_argument(
+        "--per-call-reps", type=int, help="timed calls per row at a per-call shape (default 300)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -1359,6 +1419,12 @@ def main(argv=None) -> int:
     args.budget = args.budget or (0.05 if args.quick else (0.5 if gpu else 1.5))
     args.max_reps = args.max_reps or (3 if args.quick else (30 if gpu else 20))
     args.max_call_s = args.max_call_s or (30.0 if gpu else 4.0)
+    args.per_call_spec = H.PerCall(
+        threads=args.per_call_threads,
+        reps=args.per_call_reps or (10 if args.quick else 300),
+        warmup=2 if args.quick else 10,
+        budget_s=0.3 if args.quick else 5.0,
+    )
     if args.compile is None:
         args.compile = not args.quick
     default_shapes = QUICK_SHAPES if args.quick else GPU_SHAPES if gpu else CPU_SHAPES
@@ -1419,7 +1485,8 @@ def main(argv=None) -> int:
     flush = H.CacheFlusher(device, (16 << 20) if args.quick else None) if args.flush else None
     print(
         f"  timing: median of up to {args.max_reps} calls or {args.budget:g} s per row and mode; "
-        f"cache flush between calls {'on' if flush else 'off'}",
+        f"cache flush between calls {'on' if flush else 'off'}; per-call shapes "
+        f"{PER_CALL_SHAPES}: {args.per_call_spec.describe()}",
         flush=True,
     )
     meta = {
@@ -1446,6 +1513,8 @@ def main(argv=None) -> int:
             "max_call_s": args.max_call_s,
             "flush": bool(args.flush),
             "compile": args.compile,
+            "per_call_shapes": PER_CALL_SHAPES,
+            "per_call": vars(args.per_call_spec),
         },
     }
 
@@ -1454,7 +1523,8 @@ def main(argv=None) -> int:
     text = []
     for shape in shapes:
         res = run_shape(shape, args, device, peers, backends, flush, compile_why)
-        shape_rows = to_rows(shape, res, env, copy_bps, matmul_flops, args.dtype)
+        pc = args.per_call_spec if (shape.n, shape.v, shape.h) in PER_CALL else None
+        shape_rows = to_rows(shape, res, env, copy_bps, matmul_flops, args.dtype, pc)
         rows += shape_rows
         block = shape_header(shape_rows, env) + "\n" + table(shape_rows)
         text.append(block)
@@ -1470,7 +1540,11 @@ def main(argv=None) -> int:
     # axis), a panel per task and mode.
     for family, what in (("logits", "N x V logits"), ("linear", "N x V x H LM head")):
         path = args.out / f"logprobs_{tag}_{family}.png"
-        ok_rows = [r for r in rows if r["status"] == "ok" and r["family"] == family]
+        ok_rows = [
+            r
+            for r in rows
+            if r["status"] == "ok" and r["family"] == family and r["kind"] != "bare"
+        ]
         if ok_rows and H.plot_throughput(
             ok_rows,
             path,

@@ -117,9 +117,14 @@ LOGIT_TASKS = ("logits", "hidden")
 TASKS = TOKEN_TASKS + LOGIT_TASKS
 
 # Token tasks: (B, T); from logits: (N, V); from hidden: (N, V, H).
-CPU_TOKEN_SHAPES = [(64, 4096), (256, 4096), (1024, 4096)]  # 256k, 1M, 4M tokens
+# Per-call token shapes: almost no work per call, so a row's time is the call's fixed cost
+# (Python, validation, autograd). Their rows run on --per-call-threads threads (1), each
+# the median of hundreds of forward + backward calls, beside a bare torch op and a bare
+# autograd round trip timed in the same run.
+PER_CALL_TOKEN_SHAPES = [(8, 128)]
+CPU_TOKEN_SHAPES = [*PER_CALL_TOKEN_SHAPES, (64, 4096), (256, 4096), (1024, 4096)]
 GPU_TOKEN_SHAPES = [(256, 4096), (512, 4096), (1024, 4096), (2048, 4096)]  # 1M .. 8M
-QUICK_TOKEN_SHAPES = [(8, 1024)]
+QUICK_TOKEN_SHAPES = [*PER_CALL_TOKEN_SHAPES, (8, 1024)]
 CPU_LOGIT_SHAPES = [(1024, 32768), (2048, 32768)]
 GPU_LOGIT_SHAPES = [(16384, 151936), (32768, 151936), (65536, 151936)]
 QUICK_LOGIT_SHAPES = [(128, 2048)]
@@ -1135,7 +1140,8 @@ def run_row(m: H.Measurement, impl: Impl, xs, checker, args, device, flush, rest
     else:
         wall = H.time_once(lambda: call(xs[0]), device)
     _free(device)
-    warm = max(0, H.warmup_calls(wall) - 1)
+    pc = getattr(args, "per_call", None)
+    warm = pc.warmup if pc else max(0, H.warmup_calls(wall) - 1)
 
     def before_each():
         if restore:
@@ -1205,6 +1211,26 @@ def run_impls(impls, sets, checker, shape, batch, seqlen, tokens, args, device, 
 
 
 def run_token_shape(batch, seqlen, args, device, peers, backends, flush, compile_why):
+    """One token shape; a per-call shape runs on ``--per-call-threads`` threads, its rows
+    timed over ``--per-call-reps`` calls, a bare torch op and autograd round trip first."""
+    pc = None
+    if (batch, seqlen) in PER_CALL_TOKEN_SHAPES and not args.memory_only:
+        pc = args.per_call_spec
+        args = argparse.Namespace(**vars(args))
+        args.per_call, args.max_reps, args.budget = pc, pc.reps, pc.budget_s
+    if pc and args.compile:
+        torch._dynamo.reset()  # compiled as a first shape, and the next shapes as without it
+    try:
+        with H.num_threads(pc.threads if pc else None):
+            return _run_token_shape(
+                batch, seqlen, args, device, peers, backends, flush, compile_why, pc
+            )
+    finally:
+        if pc and args.compile:
+            torch._dynamo.reset()
+
+
+def _run_token_shape(batch, seqlen, args, device, peers, backends, flush, compile_why, pc):
     shape = f"{batch}x{seqlen}"
     tokens = batch * seqlen
     t0 = time.perf_counter()
@@ -1222,9 +1248,24 @@ def run_token_shape(batch, seqlen, args, device, peers, backends, flush, compile
             continue
         checker = None if args.memory_only else TokenChecker(sets[0], task)
         impls = build_token_impls(task, backends["token"], peers, compile_why)
-        results += run_impls(
+        if pc:
+            x = sets[0]
+            bare = H.bare_op_stats(x.old_logp, x.adv, device, pc, leaf=x.logp)
+            print(f"  per call ({task}): {pc.describe()}; {H.fmt_bare(bare)}", flush=True)
+            for name, st in bare.items():
+                m = H.Measurement(
+                    f"bare {name} (reference)", task, "bare", shape, batch, seqlen, tokens
+                )
+                m.stats = st
+                m.note = "on old_logp, adv (and logp): the fixed cost of any such call"
+                m.extra.update(valid_tokens=x.valid, per_call=vars(pc))
+                results.append(m)
+        task_rows = run_impls(
             impls, sets, checker, shape, batch, seqlen, tokens, args, device, flush
         )
+        for m in task_rows:
+            m.extra["per_call"] = vars(pc) if pc else None
+        results += task_rows
     del sets
     _free(device)
     return results
@@ -1300,6 +1341,14 @@ def to_rows(results: list[H.Measurement], env: dict, copy_bps: float) -> list[di
     for m in results:
         floor_s, floor_what, bpt = floor_of(m, copy_bps)
         med = m.median_s
+        bare = next(
+            (
+                b.median_s
+                for b in results
+                if b.kind == "bare" and b.task == m.task and b.shape == m.shape and b.median_s
+            ),
+            None,
+        )
         peers = [
             p
             for p in results
@@ -1337,6 +1386,9 @@ def to_rows(results: list[H.Measurement], env: dict, copy_bps: float) -> list[di
                 "matmul_s": m.extra.get("matmul_s"),
                 "peak_bytes": m.extra.get("peak_bytes"),
                 "speedup_vs": speedups,
+                "per_call": m.extra.get("per_call"),
+                "bare_op_s": bare,
+                "over_bare_op": med / bare if (bare and med) else None,
                 "best_peer": best.impl if best else None,
                 "speedup_vs_best_peer": best.median_s / med
                 if (best and med and m.kind == "ours")
@@ -1359,10 +1411,13 @@ def _mem(b: int | None) -> str:
 
 def table(rows: list[dict]) -> str:
     headers = ["impl", "median", "IQR", "reps", "Mtok/s", "%floor", "peak mem", "check", "note"]
+    per_call = any(r["bare_op_s"] for r in rows)
+    if per_call:
+        headers.insert(6, "/ bare add")
     out = []
     for r in rows:
         check = {True: "ok", False: "FAIL", None: "-"}[r["verified"]]
-        note = r["note"] if (r["status"] != "ok" or r["kind"] == "peer" or r["estimated"]) else ""
+        note = r["note"] if (r["status"] != "ok" or r["kind"] != "ours" or r["estimated"]) else ""
         out.append(
             [
                 r["impl"],
@@ -1376,6 +1431,8 @@ def table(rows: list[dict]) -> str:
                 note[:90],
             ]
         )
+        if per_call:
+            out[-1].insert(6, H.fmt_num(r["over_bare_op"], ".3g", "x"))
     text = H.format_table(headers, out)
     peers = [r["impl"] for r in rows if r["kind"] == "peer" and r["median_s"]]
     ours = [r for r in rows if r["kind"] == "ours" and r["median_s"]]
@@ -1390,10 +1447,12 @@ def table(rows: list[dict]) -> str:
 
 def block_header(rows: list[dict], env: dict) -> str:
     r = rows[0]
+    pc = r.get("per_call")
     return (
         f"\n{r['task']} {r['shape']} on {env['device_name']}: {r['tokens']:,} tokens "
         f"({r['valid_tokens']:,} valid); floor {H.fmt_time(r['floor_s'])} ({r['floor']}, "
         f"copy {r['copy_GB_s']:.1f} GB/s)"
+        + (f"\n  PER CALL: {H.PerCall(**pc).describe()}, forward + backward" if pc else "")
     )
 
 
@@ -1492,6 +1551,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-validate", action="store_true", help="VAPO_VALIDATE=0 (data checks off)")
     p.add_argument("--memory-only", help=argparse.SUPPRESS)  # internal: measure_cpu_peaks
     p.add_argument("--plan", dest="plan_path", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--per-call-threads",
+        type=int,
+        default=1,
+        help=f"torch threads for the per-call token shapes {PER_CALL_TOKEN_SHAPES} (default 1)",
+    )
+    p.add_argument(
+        "--per-call-reps", type=int, help="timed calls per row at a per-call shape (default 500)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -1508,6 +1576,12 @@ def main(argv=None) -> int:
     args.max_reps = args.max_reps or (3 if args.quick else (50 if gpu else 20))
     if args.quick:
         args.min_reps = min(args.min_reps, 2)
+    args.per_call_spec = H.PerCall(
+        threads=args.per_call_threads,
+        reps=args.per_call_reps or (30 if args.quick else 500),
+        warmup=5 if args.quick else 20,
+        budget_s=1.0 if args.quick else 5.0,
+    )
     if args.compile is None:
         args.compile = not args.quick
     compile_why = None if args.compile else "torch.compile rows off (--quick / --no-compile)"
@@ -1621,7 +1695,8 @@ def main(argv=None) -> int:
     args.measure_peak = gpu  # CPU: in the second process, so this one's malloc is untouched
     print(
         f"  timing: median of up to {args.max_reps} calls or {args.budget:g} s per row, "
-        f"cache flush between calls: {'on' if flush else 'off'}; peak memory: {mem_method}",
+        f"cache flush between calls: {'on' if flush else 'off'}; peak memory: {mem_method}; "
+        f"per-call token shapes {PER_CALL_TOKEN_SHAPES}: {args.per_call_spec.describe()}",
         flush=True,
     )
     meta = {
@@ -1653,6 +1728,8 @@ def main(argv=None) -> int:
             "max_reps": args.max_reps,
             "flush": bool(args.flush),
             "compile": bool(args.compile),
+            "per_call_token_shapes": PER_CALL_TOKEN_SHAPES,
+            "per_call": vars(args.per_call_spec),
         },
     }
 
@@ -1676,7 +1753,9 @@ def main(argv=None) -> int:
     title = f"{env['device_name']}, torch {env['torch']}, {env['timestamp']}"
     plots = []
     for suffix, tasks in (("", TOKEN_TASKS), ("_logits", LOGIT_TASKS)):
-        sel = [r for r in rows if r["status"] == "ok" and r["task"] in tasks]
+        sel = [
+            r for r in rows if r["status"] == "ok" and r["task"] in tasks and r["kind"] != "bare"
+        ]
         path = args.out / f"loss_{tag}{suffix}.png"
         if sel and H.plot_throughput(sel, path, title=f"PPO loss fwd+bwd tokens/s, {title}"):
             plots.append(str(path))
