@@ -7,7 +7,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gae_scan_cpu", &vapo::gae_scan_cpu, "two-lambda GAE reverse scan (CPU)");
   m.def("valid_counts_cpu", &vapo::valid_counts_cpu, "valid tokens per sequence (CPU)");
   m.def("masked_whiten_cpu", &vapo::masked_whiten_cpu, "masked whitening (CPU)");
-  m.def("token_logprobs_fwd_cpu", &vapo::token_logprobs_fwd_cpu, "token log-probs, entropy, lse (CPU)");
+  m.def("token_logprobs_fwd_cpu", &vapo::token_logprobs_fwd_cpu, "token log-probs, entropy, (max logit, log normaliser) (CPU)");
   m.def("token_logprobs_bwd_cpu", &vapo::token_logprobs_bwd_cpu, "token log-probs backward, may be in place (CPU)");
   m.def("token_loss_cpu", &vapo::token_loss_cpu, "fused PPO/VAPO token loss (CPU)");
   m.def("empty_like_cpu", [](const at::Tensor& like) {

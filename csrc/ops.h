@@ -26,15 +26,16 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(const at::Tensor& x,
                                                      const std::optional<at::Tensor>& mask,
                                                      bool unbiased, double eps, bool shift_mean);
 
-// Token log-probs / entropy / lse from logits, and their backward written into `out`
-// (which may be the logits themselves) (vapo_kernels/ops/logprobs.py).
+// Token log-probs / entropy / stats (N, 2) = (max logit, log normaliser) from logits, and
+// their backward from those written into `out` (which may be the logits themselves)
+// (vapo_kernels/ops/logprobs.py).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& valid,
     double temperature);
 void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
                             const std::optional<at::Tensor>& grad_entropy,
                             const at::Tensor& logits, const at::Tensor& targets,
-                            const std::optional<at::Tensor>& valid, const at::Tensor& lse,
+                            const std::optional<at::Tensor>& valid, const at::Tensor& stats,
                             const at::Tensor& entropy, double temperature, at::Tensor out);
 
 // Fused PPO / VAPO token loss: (sums, grad_logp, grad_values, grad_entropy)

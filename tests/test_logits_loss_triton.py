@@ -302,7 +302,8 @@ def token_scales(x, rest):
 
     s = z / tau
     row_scale = 1 + torch.where(torch.isfinite(s), s.abs(), 0).amax(-1) + math.log(vocab)
-    lp, ent, lse = reference_forward(z, y, valid, tau)
+    lp, ent, stats = reference_forward(z, y, valid, tau)
+    lse = stats[:, 0] / tau + stats[:, 1]  # stats = (max logit, log normaliser) per row
     offsets = rest["offsets"].cpu()
     seq = torch.repeat_interleave(torch.arange(offsets.numel() - 1), offsets[1:] - offsets[:-1])
     w = clean(cpu64(rest["seq_weight"])[seq])

@@ -158,7 +158,7 @@ def max_abs_s(z, temperature):
 
 
 def forward_tolerance(z, temperature):
-    """(atol per row, rtol) for logp / entropy / lse computed from these logits."""
+    """(atol per row, rtol) for logp / entropy / log_norm computed from these logits."""
     s_max = max_abs_s(z, temperature)
     # The float64 spec is off by ~eps64 |s|^2 itself: lse carries ~eps64 |s|, which
     # lands on p and then on sum p s, relative to |s|.
@@ -180,7 +180,8 @@ def backward_tolerance(z, temperature, ref_grad, grad_logp, grad_entropy):
     if z.dtype == torch.float64:
         atol = mag * 1e-12 * (1 + s_max)
     else:
-        # t = s - lse is off by ~ulp(|s|): p is off by that much relatively.
+        # t = (z - m) / tau - log_norm is off by ~ulp(|z - m| / tau) <= ulp(2 |s|max): p
+        # is off by that much relatively.
         atol = mag * 16 * EPS32 * (1 + s_max)
         if z.dtype == torch.float16:
             atol = atol + 2.0**-24  # fp16 subnormal spacing
@@ -198,17 +199,20 @@ def test_forward_backward_match_float64_spec(case, poisoned):
     tau = case["temperature"]
     n = z.shape[0]
     with poisoned():
-        logp, entropy, lse = ext().token_logprobs_fwd_cpu(z, targets, valid, tau)
+        logp, entropy, stats = ext().token_logprobs_fwd_cpu(z, targets, valid, tau)
     acc = torch.float64 if z.dtype == torch.float64 else torch.float32
-    assert logp.dtype == entropy.dtype == lse.dtype == acc
+    assert logp.dtype == entropy.dtype == stats.dtype == acc
+    assert stats.shape == (n, 2) and stats.is_contiguous()
     ref = reference_forward(z.double(), targets, valid, tau)
     atol, rtol = forward_tolerance(z, tau)
-    for got, want, name in zip((logp, entropy, lse), ref, ("logp", "entropy", "lse")):
+    for got, want, name in zip((logp, entropy), ref, ("logp", "entropy")):
         assert_close(got, want, atol, rtol, name)
+    assert torch.equal(stats[:, 0].double(), ref[2][:, 0])  # the max logit: exact
+    assert_close(stats[:, 1], ref[2][:, 1], atol, rtol, "log_norm")
     keep = kept(targets, valid)
     assert bool((logp[keep] <= 0).all()) and bool((entropy >= 0).all())
     assert bool(
-        (logp[~keep] == 0).all() and (entropy[~keep] == 0).all() and (lse[~keep] == 0).all()
+        (logp[~keep] == 0).all() and (entropy[~keep] == 0).all() and (stats[~keep] == 0).all()
     )
 
     gen = torch.Generator().manual_seed(case["seed"] + 1)
@@ -217,9 +221,9 @@ def test_forward_backward_match_float64_spec(case, poisoned):
     with poisoned():
         out = torch.empty_like(z)  # NaN-filled: every element must be written
         ext().token_logprobs_bwd_cpu(
-            grad_logp, grad_entropy, z, targets, valid, lse, entropy, tau, out
+            grad_logp, grad_entropy, z, targets, valid, stats, entropy, tau, out
         )
-    # The spec fed with the kernel's own (fp32) lse and entropy, so that the comparison
+    # The spec fed with the kernel's own (fp32) stats and entropy, so that the comparison
     # measures the backward only.
     want = torch.empty(z.shape, dtype=torch.float64)
     g_h64 = None if grad_entropy is None else grad_entropy.double()
@@ -229,7 +233,7 @@ def test_forward_backward_match_float64_spec(case, poisoned):
         z.double(),
         targets,
         valid,
-        lse.double(),
+        stats.double(),
         entropy.double(),
         tau,
         want,
@@ -242,7 +246,7 @@ def test_forward_backward_match_float64_spec(case, poisoned):
     # In place: the same kernel writing over the logits gives the very same bits.
     buf = z.clone() if not case["strided"] else z._base.clone()[:, 3 : 3 + z.shape[1]]
     ext().token_logprobs_bwd_cpu(
-        grad_logp, grad_entropy, buf, targets, valid, lse, entropy, tau, buf
+        grad_logp, grad_entropy, buf, targets, valid, stats, entropy, tau, buf
     )
     assert torch.equal(buf, out)
 
@@ -283,15 +287,17 @@ def test_huge_vocabulary_few_rows(n, dtype, poisoned):
     valid = torch.tensor([True, True, False][:n])
     tau = 0.9
     with poisoned():
-        logp, entropy, lse = ext().token_logprobs_fwd_cpu(z, targets, valid, tau)
+        logp, entropy, stats = ext().token_logprobs_fwd_cpu(z, targets, valid, tau)
     want = reference_forward(z.double(), targets, valid, tau)
     atol, rtol = forward_tolerance(z, tau)
-    for got, w, name in zip((logp, entropy, lse), want, ("logp", "entropy", "lse")):
+    for got, w, name in zip((logp, entropy), want, ("logp", "entropy")):
         assert_close(got, w, atol, rtol, name)
+    assert torch.equal(stats[:, 0].double(), want[2][:, 0])
+    assert_close(stats[:, 1], want[2][:, 1], atol, rtol, "log_norm")
     g = torch.randn(n, generator=gen)
     with poisoned():
         out = torch.empty_like(z)
-        ext().token_logprobs_bwd_cpu(g, -g, z, targets, valid, lse, entropy, tau, out)
+        ext().token_logprobs_bwd_cpu(g, -g, z, targets, valid, stats, entropy, tau, out)
     want = torch.empty(z.shape, dtype=torch.float64)
     reference_backward(
         g.double(),
@@ -299,14 +305,14 @@ def test_huge_vocabulary_few_rows(n, dtype, poisoned):
         z.double(),
         targets,
         valid,
-        lse.double(),
+        stats.double(),
         entropy.double(),
         tau,
         want,
     )
     atol, rtol = backward_tolerance(z, tau, want, g, g)
     assert_close(out, want, atol, rtol, "grad")
-    ext().token_logprobs_bwd_cpu(g, -g, z, targets, valid, lse, entropy, tau, z)  # in place
+    ext().token_logprobs_bwd_cpu(g, -g, z, targets, valid, stats, entropy, tau, z)  # in place
     assert torch.equal(z, out)
 
 
@@ -321,13 +327,13 @@ def test_all_rows_ignored_and_empty(poisoned):
             torch.ones(4), torch.ones(4), z, targets, valid, outs[2], outs[1], 1.0, grad
         )
     for o in outs:
-        assert torch.equal(o, torch.zeros(4))
+        assert torch.equal(o, torch.zeros_like(o))
     assert torch.equal(grad, torch.zeros_like(z))
     with poisoned():
         outs = ext().token_logprobs_fwd_cpu(
             torch.randn(0, 50), torch.zeros(0, dtype=torch.long), None, 1.0
         )
-    assert all(o.shape == (0,) for o in outs)
+    assert [o.shape for o in outs] == [(0,), (0,), (0, 2)]
 
 
 def test_ignored_rows_are_never_read():
@@ -337,11 +343,11 @@ def test_ignored_rows_are_never_read():
     z[2] = math.inf
     targets = torch.tensor([-100, 5, 6])
     valid = torch.tensor([True, True, False])
-    logp, entropy, lse = ext().token_logprobs_fwd_cpu(z, targets, valid, 1.0)
-    assert torch.isfinite(torch.stack([logp, entropy, lse])).all()
+    logp, entropy, stats = ext().token_logprobs_fwd_cpu(z, targets, valid, 1.0)
+    assert torch.isfinite(torch.stack([logp, entropy, *stats.T])).all()
     grad = torch.empty_like(z)
     ext().token_logprobs_bwd_cpu(
-        torch.ones(3), torch.ones(3), z, targets, valid, lse, entropy, 1.0, grad
+        torch.ones(3), torch.ones(3), z, targets, valid, stats, entropy, 1.0, grad
     )
     assert torch.isfinite(grad).all() and bool((grad[[0, 2]] == 0).all())
 
@@ -349,23 +355,26 @@ def test_ignored_rows_are_never_read():
 def test_nan_logit_poisons_its_row_only():
     z = torch.randn(3, 2000)
     z[1, 1500] = math.nan
-    logp, entropy, lse = ext().token_logprobs_fwd_cpu(z, torch.tensor([1, 2, 3]), None, 1.0)
-    assert torch.isnan(logp[1]) and torch.isnan(entropy[1]) and torch.isnan(lse[1])
-    assert torch.isfinite(torch.stack([logp[[0, 2]], entropy[[0, 2]], lse[[0, 2]]])).all()
+    logp, entropy, stats = ext().token_logprobs_fwd_cpu(z, torch.tensor([1, 2, 3]), None, 1.0)
+    assert torch.isnan(logp[1]) and torch.isnan(entropy[1]) and torch.isnan(stats[1, 1])
+    assert torch.isfinite(torch.stack([logp[[0, 2]], entropy[[0, 2]]])).all()
+    assert torch.isfinite(stats[[0, 2]]).all()
 
 
 def test_row_of_only_neg_inf_does_not_crash():
-    # Invalid input; the kernel gives what the reference gives: logp NaN, H 0, lse -inf.
+    # Invalid input; the kernel gives what the reference gives: logp NaN, H 0, stats
+    # (-inf, -inf) (lse -inf).
     z = torch.randn(2, 3000)
     z[0] = -math.inf
     targets = torch.tensor([4, 5])
-    logp, entropy, lse = ext().token_logprobs_fwd_cpu(z, targets, None, 1.0)
+    logp, entropy, stats = ext().token_logprobs_fwd_cpu(z, targets, None, 1.0)
     ref = reference_forward(z.double(), targets, None, 1.0)
     assert torch.isnan(logp[0]) and torch.isnan(ref[0][0])
-    assert entropy[0] == ref[1][0] == 0 and lse[0] == ref[2][0] == -math.inf
+    assert entropy[0] == ref[1][0] == 0
+    assert torch.equal(stats[0].double(), ref[2][0]) and bool((stats[0] == -math.inf).all())
     grad = torch.empty_like(z)
     ext().token_logprobs_bwd_cpu(
-        torch.ones(2), torch.ones(2), z, targets, None, lse, entropy, 1.0, grad
+        torch.ones(2), torch.ones(2), z, targets, None, stats, entropy, 1.0, grad
     )
     assert torch.isfinite(grad[1]).all()
 
@@ -419,7 +428,7 @@ def test_public_op_autograd(dtype, shape, temperature, use_mask, seed, poisoned)
     atol, rtol = backward_tolerance(
         flat, temperature, ref_grad.view(-1, vocab), g_lp.view(-1), g_h.view(-1)
     )
-    # ref_grad used the fp64 lse; the kernel's fp32 lse adds ~ulp(lse) to t.
+    # ref_grad used fp64 stats; the kernel's fp32 log_norm adds ~ulp(log_norm) to t.
     assert_close(grad.view(-1, vocab), ref_grad.view(-1, vocab), atol * 4, rtol, "grad")
     _, _, grad_inplace = run(z, "cpp", inplace=True)
     assert torch.equal(grad_inplace, grad)
@@ -481,7 +490,7 @@ def _backward_args(**change):
         "logits": z,
         "targets": torch.tensor([0, 1, 2]),
         "valid": None,
-        "lse": torch.zeros(3),
+        "stats": torch.zeros(3, 2),
         "entropy": torch.zeros(3),
         "temperature": 1.0,
         "out": torch.empty_like(z),
@@ -495,7 +504,8 @@ BAD_BACKWARD = {
     "grad dtype": ({"grad_logp": torch.ones(3, dtype=torch.float64)}, "grad_logp must be"),
     "grad length": ({"grad_logp": torch.ones(2)}, "grad_logp must be"),
     "grad_entropy length": ({"grad_entropy": torch.ones(2)}, "grad_entropy must be"),
-    "lse length": ({"lse": torch.zeros(2)}, "lse must be"),
+    "stats length": ({"stats": torch.zeros(2, 2)}, "stats must be"),
+    "stats flat": ({"stats": torch.zeros(3)}, "stats must be"),
     "entropy dtype": ({"entropy": torch.zeros(3, dtype=torch.float16)}, "entropy must be"),
     "out dtype": ({"out": torch.empty(3, 8, dtype=torch.float64)}, "out must be"),
     "out shape": ({"out": torch.empty(3, 7)}, "out must be"),

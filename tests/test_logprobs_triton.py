@@ -103,20 +103,23 @@ def build(case):
 
 def exact_forward(z, y, valid, temperature):
     """The float64 reference on CPU, run on logits shifted so each row's max is 0:
-    ((logp, entropy, lse), (shifted logits, their lse)).
+    ((logp, entropy, stats), (shifted logits, their stats)); stats = (max, log_norm).
 
-    Shifting changes nothing mathematically, but the reference forms H = lse - sum p s,
-    whose rounding grows like eps * max|s| * |s| (7.5e-9 at |s| = 1e4 even in float64);
-    after the shift the large |s| only meet p ~ 0, so the oracle is exact enough to
-    hold the kernels to ~1e-13 at any logit scale.
+    Shifting changes nothing mathematically; it keeps the oracle independent of how the
+    reference rounds large logits (a reference forming H = lse - sum p s loses
+    eps * max|s| * |s|, 7.5e-9 at |s| = 1e4 even in float64): after the shift the large
+    |s| only meet p ~ 0, so the oracle is exact enough to hold the kernels to ~1e-13 at
+    any logit scale.
     """
     z = z.detach().cpu().double()
     top = torch.where(torch.isfinite(z), z, -math.inf).amax(-1, keepdim=True)
     top = torch.where(torch.isfinite(top), top, 0)
     valid = None if valid is None else valid.cpu()
-    logp, ent, lse_shifted = reference_forward(z - top, y.cpu(), valid, temperature)
-    lse = torch.where(keep_rows(y, valid), lse_shifted + top[:, 0] / temperature, 0)
-    return (logp, ent, lse), (z - top, lse_shifted)
+    logp, ent, stats_shifted = reference_forward(z - top, y.cpu(), valid, temperature)
+    # The shift moves the max and leaves log_norm as it is.
+    stats = stats_shifted + torch.cat([top, torch.zeros_like(top)], dim=1)
+    stats = torch.where(keep_rows(y, valid)[:, None], stats, 0)
+    return (logp, ent, stats), (z - top, stats_shifted)
 
 
 def keep_rows(y, valid):
@@ -152,7 +155,7 @@ def forward_tolerance(z, temperature, dtype):
     return ACC_RTOL[acc_dtype(dtype)] * row_scale(z, temperature)
 
 
-def backward_tolerance(z, y, keep, temperature, lse, g_lp, g_h, exact):
+def backward_tolerance(z, y, keep, temperature, stats, g_lp, g_h, exact):
     """Per element: rounding of the exact gradient to the output dtype (eps |dz|, or one
     subnormal step below the normal range) plus the
     accumulation error, relative to scale. p is off by ~eps scale relative to itself,
@@ -160,9 +163,10 @@ def backward_tolerance(z, y, keep, temperature, lse, g_lp, g_h, exact):
     eps_out = torch.finfo(z.dtype).eps
     rtol = ACC_RTOL[acc_dtype(z.dtype)]
     scale = row_scale(z, temperature)[:, None]
-    s = z.detach().cpu().double() / temperature
-    # Ignored rows have lse = 0 (their exact gradient is 0, checked exactly elsewhere).
-    p = torch.where(keep[:, None], torch.exp(s - lse.cpu().double()[:, None]), 0)
+    stats = stats.cpu().double()
+    u = (z.detach().cpu().double() - stats[:, :1]) / temperature - stats[:, 1:]
+    # Ignored rows have stats = 0 (their exact gradient is 0, checked exactly elsewhere).
+    p = torch.where(keep[:, None], torch.exp(u), 0)
     onehot = torch.zeros_like(p)
     onehot.scatter_(1, y.cpu().clamp(min=0)[:, None], 1.0)
     g_lp = g_lp.cpu().double().abs()[:, None]
@@ -189,28 +193,30 @@ def test_kernels_match_float64_reference(case, poisoned):
     tau, dtype = case["temperature"], case["dtype"]
     keep = keep_rows(y, valid)
     cpu_valid = None if valid is None else valid.cpu()
-    exp, (shifted, lse_shifted) = exact_forward(z, y, valid, tau)
+    exp, (shifted, stats_shifted) = exact_forward(z, y, valid, tau)
 
     with poisoned():
         got = tlp.token_logprobs_fwd(z, y, valid, tau, block_v=BLOCK)
     tol = forward_tolerance(z, tau, dtype)
-    for name, g, e in zip(("logp", "entropy", "lse"), got, exp):
+    for name, g, e in zip(("logp", "entropy", "stats"), got, exp):
         assert g.dtype == acc_dtype(dtype) and g.device.type == DEVICE, name
-        assert_close_with(g, e, tol, name)
+        assert_close_with(g, e, tol if g.dim() == 1 else tol[:, None], name)
         assert (g.cpu()[~keep] == 0).all(), f"{name} of ignored rows must be 0"
     assert (got[0] <= 0).all() and (got[1] >= 0).all()
+    assert torch.equal(got[2][:, 0].cpu().double(), exp[2][:, 0])  # the max logit: exact
 
-    # Backward, given the same (exact) lse and entropy as the reference, so that only the
-    # backward kernel's own rounding is measured.
+    # Backward, given the same (exact) stats and entropy as the reference, so that only
+    # the backward kernel's own rounding is measured.
     exact = torch.empty(z.shape, dtype=torch.float64)
     g_h_cpu = None if g_h is None else g_h.cpu().double()
     reference_backward(
-        g_lp.cpu().double(), g_h_cpu, shifted, y.cpu(), cpu_valid, lse_shifted, exp[1], tau, exact
+        g_lp.cpu().double(), g_h_cpu, shifted, y.cpu(), cpu_valid, stats_shifted, exp[1], tau,
+        exact,
     )
-    lse, ent = (x.to(acc_dtype(dtype)).to(DEVICE) for x in exp[2:0:-1])
+    stats, ent = (x.to(acc_dtype(dtype)).to(DEVICE) for x in exp[2:0:-1])
     with poisoned():
         grad = torch.empty_like(z)
-        tlp.token_logprobs_bwd(g_lp, g_h, z, y, valid, lse, ent, tau, grad, block_v=BLOCK)
+        tlp.token_logprobs_bwd(g_lp, g_h, z, y, valid, stats, ent, tau, grad, block_v=BLOCK)
     assert grad.dtype == z.dtype
     tol = backward_tolerance(z, y, keep, tau, exp[2], g_lp, g_h, exact)
     assert_close_with(grad, exact, tol, "grad")
@@ -218,7 +224,7 @@ def test_kernels_match_float64_reference(case, poisoned):
 
     # In place over a copy of the logits: bit-for-bit the out-of-place result.
     inplace = z.clone()
-    tlp.token_logprobs_bwd(g_lp, g_h, inplace, y, valid, lse, ent, tau, inplace, block_v=BLOCK)
+    tlp.token_logprobs_bwd(g_lp, g_h, inplace, y, valid, stats, ent, tau, inplace, block_v=BLOCK)
     assert torch.equal(inplace.cpu(), grad.cpu())
 
 
@@ -228,11 +234,11 @@ def test_without_entropy_gradient_equals_zero_entropy_gradient(dtype):
     z = torch.randn(5, 2 * BLOCK + 3, generator=gen, dtype=dtype).to(DEVICE)
     y = torch.tensor([0, 3, -100, 2 * BLOCK + 2, 7], device=DEVICE)
     g_lp = torch.randn(5, generator=gen, dtype=dtype).to(DEVICE)
-    _, ent, lse = tlp.token_logprobs_fwd(z, y, None, 0.9, block_v=BLOCK)
+    _, ent, stats = tlp.token_logprobs_fwd(z, y, None, 0.9, block_v=BLOCK)
     a, b = torch.empty_like(z), torch.empty_like(z)
-    tlp.token_logprobs_bwd(g_lp, None, z, y, None, lse, ent, 0.9, a, block_v=BLOCK)
+    tlp.token_logprobs_bwd(g_lp, None, z, y, None, stats, ent, 0.9, a, block_v=BLOCK)
     zero = torch.zeros_like(g_lp)
-    tlp.token_logprobs_bwd(g_lp, zero, z, y, None, lse, ent, 0.9, b, block_v=BLOCK)
+    tlp.token_logprobs_bwd(g_lp, zero, z, y, None, stats, ent, 0.9, b, block_v=BLOCK)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
@@ -246,24 +252,25 @@ def test_known_values():
     z[2, :2 * BLOCK] = -math.inf  # the first two chunks hold nothing
     z[3, 9] = 1e4
     y = torch.tensor([4, 6, 2 * BLOCK, 9])
-    logp, ent, lse = tlp.token_logprobs_fwd(z.to(DEVICE), y.to(DEVICE), None, 1.0, block_v=BLOCK)
-    logp, ent, lse = logp.cpu(), ent.cpu(), lse.cpu()
+    logp, ent, stats = tlp.token_logprobs_fwd(z.to(DEVICE), y.to(DEVICE), None, 1.0, block_v=BLOCK)
+    logp, ent, stats = logp.cpu(), ent.cpu(), stats.cpu()
     flat = torch.tensor([vocab, vocab - 1, BLOCK + 1], dtype=torch.float64).log()
     torch.testing.assert_close(logp[:3], -flat, rtol=1e-15, atol=0)
     torch.testing.assert_close(ent[:3], flat, rtol=1e-15, atol=0)
-    torch.testing.assert_close(lse[:3], flat, rtol=1e-15, atol=0)
-    assert logp[3] == 0 and ent[3] == 0 and lse[3] == 1e4
+    assert (stats[:3, 0] == 0).all()  # the row max
+    torch.testing.assert_close(stats[:3, 1], flat, rtol=1e-15, atol=0)
+    assert logp[3] == 0 and ent[3] == 0 and stats[3, 0] == 1e4 and stats[3, 1] == 0
     # -inf logits get exactly zero gradient (no 0 * inf NaN) from both terms.
     grad = torch.empty(4, vocab, dtype=torch.float64, device=DEVICE)
     ones = torch.ones(4, dtype=torch.float64, device=DEVICE)
     tlp.token_logprobs_bwd(
-        ones, ones, z.to(DEVICE), y.to(DEVICE), None, lse.to(DEVICE), ent.to(DEVICE), 1.0, grad,
-        block_v=BLOCK,
+        ones, ones, z.to(DEVICE), y.to(DEVICE), None, stats.to(DEVICE), ent.to(DEVICE), 1.0,
+        grad, block_v=BLOCK,
     )
     grad = grad.cpu()
     assert torch.isfinite(grad).all() and grad[1, 5] == 0 and (grad[2, : 2 * BLOCK] == 0).all()
     # Gradients of logp + H sum to zero over each row (softmax shift invariance).
-    torch.testing.assert_close(grad.sum(-1), torch.zeros_like(lse), rtol=0, atol=1e-12)
+    torch.testing.assert_close(grad.sum(-1), torch.zeros_like(ent), rtol=0, atol=1e-12)
 
 
 def test_ignored_rows_are_invisible(poisoned):
@@ -296,9 +303,9 @@ def test_ignored_rows_are_invisible(poisoned):
 def test_empty_batch(poisoned):
     z = torch.zeros(0, 7, device=DEVICE)
     y = torch.zeros(0, dtype=torch.int64, device=DEVICE)
-    logp, ent, lse = tlp.token_logprobs_fwd(z, y, None, 1.0)
-    assert logp.shape == ent.shape == lse.shape == (0,)
-    tlp.token_logprobs_bwd(logp, None, z, y, None, lse, ent, 1.0, torch.empty_like(z))
+    logp, ent, stats = tlp.token_logprobs_fwd(z, y, None, 1.0)
+    assert logp.shape == ent.shape == (0,) and stats.shape == (0, 2)
+    tlp.token_logprobs_bwd(logp, None, z, y, None, stats, ent, 1.0, torch.empty_like(z))
 
 
 @pytest.mark.parametrize("inplace", [False, True])
@@ -451,15 +458,15 @@ def test_gpu_big_vocab_bf16_matches_torch_fp32():
     n, vocab = 8192, 152064
     z = (4 * torch.randn(n, vocab, device="cuda")).bfloat16()
     y = torch.randint(0, vocab, (n,), device="cuda")
-    logp, ent, lse = tlp.token_logprobs_fwd(z, y, None, 0.9)
+    logp, ent, stats = tlp.token_logprobs_fwd(z, y, None, 0.9)
     e_logp, e_ent, e_grad = _torch_fp32(z, y, 0.9)
     torch.testing.assert_close(logp, e_logp, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ent, e_ent, rtol=1e-5, atol=1e-4)
     ones = torch.ones(n, device="cuda")
     grad = torch.empty_like(z)
-    tlp.token_logprobs_bwd(ones, ones, z, y, None, lse, ent, 0.9, grad)
+    tlp.token_logprobs_bwd(ones, ones, z, y, None, stats, ent, 0.9, grad)
     torch.testing.assert_close(grad.float(), e_grad, rtol=2**-7, atol=1e-6)
-    tlp.token_logprobs_bwd(ones, ones, z, y, None, lse, ent, 0.9, z)  # in place
+    tlp.token_logprobs_bwd(ones, ones, z, y, None, stats, ent, 0.9, z)  # in place
     assert torch.equal(z, grad)
 
 
@@ -474,12 +481,12 @@ def test_gpu_beyond_int32_elements():
     torch.manual_seed(1)
     z = (3 * torch.randn(n, vocab, device="cuda", dtype=torch.bfloat16))
     y = torch.randint(0, vocab, (n,), device="cuda")
-    logp, ent, lse = tlp.token_logprobs_fwd(z, y, None, 1.0)
+    logp, ent, stats = tlp.token_logprobs_fwd(z, y, None, 1.0)
     tail = slice(n - 64, n)  # rows whose offsets exceed 2^31 elements
     assert (n - 64) * vocab > 2**31
     e_logp, e_ent, e_grad = _torch_fp32(z[tail], y[tail], 1.0)
     torch.testing.assert_close(logp[tail], e_logp, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ent[tail], e_ent, rtol=1e-5, atol=1e-4)
     ones = torch.ones(n, device="cuda")
-    tlp.token_logprobs_bwd(ones, ones, z, y, None, lse, ent, 1.0, z)  # in place
+    tlp.token_logprobs_bwd(ones, ones, z, y, None, stats, ent, 1.0, z)  # in place
     torch.testing.assert_close(z[tail].float(), e_grad, rtol=2**-7, atol=1e-6)

@@ -3,7 +3,8 @@
 //
 // Rows are taken in blocks small enough to stay in cache (kCacheBytes of logits, at most
 // kMaxRows rows; one row when a row alone is larger). Per block: the log-prob kernel's
-// forward per row (lse, entropy, target log-prob: logits read from memory once), the
+// forward per row (max logit, log normaliser, entropy, target log-prob: logits read from
+// memory once), the
 // token-loss tiles on those few tokens (loss terms, metrics, d loss / d logp and
 // d loss / d H), then the log-prob backward per row, which reads the row again while it
 // is still in cache and writes its gradient (over the logits when out is the logits).
@@ -101,15 +102,16 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
     shared.lm_weight = opt_ptr<T>(lm_weight);
 
     at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
-      std::array<T, kMaxRows> logp, entropy, lse, g_logp, g_entropy;
+      std::array<T, kMaxRows> logp, entropy, row_max, log_norm, g_logp, g_entropy;
       for (int64_t blk = b0; blk < b1; ++blk) {
         const int64_t r0 = blk * rows_per_block, r1 = std::min(n, r0 + rows_per_block);
         for (int64_t r = r0; r < r1; ++r) {
-          RowStats st{0.0, 0.0, 0.0};  // the contract's values for rows that do not count
+          RowStats st{0.0, 0.0, 0.0, 0.0};  // the contract's values for rows that do not count
           if (keep[r]) st = logprob_row_forward(z + r * z_stride, vocab, y[r], temperature);
           logp[r - r0] = static_cast<T>(st.logp);
           entropy[r - r0] = static_cast<T>(st.entropy);
-          lse[r - r0] = static_cast<T>(st.lse);
+          row_max[r - r0] = static_cast<T>(st.m);
+          log_norm[r - r0] = static_cast<T>(st.log_norm);
         }
         // The token-loss block reads its per-token arrays relative to r0 and the batch's
         // inputs (old_logp, ...) at their global index: offset those pointers to r0.
@@ -137,7 +139,8 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
           // outputs, rounded to T as they would be there.
           const double gh = entropy_coef != 0 ? static_cast<double>(g_entropy[r - r0]) : 0.0;
           logprob_row_backward(z + r * z_stride, orow, vocab, y[r], temperature,
-                               static_cast<double>(lse[r - r0]),
+                               static_cast<double>(row_max[r - r0]),
+                               static_cast<double>(log_norm[r - r0]),
                                static_cast<double>(entropy[r - r0]),
                                static_cast<double>(g_logp[r - r0]), gh);
         }

@@ -5,16 +5,20 @@
 // small enough to stay in L1. Each block is read twice from cache - once for its maximum
 // (cheap), once for the exponentials - and folds into a running (M, S, W):
 //   M = max z seen so far,   S = sum exp(x),   W = sum exp(x) * x,   x = (z - M) / tau,
-// rescaled by exp(dM / tau) when M grows. Then lse = M / tau + log S and
+// rescaled by exp(dM / tau) when M grows. Then log_norm = log S and
 // entropy = log S - W / S: W is taken relative to the max, so the entropy of a row of
 // huge logits (+-1e4) is not the difference of two huge numbers. A row too long for the
-// threads available is cut into segments whose (M, S, W) merge the same way.
+// threads available is cut into segments whose (M, S, W) merge the same way. The row's
+// stats (M, log_norm) go to the backward (lse = M / tau + log_norm is never formed).
 //
-// Backward, per element: p = exp(z / tau - lse), and with t = z / tau - lse,
+// Backward, per element, with t = (z - M) / tau - log_norm = log p:
 //   dz = (g_lp * (onehot - p) + g_H * p * (E_s - s)) / tau = p * (c1 - g_H / tau * t)
 // where E_s - s = -(t + H) and c1 = -(g_lp + g_H * H) / tau; the target's onehot term is
 // patched in afterwards from its logit, read before its part of the row is written (the
-// output may be the logits themselves).
+// output may be the logits themselves). t is measured from the max as in the forward:
+// z - M is exact near the max, so a dominant logit gets t = 0 and p = 1 exactly, where
+// z / tau - lse subtracted two numbers ~1e4 with ~ulp(1e4) of rounding each in float
+// (a gradient ~1e-4 off at tau = 1.3, ~1e-3 at tau = 0.7).
 //
 // The exponential is the cost. GCC does not vectorise libm's expf without -ffast-math,
 // so the float path uses its own: 2^k * exp(r) with k = round(x / ln2) and a degree-7
@@ -184,28 +188,32 @@ VAPO_INLINE void block_exp_sums(const T* z, int64_t n, T m, T inv_tau, double& s
   w += hsum<T, W>(vw);
 }
 
-// One vector of the backward: p * (c1 - gh * t), t = z * inv_tau - lse, p = exp(t).
+// One vector of the backward: p * (c1 - gh * t), t = (z - m) * inv_tau - log_norm,
+// p = exp(t).
 template <typename T, int W>
-VAPO_INLINE Vec<T, W> grad_step(const Vec<T, W>& z, const Vec<T, W>& inv_tau,
-                                const Vec<T, W>& lse, const Vec<T, W>& c1,
-                                const Vec<T, W>& gh) {
-  const Vec<T, W> t = clamp_exp_arg<T, W>(z * inv_tau - lse);
+VAPO_INLINE Vec<T, W> grad_step(const Vec<T, W>& z, const Vec<T, W>& m,
+                                const Vec<T, W>& inv_tau, const Vec<T, W>& log_norm,
+                                const Vec<T, W>& c1, const Vec<T, W>& gh) {
+  const Vec<T, W> t = clamp_exp_arg<T, W>((z - m) * inv_tau - log_norm);
   return vexp<W>(t) * (c1 - gh * t);
 }
 
 // out[i] = grad_step(z[i]) for i < n. Reads each vector before writing it, so out == z
 // is fine.
 template <typename T, int W>
-VAPO_INLINE void block_grad(const T* z, T* out, int64_t n, T inv_tau, T lse, T c1, T gh) {
+VAPO_INLINE void block_grad(const T* z, T* out, int64_t n, T m, T inv_tau, T log_norm, T c1,
+                            T gh) {
   using V = Vec<T, W>;
-  const V vt = splat<T, W>(inv_tau), vl = splat<T, W>(lse);
+  const V vm = splat<T, W>(m), vt = splat<T, W>(inv_tau), vl = splat<T, W>(log_norm);
   const V vc = splat<T, W>(c1), vg = splat<T, W>(gh);
   int64_t i = 0;
-  for (; i + W <= n; i += W) store(out + i, grad_step<T, W>(load<V>(z + i), vt, vl, vc, vg));
+  for (; i + W <= n; i += W) {
+    store(out + i, grad_step<T, W>(load<V>(z + i), vm, vt, vl, vc, vg));
+  }
   if (i < n) {
     T buf[W] = {};
     std::copy(z + i, z + n, buf);
-    const V g = grad_step<T, W>(load<V>(buf), vt, vl, vc, vg);
+    const V g = grad_step<T, W>(load<V>(buf), vm, vt, vl, vc, vg);
     std::memcpy(buf, &g, sizeof(V));
     std::copy(buf, buf + (n - i), out + i);
   }
@@ -239,17 +247,14 @@ inline Partial merge(Partial a, const Partial& b, double tau) {
 }
 
 // The row's outputs from its merged partial and its target logit. Relative to the max,
-// so lse's rounding does not land on logp or the entropy. std::min / std::max with the
+// so no rounding of M / tau lands on logp or the entropy. std::min / std::max with the
 // value first keep NaN, like torch's clamp. Every logit -inf (invalid input): what the
-// reference gives (logp NaN, entropy 0, lse -inf).
+// reference gives (m = log_norm = -inf, entropy 0, logp NaN).
 inline RowStats row_stats(const Partial& p, double z_y, double tau) {
-  if (!(p.m > -std::numeric_limits<double>::infinity())) {
-    return {-std::numeric_limits<double>::infinity(), 0.0,
-            std::numeric_limits<double>::quiet_NaN()};
-  }
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  if (!(p.m > -kInf)) return {-kInf, -kInf, 0.0, std::numeric_limits<double>::quiet_NaN()};
   const double log_s = std::log(p.s);
-  return {p.m / tau + log_s, std::max(log_s - p.w / p.s, 0.0),
-          std::min((z_y - p.m) / tau - log_s, 0.0)};
+  return {p.m, log_s, std::max(log_s - p.w / p.s, 0.0), std::min((z_y - p.m) / tau - log_s, 0.0)};
 }
 
 #if VAPO_X86_MULTIVERSION
@@ -325,20 +330,22 @@ VAPO_INLINE Partial forward_segment(const scalar_t* z, int64_t n, double tau) {
 
 template <typename scalar_t, int kBytes>
 VAPO_INLINE void backward_segment(const scalar_t* z, scalar_t* out, int64_t n, double tau,
-                                  double lse, double c1, double gh) {
+                                  double m, double log_norm, double c1, double gh) {
   using T = at::opmath_type<scalar_t>;
   constexpr int W = kBytes / sizeof(T);
   const T inv_tau = static_cast<T>(1.0 / tau);
-  const T lse_t = static_cast<T>(lse), c1_t = static_cast<T>(c1), gh_t = static_cast<T>(gh);
+  // m is a logit (exact in T); log_norm is small, so its rounding to T costs ~1e-7.
+  const T m_t = static_cast<T>(m), ln_t = static_cast<T>(log_norm);
+  const T c1_t = static_cast<T>(c1), gh_t = static_cast<T>(gh);
   if constexpr (std::is_same_v<scalar_t, T>) {
-    block_grad<T, W>(z, out, n, inv_tau, lse_t, c1_t, gh_t);
+    block_grad<T, W>(z, out, n, m_t, inv_tau, ln_t, c1_t, gh_t);
   } else {
     // Whole block converted in before any of it is written: in-place safe.
     alignas(64) T tile[kBlock];
     for (int64_t lo = 0; lo < n; lo += kBlock) {
       const int64_t len = std::min(kBlock, n - lo);
       as_acc<scalar_t, T, kBytes>(z + lo, len, tile);
-      block_grad<T, W>(tile, tile, len, inv_tau, lse_t, c1_t, gh_t);
+      block_grad<T, W>(tile, tile, len, m_t, inv_tau, ln_t, c1_t, gh_t);
       from_acc<scalar_t, T, kBytes>(tile, len, out + lo);
     }
   }
@@ -350,9 +357,9 @@ Partial forward_base(const scalar_t* z, int64_t n, double tau) {
   return forward_segment<scalar_t, 16>(z, n, tau);
 }
 template <typename scalar_t>
-void backward_base(const scalar_t* z, scalar_t* out, int64_t n, double tau, double lse,
-                   double c1, double gh) {
-  backward_segment<scalar_t, 16>(z, out, n, tau, lse, c1, gh);
+void backward_base(const scalar_t* z, scalar_t* out, int64_t n, double tau, double m,
+                   double log_norm, double c1, double gh) {
+  backward_segment<scalar_t, 16>(z, out, n, tau, m, log_norm, c1, gh);
 }
 
 #if VAPO_X86_MULTIVERSION
@@ -362,8 +369,8 @@ VAPO_TARGET_AVX2 Partial forward_avx2(const scalar_t* z, int64_t n, double tau) 
 }
 template <typename scalar_t>
 VAPO_TARGET_AVX2 void backward_avx2(const scalar_t* z, scalar_t* out, int64_t n, double tau,
-                                    double lse, double c1, double gh) {
-  backward_segment<scalar_t, 32>(z, out, n, tau, lse, c1, gh);
+                                    double m, double log_norm, double c1, double gh) {
+  backward_segment<scalar_t, 32>(z, out, n, tau, m, log_norm, c1, gh);
 }
 template <typename scalar_t>
 VAPO_TARGET_AVX512 Partial forward_avx512(const scalar_t* z, int64_t n, double tau) {
@@ -371,8 +378,9 @@ VAPO_TARGET_AVX512 Partial forward_avx512(const scalar_t* z, int64_t n, double t
 }
 template <typename scalar_t>
 VAPO_TARGET_AVX512 void backward_avx512(const scalar_t* z, scalar_t* out, int64_t n,
-                                        double tau, double lse, double c1, double gh) {
-  backward_segment<scalar_t, 64>(z, out, n, tau, lse, c1, gh);
+                                        double tau, double m, double log_norm, double c1,
+                                        double gh) {
+  backward_segment<scalar_t, 64>(z, out, n, tau, m, log_norm, c1, gh);
 }
 #endif
 
@@ -404,7 +412,8 @@ Isa cpu_isa() {
 template <typename scalar_t>
 using ForwardFn = Partial (*)(const scalar_t*, int64_t, double);
 template <typename scalar_t>
-using BackwardFn = void (*)(const scalar_t*, scalar_t*, int64_t, double, double, double, double);
+using BackwardFn = void (*)(const scalar_t*, scalar_t*, int64_t, double, double, double, double,
+                            double);
 
 template <typename scalar_t>
 ForwardFn<scalar_t> pick_forward() {
@@ -432,16 +441,21 @@ BackwardFn<scalar_t> pick_backward() {
 
 // The gradient of a row, or of the piece [lo, lo + len) of one: every element through
 // the backward segment, then the target's onehot term patched in from its logit, read
-// before the piece is written (out may be the logits). yl: the target relative to lo.
+// before the piece is written (out may be the logits). yl: the target relative to lo;
+// (m, log_norm, h) the row's stats and entropy from the forward.
 template <typename scalar_t>
 void backward_piece(BackwardFn<scalar_t> segment, const scalar_t* z, scalar_t* out, int64_t len,
-                    int64_t yl, double tau, double lse, double h, double glp, double gh) {
+                    int64_t yl, double tau, double m, double log_norm, double h, double glp,
+                    double gh) {
   const double inv_tau = 1.0 / tau;
   const bool has_target = yl >= 0 && yl < len;
   const double z_y = has_target ? static_cast<double>(z[yl]) : 0.0;
-  segment(z, out, len, tau, lse, -(glp + gh * h) * inv_tau, gh * inv_tau);
+  // The forward's shift: m, or 0 for a row of -inf logits (whose gradient is then NaN,
+  // as its logp is) or with a +inf one; inf - inf would be NaN.
+  const double shift = std::isfinite(m) ? m : 0.0;
+  segment(z, out, len, tau, shift, log_norm, -(glp + gh * h) * inv_tau, gh * inv_tau);
   if (has_target) {
-    const double t_y = z_y / tau - lse;
+    const double t_y = (z_y - shift) / tau - log_norm;
     const double p_y = std::exp(t_y);
     const double ent_term = p_y > 0 ? gh * p_y * (-t_y - h) : 0.0;  // 0, not 0 * inf
     out[yl] = static_cast<scalar_t>((glp * (1.0 - p_y) + ent_term) * inv_tau);
@@ -547,16 +561,16 @@ RowStats logprob_row_forward(const scalar_t* z, int64_t vocab, int64_t target, d
 
 template <typename scalar_t>
 void logprob_row_backward(const scalar_t* z, scalar_t* out, int64_t vocab, int64_t target,
-                          double tau, double lse, double entropy, double g_logp,
-                          double g_entropy) {
+                          double tau, double m, double log_norm, double entropy,
+                          double g_logp, double g_entropy) {
   static const BackwardFn<scalar_t> segment = pick_backward<scalar_t>();
-  backward_piece(segment, z, out, vocab, target, tau, lse, entropy, g_logp, g_entropy);
+  backward_piece(segment, z, out, vocab, target, tau, m, log_norm, entropy, g_logp, g_entropy);
 }
 
 #define VAPO_ROW_API(T)                                                                  \
   template RowStats logprob_row_forward<T>(const T*, int64_t, int64_t, double);          \
   template void logprob_row_backward<T>(const T*, T*, int64_t, int64_t, double, double,  \
-                                        double, double, double);
+                                        double, double, double, double);
 VAPO_ROW_API(float)
 VAPO_ROW_API(double)
 VAPO_ROW_API(c10::Half)
@@ -570,8 +584,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
   const bool* keep = check_inputs(fn, logits, targets, valid, temperature);
   const int64_t n = logits.size(0), vocab = logits.size(1), row_stride = logits.stride(0);
   const auto opts = logits.options().dtype(acc_dtype(logits));
-  auto logp = at::empty({n}, opts), entropy = at::empty({n}, opts), lse = at::empty({n}, opts);
-  if (n == 0) return {logp, entropy, lse};
+  auto logp = at::empty({n}, opts), entropy = at::empty({n}, opts);
+  auto stats = at::empty({n, 2}, opts);  // (m, log_norm) per row, for the backward
+  if (n == 0) return {logp, entropy, stats};
   const int64_t* y = targets.data_ptr<int64_t>();
   const Plan pl = plan(n, vocab);
 
@@ -580,19 +595,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const scalar_t* z = logits.data_ptr<scalar_t>();
     out_t* o_logp = logp.data_ptr<out_t>();
     out_t* o_ent = entropy.data_ptr<out_t>();
-    out_t* o_lse = lse.data_ptr<out_t>();
+    out_t* o_stats = stats.data_ptr<out_t>();
     const ForwardFn<scalar_t> segment = pick_forward<scalar_t>();
     auto ignored = [&](int64_t r) { return y[r] == kIgnoreIndex || (keep != nullptr && !keep[r]); };
 
     auto finish = [&](int64_t r, const Partial& p) {
       if (ignored(r)) {
-        o_logp[r] = o_ent[r] = o_lse[r] = 0;
+        o_logp[r] = o_ent[r] = o_stats[2 * r] = o_stats[2 * r + 1] = 0;
         return;
       }
       const RowStats st = row_stats(p, static_cast<double>(z[r * row_stride + y[r]]), temperature);
       o_logp[r] = static_cast<out_t>(st.logp);
       o_ent[r] = static_cast<out_t>(st.entropy);
-      o_lse[r] = static_cast<out_t>(st.lse);
+      o_stats[2 * r] = static_cast<out_t>(st.m);  // a logit: exact in out_t
+      o_stats[2 * r + 1] = static_cast<out_t>(st.log_norm);
     };
 
     if (pl.segments == 1) {
@@ -618,13 +634,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
       }
     }
   });
-  return {logp, entropy, lse};
+  return {logp, entropy, stats};
 }
 
 void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
                             const std::optional<at::Tensor>& grad_entropy,
                             const at::Tensor& logits, const at::Tensor& targets,
-                            const std::optional<at::Tensor>& valid, const at::Tensor& lse,
+                            const std::optional<at::Tensor>& valid, const at::Tensor& stats,
                             const at::Tensor& entropy, double temperature, at::Tensor out) {
   const char* fn = "token_logprobs_bwd_cpu";
   const bool* keep = check_inputs(fn, logits, targets, valid, temperature);
@@ -632,7 +648,10 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
   const auto acc = acc_dtype(logits);
   check_row_vector(fn, "grad_logp", grad_logp, n, acc);
   if (grad_entropy.has_value()) check_row_vector(fn, "grad_entropy", *grad_entropy, n, acc);
-  check_row_vector(fn, "lse", lse, n, acc);
+  TORCH_CHECK(stats.device().is_cpu() && stats.scalar_type() == acc && stats.dim() == 2 &&
+                  stats.size(0) == n && stats.size(1) == 2 && stats.is_contiguous(),
+              fn, ": stats must be a contiguous (N, 2) CPU tensor of dtype ", acc, ", N = ", n,
+              " (the forward's (max logit, log normaliser) per row)");
   check_row_vector(fn, "entropy", entropy, n, acc);
   check_grad_out(fn, logits, out);
   if (n == 0 || vocab == 0) return;
@@ -646,7 +665,7 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
     scalar_t* o = out.data_ptr<scalar_t>();
     const acc_t* g_lp = grad_logp.data_ptr<acc_t>();
     const acc_t* g_h = grad_entropy.has_value() ? grad_entropy->data_ptr<acc_t>() : nullptr;
-    const acc_t* lse_p = lse.data_ptr<acc_t>();
+    const acc_t* stats_p = stats.data_ptr<acc_t>();
     const acc_t* ent_p = entropy.data_ptr<acc_t>();
     const BackwardFn<scalar_t> segment = pick_backward<scalar_t>();
 
@@ -661,7 +680,8 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
           continue;
         }
         backward_piece(segment, zr, orow, len, y[r] - lo, temperature,
-                       static_cast<double>(lse_p[r]), static_cast<double>(ent_p[r]),
+                       static_cast<double>(stats_p[2 * r]), static_cast<double>(stats_p[2 * r + 1]),
+                       static_cast<double>(ent_p[r]),
                        static_cast<double>(g_lp[r]),
                        g_h != nullptr ? static_cast<double>(g_h[r]) : 0.0);
       }

@@ -11,21 +11,24 @@ namespace vapo {
 
 constexpr int64_t kIgnoreIndex = -100;
 
-// A valid row summarised: log-sum-exp of z / tau, the entropy and the target's log-prob,
-// exactly as token_logprobs_fwd_cpu writes them (logp <= 0, entropy >= 0).
+// A valid row summarised, exactly as token_logprobs_fwd_cpu writes it: the max logit m,
+// log_norm = log sum exp((z - m) / tau) (so lse = m / tau + log_norm), the entropy and
+// the target's log-prob (logp <= 0, entropy >= 0). The backward takes (m, log_norm), not
+// lse, so that it measures every logit from the max as the forward did.
 struct RowStats {
-  double lse, entropy, logp;
+  double m, log_norm, entropy, logp;
 };
 
 template <typename scalar_t>
 RowStats logprob_row_forward(const scalar_t* z, int64_t vocab, int64_t target, double tau);
 
-// Writes d loss / d z of the row into out (which may be z itself) given the gradients of
-// the loss with respect to the row's log-prob and entropy, as token_logprobs_bwd_cpu.
+// Writes d loss / d z of the row into out (which may be z itself) given the row's
+// (m, log_norm, entropy) from the forward and the gradients of the loss with respect to
+// the row's log-prob and entropy, as token_logprobs_bwd_cpu.
 template <typename scalar_t>
 void logprob_row_backward(const scalar_t* z, scalar_t* out, int64_t vocab, int64_t target,
-                          double tau, double lse, double entropy, double g_logp,
-                          double g_entropy);
+                          double tau, double m, double log_norm, double entropy,
+                          double g_logp, double g_entropy);
 
 // Checks shared by the kernels that take logits: returns the targets pointer. Every
 // target must index its row or be -100 (masked rows included: never a read outside).

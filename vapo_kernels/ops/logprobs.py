@@ -15,6 +15,20 @@ The entropy gradient is written in the ``p * (E_s - s)`` form: ``p * log p`` wou
 fp64 logits) whatever the input dtype, reads the logits once per pass, and never makes
 an fp32 copy of them.
 
+Everything is measured from the row max ``m = max_v z_v`` of the RAW logits: with
+``t = (z - m) / tau`` and ``log_norm = log sum_v exp(t_v)`` (so ``lse = m / tau +
+log_norm``),
+
+    logp = t_y - log_norm,    H = log_norm - sum_v p_v t_v,    u = t - log_norm = log p,
+    dz_v = ( g_logp * (onehot(y)_v - p_v)  -  g_H * p_v * (H + u_v) ) / tau
+
+(``E_s - s = E_t - t = -(H + u)``). ``z - m`` is exact for the logits near the max, the
+ones that carry the probability, so a dominant logit gets ``u = 0`` and ``p = 1``
+exactly, and a row of logits ~1e4 keeps every digit of its differences. Forming
+``z / tau - lse`` instead subtracts two numbers ~1e4 that each carry ~ulp(1e4) ~ 1e-3 of
+rounding in fp32: the gradient came out 1e-4 (tau = 1.3) to 1e-3 (tau = 0.7) off there.
+So the forward hands the backward the pair ``stats = (m, log_norm)`` per row, not lse.
+
 Ignored rows - target ``-100`` or ``mask`` 0 - get logp = H = 0 and a zero gradient,
 and kernels skip their logits entirely.
 
@@ -57,14 +71,16 @@ def reference_forward(
 
     logits (N, V), any float dtype, last dim contiguous (row stride arbitrary);
     targets (N,) int64 in [0, V) on valid rows; valid (N,) bool or None (all rows valid;
-    rows whose target is -100 are always ignored). Returns (logp, entropy, lse), (N,),
-    fp32 (fp64 for fp64 logits); ignored rows get 0 in all three.
+    rows whose target is -100 are always ignored). Returns (logp, entropy, stats): logp
+    and entropy (N,), stats (N, 2) = (m, log_norm) per row as in the module docstring
+    (m the max logit, exact; a row of only -inf logits has (-inf, -inf)), all fp32 (fp64
+    for fp64 logits); ignored rows get 0 everywhere. stats is only for the backward.
     """
     n = logits.shape[0]
     acc = _out_dtype(logits.dtype)
     logp = torch.zeros(n, dtype=acc, device=logits.device)
     entropy = torch.zeros_like(logp)
-    lse = torch.zeros_like(logp)
+    stats = torch.zeros(n, 2, dtype=acc, device=logits.device)
     keep = targets != IGNORE_INDEX
     if valid is not None:
         keep &= valid
@@ -72,23 +88,24 @@ def reference_forward(
         rows = torch.nonzero(keep[lo : lo + _ROWS_PER_CHUNK]).flatten() + lo
         if rows.numel() == 0:
             continue
-        s = logits[rows].to(acc) / temperature
-        # Work on t = s - max(s): entropy = lse_t - E_p[t] is then a difference of small
-        # numbers, where lse - E_p[s] cancels catastrophically for large logits (2% off
-        # in fp32 at |s| ~ 600).
-        row_max = s.amax(dim=-1, keepdim=True)
+        z = logits[rows].to(acc)  # a copy (advanced indexing): free to work in place
+        # t = (z - max z) / tau, not z / tau - max: the subtraction is then exact near the
+        # max, and entropy = log_norm - E_p[t] is a difference of small numbers, where
+        # lse - E_p[s] cancels catastrophically for large logits (2% off in fp32 at
+        # |s| ~ 600). A max of +-inf shifts by 0 instead (inf - inf is NaN).
+        row_max = z.amax(dim=-1, keepdim=True)
         shift = torch.where(torch.isfinite(row_max), row_max, 0)
-        t = s - shift
-        lse_t = torch.logsumexp(t, dim=-1)
-        p = torch.exp(t - lse_t[:, None])
+        t = z.sub_(shift).div_(temperature)
+        log_norm = torch.logsumexp(t, dim=-1)
+        p = torch.exp(t - log_norm[:, None])
         # p * t with p = 0 and t = -inf is 0, not NaN.
         expected_t = torch.where(p > 0, p * t, 0).sum(-1)
-        logp[rows] = t.gather(1, targets[rows, None]).squeeze(1) - lse_t
-        entropy[rows] = lse_t - expected_t
-        lse[rows] = lse_t + shift.squeeze(1)
+        logp[rows] = t.gather(1, targets[rows, None]).squeeze(1) - log_norm
+        entropy[rows] = log_norm - expected_t
+        stats[rows] = torch.stack([row_max.squeeze(1), log_norm], dim=1)
     # Rounding can push an entropy a hair below 0 or a log-prob above 0; clamp both so
     # the documented ranges hold exactly.
-    return logp.clamp_(max=0), entropy.clamp_(min=0), lse
+    return logp.clamp_(max=0), entropy.clamp_(min=0), stats
 
 
 def reference_backward(
@@ -97,7 +114,7 @@ def reference_backward(
     logits: Tensor,
     targets: Tensor,
     valid: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor,
     temperature: float,
     out: Tensor,
@@ -106,7 +123,8 @@ def reference_backward(
 
     ``out`` may be ``logits`` itself (in-place backward): each element is read before
     its gradient is written. grad_* are (N,) in the output dtype; grad_entropy may be
-    None (no gradient through the entropy). Ignored rows get zeros.
+    None (no gradient through the entropy). stats (N, 2) and entropy (N,) are the
+    forward's. Ignored rows get zeros.
     """
     n = logits.shape[0]
     acc = _out_dtype(logits.dtype)
@@ -115,13 +133,17 @@ def reference_backward(
         keep &= valid
     for lo in range(0, n, _ROWS_PER_CHUNK):
         hi = min(n, lo + _ROWS_PER_CHUNK)
-        s = logits[lo:hi].to(acc) / temperature
-        p = torch.exp(s - lse[lo:hi, None])
+        row_max, log_norm = stats[lo:hi, 0:1], stats[lo:hi, 1:2]
+        shift = torch.where(torch.isfinite(row_max), row_max, 0)
+        # u = log p relative to the max, as the forward measured it (module docstring).
+        u = (logits[lo:hi].to(acc) - shift) / temperature - log_norm
+        p = torch.exp(u)
         g = -grad_logp[lo:hi, None] * p
         g.scatter_add_(1, targets[lo:hi, None].clamp(min=0), grad_logp[lo:hi, None])
         if grad_entropy is not None:
-            expected_s = (lse[lo:hi] - entropy[lo:hi])[:, None]
-            g += grad_entropy[lo:hi, None] * torch.where(p > 0, p * (expected_s - s), 0)
+            # p (E_s - s) = -p (H + u); 0 where p = 0 (u = -inf would give 0 * -inf).
+            h_u = torch.where(p > 0, p * (entropy[lo:hi, None] + u), 0)
+            g -= grad_entropy[lo:hi, None] * h_u
         g = torch.where(keep[lo:hi, None], g / temperature, 0)
         out[lo:hi] = g.to(out.dtype)
 
@@ -213,28 +235,30 @@ def token_logprobs_op(
     inplace_backward: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp, entropy, lse), each of shape logits.shape[:-1]. See the module docstring."""
+    """(logp, entropy, stats): logp and entropy of shape logits.shape[:-1], stats of shape
+    logits.shape[:-1] + (2,), the per-row (max logit, log normaliser) that the backward
+    takes (non-differentiable). See the module docstring."""
     _check_static(logits, targets, mask, temperature)
     _check_targets_in_range(targets, logits.shape[-1])
     shape = targets.shape
     if targets.numel() == 0:
         empty = torch.zeros(shape, dtype=_out_dtype(logits.dtype), device=logits.device)
-        return empty, empty.clone(), empty.clone()
+        return empty, empty.clone(), empty.new_zeros((*shape, 2))
     _, kernel = _backends.select("token_logprobs_fwd", logits.device, backend or None)
-    logp, entropy, lse = kernel(
+    logp, entropy, stats = kernel(
         _rows(logits), targets.reshape(-1).long().contiguous(), _flat_mask(mask), float(temperature)
     )
-    return logp.view(shape), entropy.view(shape), lse.view(shape)
+    return logp.view(shape), entropy.view(shape), stats.view(*shape, 2)
 
 
 @token_logprobs_op.register_fake
 def _token_logprobs_fake(logits, targets, mask, temperature, inplace_backward, backend):
     _check_static(logits, targets, mask, temperature)
     out = torch.empty(targets.shape, dtype=_out_dtype(logits.dtype), device=logits.device)
-    return out, torch.empty_like(out), torch.empty_like(out)
+    return out, torch.empty_like(out), out.new_empty((*targets.shape, 2))
 
 
-def _write_logits_grad(out, grad_logp, grad_entropy, logits, targets, mask, lse, entropy,
+def _write_logits_grad(out, grad_logp, grad_entropy, logits, targets, mask, stats, entropy,
                        temperature, backend):
     """Run the backend's backward kernel, writing dL/dlogits into ``out`` (may be logits)."""
     if not logits.numel():
@@ -246,7 +270,7 @@ def _write_logits_grad(out, grad_logp, grad_entropy, logits, targets, mask, lse,
         _rows(logits),
         targets.reshape(-1).long().contiguous(),
         _flat_mask(mask),
-        lse.reshape(-1).contiguous(),
+        stats.reshape(-1, 2).contiguous(),
         entropy.reshape(-1).contiguous(),
         float(temperature),
         _rows(out),
@@ -260,7 +284,7 @@ def token_logprobs_backward_op(
     logits: Tensor,
     targets: Tensor,
     mask: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor,
     temperature: float,
     backend: str,
@@ -268,7 +292,7 @@ def token_logprobs_backward_op(
     """dL/dlogits in a new tensor of logits' shape and dtype."""
     grad = _backends.empty_output(logits)
     _write_logits_grad(
-        grad, grad_logp, grad_entropy, logits, targets, mask, lse, entropy, temperature, backend
+        grad, grad_logp, grad_entropy, logits, targets, mask, stats, entropy, temperature, backend
     )
     return grad
 
@@ -285,14 +309,14 @@ def token_logprobs_backward_inplace_op(
     logits: Tensor,
     targets: Tensor,
     mask: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor,
     temperature: float,
     backend: str,
 ) -> None:
     """dL/dlogits written over the logits themselves (bumps their version counter)."""
     _write_logits_grad(
-        logits, grad_logp, grad_entropy, logits, targets, mask, lse, entropy, temperature, backend
+        logits, grad_logp, grad_entropy, logits, targets, mask, stats, entropy, temperature, backend
     )
 
 
@@ -303,21 +327,21 @@ def _token_logprobs_backward_inplace_fake(*args):
 
 def _setup_context(ctx, inputs, output):
     logits, targets, mask, temperature, inplace_backward, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(logits, targets, mask, lse, entropy)
-    ctx.mark_non_differentiable(lse)  # a statistic kept for the backward, not a result
+    _, entropy, stats = output
+    ctx.save_for_backward(logits, targets, mask, stats, entropy)
+    ctx.mark_non_differentiable(stats)  # statistics kept for the backward, not a result
     ctx.temperature = temperature
     ctx.inplace = inplace_backward
     ctx.backend = backend
     ctx.logits_is_leaf = logits.is_leaf
 
 
-def _backward(ctx, grad_logp, grad_entropy, grad_lse):
-    logits, targets, mask, lse, entropy = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_entropy, grad_stats):
+    logits, targets, mask, stats, entropy = ctx.saved_tensors
     out_dtype = _out_dtype(logits.dtype)
-    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(out_dtype)
+    grad_logp = torch.zeros_like(entropy) if grad_logp is None else grad_logp.to(out_dtype)
     grad_entropy = None if grad_entropy is None else grad_entropy.to(out_dtype)
-    args = (grad_logp, grad_entropy, logits, targets, mask, lse, entropy, ctx.temperature, ctx.backend)
+    args = (grad_logp, grad_entropy, logits, targets, mask, stats, entropy, ctx.temperature, ctx.backend)
     if not ctx.inplace:
         return torch.ops.vapo.token_logprobs_backward(*args), None, None, None, None, None
     if ctx.logits_is_leaf:
@@ -365,31 +389,37 @@ def token_logprobs(
 #
 # linear_logprobs(hidden, weight, targets) returns what token_logprobs returns on the
 # logits z = hidden @ weight.T + bias, but never holds the N x V logits: kernels walk
-# the vocabulary in tiles and keep, per row, three numbers in the scaled space s = z / tau,
-# relative to the running maximum m:
+# the vocabulary in tiles and keep, per row, the running maximum m of the RAW logits z
+# and three numbers measured from it, with d_v = (z_v - m) / tau:
 #
-#     den = sum_v exp(s_v - m)                softmax denominator
-#     mom = sum_v exp(s_v - m) * (s_v - m)    its first moment, centred on m
-#     t   = s_y                               picked from the tile that holds y
+#     den = sum_v exp(d_v)                    softmax denominator
+#     mom = sum_v exp(d_v) * d_v              its first moment, centred on m
+#     t   = z_y                               picked from the tile that holds y
 #
 # Two partial states (m1, den1, mom1), (m2, den2, mom2) merge exactly at M = max(m1, m2):
-# with e_i = exp(m_i - M),
+# with c_i = (m_i - M) / tau and e_i = exp(c_i),
 #
-#     den = e1 den1 + e2 den2,    mom = e1 (mom1 + (m1 - M) den1) + e2 (mom2 + (m2 - M) den2).
+#     den = e1 den1 + e2 den2,    mom = e1 (mom1 + c1 den1) + e2 (mom2 + c2 den2).
 #
 # The same merge joins vocab tiles inside a kernel and vocabulary shards across ranks
-# (``process_group=``). At the end
+# (``process_group=``). At the end, as token_logprobs has them (module docstring),
 #
-#     lse = m + log den,    H = log den - mom / den,    logp = t - lse.
+#     log_norm = log den,    H = log_norm - mom / den,    logp = (t - m) / tau - log_norm,
 #
-# Centring the moment on m keeps H free of the cancellation that ``lse - sum p s``
-# suffers on large logits (|s| ~ 1e4 in fp32 loses ~1e-3 absolute).
+# and the backward gets stats = (m, log_norm). Centring the moment on m keeps H free of
+# the cancellation that ``lse - sum p s`` suffers on large logits (|s| ~ 1e4 in fp32
+# loses ~1e-3 absolute); taking m on z rather than on z / tau keeps z - m exact near the
+# max, where z / tau - max would carry the rounding of the division, ~ulp(1e4) ~ 1e-3.
 #
-# Backward, with u = s - lse (p = exp(u)) and E_s - s_v = -(H + u_v) in the gradient of
-# the module docstring:
+# Backward, with u = (z - m) / tau - log_norm (p = exp(u)) and E_s - s_v = -(H + u_v) in
+# the gradient of the module docstring:
 #
 #     dz_v = ( g_logp (onehot(y)_v - p_v) - g_H p_v (H + u_v) ) / tau      (0 where p_v = 0)
 #     grad_hidden = dz @ W,   grad_weight = dz^T @ hidden,   grad_bias = sum_rows dz
+#
+# The tile recomputed by the backward must be the forward's bit for bit at the max (a
+# one-ulp difference in a logit of 1e4 would be a 1e-3 error in its p): every backend
+# computes a logit by the same tile code in both passes.
 #
 # each logits tile is recomputed, and the sums run in fp32 (fp64 for fp64 inputs) before
 # one cast to the parameters' dtypes. Exact: no tile is skipped for a small gradient.
@@ -409,40 +439,49 @@ _LINEAR_ROWS_PER_CHUNK = 1024
 _LINEAR_VOCAB_PER_CHUNK = 8192
 
 
-def _rescale_state(m: Tensor, den: Tensor, mom: Tensor, new_m: Tensor) -> tuple[Tensor, Tensor]:
-    """(den, mom) of a partial softmax state moved from its maximum ``m`` to ``new_m >= m``.
+def _shift(m: Tensor) -> Tensor:
+    """The row max to measure from: 0 where it is +-inf (inf - inf would be NaN)."""
+    return torch.where(torch.isfinite(m), m, 0)
+
+
+def _rescale_state(
+    m: Tensor, den: Tensor, mom: Tensor, new_m: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
+    """(den, mom) of a partial softmax state moved from its maximum ``m`` to ``new_m >= m``
+    (both raw logits; den and mom are measured in z / tau).
 
     An empty state (den = 0, e.g. every logit -inf so far) stays (0, 0); a maximum of -inf
     everywhere uses 0 as the shift so that no -inf - -inf = NaN appears.
     """
-    shift = torch.where(torch.isfinite(new_m), new_m, 0)
-    scale = torch.exp(m - shift)
-    moment = torch.where(den > 0, scale * (mom + (m - shift) * den), 0)
+    c = (m - _shift(new_m)) / temperature
+    scale = torch.exp(c)
+    moment = torch.where(den > 0, scale * (mom + c * den), 0)
     return den * scale, moment
 
 
-def _merge_state(m1, den1, mom1, m2, den2, mom2):
+def _merge_state(m1, den1, mom1, m2, den2, mom2, temperature):
     m = torch.maximum(m1, m2)
-    den1, mom1 = _rescale_state(m1, den1, mom1, m)
-    den2, mom2 = _rescale_state(m2, den2, mom2, m)
+    den1, mom1 = _rescale_state(m1, den1, mom1, m, temperature)
+    den2, mom2 = _rescale_state(m2, den2, mom2, m, temperature)
     return m, den1 + den2, mom1 + mom2
 
 
-def _tile_state(s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(m, den, mom) of one logits tile; overwrites ``s`` (it is a temporary)."""
-    m = s.max(dim=1).values
-    s.sub_(torch.where(torch.isfinite(m), m, 0)[:, None])  # s - m, <= 0
-    p = torch.exp(s)
+def _tile_state(z: Tensor, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(m, den, mom) of one tile of raw logits; overwrites ``z`` (it is a temporary)."""
+    m = z.max(dim=1).values
+    d = z.sub_(_shift(m)[:, None]).div_(temperature)  # (z - m) / tau, <= 0
+    p = torch.exp(d)
     den = p.sum(dim=1)
-    # p * (s - m) with p = 0 and s = -inf is 0, not NaN.
-    mom = s.mul_(p).masked_fill_(p == 0, 0).sum(dim=1)
+    # p * d with p = 0 and d = -inf is 0, not NaN.
+    mom = d.mul_(p).masked_fill_(p == 0, 0).sum(dim=1)
     return m, den, mom
 
 
-def _reference_logits(hidden, rows, w_tile, b_tile, temperature, acc):
+def _reference_logits(hidden, rows, w_tile, b_tile, acc):
+    """(hidden rows in acc, their raw logits z on this tile): the one place both passes
+    compute a logit, so the backward's z is the forward's bit for bit."""
     h = hidden[rows].to(acc)
-    s = h @ w_tile.T if b_tile is None else torch.addmm(b_tile, h, w_tile.T)
-    return h, s.div_(temperature)
+    return h, (h @ w_tile.T if b_tile is None else torch.addmm(b_tile, h, w_tile.T))
 
 
 def reference_linear_forward(
@@ -459,8 +498,9 @@ def reference_linear_forward(
     vocabulary ids LOCAL to this weight: a row's target logit is picked only where
     0 <= target < V, so a tensor-parallel rank that does not own the target adds 0;
     valid (N,) bool. Returns the partial state (row_max m, sum_exp den, moment mom,
-    target_logit t) of every row over this weight's vocabulary, (N,) each, fp32 (fp64 for
-    fp64 inputs); rows that are not valid get 0 in all four.
+    target_logit t) of every row over this weight's vocabulary as in the section comment
+    (m and t raw logits z, den and mom measured in z / tau from m), (N,) each, fp32 (fp64
+    for fp64 inputs); rows that are not valid get 0 in all four.
     """
     acc = _out_dtype(hidden.dtype)
     n, vocab = hidden.shape[0], weight.shape[0]
@@ -482,14 +522,14 @@ def reference_linear_forward(
         b_tile = None if bias is None else bias[v0:v1].to(acc)
         for r0 in range(0, kept, _LINEAR_ROWS_PER_CHUNK):
             r1 = min(kept, r0 + _LINEAR_ROWS_PER_CHUNK)
-            _, s = _reference_logits(hidden, rows[r0:r1], w_tile, b_tile, temperature, acc)
+            _, z = _reference_logits(hidden, rows[r0:r1], w_tile, b_tile, acc)
             local = y[r0:r1] - v0
             here = (local >= 0) & (local < v1 - v0)
-            picked = s.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
+            picked = z.gather(1, local.clamp(0, v1 - v0 - 1)[:, None]).squeeze(1)
             t[r0:r1] += torch.where(here, picked, 0)  # exactly one tile (or rank) adds
-            state = _tile_state(s)
+            state = _tile_state(z, temperature)
             m[r0:r1], den[r0:r1], mom[r0:r1] = _merge_state(
-                m[r0:r1], den[r0:r1], mom[r0:r1], *state
+                m[r0:r1], den[r0:r1], mom[r0:r1], *state, temperature
             )
     for dst, src in zip(out, (m, den, mom, t)):
         dst[rows] = src
@@ -504,7 +544,7 @@ def reference_linear_backward(
     bias: Tensor | None,
     targets: Tensor,
     valid: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor,
     temperature: float,
     need_hidden: bool,
@@ -512,11 +552,12 @@ def reference_linear_backward(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Kernel contract, backward.
 
-    Inputs as in :func:`reference_linear_forward`, plus grad_* (N,) and the GLOBAL lse
-    and entropy (N,), all in the accumulation dtype (grad_entropy None: no gradient
-    through the entropy). Returns (grad_hidden (N, H) in the ACCUMULATION dtype, so a
-    tensor-parallel caller can sum it across ranks before rounding; grad_weight (V, H) in
-    weight's dtype; grad_bias (V,) in bias's dtype or None). grad_hidden is None unless
+    Inputs as in :func:`reference_linear_forward`, plus grad_* (N,), the GLOBAL stats
+    (N, 2) = (m, log_norm) and entropy (N,) of the op's forward, all in the accumulation
+    dtype (grad_entropy None: no gradient through the entropy). Returns (grad_hidden
+    (N, H) in the ACCUMULATION dtype, so a tensor-parallel caller can sum it across ranks
+    before rounding; grad_weight (V, H) in weight's dtype; grad_bias (V,) in bias's dtype
+    or None). grad_hidden is None unless
     ``need_hidden``, grad_weight and grad_bias None unless ``need_weight``. Rows that are
     not valid contribute nothing and get zero grad_hidden.
     """
@@ -525,7 +566,8 @@ def reference_linear_backward(
     vocab = weight.shape[0]
     rows = torch.nonzero(valid).flatten()
     kept = rows.numel()
-    y, g_lp, lse_k, ent_k = targets[rows], grad_logp[rows], lse[rows], entropy[rows]
+    y, g_lp, ent_k = targets[rows], grad_logp[rows], entropy[rows]
+    shift_k, log_norm_k = _shift(stats[rows, 0]), stats[rows, 1]
     g_ent = None if grad_entropy is None else grad_entropy[rows]
     dev = hidden.device
     gh = torch.zeros(kept, dim, dtype=acc, device=dev) if need_hidden else None
@@ -543,9 +585,10 @@ def reference_linear_backward(
         gb_tile = torch.zeros(v1 - v0, dtype=acc, device=dev) if grad_bias is not None else None
         for r0 in range(0, kept, _LINEAR_ROWS_PER_CHUNK):
             r1 = min(kept, r0 + _LINEAR_ROWS_PER_CHUNK)
-            h, s = _reference_logits(hidden, rows[r0:r1], w_tile, b_tile, temperature, acc)
-            # In place throughout: two tiles (s, then p -> dz) and a bool one are live.
-            u = s.sub_(lse_k[r0:r1, None])
+            h, z = _reference_logits(hidden, rows[r0:r1], w_tile, b_tile, acc)
+            # In place throughout: two tiles (z -> u, then p -> dz) and a bool one are live.
+            # u = log p, from the row max as in the forward (section comment).
+            u = z.sub_(shift_k[r0:r1, None]).div_(temperature).sub_(log_norm_k[r0:r1, None])
             p = torch.exp(u)
             if g_ent is not None:
                 # p (H + u); 0 where p = 0 (u = -inf would give 0 * -inf = NaN)
@@ -585,14 +628,14 @@ for _name in ("linear_logprobs_fwd", "linear_logprobs_bwd"):
     )
 
 
-def _finalise_state(m, den, mom, t, keep):
-    """(logp, entropy, lse) from a row's full-vocabulary state; 0 on ignored rows."""
-    log_den = torch.log(den)
-    lse = m + log_den
+def _finalise_state(m, den, mom, t, keep, temperature):
+    """(logp, entropy, stats) from a row's full-vocabulary state; 0 on ignored rows."""
+    log_norm = torch.log(den)
     # Same documented ranges as token_logprobs, exactly: logp <= 0, H >= 0.
-    logp = (t - lse).clamp_(max=0)
-    entropy = (log_den - mom / den).clamp_(min=0)
-    return torch.where(keep, logp, 0), torch.where(keep, entropy, 0), torch.where(keep, lse, 0)
+    logp = ((t - _shift(m)) / temperature - log_norm).clamp_(max=0)
+    entropy = (log_norm - mom / den).clamp_(min=0)
+    stats = torch.where(keep[:, None], torch.stack([m, log_norm], dim=1), 0)
+    return torch.where(keep, logp, 0), torch.where(keep, entropy, 0), stats
 
 
 # --------------------------------------------------------------------------------------
@@ -654,31 +697,33 @@ def linear_logprobs_op(
     temperature: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(logp, entropy, lse) of ``hidden @ weight.T + bias``, each of shape targets.shape."""
+    """(logp, entropy, stats) of ``hidden @ weight.T + bias``: logp and entropy of shape
+    targets.shape, stats of shape targets.shape + (2,) (the backward's (m, log_norm) per
+    row, non-differentiable; see token_logprobs)."""
     _check_linear_static(hidden, weight, bias, targets, mask, temperature)
     _check_targets_in_range(targets, weight.shape[0])
     shape = targets.shape
     if targets.numel() == 0:
         empty = torch.zeros(shape, dtype=_out_dtype(hidden.dtype), device=hidden.device)
-        return empty, empty.clone(), empty.clone()
+        return empty, empty.clone(), empty.new_zeros((*shape, 2))
     rows, flat, keep = _linear_rows(hidden, targets, mask)
     _, kernel = _backends.select("linear_logprobs_fwd", hidden.device, backend or None)
     state = kernel(rows, weight, bias, flat, keep, float(temperature))
-    logp, entropy, lse = _finalise_state(*state, keep)
-    return logp.view(shape), entropy.view(shape), lse.view(shape)
+    logp, entropy, stats = _finalise_state(*state, keep, float(temperature))
+    return logp.view(shape), entropy.view(shape), stats.view(*shape, 2)
 
 
 @linear_logprobs_op.register_fake
 def _linear_logprobs_fake(hidden, weight, bias, targets, mask, temperature, backend):
     _check_linear_static(hidden, weight, bias, targets, mask, temperature)
     out = torch.empty(targets.shape, dtype=_out_dtype(hidden.dtype), device=hidden.device)
-    return out, torch.empty_like(out), torch.empty_like(out)
+    return out, torch.empty_like(out), out.new_empty((*targets.shape, 2))
 
 
 def _linear_backward_kernel(args, backend, vocab_start=0):
     """Runs the backend's backward kernel on (N, ...) rows; grad_hidden stays in the
     accumulation dtype. ``args`` as in the backward op, without the flags."""
-    (grad_logp, grad_entropy, hidden, weight, bias, targets, mask, lse, entropy,
+    (grad_logp, grad_entropy, hidden, weight, bias, targets, mask, stats, entropy,
      temperature, need_hidden, need_weight) = args
     rows, flat, keep = _linear_rows(hidden, targets, mask)
     _, kernel = _backends.select("linear_logprobs_bwd", hidden.device, backend or None)
@@ -686,7 +731,7 @@ def _linear_backward_kernel(args, backend, vocab_start=0):
         grad_logp.reshape(-1).contiguous(),
         None if grad_entropy is None else grad_entropy.reshape(-1).contiguous(),
         rows, weight, bias, flat - vocab_start, keep,
-        lse.reshape(-1).contiguous(), entropy.reshape(-1).contiguous(),
+        stats.reshape(-1, 2).contiguous(), entropy.reshape(-1).contiguous(),
         float(temperature), need_hidden, need_weight,
     )
 
@@ -700,7 +745,7 @@ def linear_logprobs_backward_op(
     bias: Tensor | None,
     targets: Tensor,
     mask: Tensor | None,
-    lse: Tensor,
+    stats: Tensor,
     entropy: Tensor,
     temperature: float,
     need_hidden: bool,
@@ -713,7 +758,7 @@ def linear_logprobs_backward_op(
     empty (0,) tensor: a schema cannot return an optional tensor.
     """
     gh, gw, gb = _linear_backward_kernel(
-        (grad_logp, grad_entropy, hidden, weight, bias, targets, mask, lse, entropy,
+        (grad_logp, grad_entropy, hidden, weight, bias, targets, mask, stats, entropy,
          temperature, need_hidden, need_weight),
         backend,
     )
@@ -723,7 +768,7 @@ def linear_logprobs_backward_op(
 
 @linear_logprobs_backward_op.register_fake
 def _linear_logprobs_backward_fake(
-    grad_logp, grad_entropy, hidden, weight, bias, targets, mask, lse, entropy,
+    grad_logp, grad_entropy, hidden, weight, bias, targets, mask, stats, entropy,
     temperature, need_hidden, need_weight, backend,
 ):
     nothing = hidden.new_empty(0)
@@ -736,31 +781,32 @@ def _linear_logprobs_backward_fake(
     return tuple(nothing.clone() if g is None else g for g in (gh, gw, gb))
 
 
-def _linear_grads_in(grad_logp, grad_entropy, lse):
-    """Upstream gradients in the accumulation dtype; a missing grad_logp is zeros."""
-    grad_logp = torch.zeros_like(lse) if grad_logp is None else grad_logp.to(lse.dtype)
-    grad_entropy = None if grad_entropy is None else grad_entropy.to(lse.dtype)
+def _linear_grads_in(grad_logp, grad_entropy, entropy):
+    """Upstream gradients in the accumulation dtype (entropy's); a missing grad_logp is
+    zeros."""
+    grad_logp = torch.zeros_like(entropy) if grad_logp is None else grad_logp.to(entropy.dtype)
+    grad_entropy = None if grad_entropy is None else grad_entropy.to(entropy.dtype)
     return grad_logp, grad_entropy
 
 
 def _linear_setup_context(ctx, inputs, output):
     hidden, weight, bias, targets, mask, temperature, backend = inputs
-    _, entropy, lse = output
-    ctx.save_for_backward(hidden, weight, bias, targets, mask, lse, entropy)
-    ctx.mark_non_differentiable(lse)  # a statistic kept for the backward, not a result
+    _, entropy, stats = output
+    ctx.save_for_backward(hidden, weight, bias, targets, mask, stats, entropy)
+    ctx.mark_non_differentiable(stats)  # statistics kept for the backward, not a result
     ctx.temperature = temperature
     ctx.backend = backend
 
 
-def _linear_backward(ctx, grad_logp, grad_entropy, grad_lse):
-    hidden, weight, bias, targets, mask, lse, entropy = ctx.saved_tensors
+def _linear_backward(ctx, grad_logp, grad_entropy, grad_stats):
+    hidden, weight, bias, targets, mask, stats, entropy = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
     need_weight = need_w or (bias is not None and need_b)
     if not (need_h or need_weight):
         return None, None, None, None, None, None, None
-    grad_logp, grad_entropy = _linear_grads_in(grad_logp, grad_entropy, lse)
+    grad_logp, grad_entropy = _linear_grads_in(grad_logp, grad_entropy, entropy)
     gh, gw, gb = torch.ops.vapo.linear_logprobs_backward(
-        grad_logp, grad_entropy, hidden, weight, bias, targets, mask, lse, entropy,
+        grad_logp, grad_entropy, hidden, weight, bias, targets, mask, stats, entropy,
         ctx.temperature, need_h, need_weight, ctx.backend,
     )
     return (
@@ -811,11 +857,13 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         # logit is summed too: only the owning rank holds a non-zero one.
         m_all = m.clone()
         dist.all_reduce(m_all, op=dist.ReduceOp.MAX, group=group)
-        den, mom = _rescale_state(m, den, mom, m_all)
+        den, mom = _rescale_state(m, den, mom, m_all, float(temperature))
         sums = torch.stack([den, mom, t])
         dist.all_reduce(sums, group=group)
-        logp, entropy, lse = _finalise_state(m_all, sums[0], sums[1], sums[2], keep)
-        ctx.save_for_backward(hidden, weight, bias, targets, mask, lse, entropy)
+        logp, entropy, stats = _finalise_state(
+            m_all, sums[0], sums[1], sums[2], keep, float(temperature)
+        )
+        ctx.save_for_backward(hidden, weight, bias, targets, mask, stats, entropy)
         ctx.temperature, ctx.backend = temperature, backend
         ctx.group, ctx.vocab_start = group, vocab_start
         return logp.view(shape), entropy.view(shape)
@@ -824,12 +872,12 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, grad_entropy):
         import torch.distributed as dist
 
-        hidden, weight, bias, targets, mask, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, targets, mask, stats, entropy = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_weight = need_w or (bias is not None and need_b)
-        grad_logp, grad_entropy = _linear_grads_in(grad_logp, grad_entropy, lse)
+        grad_logp, grad_entropy = _linear_grads_in(grad_logp, grad_entropy, entropy)
         gh, gw, gb = _linear_backward_kernel(
-            (grad_logp, grad_entropy, hidden, weight, bias, targets, mask, lse,
+            (grad_logp, grad_entropy, hidden, weight, bias, targets, mask, stats,
              entropy, ctx.temperature, need_h, need_weight),
             ctx.backend, ctx.vocab_start,
         )

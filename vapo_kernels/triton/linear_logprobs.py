@@ -12,8 +12,9 @@ Three kernels, 1-D grids, int64 offsets, no atomics (results are deterministic):
 
 * ``_fwd_kernel``: one program per BLOCK_N rows walks the vocabulary in BLOCK_V tiles.
   A tile of logits is a GEMM over H in BLOCK_K steps (``tl.dot``, fp32 accumulation);
-  the per-row state (m, den, mom) and the target logit live in registers. Writes the
-  state; the op finishes (and, vocabulary-parallel, first merges across ranks).
+  the per-row state (m, den, mom) and the target logit live in registers, m and the
+  target as raw logits, den and mom measured from m in z / tau. Writes the state; the op
+  finishes (and, vocabulary-parallel, first merges across ranks).
 * ``_bwd_hidden_kernel`` (A): one program per BLOCK_N rows walks the vocabulary again,
   recomputes each tile, forms dz and adds ``dz @ W_tile`` to its rows of grad_hidden.
 * ``_bwd_weight_kernel`` (B): one program per BLOCK_V vocabulary rows walks the row
@@ -33,6 +34,14 @@ for A, 2 + 2 for B), against 6 N H V for a backward sharing one recompute.
 
 Rows that are ignored are never loaded (masked loads read 0 instead of whatever the
 buffer holds) and get dz = 0; a row block with no valid row skips all its tiles.
+
+Both passes measure a logit from its row's max as ``(z - m) / tau`` (the op's stats
+carry m and log_norm to the backward): a dominant logit then has p = 1 exactly, and
+rows of logits ~1e4 keep their differences. That needs the backward's tile to equal the
+forward's at the max, bit for bit: all three kernels build a logit with the same
+``_logits_tile`` (the same BLOCK_K steps over H, in the same order); the GEMM tile
+shapes differ between kernels on a GPU, and whether ``tl.dot`` then rounds an element
+the same way is for the device check to confirm.
 
 Precision: fp32 inputs use ``input_precision="ieee"`` (TF32 would round the logits to
 10 mantissa bits); bf16/fp16 inputs feed the tensor cores as they are, products exact
@@ -94,11 +103,12 @@ def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _logits_tile(
-    h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w, tau,
+    h_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, H, stride_h, stride_w,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """s = (hidden[rows] @ weight[cols].T + bias[cols]) / tau, (BLOCK_N, BLOCK_V) in ACC.
+    """z = hidden[rows] @ weight[cols].T + bias[cols], (BLOCK_N, BLOCK_V) in ACC: the raw
+    logits, before the temperature.
 
     Rows or columns outside the masks read 0 (never the buffer's contents)."""
     acc = tl.zeros((BLOCK_N, BLOCK_V), ACC)
@@ -118,7 +128,7 @@ def _logits_tile(
         acc = _mm(h, w, acc, IEEE, UPCAST)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
-    return acc / tau
+    return acc
 
 
 @triton.jit
@@ -131,28 +141,36 @@ def _row_block(y_ptr, valid_ptr, rows, N):
 
 
 @triton.jit
-def _row_grads(glp_ptr, gent_ptr, lse_ptr, ent_ptr, rows, valid, HAS_GENT: tl.constexpr):
+def _row_grads(glp_ptr, gent_ptr, stats_ptr, ent_ptr, rows, valid, HAS_GENT: tl.constexpr):
+    """Per row: upstream gradients, the shift (row max m, or 0 where m is +-inf: inf - inf
+    would be NaN), log_norm and the entropy; stats is (N, 2) = (m, log_norm)."""
     g_lp = tl.load(glp_ptr + rows, mask=valid, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=valid, other=0.0)
+    m = tl.load(stats_ptr + 2 * rows, mask=valid, other=0.0)
+    log_norm = tl.load(stats_ptr + 2 * rows + 1, mask=valid, other=0.0)
     ent = tl.load(ent_ptr + rows, mask=valid, other=0.0)
     if HAS_GENT:
         g_ent = tl.load(gent_ptr + rows, mask=valid, other=0.0)
     else:
         g_ent = tl.zeros_like(g_lp)
-    return g_lp, g_ent, lse, ent
+    shift = tl.where((m > float("-inf")) & (m < float("inf")), m, 0.0)
+    return g_lp, g_ent, shift, log_norm, ent
 
 
 @triton.jit
-def _dz_tile(s, tau, cols, col_ok, y, valid, g_lp, g_ent, lse, ent, HAS_GENT: tl.constexpr):
-    """dL/dz for one tile (z = logits before the temperature); 0 off the valid rows and
-    the real columns."""
-    u = s - lse[:, None]
+def _dz_tile(
+    z, inv_tau, cols, col_ok, y, valid, g_lp, g_ent, shift, log_norm, ent,
+    HAS_GENT: tl.constexpr,
+):
+    """dL/dz for one tile of raw logits z; 0 off the valid rows and the real columns."""
+    # u = log p measured from the row max, as the forward measured it: exactly 0 at a
+    # dominant logit (p = 1), where z * inv_tau - lse would be off by ~ulp(z / tau).
+    u = (z - shift[:, None]) * inv_tau - log_norm[:, None]
     p = tl.exp(u)
     dz = tl.where(cols[None, :] == y[:, None], g_lp[:, None], 0.0) - g_lp[:, None] * p
     if HAS_GENT:
         # p (H + u), with 0 where p = 0 (u = -inf would give 0 * -inf = NaN)
         dz -= g_ent[:, None] * p * tl.where(p > 0.0, ent[:, None] + u, 0.0)
-    return tl.where(valid[:, None] & col_ok[None, :], dz / tau, 0.0)
+    return tl.where(valid[:, None] & col_ok[None, :], dz * inv_tau, 0.0)
 
 
 # --------------------------------------------------------------------------------------
@@ -168,7 +186,7 @@ def _fwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid, y, any_valid = _row_block(y_ptr, valid_ptr, rows, N)
-    tau = tl.load(tau_ptr)
+    inv_tau = 1.0 / tl.load(tau_ptr)
     m = tl.full((BLOCK_N,), float("-inf"), ACC)
     den = tl.zeros((BLOCK_N,), ACC)
     mom = tl.zeros((BLOCK_N,), ACC)
@@ -177,24 +195,25 @@ def _fwd_kernel(
     for i in range(tl.cdiv(V, BLOCK_V) * any_valid):  # no tiles for an all-ignored block
         cols = i * BLOCK_V + offs_v
         col_ok = cols < V
-        s = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, H, stride_h, stride_w, tau,
+        z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, H, stride_h, stride_w,
             HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, ACC, IEEE, UPCAST,
         )
-        s = tl.where(col_ok[None, :], s, float("-inf"))
+        z = tl.where(col_ok[None, :], z, float("-inf"))
         # The target's tile adds its logit; every other tile adds exactly 0. A local
         # target >= V (owned by a later rank) must not match a padding column.
         hit = (cols[None, :] == y[:, None]) & col_ok[None, :]
-        t += tl.sum(tl.where(hit, s, 0.0), axis=1)
+        t += tl.sum(tl.where(hit, z, 0.0), axis=1)
         # Online merge of this tile into (m, den, mom); see the op's section comment.
-        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_new = tl.maximum(m, tl.max(z, axis=1))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: no NaN
-        alpha = tl.exp(m - shift)
-        d = s - shift[:, None]
+        c = (m - shift) * inv_tau  # the old max measured from the new one, <= 0
+        alpha = tl.exp(c)
+        d = (z - shift[:, None]) * inv_tau
         p = tl.exp(d)
         # The where()s pick the factor, not the product, so no branch ever forms
         # 0 * -inf (m = -inf while den = 0; d = -inf where p = 0).
-        carry = tl.where(den > 0.0, m - shift, 0.0) * den
+        carry = tl.where(den > 0.0, c, 0.0) * den
         den = alpha * den + tl.sum(p, axis=1)
         mom = alpha * (mom + carry) + tl.sum(p * tl.where(p > 0.0, d, 0.0), axis=1)
         m = m_new
@@ -207,7 +226,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_hidden_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, tau_ptr, glp_ptr, gent_ptr, lse_ptr, ent_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, tau_ptr, glp_ptr, gent_ptr, stats_ptr, ent_ptr,
     gh_ptr, N, V, H, stride_h, stride_w,
     HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
@@ -216,18 +235,22 @@ def _bwd_hidden_kernel(
     """Kernel A: grad_hidden[rows] (fp32 buffer, zeroed by the host) += dz @ W."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     valid, y, any_valid = _row_block(y_ptr, valid_ptr, rows, N)
-    g_lp, g_ent, lse, ent = _row_grads(glp_ptr, gent_ptr, lse_ptr, ent_ptr, rows, valid, HAS_GENT)
-    tau = tl.load(tau_ptr)
+    g_lp, g_ent, shift, log_norm, ent = _row_grads(
+        glp_ptr, gent_ptr, stats_ptr, ent_ptr, rows, valid, HAS_GENT
+    )
+    inv_tau = 1.0 / tl.load(tau_ptr)
     offs_v = tl.arange(0, BLOCK_V).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
     for i in range(tl.cdiv(V, BLOCK_V) * any_valid):
         cols = i * BLOCK_V + offs_v
         col_ok = cols < V
-        s = _logits_tile(
-            h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, H, stride_h, stride_w, tau,
+        z = _logits_tile(
+            h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, H, stride_h, stride_w,
             HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, ACC, IEEE, UPCAST,
         )
-        dz = _dz_tile(s, tau, cols, col_ok, y, valid, g_lp, g_ent, lse, ent, HAS_GENT)
+        dz = _dz_tile(
+            z, inv_tau, cols, col_ok, y, valid, g_lp, g_ent, shift, log_norm, ent, HAS_GENT
+        )
         dz = dz.to(w_ptr.dtype.element_ty)
         for k0 in range(0, H, BLOCK_K):
             k = k0 + ks
@@ -245,7 +268,7 @@ def _bwd_hidden_kernel(
 
 @triton.jit
 def _bwd_weight_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, tau_ptr, glp_ptr, gent_ptr, lse_ptr, ent_ptr,
+    h_ptr, w_ptr, b_ptr, y_ptr, valid_ptr, tau_ptr, glp_ptr, gent_ptr, stats_ptr, ent_ptr,
     gw_ptr, gb_ptr, N, V, H, stride_h, stride_w,
     HAS_BIAS: tl.constexpr, HAS_GENT: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr, IEEE: tl.constexpr,
@@ -255,7 +278,7 @@ def _bwd_weight_kernel(
     grad_bias[cols] = sum over rows of dz."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
     col_ok = cols < V
-    tau = tl.load(tau_ptr)
+    inv_tau = 1.0 / tl.load(tau_ptr)
     gb = tl.zeros((BLOCK_V,), ACC)
     offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
     ks = tl.arange(0, BLOCK_K)
@@ -263,14 +286,17 @@ def _bwd_weight_kernel(
         rows = j * BLOCK_N + offs_n
         valid, y, any_valid = _row_block(y_ptr, valid_ptr, rows, N)
         if any_valid > 0:
-            g_lp, g_ent, lse, ent = _row_grads(
-                glp_ptr, gent_ptr, lse_ptr, ent_ptr, rows, valid, HAS_GENT
+            g_lp, g_ent, shift, log_norm, ent = _row_grads(
+                glp_ptr, gent_ptr, stats_ptr, ent_ptr, rows, valid, HAS_GENT
             )
-            s = _logits_tile(
-                h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, H, stride_h, stride_w, tau,
+            z = _logits_tile(
+                h_ptr, w_ptr, b_ptr, rows, valid, cols, col_ok, H, stride_h, stride_w,
                 HAS_BIAS, BLOCK_N, BLOCK_V, BLOCK_K, ACC, IEEE, UPCAST,
             )
-            dz = _dz_tile(s, tau, cols, col_ok, y, valid, g_lp, g_ent, lse, ent, HAS_GENT)
+            dz = _dz_tile(
+                z, inv_tau, cols, col_ok, y, valid, g_lp, g_ent, shift, log_norm, ent,
+                HAS_GENT,
+            )
             gb += tl.sum(dz, axis=0)
             dz_t = tl.trans(dz.to(h_ptr.dtype.element_ty))
             for k0 in range(0, H, BLOCK_K):
@@ -375,7 +401,7 @@ def linear_logprobs_bwd(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     valid: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
     need_hidden: bool,
@@ -397,7 +423,7 @@ def linear_logprobs_bwd(
     g_ent = grad_logp if grad_entropy is None else grad_entropy.contiguous()
     common = (
         hidden, weight, tau if bias is None else bias, targets, valid, tau,
-        grad_logp.contiguous(), g_ent, lse.contiguous(), entropy.contiguous(),
+        grad_logp.contiguous(), g_ent, stats.reshape(n, 2).contiguous(), entropy.contiguous(),
     )
     flags = {"HAS_BIAS": bias is not None, "HAS_GENT": grad_entropy is not None}
 

@@ -8,26 +8,31 @@ One program per row (token), a 1-D grid over rows. Ignored rows (target -100 or
 ``valid`` False) branch away before any logit is touched.
 
 Forward: a single streaming pass over the row in BLOCK_V chunks keeps, in the
-accumulation dtype (fp32, fp64 for fp64 logits), a running max ``m`` and
+accumulation dtype (fp32, fp64 for fp64 logits), a running max ``m`` of the raw logits and
 
-    S = sum_v 2^(t_v - m),    W = sum_v 2^(t_v - m) (t_v - m),    t = s log2(e),
+    S = sum_v 2^d_v,    W = sum_v 2^d_v d_v,    d = (z - m) c,    c = log2(e) / tau,
 
-rescaled by ``2^(m_old - m_new)`` when a chunk raises the max (W also picks up
-``(m_old - m_new) S_old`` because its weights are measured from m). Then
+rescaled by ``2^dm``, ``dm = (m_old - m_new) c``, when a chunk raises the max (W also
+picks up ``dm S_old`` because its weights are measured from m). Then, with the stats
+(m, log_norm) that the backward takes (the module docstring of ops/logprobs.py),
 
-    lse = ln2 (m + log2 S),    H = ln2 (log2 S - W / S),    logp = ln2 (t_y - m - log2 S).
+    log_norm = ln2 log2 S,    H = ln2 (log2 S - W / S),    logp = ln2 ((z_y - m) c - log2 S).
 
 Working in base 2 folds 1/tau and log2(e) into one multiply per logit before ``exp2``
 (``tl.exp`` multiplies by log2(e) anyway). Measuring W from the running max rather than
 accumulating ``sum p s`` keeps the entropy free of the cancellation ``lse - E[s]`` suffers
-when the logits are large (|s| ~ 1e4 would cost ~1e-3 absolute in fp32); it is the same
-number of operations, since ``t - m`` is needed for the exponent anyway. A logit of -inf
-contributes exactly 0 to S and W (guarded, never ``0 * inf``).
+when the logits are large (|s| ~ 1e4 would cost ~1e-3 absolute in fp32); subtracting the
+max before scaling, ``(z - m) c`` rather than ``z c - m c``, keeps the exponents of a row
+of logits ~1e4 exact to the last digit. Both cost nothing extra: ``z - m`` is needed for
+the exponent anyway. A logit of -inf contributes exactly 0 to S and W (guarded, never
+``0 * inf``).
 
-Backward: one pass per row, recomputing ``p = 2^(t - lse log2 e)`` from the saved lse and
-writing ``dz = (g_lp (onehot - p) + g_H p (E_s - s)) / tau`` in ``out``'s dtype. Every
-chunk is loaded into registers before the same program stores that chunk's gradient, and
-no program touches another row, so ``out`` may be the logits buffer itself.
+Backward: one pass per row, recomputing ``p = 2^((z - m) c - log_norm log2 e)`` from the
+saved stats - measured from the max as in the forward, so a dominant logit gets p = 1
+exactly (``z c - lse log2 e`` was ~1e-4 off there at tau = 1.3) - and writing
+``dz = (g_lp (onehot - p) + g_H p (E_s - s)) / tau`` in ``out``'s dtype. Every chunk is
+loaded into registers before the same program stores that chunk's gradient, and no
+program touches another row, so ``out`` may be the logits buffer itself.
 
 Row offsets are int64 (``row * row_stride`` exceeds 2^31 elements at N x V > 2^31);
 column offsets stay int32 (V < 2^31).
@@ -86,14 +91,15 @@ def _keep_row(y_ptr, valid_ptr, row, HAS_VALID: tl.constexpr):
 
 @triton.jit
 def _row_forward(z_row, y, V, inv_tau, BLOCK_V: tl.constexpr, ACC: tl.constexpr):
-    """(lse, entropy, logp of target y) of the row at ``z_row``, in ACC.
+    """(m, log_norm, entropy, logp of target y) of the row at ``z_row``, in ACC: m the
+    max raw logit and log_norm = ln sum exp((z - m) / tau), the backward's stats.
 
     Shared by the log-prob kernel and the fused loss kernel (triton/loss.py).
     """
     # Constants built in ACC: a Python float literal would be rounded to fp32 first.
     ln2 = tl.full([], _LN2, ACC)
-    # t = z * c = s log2(e); c is formed exactly as in _row_backward, so both passes
-    # see bit-identical t.
+    # d = (z - m) * c; c is formed exactly as in _row_backward, so both passes see
+    # bit-identical exponents.
     c = tl.full([], _LOG2E, ACC) * inv_tau
     m = tl.full([], float("-inf"), ACC)
     s_sum = tl.full([], 0.0, ACC)
@@ -101,57 +107,62 @@ def _row_forward(z_row, y, V, inv_tau, BLOCK_V: tl.constexpr, ACC: tl.constexpr)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         # Padding lanes read as -inf: they add exactly 0 below, like a -inf logit.
-        t = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(ACC) * c
-        m_new = tl.maximum(m, tl.max(t, axis=0))
+        z = tl.load(z_row + cols, mask=cols < V, other=float("-inf")).to(ACC)
+        m_new = tl.maximum(m, tl.max(z, axis=0))
         # While every logit so far is -inf, shift by 0 instead (-inf - -inf is NaN).
         shift = tl.where(m_new > float("-inf"), m_new, 0.0)
-        d = t - shift
+        d = (z - shift) * c
         e = tl.exp2(d)
-        alpha = tl.exp2(m - shift)  # 0 while nothing has been accumulated
         # W's weights were measured from the old max: re-measure from the new one.
-        # S == 0 means m is still -inf; pick m = shift there so no inf * 0 appears.
-        m_old = tl.where(s_sum > 0, m, shift)
-        w_sum = alpha * (w_sum + (m_old - shift) * s_sum)
+        # S == 0 means m is still -inf; pick m = shift there so no inf * 0 appears
+        # (alpha is then 1, times S = W = 0).
+        dm = (tl.where(s_sum > 0, m, shift) - shift) * c
+        alpha = tl.exp2(dm)
+        w_sum = alpha * (w_sum + dm * s_sum)
         s_sum = alpha * s_sum + tl.sum(e, axis=0)
         # e == 0 exactly when d is -inf (or underflows): its term is 0, not 0 * inf.
         w_sum += tl.sum(e * tl.where(e > 0, d, 0.0), axis=0)
         m = m_new
     # The max lane contributes exactly 2^0 = 1 and every d <= 0, so S >= 1, W <= 0
-    # and t_y <= m (same load, same c): H >= 0 and logp <= 0 hold by construction.
+    # and z_y <= m (same load): H >= 0 and logp <= 0 hold by construction.
     # The clamps only make the contract's ranges explicit; they cost nothing per logit.
     log2_s = tl.log2(s_sum)
-    t_y = tl.load(z_row + y).to(ACC) * c
-    lse = (m + log2_s) * ln2
+    z_y = tl.load(z_row + y).to(ACC)
     ent = tl.maximum((log2_s - w_sum / s_sum) * ln2, 0.0)
-    logp = tl.minimum((t_y - m - log2_s) * ln2, 0.0)
-    return lse, ent, logp
+    logp = tl.minimum(((z_y - tl.where(m > float("-inf"), m, 0.0)) * c - log2_s) * ln2, 0.0)
+    return m, log2_s * ln2, ent, logp
 
 
 @triton.jit
 def _row_backward(
-    z_row, out_row, y, V, inv_tau, lse, ent, g_lp, g_h,
+    z_row, out_row, y, V, inv_tau, m, log_norm, ent, g_lp, g_h,
     HAS_GH: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
-    """Writes d/dz of (g_lp logp + g_h H) for the row at ``z_row`` into ``out_row``
-    (ent and g_h are not read without HAS_GH).
+    """Writes d/dz of (g_lp logp + g_h H) for the row at ``z_row`` into ``out_row``, from
+    the forward's stats (m, log_norm) (ent and g_h are not read without HAS_GH).
 
     Every chunk is loaded into registers before this program stores that chunk's
     gradient, and nothing else is read after, so ``out_row`` may be ``z_row``.
     """
     log2e = tl.full([], _LOG2E, ACC)
     c = log2e * inv_tau
-    lse2 = lse * log2e
-    # dz = a onehot + p (b (E_t - t) - a), everything in base-2 units t = s log2(e):
-    # a = g_lp / tau,  b = g_H ln2 / tau,  E_t = (lse - H) log2(e).
+    # The forward's shift: the max, or 0 where it is -inf (a row of -inf logits, whose
+    # gradient is NaN as its logp is).
+    shift = tl.where(m > float("-inf"), m, 0.0)
+    norm2 = log_norm * log2e
+    # dz = a onehot + p (b (E_t - t) - a), everything in base-2 units t = (z - m) c,
+    # measured from the max as in the forward: a = g_lp / tau,  b = g_H ln2 / tau,
+    # E_t = (log_norm - H) log2(e).
     a = g_lp * inv_tau
     if HAS_GH:
         b = g_h * inv_tau * tl.full([], _LN2, ACC)
-        e_t = (lse - ent) * log2e
+        e_t = (log_norm - ent) * log2e
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         inside = cols < V
-        t = tl.load(z_row + cols, mask=inside, other=float("-inf")).to(ACC) * c
-        p = tl.exp2(t - lse2)
+        z = tl.load(z_row + cols, mask=inside, other=float("-inf")).to(ACC)
+        t = (z - shift) * c
+        p = tl.exp2(t - norm2)
         if HAS_GH:
             # Where p == 0 (t = -inf) the entropy term is 0; replacing t by E_t
             # there keeps (E_t - t) finite, so no 0 * inf is ever formed.
@@ -174,7 +185,7 @@ def _row_zero(out_row, V, BLOCK_V: tl.constexpr):
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
-    z_ptr, stride_z, y_ptr, valid_ptr, tau_ptr, logp_ptr, ent_ptr, lse_ptr, V,
+    z_ptr, stride_z, y_ptr, valid_ptr, tau_ptr, logp_ptr, ent_ptr, stats_ptr, V,
     HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 before multiplying by the row stride
@@ -182,18 +193,22 @@ def _token_logprobs_fwd_kernel(
     zero = tl.full([], 0.0, ACC)
     logp = zero
     ent = zero
-    lse = zero
+    m = zero
+    log_norm = zero
     if keep:
         inv_tau = 1.0 / tl.load(tau_ptr)
-        lse, ent, logp = _row_forward(z_ptr + row * stride_z, y, V, inv_tau, BLOCK_V, ACC)
+        m, log_norm, ent, logp = _row_forward(
+            z_ptr + row * stride_z, y, V, inv_tau, BLOCK_V, ACC
+        )
     tl.store(logp_ptr + row, logp)
     tl.store(ent_ptr + row, ent)
-    tl.store(lse_ptr + row, lse)
+    tl.store(stats_ptr + 2 * row, m)
+    tl.store(stats_ptr + 2 * row + 1, log_norm)
 
 
 @triton.jit
 def _token_logprobs_bwd_kernel(
-    gl_ptr, gh_ptr, z_ptr, stride_z, y_ptr, valid_ptr, lse_ptr, ent_ptr, tau_ptr,
+    gl_ptr, gh_ptr, z_ptr, stride_z, y_ptr, valid_ptr, stats_ptr, ent_ptr, tau_ptr,
     out_ptr, stride_out, V,
     HAS_VALID: tl.constexpr, HAS_GH: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -209,7 +224,8 @@ def _token_logprobs_bwd_kernel(
             g_h = tl.load(gh_ptr + row)
         _row_backward(
             z_ptr + row * stride_z, out_row, y, V, 1.0 / tl.load(tau_ptr),
-            tl.load(lse_ptr + row), ent, tl.load(gl_ptr + row), g_h, HAS_GH, BLOCK_V, ACC,
+            tl.load(stats_ptr + 2 * row), tl.load(stats_ptr + 2 * row + 1), ent,
+            tl.load(gl_ptr + row), g_h, HAS_GH, BLOCK_V, ACC,
         )
     else:
         _row_zero(out_row, V, BLOCK_V)
@@ -279,9 +295,9 @@ def token_logprobs_fwd(
     acc = _acc_dtype(logits.dtype)
     logp = torch.empty(n, dtype=acc, device=device)
     entropy = torch.empty(n, dtype=acc, device=device)
-    lse = torch.empty(n, dtype=acc, device=device)
+    stats = torch.empty(n, 2, dtype=acc, device=device)
     if n == 0:  # a 0-program grid is invalid
-        return logp, entropy, lse
+        return logp, entropy, stats
     targets, valid = _row_args(targets, valid, n, device)
     # Temperature as a tensor of the accumulation dtype: a Python float kernel argument
     # would be passed as fp32 and round tau for fp64 logits. torch.full is a fill kernel
@@ -290,11 +306,11 @@ def token_logprobs_fwd(
     block, num_warps = _launch_params(vocab, block_v)
     _token_logprobs_fwd_kernel[(n,)](
         logits, logits.stride(0), targets, valid if valid is not None else targets, tau,
-        logp, entropy, lse, vocab,
+        logp, entropy, stats, vocab,
         HAS_VALID=valid is not None, BLOCK_V=block,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps,
     )
-    return logp, entropy, lse
+    return logp, entropy, stats
 
 
 def token_logprobs_bwd(
@@ -303,7 +319,7 @@ def token_logprobs_bwd(
     logits: torch.Tensor,
     targets: torch.Tensor,
     valid: torch.Tensor | None,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     entropy: torch.Tensor,
     temperature: float,
     out: torch.Tensor,
@@ -324,17 +340,17 @@ def token_logprobs_bwd(
     device = logits.device
     acc = _acc_dtype(logits.dtype)
     targets, valid = _row_args(targets, valid, n, device)
-    def vec(x):
-        return x.to(device=device, dtype=acc).reshape(n).contiguous()
+    def vec(x, *shape):
+        return x.to(device=device, dtype=acc).reshape(n, *shape).contiguous()
 
-    grad_logp, lse, entropy = vec(grad_logp), vec(lse), vec(entropy)
+    grad_logp, stats, entropy = vec(grad_logp), vec(stats, 2), vec(entropy)
     has_gh = grad_entropy is not None
     grad_entropy = vec(grad_entropy) if has_gh else grad_logp  # never read without HAS_GH
     tau = torch.full((1,), float(temperature), dtype=acc, device=device)
     block, num_warps = _launch_params(vocab, block_v)
     _token_logprobs_bwd_kernel[(n,)](
         grad_logp, grad_entropy, logits, logits.stride(0), targets,
-        valid if valid is not None else targets, lse, entropy, tau,
+        valid if valid is not None else targets, stats, entropy, tau,
         out, out.stride(0), vocab,
         HAS_VALID=valid is not None, HAS_GH=has_gh, BLOCK_V=block,
         ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps,

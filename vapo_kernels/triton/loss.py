@@ -503,7 +503,7 @@ def token_loss(
 # One program per row (token), a 1-D grid of N programs; a row's work (two streaming
 # passes over V logits) dwarfs the per-program overhead, and nothing about sequences
 # is on the grid. A valid row runs, in registers:
-#   _row_forward (lse, H, logp; logprobs.py) -> its sequence by a binary search over
+#   _row_forward (max, log_norm, H, logp; logprobs.py) -> its sequence by a search over
 #   offsets -> the token's loss terms with the token kernel's helpers on 0-d values ->
 #   g_logp, g_H -> _row_backward (d loss / d z, logprobs.py) into ``out``.
 # An invalid row writes a zero gradient row and loads nothing else, so garbage in its
@@ -512,8 +512,8 @@ def token_loss(
 #
 # In place (out is logits): a program only touches its own row; the forward pass has
 # read the whole row (including the target logit) before the backward starts, since the
-# backward's values depend on lse, logp and H, and _row_backward loads each chunk
-# before storing over it.
+# backward's values depend on (max, log_norm), logp and H, and _row_backward loads each
+# chunk before storing over it.
 
 # Launch parameters. GPU (not yet tuned on a device): the same streaming pattern as the
 # log-prob kernels, so the same chunk: 8192 logits over 16 warps (logprobs.py explains
@@ -570,7 +570,7 @@ def _logits_loss_kernel(
     if keep:
         z_row = z_ptr + row * stride_z
         inv_tau = 1.0 / tl.load(k_ptr + _K_TAU)
-        lse, ent, lp = _row_forward(z_row, y, V, inv_tau, BLOCK_V, ACC)
+        z_max, log_norm, ent, lp = _row_forward(z_row, y, V, inv_tau, BLOCK_V, ACC)
         seq = _sequence_of(offs_ptr, n_seqs, row)
         w = tl.load(sw_ptr + seq)
         s_tokens = one
@@ -611,8 +611,8 @@ def _logits_loss_kernel(
 
         if NEED_GRAD:
             _row_backward(
-                z_row, out_ptr + row * stride_out, y, V, inv_tau, lse, ent, g_lp, g_h,
-                HAS_GH, BLOCK_V, ACC,
+                z_row, out_ptr + row * stride_out, y, V, inv_tau, z_max, log_norm, ent,
+                g_lp, g_h, HAS_GH, BLOCK_V, ACC,
             )
     else:
         if NEED_GRAD:
