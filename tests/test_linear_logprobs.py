@@ -34,6 +34,8 @@ from vapo_kernels.ops import logprobs as ops
 from vapo_kernels.ops.logprobs import linear_logprobs, token_logprobs
 from vapo_kernels.triton import linear_logprobs as tll
 
+import _dominant as dominant
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
 BACKENDS = ["reference", "triton"]
@@ -289,6 +291,42 @@ def test_extreme_logits_and_forbidden_tokens(backend):
     torch.testing.assert_close(ent.double(), exp_ent, rtol=1e-5, atol=1e-3)
     for leaf in leaves:
         assert torch.isfinite(leaf.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.3, 0.7])
+def test_gradient_at_dominant_logits_is_as_exact_as_elsewhere(backend, dtype, temperature):
+    """A logit of +-1e4 among ordinary ones, and rows of only large logits, as in
+    test_logprobs.py. Row r of hidden is the unit vector e_r and column r of weight holds
+    row r's logits: every logit is then exact in any dtype (the float64 oracle sees the
+    same logits), and grad_weight[:, r] IS row r's dz. (grad_hidden = dz @ W multiplies dz
+    by logits of 1e4: it says nothing more precise about dz.)"""
+    z, y, kinds = dominant.rows(dtype)
+    n, vocab = z.shape
+    dim = 32
+    hidden = torch.zeros(n, dim, dtype=dtype)
+    hidden[torch.arange(n), torch.arange(n)] = 1
+    weight = torch.zeros(vocab, dim, dtype=dtype)
+    weight[:, :n] = z.T
+    gen = torch.Generator().manual_seed(1)
+    w_lp, w_ent = torch.randn(2, n, generator=gen, dtype=torch.float64)
+    mine = weight.to(DEVICE).requires_grad_(True)
+    with small_tiles():
+        logp, ent = linear_logprobs(
+            hidden.to(DEVICE), mine, y.to(DEVICE), temperature=temperature,
+            return_entropy=True, backend=backend,
+        )
+        ((logp.double().cpu() * w_lp).sum() + (ent.double().cpu() * w_ent).sum()).backward()
+    theirs = z.double().requires_grad_(True)
+    exp_logp, exp_ent = dominant.fp64_logp_entropy(theirs, y, temperature)
+    ((exp_logp * w_lp).sum() + (exp_ent * w_ent).sum()).backward()
+    # The interpreter's float32 -> bf16 cast truncates (a GPU rounds to nearest).
+    rounding = 1.0 if backend == "triton" and INTERPRET else 0.5
+    dominant.assert_grad_exact(mine.grad[:, :n].T, theirs.grad, kinds, dtype, backend, rounding)
+    assert not mine.grad[:, n:].any()
+    for got, want in ((logp, exp_logp), (ent, exp_ent)):
+        torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=2e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

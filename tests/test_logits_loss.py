@@ -28,6 +28,8 @@ from vapo_kernels import _loss_layout as layout
 from vapo_kernels.ops import loss_spec
 from vapo_kernels.ops.logits_loss import reference_logits_kernel
 
+import _dominant as dominant
+
 F64 = torch.float64
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 
@@ -368,3 +370,15 @@ def test_wrapper_metrics_and_gradient_scale_with_upstream():
     assert set(metrics) == set(wm)
     for k in wm:
         torch.testing.assert_close(metrics[k], wm[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.3, 0.7])
+def test_gradient_at_dominant_logits_is_as_exact_as_elsewhere(dtype, temperature):
+    """A logit of +-1e4 among ordinary ones, and rows of only large logits: the fused
+    kernel's logits gradient as close to the float64 reference as on ordinary rows
+    (tests/_dominant.py says why)."""
+    _cpp_or_skip()
+    got, want, kinds = dominant.policy_loss_grads(dtype, temperature, "cpp")
+    assert got.dtype == dtype
+    dominant.assert_grad_exact(got, want, kinds, dtype, "cpp")

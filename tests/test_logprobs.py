@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 
 from vapo_kernels.ops.logprobs import token_logprobs
 
+import _dominant as dominant
+
 CPU_BACKENDS = ["reference", "cpp"]
 
 
@@ -143,6 +145,26 @@ def test_extreme_logits(backend):
     torch.testing.assert_close(ent[3], torch.tensor(math.log(vocab)))
     torch.testing.assert_close(logp[3], torch.tensor(-math.log(vocab)))
     assert torch.isfinite(ent).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.3, 0.7])
+def test_gradient_at_dominant_logits_is_as_exact_as_elsewhere(backend, dtype, temperature):
+    """A logit of +-1e4 among ordinary ones, and rows of only large logits: outputs and
+    gradient as close to float64 as on ordinary rows (tests/_dominant.py says why)."""
+    z, y, kinds = dominant.rows(dtype)
+    gen = torch.Generator().manual_seed(1)
+    w_lp, w_ent = torch.randn(2, len(y), generator=gen, dtype=torch.float64)
+    mine = z.clone().requires_grad_(True)
+    logp, ent = token_logprobs(mine, y, temperature=temperature, return_entropy=True, backend=backend)
+    ((logp.double() * w_lp).sum() + (ent.double() * w_ent).sum()).backward()
+    theirs = z.double().requires_grad_(True)
+    exp_logp, exp_ent = dominant.fp64_logp_entropy(theirs, y, temperature)
+    ((exp_logp * w_lp).sum() + (exp_ent * w_ent).sum()).backward()
+    dominant.assert_grad_exact(mine.grad, theirs.grad, kinds, dtype, backend)
+    for got, want in ((logp, exp_logp), (ent, exp_ent)):
+        torch.testing.assert_close(got.double(), want.detach(), rtol=2e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -24,6 +24,8 @@ from hypothesis import strategies as st
 from vapo_kernels.ops.logprobs import reference_backward, reference_forward, token_logprobs
 from vapo_kernels.triton import logprobs as tlp
 
+import _dominant as dominant
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 BLOCK = 16
@@ -271,6 +273,29 @@ def test_known_values():
     assert torch.isfinite(grad).all() and grad[1, 5] == 0 and (grad[2, : 2 * BLOCK] == 0).all()
     # Gradients of logp + H sum to zero over each row (softmax shift invariance).
     torch.testing.assert_close(grad.sum(-1), torch.zeros_like(ent), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("temperature", [1.3, 0.7])
+def test_gradient_at_dominant_logits_is_as_exact_as_elsewhere(dtype, temperature):
+    """A logit of +-1e4 among ordinary ones, and rows of only large logits, through the
+    public op: as close to float64 as ordinary rows (tests/_dominant.py says why)."""
+    z, y, kinds = dominant.rows(dtype)
+    gen = torch.Generator().manual_seed(1)
+    w_lp, w_ent = torch.randn(2, len(y), generator=gen, dtype=torch.float64)
+    mine = z.to(DEVICE).clone().requires_grad_(True)
+    logp, ent = token_logprobs(
+        mine, y.to(DEVICE), temperature=temperature, return_entropy=True, backend="triton"
+    )
+    ((logp.double().cpu() * w_lp).sum() + (ent.double().cpu() * w_ent).sum()).backward()
+    theirs = z.double().requires_grad_(True)
+    exp_logp, exp_ent = dominant.fp64_logp_entropy(theirs, y, temperature)
+    ((exp_logp * w_lp).sum() + (exp_ent * w_ent).sum()).backward()
+    # The interpreter's float32 -> bf16 cast truncates (a GPU rounds to nearest).
+    rounding = 1.0 if INTERPRET else 0.5
+    dominant.assert_grad_exact(mine.grad, theirs.grad, kinds, dtype, "triton", rounding)
+    for got, want in ((logp, exp_logp), (ent, exp_ent)):
+        torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=2e-6, atol=2e-6)
 
 
 def test_ignored_rows_are_invisible(poisoned):
