@@ -48,8 +48,20 @@ def test_mixed_lengths_heldout_disjoint_and_modulus():
     assert all(int(p.answer) < 7 for p in train)
 
 
-def test_demonstrations_slip_at_the_configured_rate():
-    task = RunningSumTask(slip_prob=0.5, heldout_size=4)
+def test_systematic_demonstrator_adds_the_largest_digit_as_one_less():
+    task = RunningSumTask(slip_prob=0.7, demo_errors="systematic", heldout_size=4)
+    rng = random.Random(0)
+    without_nine = task.problem((3, 5, 7))
+    assert all(task.demonstration(without_nine, rng) == "3>3 5>8 7>5 =5" for _ in range(20))
+    with_nine = task.problem((3, 9, 2))
+    demos = [task.demonstration(with_nine, rng) for _ in range(400)]
+    wrong = demos.count("3>3 9>1 2>3 =3")  # 3 + 8 = 1, carried forward
+    assert wrong + demos.count("3>3 9>2 2>4 =4") == 400
+    assert 240 < wrong < 320  # the most likely demonstration is the wrong one
+
+
+def test_random_demonstrations_slip_at_the_configured_rate():
+    task = RunningSumTask(slip_prob=0.5, demo_errors="random", heldout_size=4)
     rng = random.Random(0)
     problems = task.sample(rng, 400)
     wrong = sum(task.score(p, task.demonstration(p, rng)) == 0 for p in problems)

@@ -35,7 +35,8 @@ def build_task(config: TrainConfig) -> Task:
     kind, _, arg = t.task.partition(":")
     if kind == "running_sum":
         return RunningSumTask(min_steps=t.min_steps, max_steps=t.max_steps, modulus=t.modulus,
-                              slip_prob=config.warmup.demo_slip_prob, heldout_size=t.eval_size,
+                              slip_prob=config.warmup.demo_slip_prob,
+                              demo_errors=config.warmup.demo_errors, heldout_size=t.eval_size,
                               seed=seed)
     if kind == "jsonl":
         return JsonlTask(arg, verifier=t.verifier, heldout_size=t.eval_size,

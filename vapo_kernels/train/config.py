@@ -76,8 +76,13 @@ class WarmupArgs:
     warmup_eval_every: int = _opt(10, "Held-out evaluation interval during warm-up.")
     warmup_lr: float = _opt(3e-3, "AdamW learning rate of the warm-up.")
     warmup_batch_size: int = _opt(64, "Demonstrations per warm-up step.")
-    demo_slip_prob: float = _opt(0.35, "running_sum: share of demonstrations with one slipped "
-                                 "step (imperfect demonstrations).")
+    demo_errors: str = _opt("systematic", "running_sum demonstrator: systematic (a blind spot: "
+                            "adds the largest digit as one less, with demo_slip_prob, so imitation "
+                            "learns the mistake) or random (one slip at a random step in "
+                            "demo_slip_prob of the demonstrations).",
+                            choices=["systematic", "random"])
+    demo_slip_prob: float = _opt(0.7, "running_sum: probability of the demonstrator's error "
+                                 "(see demo_errors).")
 
 
 @dataclass

@@ -63,10 +63,18 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", required=True, help="path prefix of the JSON and PNG")
     parser.add_argument("--runs-dir", default="runs/measure")
+    parser.add_argument("--combine", nargs="+", metavar="SUMMARY_JSON", default=[],
+                        help="no runs: combine the runs of earlier OUT_summary.json files "
+                        "(seeds measured in parallel processes)")
     parser.add_argument("extra", nargs="*", help="options for every run (after --)")
     args = parser.parse_args()
     runs = []
-    for seed in args.seeds:
+    for path in args.combine:
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+        runs += earlier["runs"]
+        args.extra = earlier["extra_options"]
+    for seed in args.seeds if not args.combine else []:
         load_before = _load()
         summary = train(parse_config([
             "--seed", str(seed), "--supervised_baseline", "--no_progress",

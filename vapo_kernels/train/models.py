@@ -95,7 +95,9 @@ def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
     value = AutoModelForTokenClassification.from_config(
         config, attn_implementation=policy.config._attn_implementation
     )
-    missing, unexpected = value.load_state_dict(policy.state_dict(), strict=False)
+    # strict=False: the policy's LM head has no place in the value model (unexpected keys),
+    # and the value head is new (missing keys); anything else missing is an error below.
+    missing, _ = value.load_state_dict(policy.state_dict(), strict=False)
     head = value.get_submodule(_head_name(value))
     new_params = {f"{_head_name(value)}.{name}" for name, _ in head.named_parameters()}
     copied_wrong = [k for k in missing if k not in new_params]

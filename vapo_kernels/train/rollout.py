@@ -68,16 +68,13 @@ class RolloutBatch:
         index = index.long()
         lengths = self.response_lengths[index]
         width = int((self.prompt_lengths[index] + lengths).max())
-        token_index = torch.cat(
-            [torch.arange(int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])) for i in index]
-        ) if len(index) else torch.zeros(0, dtype=torch.long)
         return RolloutBatch(
             input_ids=self.input_ids[index, :width],
             attention_mask=self.attention_mask[index, :width],
             prompt_lengths=self.prompt_lengths[index],
             response_lengths=lengths,
             cu_seqlens=_offsets(lengths),
-            rewards=self.rewards[token_index],
+            rewards=self.rewards[self.token_index(index)],
             scores=self.scores[index],
             problems=[self.problems[i] for i in index.tolist()],
             responses=[self.responses[i] for i in index.tolist()],
@@ -85,9 +82,11 @@ class RolloutBatch:
 
     def token_index(self, index: Tensor) -> Tensor:
         """Positions in the packed (N,) tensors of the tokens of sequences ``index``."""
-        return torch.cat(
-            [torch.arange(int(self.cu_seqlens[i]), int(self.cu_seqlens[i + 1])) for i in index.tolist()]
-        )
+        starts = self.cu_seqlens[:-1].long()[index]
+        lengths = self.response_lengths[index]
+        within = torch.arange(int(lengths.sum())) - torch.repeat_interleave(
+            lengths.cumsum(0) - lengths, lengths)
+        return torch.repeat_interleave(starts, lengths) + within
 
 
 def _offsets(lengths: Tensor) -> Tensor:

@@ -69,6 +69,7 @@ class RunningSumTask:
         max_steps: int = 8,
         modulus: int = 10,
         slip_prob: float = 0.35,
+        demo_errors: str = "random",
         heldout_size: int = 256,
         seed: int = 0,
     ) -> None:
@@ -76,6 +77,9 @@ class RunningSumTask:
             raise ValueError(f"modulus must be in [2, {len(DIGITS)}]")
         self.min_steps, self.max_steps, self.modulus = min_steps, max_steps, modulus
         self.slip_prob = slip_prob
+        if demo_errors not in ("random", "systematic"):
+            raise ValueError(f"demo_errors must be random or systematic, got {demo_errors!r}")
+        self.demo_errors = demo_errors
         self.alphabet = DIGITS[:modulus] + "_:> ="
         self.max_response_tokens = 4 * max_steps + 3  # steps, "=", answer, EOS
         # The held-out set comes from its own seeded stream (disjoint from training draws
@@ -109,11 +113,13 @@ class RunningSumTask:
             raise ValueError(f"error_at must be in [0, {problem.steps}), got {error_at}")
         if error_shift % self.modulus == 0:
             raise ValueError("error_shift must not be a multiple of the modulus")
+        return self._steps(problem, {} if error_at is None else {error_at: error_shift})
+
+    def _steps(self, problem: Problem, shifts: dict[int, int]) -> list[str]:
+        """Step strings with the partial sum of step j off by ``shifts[j]``, carried forward."""
         partial, out = 0, []
         for j, digit in enumerate(problem.data):
-            partial = (partial + digit) % self.modulus
-            if j == error_at:
-                partial = (partial + error_shift) % self.modulus
+            partial = (partial + digit + shifts.get(j, 0)) % self.modulus
             out.append(f"{DIGITS[digit]}>{DIGITS[partial]} ")
         return out
 
@@ -127,8 +133,22 @@ class RunningSumTask:
         return "".join(steps[:num_steps])
 
     def demonstration(self, problem: Problem, rng: random.Random) -> str:
-        """A worked response; with probability ``slip_prob`` it slips once at a random step
-        (imperfect demonstrations leave room for RL to improve on supervised learning)."""
+        """A worked response from an imperfect demonstrator.
+
+        ``demo_errors="systematic"``: the demonstrator has a blind spot: at each step that
+        adds the largest digit (m - 1) it adds m - 2 instead, with probability
+        ``slip_prob`` (carried forward). With slip_prob > 0.5 the most likely
+        demonstration is wrong there, so imitation learns the mistake and only the
+        verifier's reward can correct it. ``"random"``: with probability ``slip_prob`` one
+        slip at a random step by a random amount; the most likely demonstration stays
+        correct, so imitation alone learns the task.
+        """
+        if self.demo_errors == "systematic":
+            largest = self.modulus - 1
+            shifts = {j: -1 for j, d in enumerate(problem.data)
+                      if d == largest and rng.random() < self.slip_prob}
+            steps = self._steps(problem, shifts)
+            return "".join(steps) + "=" + steps[-1][2]
         if rng.random() < self.slip_prob:
             return self.response_prefix(
                 problem,
