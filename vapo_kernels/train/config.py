@@ -146,7 +146,7 @@ class OptimArgs:
 @dataclass
 class RunArgs:
     _argument_group_name = "run"
-    steps: int = _opt(40, "RL steps.")
+    steps: int = _opt(20, "RL steps.")
     output_dir: str = _opt("", "Run folder; empty: runs/<task>-seed<seed>-<time>.")
     seed: int = _opt(0, "Seed of everything (same seed, same numbers).")
     eval_every: int = _opt(5, "Held-out evaluation interval in RL steps (also before the first).")
