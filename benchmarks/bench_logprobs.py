@@ -1434,8 +1434,8 @@ def main(argv=None) -> int:
     shapes = [s for s in shapes if set(s.tasks) & set(args.tasks)]
 
     backends = {
-        "logits": vk.available_backends("token_logprobs_fwd", device),
-        "linear": vk.available_backends("linear_logprobs_fwd", device),
+        "logits": vk.available_backends("token_logprobs", device),
+        "linear": vk.available_backends("linear_logprobs", device),
     }
     if args.backends:
         asked = args.backends.split(",")

@@ -1606,8 +1606,8 @@ def main(argv=None) -> int:
     # tiny probe (a kernel can be missing from a build that otherwise loads).
     ops = {
         "token": ["token_loss"],
-        "logits": ["token_loss", "token_logprobs_fwd", "token_logprobs_bwd"],
-        "hidden": ["token_loss", "linear_logprobs_fwd", "linear_logprobs_bwd"],
+        "logits": ["token_loss", "token_logprobs", "token_logprobs_backward"],
+        "hidden": ["token_loss", "linear_logprobs", "linear_logprobs_backward"],
     }
     reported = {k: [b for b in vk.available_backends(o[0], device)] for k, o in ops.items()}
     for k, o in ops.items():

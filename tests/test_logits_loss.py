@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vapo_kernels import _backends
-from vapo_kernels.ops import logprobs as LP
+from vapo_kernels.ops import token_logprobs as LP
 import vapo_kernels as vk
 from vapo_kernels import _loss_layout as layout
 from vapo_kernels.ops import loss_spec

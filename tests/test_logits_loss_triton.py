@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 import vapo_kernels as vk
 from vapo_kernels import _loss_layout as layout
 from vapo_kernels.ops import loss_spec
-from vapo_kernels.ops.logprobs import reference_forward
+from vapo_kernels.ops.token_logprobs import reference_forward
 from vapo_kernels._loss_layout import NUM_SUMS
 from vapo_kernels.ops.logits_loss import reference_logits_kernel
 from vapo_kernels.triton import logprobs as tlp

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vapo_kernels.ops.logprobs import token_logprobs
+from vapo_kernels.ops.token_logprobs import token_logprobs
 
 import _dominant as dominant
 

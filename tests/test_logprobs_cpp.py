@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vapo_kernels import _backends
-from vapo_kernels.ops.logprobs import reference_backward, reference_forward, token_logprobs
+from vapo_kernels.ops.token_logprobs import reference_backward, reference_forward, token_logprobs
 
 EPS32 = 2.0**-24  # half an fp32 ulp, relative
 # Half an ulp of the output format, relative (gradients are stored in logits' dtype).
@@ -529,7 +529,7 @@ def test_bad_backward_arguments_raise(name):
 _ISA_CHECK = r"""
 import torch
 from vapo_kernels import _backends
-from vapo_kernels.ops.logprobs import reference_backward, reference_forward
+from vapo_kernels.ops.token_logprobs import reference_backward, reference_forward
 ext = _backends.extension()
 gen = torch.Generator().manual_seed(0)
 for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vapo_kernels.ops.logprobs import reference_backward, reference_forward, token_logprobs
+from vapo_kernels.ops.token_logprobs import reference_backward, reference_forward, token_logprobs
 from vapo_kernels.triton import logprobs as tlp
 
 import _dominant as dominant

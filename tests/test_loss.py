@@ -681,7 +681,7 @@ def _composed(logp, entropy, targets, old, adv, mask, kw):
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("inplace", [False, True])
 def test_loss_from_logits_equals_logprobs_then_loss(backend, inplace):
-    from vapo_kernels.ops.logprobs import token_logprobs
+    from vapo_kernels.ops.token_logprobs import token_logprobs
 
     logits, targets, old, adv, mask, _, _, kw = _lm_batch(20)
     leaf = logits.clone().requires_grad_()
@@ -742,7 +742,7 @@ def test_loss_from_hidden_equals_logits_path():
 @settings(max_examples=25, deadline=None)
 @given(ragged(), st.sampled_from(["token-mean", "seq-mean-token-sum"]))
 def test_loss_from_logits_packed_ragged(case, agg):
-    from vapo_kernels.ops.logprobs import token_logprobs
+    from vapo_kernels.ops.token_logprobs import token_logprobs
 
     lengths, n, seed, p_mask = case
     g = torch.Generator().manual_seed(seed)

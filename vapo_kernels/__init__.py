@@ -18,7 +18,8 @@ Peer-compatible drop-ins live in :mod:`vapo_kernels.compat`.
 from . import _backends
 from ._ragged import set_validation
 from .ops.gae import decoupled_gae, gae, length_adaptive_lambda
-from .ops.logprobs import linear_logprobs, token_logprobs
+from .ops.linear_logprobs import linear_logprobs
+from .ops.token_logprobs import token_logprobs
 from .ops.hidden_loss import policy_loss_from_hidden
 from .ops.logits_loss import policy_loss_from_logits
 from .ops.loss_spec import kl_penalty

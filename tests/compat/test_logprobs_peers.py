@@ -468,7 +468,7 @@ def head_grads(fn, hidden, weight, g_logp, g_entropy):
 )
 def test_verl_linear_cross_entropy(verl_F, backend, monkeypatch, lead, temperature, tiles, dtype):
     from vapo_kernels.compat import verl as adapter
-    from vapo_kernels.ops import logprobs as ops_logprobs
+    from vapo_kernels.ops import linear_logprobs as ops_logprobs
 
     vocab, hidden_size = 307, 24
     monkeypatch.setattr(ops_logprobs, "_LINEAR_ROWS_PER_CHUNK", tiles[0])

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .._ragged import validation_enabled
-from ..ops.logprobs import token_logprobs
+from .. import token_logprobs
 
 _backend: str | None = None
 

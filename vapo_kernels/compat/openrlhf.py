@@ -81,7 +81,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.gae import gae
-from ..ops.logprobs import token_logprobs
+from .. import token_logprobs
 from .. import agg_loss as _agg_loss
 from .. import policy_loss, value_loss
 from . import _check_binary_mask, _entropy, _peer_dtype, _scalar, _Swap, get_backend

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from ..ops.gae import gae, masked_whiten
-from ..ops.logprobs import token_logprobs
+from .. import token_logprobs
 from .. import policy_loss, value_loss
 from . import _entropy, _peer_dtype, _scalar, _Swap, get_backend
 

@@ -105,7 +105,7 @@ import torch
 from torch import Tensor
 
 from ..ops.gae import gae, masked_whiten
-from ..ops.logprobs import linear_logprobs, token_logprobs
+from .. import linear_logprobs, token_logprobs
 from .. import agg_loss as _agg_loss
 from .. import kl_penalty as _kl_penalty
 from .. import policy_loss, value_loss

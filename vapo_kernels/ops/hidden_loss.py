@@ -17,6 +17,12 @@ import torch
 from torch import Tensor
 
 from . import loss_spec
+from .linear_logprobs import (
+    LinearLogprobsArgs,
+    LinearLogprobsBackwardArgs,
+    linear_logprobs_backward_op,
+    linear_logprobs_op,
+)
 from .logits_loss import (
     check_flat_input,
     check_temperature,
@@ -31,8 +37,8 @@ def _loss_and_grads(hidden, weight, bias, targets, old_logp, advantages, mask, c
                     temperature, backend, o, need_h, need_w):
     """``(loss, sums, grad_hidden, grad_weight, grad_bias)``; gradients None unless asked."""
     need_grad = need_h or need_w
-    logp, entropy, lse = torch.ops.vapo.linear_logprobs(
-        hidden, weight, bias, targets, mask, temperature, backend
+    logp, entropy, stats = linear_logprobs_op(
+        LinearLogprobsArgs(hidden, weight, bias, targets, mask, temperature, backend)
     )
     with_entropy = o["params"][loss_spec.L.P_ENTROPY_COEF] != 0.0
     a = TokenLossArgs(
@@ -48,10 +54,10 @@ def _loss_and_grads(hidden, weight, bias, targets, old_logp, advantages, mask, c
     loss, sums, g_logp, _, g_entropy = token_loss_op(a)
     if not need_grad:
         return loss, sums, None, None, None
-    gh, gw, gb = torch.ops.vapo.linear_logprobs_backward(
-        g_logp, g_entropy if with_entropy else None, hidden, weight, bias, targets, mask, lse,
+    gh, gw, gb = linear_logprobs_backward_op(LinearLogprobsBackwardArgs(
+        g_logp, g_entropy if with_entropy else None, hidden, weight, bias, targets, mask, stats,
         entropy, temperature, need_h, need_w, backend,
-    )
+    ))
     return loss, sums, gh if need_h else None, gw if need_w else None, (
         gb if (bias is not None and need_w) else None
     )

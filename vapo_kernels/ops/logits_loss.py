@@ -19,7 +19,7 @@ from torch import Tensor
 from .. import _backends, _ragged
 from .. import _loss_layout as L
 from .._library import Op
-from . import logprobs as lp_ops
+from . import token_logprobs as lp_ops
 from . import loss_spec
 from .token_loss import aggregation_weights, check_aggregation, screen_nan
 
