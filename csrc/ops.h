@@ -28,7 +28,7 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(const at::Tensor& x,
 
 // Token log-probs / entropy / stats (N, 2) = (max logit, log normaliser) from logits, and
 // their backward from those written into `out` (which may be the logits themselves)
-// (vapo_kernels/ops/logprobs.py).
+// (vapo_kernels/ops/token_logprobs.py).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& valid,
     double temperature);
@@ -39,7 +39,7 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
                             const at::Tensor& entropy, double temperature, at::Tensor out);
 
 // Fused PPO / VAPO token loss: (sums, grad_logp, grad_values, grad_entropy)
-// (vapo_kernels/ops/loss.py, reference_kernel). Absent terms' tensors are None.
+// (vapo_kernels/ops/loss_spec.py, reference_kernel). Absent terms' tensors are None.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
     const std::optional<at::Tensor>& logp, const std::optional<at::Tensor>& old_logp,
     const std::optional<at::Tensor>& advantages, const std::optional<at::Tensor>& values,
@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
 
 // Token log-probs, the loss above and d loss / d logits in one pass over the rows:
 // returns the sums; the gradient goes to `out` (may be logits) unless None
-// (vapo_kernels/ops/loss.py, reference_logits_kernel).
+// (vapo_kernels/ops/logits_loss.py, reference_logits_kernel).
 at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
                            const at::Tensor& old_logp, const at::Tensor& advantages,
                            const std::optional<at::Tensor>& ref_logp,

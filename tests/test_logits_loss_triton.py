@@ -1,5 +1,5 @@
 """Fused logits -> loss kernel (``vapo_kernels.triton.loss.logits_loss``) against the
-float64 spec :func:`vapo_kernels.ops.loss.reference_logits_kernel`.
+float64 spec :func:`vapo_kernels.ops.logits_loss.reference_logits_kernel`.
 
 Without a GPU the kernel runs through the Triton interpreter on CPU tensors: shapes stay
 small and ``block_v`` of 8..32 puts vocabulary-chunk boundaries inside the rows. On a

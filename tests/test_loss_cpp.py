@@ -1,6 +1,6 @@
 """C++ CPU kernel of the fused PPO / VAPO token loss (csrc/cpu/loss.cpp) against the spec.
 
-The spec is ``reference_kernel`` of vapo_kernels/ops/loss.py run in float64 on the very
+The spec is ``reference_kernel`` of vapo_kernels/ops/loss_spec.py run in float64 on the very
 same input values (bf16 / fp16 / fp32 inputs upcast exactly), so every difference is the
 kernel's own rounding; the public wrappers are compared backend="cpp" against
 backend="reference" on identical inputs, gradients included. The comparisons run under

@@ -1,5 +1,5 @@
 // From logits to the PPO / VAPO loss and d loss / d logits in one pass over the rows
-// (vapo_kernels/ops/loss.py, reference_logits_kernel, has the contract).
+// (vapo_kernels/ops/logits_loss.py, reference_logits_kernel, has the contract).
 //
 // Rows are taken in blocks small enough to stay in cache (kCacheBytes of logits, at most
 // kMaxRows rows; one row when a row alone is larger). Per block: the log-prob kernel's

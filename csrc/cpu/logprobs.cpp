@@ -1,4 +1,4 @@
-// Token log-probs and entropy on the CPU (vapo_kernels/ops/logprobs.py has the maths and,
+// Token log-probs and entropy on the CPU (vapo_kernels/ops/token_logprobs.py has the maths and,
 // in the docstrings of reference_forward / reference_backward, the kernel contract).
 //
 // Forward, per row, one pass over memory: the row is walked in blocks of kBlock logits

@@ -1,9 +1,9 @@
 r"""Fused LM head + log-probs in Triton: the ``triton`` backend of ``vapo::linear_logprobs``.
 
-Implements the kernel contract of :func:`vapo_kernels.ops.logprobs.reference_linear_forward`
-and :func:`~vapo_kernels.ops.logprobs.reference_linear_backward`; the maths (online
+Implements the kernel contract of :func:`vapo_kernels.ops.linear_logprobs.reference_linear_forward`
+and :func:`~vapo_kernels.ops.linear_logprobs.reference_linear_backward`; the maths (online
 (max, denominator, centred moment) state, merge rule, dz) is the comment that opens the
-"Fused linear log-probs" section of :mod:`vapo_kernels.ops.logprobs`. The CPU path of
+"Fused linear log-probs" docstring of :mod:`vapo_kernels.ops.linear_logprobs`. The CPU path of
 that op is its PyTorch reference (a CPU GEMM is already the right tool; there is no C++
 kernel); these kernels run on CUDA tensors, and on CPU tensors only under
 ``TRITON_INTERPRET=1`` (the tests).
@@ -369,7 +369,7 @@ def linear_logprobs_fwd(
     block_v: int | None = None,
     block_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel contract of :func:`vapo_kernels.ops.logprobs.reference_linear_forward`.
+    """The kernel contract of :func:`vapo_kernels.ops.linear_logprobs.reference_linear_forward`.
 
     ``block_*`` override the tile sizes (powers of two >= 16); tests use them to put
     tile boundaries inside small shapes.
@@ -411,7 +411,7 @@ def linear_logprobs_bwd(
     block_v: int | None = None,
     block_k: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """The kernel contract of :func:`vapo_kernels.ops.logprobs.reference_linear_backward`."""
+    """The kernel contract of :func:`vapo_kernels.ops.linear_logprobs.reference_linear_backward`."""
     n, dim = hidden.shape
     vocab = weight.shape[0]
     acc = _acc_dtype(hidden.dtype)

@@ -1,8 +1,8 @@
 r"""Token log-probs and entropy in Triton: the ``triton`` backend of ``vapo::token_logprobs``.
 
-Implements the kernel contract of :func:`vapo_kernels.ops.logprobs.reference_forward`
-and :func:`~vapo_kernels.ops.logprobs.reference_backward` (the maths is in the docstring
-of :mod:`vapo_kernels.ops.logprobs`).
+Implements the kernel contract of :func:`vapo_kernels.ops.token_logprobs.reference_forward`
+and :func:`~vapo_kernels.ops.token_logprobs.reference_backward` (the maths is in the docstring
+of :mod:`vapo_kernels.ops.token_logprobs`).
 
 One program per row (token), a 1-D grid over rows. Ignored rows (target -100 or
 ``valid`` False) branch away before any logit is touched.
@@ -14,7 +14,7 @@ accumulation dtype (fp32, fp64 for fp64 logits), a running max ``m`` of the raw 
 
 rescaled by ``2^dm``, ``dm = (m_old - m_new) c``, when a chunk raises the max (W also
 picks up ``dm S_old`` because its weights are measured from m). Then, with the stats
-(m, log_norm) that the backward takes (the module docstring of ops/logprobs.py),
+(m, log_norm) that the backward takes (the module docstring of ops/token_logprobs.py),
 
     log_norm = ln2 log2 S,    H = ln2 (log2 S - W / S),    logp = ln2 ((z_y - m) c - log2 S).
 
@@ -284,7 +284,7 @@ def token_logprobs_fwd(
     *,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The kernel contract of :func:`vapo_kernels.ops.logprobs.reference_forward`.
+    """The kernel contract of :func:`vapo_kernels.ops.token_logprobs.reference_forward`.
 
     ``block_v`` (a power of two) overrides the chunk width; tests use it to put chunk
     boundaries inside small vocabularies.
@@ -326,7 +326,7 @@ def token_logprobs_bwd(
     *,
     block_v: int | None = None,
 ) -> None:
-    """The kernel contract of :func:`vapo_kernels.ops.logprobs.reference_backward`.
+    """The kernel contract of :func:`vapo_kernels.ops.token_logprobs.reference_backward`.
 
     Writes dL/dlogits into ``out`` (N, V), which may be ``logits`` itself.
     """

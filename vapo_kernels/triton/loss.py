@@ -1,7 +1,7 @@
 r"""The fused PPO / VAPO token loss in Triton: the ``triton`` backend of ``vapo::token_loss``.
 
-Implements the kernel contract of :func:`vapo_kernels.ops.loss.reference_kernel` (the
-formulas are in the docstring of :mod:`vapo_kernels.ops.loss`; the per-token values,
+Implements the kernel contract of :func:`vapo_kernels.ops.loss_spec.reference_kernel` (the
+formulas are in the docstring of :mod:`vapo_kernels.ops.loss_spec`; the per-token values,
 gradients and torch's tie rules are those of ``_policy_terms``, ``_value_terms`` and
 ``_kl_terms`` there).
 
@@ -27,7 +27,7 @@ passed as a small tensor in that dtype, since a Python float kernel argument wou
 float32 and round them for float64 inputs.
 
 The second kernel, ``_logits_loss_kernel``, is the ``triton`` backend of
-``vapo::logits_loss`` (contract: :func:`vapo_kernels.ops.loss.reference_logits_kernel`):
+``vapo::logits_loss`` (contract: :func:`vapo_kernels.ops.logits_loss.reference_logits_kernel`):
 logits -> loss sums and d loss / d logits in one launch, see :func:`logits_loss`.
 """
 
@@ -398,7 +398,7 @@ def token_loss(
     logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights,
     mask, offsets, seq_weight, lm_weight, params, need_grad, *, block: int | None = None,
 ):
-    """The kernel contract of :func:`vapo_kernels.ops.loss.reference_kernel`.
+    """The kernel contract of :func:`vapo_kernels.ops.loss_spec.reference_kernel`.
 
     ``block`` (tokens per program, a power of two) overrides the launch plan; tests use
     a small one to put block boundaries inside and across sequences.
@@ -657,7 +657,7 @@ def logits_loss(
     logits, targets, old_logp, advantages, ref_logp, is_weights, valid, offsets,
     seq_weight, lm_weight, params, temperature, out, *, block_v: int | None = None,
 ):
-    """The kernel contract of :func:`vapo_kernels.ops.loss.reference_logits_kernel`.
+    """The kernel contract of :func:`vapo_kernels.ops.logits_loss.reference_logits_kernel`.
 
     Returns ``sums`` (NUM_SUMS,) in the accumulation dtype (float32; float64 for float64
     logits) and, when ``out`` is given, writes d loss / d logits there (``out`` may be
