@@ -1470,9 +1470,10 @@ def main(argv=None) -> int:
 
     copy_bps = H.measure_copy_bandwidth(device, (64 if args.quick else 1024 if gpu else 256) << 20)
     # A square matmul for context (the linear floors use the bare matmul at each shape).
-    k = 1024 if args.quick else (8192 if gpu else 2048)
+    # (budgeted: a CPU without bf16 units does ~1 GFLOP/s, 2048^3 would take minutes)
+    k = 1024 if args.quick else (8192 if gpu else 2048 if any(s.linear for s in shapes) else 512)
     square = [torch.randn(k, k, device=device).to(args.dtype)]
-    mm_s = min(H.time_calls(lambda a: a @ a, square, device, warmup=2, reps=5))
+    mm_s = min(H.time_calls(lambda a: a @ a, square, device, warmup=1, reps=5, budget_s=2.0))
     matmul_flops = 2 * k**3 / mm_s
     del square
     print(
