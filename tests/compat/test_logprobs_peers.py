@@ -257,7 +257,14 @@ def test_logprobs_and_entropy_match_peer(request, backend, peer, lead, vocab, dt
     want, want_grad = value_and_grad(peer_h, logits, g_entropy)
     assert got.dtype == want.dtype == dtype and got.shape == want.shape == lead
     assert_within(got, want, TOL * (1 + scale), "entropy")
-    assert_within(got_grad, want_grad, grad_bound(logits, g_entropy, scale), "dH / dz")
+    # The entropy gradient is measured from the row max (exact at a dominant logit); the
+    # peers' fp32 p * log p form carries its own rounding, up to ~3e-5 at V = 1000 - 40x
+    # ours. So: ours within the bound of float64, and of the peer up to the peer's error.
+    exact_grad = exact(logits, targets, g_logp, g_entropy)[3]
+    bound = grad_bound(logits, g_entropy, scale)
+    assert_within(got_grad, exact_grad, bound, "dH / dz against float64")
+    peer_error = (want_grad.double() - exact_grad).abs()
+    assert_within(got_grad, want_grad, bound + peer_error, "dH / dz against the peer")
 
 
 @pytest.mark.parametrize(("lead", "temperature"), [((3, 17), 0.6), ((41,), 1.7)])
