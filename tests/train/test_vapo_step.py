@@ -162,7 +162,8 @@ def test_ppo_update_moves_both_models_and_reports_metrics(tmp_path):
     after = list((*state.policy.parameters(), *state.value_model.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     for key in ("pg_loss", "vf_loss", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio_min",
-                "ratio_max", "vf_clipfrac", "entropy", "lm_loss", "actor_grad_norm"):
+                "ratio_max", "vf_clipfrac", "explained_var", "entropy", "lm_loss",
+                "actor_grad_norm"):
         assert key in row, key
 
 

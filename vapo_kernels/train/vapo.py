@@ -137,7 +137,9 @@ def supervised(
     state.phase, start = phase, time.perf_counter()
     log.start_phase(phase, max_steps if math.isinf(max_seconds) else None)
     last_eval = evaluate(state, task, config)
-    log.log(phase, 0, **last_eval)
+    since = {} if state.warmup_end_time is None else {
+        "since_warmup_s": round(time.perf_counter() - state.warmup_end_time, 3)}
+    log.log(phase, 0, **last_eval, **since)
     for step in range(1, max_steps + 1):
         state.step = step
         batch = demonstration_batch(state.tokenizer, task, state.task_rng, w.warmup_batch_size)
