@@ -119,16 +119,12 @@ def _check_static(a: LogitsLossArgs) -> _ragged.Layout:
     return layout
 
 
-def _acc_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def _loss_sums(a: LogitsLossArgs, out: Tensor | None) -> tuple[Tensor, Tensor]:
     """Both ops' body: ``(loss, sums)``, the gradient written into ``out`` unless None."""
     layout = _check_static(a)
     lp_ops._check_targets_in_range(a.targets, a.logits.shape[-1])
     device, shape = a.logits.device, a.targets.shape
-    acc = _acc_dtype(a.logits)
+    acc = _ragged.acc_dtype(a.logits.dtype)
     valid = loss_mask(a.mask, a.targets).reshape(-1).contiguous()
     _, kernel = _backends.select("logits_loss", device, a.backend)
     offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, valid, acc)
@@ -160,7 +156,7 @@ def _impl(a: LogitsLossArgs):
 
 def _fake(a: LogitsLossArgs):
     _check_static(a)
-    acc = _acc_dtype(a.logits)
+    acc = _ragged.acc_dtype(a.logits.dtype)
     grad = torch.empty_like(a.logits) if a.need_grad else a.logits.new_empty((0,))
     return a.logits.new_empty((), dtype=acc), a.logits.new_empty((L.NUM_SUMS,), dtype=acc), grad
 

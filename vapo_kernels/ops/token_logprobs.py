@@ -59,8 +59,7 @@ IGNORE_INDEX = -100
 _ROWS_PER_CHUNK = 1024  # bounds the reference's fp32 working set to 1024 x V
 
 
-def _out_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+_out_dtype = _ragged.acc_dtype  # fp32 outputs, fp64 for fp64 logits
 
 
 # --------------------------------------------------------------------------------------
