@@ -201,3 +201,21 @@ def test_eager_inplace_op_bumps_the_version_counter():
     before = logits._version
     loss, _ = vk.policy_loss_from_logits(logits, targets, old, rewards, mask, inplace_backward=True)
     assert logits._version > before
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
+    import os
+    import time
+
+    from vapo_kernels import _backends
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert not _backends.clear_stale_lock(lock)  # a build may be running: keep it
+    assert lock.exists()
+    old = time.time() - _backends.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="stale build lock"):
+        assert _backends.clear_stale_lock(lock)
+    assert not lock.exists()
+    assert not _backends.clear_stale_lock(lock)  # nothing there: nothing to do

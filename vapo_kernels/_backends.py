@@ -19,6 +19,7 @@ import hashlib
 import importlib
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -201,8 +202,10 @@ def _build(verbose: bool = False):
     # A name per source set so a CPU-only and a CUDA build never share a cache folder.
     digest = hashlib.sha1("".join(str(s.name) for s in sources).encode()).hexdigest()[:8]
     cflags = ["-O3", "-fopenmp", "-std=c++17", *defines]
+    name = f"vapo_kernels_C_{digest}"
+    clear_stale_lock(Path(cpp_extension._get_build_directory(name, verbose)) / "lock")
     return cpp_extension.load(
-        name=f"vapo_kernels_C_{digest}",
+        name=name,
         sources=[str(s) for s in sources],
         extra_cflags=cflags,
         extra_cuda_cflags=["-O3", "-lineinfo", *defines],
@@ -210,6 +213,29 @@ def _build(verbose: bool = False):
         extra_include_paths=[str(src)],
         verbose=verbose,
     )
+
+
+# No build of the extension takes this long, even on a loaded 2-core machine.
+STALE_LOCK_S = 20 * 60
+
+
+def clear_stale_lock(lock: Path, max_age_s: float = STALE_LOCK_S) -> bool:
+    """Remove torch's build ``lock`` file if it is older than any build: a build that was
+    killed leaves it behind, and every later process then waits on it forever (seen: all
+    tests and runs on a machine hung for 20 minutes). Returns whether it removed one."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age <= max_age_s:
+        return False  # a build may be running right now: wait for it, as torch does
+    warnings.warn(
+        f"vapo_kernels: removing a stale build lock left by a killed build "
+        f"({lock}, {age / 60:.0f} min old)",
+        stacklevel=2,
+    )
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def extension(verbose: bool = False):
