@@ -44,12 +44,7 @@ def _loss_and_grads(hidden, weight, bias, targets, old_logp, advantages, mask, c
     a = TokenLossArgs(
         logp, old_logp, advantages, None, None, None, o["ref_logp"], entropy,
         o["is_weights"], loss_mask(mask, targets), cu_seqlens, o["positive"], o["params"],
-        o["agg"], loss_spec.global_count("global_tokens", o["global_tokens"]),
-        loss_spec.global_count("global_seqs", o["global_seqs"]),
-        loss_spec.global_count("global_positive_tokens", o["global_positive_tokens"]),
-        float(o["dp_size"]),
-        None if o["loss_scale_factor"] is None else float(o["loss_scale_factor"]),
-        need_grad, backend,
+        o["agg"], *o["aggregation"], need_grad, backend,
     )
     loss, sums, g_logp, _, g_entropy = token_loss_op(a)
     if not need_grad:

@@ -219,6 +219,10 @@ def logp_loss_options(kw: dict) -> dict:
         lm_coef=(0.1 if o["lm_coef"] is None else o["lm_coef"]) if o["positive"] is not None
         else 0.0,
     )
+    o["aggregation"] = loss_spec.aggregation_scalars(
+        o["global_tokens"], o["global_seqs"], o["global_positive_tokens"], o["dp_size"],
+        o["loss_scale_factor"],
+    )
     return o
 
 
@@ -306,12 +310,7 @@ def policy_loss_from_logits(
     grad = torch.is_grad_enabled() and logits.requires_grad
     a = LogitsLossArgs(
         logits, targets, old_logp, advantages, o["ref_logp"], o["is_weights"], mask,
-        cu_seqlens, o["positive"], o["params"], temperature, o["agg"],
-        loss_spec.global_count("global_tokens", o["global_tokens"]),
-        loss_spec.global_count("global_seqs", o["global_seqs"]),
-        loss_spec.global_count("global_positive_tokens", o["global_positive_tokens"]),
-        float(o["dp_size"]),
-        None if o["loss_scale_factor"] is None else float(o["loss_scale_factor"]),
+        cu_seqlens, o["positive"], o["params"], temperature, o["agg"], *o["aggregation"],
         grad, backend or "",
     )
     if grad:

@@ -361,6 +361,20 @@ def global_count(name: str, x) -> float | None:
     return float(x)
 
 
+def aggregation_scalars(
+    global_tokens, global_seqs, global_positive_tokens, dp_size, loss_scale_factor
+) -> tuple:
+    """The loss ops' scalar aggregation arguments (consecutive fields of their args, in
+    this order) from the public keywords, checked: global counts as Python floats."""
+    return (
+        global_count("global_tokens", global_tokens),
+        global_count("global_seqs", global_seqs),
+        global_count("global_positive_tokens", global_positive_tokens),
+        float(dp_size),
+        None if loss_scale_factor is None else float(loss_scale_factor),
+    )
+
+
 def _check_number(name: str, x, ok: bool, expected: str) -> None:
     if isinstance(x, bool) or not isinstance(x, (int, float)) or not ok:
         raise ValueError(f"{name} must be {expected}, got {x!r}")

@@ -344,11 +344,9 @@ def vapo_loss(
         positive,
         params,
         agg,
-        loss_spec.global_count("global_tokens", global_tokens),
-        loss_spec.global_count("global_seqs", global_seqs),
-        loss_spec.global_count("global_positive_tokens", global_positive_tokens),
-        float(dp_size),
-        None if loss_scale_factor is None else float(loss_scale_factor),
+        *loss_spec.aggregation_scalars(
+            global_tokens, global_seqs, global_positive_tokens, dp_size, loss_scale_factor
+        ),
         _need_grad(logp, values, entropy),
         backend or "",
     )
