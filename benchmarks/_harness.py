@@ -244,6 +244,22 @@ class PerCall:
         )
 
 
+def add_per_call_args(parser, shapes, default_reps: int) -> None:
+    """The ``--per-call-threads`` / ``--per-call-reps`` options every benchmark script
+    takes for its per-call (tiny) ``shapes``."""
+    parser.add_argument(
+        "--per-call-threads",
+        type=int,
+        default=1,
+        help=f"torch threads for the per-call shapes {shapes} (default 1)",
+    )
+    parser.add_argument(
+        "--per-call-reps",
+        type=int,
+        help=f"timed calls per row at a per-call shape (default {default_reps})",
+    )
+
+
 @contextmanager
 def num_threads(n: int | None) -> Iterator[None]:
     """torch's intra-op threads set to ``n`` inside the block (None: unchanged)."""

@@ -808,15 +808,7 @@ def main(argv=None) -> int:
         action="store_true",
         help="switch off vapo_kernels' data checks (VAPO_VALIDATE=0)",
     )
-    p.add_argument(
-        "--per-call-threads",
-        type=int,
-        default=1,
-        help=f"torch threads for the per-call shapes {PER_CALL_SHAPES} (default 1)",
-    )
-    p.add_argument(
-        "--per-call-reps", type=int, help="timed calls per row at a per-call shape (default 500)"
-    )
+    H.add_per_call_args(p, PER_CALL_SHAPES, 500)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

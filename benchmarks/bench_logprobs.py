@@ -1395,15 +1395,7 @@ def main(argv=None) -> int:
         help="overwrite a buffer larger than the last-level cache before each timed call "
         "(default: on for CUDA, off for CPU)",
     )
-    p.add_argument(
-        "--per-call-threads",
-        type=int,
-        default=1,
-        help=f"torch threads for the per-call shapes {PER_CALL_SHAPES} (default 1)",
-    )
-    p.add_argument(
-        "--per-call-reps", type=int, help="timed calls per row at a per-call shape (default 300)"
-    )
+    H.add_per_call_args(p, PER_CALL_SHAPES, 300)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 

@@ -1551,15 +1551,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-validate", action="store_true", help="VAPO_VALIDATE=0 (data checks off)")
     p.add_argument("--memory-only", help=argparse.SUPPRESS)  # internal: measure_cpu_peaks
     p.add_argument("--plan", dest="plan_path", help=argparse.SUPPRESS)
-    p.add_argument(
-        "--per-call-threads",
-        type=int,
-        default=1,
-        help=f"torch threads for the per-call token shapes {PER_CALL_TOKEN_SHAPES} (default 1)",
-    )
-    p.add_argument(
-        "--per-call-reps", type=int, help="timed calls per row at a per-call shape (default 500)"
-    )
+    H.add_per_call_args(p, PER_CALL_TOKEN_SHAPES, 500)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
