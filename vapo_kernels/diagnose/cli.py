@@ -1,0 +1,142 @@
+"""``vapo-diagnose STUDY [options] [-- trainer options]``: one subcommand per study.
+
+Every study trains with ``vapo-train``'s own code (options after ``--`` go to the trainer,
+e.g. ``-- --tiny_hidden_size 64``) and writes results.json, PNG figures and report.md into
+``--output-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+
+from ..train.config import ConfigError
+
+STUDIES = {
+    "injected-errors": ("injected_errors", "credit of an error injected at step k, per lambda "
+                        "and training stage"),
+    "value-probe": ("value_probe", "V(s_t) against Monte-Carlo values of prefixes: error by "
+                    "position, around cliffs, ranking of alternative steps"),
+    "short-vs-long": ("short_vs_long", "accuracy per chain length and lambda_policy; "
+                      "advantage bias/variance per step against Monte-Carlo truth"),
+    "ablations": ("ablations", "VAPO's ablation table at toy scale, rank-correlated with the "
+                  "paper's AIME24 scores"),
+}
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
+    return values
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vapo-diagnose", description="Diagnostics of VAPO's credit assignment, built on "
+        "vapo-train. Options after '--' are passed to the trainer (vapo-train --help).")
+    sub = parser.add_subparsers(dest="study", required=True, metavar="STUDY")
+    for name, (_, help_text) in STUDIES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.add_argument("--output-dir", default="",
+                       help="Folder for results.json, figures and report.md "
+                       "(default: diagnose_<study>_<date>).")
+        p.add_argument("--seed", type=int, default=0, help="Seed of everything.")
+        size = p.add_mutually_exclusive_group()
+        size.add_argument("--quick", dest="preset", action="store_const", const="quick",
+                          help="The CPU preset (minutes on 2 cores); the default.")
+        size.add_argument("--preset", choices=["tiny", "quick", "full"], default="quick",
+                          help="tiny: seconds (tests); quick: CPU minutes; full: bigger, for a GPU.")
+        p.add_argument("--model", default="", help="Hugging Face causal-LM folder (passed to "
+                       "the trainer as --model).")
+        p.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="No progress bars.")
+        if name in ("injected-errors", "value-probe", "short-vs-long"):
+            p.add_argument("--rl-stages" if name != "short-vs-long" else "--rl-steps",
+                           dest="rl_stages" if name != "short-vs-long" else "rl_steps",
+                           type=_int_list if name != "short-vs-long" else _positive_int,
+                           default=None, help="RL steps (cumulative stages, comma-separated "
+                           "for the stage studies); default: the preset's.")
+        if name == "injected-errors":
+            p.add_argument("--length", type=_positive_int, default=None,
+                           help="Steps per chain (<= the task's max_steps).")
+            p.add_argument("--problems", type=_positive_int, default=None,
+                           help="Chains per injected step.")
+        if name in ("value-probe", "short-vs-long"):
+            p.add_argument("--samples", type=_positive_int, default=None,
+                           help="K continuations per prefix for the Monte-Carlo value (<= 256 "
+                           "in VinePPO's analyzers).")
+            p.add_argument("--problems", type=_positive_int, default=None,
+                           help="Sampled responses whose step boundaries are probed.")
+        if name == "value-probe":
+            p.add_argument("--alternatives", type=_positive_int, default=None,
+                           help="Candidate next steps ranked per boundary (1 correct + wrong ones).")
+        if name == "short-vs-long":
+            p.add_argument("--lengths", type=_int_list, default=None,
+                           help="Chain lengths (steps), comma-separated.")
+            p.add_argument("--lambdas", type=_float_list, default=None,
+                           help="Fixed lambda_policy values, comma-separated.")
+            p.add_argument("--alphas", type=_float_list, default=None,
+                           help="Length-adaptive alphas, comma-separated (0.05 is the paper's).")
+        if name == "ablations":
+            p.add_argument("--seeds", type=_int_list, default=None,
+                           help="Seeds per row (default: the preset's, from --seed on).")
+            p.add_argument("--rl-steps", dest="rl_steps", type=_positive_int, default=None,
+                           help="RL steps per row.")
+            p.add_argument("--threshold", type=float, default=None,
+                           help="Held-out accuracy for 'steps to threshold' (default: post-"
+                           "warm-up accuracy + 0.1 of each seed).")
+            p.add_argument("--rows", default="", help="Comma-separated subset of the rows "
+                           "(ablation names; default: all nine).")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    trainer_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, trainer_args = argv[:cut], argv[cut + 1:]
+    args = make_parser().parse_args(argv)
+    options = vars(args)
+    study = options.pop("study")
+    if options.pop("model"):
+        trainer_args = ["--model", args.model, *trainer_args]
+    if not options["output_dir"]:
+        options["output_dir"] = f"diagnose_{study.replace('-', '_')}_{time.strftime('%Y-%m-%d')}"
+    module = importlib.import_module(f".{STUDIES[study][0]}", __package__)
+    start = time.perf_counter()
+    try:
+        module.run_study(options, trainer_args)
+    except ConfigError as error:
+        print(f"vapo-diagnose: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vapo-diagnose: interrupted", file=sys.stderr)
+        return 130
+    print(f"[vapo-diagnose] {study}: results.json, report.md and figures in "
+          f"{options['output_dir']} ({time.perf_counter() - start:.0f} s)", flush=True)
+    return 0

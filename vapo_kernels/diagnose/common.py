@@ -1,0 +1,232 @@
+"""What every study shares: presets, the trainer run in stages, step spans, outputs.
+
+A study never re-implements training: :func:`train_in_stages` composes the trainer's own
+phases (:mod:`vapo_kernels.train.vapo`) and hands the live :class:`TrainState` to the
+study after warm-up, after value pretraining and after chosen numbers of RL steps.
+Outputs of every study: ``results.json`` (seed, options, trainer config, versions, wall
+time, numbers), PNG figures and ``report.md`` whose sentences are computed from the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from ..train.cli import build_policy, build_task
+from ..train.config import TrainConfig, parse_config
+from ..train.metrics import MetricsLogger
+from ..train.models import value_model_from_policy
+from ..train.rollout import RolloutBatch, build_batch
+from ..train.task import Problem
+from ..train.vapo import TrainState, evaluate, rl, setup_rl, supervised, value_pretrain
+
+# Trainer options of each preset (the study's own sizes live in each study's PRESETS).
+# tiny: seconds, for tests. quick: a 2-core CPU in minutes. full: the trainer's defaults
+# (the CPU recipe at full length; with --model and a GPU, scale up from there).
+TRAINER_PRESETS: dict[str, list[str]] = {
+    "tiny": ["--tiny_hidden_size", "32", "--tiny_layers", "1", "--tiny_heads", "2",
+             "--min_steps", "2", "--max_steps", "3", "--eval_size", "16",
+             "--warmup_steps", "4", "--warmup_eval_every", "2", "--warmup_batch_size", "16",
+             "--prompts_per_step", "4", "--group_size", "2", "--value_pretrain_steps", "1",
+             "--eval_every", "1"],
+    "quick": ["--eval_size", "128", "--warmup_steps", "400", "--prompts_per_step", "16",
+              "--group_size", "8", "--value_pretrain_steps", "10", "--eval_every", "5"],
+    "full": [],
+}
+COMMON_TRAINER_FLAGS = ["--no_tensorboard", "--no_plots", "--no_save_checkpoint"]
+
+
+def trainer_config(preset: str, seed: int, run_dir: str, extra: list[str] = (),
+                   progress: bool = True) -> TrainConfig:
+    """The trainer config of a preset; ``extra`` trainer options override it (the user's
+    ``-- --option value`` tail); bad options raise the trainer's ConfigError naming them."""
+    argv = [*TRAINER_PRESETS[preset], *COMMON_TRAINER_FLAGS, "--seed", str(seed),
+            "--output_dir", run_dir, *([] if progress else ["--no_progress"]), *extra]
+    return parse_config(argv, prog="vapo-diagnose")
+
+
+def with_options(config: TrainConfig, **changes: Any) -> TrainConfig:
+    """A copy of ``config`` with options changed by name, whatever group they are in."""
+    groups = {name: dataclasses.replace(getattr(config, name)) for name in config.to_dict()}
+    for key, value in changes.items():
+        owner = [g for g in groups.values() if key in {f.name for f in dataclasses.fields(g)}]
+        if not owner:
+            raise KeyError(f"no trainer option {key!r}")
+        setattr(owner[0], key, value)
+    return TrainConfig(**groups)
+
+
+# -- the trainer, in stages ---------------------------------------------------------------
+@dataclass
+class Run:
+    """A trainer run the study can pause: its config, task, state and logger."""
+
+    config: TrainConfig
+    task: Any
+    state: TrainState
+    log: MetricsLogger
+    device: torch.device
+
+
+def start_run(config: TrainConfig) -> Run:
+    """Seed, build task and models, supervised warm-up, then the value model and optimizers
+    (as ``vapo-train`` does, with the same seeding, so the same seed gives the same run)."""
+    run = config.run
+    random.seed(run.seed)
+    torch.manual_seed(run.seed)
+    if run.threads:
+        torch.set_num_threads(run.threads)
+    device = torch.device("cuda" if run.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if run.device == "auto" else run.device))
+    os.makedirs(run.output_dir, exist_ok=True)
+    task = build_task(config)
+    policy, tokenizer = build_policy(config, task)
+    policy.to(device).train()
+    state = TrainState(policy=policy, tokenizer=tokenizer, task_rng=random.Random(run.seed))
+    state.shuffle_generator.manual_seed(run.seed)
+    log = MetricsLogger(run.output_dir, progress=run.progress, tensorboard=False)
+    w = config.warmup
+    if w.warmup_steps:
+        supervised(state, task, config, log, phase="warmup", max_steps=w.warmup_steps,
+                   stop_accuracy=w.warmup_target_accuracy)
+    state.warmup_end_time = time.perf_counter()
+    setup_rl(state, config, value_model_from_policy)
+    return Run(config, task, state, log, device)
+
+
+def continue_run(run: Run, config: TrainConfig) -> Run:
+    """The same warmed-up models under another config (an ablation row, a lambda setting):
+    deep copies, fresh optimizers and a fresh logger in ``config.run.output_dir``."""
+    import copy
+
+    os.makedirs(config.run.output_dir, exist_ok=True)
+    state = TrainState(policy=copy.deepcopy(run.state.policy), tokenizer=run.state.tokenizer,
+                       task_rng=random.Random(config.run.seed))
+    state.shuffle_generator.manual_seed(config.run.seed)
+    state.warmup_end_time = time.perf_counter()
+    setup_rl(state, config, value_model_from_policy)
+    torch.manual_seed(config.run.seed)
+    log = MetricsLogger(config.run.output_dir, progress=config.run.progress, tensorboard=False)
+    return Run(config, run.task, state, log, run.device)
+
+
+def rl_steps(run: Run, steps: int) -> dict[str, float]:
+    """``steps`` more RL steps (evaluations as configured); returns the last evaluation."""
+    return rl(run.state, run.task, with_options(run.config, steps=steps), run.log)
+
+
+def train_in_stages(config: TrainConfig, rl_stages: list[int]) -> Iterator[tuple[str, Run]]:
+    """Yield ``(stage name, run)`` after warm-up (critic untrained: a zero head), after
+    value pretraining (when configured) and after each cumulative number of RL steps in
+    ``rl_stages``; the study measures between yields."""
+    run = start_run(config)
+    yield "warm-up (critic untrained)", run
+    if config.algorithm.value_pretrain_steps:
+        value_pretrain(run.state, run.task, config, run.log)
+        yield f"value-pretrained ({config.algorithm.value_pretrain_steps} steps)", run
+    done = 0
+    for target in sorted(set(rl_stages)):
+        if target > done:
+            rl_steps(run, target - done)
+            done = target
+            yield f"RL step {done}", run
+    run.log.close()
+
+
+def heldout_accuracy(run: Run) -> float:
+    return evaluate(run.state, run.task, run.config)["heldout_accuracy"]
+
+
+# -- chains as token spans ------------------------------------------------------------------
+def response_batch(run: Run, problems: list[Problem], responses: list[str]) -> RolloutBatch:
+    """Given responses (text; EOS appended) laid out and scored as the trainer does."""
+    tok = run.state.tokenizer
+    ids = [tok(r, add_special_tokens=False).input_ids + [tok.eos_token_id] for r in responses]
+    return build_batch(tok, problems, ids, run.task)
+
+
+def token_count(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
+
+
+def step_spans(tokenizer, step_texts: list[str]) -> list[tuple[int, int]]:
+    """Token ``[start, end)`` of each step within the response, from the token counts of
+    growing prefixes (exact for the character tokenizer; at a merge across a step
+    boundary a subword tokenizer's span is off by that token)."""
+    ends = [token_count(tokenizer, "".join(step_texts[: j + 1])) for j in range(len(step_texts))]
+    return list(zip([0, *ends[:-1]], ends))
+
+
+# -- outputs --------------------------------------------------------------------------------
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("vapo-kernels", "torch", "transformers", "tokenizers", "numpy", "scipy",
+                    "matplotlib"):
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            out[package] = "not installed"
+    out["torch_threads"] = str(torch.get_num_threads())
+    out["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, float) and value != value:  # NaN is not JSON
+        return None
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def write_results(out_dir: str, study: str, options: dict, config: TrainConfig,
+                  results: dict, wall_s: float) -> str:
+    path = os.path.join(out_dir, "results.json")
+    payload = {"study": study, "seed": options.get("seed"), "options": options,
+               "trainer_config": config.to_dict(), "versions": versions(),
+               "wall_s": round(wall_s, 1), "results": results}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_plain(payload), f, indent=1)
+    return path
+
+
+def write_report(out_dir: str, title: str, paragraphs: list[str]) -> str:
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"# {title}\n\n" + "\n\n".join(p.strip() for p in paragraphs if p) + "\n")
+    return path
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, out_dir: str, name: str) -> str:
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    pyplot().close(fig)
+    return name
+
+
+def pct(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"

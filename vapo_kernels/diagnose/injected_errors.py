@@ -1,0 +1,211 @@
+"""injected-errors: where does GAE put the blame for one wrong step?
+
+Take correct running-sum chains of one length L, inject an error at step k (its partial
+sum is off by one and later steps carry the wrong sum forward, so the answer is wrong and
+the reward is 0), and compute the advantages of the whole response with ``vk.gae``
+(no whitening, gamma = 1) from the value model's V(s_t), for several lambdas. The
+**credit map** is the mean advantage per step index; the **mass at k** is the share of
+the negative advantage mass (sum of max(-A, 0)) that lands on step k's tokens. A perfect
+critic with lambda = 0 puts all of it there; lambda = 1 spreads it over every token up
+to the error (A_t = R - V(s_t)); a critic blind to the error spreads it everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+import vapo_kernels as vk
+
+from ..train.config import ConfigError
+from ..train.rollout import value_estimates
+from .common import (Run, heldout_accuracy, pct, pyplot, response_batch, save_figure,
+                     step_spans, train_in_stages, trainer_config, write_report, write_results)
+
+# chains of `length` steps, `problems` chains per injected step, RL stages (cumulative steps)
+PRESETS = {
+    "tiny": {"length": 3, "problems": 4, "rl_stages": [1]},
+    "quick": {"length": 8, "problems": 64, "rl_stages": [10, 20]},
+    "full": {"length": 8, "problems": 256, "rl_stages": [10, 20, 40]},
+}
+
+
+def lambda_settings(alpha: float) -> dict[str, float | str]:
+    """Label -> lambda (a float, or "adaptive" for VAPO's 1 - 1/(alpha l) per sequence)."""
+    return {"lambda 0 (TD)": 0.0, "lambda 0.95": 0.95, "lambda 1.0": 1.0,
+            f"length-adaptive (alpha {alpha:g})": "adaptive"}
+
+
+def advantages(rewards, values, cu_seqlens, lam: float | str, alpha: float) -> torch.Tensor:
+    """Raw (unwhitened) GAE advantages of packed sequences from ``vk.gae``, gamma = 1."""
+    if lam == "adaptive":
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        lam = vk.length_adaptive_lambda(lengths, alpha)
+    return vk.gae(rewards, values, None, cu_seqlens, gamma=1.0, lam=lam)[0]
+
+
+def credit_of_sequence(adv: torch.Tensor, spans: list[tuple[int, int]], error_at: int
+                       ) -> dict[str, float] | None:
+    """Share of the negative advantage mass before, on and after step ``error_at`` (tokens
+    after the last step, the answer and EOS, count as after), and the mean advantage per
+    step. None when the sequence has no negative advantage."""
+    negative = (-adv.double()).clamp(min=0)
+    total = float(negative.sum())
+    if total <= 0:
+        return None
+    start, end = spans[error_at]
+    return {"at": float(negative[start:end].sum()) / total,
+            "before": float(negative[:start].sum()) / total,
+            "after": float(negative[end:].sum()) / total,
+            "per_step": [float(adv[s:e].double().mean()) for s, e in spans]}
+
+
+def error_chains(run: Run, length: int, count: int, error_at: int, rng: random.Random):
+    """``count`` problems of ``length`` steps with the error injected at ``error_at``:
+    (batch, token spans of each problem's steps)."""
+    task = run.task
+    problems = [task.problem(tuple(rng.randrange(task.modulus) for _ in range(length)))
+                for _ in range(count)]
+    responses = [task.response_prefix(p, p.steps, error_at=error_at) for p in problems]
+    spans = [step_spans(run.state.tokenizer, task.steps(p, error_at=error_at)) for p in problems]
+    return response_batch(run, problems, responses), spans
+
+
+@torch.no_grad()
+def measure_stage(run: Run, length: int, count: int, seed: int, progress: bool) -> dict:
+    """Mass at k and the credit map for every k and lambda, with this stage's critic."""
+    alpha = run.config.algorithm.alpha
+    settings = lambda_settings(alpha)
+    rng = random.Random(f"injected-{seed}")  # the same chains at every stage
+    out = {label: {"mass_at_k": [], "mass_before_k": [], "mass_after_k": [], "credit_map": []}
+           for label in settings}
+    uniform = []
+    for k in tqdm(range(length), desc="  inject at k", leave=False, disable=not progress):
+        batch, spans = error_chains(run, length, count, k, rng)
+        if float(batch.scores.sum()) != 0.0:
+            raise AssertionError("an injected error left a correct answer")
+        values = value_estimates(run.state.value_model, batch, packed=False).cpu()
+        lengths = batch.response_lengths.tolist()
+        uniform.append(sum((s[k][1] - s[k][0]) / n for s, n in zip(spans, lengths)) / count)
+        for label, lam in settings.items():
+            adv = advantages(batch.rewards, values, batch.cu_seqlens, lam, alpha)
+            rows = []
+            for i in range(batch.size):
+                lo, hi = int(batch.cu_seqlens[i]), int(batch.cu_seqlens[i + 1])
+                credit = credit_of_sequence(adv[lo:hi], spans[i], k)
+                if credit is not None:
+                    rows.append(credit)
+            mean = lambda key: sum(r[key] for r in rows) / len(rows) if rows else float("nan")  # noqa: E731
+            out[label]["mass_at_k"].append(mean("at"))
+            out[label]["mass_before_k"].append(mean("before"))
+            out[label]["mass_after_k"].append(mean("after"))
+            out[label]["credit_map"].append(
+                [sum(r["per_step"][j] for r in rows) / max(1, len(rows)) for j in range(length)])
+    return {"lambdas": out, "uniform_share_of_step_k": uniform}
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+    plt = pyplot()
+    stages = results["stages"]
+    length = results["length"]
+    ks = list(range(length))
+    fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.8), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        for label, data in stage["lambdas"].items():
+            ax.plot(ks, data["mass_at_k"], "o-", markersize=3, label=label)
+        ax.plot(ks, stage["uniform_share_of_step_k"], "k--", linewidth=1,
+                label="step k's share of tokens")
+        ax.set_title(f"{stage['name']}\nheld-out acc {pct(stage['heldout_accuracy'])}", fontsize=9)
+        ax.set_xlabel("injected error at step k")
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("share of negative advantage on step k")
+    axes[0][-1].legend(fontsize=7)
+    names = [save_figure(fig, out_dir, "mass_at_k.png")]
+
+    last = stages[-1]
+    fig, axes = plt.subplots(1, len(last["lambdas"]), figsize=(3.6 * len(last["lambdas"]), 3.4),
+                             squeeze=False)
+    for ax, (label, data) in zip(axes[0], last["lambdas"].items()):
+        grid = torch.tensor(data["credit_map"])
+        scale = float(grid.abs().max()) or 1.0
+        image = ax.imshow(grid, cmap="RdBu", vmin=-scale, vmax=scale)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("step of the token")
+        ax.set_ylabel("injected error at step k")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(f"credit map: mean advantage per step ({last['name']})", fontsize=10)
+    names.append(save_figure(fig, out_dir, "credit_map.png"))
+    return names
+
+
+def report(results: dict) -> list[str]:
+    stages, length = results["stages"], results["length"]
+    lines = [f"Chains of {length} steps, {results['problems']} per injected step k = 0..{length - 1}, "
+             f"seed {results['seed']}; advantages from `vk.gae` (gamma 1, unwhitened) with the "
+             "value model of each stage. 'Mass at k' is the share of the negative advantage "
+             "on step k's tokens, averaged over chains; the dashed line in mass_at_k.png is "
+             "step k's share of the tokens (blame spread evenly)."]
+    table = ["| stage | held-out acc | " + " | ".join(stages[0]["lambdas"]) + " | even spread |",
+             "|---|---|" + "---|" * (len(stages[0]["lambdas"]) + 1)]
+    for s in stages:
+        mean_mass = [sum(d["mass_at_k"]) / length for d in s["lambdas"].values()]
+        even = sum(s["uniform_share_of_step_k"]) / length
+        table.append(f"| {s['name']} | {pct(s['heldout_accuracy'])} | "
+                     + " | ".join(pct(m) for m in mean_mass) + f" | {pct(even)} |")
+    lines.append("Mean over k of the mass at k:\n\n" + "\n".join(table))
+    last = stages[-1]
+    findings = []
+    even = sum(last["uniform_share_of_step_k"]) / length
+    for label, data in last["lambdas"].items():
+        mass = sum(data["mass_at_k"]) / length
+        before = sum(data["mass_before_k"]) / length
+        after = sum(data["mass_after_k"]) / length
+        if mass != mass:  # no chain had negative advantage: the critic predicts 0 everywhere
+            findings.append(f"{label}: no negative advantage at all (V = 0 = reward everywhere)")
+            continue
+        findings.append(f"{label}: {pct(mass)} of the blame on the wrong step ({mass / even:.1f}x "
+                        f"an even spread), {pct(before)} on the correct steps before it, "
+                        f"{pct(after)} after it")
+    lines.append(f"At the last stage ({last['name']}): " + "; ".join(findings) + ".")
+    first_k = [d["mass_at_k"][0] for d in last["lambdas"].values() if d["mass_at_k"][0] == d["mass_at_k"][0]]
+    last_k = [d["mass_at_k"][-1] for d in last["lambdas"].values() if d["mass_at_k"][-1] == d["mass_at_k"][-1]]
+    if first_k and last_k and length > 1:
+        first, final = sum(first_k) / len(first_k), sum(last_k) / len(last_k)
+        trend = "falls" if final < first else "rises"
+        lines.append(f"Averaged over the lambdas, the mass at k {trend} from {pct(first)} "
+                     f"(error at the first step) to {pct(final)} (error at the last step).")
+    return lines
+
+
+def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
+    """Train in stages; at each stage measure the credit of injected errors; write outputs."""
+    start = time.perf_counter()
+    out_dir, preset, seed = options["output_dir"], options["preset"], options["seed"]
+    sizes = {**PRESETS[preset], **{k: v for k, v in options.items()
+                                   if k in PRESETS[preset] and v is not None}}
+    os.makedirs(out_dir, exist_ok=True)
+    config = trainer_config(preset, seed, os.path.join(out_dir, "train"), extra_trainer_args,
+                            progress=options["progress"])
+    length = sizes["length"]
+    if not 1 <= length <= config.task.max_steps:
+        raise ConfigError("length", f"must be in [1, max_steps={config.task.max_steps}] (the "
+                          f"task's longest chain; raise it with -- --max_steps N), got {length}")
+    stages = []
+    for name, run in train_in_stages(config, sizes["rl_stages"]):
+        if run.task.name != "running_sum":
+            raise ValueError("injected-errors needs the running_sum task (--task running_sum)")
+        stage = measure_stage(run, length, sizes["problems"], seed, options["progress"])
+        stage.update(name=name, heldout_accuracy=heldout_accuracy(run))
+        stages.append(stage)
+    results = {"seed": seed, "length": length, "problems": sizes["problems"],
+               "rl_stages": sizes["rl_stages"], "stages": stages}
+    results["figures"] = plot(results, out_dir)
+    write_results(out_dir, "injected-errors", {**options, **sizes}, config, results,
+                  time.perf_counter() - start)
+    write_report(out_dir, "injected-errors: where GAE puts the blame for one wrong step",
+                 report(results) + [f"Figures: {', '.join(results['figures'])}."])
+    return results
