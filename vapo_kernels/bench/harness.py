@@ -1,0 +1,606 @@
+"""One benchmark harness for every suite: check each implementation, then time it.
+
+A suite (``vapo_kernels/bench/suites/*.py``) is data: for each shape it builds a
+:class:`Case` holding the input sets, the implementations (:class:`Impl`: ours under each
+backend, each peer's real code path, bare ops), the floor of each task (:class:`Floor`: the
+bytes or FLOP that task cannot avoid) and a ``check`` that compares an implementation's
+outputs with a float64 reference. :func:`run_case` does the rest, the same way for every
+suite:
+
+1. an implementation that cannot run here (peer not installed, CUDA-only kernel) becomes a
+   ``skipped`` row with the reason;
+2. its first call runs untimed and its outputs are checked; a wrong answer is a ``FAIL``
+   row and is never timed; a first call slower than ``max_call_s`` is not timed either;
+3. it is timed (warm-up, then up to ``reps`` calls or ``budget_s`` seconds, rotating the
+   input sets; CUDA events and an L2 flush on a GPU); the row keeps median and quartiles;
+4. a row whose spread (IQR / median) is above ``max_spread`` is measured again, up to
+   ``remeasure`` more times; the quietest attempt is kept and, if it is still wide, the
+   row is flagged ``noisy``.
+
+Method (see /work/.library/device/METHOD.md): median of repetitions after warm-up, several
+input sets so the cache does not flatter, and every time beside its floor at the copy
+bandwidth (or matmul rate) measured on the same device in the same run.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as _dt
+import gc
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# --------------------------------------------------------------------------------------
+# What a suite declares
+
+
+@dataclass(frozen=True)
+class Floor:
+    """What a task must do at least: ``bytes`` moved (read + written) or ``flops``.
+
+    Byte floors are set against the copy bandwidth measured in the run; FLOP floors
+    against the rate of a bare ``matmul`` of dims ``(m, k, n)`` in ``dtype`` timed in the
+    run. ``formula`` says how the amount was counted, for the report.
+    """
+
+    formula: str
+    bytes: float = 0.0
+    flops: float = 0.0
+    matmul: tuple[int, int, int] | None = None
+    dtype: torch.dtype = torch.bfloat16
+
+
+@dataclass
+class Impl:
+    """One implementation of one task: ``run(inputs)`` returns what ``Case.check`` reads.
+
+    ``kind``: "ours" and "peer" rows are checked before they are timed; "bare" rows (a
+    bare torch op, the fixed cost of any call) and "floor" rows (the bare matmul a FLOP
+    floor is measured with) are timed only. ``unavailable`` says why it cannot run here
+    (a peer that is not installed, a CUDA-only kernel). ``prepare`` makes the inputs a
+    call gets from an input set, untimed (an in-place backward gets a private copy, restored
+    before each call). ``expect`` names the reference it is checked against, for suites
+    whose peers compute a variant of the task.
+    """
+
+    name: str
+    task: str
+    kind: str
+    run: Callable[[Any], Any]
+    note: str = ""
+    unavailable: str | None = None
+    expect: str = "exact"
+    prepare: Callable[[list[Any]], Callable[[int], Any]] | None = None
+    skip_if: Callable[[], str | None] | None = None  # e.g. memory it would need
+    slow_first_call: bool = False  # torch.compile: the first call compiles
+
+
+@dataclass
+class Check:
+    ok: bool
+    error: float  # the largest error found, in the check's own unit
+    against: str  # what it was compared with
+    detail: str = ""
+
+
+@dataclass
+class Case:
+    """One shape of one suite: its inputs, implementations, floors and check."""
+
+    suite: str
+    shape: str
+    tokens: int  # tokens (or rows) the shape holds: throughput is per token
+    sets: list[Any]  # input sets, rotated between timed calls
+    impls: list[Impl]
+    floors: dict[str, Floor]  # task -> floor
+    check: Callable[[Impl, Any], Check]  # (impl, outputs on sets[0]) -> Check
+    per_call: bool = False  # a tiny shape: its time is a call's fixed cost
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How rows are timed. ``per_call`` rows (tiny shapes) use ``per_call_*`` settings."""
+
+    reps: int = 50
+    budget_s: float = 5.0
+    warmup: int = 2
+    min_reps: int = 5  # fewer timed calls are flagged as an estimate
+    max_call_s: float = 30.0
+    max_spread: float = 0.2  # IQR / median above this is wide
+    remeasure: int = 2  # more attempts at a wide row before it is flagged noisy
+    flush: bool = False
+    per_call_threads: int = 1
+    per_call_reps: int = 500
+    per_call_warmup: int = 20
+    per_call_budget_s: float = 5.0
+
+    def for_case(self, case: Case) -> Timing:
+        if not case.per_call:
+            return self
+        return Timing(
+            **{
+                **self.__dict__,
+                "reps": self.per_call_reps,
+                "budget_s": self.per_call_budget_s,
+                "warmup": self.per_call_warmup,
+            }
+        )
+
+
+@dataclass
+class Peer:
+    """A peer's code path: ``load()`` returns what the suite calls (a function, a module);
+    if it raises, the peer's rows are reported as not runnable with the reason."""
+
+    dist: str  # the distribution whose version the report names
+    load: Callable[[], Any]
+
+
+@dataclass
+class Context:
+    """What a suite builds its cases from: the device, our backends per family, the
+    loaded peers (and why the others did not load) and the run's settings."""
+
+    device: torch.device
+    backends: dict[str, list[str]]
+    peers: dict[str, Any] = field(default_factory=dict)
+    peer_missing: dict[str, str] = field(default_factory=dict)
+    peer_versions: dict[str, str | None] = field(default_factory=dict)
+    quick: bool = False
+    seed: int = 0
+    sets: int = 3
+    compile_why: str | None = None  # why torch.compile rows do not run (None: they do)
+
+    def missing(self, *names: str) -> str | None:
+        """Why any of the named peers cannot run here (None: all loaded)."""
+        for n in names:
+            if n in self.peer_missing:
+                return self.peer_missing[n]
+        return None
+
+
+@dataclass
+class Suite:
+    """A benchmark suite as data: shapes per device, per-call shapes, peers, and how one
+    shape's :class:`Case` is built from a :class:`Context`."""
+
+    name: str
+    description: str
+    shapes: dict[str, list[tuple[int, ...]]]  # "cpu", "cuda", "quick"
+    per_call_shapes: list[tuple[int, ...]]
+    families: tuple[str, ...]  # our backend families it runs
+    peers: dict[str, Peer]
+    build_case: Callable[[tuple[int, ...], Context], Case]
+
+    def load_peers(self, ctx: Context) -> None:
+        for name, peer in self.peers.items():
+            ctx.peer_versions[name] = package_version(peer.dist)
+            try:
+                ctx.peers[name] = peer.load()
+            except Exception as e:  # noqa: BLE001 - a peer that cannot load loses its rows
+                if ctx.peer_versions[name] is None:
+                    why = f"{peer.dist} not installed"
+                else:
+                    why = f"{peer.dist} {ctx.peer_versions[name]} not loadable"
+                ctx.peer_missing[name] = f"{why} ({type(e).__name__}: {e})"[:300]
+
+
+def parse_shapes(spec: str) -> list[tuple[int, ...]]:
+    """``"8x1024,1x4096"`` -> [(8, 1024), (1, 4096)]."""
+    try:
+        return [tuple(int(d) for d in item.lower().split("x")) for item in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"--shapes {spec!r}: expected shapes like 8x1024,1x4096") from None
+
+
+# --------------------------------------------------------------------------------------
+# The machine
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:  # the model name is more telling than "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where and with what a run was measured."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": device.type,
+        "device_name": device_name(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
+
+
+@contextmanager
+def num_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def package_version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def load_from_source(
+    package: str,
+    relpath: str,
+    names: Sequence[str],
+    namespace: dict[str, Any],
+    *,
+    keep_decorators: Sequence[str] = ("no_grad",),
+) -> dict[str, Any]:
+    """Compile just the named functions (or classes) of an installed package's source file.
+
+    For a peer whose package import drags in heavy or missing dependencies (ray, peft,
+    deepspeed) that the function never touches: the function's own code runs unchanged,
+    compiled from the installed file (its name and line numbers show in tracebacks) into
+    ``namespace``, which must provide the globals it uses. Decorators are dropped unless
+    their text contains one of ``keep_decorators`` (registries only record a name).
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"{package} is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / relpath
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: dict[str, ast.AST] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name in names and node.name not in found:
+            found[node.name] = node
+        elif isinstance(node, ast.FunctionDef) and node.name in names and node.name not in found:
+            node.decorator_list = [
+                d for d in node.decorator_list if any(k in ast.unparse(d) for k in keep_decorators)
+            ]
+            found[node.name] = node
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ImportError(f"{', '.join(missing)} not found in {path}")
+    module = ast.Module(body=[found[n] for n in names], type_ignores=[])
+    exec(compile(module, str(path), "exec"), namespace)  # noqa: S102 - the peer's own code
+    return namespace
+
+
+class CacheFlusher:
+    """Overwrites a buffer larger than the last-level cache (between timed calls, untimed)."""
+
+    def __init__(self, device: torch.device, nbytes: int | None = None):
+        nbytes = nbytes or ((256 if device.type == "cuda" else 64) << 20)
+        self.buf = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+
+    def __call__(self) -> None:
+        self.buf.fill_(1.0)
+
+
+# --------------------------------------------------------------------------------------
+# Timing
+
+
+def time_calls(
+    fn: Callable[[Any], Any],
+    inputs: Callable[[int], Any],
+    device: torch.device,
+    *,
+    warmup: int,
+    reps: int,
+    budget_s: float | None = None,
+    before_each: Callable[[], None] | None = None,
+) -> list[float]:
+    """Seconds per call of ``fn(inputs(i))`` for call i: at most ``reps`` timed calls, or
+    until they add up to ``budget_s`` (always at least one). ``before_each`` runs untimed
+    before every timed call (a cache flush)."""
+    for i in range(warmup):
+        fn(inputs(i))
+    sync(device)
+    times: list[float] = []
+    cuda = device.type == "cuda"
+    if cuda:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+    for i in range(reps):
+        x = inputs(i)
+        if before_each is not None:
+            before_each()
+        sync(device)
+        if cuda:
+            start.record()
+            fn(x)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - t0)
+        if budget_s is not None and sum(times) >= budget_s:
+            break
+    return times
+
+
+@dataclass
+class Stats:
+    median_s: float
+    q1_s: float
+    q3_s: float
+    reps: int
+
+    @property
+    def iqr_s(self) -> float:
+        return self.q3_s - self.q1_s
+
+    @property
+    def spread(self) -> float:
+        """IQR / median: how far apart the middle half of the calls were."""
+        return self.iqr_s / self.median_s if self.median_s > 0 else 0.0
+
+
+def summarize(times: Sequence[float]) -> Stats:
+    ts = sorted(times)
+    if len(ts) == 1:
+        return Stats(ts[0], ts[0], ts[0], 1)
+    q1, med, q3 = statistics.quantiles(ts, n=4, method="inclusive")
+    return Stats(med, q1, q3, len(ts))
+
+
+def measure_stable(
+    timer: Callable[[], list[float]], max_spread: float, remeasure: int
+) -> tuple[Stats, list[float], bool]:
+    """Time with ``timer`` until a measurement's spread is at most ``max_spread``, at most
+    ``1 + remeasure`` times. Returns the quietest measurement, every attempt's spread, and
+    whether even the quietest was wide (noisy)."""
+    best: Stats | None = None
+    spreads: list[float] = []
+    for _ in range(1 + remeasure):
+        st = summarize(timer())
+        spreads.append(st.spread)
+        if best is None or st.spread < best.spread:
+            best = st
+        if st.spread <= max_spread:
+            return best, spreads, False
+    return best, spreads, True
+
+
+_BANDWIDTH: dict[tuple[str, int], float] = {}
+_MATMUL: dict[tuple, float] = {}
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 256 << 20) -> float:
+    """Bytes/s of a large tensor copy, read + written: the practical ceiling of a
+    memory-bound kernel on this machine (measured once per run and size)."""
+    key = (str(device), nbytes)
+    if key not in _BANDWIDTH:
+        src = torch.rand(nbytes // 4, device=device)
+        dst = torch.empty_like(src)
+        times = time_calls(lambda _: dst.copy_(src), lambda i: None, device, warmup=2, reps=10)
+        _BANDWIDTH[key] = 2 * src.numel() * 4 / statistics.median(times)
+        del src, dst
+    return _BANDWIDTH[key]
+
+
+def matmul_rate(device: torch.device, m: int, k: int, n: int, dtype: torch.dtype) -> float:
+    """FLOP/s of a bare (m, k) @ (k, n) matmul in ``dtype`` on this device, this run."""
+    key = (str(device), m, k, n, dtype)
+    if key not in _MATMUL:
+        a = torch.randn(m, k, device=device).to(dtype)
+        b = torch.randn(k, n, device=device).to(dtype)
+        times = time_calls(lambda _: a @ b, lambda i: None, device, warmup=1, reps=5, budget_s=2)
+        _MATMUL[key] = 2 * m * k * n / statistics.median(times)
+    return _MATMUL[key]
+
+
+# --------------------------------------------------------------------------------------
+# Running a case
+
+
+@dataclass
+class Row:
+    """One (suite, shape, task, impl) result. ``status``: ok / FAIL / skipped / error / oom."""
+
+    suite: str
+    shape: str
+    task: str
+    impl: str
+    kind: str
+    tokens: int
+    per_call: bool
+    status: str = "ok"
+    note: str = ""
+    stats: Stats | None = None
+    attempts: int = 0
+    spreads: list[float] = field(default_factory=list)
+    noisy: bool = False
+    estimated: bool = False
+    check: Check | None = None
+    first_call_s: float | None = None
+    floor_s: float | None = None
+    floor_formula: str = ""
+    achieved: float | None = None  # GB/s (byte floor) or TFLOP/s (FLOP floor)
+    achieved_unit: str = ""
+
+    @property
+    def median_s(self) -> float | None:
+        return self.stats.median_s if self.stats else None
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(e)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+TimerFactory = Callable[..., list[float]]
+
+
+def run_case(
+    case: Case,
+    device: torch.device,
+    timing: Timing,
+    *,
+    timer: TimerFactory = time_calls,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """Check and time every implementation of ``case``; the rows in the case's order.
+
+    ``timer`` has :func:`time_calls`' signature (tests inject a fake one); ``progress``
+    is called with each row's name before it runs.
+    """
+    timing = timing.for_case(case)
+    flush = CacheFlusher(device) if timing.flush else None
+    rows = []
+    with num_threads(timing.per_call_threads if case.per_call else None):
+        for impl in case.impls:
+            if progress:
+                progress(f"{case.suite} {case.shape} {impl.task}: {impl.name}")
+            row = Row(case.suite, case.shape, impl.task, impl.name, impl.kind, case.tokens, case.per_call, note=impl.note)
+            rows.append(row)
+            try:
+                _run_impl(row, impl, case, device, timing, timer, flush)
+            except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
+                row.status = "oom" if _is_oom(e) else "error"
+                row.note = f"{type(e).__name__}: {e}"[:300]
+            _free(device)
+    add_floors(rows, case, device)
+    return rows
+
+
+def _run_impl(row, impl, case, device, timing, timer, flush) -> None:
+    if impl.unavailable:
+        row.status, row.note = "skipped", impl.unavailable
+        return
+    why = impl.skip_if() if impl.skip_if else None
+    if why:
+        row.status, row.note = "skipped", why
+        return
+    inputs = impl.prepare(case.sets) if impl.prepare else (lambda i: case.sets[i % len(case.sets)])
+    if impl.kind in ("ours", "peer"):
+        sync(device)
+        t0 = time.perf_counter()
+        out = impl.run(inputs(0))
+        sync(device)
+        row.first_call_s = time.perf_counter() - t0
+        row.check = case.check(impl, out)
+        del out
+        if not row.check.ok:
+            row.status = "FAIL"
+            row.note = f"differs from {row.check.against} (error {row.check.error:.3g}"
+            row.note += f", {row.check.detail})" if row.check.detail else ")"
+            row.note += ": NOT TIMED"
+            return
+        if row.first_call_s > timing.max_call_s and not impl.slow_first_call:
+            row.status = "skipped"
+            row.note = f"one call took {row.first_call_s:.1f} s > max_call_s {timing.max_call_s:g}: not timed"
+            return
+    warm = timing.warmup
+    if row.first_call_s is not None and row.first_call_s > 1.0 and not case.per_call:
+        warm = 0  # a slow call has no first-call effect left that a warm-up would remove
+
+    def one_measurement() -> list[float]:
+        return timer(
+            impl.run, inputs, device, warmup=warm, reps=timing.reps,
+            budget_s=timing.budget_s, before_each=flush,
+        )
+
+    row.stats, row.spreads, row.noisy = measure_stable(one_measurement, timing.max_spread, timing.remeasure)
+    row.attempts = len(row.spreads)
+    row.estimated = row.stats.reps < timing.min_reps
+
+
+def add_floors(rows: list[Row], case: Case, device: torch.device) -> None:
+    """Each row's floor time for its task, and what it achieved against that floor."""
+    for row in rows:
+        floor = case.floors.get(row.task)
+        if floor is None:
+            continue
+        row.floor_formula = floor.formula
+        if floor.bytes:
+            row.floor_s = floor.bytes / copy_bandwidth(device, _bandwidth_bytes(device))
+            if row.median_s:
+                row.achieved, row.achieved_unit = floor.bytes / row.median_s / 1e9, "GB/s"
+        elif floor.flops:
+            rate = matmul_rate(device, *floor.matmul, floor.dtype)
+            row.floor_s = floor.flops / rate
+            if row.median_s:
+                row.achieved, row.achieved_unit = floor.flops / row.median_s / 1e12, "TFLOP/s"
+
+
+_BANDWIDTH_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
+
+
+def _bandwidth_bytes(device: torch.device) -> int:
+    return _BANDWIDTH_BYTES.get(device.type, 256 << 20)
+
+
+def set_quick_bandwidth_size() -> None:
+    """A smaller copy for the bandwidth in a smoke run (still well past the L2 cache)."""
+    _BANDWIDTH_BYTES.update(cpu=64 << 20, cuda=256 << 20)
+
+
+# --------------------------------------------------------------------------------------
+# Ratios between rows
+
+
+def best_peer_ratios(rows: list[Row]) -> dict[int, tuple[str | None, float | None]]:
+    """For each row (by index): the fastest peer of its shape and task, and that peer's
+    median over the row's (> 1: the row is faster than every peer timed)."""
+    best: dict[tuple[str, str, str], Row] = {}
+    for r in rows:
+        if r.kind == "peer" and r.median_s:
+            key = (r.suite, r.shape, r.task)
+            if key not in best or r.median_s < best[key].median_s:
+                best[key] = r
+    out = {}
+    for i, r in enumerate(rows):
+        b = best.get((r.suite, r.shape, r.task))
+        if b is None or r.kind in ("bare", "floor"):
+            out[i] = (b.impl if b else None, None)
+        else:
+            out[i] = (b.impl, b.median_s / r.median_s if r.median_s else None)
+    return out

@@ -1,0 +1,206 @@
+"""The report folder of a ``vapo-bench`` run: ``results.json``, ``report.md`` and PNGs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .harness import Row, best_peer_ratios
+
+
+def row_dicts(rows: list[Row]) -> list[dict[str, Any]]:
+    """The rows as JSON-ready dicts, each with its floor and its ratio to the best peer
+    of its shape and task (> 1: faster than that peer) and, at a per-call shape, its
+    median over the bare torch op timed beside it."""
+    ratios = best_peer_ratios(rows)
+    bare = {(r.suite, r.shape): r.median_s for r in rows if r.kind == "bare" and r.median_s}
+    out = []
+    for i, r in enumerate(rows):
+        best, ratio = ratios[i]
+        med = r.median_s
+        b = bare.get((r.suite, r.shape)) if r.per_call else None
+        out.append({
+            "suite": r.suite,
+            "shape": r.shape,
+            "task": r.task,
+            "impl": r.impl,
+            "kind": r.kind,
+            "status": r.status,
+            "tokens": r.tokens,
+            "per_call": r.per_call,
+            "median_s": med,
+            "q1_s": r.stats.q1_s if r.stats else None,
+            "q3_s": r.stats.q3_s if r.stats else None,
+            "spread": r.stats.spread if r.stats else None,
+            "reps": r.stats.reps if r.stats else 0,
+            "attempts": r.attempts,
+            "attempt_spreads": r.spreads,
+            "noisy": r.noisy,
+            "estimated": r.estimated,
+            "tokens_per_s": r.tokens / med if med else None,
+            "floor_s": r.floor_s,
+            "floor_formula": r.floor_formula,
+            "fraction_of_floor": r.floor_s / med if (r.floor_s and med) else None,
+            "achieved": r.achieved,
+            "achieved_unit": r.achieved_unit,
+            "best_peer": best,
+            "vs_best_peer": ratio,
+            "over_bare_op": med / b if (b and med and r.kind != "bare") else None,
+            "check": None if r.check is None else ("ok" if r.check.ok else "FAIL"),
+            "check_error": r.check.error if r.check else None,
+            "checked_against": r.check.against if r.check else None,
+            "first_call_s": r.first_call_s,
+            "note": r.note,
+        })
+    return out
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, (torch.dtype, torch.device, Path)):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _clean(x):
+    """inf / nan as null: JSON has neither."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_clean(v) for v in x]
+    return x
+
+
+def write_json(path: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    data = _clean({"meta": meta, "rows": rows})
+    path.write_text(json.dumps(data, indent=1, default=_jsonable) + "\n")
+
+
+def fmt_time(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} µs"
+
+
+def _num(x: float | None, spec: str = ".3g", suffix: str = "") -> str:
+    return "-" if x is None else f"{x:{spec}}{suffix}"
+
+
+def _status(r: dict[str, Any]) -> str:
+    if r["status"] == "ok":
+        flags = [f for f, on in (("noisy", r["noisy"]), ("estimate", r["estimated"])) if on]
+        return "ok" + (f" ({', '.join(flags)})" if flags else "")
+    return {"FAIL": "**FAIL**"}.get(r["status"], r["status"])
+
+
+def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """One table per suite and shape: every row's median, spread, floor, %floor, what it
+    achieved, its ratio to the best peer and its check."""
+    env = meta["environment"]
+    lines = [
+        f"# vapo-bench report",
+        "",
+        f"{env['device_name']} ({env['device']}, {env['threads']} torch threads, "
+        f"{env['cpu_count']} cores), torch {env['torch']}, triton {env['triton']}, "
+        f"python {env['python']}, {env['date']}. Command: `{meta['command']}`.",
+        "",
+        f"Copy bandwidth measured in this run: {_num(meta.get('copy_GB_s'), '.1f')} GB/s "
+        "(read + write). *floor*: the time the task's bytes (or FLOP) take at that bandwidth "
+        "(or at the bare matmul's rate); *%floor*: floor / median; *vs best peer*: the "
+        "fastest peer's median over the row's (> 1: faster). *spread*: IQR / median; "
+        f"a row wider than {meta['timing']['max_spread']:g} was measured again (up to "
+        f"{meta['timing']['remeasure']} more times) and is flagged *noisy* if it stayed wide.",
+    ]
+    missing = meta.get("peers_missing") or {}
+    for suite, why in missing.items():
+        for peer, reason in why.items():
+            lines.append(f"- {suite}: peer **{peer}** not run: {reason}")
+    headers = ["task", "impl", "median", "spread", "floor", "%floor", "achieved",
+               "vs best peer", "/ bare op", "check", "status", "note"]
+    by_case: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        by_case.setdefault((r["suite"], r["shape"]), []).append(r)
+    for (suite, shape), rs in by_case.items():
+        per_call = " (per call: its time is the call's fixed cost)" if rs[0]["per_call"] else ""
+        formulas = sorted({r["floor_formula"] for r in rs if r["floor_formula"]})
+        lines += ["", f"## {suite} {shape}{per_call}", ""]
+        lines += [f"Floor: {f}." for f in formulas]
+        lines += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        for r in rs:
+            name = f"**{r['impl']}**" if r["kind"] == "ours" else r["impl"]
+            achieved = _num(r["achieved"], ".3g", f" {r['achieved_unit']}") if r["achieved"] else "-"
+            note = r["note"] if (r["status"] != "ok" or r["kind"] != "ours") else ""
+            cells = [
+                r["task"], name, fmt_time(r["median_s"]), _num(r["spread"], ".0%"),
+                fmt_time(r["floor_s"]),
+                _num(r["fraction_of_floor"] and 100 * r["fraction_of_floor"], ".3g", "%"),
+                achieved, _num(r["vs_best_peer"], ".3g", "x"), _num(r["over_bare_op"], ".3g", "x"),
+                r["check"] or "-", _status(r), note.replace("|", "/")[:140],
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_suite(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
+    """Tokens/s per implementation per shape, log scale, one panel per task (False, and
+    nothing written, without matplotlib or timed rows)."""
+    rows = [r for r in rows if r["tokens_per_s"] and r["kind"] in ("ours", "peer")]
+    if not rows:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.8), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        rs = [r for r in rows if r["task"] == task]
+        shapes = list(dict.fromkeys(r["shape"] for r in rs))
+        for impl in dict.fromkeys(r["impl"] for r in rs):
+            pts = [(shapes.index(r["shape"]), r["tokens_per_s"]) for r in rs if r["impl"] == impl]
+            ours = any(r["kind"] == "ours" for r in rs if r["impl"] == impl)
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if ours else "s", linestyle="-" if ours else "--",
+                    linewidth=2 if ours else 1, label=impl)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(shapes)), shapes, rotation=20, fontsize=8)
+        ax.set_xlabel("shape")
+        ax.set_ylabel("tokens (rows) / s")
+        ax.set_title(task)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(out: Path, meta: dict[str, Any], rows: list[Row]) -> list[Path]:
+    """Write results.json, report.md and one PNG per suite into ``out``; the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    dicts = row_dicts(rows)
+    written = [out / "results.json", out / "report.md"]
+    write_json(written[0], meta, dicts)
+    written[1].write_text(markdown(meta, dicts))
+    env = meta["environment"]
+    for suite in dict.fromkeys(r["suite"] for r in dicts):
+        png = out / f"{suite}.png"
+        title = f"{suite}: {env['device_name']}, torch {env['torch']}, {env['date']}"
+        if plot_suite([r for r in dicts if r["suite"] == suite], png, title):
+            written.append(png)
+    return written
