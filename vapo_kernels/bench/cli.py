@@ -55,13 +55,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "the registry reports for the device; Triton on CPU only if named)")
     p.add_argument("--sets", type=int, help="input sets rotated between calls (default 3, quick 2)")
     p.add_argument("--reps", type=int, help="most timed calls per row (default 50, quick 5)")
-    p.add_argument("--budget", type=float, help="seconds of timed calls per row (default 5, quick 0.5)")
+    p.add_argument("--budget", type=float, help="seconds of timed calls per row (default 5, quick 0.2)")
     p.add_argument("--max-call-s", type=float, default=30.0,
                    help="a row whose first call takes longer is not timed (default 30)")
     p.add_argument("--max-spread", type=float, default=0.2,
                    help="IQR / median above which a row is measured again (default 0.2)")
-    p.add_argument("--remeasure", type=int, default=2,
-                   help="extra measurements of a wide row before it is flagged noisy (default 2)")
+    p.add_argument("--remeasure", type=int,
+                   help="extra measurements of a wide row before it is flagged noisy "
+                   "(default 2, quick 1)")
     p.add_argument("--flush", action=argparse.BooleanOptionalAction, default=None,
                    help="overwrite a cache-sized buffer before each timed call "
                    "(default: on for CUDA, off for CPU)")
@@ -138,17 +139,17 @@ def main(argv: list[str] | None = None) -> int:
         H.set_quick_bandwidth_size()
     timing = H.Timing(
         reps=args.reps or (5 if q else (100 if gpu else 50)),
-        budget_s=args.budget or (0.5 if q else 5.0),
+        budget_s=args.budget or (0.2 if q else 5.0),
         warmup=1 if q else 2,
         min_reps=3 if q else 5,
         max_call_s=args.max_call_s,
         max_spread=args.max_spread,
-        remeasure=args.remeasure,
+        remeasure=args.remeasure if args.remeasure is not None else (1 if q else 2),
         flush=gpu if args.flush is None else args.flush,
         per_call_threads=args.per_call_threads,
         per_call_reps=args.per_call_reps or (30 if q else 500),
         per_call_warmup=5 if q else 20,
-        per_call_budget_s=0.5 if q else 5.0,
+        per_call_budget_s=0.2 if q else 5.0,
     )
     env = H.environment(device)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d_%H%M%S")

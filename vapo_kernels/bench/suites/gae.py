@@ -41,7 +41,7 @@ REFERENCE_MAX_TOKENS = 65536  # our PyTorch-loop reference is timed up to this s
 SHAPES = {
     "cpu": [(8, 128), (8, 1024), (64, 4096), (512, 16384), (1, 131072)],
     "cuda": [(8, 128), (8, 1024), (64, 4096), (512, 16384), (1, 131072)],
-    "quick": [(8, 128), (4, 512)],
+    "quick": [(8, 128), (2, 256)],
 }
 PER_CALL_SHAPES = [(8, 128)]
 
