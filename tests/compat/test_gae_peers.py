@@ -29,16 +29,9 @@ How each peer is driven:
 from __future__ import annotations
 
 import ast
-import contextlib
-import importlib
-import importlib.machinery
-import importlib.metadata
-import importlib.util
 import random
 import textwrap
-import types
 import typing
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -49,7 +42,7 @@ from hypothesis import strategies as st
 
 from vapo_kernels import compat
 
-from ._openrlhf import openrlhf_without_gpu_stack
+from ._peers import trl_ppo_trainer_source, use_backend
 
 pytestmark = pytest.mark.peers
 
@@ -60,27 +53,6 @@ FAST = settings(max_examples=40, suppress_health_check=[HealthCheck.too_slow])
 
 def close(ours, theirs, what=""):
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=RTOL, msg=lambda m: f"{what}: {m}")
-
-
-@contextlib.contextmanager
-def use_backend(name):
-    compat.set_backend(name)
-    try:
-        with warnings.catch_warnings():
-            # the default backend may fall back to the reference with a one-time warning
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        compat.set_backend(None)
-
-
-def require_version(dist: str, version: str) -> None:
-    try:
-        found = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"{dist} is not installed")
-    if found != version:
-        pytest.skip(f"the adapter targets {dist}=={version}, found {found}")
 
 
 # --------------------------------------------------------------------------------------
@@ -127,12 +99,6 @@ shapes = st.tuples(st.integers(1, 6), st.integers(1, 24))
 
 # --------------------------------------------------------------------------------------
 # verl
-
-
-@pytest.fixture(scope="module")
-def verl_core():
-    require_version("verl", "0.9.1")
-    return pytest.importorskip("verl.trainer.ppo.core_algos")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -251,27 +217,6 @@ def test_verl_patch_swaps_and_restores(verl_core, monkeypatch):
 # --------------------------------------------------------------------------------------
 # OpenRLHF
 
-_OPENRLHF_PACKAGES = [
-    "openrlhf.models", "openrlhf.trainer", "openrlhf.trainer.ppo_utils",
-    "openrlhf.trainer.ray", "openrlhf.utils",
-]
-
-
-@pytest.fixture(scope="module")
-def openrlhf_em():
-    """The real ``experience_maker`` module of OpenRLHF, imported without its GPU stack."""
-    require_version("openrlhf", "0.11.2")
-    pytest.importorskip("openrlhf")
-    pytest.importorskip("ray")
-    launcher = types.ModuleType("openrlhf.trainer.ray.launcher")
-    launcher.RayActorGroup = object  # only an annotation in experience_maker
-    with openrlhf_without_gpu_stack(_OPENRLHF_PACKAGES, {launcher.__name__: launcher}):
-        try:
-            return importlib.import_module("openrlhf.trainer.ppo_utils.experience_maker")
-        except ImportError as e:
-            pytest.skip(f"cannot import OpenRLHF's experience_maker: {e}")
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @FAST
 @given(
@@ -360,13 +305,6 @@ def test_openrlhf_pipeline_with_normalisation(openrlhf_em, backend, no_std_norm)
 # TorchRL
 
 
-@pytest.fixture(scope="module")
-def torchrl_gae():
-    require_version("torchrl", "0.14.1")
-    functional = pytest.importorskip("torchrl.objectives.value.functional")
-    return functional.generalized_advantage_estimate
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @FAST
 @given(
@@ -438,12 +376,7 @@ _TRL_END = "advantages = torch.masked_fill(advantages, padding_mask, 0)"
 def trl_block():
     """TRL's own code, read from the installed ``ppo_trainer.py``: (helpers namespace,
     code up to the rewards, code from the reward whitening to the final advantages)."""
-    require_version("trl", "1.12.0")
-    trl = pytest.importorskip("trl")
-    path = Path(trl.__file__).parent / "experimental" / "ppo" / "ppo_trainer.py"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    source = path.read_text()
+    path, source = trl_ppo_trainer_source()
     wanted = {"masked_mean", "masked_var", "masked_whiten", "INVALID_LOGPROB"}
     helpers = [
         n for n in ast.parse(source).body

@@ -47,16 +47,10 @@ test time.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import importlib.machinery
-import importlib.metadata
-import importlib.util
 import math
 import sys
 import textwrap
 import types
-import warnings
 
 import pytest
 import torch
@@ -64,7 +58,7 @@ import torch
 import vapo_kernels.compat
 from vapo_kernels import compat
 
-from ._openrlhf import openrlhf_without_gpu_stack
+from ._peers import import_peer, openrlhf_modules, use_backend
 
 pytestmark = pytest.mark.peers
 
@@ -80,71 +74,11 @@ CASES = [
 TOL = 1e-6
 
 
-@contextlib.contextmanager
-def use_backend(name):
-    compat.set_backend(name)
-    try:
-        with warnings.catch_warnings():
-            # the default backend may fall back to the reference with a one-time warning
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        compat.set_backend(None)
-
-
 @pytest.fixture(params=BACKENDS, ids=["default", "reference"])
 def backend(request):
     """The backend of the adapters, active for the whole test."""
     with use_backend(request.param):
         yield request.param
-
-
-def require_version(dist: str, version: str) -> None:
-    try:
-        found = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"{dist} is not installed")
-    if found != version:
-        pytest.skip(f"the adapter targets {dist}=={version}, found {found}")
-
-
-# --------------------------------------------------------------------------------------
-# Peers
-
-
-@pytest.fixture(scope="module")
-def verl_F():
-    require_version("verl", "0.9.1")
-    return pytest.importorskip("verl.utils.torch_functional")
-
-
-@pytest.fixture(scope="module")
-def trl_utils():
-    require_version("trl", "1.12.0")
-    return pytest.importorskip("trl.trainer.utils")
-
-
-@contextlib.contextmanager
-def openrlhf_modules():
-    """``openrlhf.models.utils`` and ``openrlhf.models.actor``, really imported, with the
-    package ``__init__``s bypassed and GPU-only imports stubbed; they leave
-    ``sys.modules`` on exit (flash-attn must not stay stubbed: OpenRLHF imports it at call
-    time and falls back when it is missing)."""
-    require_version("openrlhf", "0.11.2")
-    pytest.importorskip("openrlhf")
-    with openrlhf_without_gpu_stack(["openrlhf", "openrlhf.models"]):
-        try:
-            utils = importlib.import_module("openrlhf.models.utils")
-            actor = importlib.import_module("openrlhf.models.actor")
-        except ImportError as e:
-            pytest.skip(f"cannot import OpenRLHF's models: {e}")
-        yield utils, actor
-
-
-@pytest.fixture(scope="module")
-def openrlhf_utils():
-    with openrlhf_modules() as (utils, _):
-        return utils
 
 
 def _openrlhf_entropy(utils):
@@ -532,8 +466,7 @@ def test_verl_linear_cross_entropy_reductions_and_errors(verl_F, backend):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="verl's fused kernel needs CUDA")
 def test_verl_linear_cross_entropy_matches_verl_kernel_on_gpu(verl_F):
     """Against verl's real Triton kernel (bf16, H % 128 == 0, V not a multiple of 1024)."""
-    pytest.importorskip("triton")
-    kernel = pytest.importorskip("verl.utils.kernel.linear_cross_entropy").linear_cross_entropy
+    kernel = import_peer("verl.utils.kernel.linear_cross_entropy").linear_cross_entropy
     from vapo_kernels.compat.verl import linear_cross_entropy
 
     hidden, weight, labels, g_logp, g_entropy = linear_inputs((2, 100), 256, 3001, 8, torch.float32)
@@ -675,9 +608,9 @@ def _counting(monkeypatch, module):
 def test_verl_patch_swaps_and_restores(verl_F, monkeypatch):
     from vapo_kernels.compat import verl as adapter
 
-    core = pytest.importorskip("verl.trainer.ppo.core_algos")
-    lce = pytest.importorskip("verl.utils.kernel.linear_cross_entropy")
-    naive = pytest.importorskip("verl.workers.rollout.naive.naive_rollout")  # imports by name
+    core = import_peer("verl.trainer.ppo.core_algos")
+    lce = import_peer("verl.utils.kernel.linear_cross_entropy")
+    naive = import_peer("verl.workers.rollout.naive.naive_rollout")  # imports by name
     names = ["logprobs_from_logits", "entropy_from_logits", "entropy_from_logits_with_chunking"]
     originals = {n: getattr(verl_F, n) for n in names}
     original_lce, original_naive = lce.linear_cross_entropy, naive.logprobs_from_logits
@@ -723,8 +656,8 @@ def test_verl_patch_swaps_and_restores(verl_F, monkeypatch):
 def test_verl_partial_patch(verl_F):
     from vapo_kernels.compat import verl as adapter
 
-    lce = pytest.importorskip("verl.utils.kernel.linear_cross_entropy")
-    core = pytest.importorskip("verl.trainer.ppo.core_algos")
+    lce = import_peer("verl.utils.kernel.linear_cross_entropy")
+    core = import_peer("verl.trainer.ppo.core_algos")
     original_lce, original_gae = lce.linear_cross_entropy, core.compute_gae_advantage_return
     try:
         adapter.patch(gae=False, linear_ce=False)
@@ -741,7 +674,7 @@ def test_verl_partial_patch(verl_F):
 def test_openrlhf_patch_swaps_and_restores():
     from vapo_kernels.compat import openrlhf as adapter
 
-    with openrlhf_modules() as (utils, actor):
+    with openrlhf_modules("openrlhf.models.utils", "openrlhf.models.actor") as (utils, actor):
         originals = (utils.log_probs_from_logits, utils.compute_entropy)
         assert actor.log_probs_from_logits is originals[0]
         try:
@@ -762,7 +695,7 @@ def test_openrlhf_patch_swaps_and_restores():
 def test_trl_patch_swaps_and_restores(trl_utils):
     from vapo_kernels.compat import trl as adapter
 
-    grpo = pytest.importorskip("trl.trainer.grpo_trainer")  # imports both by name
+    grpo = import_peer("trl.trainer.grpo_trainer")  # imports both by name
     originals = (trl_utils.selective_log_softmax, trl_utils.entropy_from_logits)
     assert (grpo.selective_log_softmax, grpo.entropy_from_logits) == originals
     try:

@@ -31,13 +31,9 @@ How each peer is driven:
 from __future__ import annotations
 
 import ast
-import contextlib
-import importlib
-import importlib.metadata
 import math
 import textwrap
 import warnings
-from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
 import pytest
@@ -46,7 +42,7 @@ import torch
 from vapo_kernels import compat
 from vapo_kernels import policy_loss
 
-from ._openrlhf import openrlhf_without_gpu_stack
+from ._peers import import_peer, openrlhf_modules, trl_ppo_trainer_source, use_backend
 
 pytestmark = pytest.mark.peers
 
@@ -60,18 +56,6 @@ B, T = 7, 19
 
 def tol_of(dtype):
     return 1e-12 if dtype == torch.float64 else 1e-6
-
-
-@contextlib.contextmanager
-def use_backend(name):
-    compat.set_backend(name)
-    try:
-        with warnings.catch_warnings():
-            # the default backend may fall back to the reference with a one-time warning
-            warnings.simplefilter("ignore", UserWarning)
-            yield
-    finally:
-        compat.set_backend(None)
 
 
 def _default_backend_missing() -> str | None:
@@ -97,15 +81,6 @@ def backend(request):
             pytest.skip(f"the default backend has no token_loss kernel yet: {why}")
     with use_backend(request.param):
         yield request.param
-
-
-def require_version(dist: str, version: str) -> None:
-    try:
-        found = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip(f"{dist} is not installed")
-    if found != version:
-        pytest.skip(f"the adapter targets {dist}=={version}, found {found}")
 
 
 # --------------------------------------------------------------------------------------
@@ -192,14 +167,6 @@ def assert_metric(got, want, dtype, what):
 
 # --------------------------------------------------------------------------------------
 # verl
-
-
-@pytest.fixture(scope="module")
-def verl_core():
-    require_version("verl", "0.9.1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return pytest.importorskip("verl.trainer.ppo.core_algos")
 
 
 def actor_config(clip_low, clip_high, clip_c, info, clip_ratio=0.2):
@@ -519,7 +486,7 @@ def test_verl_fractional_mask_refused(verl_core):
 def test_verl_patch_swaps_and_restores(verl_core, monkeypatch):
     from vapo_kernels.compat import verl as adapter
 
-    losses = pytest.importorskip("verl.workers.utils.losses")  # imports them by name
+    losses = import_peer("verl.workers.utils.losses")  # imports them by name
     names = ["compute_policy_loss_vanilla", "compute_policy_loss", "agg_loss",
              "compute_value_loss", "kl_penalty"]
     originals = {n: getattr(verl_core, n) for n in names}
@@ -566,18 +533,6 @@ def test_verl_patch_swaps_and_restores(verl_core, monkeypatch):
 
 # --------------------------------------------------------------------------------------
 # OpenRLHF
-
-
-@pytest.fixture(scope="module")
-def openrlhf_loss():
-    """The real ``openrlhf.models.loss`` (GPU-only imports stubbed for the import only)."""
-    require_version("openrlhf", "0.11.2")
-    pytest.importorskip("openrlhf")
-    with openrlhf_without_gpu_stack(["openrlhf", "openrlhf.models"]):
-        try:
-            return importlib.import_module("openrlhf.models.loss")
-        except ImportError as e:
-            pytest.skip(f"cannot import OpenRLHF's loss module: {e}")
 
 
 def openrlhf_info(mask, kind):
@@ -730,11 +685,7 @@ def test_openrlhf_options(openrlhf_loss):
 def test_openrlhf_patch_swaps_and_restores():
     from vapo_kernels.compat import openrlhf as adapter
 
-    require_version("openrlhf", "0.11.2")
-    pytest.importorskip("openrlhf")
-    with openrlhf_without_gpu_stack(["openrlhf", "openrlhf.models"]):
-        loss = importlib.import_module("openrlhf.models.loss")
-        models = importlib.import_module("openrlhf.models")
+    with openrlhf_modules("openrlhf.models.loss", "openrlhf.models") as (loss, models):
         names = ("PolicyLoss", "ValueLoss", "aggregate_loss")
         originals = {n: getattr(loss, n) for n in names}
         for n in names:  # the real package __init__ re-exports them
@@ -787,12 +738,7 @@ _TRL_CLIPFRAC = "pg_clipfrac = masked_mean("
 def trl_loss_block():
     """TRL's own lines, read from the installed ``ppo_trainer.py``: (namespace with its
     ``masked_mean`` and ``INVALID_LOGPROB``, the loss lines, the pg_clipfrac lines)."""
-    require_version("trl", "1.12.0")
-    trl = pytest.importorskip("trl")
-    path = Path(trl.__file__).parent / "experimental" / "ppo" / "ppo_trainer.py"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    source = path.read_text()
+    path, source = trl_ppo_trainer_source()
     wanted = {"masked_mean", "INVALID_LOGPROB"}
     helpers = [
         n for n in ast.parse(source).body
