@@ -33,27 +33,37 @@ def test_prefix_value_matches_the_exact_value_of_a_uniform_policy(uniform_policy
     problem = task.problem((3, 5, 7))
     answered = task.response_prefix(problem, 3)              # "3>3 5>8 7>5 =5"
     up_to_equals = answered[:-1]                              # "... =": one token decides
-    wrong = answered[:-1] + "4"                               # a wrong answer already written
     torch.manual_seed(0)
     samples = 2000
-    values = prefix_values(policy, tokenizer, task, [problem, problem], [up_to_equals, wrong],
-                           samples=samples, max_new_tokens=1, temperature=1.0, chunk_size=700)
-    # One uniform token over the vocabulary: reward 1 only if it is the answer digit "5".
+    # The bound leaves room for exactly one token after the prefix.
+    values = prefix_values(policy, tokenizer, task, [problem, problem], [up_to_equals, up_to_equals],
+                           samples=samples, max_response_tokens=len(up_to_equals) + 1,
+                           temperature=1.0, chunk_size=700)
+    # One uniform token over the vocabulary: reward 1 only if it is the answer digit "5"
+    # (special tokens decode to nothing, leaving no answer).
     exact = 1 / len(tokenizer)
     sigma = math.sqrt(exact * (1 - exact) / samples)
-    assert abs(float(values[0]) - exact) < 4 * sigma, (float(values[0]), exact)
-    # After a wrong answer nothing one token long can make it right ("4x" or "" after "=").
-    assert float(values[1]) == 0.0
+    for value in values.tolist():
+        assert abs(value - exact) < 4 * sigma, (value, exact)
+    assert float(values[0]) != float(values[1])  # two prefixes, independent samples
+    # After a wrong answer one more token cannot make it right ("4x", or "" after "=").
+    wrong = up_to_equals + "4"
+    zero = prefix_values(policy, tokenizer, task, [problem], [wrong], samples=200,
+                         max_response_tokens=len(wrong) + 1, temperature=1.0)
+    assert float(zero[0]) == 0.0
+    with pytest.raises(ValueError, match="no room"):
+        prefix_values(policy, tokenizer, task, [problem], [wrong], samples=1,
+                      max_response_tokens=len(wrong), temperature=1.0)
 
 
 def test_prefix_value_rejects_mismatched_inputs(uniform_policy):
     task, tokenizer, policy = uniform_policy
     with pytest.raises(ValueError, match="samples"):
         prefix_values(policy, tokenizer, task, [task.problem((1,))], [""], samples=0,
-                      max_new_tokens=1, temperature=1.0)
+                      max_response_tokens=4, temperature=1.0)
     with pytest.raises(ValueError, match="differ in length"):
         prefix_values(policy, tokenizer, task, [task.problem((1,))], [], samples=1,
-                      max_new_tokens=1, temperature=1.0)
+                      max_response_tokens=4, temperature=1.0)
 
 
 def test_injected_error_spans_cover_the_wrong_partial_sum():

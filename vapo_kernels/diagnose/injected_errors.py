@@ -132,7 +132,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
     for ax, (label, data) in zip(axes[0], last["lambdas"].items()):
         grid = torch.tensor(data["credit_map"])
         scale = float(grid.abs().max()) or 1.0
-        image = ax.imshow(grid, cmap="RdBu", vmin=-scale, vmax=scale)
+        image = ax.imshow(grid.numpy(), cmap="RdBu", vmin=-scale, vmax=scale)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step of the token")
         ax.set_ylabel("injected error at step k")

@@ -25,16 +25,17 @@ def prefix_values(
     prefixes: list[str],
     *,
     samples: int,
-    max_new_tokens: int,
+    max_response_tokens: int,
     temperature: float,
     chunk_size: int = 1024,
 ) -> Tensor:
     """``(len(prefixes),)`` float64: mean verifier score of ``samples`` sampled
     continuations of each ``problems[i].prompt + prefixes[i]``.
 
-    Continuations are generated ``chunk_size`` sequences at a time (all copies of a
-    prefix are adjacent, so one prefix may span two chunks). ``max_new_tokens`` bounds the
-    continuation, not the whole response.
+    A continuation may take the response (prefix included) to ``max_response_tokens``,
+    the bound the rollouts have, so the value is that of the policy the trainer samples.
+    Prefixes of the same token count are generated together, ``chunk_size`` sequences at
+    a time.
     """
     if len(problems) != len(prefixes):
         raise ValueError(f"problems ({len(problems)}) and prefixes ({len(prefixes)}) differ in length")
@@ -42,14 +43,21 @@ def prefix_values(
         raise ValueError(f"samples must be >= 1, got {samples}")
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if not problems:
-        return torch.zeros(0, dtype=torch.float64)
-    repeated = [i for i in range(len(problems)) for _ in range(samples)]
-    scores = []
-    for start in range(0, len(repeated), chunk_size):
-        rows = repeated[start:start + chunk_size]
-        batch = generate(policy, tokenizer, [problems[i] for i in rows], task,
-                         max_new_tokens=max_new_tokens, temperature=temperature,
-                         response_prefixes=[prefixes[i] for i in rows])
-        scores.append(batch.scores.to(torch.float64))
-    return torch.cat(scores).view(len(problems), samples).mean(1)
+    totals = torch.zeros(len(problems), dtype=torch.float64)
+    by_length: dict[int, list[int]] = {}
+    for i, prefix in enumerate(prefixes):
+        tokens = len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix else 0
+        by_length.setdefault(tokens, []).append(i)
+    for tokens, members in sorted(by_length.items()):
+        new_tokens = max_response_tokens - tokens
+        if new_tokens < 1:
+            raise ValueError(f"a prefix of {tokens} tokens leaves no room under "
+                             f"max_response_tokens={max_response_tokens}")
+        repeated = [i for i in members for _ in range(samples)]
+        for start in range(0, len(repeated), chunk_size):
+            rows = repeated[start:start + chunk_size]
+            batch = generate(policy, tokenizer, [problems[i] for i in rows], task,
+                             max_new_tokens=new_tokens, temperature=temperature,
+                             response_prefixes=[prefixes[i] for i in rows])
+            totals.index_add_(0, torch.tensor(rows), batch.scores.to(torch.float64))
+    return totals / samples
