@@ -197,12 +197,25 @@ class Suite:
                 ctx.peer_missing[name] = f"{why} ({type(e).__name__}: {e})"[:300]
 
 
-def parse_shapes(spec: str) -> list[tuple[int, ...]]:
-    """``"8x1024,1x4096"`` -> [(8, 1024), (1, 4096)]."""
-    try:
-        return [tuple(int(d) for d in item.lower().split("x")) for item in spec.split(",")]
-    except ValueError:
-        raise ValueError(f"--shapes {spec!r}: expected shapes like 8x1024,1x4096") from None
+def parse_shapes(spec: str) -> list[tuple]:
+    """``"8x1024,1x4096"`` -> [(8, 1024), (1, 4096)]; a ``kind:`` prefix, for suites with
+    several kinds of shape, stays first: ``"logits:1024x32768"`` -> ("logits", 1024, 32768)."""
+    shapes = []
+    for item in spec.split(","):
+        kind, _, dims = item.strip().rpartition(":")
+        try:
+            shape = tuple(int(d) for d in dims.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--shapes {spec!r}: expected shapes like 8x1024,1x4096") from None
+        shapes.append((kind, *shape) if kind else shape)
+    return shapes
+
+
+def shape_label(shape: tuple) -> str:
+    """(8, 1024) -> "8x1024"; ("logits", 1024, 32768) -> "logits:1024x32768"."""
+    if shape and isinstance(shape[0], str):
+        return f"{shape[0]}:" + "x".join(map(str, shape[1:]))
+    return "x".join(map(str, shape))
 
 
 # --------------------------------------------------------------------------------------
@@ -565,10 +578,21 @@ def add_floors(rows: list[Row], case: Case, device: torch.device) -> None:
             if row.median_s:
                 row.achieved, row.achieved_unit = floor.bytes / row.median_s / 1e9, "GB/s"
         elif floor.flops:
-            rate = matmul_rate(device, *floor.matmul, floor.dtype)
+            rate = _floor_row_rate(rows, case, floor) or matmul_rate(device, *floor.matmul, floor.dtype)
             row.floor_s = floor.flops / rate
             if row.median_s:
                 row.achieved, row.achieved_unit = floor.flops / row.median_s / 1e12, "TFLOP/s"
+
+
+def _floor_row_rate(rows: list[Row], case: Case, floor: Floor) -> float | None:
+    """FLOP/s of the fastest "floor" row (the bare matmul timed as a row of this case)
+    whose task counts the same matmul: the rate measured beside the rows themselves."""
+    rates = []
+    for r in rows:
+        f = case.floors.get(r.task)
+        if r.kind == "floor" and r.median_s and f is not None and f.matmul == floor.matmul:
+            rates.append(f.flops / r.median_s)
+    return max(rates, default=None)
 
 
 _BANDWIDTH_BYTES = {"cuda": 1 << 30, "cpu": 256 << 20}
