@@ -1,4 +1,6 @@
 // The pybind11 module of the JIT-built extension: binds each backend kernel.
+#include <torch/csrc/utils/pybind.h>
+
 #include "ops.h"
 #include "cpu/alloc.h"
 

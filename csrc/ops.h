@@ -3,7 +3,10 @@
 // functions are the backend kernels behind it and follow the "kernel contract" written
 // in the op module's reference_kernel docstring.
 #pragma once
-#include <torch/extension.h>
+// Only the Tensor type here: every kernel file includes this, and <torch/extension.h>
+// (pybind11, Python and all of torch's C++ API) costs ~25 s of compile per file; only
+// ops.cpp, which binds the kernels, needs the pybind11 type casters.
+#include <ATen/core/Tensor.h>
 
 #include <optional>
 #include <tuple>

@@ -190,29 +190,120 @@ def _cuda_wanted() -> bool:
     )
 
 
+def _build_key(sources: list[Path], flags: list[str]) -> str:
+    """A name for the build folder that changes with anything that changes the binary:
+    every source and header's content, the flags, the torch version and the Python ABI.
+    Two checkouts or two environments on one machine then never overwrite each other's
+    build (keyed by file names only, they rebuilt in turns, four times in 20 minutes)."""
+    import sysconfig
+
+    digest = hashlib.sha256()
+    headers = sorted(p for p in csrc_dir().rglob("*") if p.suffix in (".h", ".cuh"))
+    for path in [*sources, *headers]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    abi = sysconfig.get_config_var("SOABI") or ""
+    digest.update(" ".join([*flags, torch.__version__, str(torch.version.cuda), abi]).encode())
+    return digest.hexdigest()[:12]
+
+
 def _build(verbose: bool = False):
     from torch.utils import cpp_extension
 
     src = csrc_dir()
     sources = [src / "ops.cpp", *sorted((src / "cpu").glob("*.cpp"))]
+    # Longest compiles first, so the parallel jobs finish together (ninja starts them in
+    # this order): the loss kernels, then the pybind11 bindings.
+    sources.sort(key=lambda p: (p.name != "loss.cpp", p.name != "ops.cpp", p.name))
     defines = []
     if _cuda_wanted():
         sources += sorted((src / "cuda").glob("*.cu")) + sorted((src / "cuda").glob("*.cpp"))
         defines.append("-DVAPO_WITH_CUDA")
-    # A name per source set so a CPU-only and a CUDA build never share a cache folder.
-    digest = hashlib.sha1("".join(str(s.name) for s in sources).encode()).hexdigest()[:8]
-    cflags = ["-O3", "-fopenmp", "-std=c++17", *defines]
-    name = f"vapo_kernels_C_{digest}"
-    clear_stale_lock(Path(cpp_extension._get_build_directory(name, verbose)) / "lock")
-    return cpp_extension.load(
-        name=name,
-        sources=[str(s) for s in sources],
-        extra_cflags=cflags,
-        extra_cuda_cflags=["-O3", "-lineinfo", *defines],
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(src)],
-        verbose=verbose,
-    )
+    # TORCH_ASSERT_ONLY_METHOD_OPERATORS: kernel files include only the ATen headers they
+    # use (a file including <ATen/ATen.h> or <torch/extension.h> fails to compile), which
+    # keeps the first build short.
+    cflags = ["-O3", "-fopenmp", "-std=c++17", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", *defines]
+    name = f"vapo_kernels_C_{_build_key(sources, cflags)}"
+    build_dir = Path(cpp_extension._get_build_directory(name, verbose))
+    clear_stale_lock(build_dir / "lock")
+    with _BuildProgress(build_dir, name, sources, quiet=verbose):
+        return cpp_extension.load(
+            name=name,
+            sources=[str(s) for s in sources],
+            extra_cflags=cflags,
+            extra_cuda_cflags=["-O3", "-lineinfo", *defines],
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            verbose=verbose,
+        )
+
+
+class _BuildProgress:
+    """Says what is happening while the extension compiles (a silent 1-2 minute compile on
+    first use looked hung): progress over the files compiled so far, fed by watching the
+    object files appear in the build folder - a bar on a terminal, a line per file in a
+    log. Nothing when the build is cached already."""
+
+    def __init__(self, build_dir: Path, name: str, sources: list[Path], quiet: bool):
+        import sys
+
+        self.build_dir, self.total = build_dir, len(sources) + 1  # + the link
+        self.active = not quiet and not (build_dir / f"{name}.so").exists()
+        self.out = sys.stderr
+        self._stop = None
+
+    def __enter__(self):
+        if not self.active:
+            return self
+        import threading
+
+        jobs = os.environ.get("MAX_JOBS") or os.cpu_count()
+        print(
+            f"vapo_kernels: compiling the C++ kernels ({self.total - 1} files, {jobs} "
+            f"parallel jobs; once per version, then cached in {self.build_dir})",
+            file=self.out, flush=True,
+        )
+        self._started = time.time()
+        self._bar = None
+        if self.out.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, desc="vapo_kernels: compiling", unit="file",
+                             file=self.out)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _done(self) -> int:
+        files = [*self.build_dir.glob("*.o"), *self.build_dir.glob("*.so")]
+        return min(sum(1 for f in files if f.stat().st_mtime >= self._started - 1), self.total)
+
+    def _watch(self):
+        shown = 0
+        while not self._stop.wait(0.5):
+            shown = self._show(shown)
+
+    def _show(self, shown: int) -> int:
+        done = self._done()
+        if self._bar is not None:
+            self._bar.n = done
+            self._bar.refresh()
+        elif done > shown:
+            print(f"vapo_kernels: compiled {done}/{self.total} "
+                  f"({time.time() - self._started:.0f} s)", file=self.out, flush=True)
+        return done
+
+    def __exit__(self, *exc):
+        if self._stop is not None:
+            self._stop.set()
+            self._thread.join()
+            self._show(0 if self._bar is not None else self.total)
+            if self._bar is not None:
+                self._bar.close()
+            print(f"vapo_kernels: C++ kernels compiled in {time.time() - self._started:.0f} s",
+                  file=self.out, flush=True)
+        return False
 
 
 # No build of the extension takes this long, even on a loaded 2-core machine.

@@ -7,8 +7,10 @@
 // kernels ask for them here: 2 MiB-aligned memory with MADV_HUGEPAGE (advice only).
 #pragma once
 
-#include <ATen/ATen.h>
 #include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <c10/util/accumulate.h>
 
 #include <cstdlib>

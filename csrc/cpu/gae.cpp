@@ -18,6 +18,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <vector>

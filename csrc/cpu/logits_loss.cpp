@@ -14,6 +14,7 @@
 // The block layout depends on N, V and the dtype only, and block sums are added in block
 // order: the result is the same bits for any number of threads.
 
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>

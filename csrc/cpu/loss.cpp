@@ -35,6 +35,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
+#include <ATen/native/DispatchStub.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>

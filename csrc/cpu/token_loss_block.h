@@ -3,7 +3,7 @@
 // vapo::token_loss, on inputs already in the compute type T (float, or double).
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <vector>

@@ -5,6 +5,7 @@
 // Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, whose CUDAContextLight.h
 // pulls in cuBLAS/cuSPARSE/cuSOLVER headers that a bare toolkit may not ship);
 // c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream forwards to.
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
