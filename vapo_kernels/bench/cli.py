@@ -188,13 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         shapes = args.shapes or suite.shapes[key]
         plan += [(suite, ctx, shape) for shape in shapes]
 
+    meta["copy_GB_s"] = H.copy_bandwidth(device, H._bandwidth_bytes(device)) / 1e9
     bar = tqdm(plan, desc="vapo-bench", unit="shape", dynamic_ncols=True)
     for suite, ctx, shape in bar:
         case = suite.build_case(shape, ctx)
         rows += H.run_case(case, device, timing, progress=lambda s: bar.set_postfix_str(s[:70]))
         del case
+        # the tables so far, so that a run cut short (a device time limit) leaves them
+        meta["wall_s"] = time.perf_counter() - t_all
+        write_report(out, meta, rows, plots=False)
     bar.close()
-    meta["copy_GB_s"] = H.copy_bandwidth(device, H._bandwidth_bytes(device)) / 1e9
     if args.sanitize or (args.sanitize is None and gpu):
         out.mkdir(parents=True, exist_ok=True)
         meta["sanitizer"] = sanitize(out)

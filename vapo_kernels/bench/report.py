@@ -190,13 +190,16 @@ def plot_suite(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
     return True
 
 
-def write_report(out: Path, meta: dict[str, Any], rows: list[Row]) -> list[Path]:
-    """Write results.json, report.md and one PNG per suite into ``out``; the paths."""
+def write_report(out: Path, meta: dict[str, Any], rows: list[Row], plots: bool = True) -> list[Path]:
+    """Write results.json, report.md and (with ``plots``) one PNG per suite into ``out``;
+    the paths written."""
     out.mkdir(parents=True, exist_ok=True)
     dicts = row_dicts(rows)
     written = [out / "results.json", out / "report.md"]
     write_json(written[0], meta, dicts)
     written[1].write_text(markdown(meta, dicts))
+    if not plots:
+        return written
     env = meta["environment"]
     for suite in dict.fromkeys(r["suite"] for r in dicts):
         png = out / f"{suite}.png"

@@ -492,7 +492,7 @@ def token_check(x: TokenInputs, task: str):
                 **POLICY_KW, backend="reference",
             )
             want_grads = torch.autograd.grad(loss, [lp, v])
-    want_loss, scale = float(loss), float(x.valid)
+    want_loss, scale = float(loss.detach()), float(x.valid)
 
     def check(impl: Impl, out) -> Check:
         got_loss, grads = out
@@ -552,7 +552,7 @@ class LogitCheck:
                 loss, _ = vk.policy_loss(lp, x.old_logp.double(), x.adv.double(), x.mask, **kw,
                                          backend="reference")
                 (g,) = torch.autograd.grad(loss, [lp])
-            ref = {"loss": float(loss), "g": g.flatten().to(self.cd), "lse": lse, "chunks": chunks}
+            ref = {"loss": float(loss.detach()), "g": g.flatten().to(self.cd), "lse": lse, "chunks": chunks}
             if self.hidden:
                 w = x.weight.detach().to(self.cd)
                 hid = x.hidden.detach().flatten(0, 1)
