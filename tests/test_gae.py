@@ -1,25 +1,40 @@
-"""GAE op family: every CPU backend against the float64 reference (the spec).
+"""GAE op family: every backend the registry reports against the float64 reference.
 
-The Triton kernels have their own file (they run through the interpreter, slowly); the
-CUDA ones run in tests/test_gae_cuda.py on a GPU.
+The kernel-vs-reference checks are parametrised over ``vk.available_backends("gae")``
+(tests/strategies.py): reference, C++, Triton (through the interpreter on CPU, with
+16-token chunks and a random number of segments so that small rows cross chunk and segment
+boundaries) and, with a GPU, the CUDA devices. Below them: checks of one backend's own
+machinery (the C++ chunked scan, the Triton launch plans and combine algebra). The CUDA
+C++ kernel's launch configurations have their own GPU-only file, tests/test_gae_cuda.py,
+and its block algorithm runs on a host emulator in tests/test_gae_cuda_host.py.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import vapo_kernels as vk
+from strategies import (
+    GARBAGE, MASK_KINDS, backend_params, cu_seqlens, examples, ragged_lengths, ragged_mask,
+    to_packed, to_padded,
+)
 from vapo_kernels import _backends
 from vapo_kernels.ops.gae import reference_kernel
+from vapo_kernels.triton import gae as tg
 
-CPU_BACKENDS = ["reference", "cpp"]
+BACKENDS = backend_params("gae")
+# Checks on CPU tensors (by-hand values, errors, dtypes): every backend that runs there.
+ON_CPU = vk.available_backends("gae", "cpu")
+TRITON_BLOCK = 16  # tokens per Triton chunk in these tests (the interpreter's default is 32)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,69 +44,53 @@ def _extension_must_build():
     assert err is None, err
 
 
+@contextlib.contextmanager
+def triton_plan(segments: int = 1):
+    """Triton launches within the block use 16-token chunks and ``segments`` pieces per
+    sequence (the automatic plan on CPU is always one), so the public op reaches chunk and
+    segment boundaries on small inputs."""
+    saved = tg.INTERPRET_BLOCK, tg._auto_segments
+    tg.INTERPRET_BLOCK, tg._auto_segments = TRITON_BLOCK, lambda *_: segments
+    try:
+        yield
+    finally:
+        tg.INTERPRET_BLOCK, tg._auto_segments = saved
+
+
 # --------------------------------------------------------------------------------------
 # Random ragged batches
 
 
 @st.composite
-def ragged_batches(draw, max_seqs=6, max_len=40):
-    lengths = draw(
-        st.lists(
-            st.one_of(st.sampled_from([0, 1, 2]), st.integers(0, max_len)),
-            min_size=0,
-            max_size=max_seqs,
-        )
-    )
+def ragged_batches(draw, max_seqs=6, max_len=80):
     return {
-        "lengths": lengths,
+        "lengths": draw(ragged_lengths(max_seqs, max_len)),
         "packed": draw(st.booleans()),
-        "mask_kind": draw(st.sampled_from(["none", "random", "turns", "all_masked_rows"])),
+        "mask_kind": draw(st.sampled_from(MASK_KINDS)),
         "mode": draw(st.sampled_from(["skip", "zero"])),
         "dtype": draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
         "gamma": draw(st.one_of(st.sampled_from([0.0, 0.5, 0.99, 1.0]), st.floats(0, 1))),
         "lam": draw(st.one_of(st.sampled_from([0.0, 0.95, 1.0]), st.floats(0, 1))),
         "per_seq_lam": draw(st.booleans()),
+        "segments": draw(st.sampled_from([1, 1, 2, 4])),  # Triton's plan; others ignore it
         "seed": draw(st.integers(0, 2**31 - 1)),
     }
 
 
-def make_mask(kind: str, length: int, gen: torch.Generator) -> torch.Tensor:
-    if kind == "none":
-        return torch.ones(length, dtype=torch.bool)
-    if kind == "random":
-        return torch.rand(length, generator=gen) < 0.7
-    if kind == "all_masked_rows":
-        if torch.rand(1, generator=gen).item() < 0.5:
-            return torch.zeros(length, dtype=torch.bool)
-        return torch.rand(length, generator=gen) < 0.7
-    # "turns": alternating valid (model) and masked (tool/observation) spans
-    mask = torch.zeros(length, dtype=torch.bool)
-    t, valid = 0, True
-    while t < length:
-        span = int(torch.randint(1, 8, (1,), generator=gen))
-        mask[t : t + span] = valid
-        t, valid = t + span, not valid
-    return mask
-
-
 def build(case):
-    """Inputs of one case in both the public (padded or packed) form and the flat form."""
+    """Inputs of one case in the flat (packed) form, on CPU."""
     gen = torch.Generator().manual_seed(case["seed"])
     lengths = case["lengths"]
     n = sum(lengths)
     rewards = torch.randn(n, generator=gen, dtype=torch.float64).to(case["dtype"])
     values = torch.randn(n, generator=gen, dtype=torch.float64).to(case["dtype"])
-    mask = torch.cat([make_mask(case["mask_kind"], L, gen) for L in lengths]) if lengths else (
-        torch.zeros(0, dtype=torch.bool)
-    )
-    cu = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
-    num_seqs = len(lengths)
+    mask = ragged_mask(case["mask_kind"], lengths, gen)
     lam = (
-        torch.rand(num_seqs, generator=gen, dtype=torch.float64)
+        torch.rand(len(lengths), generator=gen, dtype=torch.float64)
         if case["per_seq_lam"]
         else case["lam"]
     )
-    return rewards, values, mask, cu, lam
+    return rewards, values, mask, cu_seqlens(lengths), lam
 
 
 def expected_flat(rewards, values, mask, cu, lam, gamma, mode):
@@ -103,77 +102,125 @@ def expected_flat(rewards, values, mask, cu, lam, gamma, mode):
     )
 
 
-def to_padded(x, cu, fill=0):
-    from vapo_kernels._ragged import pack_to_padded
-
-    return pack_to_padded(x, cu, fill)
-
-
-def run_public(case, backend, rewards, values, mask, cu, lam, **kw):
+def run_public(case, backend, device, rewards, values, mask, cu, *, fn=None, garbage=None, **kw):
+    """``fn`` (vk.gae) on ``device`` in the case's layout; outputs packed, on CPU.
+    ``garbage``: the value of every masked slot and, padded, of every padding slot."""
+    fn = fn or vk.gae
+    if garbage is not None:
+        rewards = torch.where(mask, rewards, garbage)
+        values = torch.where(mask, values, garbage)
     mask_arg = None if case["mask_kind"] == "none" else mask
-    if case["packed"]:
-        return vk.gae(
-            rewards, values, mask_arg, cu, gamma=case["gamma"], lam=lam, mask_mode=case["mode"],
-            backend=backend, **kw,
-        )
-    pr, pv = to_padded(rewards, cu), to_padded(values, cu)
-    # Padded input always needs a mask to mark the padding of short rows.
-    pm = to_padded(mask, cu, False)
-    adv, ret = vk.gae(pr, pv, pm, gamma=case["gamma"], lam=lam, mask_mode=case["mode"], backend=backend, **kw)
-    from vapo_kernels._ragged import padded_to_pack
+    dev = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x
+    kw = {k: dev(v) for k, v in kw.items()}
+    plan = triton_plan(case["segments"]) if backend == "triton" else contextlib.nullcontext()
+    with plan:
+        if case["packed"]:
+            args = [dev(x) for x in (rewards, values, mask_arg, cu)]
+            out = fn(*args, gamma=case["gamma"], mask_mode=case["mode"], backend=backend, **kw)
+            return [x.cpu() for x in out]
+        fill = 0 if garbage is None else garbage
+        # Padded input always needs a mask to mark the padding of short rows.
+        args = [dev(to_padded(x, cu, f)) for x, f in ((rewards, fill), (values, fill), (mask, False))]
+        out = fn(*args, gamma=case["gamma"], mask_mode=case["mode"], backend=backend, **kw)
+        return [to_packed(x.cpu(), cu) for x in out]
 
-    return padded_to_pack(adv, cu), padded_to_pack(ret, cu)
 
-
-def tolerance(dtype, expected: torch.Tensor, max_len: int) -> float:
-    if dtype == torch.float64:
-        return 1e-11 * (1 + max_len) * (1 + expected.abs().max().item() if expected.numel() else 1)
-    # fp32 accumulation: the error of a length-L recurrence grows at most ~L * eps * scale.
+def serial_tolerance(dtype, expected: torch.Tensor, max_len: int) -> float:
+    """Backends that run each sequence as one loop (reference, C++ below its chunk size):
+    the error of a length-L recurrence grows at most ~L * eps * scale."""
     scale = 1 + (expected.abs().max().item() if expected.numel() else 0)
+    if dtype == torch.float64:
+        return 1e-11 * (1 + max_len) * scale
     return 4 * (1 + max_len) * 1.2e-7 * scale
 
 
+def scan_tolerance(rewards, values, cu, dtype) -> torch.Tensor:
+    """Parallel scans (Triton, CUDA) compose affine maps in a tree: a per-token budget
+    relative to the size of the sum from t on, rel * (1 + sum_{k >= t} (|r_k| + |V_k|) + |V_t|)."""
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    mag = rewards.double().abs() + values.double().abs()
+    to_go = torch.empty_like(mag)
+    for s, e in itertools.pairwise(cu.tolist()):
+        to_go[s:e] = mag[s:e].flip(0).cumsum(0).flip(0)
+    return rel * (1 + to_go + values.double().abs())
+
+
+def assert_matches(got, exp, tol, what):
+    got = got.double()
+    assert got.shape == exp.shape, what
+    # Every element, masked ones included: a slot left unwritten (NaN-poisoned) fails.
+    err = (got - exp).abs()
+    bad = ~(err <= tol)
+    assert not bad.any(), (
+        f"{what}: {int(bad.sum())} elements off, worst err {err.max().item():.3g} at "
+        f"{int(err.argmax())} (tol there {torch.as_tensor(tol).expand_as(err)[err.argmax()].item():.3g})"
+    )
+
+
 # --------------------------------------------------------------------------------------
-# Correctness against the float64 spec
+# Correctness against the float64 spec, every backend
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@settings(max_examples=60)
-@given(case=ragged_batches())
-def test_matches_float64_reference(backend, case, poisoned):
-    rewards, values, mask, cu, lam = build(case)
-    with poisoned():
-        adv, ret = run_public(case, backend, rewards, values, mask, cu, lam)
-    exp_adv, exp_ret = expected_flat(rewards, values, mask, cu, lam, case["gamma"], case["mode"])
-    out_dtype = torch.float64 if case["dtype"] == torch.float64 else torch.float32
-    assert adv.dtype == ret.dtype == out_dtype
-    max_len = max(case["lengths"], default=0)
-    # Compare every element, masked ones included: an unwritten (NaN-poisoned) slot fails.
-    torch.testing.assert_close(adv.double(), exp_adv, rtol=0, atol=tolerance(case["dtype"], exp_adv, max_len))
-    torch.testing.assert_close(ret.double(), exp_ret, rtol=0, atol=tolerance(case["dtype"], exp_ret, max_len))
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_matches_float64_reference(backend, device, poisoned):
+    @examples(backend, device, cpu=60, interpreted=30)
+    @given(case=ragged_batches())
+    def check(case):
+        rewards, values, mask, cu, lam = build(case)
+        with poisoned():
+            adv, ret = run_public(case, backend, device, rewards, values, mask, cu, lam=lam)
+        exp_adv, exp_ret = expected_flat(rewards, values, mask, cu, lam, case["gamma"], case["mode"])
+        out_dtype = torch.float64 if case["dtype"] == torch.float64 else torch.float32
+        assert adv.dtype == ret.dtype == out_dtype
+        max_len = max(case["lengths"], default=0)
+        for got, exp, what in ((adv, exp_adv, "advantages"), (ret, exp_ret, "returns")):
+            if backend in ("reference", "cpp"):
+                tol = serial_tolerance(case["dtype"], exp, max_len)
+            else:
+                tol = scan_tolerance(rewards, values, cu, case["dtype"])
+            assert_matches(got, exp, tol, what)
+
+    check()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("mode", ["skip", "zero"])
-@settings(max_examples=30)
-@given(case=ragged_batches(), garbage=st.sampled_from([float("nan"), 1e30, -1e38, float("inf")]))
-def test_garbage_in_masked_slots_changes_no_valid_output(backend, mode, case, garbage):
-    case = {**case, "mode": mode, "packed": True, "mask_kind": "turns"}
-    rewards, values, mask, cu, lam = build(case)
-    clean = vk.gae(rewards, values, mask, cu, gamma=case["gamma"], lam=lam, mask_mode=mode, backend=backend)
-    dirty_r, dirty_v = rewards.clone(), values.clone()
-    dirty_r[~mask] = garbage
-    dirty_v[~mask] = garbage
-    dirty = vk.gae(dirty_r, dirty_v, mask, cu, gamma=case["gamma"], lam=lam, mask_mode=mode, backend=backend)
-    for a, b in zip(clean, dirty):
-        assert torch.equal(a[mask], b[mask])  # bit for bit
-    if mode == "skip":
-        # Advantages of masked tokens are carried from the next valid token, so they are
-        # garbage-free too (returns there add the slot's own V, as verl does).
+def test_garbage_in_masked_and_padded_slots_changes_no_valid_output(backend, device, mode):
+    @examples(backend, device, cpu=30, interpreted=6)
+    @given(case=ragged_batches(), garbage=st.sampled_from(GARBAGE))
+    def check(case, garbage):
+        case = {**case, "mode": mode, "mask_kind": "turns"}
+        rewards, values, mask, cu, lam = build(case)
+        clean = run_public(case, backend, device, rewards, values, mask, cu, lam=lam)
+        dirty = run_public(case, backend, device, rewards, values, mask, cu, lam=lam, garbage=garbage)
+        for a, b in zip(clean, dirty):
+            assert torch.equal(a[mask], b[mask])  # bit for bit
+        # Advantages of masked tokens are carried from the next valid token (skip mode)
+        # or computed with r = V = 0 there (zero mode), so they are garbage-free too.
         assert torch.equal(clean[0], dirty[0])
+        if mode == "zero":  # returns too; skip mode adds the slot's own raw V, as verl does
+            assert torch.equal(clean[1], dirty[1])
+
+    check()
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_decoupled_is_two_single_lambda_runs_in_one_pass(backend, device):
+    @examples(backend, device, cpu=30, interpreted=4)
+    @given(case=ragged_batches(), lam_critic=st.sampled_from([1.0, 0.9]))
+    def check(case, lam_critic):
+        case = {**case, "dtype": torch.float64}
+        rewards, values, mask, cu, lam = build(case)
+        args = (case, backend, device, rewards, values, mask, cu)
+        adv, targets = run_public(*args, fn=vk.decoupled_gae, lam_policy=lam, lam_critic=lam_critic)
+        assert torch.equal(adv, run_public(*args, lam=lam)[0])
+        assert torch.equal(targets, run_public(*args, lam=lam_critic)[1])
+
+    check()
+
+
+@pytest.mark.parametrize("backend", ON_CPU)
 def test_skip_semantics_by_hand(backend):
     # One sequence: valid, masked (tool output), valid, trailing pad. gamma = 0.5, lam = 1.
     r = torch.tensor([[1.0, 100.0, 2.0, 7.0]])
@@ -193,16 +240,22 @@ def test_skip_semantics_by_hand(backend):
     torch.testing.assert_close(ret, torch.tensor([[z0 + 0.5, z1, z2 + 0.25, 0.0]]))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("length", [1, 16323, 40001, 127323, 131072])
+# The Python-loop reference is the spec, not meant for 100k-token scans; the interpreted
+# Triton scan is a Python loop too (test_triton_monte_carlo_returns_are_reward_to_go
+# holds it to the same closed form on chunk-crossing lengths).
+_MAX_LONG = {"reference": 20000, "triton": 1}
+
+
+@pytest.mark.parametrize(
+    "backend,length",
+    [(b, n) for b in ON_CPU for n in (1, 16323, 40001, 127323, 131072) if n <= _MAX_LONG.get(b, n)],
+)
 def test_long_sequence_is_reward_to_go(backend, length):
     """gamma = lam = 1: returns are the reward-to-go over valid tokens, A = returns - V.
 
     Lengths above the C++ chunk size exercise the chunk-parallel path; the closed form
     (a reverse cumulative sum) keeps the check cheap in float64.
     """
-    if backend == "reference" and length > 20000:
-        pytest.skip("the Python-loop reference is the spec, not meant for 100k-token scans")
     gen = torch.Generator().manual_seed(length)
     r = torch.randn(length, generator=gen, dtype=torch.float64)
     v = torch.randn(length, generator=gen, dtype=torch.float64)
@@ -246,18 +299,7 @@ def test_big_batch_512_by_16k(poisoned):
 # Decoupled and length-adaptive GAE
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@settings(max_examples=30)
-@given(case=ragged_batches(), lam_critic=st.sampled_from([1.0, 0.9]))
-def test_decoupled_is_two_single_lambda_runs_in_one_pass(backend, case, lam_critic):
-    rewards, values, mask, cu, lam = build({**case, "dtype": torch.float64})
-    kw = dict(gamma=case["gamma"], mask_mode=case["mode"], backend=backend)
-    adv, targets = vk.decoupled_gae(rewards, values, mask, cu, lam_policy=lam, lam_critic=lam_critic, **kw)
-    assert torch.equal(adv, vk.gae(rewards, values, mask, cu, lam=lam, **kw)[0])
-    assert torch.equal(targets, vk.gae(rewards, values, mask, cu, lam=lam_critic, **kw)[1])
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ON_CPU)
 def test_length_adaptive_lambda(backend):
     # Valid lengths 0, 1, 20, 21, 300: alpha*l = 0, .05, 1, 1.05, 15.
     lengths = [0, 1, 20, 21, 300]
@@ -294,7 +336,7 @@ def test_lambda_zero_is_one_step_td_and_gamma_lambda_one_is_monte_carlo():
 # Whitening
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ON_CPU)
 @pytest.mark.parametrize("shape", [(4, 11), (3, 20000), (50001,)])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_masked_whiten_matches_formula(backend, shape, dtype, poisoned):
@@ -329,7 +371,7 @@ def test_whiten_option_whitens_advantages_not_returns():
     torch.testing.assert_close(adv, vk.masked_whiten(raw_adv, m))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ON_CPU)
 def test_masked_whiten_rejects_degenerate_masks(backend):
     x = torch.randn(2, 3)
     with pytest.raises(ValueError, match="mask selects no element"):
@@ -349,7 +391,7 @@ def test_masked_whiten_rejects_degenerate_masks(backend):
 # Empty inputs, dtypes
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ON_CPU)
 def test_empty_inputs(backend):
     for shape in [(0, 5), (3, 0), (0, 0)]:
         adv, ret = vk.gae(torch.randn(shape), torch.randn(shape), backend=backend)
@@ -362,7 +404,7 @@ def test_empty_inputs(backend):
     torch.testing.assert_close(ret, torch.tensor([3.0, 2.0, 1.0]))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ON_CPU)
 def test_mixed_and_half_dtypes(backend):
     r = torch.randn(2, 50, dtype=torch.float16)
     v = torch.randn(2, 50, dtype=torch.bfloat16)
@@ -410,7 +452,7 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", ON_CPU)
 @pytest.mark.parametrize("match,exc,call", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises_clear_error(backend, match, exc, call):
     with pytest.raises(exc, match=match):
@@ -526,3 +568,252 @@ def test_torch_compile_fullgraph(compile_backend):
     m[0] = m[1] = True
     cu = torch.tensor([0, 3, 10], dtype=torch.int32)
     torch.testing.assert_close(compiled(r, v, m, cu), step(r, v, m, cu))
+
+
+# --------------------------------------------------------------------------------------
+# Triton: the launch plans and the scan algebra (the kernel contract, called directly)
+#
+# The interpreter scans sequentially, so it only ever composes a single token (or
+# segment) onto an accumulated prefix; a GPU scan is a tree that also composes groups
+# with groups. Holding the algebra itself (map composition, associativity) covers that.
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif("triton" not in vk.available_backends("gae", TRITON_DEVICE),
+                                  reason="Triton cannot run here")
+
+
+def scan_inputs(lengths, *, gamma, lam_policy, lam_critic, seed, dtype=torch.float64, mask_kind="turns"):
+    """Flat kernel-contract inputs on TRITON_DEVICE: r, v, mask, int64 offsets, coefs.
+    ``lam_*``: a number, or "random" for a random lambda per sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    r = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    v = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    mask = ragged_mask(mask_kind, lengths, gen)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def coef(lam):
+        if lam == "random":
+            return (gamma * torch.rand(len(lengths), generator=gen, dtype=torch.float64)).to(out_dtype)
+        return torch.full((len(lengths),), gamma * lam, dtype=out_dtype)
+
+    cp, cc = coef(lam_policy), coef(lam_critic)
+    offsets = cu_seqlens(lengths).long()
+    return [x.to(TRITON_DEVICE) for x in (r, v, mask, offsets, cp, cc)]
+
+
+def scan_expected(r, v, mask, offsets, cp, cc, gamma, skip):
+    """The spec in float64 on the same (already rounded) inputs, on CPU."""
+    cpu = lambda x: None if x is None else x.cpu()
+    return reference_kernel(
+        cpu(r).double(), cpu(v).double(), cpu(mask), cpu(offsets),
+        cpu(cp).double(), cpu(cc).double(), gamma, skip,
+    )
+
+
+def _apply_segment(m, carry):
+    eg, eb, pa, pk, pb, ca, ck, cb = m
+    e, p, c = carry
+    return eg * e + eb, pa * p + pk * e + pb, ca * c + ck * e + cb
+
+
+def test_triton_combine_functions_compose_maps_and_are_associative():
+    gen = torch.Generator().manual_seed(0)
+    rand = lambda k: tuple(torch.randn(64, generator=gen, dtype=torch.float64) for _ in range(k))
+    close = lambda xs, ys: all(torch.allclose(x, y, rtol=1e-12, atol=1e-12) for x, y in zip(xs, ys))
+    for fn, width in ((tg._affine, 2), (tg._affine_two_inputs, 3), (tg._compose_segments, 8)):
+        f = fn.fn
+        x, y, z = rand(width), rand(width), rand(width)
+        assert close(f(*f(*x, *y), *z), f(*x, *f(*y, *z))), fn
+    # first argument = the later (right) map, applied first
+    f = tg._compose_segments.fn
+    later, cur, carry = rand(8), rand(8), rand(3)
+    assert close(_apply_segment(f(*later, *cur), carry), _apply_segment(cur, _apply_segment(later, carry)))
+    # a carry y entering (g, u) leaves as g * y + u; both inputs of the two-input scan too
+    g, u, k = rand(3)
+    y, one = rand(1)[0], torch.ones(64, dtype=torch.float64)
+    assert close([tg._affine.fn(one, y, g, u)[1]], [g * y + u])
+    _, u2, k2 = tg._affine_two_inputs.fn(one, y, 2 * y, g, u, k)
+    assert close([u2, k2], [g * y + u, g * 2 * y + k])
+
+
+@needs_triton
+def test_triton_segment_plans_agree_with_one_program_per_sequence():
+    # Long-ish sequences with a slow decay, so carries across chunks and segments matter.
+    args = scan_inputs([9 * TRITON_BLOCK + 3, 1, 0, 6 * TRITON_BLOCK], gamma=0.999,
+                       lam_policy=0.999, lam_critic=1.0, seed=5)
+    exp = scan_expected(*args, 0.999, True)
+    for segments in (1, 2, 4, 8, 16):  # 16 segments: more than the chunks of any sequence
+        got = tg.gae_scan(*args, 0.999, True, block=TRITON_BLOCK, segments=segments)
+        for g, e in zip(got, exp):
+            torch.testing.assert_close(g.cpu(), e, rtol=1e-12, atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("skip", [True, False])
+def test_triton_fully_masked_chunks_and_segments(skip):
+    """Valid tokens, then a masked span covering whole chunks (and with 4 segments, a whole
+    segment), then valid tokens: the next valid value must cross the gap in skip mode."""
+    block = TRITON_BLOCK
+    n = 8 * block  # 4 segments of 2 chunks
+    gen = torch.Generator().manual_seed(8)
+    r = torch.randn(n, generator=gen, dtype=torch.float64)
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    m = torch.ones(n, dtype=torch.bool)
+    m[block + 3 : 5 * block + 1] = False  # covers segment 1 (chunks 2, 3) entirely
+    m[6 * block : 7 * block] = False  # a whole chunk inside segment 3
+    offsets = torch.tensor([0, n], dtype=torch.int64)
+    cp, cc = torch.tensor([0.97]), torch.tensor([0.995])
+    args = [x.to(TRITON_DEVICE) for x in (r, v, m, offsets, cp.double(), cc.double())]
+    exp = scan_expected(*args, 0.999, skip)
+    for segments in (1, 2, 4, 8):
+        got = tg.gae_scan(*args, 0.999, skip, block=block, segments=segments)
+        for g, e in zip(got, exp):
+            torch.testing.assert_close(g.cpu(), e, rtol=1e-12, atol=1e-12)
+
+
+@needs_triton
+@pytest.mark.parametrize("segments", [1, 2])
+def test_triton_monte_carlo_returns_are_reward_to_go(segments):
+    """gamma = lam = 1, skip mode: returns are the reward-to-go over valid tokens and
+    A = returns - V on valid tokens; a fully masked row reports zeros."""
+    block = TRITON_BLOCK
+    gen = torch.Generator().manual_seed(2)
+    lengths = [3 * block + 7, block, 5]
+    offsets = cu_seqlens(lengths).long()
+    n = sum(lengths)
+    r = torch.randn(n, generator=gen, dtype=torch.float64)
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    m = torch.rand(n, generator=gen) < 0.7
+    m[offsets[1] : offsets[2]] = False  # one all-masked row
+    ones = torch.ones(3, dtype=torch.float64)
+    adv, ret = tg.gae_scan(
+        *(x.to(TRITON_DEVICE) for x in (r, v, m, offsets, ones, ones)), 1.0, True,
+        block=block, segments=segments,
+    )
+    adv, ret = adv.cpu(), ret.cpu()
+    for s, e in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
+        to_go = torch.where(m[s:e], r[s:e], 0).flip(0).cumsum(0).flip(0)
+        sel = m[s:e]
+        torch.testing.assert_close(ret[s:e][sel], to_go[sel], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(adv[s:e][sel], (to_go - v[s:e])[sel], rtol=1e-12, atol=1e-12)
+    assert torch.equal(adv[offsets[1] : offsets[2]], torch.zeros(block, dtype=torch.float64))
+
+
+@needs_triton
+def test_triton_lambda_zero_is_one_step_td():
+    gen = torch.Generator().manual_seed(4)
+    n = 2 * TRITON_BLOCK + 3
+    r = torch.randn(n, generator=gen, dtype=torch.float64)
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    offsets = torch.tensor([0, n], dtype=torch.int64)
+    coef_p, coef_c = torch.zeros(1, dtype=torch.float64), torch.full((1,), 0.9, dtype=torch.float64)
+    adv, _ = tg.gae_scan(
+        *(x.to(TRITON_DEVICE) for x in (r, v)), None,
+        *(x.to(TRITON_DEVICE) for x in (offsets, coef_p, coef_c)), 0.9, False, block=TRITON_BLOCK,
+    )
+    next_v = torch.cat([v[1:], torch.zeros(1, dtype=torch.float64)])
+    torch.testing.assert_close(adv.cpu(), r + 0.9 * next_v - v, rtol=1e-14, atol=1e-14)
+
+
+@needs_triton
+def test_triton_empty_batches_and_empty_sequences(poisoned):
+    f32 = {"dtype": torch.float32, "device": TRITON_DEVICE}
+    i64 = {"dtype": torch.int64, "device": TRITON_DEVICE}
+    empty = torch.zeros(0, **f32)
+    # S = 0
+    adv, ret = tg.gae_scan(empty, empty, None, torch.zeros(1, **i64), empty, empty, 0.99, True)
+    assert adv.shape == ret.shape == (0,)
+    # only empty sequences
+    ones = torch.ones(3, **f32)
+    adv, _ = tg.gae_scan(empty, empty, None, torch.zeros(4, **i64), ones, ones, 0.99, True)
+    assert adv.shape == (0,)
+    # empty sequences between non-empty ones, every output written
+    offsets = torch.tensor([0, 0, 3, 3, 4, 4], **i64)
+    with poisoned():
+        adv, ret = tg.gae_scan(
+            torch.ones(4, **f32), torch.zeros(4, **f32), None, offsets, torch.ones(5, **f32),
+            torch.ones(5, **f32), 1.0, True, block=TRITON_BLOCK,
+        )
+    torch.testing.assert_close(ret.cpu(), torch.tensor([3.0, 2.0, 1.0, 1.0]))
+
+
+def test_triton_automatic_plan(monkeypatch):
+    monkeypatch.setattr(tg, "_num_sms", lambda device: 132)
+    cuda, block = torch.device("cuda"), tg.GPU_BLOCK
+    plan = lambda s, n: tg._auto_segments(s, n, block, cuda)
+    assert tg._auto_segments(1, 2**20, block, torch.device("cpu")) == 1
+    assert plan(1, 128 * 1024) == 64  # 128 chunks -> 64 segments of 2 chunks
+    assert plan(1, 2**31) == tg.MAX_SEGMENTS
+    assert plan(16, 16 * 65536) == 32  # min(8 * 132 / 16 = 66, 64 chunks / 2) -> 32
+    assert plan(4096, 4096 * 16384) == 1  # enough sequences for every SM
+    assert plan(64, 64 * 1024) == 1  # one chunk per sequence: nothing to split
+    assert plan(1, 1) == 1
+
+
+@needs_triton
+def test_triton_bad_plan_arguments_raise():
+    x = torch.zeros(4, device=TRITON_DEVICE)
+    offsets = torch.tensor([0, 4], dtype=torch.int64, device=TRITON_DEVICE)
+    one = torch.ones(1, device=TRITON_DEVICE)
+    with pytest.raises(ValueError, match="powers of two"):
+        tg.gae_scan(x, x, None, offsets, one, one, 1.0, True, block=24)
+    with pytest.raises(ValueError, match="powers of two"):
+        tg.gae_scan(x, x, None, offsets, one, one, 1.0, True, segments=3)
+
+
+# GPU only: compiled Triton at the default launch plan and beyond 2^31 tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton)")
+@pytest.mark.parametrize(
+    "lengths",
+    [[131072], [65536, 3, 100000], [1000] * 600, [0, 1, 1025, 4097, 1023]],
+    ids=["one-long", "few-long", "many-short", "edges"],
+)
+@pytest.mark.parametrize("skip", [True, False])
+@pytest.mark.parametrize("segments", [None, 4], ids=["auto", "seg4"])
+def test_triton_gpu_default_plan_matches_cpu_reference(lengths, skip, segments):
+    r, v, mask, offsets, cp, cc = scan_inputs(lengths, gamma=0.999, lam_policy="random",
+                                              lam_critic="random", seed=1, dtype=torch.float32)
+    adv, ret = tg.gae_scan(r, v, mask, offsets, cp, cc, 0.999, skip, segments=segments)
+    # The Python-loop spec is too slow at 100k tokens, so the float32 default plan is held
+    # against a float64 one-program-per-sequence run, and that against the spec when small.
+    adv64, ret64 = tg.gae_scan(r.double(), v.double(), mask, offsets, cp.double(), cc.double(),
+                               0.999, skip, segments=1)
+    tol = scan_tolerance(r.cpu(), v.cpu(), offsets.cpu(), torch.float32)
+    assert ((adv.double().cpu() - adv64.cpu()).abs() <= tol).all()
+    assert ((ret.double().cpu() - ret64.cpu()).abs() <= tol).all()
+    if sum(lengths) <= 10000:
+        exp = scan_expected(r, v, mask, offsets, cp, cc, 0.999, skip)
+        tol64 = scan_tolerance(r.cpu(), v.cpu(), offsets.cpu(), torch.float64)
+        assert_matches(adv64.cpu(), exp[0], tol64, "advantages")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton)")
+def test_triton_gpu_indices_beyond_int32():
+    """A sequence starting past 2^31 tokens: int64 offsets and indices all the way down."""
+    if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+        pytest.skip("needs ~30 GB of GPU memory")
+    first = 2**31 + 77
+    n = first + 3000
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    r = torch.randn(n, generator=gen, device="cuda", dtype=torch.float16)
+    v = torch.randn(n, generator=gen, device="cuda", dtype=torch.float16)
+    offsets = torch.tensor([0, first, n], dtype=torch.int64, device="cuda")
+    coef = torch.full((2,), 0.5, device="cuda")  # fast decay: a window sees all that matters
+    for segments in (None, 1):
+        adv, ret = tg.gae_scan(r, v, None, offsets, coef, coef, 1.0, True, segments=segments)
+        # The whole second sequence, and the last 500 tokens of the first (a sequence's
+        # tail does not depend on what precedes it).
+        for s, e in ((first, n), (first - 500, first)):
+            sl = slice(s, e)
+            exp = reference_kernel(
+                r[sl].double().cpu(), v[sl].double().cpu(), None,
+                torch.tensor([0, e - s]), coef[:1].double().cpu(), coef[:1].double().cpu(), 1.0, True,
+            )
+            for g, x in zip((adv, ret), exp):
+                torch.testing.assert_close(g[sl].cpu().double(), x, rtol=1e-5, atol=1e-5)
+        del adv, ret

@@ -1,0 +1,109 @@
+"""Shared pieces of the kernel-vs-reference tests: which backends to run, how many random
+cases each gets, and the ragged batches every op family is checked on.
+
+Backends come from the registry (``vk.available_backends(family, device)``), never from a
+hand-written list: a backend that a family gains is tested by every parametrised test of
+that family at once. CUDA devices are added (marked ``gpu``) when a GPU is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import settings
+from hypothesis import strategies as st
+
+import vapo_kernels as vk
+
+
+def backend_params(family: str) -> list:
+    """pytest params ``(backend, device)``: every backend the registry reports for
+    ``family`` on CPU (Triton there only through the interpreter), then every non-reference
+    backend on CUDA when a GPU is present (marked ``gpu``)."""
+    params = [pytest.param(b, "cpu", id=b) for b in vk.available_backends(family, "cpu")]
+    if torch.cuda.is_available():
+        params += [
+            pytest.param(b, "cuda", id=f"{b}-cuda", marks=pytest.mark.gpu)
+            for b in vk.available_backends(family, "cuda")
+            if b != "reference"
+        ]
+    return params
+
+
+def examples(backend: str, device: str, *, cpu: int, interpreted: int):
+    """Hypothesis settings with ``cpu`` random cases per backend, but ``interpreted`` for
+    Triton on CPU: the interpreter runs every lane in Python, ~100x slower than the rest.
+    Use on a ``@given`` function defined inside the parametrised test."""
+    slow = backend == "triton" and device == "cpu"
+    return settings(max_examples=interpreted if slow else cpu, deadline=None)
+
+
+# --------------------------------------------------------------------------------------
+# Ragged batches: sequence lengths, masks, layouts
+
+# Values that masked or padded slots hold in the garbage tests: none of them may reach
+# a valid output.
+GARBAGE = [float("nan"), float("inf"), -float("inf"), 1e30, -1e38]
+
+# Edge lengths: empty and single-token sequences, and the sides of 16- and 32-token chunks
+# (the Triton tests run with 16-token chunks so that small rows cross chunk boundaries).
+EDGE_LENGTHS = [0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 67]
+
+
+def ragged_lengths(max_seqs: int = 6, max_len: int = 80):
+    """Lists of sequence lengths (maybe empty), edge lengths often."""
+    return st.lists(
+        st.one_of(st.sampled_from(EDGE_LENGTHS), st.integers(0, max_len)),
+        max_size=max_seqs,
+    )
+
+
+MASK_KINDS = ["none", "random", "turns", "long_turns", "mixed_rows"]
+
+
+def make_mask(kind: str, length: int, gen: torch.Generator) -> torch.Tensor:
+    """A bool mask of one sequence.
+
+    ``none``: all valid. ``random``: ~60% valid. ``mixed_rows``: all valid, all masked or
+    random, per sequence. ``turns``: alternating valid (model) and masked (tool output)
+    spans of 1-8 tokens; ``long_turns``: spans up to 48 tokens, so whole chunks are masked.
+    """
+    if kind == "none":
+        return torch.ones(length, dtype=torch.bool)
+    if kind == "random":
+        return torch.rand(length, generator=gen) < 0.6
+    if kind == "mixed_rows":
+        pick = int(torch.randint(0, 3, (1,), generator=gen))
+        return [torch.ones(length), torch.zeros(length), torch.rand(length, generator=gen)][pick] > 0.4
+    longest = 48 if kind == "long_turns" else 8
+    mask = torch.zeros(length, dtype=torch.bool)
+    t, valid = 0, bool(torch.rand(1, generator=gen) < 0.5)
+    while t < length:
+        span = int(torch.randint(1, longest + 1, (1,), generator=gen))
+        mask[t : t + span] = valid
+        t, valid = t + span, not valid
+    return mask
+
+
+def ragged_mask(kind: str, lengths: list[int], gen: torch.Generator) -> torch.Tensor:
+    """The packed (N,) mask of sequences of ``lengths``."""
+    return torch.cat([make_mask(kind, n, gen) for n in lengths] + [torch.zeros(0, dtype=torch.bool)])
+
+
+def cu_seqlens(lengths: list[int]) -> torch.Tensor:
+    """int32 offsets [0, l0, l0 + l1, ...] of the packed layout."""
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def to_padded(flat: torch.Tensor, cu: torch.Tensor, fill=0) -> torch.Tensor:
+    """(N, ...) packed -> (B, T, ...) padded with ``fill``."""
+    from vapo_kernels._ragged import pack_to_padded
+
+    return pack_to_padded(flat, cu, fill)
+
+
+def to_packed(padded: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
+    """(B, T, ...) padded -> (N, ...) packed."""
+    from vapo_kernels._ragged import padded_to_pack
+
+    return padded_to_pack(padded, cu)
