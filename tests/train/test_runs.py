@@ -17,7 +17,7 @@ from vapo_kernels.train.task import RunningSumTask
 
 from .conftest import read_rows, tiny_argv, tiny_config
 
-TIMING = ("elapsed_s", "since_warmup_s")
+TIMING = ("elapsed_s", "since_warmup_s", "peak_rss_mb", "peak_cuda_memory_mb")
 
 
 def _without_timings(rows):

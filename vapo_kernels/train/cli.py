@@ -11,7 +11,9 @@ import time
 
 import torch
 
+from . import checkpoint, distributed
 from .config import ConfigError, TrainConfig, parse_config, save_config
+from .distributed import DataParallel
 from .metrics import MetricsLogger, plot_run
 from .models import (
     build_char_tokenizer,
@@ -19,11 +21,19 @@ from .models import (
     load_policy,
     load_tokenizer,
     load_value_model,
-    save_checkpoint,
     value_model_from_policy,
 )
 from .task import JsonlTask, ReasoningGymTask, RunningSumTask, Task
-from .vapo import TrainState, evaluate, rl, setup_rl, supervised, value_pretrain
+from .vapo import (
+    TrainingStopped,
+    TrainState,
+    evaluate,
+    rl,
+    setup_rl,
+    supervised,
+    value_pretrain,
+    warmup_optimizer,
+)
 
 
 def say(message: str) -> None:
@@ -78,15 +88,50 @@ def compile_kernels_once() -> None:
     say(f"kernels ready ({time.perf_counter() - start:.1f} s)")
 
 
-def _run_dir(config: TrainConfig) -> str:
+def _run_dir(config: TrainConfig, dp: DataParallel) -> str:
     if config.run.output_dir:
         return config.run.output_dir
     name = config.task.task.replace(":", "-").replace("/", "_")[-40:]
-    return os.path.join("runs", f"{name}-seed{config.run.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    folder = [os.path.join("runs", f"{name}-seed{config.run.seed}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    if dp.distributed:  # the processes may start in different seconds: rank 0 names it
+        torch.distributed.broadcast_object_list(folder, src=0, group=dp.group)
+    return folder[0]
+
+
+def _check_resume(config: TrainConfig, info: checkpoint.CheckpointInfo) -> None:
+    """A checkpoint whose phase this config would not run cannot be continued."""
+    runs_phase = {"warmup": config.warmup.warmup_steps > 0,
+                  "value_pretrain": config.algorithm.value_pretrain_steps > 0, "rl": True}
+    if not runs_phase[info.phase]:
+        raise ConfigError("resume", f"{info.path} is in the {info.phase} phase, which this "
+                          "config skips; resume with the run's own config.yaml")
+    if config.run.supervised_baseline and info.phase != "warmup":
+        raise ConfigError("resume", "--supervised_baseline cannot resume after the warm-up "
+                          "(its post-warm-up snapshot is not checkpointed)")
+
+
+def _value_model_maker(config: TrainConfig, dp: DataParallel):
+    """The value model from the warmed-up policy (gathered whole when FSDP shards it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    def make(policy):
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True)) \
+            if dp.distributed else None
+        return distributed.prepare_model(value_model_from_policy(policy, full), config, dp)
+    return make
 
 
 def train(config: TrainConfig) -> dict:
-    """The whole run; returns the summary (also written to RUN/summary.json)."""
+    """The whole run; returns the summary (also written to RUN/summary.json). Under torchrun
+    every process runs this and joins the process group first."""
+    dp = distributed.from_environment(config)
+    try:
+        return _train(config, dp)
+    finally:
+        distributed.shutdown(dp)
+
+
+def _train(config: TrainConfig, dp: DataParallel) -> dict:
     run = config.run
     random.seed(run.seed)
     torch.manual_seed(run.seed)
@@ -94,50 +139,94 @@ def train(config: TrainConfig) -> dict:
         torch.set_num_threads(run.threads)
     device = torch.device("cuda" if run.device == "auto" and torch.cuda.is_available()
                           else ("cpu" if run.device == "auto" else run.device))
-    run_dir = _run_dir(config)
-    os.makedirs(run_dir, exist_ok=True)
-    save_config(config, os.path.join(run_dir, "config.yaml"))
-    say(f"run folder: {run_dir} (resolved config: config.yaml)")
+    if dp.distributed and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if dp.distributed and (config.model.logprobs_from == "hidden" or run.supervised_baseline
+                           or config.algorithm.kl_coef > 0):
+        raise ConfigError("logprobs-from" if config.model.logprobs_from == "hidden" else
+                          "supervised-baseline" if run.supervised_baseline else "kl-coef",
+                          "not supported with several processes yet")
+    run_dir = _run_dir(config, dp)
+    info = checkpoint.find_resume(run_dir, run.resume)
+    if info is not None:
+        _check_resume(config, info)
+    if dp.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        save_config(config, os.path.join(run_dir, "config.yaml"))
+        say(f"run folder: {run_dir} (resolved config: config.yaml)"
+            + (f"; {dp.world_size} data-parallel processes" if dp.distributed else ""))
+        if run.resume and info is None:
+            say(f"--resume auto: no complete checkpoint in {run_dir}; starting fresh")
+    dp.barrier()
 
     task = build_task(config)
     policy, tokenizer = build_policy(config, task)
     policy.to(device).train()
     params = sum(p.numel() for p in policy.parameters())
-    say(f"task {task.name}; policy {type(policy).__name__} with {params / 1e6:.2f}M parameters "
-        f"on {device}; batch {config.prompts_per_step} prompts x {config.samples_per_prompt} "
-        f"samples")
-    compile_kernels_once()
+    policy = distributed.prepare_model(policy, config, dp)
+    if dp.distributed:  # same initial weights everywhere (above); own sampling noise from here
+        torch.manual_seed(run.seed * 1_000_003 + dp.rank)
+    if dp.is_main:
+        say(f"task {task.name}; policy {type(policy).__name__} with {params / 1e6:.2f}M "
+            f"parameters on {device}; batch {config.prompts_per_step} prompts x "
+            f"{config.samples_per_prompt} samples")
+        compile_kernels_once()
 
-    state = TrainState(policy=policy, tokenizer=tokenizer, task_rng=random.Random(run.seed))
+    state = TrainState(policy=policy, tokenizer=tokenizer, task_rng=random.Random(run.seed), dp=dp)
     state.shuffle_generator.manual_seed(run.seed)
-    log = MetricsLogger(run_dir, progress=run.progress, tensorboard=run.tensorboard)
+    elapsed = 0.0
+    if info is not None:
+        if dp.is_main:
+            say(f"resuming from {info.path} ({info.phase} step {info.step})")
+        checkpoint.restore_metrics(info, os.path.join(run_dir, "metrics.jsonl"), dp)
+        elapsed = _last_elapsed(os.path.join(run_dir, "metrics.jsonl"))
+    log = MetricsLogger(run_dir, progress=run.progress, tensorboard=run.tensorboard,
+                        truncate=info is None, main=dp.is_main, elapsed_offset=elapsed)
+    state.checkpointer = checkpoint.Checkpointer(run_dir, save_every=run.save_every, keep=run.keep,
+                                                 metrics_path=log.path, dp=dp)
+    resumed = info.phase if info is not None else None
     summary: dict = {"run_dir": run_dir, "seed": run.seed, "task": task.name,
-                     "policy_parameters": params, "threads": torch.get_num_threads()}
+                     "policy_parameters": params, "threads": torch.get_num_threads(),
+                     "processes": dp.world_size}
     start = time.perf_counter()
     w = config.warmup
-    if w.warmup_steps:
-        say(f"supervised warm-up: up to {w.warmup_steps} steps, stopping at held-out "
-            f"accuracy {w.warmup_target_accuracy:.0%}")
-        post_warmup = supervised(state, task, config, log, phase="warmup",
-                                 max_steps=w.warmup_steps, stop_accuracy=w.warmup_target_accuracy)
-        summary["warmup_steps_done"] = state.step
-    else:
-        post_warmup = evaluate(state, task, config)
+    if resumed in (None, "warmup"):
+        if w.warmup_steps:
+            if dp.is_main:
+                say(f"supervised warm-up: up to {w.warmup_steps} steps, stopping at held-out "
+                    f"accuracy {w.warmup_target_accuracy:.0%}")
+            if resumed == "warmup":
+                state.warmup_optimizer = warmup_optimizer(state, config)
+                checkpoint.load(info, state, dp)
+            post_warmup = supervised(state, task, config, log, phase="warmup",
+                                     max_steps=w.warmup_steps,
+                                     stop_accuracy=w.warmup_target_accuracy,
+                                     resume=resumed == "warmup")
+            summary["warmup_steps_done"] = state.step
+        else:
+            post_warmup = evaluate(state, task, config)
+        state.post_warmup_eval = post_warmup
     summary["warmup_s"] = round(time.perf_counter() - start, 2)
-    summary["post_warmup_accuracy"] = post_warmup["heldout_accuracy"]
     state.warmup_end_time = time.perf_counter()
     baseline_snapshot = copy.deepcopy(state.policy.state_dict()) if run.supervised_baseline else None
 
     value = load_value_model(config.model.value_model, config.model.attn_implementation) \
         if config.model.value_model else None
-    state.value_model = value
-    setup_rl(state, config, value_model_from_policy)
+    state.value_model = None if value is None else distributed.prepare_model(
+        value.to(device), config, dp)
+    setup_rl(state, config, _value_model_maker(config, dp))
+    if resumed in ("value_pretrain", "rl"):
+        checkpoint.load(info, state, dp)
+    post_warmup = state.post_warmup_eval
+    summary["post_warmup_accuracy"] = post_warmup["heldout_accuracy"]
     a = config.algorithm
-    if a.value_pretrain_steps:
-        say(f"value pretraining: {a.value_pretrain_steps} steps on Monte-Carlo returns")
-        value_pretrain(state, task, config, log)
-    say(f"VAPO: {run.steps} RL steps")
-    final = rl(state, task, config, log)
+    if a.value_pretrain_steps and resumed != "rl":
+        if dp.is_main:
+            say(f"value pretraining: {a.value_pretrain_steps} steps on Monte-Carlo returns")
+        value_pretrain(state, task, config, log, resume=resumed == "value_pretrain")
+    if dp.is_main:
+        say(f"VAPO: {run.steps} RL steps")
+    final = rl(state, task, config, log, resume=resumed == "rl")
     rl_seconds = time.perf_counter() - state.warmup_end_time
     summary.update(value_pretrain_and_rl_s=round(rl_seconds, 2),
                    final_accuracy=final["heldout_accuracy"],
@@ -147,8 +236,8 @@ def train(config: TrainConfig) -> dict:
 
     out = os.path.join(run_dir, "checkpoint")
     if run.save_checkpoint:
-        save_checkpoint(os.path.join(out, "policy"), state.policy, tokenizer)
-        save_checkpoint(os.path.join(out, "value"), state.value_model, tokenizer)
+        for sub, model in (("policy", state.policy), ("value", state.value_model)):
+            checkpoint.export_pretrained(os.path.join(out, sub), model, tokenizer, dp)
         summary["checkpoint"] = out
 
     if baseline_snapshot is not None:
@@ -160,6 +249,8 @@ def train(config: TrainConfig) -> dict:
         summary["baseline_accuracy"] = baseline["heldout_accuracy"]
         summary["baseline_steps"] = state.step
     log.close()
+    if not dp.is_main:
+        return summary
     with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
     if run.plots:
@@ -175,6 +266,13 @@ def train(config: TrainConfig) -> dict:
     return summary
 
 
+def _last_elapsed(metrics_path: str) -> float:
+    """``elapsed_s`` of the last row (a resumed run's clock continues from it)."""
+    with open(metrics_path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return float(rows[-1]["elapsed_s"]) if rows else 0.0
+
+
 def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
@@ -185,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"vapo-train: error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as stop:
+        print(f"vapo-train: {stop}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("vapo-train: interrupted", file=sys.stderr)
         return 130

@@ -141,6 +141,12 @@ class OptimArgs:
                                  "0: the whole mini-batch.")
     grad_clip: float = _opt(1.0, "Gradient-norm clip per model (0: off).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
+    max_tokens_per_microbatch: int = _opt(0, "Token budget of a micro-batch (prompt + response "
+                                          "tokens of its padded rows): sequences are packed "
+                                          "greedily into micro-batches under it, so long chains "
+                                          "fit; 0: by micro_batch_size.")
+    max_bad_steps: int = _opt(3, "A NaN/inf loss or gradient skips the update; this many in a "
+                              "row stop the run (the last good checkpoint is kept).")
 
 
 @dataclass
@@ -164,6 +170,25 @@ class RunArgs:
     plots: bool = _opt(True, "Write PNG plots at the end.")
     tensorboard: bool = _opt(True, "Also log to TensorBoard when it is installed.")
     progress: bool = _opt(True, "tqdm progress bar with a live metrics line.")
+    save_every: int = _opt(0, "Checkpoint every N steps of each phase, at each phase start and "
+                           "at the end, into RUN/checkpoints (0: off).")
+    keep: int = _opt(2, "Complete checkpoints kept (older ones are pruned; 0: keep all).")
+    resume: str = _opt("", "Continue a run: 'auto' (or the bare flag) takes the latest complete "
+                       "checkpoint in --output_dir (none: start fresh), or a checkpoint folder.",
+                       nargs="?", const="auto")
+    profile: str = _opt("", "RL steps to profile with torch.profiler, e.g. '3' or '3-4': a "
+                        "Chrome trace in RUN/profile and the share of step time in our ops.")
+
+
+@dataclass
+class DistributedArgs:
+    _argument_group_name = "data parallelism (torchrun)"
+    dist_backend: str = _opt("auto", "Process-group backend under torchrun: auto (nccl on GPU, "
+                             "gloo on CPU), gloo or nccl.", choices=["auto", "gloo", "nccl"])
+    mixed_precision: str = _opt("none", "FSDP2 mixed precision: bf16 parameters in forward/"
+                                "backward, fp32 gradient reduction (GPU).", choices=["none", "bf16"])
+    activation_checkpointing: bool = _opt(False, "Recompute each decoder layer's activations in "
+                                          "the backward (memory for compute).")
 
 
 GROUPS = {
@@ -174,6 +199,7 @@ GROUPS = {
     "algorithm": AlgorithmArgs,
     "optim": OptimArgs,
     "run": RunArgs,
+    "distributed": DistributedArgs,
 }
 
 # Each of the VAPO paper's ablations (its Table 1) as option overrides.
@@ -201,6 +227,7 @@ class TrainConfig:
     algorithm: AlgorithmArgs = field(default_factory=AlgorithmArgs)
     optim: OptimArgs = field(default_factory=OptimArgs)
     run: RunArgs = field(default_factory=RunArgs)
+    distributed: DistributedArgs = field(default_factory=DistributedArgs)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in GROUPS}
@@ -373,6 +400,28 @@ def validate(config: TrainConfig) -> None:
     need(run.device in ("auto", "cpu", "cuda") or run.device.startswith("cuda:"), "device",
          "cpu, cuda[:N] or auto")
     need(run.threads >= 0, "threads", "must be >= 0")
+    need(o.max_tokens_per_microbatch >= 0, "max_tokens_per_microbatch", "must be >= 0")
+    need(o.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
+    need(run.save_every >= 0, "save_every", "must be >= 0")
+    need(run.keep >= 0, "keep", "must be >= 0")
+    if run.resume == "auto":
+        need(bool(run.output_dir), "resume", "--resume auto needs --output_dir (the run folder "
+             "holding checkpoints/)")
+    elif run.resume:
+        need(os.path.isdir(run.resume), "resume", f"no such checkpoint folder: {run.resume}")
+    if run.profile:
+        need(parse_profile_steps(run.profile) is not None, "profile",
+             f"expected STEP or FIRST-LAST (RL steps >= 1), got {run.profile!r}")
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """'3' -> (3, 3), '3-5' -> (3, 5); None when malformed."""
+    first, _, last = text.partition("-")
+    try:
+        span = (int(first), int(last or first))
+    except ValueError:
+        return None
+    return span if 1 <= span[0] <= span[1] else None
 
 
 def save_config(config: TrainConfig, path: str) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
+import sys
 import time
 from contextlib import contextmanager
 from typing import Any, Iterator
@@ -47,17 +49,39 @@ class PhaseTimer:
         return {f"time_{k}_s": round(v, 4) for k, v in self.seconds.items()}
 
 
+def peak_memory_mb() -> dict[str, float]:
+    """Peak memory so far: CUDA max allocated since the last call (per step), else the
+    process's peak resident set size (a high-water mark of the whole run)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
+        return {"peak_cuda_memory_mb": round(peak, 1)}
+    # ru_maxrss is in KiB on Linux, bytes on macOS.
+    scale = 2**20 if sys.platform == "darwin" else 2**10
+    return {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)}
+
+
+MEMORY_KEYS = ("peak_rss_mb", "peak_cuda_memory_mb")
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: str, *, progress: bool, tensorboard: bool) -> None:
+    """Appends the rows to RUN/metrics.jsonl (``truncate``: empties it first, a fresh run).
+
+    ``main=False`` (data-parallel processes other than rank 0): nothing is written or shown.
+    ``elapsed_offset`` continues ``elapsed_s`` of a resumed run."""
+
+    def __init__(self, run_dir: str, *, progress: bool, tensorboard: bool, truncate: bool = False,
+                 main: bool = True, elapsed_offset: float = 0.0) -> None:
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        self._file = open(self.path, "a", encoding="utf-8")
-        self._start = time.perf_counter()
+        self.main = main
+        self._file = open(self.path, "w" if truncate else "a", encoding="utf-8") if main else None
+        self._start = time.perf_counter() - elapsed_offset
         self._bar = None
-        self._progress = progress
+        self._progress = progress and main
         self._last: dict[str, Any] = {}
         self._tb = None
         self._tb_step = 0
-        if tensorboard:
+        if tensorboard and main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -85,6 +109,8 @@ class MetricsLogger:
         row = {"phase": phase, "step": step,
                "elapsed_s": round(time.perf_counter() - self._start, 3)}
         row.update({k: _plain(v) for k, v in metrics.items()})
+        if self._file is None:
+            return row
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         self._last.update({k: v for k, v in row.items() if k in LIVE_KEYS and v is not None})
@@ -99,6 +125,8 @@ class MetricsLogger:
 
     def write(self, message: str) -> None:
         """Print without breaking the progress bar."""
+        if not self.main:
+            return
         if self._bar is not None:
             self._bar.write(message)
         else:
@@ -111,7 +139,8 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.close_bar()
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -80,7 +80,8 @@ def load_policy(folder: str, attn_implementation: str) -> PreTrainedModel:
     )
 
 
-def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
+def value_model_from_policy(policy: PreTrainedModel,
+                            state_dict: dict[str, torch.Tensor] | None = None) -> PreTrainedModel:
     """A separate transformers model with a scalar head per token, initialised from ``policy``.
 
     ``AutoModelForTokenClassification`` with one label is the library's own "backbone +
@@ -88,6 +89,7 @@ def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
     backbone weights are copied from the policy (VAPO initialises the critic from a
     trained model; we have no reward model, so the warmed-up policy); only the head is new,
     and it starts at zero so the first value estimates are 0 rather than noise.
+    ``state_dict``: the policy's full weights when its own are sharded (FSDP2).
     """
     config = policy.config.__class__.from_dict(policy.config.to_dict())
     config.num_labels = 1
@@ -97,7 +99,8 @@ def value_model_from_policy(policy: PreTrainedModel) -> PreTrainedModel:
     )
     # strict=False: the policy's LM head has no place in the value model (unexpected keys),
     # and the value head is new (missing keys); anything else missing is an error below.
-    missing, _ = value.load_state_dict(policy.state_dict(), strict=False)
+    missing, _ = value.load_state_dict(
+        policy.state_dict() if state_dict is None else state_dict, strict=False)
     head = value.get_submodule(_head_name(value))
     new_params = {f"{_head_name(value)}.{name}" for name, _ in head.named_parameters()}
     copied_wrong = [k for k in missing if k not in new_params]

@@ -14,6 +14,7 @@ those N real tokens; nothing is computed on padding or prompts.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ class RolloutBatch:
     scores: Tensor  # (B,) verifier score per sequence
     problems: list[Problem]
     responses: list[str]
+    verifier_errors: int = 0  # responses whose verifier raised (scored 0)
 
     @property
     def size(self) -> int:
@@ -78,6 +80,7 @@ class RolloutBatch:
             scores=self.scores[index],
             problems=[self.problems[i] for i in index.tolist()],
             responses=[self.responses[i] for i in index.tolist()],
+            verifier_errors=self.verifier_errors,
         )
 
     def token_index(self, index: Tensor) -> Tensor:
@@ -106,7 +109,7 @@ def build_batch(
         input_ids[row, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
         attention_mask[row, : len(p) + len(r)] = 1
     responses = [tokenizer.decode(r, skip_special_tokens=True) for r in responses_ids]
-    scores = torch.tensor([task.score(p, text) for p, text in zip(problems, responses)])
+    scores, errors = score_responses(task, problems, responses)
     response_lengths = torch.tensor([len(r) for r in responses_ids], dtype=torch.long)
     cu_seqlens = _offsets(response_lengths)
     rewards = torch.zeros(int(cu_seqlens[-1]))
@@ -122,7 +125,27 @@ def build_batch(
         scores=scores,
         problems=problems,
         responses=responses,
+        verifier_errors=errors,
     )
+
+
+def score_responses(task: Task, problems: list[Problem], responses: list[str]
+                    ) -> tuple[Tensor, int]:
+    """The verifier's score of each response; one that raises scores 0 and is counted (a
+    broken checker on one odd response must not end a long run), with a warning naming
+    the first such error."""
+    scores, errors = [], 0
+    for problem, text in zip(problems, responses):
+        try:
+            scores.append(float(task.score(problem, text)))
+        except Exception as error:  # noqa: BLE001 - any verifier failure scores 0
+            if not errors:
+                warnings.warn(f"verifier of task {task.name} raised {type(error).__name__}: "
+                              f"{error} on response {text[:60]!r}; scored 0 (counted in "
+                              "verifier_errors)", RuntimeWarning, stacklevel=2)
+            errors += 1
+            scores.append(0.0)
+    return torch.tensor(scores), errors
 
 
 @torch.no_grad()
@@ -157,6 +180,8 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
+        # FSDP: every process runs forwards until all are done (their collectives pair up).
+        synced_gpus=torch.distributed.is_initialized(),
         **sampling,
     )
     policy.train(was_training)

@@ -31,7 +31,8 @@ from torch import Tensor
 import vapo_kernels as vk
 
 from .config import TrainConfig
-from .metrics import MetricsLogger, PhaseTimer
+from .distributed import DataParallel
+from .metrics import MetricsLogger, PhaseTimer, peak_memory_mb
 from .rollout import RolloutBatch, demonstration_batch, generate, policy_logprobs, value_estimates
 from .task import Task
 
@@ -50,9 +51,44 @@ class TrainState:
     critic_scheduler: Any = None
     task_rng: random.Random = field(default_factory=random.Random)
     shuffle_generator: torch.Generator = field(default_factory=torch.Generator)
+    warmup_optimizer: torch.optim.Optimizer | None = None
     phase: str = "warmup"
     step: int = 0
+    last_eval: dict[str, float] = field(default_factory=dict)
+    post_warmup_eval: dict[str, float] = field(default_factory=dict)
+    bad_steps: int = 0  # consecutive steps whose update was skipped (non-finite)
     warmup_end_time: float | None = None
+    # Not saved: how this process runs (data-parallel place, checkpoint writer).
+    dp: DataParallel = field(default_factory=DataParallel)
+    checkpointer: Any = None
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+def after_step(state: TrainState, config: TrainConfig, bad: str | None, log: MetricsLogger,
+               *, last: bool = False) -> None:
+    """Count non-finite steps (stop after max_bad_steps in a row) and checkpoint when due.
+
+    A step whose update was skipped is never checkpointed, so the latest checkpoint is the
+    last good one."""
+    if bad is not None:
+        state.bad_steps += 1
+        limit = config.optim.max_bad_steps
+        log.write(f"[vapo-train] warning: {state.phase} step {state.step}: non-finite {bad}; "
+                  f"update skipped ({state.bad_steps} in a row, the run stops at {limit})")
+        if state.bad_steps >= limit:
+            kept = state.checkpointer.last_saved if state.checkpointer is not None else None
+            raise TrainingStopped(
+                f"stopped at {state.phase} step {state.step}: {limit} steps in a row had a "
+                f"non-finite loss or gradient (last: {bad}); last good checkpoint: "
+                f"{kept or 'none (--save_every 0)'}")
+        return
+    state.bad_steps = 0
+    saver = state.checkpointer
+    if saver is not None and saver.enabled and (last or saver.due(state.step)):
+        saver.save(state)
 
 
 # -- small helpers ------------------------------------------------------------------------------
@@ -75,6 +111,7 @@ def constant_after_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int):
 def sample_problems(state: TrainState, task: Task, config: TrainConfig) -> list:
     """prompts_per_step prompts, each repeated samples_per_prompt times (group sampling)."""
     prompts = task.sample(state.task_rng, config.prompts_per_step)
+    prompts = state.dp.shard(prompts)  # every process draws all; each keeps its share
     return [p for p in prompts for _ in range(config.samples_per_prompt)]
 
 
@@ -95,27 +132,65 @@ def evaluate(state: TrainState, task: Task, config: TrainConfig) -> dict[str, fl
     return out
 
 
-def _clip_and_step(model, optimizer, scheduler, grad_clip: float) -> float:
+def nonfinite(values: dict[str, Any]) -> str | None:
+    """The name of the first non-finite number in ``values`` (None when all are finite)."""
+    for key, value in values.items():
+        if value is None:
+            continue
+        number = float(value.detach() if isinstance(value, Tensor) else value)
+        if not math.isfinite(number):
+            return f"{key} ({number})"
+    return None
+
+
+def _grad_norm(model, grad_clip: float) -> float:
     norm = torch.nn.utils.clip_grad_norm_(
         model.parameters(), grad_clip if grad_clip > 0 else math.inf
     )
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if scheduler is not None:
-        scheduler.step()
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor, already the global norm
+        norm = norm.full_tensor()
     return float(norm)
 
 
+def guarded_update(state: TrainState, updates: list[tuple[str, Any, Any, Any]],
+                   grad_clip: float, bad: str | None) -> tuple[list[float], str | None]:
+    """Clip and step each ``(name, model, optimizer, scheduler)`` unless the loss (``bad``)
+    or a gradient norm is non-finite on any process: then no model steps (nor its
+    scheduler) and the gradients are dropped. Returns the norms and what was non-finite."""
+    norms = [_grad_norm(model, grad_clip) for _, model, _, _ in updates]
+    bad = bad or nonfinite({f"{name}_grad_norm": n for (name, *_), n in zip(updates, norms)})
+    if state.dp.distributed:
+        if state.dp.all_reduce([bad is not None], op="max")[0] and bad is None:
+            bad = "loss or gradient on another process"
+    for _, model, optimizer, scheduler in updates:
+        if bad is None:
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return norms, bad
+
+
 # -- supervised warm-up (and the supervised baseline) ------------------------------------------
-def supervised_loss(policy, batch: RolloutBatch, config: TrainConfig) -> tuple[Tensor, dict]:
+def warmup_optimizer(state: TrainState, config: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(state.policy.parameters(), lr=config.warmup.warmup_lr,
+                             weight_decay=config.optim.weight_decay)
+
+
+def supervised_loss(policy, batch: RolloutBatch, config: TrainConfig,
+                    dp: DataParallel | None = None) -> tuple[Tensor, dict]:
     """Mean NLL of the demonstrations: VAPO's positive-example LM term with every sequence
-    positive and weight 1, so even the warm-up's loss comes from vk.vapo_loss."""
+    positive and weight 1, so even the warm-up's loss comes from vk.vapo_loss. With several
+    processes the mean is over all their tokens (global count, ``dp_size``)."""
     logp, _ = policy_logprobs(policy, batch, temperature=1.0,
                               logprobs_from=config.model.logprobs_from,
                               packed=uses_packed_forward(config))
     positive = torch.ones(batch.size, dtype=torch.bool, device=logp.device)
+    dp = dp or DataParallel()
+    tokens = dp.all_reduce([batch.num_tokens])[0] if dp.distributed else None
     return vk.vapo_loss(logp, None, None, None, batch.cu_seqlens.to(logp.device),
-                        positive=positive, lm_coef=1.0)
+                        positive=positive, lm_coef=1.0, global_positive_tokens=tokens,
+                        dp_size=dp.world_size)
 
 
 def supervised(
@@ -128,43 +203,59 @@ def supervised(
     max_steps: int,
     stop_accuracy: float | None,
     max_seconds: float = math.inf,
+    resume: bool = False,
 ) -> dict[str, float]:
     """Supervised steps on demonstrations until ``max_steps``, the target held-out accuracy,
-    or ``max_seconds``; returns the last evaluation."""
+    or ``max_seconds``; returns the last evaluation. ``resume``: continue after the step
+    restored from a checkpoint (``state.warmup_optimizer`` restored with it)."""
     w = config.warmup
-    optimizer = torch.optim.AdamW(state.policy.parameters(), lr=w.warmup_lr,
-                                  weight_decay=config.optim.weight_decay)
-    state.phase, start = phase, time.perf_counter()
+    if state.warmup_optimizer is None:
+        state.warmup_optimizer = warmup_optimizer(state, config)
+    optimizer = state.warmup_optimizer
+    start = time.perf_counter()
     log.start_phase(phase, max_steps if math.isinf(max_seconds) else None)
-    last_eval = evaluate(state, task, config)
-    since = {} if state.warmup_end_time is None else {
-        "since_warmup_s": round(time.perf_counter() - state.warmup_end_time, 3)}
-    log.log(phase, 0, **last_eval, **since)
-    for step in range(1, max_steps + 1):
+    if resume:
+        first, last_eval = state.step + 1, state.last_eval
+        log.advance(state.step)
+    else:
+        state.phase, state.step, first = phase, 0, 1
+        last_eval = state.last_eval = evaluate(state, task, config)
+        since = {} if state.warmup_end_time is None else {
+            "since_warmup_s": round(time.perf_counter() - state.warmup_end_time, 3)}
+        log.log(phase, 0, **last_eval, **since)
+        if state.warmup_end_time is None:  # the baseline phase is not checkpointed
+            after_step(state, config, None, log)
+    for step in range(first, max_steps + 1):
         state.step = step
-        batch = demonstration_batch(state.tokenizer, task, state.task_rng, w.warmup_batch_size)
-        loss, _ = supervised_loss(state.policy, batch, config)
+        batch = demonstration_batch(state.tokenizer, task, state.task_rng,
+                                    w.warmup_batch_size * state.dp.world_size)
+        if state.dp.distributed:  # every process draws the same; each keeps its share
+            batch = batch.select(torch.tensor(state.dp.shard(list(range(batch.size)))))
+        loss, _ = supervised_loss(state.policy, batch, config, state.dp)
         loss.backward()
-        _clip_and_step(state.policy, optimizer, None, config.optim.grad_clip)
+        _, bad = guarded_update(state, [("actor", state.policy, optimizer, None)],
+                                config.optim.grad_clip, nonfinite({"lm_loss": loss}))
         log.advance()
-        row: dict[str, Any] = {"lm_loss": loss.item()}
+        row: dict[str, Any] = state.dp.mean_row({"lm_loss": loss.item()})
         done = time.perf_counter() - start >= max_seconds or step == max_steps
         if step % w.warmup_eval_every == 0 or done:
-            last_eval = evaluate(state, task, config)
+            last_eval = state.last_eval = evaluate(state, task, config)
             row.update(last_eval)
         if state.warmup_end_time is not None:
             row["since_warmup_s"] = round(time.perf_counter() - state.warmup_end_time, 3)
         log.log(phase, step, **row)
         if done or (stop_accuracy is not None and "heldout_accuracy" in row
                     and row["heldout_accuracy"] >= stop_accuracy):
-            break
+            break  # the next phase's start is checkpointed, not this step
+        if state.warmup_end_time is None:
+            after_step(state, config, bad, log)
     log.close_bar()
     return last_eval
 
 
 # -- the RL pieces -------------------------------------------------------------------------------
-def compute_advantages(batch: RolloutBatch, values: Tensor, config: TrainConfig
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+def compute_advantages(batch: RolloutBatch, values: Tensor, config: TrainConfig,
+                       dp: DataParallel | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``(advantages, value_targets, lambda_policy per sequence)`` from one vk.decoupled_gae call.
 
     Each switch maps onto the op's arguments: length-adaptive (VAPO) derives
@@ -182,8 +273,10 @@ def compute_advantages(batch: RolloutBatch, values: Tensor, config: TrainConfig
     advantages, targets = vk.decoupled_gae(
         batch.rewards.to(device), values, None, batch.cu_seqlens.to(device),
         gamma=a.gamma, lam_critic=_on(lam_critic, device), lam_policy=_on(lam_policy, device),
-        whiten=a.whiten_advantages,
+        whiten=a.whiten_advantages and not (dp and dp.distributed),
     )
+    if a.whiten_advantages and dp and dp.distributed:  # statistics over every process's tokens
+        advantages = vk.masked_whiten(advantages, process_group=dp.group)
     return advantages, targets, lam_policy
 
 
@@ -216,11 +309,15 @@ class GlobalCounts:
     seqs: float
     positive_tokens: float
 
+    dp_size: int = 1
+
     @classmethod
-    def of(cls, batch: RolloutBatch) -> GlobalCounts:
+    def of(cls, batch: RolloutBatch, dp: DataParallel | None = None) -> GlobalCounts:
+        """The counts over every process's share of the mini-batch (one all-reduce)."""
+        dp = dp or DataParallel()
         lengths = batch.response_lengths
-        return cls(float(lengths.sum()), float((lengths > 0).sum()),
-                   float(lengths[batch.scores > 0].sum()))
+        local = (lengths.sum(), (lengths > 0).sum(), lengths[batch.scores > 0].sum())
+        return cls(*dp.all_reduce(local), dp_size=dp.world_size)
 
 
 def micro_batch_loss(
@@ -251,7 +348,7 @@ def micro_batch_loss(
             vf_coef=a.vf_coef, kl_kind=a.kl_kind, kl_coef=a.kl_coef,
             entropy_coef=a.entropy_coef, lm_coef=a.lm_coef, agg=a.loss_agg,
             global_tokens=counts.tokens, global_seqs=counts.seqs,
-            global_positive_tokens=counts.positive_tokens,
+            global_positive_tokens=counts.positive_tokens, dp_size=counts.dp_size,
         )
     return loss, metrics
 
@@ -270,13 +367,37 @@ def old_outputs(state: TrainState, batch: RolloutBatch, config: TrainConfig,
             ref_logp, _ = policy_logprobs(state.reference, batch, temperature=r.temperature,
                                           logprobs_from=config.model.logprobs_from, packed=packed)
     with timer("gae"):
-        advantages, targets, lam_policy = compute_advantages(batch, values, config)
+        advantages, targets, lam_policy = compute_advantages(batch, values, config, state.dp)
     return OldOutputs(logp, values, advantages, targets, ref_logp), lam_policy
 
 
 def split(count: int, parts: int, generator: torch.Generator | None) -> list[Tensor]:
     order = torch.randperm(count, generator=generator) if generator is not None else torch.arange(count)
     return list(order.chunk(parts))
+
+
+def micro_batches(mini: RolloutBatch, config: TrainConfig, dp: DataParallel) -> list[Tensor]:
+    """Index sets of the micro-batches of a mini-batch: ``micro_batch_size`` sequences each,
+    or packed under ``max_tokens_per_microbatch`` (rows x padded width; a longer sequence
+    goes alone). With several processes every one runs the same number of micro-batches
+    (FSDP's collectives pair up), the largest count over the processes."""
+    o = config.optim
+    if not o.max_tokens_per_microbatch:
+        return split(mini.size, max(1, mini.size // (o.micro_batch_size or mini.size)), None)
+    widths = (mini.prompt_lengths + mini.response_lengths).tolist()
+    plan: list[list[int]] = []
+    for i in sorted(range(mini.size), key=lambda i: widths[i]):  # similar lengths together
+        group = plan[-1] if plan else None
+        if group and (len(group) + 1) * widths[i] <= o.max_tokens_per_microbatch:
+            group.append(i)
+        else:
+            plan.append([i])
+    wanted = int(dp.all_reduce([len(plan)], op="max")[0])
+    while len(plan) < wanted:  # split the largest until the processes agree
+        plan.sort(key=len)
+        largest = plan.pop()
+        plan += [largest[: len(largest) // 2], largest[len(largest) // 2:]]
+    return [torch.tensor(group) for group in plan]
 
 
 class MetricAccumulator:
@@ -324,29 +445,36 @@ def ppo_update(state: TrainState, batch: RolloutBatch, old: OldOutputs, config: 
     o = config.optim
     acc = MetricAccumulator()
     grad_norms: list[tuple[float, float]] = []
+    skipped: list[str] = []
     for _epoch in range(o.ppo_epochs):
         for mini_index in split(batch.size, o.mini_batches, state.shuffle_generator):
             mini = batch.select(mini_index)
-            counts = GlobalCounts.of(mini)
-            micro_size = o.micro_batch_size or mini.size
-            for micro_index in split(mini.size, max(1, mini.size // micro_size), None):
+            counts = GlobalCounts.of(mini, state.dp)
+            bad = None
+            for micro_index in micro_batches(mini, config, state.dp):
                 micro = mini.select(micro_index)
                 tokens = batch.token_index(mini_index[micro_index])
                 loss, metrics = micro_batch_loss(state, micro, old.select(tokens), counts,
                                                  config, timer)
+                bad = bad or nonfinite({"loss": loss, **metrics})
                 with timer("loss_backward"):
                     loss.backward()
                 acc.add(metrics)
             acc.minibatches += 1
             with timer("optimizer"):
-                actor_norm = _clip_and_step(state.policy, state.actor_optimizer,
-                                            state.actor_scheduler, o.grad_clip)
-                critic_norm = _clip_and_step(state.value_model, state.critic_optimizer,
-                                             state.critic_scheduler, o.grad_clip)
-            grad_norms.append((actor_norm, critic_norm))
+                norms, bad = guarded_update(
+                    state, [("actor", state.policy, state.actor_optimizer, state.actor_scheduler),
+                            ("critic", state.value_model, state.critic_optimizer,
+                             state.critic_scheduler)], o.grad_clip, bad)
+            grad_norms.append(tuple(norms))
+            if bad is not None:
+                skipped.append(bad)
     row = acc.row()
     row["actor_grad_norm"] = sum(a for a, _ in grad_norms) / len(grad_norms)
     row["critic_grad_norm"] = sum(c for _, c in grad_norms) / len(grad_norms)
+    row["skipped_updates"] = len(skipped)
+    if skipped:
+        row["nonfinite"] = skipped[0]
     return row
 
 
@@ -359,7 +487,7 @@ def rollout(state: TrainState, task: Task, config: TrainConfig) -> RolloutBatch:
 def batch_metrics(batch: RolloutBatch, lam_policy: Tensor | None) -> dict[str, float]:
     lengths = batch.response_lengths.float()
     out = {"reward": batch.scores.mean().item(), "response_length": lengths.mean().item(),
-           "response_length_max": lengths.max().item()}
+           "response_length_max": lengths.max().item(), "verifier_errors": batch.verifier_errors}
     if lam_policy is not None:
         out["lam_policy_min"] = float(lam_policy.min())
         out["lam_policy_max"] = float(lam_policy.max())
@@ -367,41 +495,59 @@ def batch_metrics(batch: RolloutBatch, lam_policy: Tensor | None) -> dict[str, f
 
 
 # -- value pretraining -------------------------------------------------------------------------
-def value_pretrain(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger) -> None:
+def value_pretrain(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger,
+                   resume: bool = False) -> None:
     """Fit the critic to the warmed-up policy's Monte-Carlo returns before any policy update
     (VAPO §3.1: without it the early advantages come from a random critic)."""
     steps = config.algorithm.value_pretrain_steps
-    state.phase = "value_pretrain"
     log.start_phase("value_pretrain", steps)
-    for step in range(1, steps + 1):
+    if resume:
+        log.advance(state.step)
+    else:
+        state.phase, state.step = "value_pretrain", 0
+        after_step(state, config, None, log)
+    for step in range(state.step + 1, steps + 1):
         state.step = step
         timer = PhaseTimer()
         with timer("rollout"):
             batch = rollout(state, task, config)
         old, lam_policy = old_outputs(state, batch, config, timer)
         acc = MetricAccumulator()
+        skipped: list[str] = []
         for mini_index in split(batch.size, config.optim.mini_batches, state.shuffle_generator):
             mini = batch.select(mini_index)
+            counts = GlobalCounts.of(mini, state.dp)
             targets = old.targets[batch.token_index(mini_index).to(old.targets.device)]
             old_values = old.values[batch.token_index(mini_index).to(old.values.device)]
             with timer("loss_forward"):
                 values = value_estimates(state.value_model, mini, packed=uses_packed_forward(config))
                 a = config.algorithm
+                # Global counts only with several processes: one process keeps the
+                # op's own local normalisation (the same numbers as before DP existed).
+                dp_counts = {} if not state.dp.distributed else dict(
+                    global_tokens=counts.tokens, global_seqs=counts.seqs,
+                    dp_size=counts.dp_size)
                 loss, metrics = vk.vapo_loss(
                     None, values=values, old_values=old_values, returns=targets,
                     cu_seqlens=mini.cu_seqlens.to(values.device),
-                    value_clip=a.value_clip or None, vf_coef=1.0, agg=a.loss_agg)
+                    value_clip=a.value_clip or None, vf_coef=1.0, agg=a.loss_agg, **dp_counts)
             with timer("loss_backward"):
                 loss.backward()
             with timer("optimizer"):
-                _clip_and_step(state.value_model, state.critic_optimizer, None,
-                               config.optim.grad_clip)
+                _, bad = guarded_update(
+                    state, [("critic", state.value_model, state.critic_optimizer, None)],
+                    config.optim.grad_clip, nonfinite({"loss": loss, **metrics}))
+            if bad is not None:
+                skipped.append(bad)
             acc.add(metrics)
             acc.minibatches += 1
         log.advance()
         row = {**batch_metrics(batch, lam_policy), **acc.row(), **timer.rows(),
-               "since_warmup_s": round(time.perf_counter() - state.warmup_end_time, 3)}
+               "skipped_updates": len(skipped), **peak_memory_mb()}
+        row = state.dp.mean_row(row)
+        row["since_warmup_s"] = round(time.perf_counter() - state.warmup_end_time, 3)
         log.log("value_pretrain", step, **row)
+        after_step(state, config, skipped[0] if skipped else None, log)
     log.close_bar()
 
 
@@ -410,6 +556,7 @@ def setup_rl(state: TrainState, config: TrainConfig,
              make_value_model: Callable[[torch.nn.Module], torch.nn.Module]) -> None:
     """Value model (from the warmed-up policy unless given), frozen reference, optimizers."""
     o = config.optim
+    state.warmup_optimizer = None  # the warm-up is over; RL has its own optimizers
     if state.value_model is None:
         state.value_model = make_value_model(state.policy)
     state.value_model.to(next(state.policy.parameters()).device).train()
@@ -423,15 +570,25 @@ def setup_rl(state: TrainState, config: TrainConfig,
     state.critic_scheduler = constant_after_warmup(state.critic_optimizer, o.lr_warmup_steps)
 
 
-def rl(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger) -> dict[str, float]:
-    """The RL steps; held-out accuracy before the first update and every eval_every steps."""
+def rl(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger,
+       resume: bool = False, profiler: Any = None) -> dict[str, float]:
+    """The RL steps; held-out accuracy before the first update and every eval_every steps.
+    ``profiler`` (a :class:`.profiling.StepProfiler`) is told when each step starts and ends."""
     run = config.run
-    state.phase = "rl"
     log.start_phase("rl", run.steps)
-    last_eval = evaluate(state, task, config)
-    log.log("rl", 0, **last_eval, since_warmup_s=round(time.perf_counter() - state.warmup_end_time, 3))
-    for step in range(1, run.steps + 1):
+    if resume:
+        last_eval = state.last_eval
+        log.advance(state.step)
+    else:
+        state.phase, state.step = "rl", 0
+        last_eval = state.last_eval = evaluate(state, task, config)
+        log.log("rl", 0, **last_eval,
+                since_warmup_s=round(time.perf_counter() - state.warmup_end_time, 3))
+        after_step(state, config, None, log, last=run.steps == 0)
+    for step in range(state.step + 1, run.steps + 1):
         state.step = step
+        if profiler is not None:
+            profiler.step_start(step)
         timer = PhaseTimer()
         with timer("rollout"):                                   # 1. sample groups
             batch = rollout(state, task, config)                 # 2. rewards (verifier)
@@ -439,11 +596,17 @@ def rl(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger) -
         row = {**batch_metrics(batch, lam_policy),
                **ppo_update(state, batch, old, config, timer)}   # 5. PPO epochs of vapo_loss
         row.update(timer.rows())
+        row.update(peak_memory_mb())
+        bad = row.pop("nonfinite", None)
+        row = state.dp.mean_row(row)
+        if profiler is not None:
+            profiler.step_end(step)
         if step % run.eval_every == 0 or step == run.steps:
-            last_eval = evaluate(state, task, config)
+            last_eval = state.last_eval = evaluate(state, task, config)
             row.update(last_eval)
         row["since_warmup_s"] = round(time.perf_counter() - state.warmup_end_time, 3)
         log.log("rl", step, **row)
         log.advance()
+        after_step(state, config, bad, log, last=step == run.steps)
     log.close_bar()
     return last_eval

@@ -1,0 +1,164 @@
+"""Checkpoint / resume: a run killed with SIGKILL and resumed computes exactly what an
+uninterrupted run computes (CPU, fixed seed), across every phase boundary; bad checkpoints
+give one error line."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForTokenClassification
+
+from vapo_kernels.train import checkpoint
+from vapo_kernels.train.cli import main, train
+from vapo_kernels.train.config import parse_config
+
+from .conftest import read_rows, tiny_argv
+
+# Long enough to be killed in the middle: 4 warm-up, 2 value-pretraining, 4 RL steps.
+# One thread: the same float reductions in the test process and in the subprocesses.
+RUN = [*tiny_argv(drop=("--steps", "--value_pretrain_steps")), "--steps", "4",
+       "--value_pretrain_steps", "2", "--threads", "1", "--no_save_checkpoint"]
+NOT_COMPARED = ("elapsed_s", "since_warmup_s", "peak_rss_mb", "peak_cuda_memory_mb")
+
+
+def comparable(rows):
+    return [{k: v for k, v in r.items() if k not in NOT_COMPARED and not k.startswith("time_")}
+            for r in rows]
+
+
+def command(run_dir, *extra):
+    return [sys.executable, "-m", "vapo_kernels.train", *RUN, "--output_dir", str(run_dir), *extra]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: one run with a checkpoint at every step, none pruned (in this process:
+    the killed run is a subprocess, its resumption again here)."""
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    threads = torch.get_num_threads()
+    try:
+        train(parse_config([*RUN, "--output_dir", str(run_dir), "--save_every", "1",
+                            "--keep", "0"]))
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
+def test_checkpoints_at_phase_starts_every_step_and_the_end(uninterrupted):
+    names = [os.path.basename(p) for p in checkpoint.complete_checkpoints(uninterrupted)]
+    assert names == (["0-warmup-00000000"] + [f"0-warmup-{s:08d}" for s in (1, 2, 3)]
+                     + [f"1-value_pretrain-{s:08d}" for s in (0, 1, 2)]
+                     + [f"2-rl-{s:08d}" for s in range(5)])
+    last = os.path.join(uninterrupted, "checkpoints", names[-1])
+    # The Hugging Face export of each checkpoint loads on its own (tokenizer beside it).
+    AutoModelForCausalLM.from_pretrained(os.path.join(last, "hf", "policy"))
+    AutoModelForTokenClassification.from_pretrained(os.path.join(last, "hf", "value"))
+    # Its metric rows are the run's rows up to it (the end: all of them).
+    with open(os.path.join(last, "metrics.jsonl")) as f:
+        assert [json.loads(line) for line in f] == read_rows(uninterrupted)
+
+
+def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path, uninterrupted,
+                                                                     capsys):
+    run_dir = tmp_path / "run"
+    delay = random.Random().uniform(0.0, 1.5)
+    proc = subprocess.Popen(command(run_dir, "--save_every", "1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not checkpoint.complete_checkpoints(run_dir) and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = [os.path.basename(p) for p in checkpoint.complete_checkpoints(run_dir)]
+    train(parse_config([*RUN, "--output_dir", str(run_dir), "--save_every", "1",
+                        "--resume", "auto"]))
+    assert "resuming from" in capsys.readouterr().out, (delay, killed_at)
+    assert comparable(read_rows(run_dir)) == comparable(read_rows(uninterrupted)), (delay, killed_at)
+    with_step = [(r["phase"], r["step"]) for r in read_rows(run_dir)]
+    assert len(with_step) == len(set(with_step))  # no step twice
+
+
+@pytest.mark.parametrize("boundary", ["1-value_pretrain-00000000", "2-rl-00000000",
+                                      "0-warmup-00000002"])
+def test_resume_exactly_at_a_phase_boundary(tmp_path, uninterrupted, boundary):
+    """Killed right after the checkpoint at the start of value pretraining / RL (and mid
+    warm-up): the resumed run runs the whole next phase, nothing skipped or repeated. The
+    run folder still has the killed run's later rows: they are replaced."""
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir / "checkpoints")
+    shutil.copytree(uninterrupted / "checkpoints" / boundary, run_dir / "checkpoints" / boundary)
+    shutil.copy(uninterrupted / "metrics.jsonl", run_dir / "metrics.jsonl")
+    # A later checkpoint the killed process was writing when it died: never the latest.
+    os.makedirs(run_dir / "checkpoints" / ".tmp-2-rl-00000003" / "dcp")
+    train(parse_config([*RUN, "--output_dir", str(run_dir), "--save_every", "1",
+                        "--resume", "auto"]))
+    assert comparable(read_rows(run_dir)) == comparable(read_rows(uninterrupted))
+    assert not os.path.exists(run_dir / "checkpoints" / ".tmp-2-rl-00000003")
+
+
+def test_keep_prunes_and_a_half_written_checkpoint_is_ignored(tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted / "checkpoints", run_dir / "checkpoints")
+    incomplete = run_dir / "checkpoints" / "3-zzz-00000000"  # sorts last, but no marker
+    os.makedirs(incomplete)
+    assert checkpoint.find_resume(str(run_dir), "auto").path.endswith("2-rl-00000004")
+    with pytest.raises(Exception, match="not a complete checkpoint"):
+        checkpoint.find_resume(str(run_dir), str(incomplete))
+    fresh = tmp_path / "fresh"
+    train(parse_config([*RUN, "--output_dir", str(fresh), "--save_every", "2", "--keep", "2",
+                        "--steps", "2"]))
+    names = [os.path.basename(p) for p in checkpoint.complete_checkpoints(fresh)]
+    assert names == ["2-rl-00000000", "2-rl-00000002"]
+
+
+def _one_error_line(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vapo-train: error: --resume:"), err
+    return err[0]
+
+
+def test_a_checkpoint_of_another_model_is_one_error_line(tmp_path, uninterrupted, capsys):
+    path = str(uninterrupted / "checkpoints" / "2-rl-00000002")
+    line = _one_error_line(capsys, [*RUN, "--output_dir", str(tmp_path / "a"),
+                                    "--tiny_hidden_size", "64", "--resume", path])
+    assert "another shape" in line and "policy" in line
+
+
+def test_a_checkpoint_of_another_world_size_is_one_error_line(tmp_path, uninterrupted, capsys):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(uninterrupted / "checkpoints" / "2-rl-00000002", copy)
+    meta = json.loads((copy / "meta.json").read_text())
+    (copy / "meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    line = _one_error_line(capsys, [*RUN, "--output_dir", str(tmp_path / "a"),
+                                    "--resume", str(copy)])
+    assert "2 process(es)" in line and "this run has 1" in line
+
+
+def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    os.makedirs(run_dir)
+    (run_dir / "metrics.jsonl").write_text('{"phase": "warmup", "step": 99}\n')  # stale rows
+    train(parse_config([*RUN, "--output_dir", str(run_dir), "--resume", "auto", "--steps", "1",
+                        "--value_pretrain_steps", "0", "--warmup_steps", "1"]))
+    assert "starting fresh" in capsys.readouterr().out
+    assert [(r["phase"], r["step"]) for r in read_rows(run_dir)] == [
+        ("warmup", 0), ("warmup", 1), ("rl", 0), ("rl", 1)]
