@@ -22,13 +22,17 @@ trap 'rm -f "$constraints"' EXIT
 echo "torch==${TORCH_VERSION}" >"$constraints"
 pip_install=("$PYTHON" -m pip install --disable-pip-version-check)
 
-# 1. Resolved by pip, torch pinned: TorchRL, and what the GAE modules of verl and
-#    OpenRLHF import at module level (verl.trainer.ppo.core_algos pulls transformers,
-#    accelerate, ray, omegaconf, codetiming, dill, tensordict; experience_maker: ray).
+# 1. Resolved by pip, torch pinned: TorchRL, and what the peer modules the tests import
+#    need at module level (verl.trainer.ppo.core_algos pulls transformers, accelerate, ray,
+#    omegaconf, codetiming, dill, tensordict; verl.workers.utils.losses also datasets;
+#    OpenRLHF's experience_maker: ray; trl.trainer.utils: pandas and accelerate). Without
+#    pandas and datasets, 22 peer tests skipped in CI.
+echo "installing the peer packages (TorchRL, verl, OpenRLHF, TRL and what they import)"
 "${pip_install[@]}" -c "$constraints" \
     torchrl==0.14.1 tensordict==0.14.3 \
     transformers==5.24.0 accelerate==1.15.0 \
-    ray==2.60.0 omegaconf==2.4.0 codetiming==1.4.0 dill==0.4.1
+    ray==2.60.0 omegaconf==2.4.0 codetiming==1.4.0 dill==0.4.1 \
+    pandas==3.1.1 datasets==5.2.0
 
 # 2. Without their dependency lists (see above).
 "${pip_install[@]}" --no-deps verl==0.9.1 openrlhf==0.11.2 trl==1.12.0
