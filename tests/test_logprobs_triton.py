@@ -3,7 +3,8 @@
 Without a GPU the kernels run through the Triton interpreter on CPU tensors: shapes stay
 small and ``block_v=16`` puts vocabulary-chunk boundaries inside them. On a GPU the same
 tests run compiled on CUDA tensors; ``-m gpu`` adds a real vocabulary (152k) and rows
-beyond 2^31 elements.
+beyond 2^31 elements. The public op under backend="triton" (autograd, dominant logits,
+in-place backward) is checked with every other backend in test_logprobs.py.
 """
 
 from __future__ import annotations
@@ -21,10 +22,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vapo_kernels.ops.token_logprobs import reference_backward, reference_forward, token_logprobs
+from vapo_kernels.ops.token_logprobs import reference_backward, reference_forward
 from vapo_kernels.triton import logprobs as tlp
-
-import _dominant as dominant
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -275,29 +274,6 @@ def test_known_values():
     torch.testing.assert_close(grad.sum(-1), torch.zeros_like(ent), rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("temperature", [1.3, 0.7])
-def test_gradient_at_dominant_logits_is_as_exact_as_elsewhere(dtype, temperature):
-    """A logit of +-1e4 among ordinary ones, and rows of only large logits, through the
-    public op: as close to float64 as ordinary rows (tests/_dominant.py says why)."""
-    z, y, kinds = dominant.rows(dtype)
-    gen = torch.Generator().manual_seed(1)
-    w_lp, w_ent = torch.randn(2, len(y), generator=gen, dtype=torch.float64)
-    mine = z.to(DEVICE).clone().requires_grad_(True)
-    logp, ent = token_logprobs(
-        mine, y.to(DEVICE), temperature=temperature, return_entropy=True, backend="triton"
-    )
-    ((logp.double().cpu() * w_lp).sum() + (ent.double().cpu() * w_ent).sum()).backward()
-    theirs = z.double().requires_grad_(True)
-    exp_logp, exp_ent = dominant.fp64_logp_entropy(theirs, y, temperature)
-    ((exp_logp * w_lp).sum() + (exp_ent * w_ent).sum()).backward()
-    # The interpreter's float32 -> bf16 cast truncates (a GPU rounds to nearest).
-    rounding = 1.0 if INTERPRET else 0.5
-    dominant.assert_grad_exact(mine.grad, theirs.grad, kinds, dtype, "triton", rounding)
-    for got, want in ((logp, exp_logp), (ent, exp_ent)):
-        torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=2e-6, atol=2e-6)
-
-
 def test_ignored_rows_are_invisible(poisoned):
     """Garbage (NaN, inf) in the logits of ignored rows changes nothing, and every row of
     the gradient is written, zeros for the ignored ones."""
@@ -407,59 +383,6 @@ def test_launch_parameters():
     assert tlp._launch_params(1, None)[0] == 1  # a chunk no wider than the row
     with pytest.raises(ValueError, match="power of two"):
         tlp._launch_params(100, 24)
-
-
-# --------------------------------------------------------------------------------------
-# Through the public API (the torch op dispatching to backend="triton"), with autograd
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("inplace", [False, True])
-def test_public_api_autograd_matches_reference_backend(dtype, inplace, monkeypatch):
-    monkeypatch.setattr(tlp, "INTERPRET_BLOCK_V", BLOCK)  # chunk boundaries inside rows
-    gen = torch.Generator().manual_seed(11)
-    b, t, vocab = 2, 5, 3 * BLOCK + 2
-    base = (3 * torch.randn(b, t, vocab, generator=gen, dtype=torch.float64)).to(dtype)
-    y = torch.randint(0, vocab, (b, t), generator=gen)
-    y[0, 0], y[1, 4], y[0, 2] = 0, vocab - 1, -100
-    mask = torch.rand(b, t, generator=gen) < 0.8
-    w_lp = torch.randn(b, t, generator=gen, dtype=torch.float64)
-    w_h = torch.randn(b, t, generator=gen, dtype=torch.float64)
-
-    def run(logits_leaf, backend, inplace_backward):
-        # A non-leaf input, as a model's logits are (the in-place backward refuses leaves).
-        logits = logits_leaf * 1
-        logp, ent = token_logprobs(
-            logits, y.to(logits.device), temperature=0.7, return_entropy=True,
-            mask=mask.to(logits.device), inplace_backward=inplace_backward, backend=backend,
-        )
-        dev = logits.device
-        loss = (logp.double() * w_lp.to(dev)).sum() + (ent.double() * w_h.to(dev)).sum()
-        loss.backward()
-        return logp.detach().cpu(), ent.detach().cpu(), logits_leaf.grad.cpu()
-
-    leaf = base.clone().to(DEVICE).requires_grad_()
-    logp, ent, grad = run(leaf, "triton", inplace)
-    assert logp.dtype == ent.dtype == acc_dtype(dtype) and grad.dtype == dtype
-    ref_leaf = base.double().clone().requires_grad_()
-    e_logp, e_ent, e_grad = run(ref_leaf, "reference", False)
-    rtol = ACC_RTOL[acc_dtype(dtype)] * 100
-    torch.testing.assert_close(logp.double(), e_logp, rtol=rtol, atol=rtol)
-    torch.testing.assert_close(ent.double(), e_ent, rtol=rtol, atol=rtol)
-    eps = torch.finfo(dtype).eps
-    torch.testing.assert_close(grad.double(), e_grad, rtol=eps, atol=rtol)
-
-
-def test_public_api_without_entropy():
-    gen = torch.Generator().manual_seed(2)
-    z = torch.randn(4, 2 * BLOCK + 1, generator=gen, dtype=torch.float64)
-    y = torch.tensor([0, 5, -100, 2 * BLOCK])
-    grads = []
-    for backend, dev in (("triton", DEVICE), ("reference", "cpu")):
-        leaf = z.clone().to(dev).requires_grad_()
-        token_logprobs(leaf, y.to(dev), temperature=1.7, backend=backend).sum().backward()
-        grads.append(leaf.grad.cpu())
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------
