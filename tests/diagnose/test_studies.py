@@ -79,3 +79,26 @@ def test_bad_arguments_name_the_option(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["value-probe", "--samples", "0"])
     assert "--samples" in capsys.readouterr().err
+
+
+def test_ablations_tiny_run(tmp_path):
+    results, report = _run(tmp_path, "ablations", "--rows", "none,no_value_pretrain,vanilla_ppo")
+    r = results["results"]
+    assert [row["ablation"] for row in r["rows"]] == ["none", "no_value_pretrain", "vanilla_ppo"]
+    assert [row["paper_aime24"] for row in r["rows"]] == [60, 11, 5]
+    for row in r["rows"]:
+        assert len(row["final_accuracy"]) == 1 and 0 <= row["final_accuracy"][0] <= 1
+        assert row["curves"][0][0][0] == 0  # evaluated before the first RL update
+    assert "Spearman" in report or "undefined" in report
+    # Rows without value pretraining never enter that phase.
+    phases = (tmp_path / "out" / "runs" / "seed0" / "vanilla_ppo" / "metrics.jsonl").read_text()
+    assert '"value_pretrain"' not in phases
+    assert '"value_pretrain"' in (tmp_path / "out" / "runs" / "seed0" / "none" / "metrics.jsonl").read_text()
+
+
+def test_ablation_rows_cover_the_paper_table():
+    from vapo_kernels.diagnose.ablations import ROWS
+    from vapo_kernels.train.config import ABLATIONS
+
+    assert [score for *_, score in ROWS] == [60, 11, 33, 45, 46, 53, 54, 55, 5]
+    assert all(name in ABLATIONS for _, name, _ in ROWS)

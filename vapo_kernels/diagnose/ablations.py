@@ -1,0 +1,218 @@
+"""ablations: VAPO's ablation table (its Table 1) at toy scale.
+
+Every row is a ``vapo-train --ablation NAME`` run. Per seed the supervised warm-up is run
+once and every row continues from a copy of the same warmed-up policy (rows differ only
+in what comes after the warm-up: value pretraining, GAE, clipping, loss, sampling). Per
+row: mean and standard deviation over seeds of the final held-out accuracy and of the RL
+steps to a threshold; then the Spearman rank correlation of the rows' mean accuracy with
+the paper's AIME24 scores.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from ..train.config import ABLATIONS, ConfigError, validate
+from ..train.metrics import read_rows
+from ..train.vapo import evaluate, value_pretrain
+from .common import (continue_run, pct, pyplot, rl_steps, save_figure, start_run,
+                     trainer_config, with_options, write_report, write_results)
+
+# (row, --ablation name, AIME24 avg@32 in the VAPO paper's Table 1)
+ROWS = [
+    ("full VAPO", "none", 60),
+    ("w/o value pretraining", "no_value_pretrain", 11),
+    ("w/o decoupled GAE", "no_decoupled_gae", 33),
+    ("w/o length-adaptive GAE", "no_length_adaptive", 45),
+    ("w/o Clip-Higher", "no_clip_higher", 46),
+    ("w/o token-level loss", "no_token_level", 53),
+    ("w/o positive-example LM loss", "no_lm_loss", 54),
+    ("w/o group sampling", "no_group_sampling", 55),
+    ("vanilla PPO", "vanilla_ppo", 5),
+]
+PRESETS = {
+    "tiny": {"seeds": 1, "rl_steps": 1},
+    "quick": {"seeds": 2, "rl_steps": 8},
+    "full": {"seeds": 3, "rl_steps": 30},
+}
+EVAL_EVERY = {"tiny": 1, "quick": 2, "full": 5}
+
+
+def steps_to(curve: list[tuple[int, float]], threshold: float) -> int | None:
+    """First RL step whose held-out accuracy reaches ``threshold`` (None: never)."""
+    return next((step for step, acc in curve if acc >= threshold), None)
+
+
+def _spread(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def run_row(base, options, sizes, seed, ablation, extra) -> dict:
+    out_dir = os.path.join(options["output_dir"], "runs", f"seed{seed}", ablation)
+    config = trainer_config(options["preset"], seed, out_dir,
+                            ["--eval_every", str(EVAL_EVERY[options["preset"]]), *extra],
+                            progress=options["progress"])
+    # The row's switches win over the preset's and the user's options (on the trainer's
+    # command line, an option given explicitly would win over --ablation).
+    config = with_options(config, ablation=ablation, **ABLATIONS[ablation])
+    validate(config)
+    start = time.perf_counter()
+    run = continue_run(base, config)
+    if config.algorithm.value_pretrain_steps:
+        value_pretrain(run.state, run.task, config, run.log)
+    rl_steps(run, sizes["rl_steps"])
+    run.log.close()
+    curve = [(r["step"], r["heldout_accuracy"]) for r in read_rows(run.log.path)
+             if r["phase"] == "rl" and "heldout_accuracy" in r]
+    return {"curve": curve, "final_accuracy": curve[-1][1], "wall_s": time.perf_counter() - start}
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+    plt = pyplot()
+    rows = results["rows"]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    xs = range(len(rows))
+    means = [r["final_accuracy_mean"] for r in rows]
+    ax.bar(xs, means, color="tab:blue", alpha=0.7, label="ours: final held-out accuracy (mean)")
+    for x, r in zip(xs, rows):
+        ax.plot([x] * len(r["final_accuracy"]), r["final_accuracy"], "k.", markersize=5)
+    ax.axhline(results["post_warmup_accuracy_mean"], color="gray", linestyle=":",
+               label="after warm-up (mean)")
+    twin = ax.twinx()
+    twin.plot(xs, [r["paper_aime24"] for r in rows], "rs", label="paper AIME24")
+    twin.set_ylabel("paper AIME24", color="tab:red")
+    ax.set_xticks(list(xs), [r["row"] for r in rows], rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"Spearman rho = {results['spearman']['rho']:.2f} "
+                 f"(p = {results['spearman']['p_value']:.2f})" if results["spearman"]["rho"] is not None
+                 else "Spearman rho undefined (constant accuracies)", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    for r in rows:
+        steps = sorted({s for curve in r["curves"] for s, _ in curve})
+        mean_curve = [statistics.mean(dict(c).get(s, c[-1][1]) for c in r["curves"]) for s in steps]
+        ax2.plot(steps, mean_curve, "o-", markersize=3, label=r["row"])
+    ax2.set_xlabel("RL step")
+    ax2.set_ylabel("held-out accuracy (mean over seeds)")
+    ax2.legend(fontsize=6)
+    return [save_figure(fig, out_dir, "ablations.png")]
+
+
+def report(results: dict) -> list[str]:
+    rows = results["rows"]
+    full = rows[0]
+    lines = [f"{len(results['seeds'])} seed(s) ({', '.join(map(str, results['seeds']))}), "
+             f"{results['rl_steps']} RL steps per row after a shared warm-up per seed "
+             f"(held-out accuracy after warm-up: {pct(results['post_warmup_accuracy_mean'])} "
+             f"on average). Threshold for 'steps to': {results['threshold_rule']}."]
+    table = ["| row | paper AIME24 | final held-out accuracy (mean ± sd) | per seed | steps to "
+             "threshold (reached / seeds) | wall s (mean, under load) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        sd = r["final_accuracy_sd"]
+        reached = [s for s in r["steps_to_threshold"] if s is not None]
+        table.append(f"| {r['row']} | {r['paper_aime24']} | {pct(r['final_accuracy_mean'])}"
+                     f"{'' if sd is None else f' ± {100 * sd:.1f}'} | "
+                     f"{', '.join(pct(a) for a in r['final_accuracy'])} | "
+                     f"{statistics.mean(reached) if reached else 'never'} ({len(reached)}/"
+                     f"{len(r['steps_to_threshold'])}) | {r['wall_s_mean']:.0f} |")
+    lines.append("\n".join(table))
+    sp = results["spearman"]
+    if sp["rho"] is None:
+        lines.append("The rank correlation is undefined: every row ended at the same accuracy.")
+    else:
+        strength = ("does not reproduce" if sp["rho"] < 0.3 or sp["p_value"] > 0.1 else
+                    "partly reproduces" if sp["rho"] < 0.7 else "reproduces")
+        lines.append(f"Spearman rank correlation between our rows' mean final accuracy and the "
+                     f"paper's AIME24 scores: rho = {sp['rho']:.2f} (p = {sp['p_value']:.2f}, 9 "
+                     f"rows): at this scale the toy task {strength} the paper's ordering.")
+    noise = full["final_accuracy_sd"]
+    hurt, same, helped = [], [], []
+    for r in rows[1:]:
+        delta = r["final_accuracy_mean"] - full["final_accuracy_mean"]
+        margin = max(noise or 0.0, r["final_accuracy_sd"] or 0.0, results["eval_noise"])
+        (hurt if delta < -margin else helped if delta > margin else same).append(
+            f"{r['row']} ({100 * delta:+.1f} points)")
+    lines.append(f"Against full VAPO ({pct(full['final_accuracy_mean'])}), with the larger of "
+                 f"the seed spread and the held-out sampling noise (±{100 * results['eval_noise']:.1f} "
+                 f"points) as the margin: removing a component hurt in "
+                 f"{len(hurt)} row(s){': ' + ', '.join(hurt) if hurt else ''}; made no "
+                 f"difference beyond the margin in {len(same)}"
+                 f"{': ' + ', '.join(same) if same else ''}; helped in {len(helped)}"
+                 f"{': ' + ', '.join(helped) if helped else ''}. In the paper every row hurts.")
+    return lines
+
+
+def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
+    start = time.perf_counter()
+    preset, out_dir = options["preset"], options["output_dir"]
+    sizes = dict(PRESETS[preset])
+    if options.get("rl_steps"):
+        sizes["rl_steps"] = options["rl_steps"]
+    seeds = options.get("seeds") or list(range(options["seed"], options["seed"] + sizes["seeds"]))
+    names = [name for name in options.get("rows", "").split(",") if name.strip()]
+    unknown = [n for n in names if n not in ABLATIONS]
+    if unknown:
+        raise ConfigError("rows", f"unknown ablation(s) {unknown}; choose from {list(ABLATIONS)}")
+    rows = [r for r in ROWS if not names or r[1] in names]
+    missing = [r[1] for r in ROWS if r[1] not in ABLATIONS]
+    if missing:  # the trainer lacks a switch for a row of the paper's table
+        raise ConfigError("rows", f"the trainer has no --ablation for {missing}")
+    os.makedirs(out_dir, exist_ok=True)
+    per_row = {name: [] for _, name, _ in rows}
+    post_warmup, thresholds = [], []
+    bar = tqdm(total=len(seeds) * len(rows), desc="ablation runs", disable=not options["progress"])
+    config = None
+    for seed in seeds:
+        config = trainer_config(preset, seed, os.path.join(out_dir, "runs", f"seed{seed}", "warmup"),
+                                extra_trainer_args, progress=options["progress"])
+        base = start_run(config)
+        base.log.close()
+        warm = evaluate(base.state, base.task, config)["heldout_accuracy"]
+        post_warmup.append(warm)
+        threshold = options.get("threshold")
+        thresholds.append(warm + 0.1 if threshold is None else threshold)
+        for _, name, _ in rows:
+            result = run_row(base, options, sizes, seed, name, extra_trainer_args)
+            result["threshold"] = thresholds[-1]
+            result["steps_to_threshold"] = steps_to(result["curve"], thresholds[-1])
+            per_row[name].append(result)
+            bar.update()
+    bar.close()
+    out_rows = []
+    for row, name, paper in rows:
+        runs = per_row[name]
+        finals = [r["final_accuracy"] for r in runs]
+        out_rows.append({"row": row, "ablation": name, "paper_aime24": paper,
+                         "final_accuracy": finals, "final_accuracy_mean": statistics.mean(finals),
+                         "final_accuracy_sd": _spread(finals),
+                         "steps_to_threshold": [r["steps_to_threshold"] for r in runs],
+                         "curves": [r["curve"] for r in runs],
+                         "wall_s_mean": statistics.mean(r["wall_s"] for r in runs)})
+    ours = [r["final_accuracy_mean"] for r in out_rows]
+    paper = [r["paper_aime24"] for r in out_rows]
+    if len(set(ours)) > 1 and len(out_rows) > 2:
+        test = spearmanr(ours, paper)
+        spearman = {"rho": float(test.statistic), "p_value": float(test.pvalue)}
+    else:
+        spearman = {"rho": None, "p_value": None}
+    eval_size = config.task.eval_size
+    results = {"seeds": seeds, "rl_steps": sizes["rl_steps"], "rows": out_rows,
+               "post_warmup_accuracy": post_warmup,
+               "post_warmup_accuracy_mean": statistics.mean(post_warmup),
+               "thresholds": thresholds,
+               "threshold_rule": ("post-warm-up accuracy + 10 points, per seed"
+                                  if options.get("threshold") is None
+                                  else f"{options['threshold']:.2f}"),
+               # one standard error of a held-out accuracy near 50% on eval_size problems
+               "eval_noise": 0.5 / eval_size ** 0.5,
+               "spearman": spearman}
+    results["figures"] = plot(results, out_dir)
+    write_results(out_dir, "ablations", {**options, **sizes, "seeds": seeds}, config, results,
+                  time.perf_counter() - start)
+    write_report(out_dir, "ablations: VAPO's Table 1 at toy scale",
+                 report(results) + [f"Figures: {', '.join(results['figures'])}."])
+    return results
