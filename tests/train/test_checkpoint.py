@@ -91,7 +91,8 @@ def test_sigkill_at_a_random_moment_then_resume_equals_uninterrupted(tmp_path, u
     train(parse_config([*RUN, "--output_dir", str(run_dir), "--save_every", "1",
                         "--resume", "auto"]))
     assert "resuming from" in capsys.readouterr().out, (delay, killed_at)
-    assert comparable(read_rows(run_dir)) == comparable(read_rows(uninterrupted)), (delay, killed_at)
+    assert comparable(read_rows(run_dir)) == comparable(read_rows(uninterrupted)), (
+        delay, killed_at)
     with_step = [(r["phase"], r["step"]) for r in read_rows(run_dir)]
     assert len(with_step) == len(set(with_step))  # no step twice
 

@@ -139,7 +139,8 @@ def _quiet_single_process():
         yield
 
 
-def _models_and_optimizers(state) -> list[tuple[str, torch.nn.Module, torch.optim.Optimizer | None]]:
+def _models_and_optimizers(state) -> list[tuple[str, torch.nn.Module, Any]]:
+    """(name, model, its optimizer or None) of the models that exist at this point."""
     pairs = [("policy", state.policy, state.actor_optimizer or state.warmup_optimizer)]
     if state.value_model is not None:
         pairs.append(("value", state.value_model, state.critic_optimizer))

@@ -92,7 +92,8 @@ def _run_dir(config: TrainConfig, dp: DataParallel) -> str:
     if config.run.output_dir:
         return config.run.output_dir
     name = config.task.task.replace(":", "-").replace("/", "_")[-40:]
-    folder = [os.path.join("runs", f"{name}-seed{config.run.seed}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    folder = [os.path.join("runs", f"{name}-seed{config.run.seed}-{stamp}")]
     if dp.distributed:  # the processes may start in different seconds: rank 0 names it
         torch.distributed.broadcast_object_list(folder, src=0, group=dp.group)
     return folder[0]

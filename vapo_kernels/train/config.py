@@ -186,7 +186,8 @@ class DistributedArgs:
     dist_backend: str = _opt("auto", "Process-group backend under torchrun: auto (nccl on GPU, "
                              "gloo on CPU), gloo or nccl.", choices=["auto", "gloo", "nccl"])
     mixed_precision: str = _opt("none", "FSDP2 mixed precision: bf16 parameters in forward/"
-                                "backward, fp32 gradient reduction (GPU).", choices=["none", "bf16"])
+                                "backward, fp32 gradient reduction (GPU).",
+                                choices=["none", "bf16"])
     activation_checkpointing: bool = _opt(False, "Recompute each decoder layer's activations in "
                                           "the backward (memory for compute).")
 
