@@ -47,6 +47,7 @@ def register(op: str, backend: str):
 
     def deco(fn):
         _kernels[(op, backend)] = fn
+        _selected.clear()
         return fn
 
     return deco
@@ -136,6 +137,19 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
     warning that says why.
     """
     requested = backend or os.environ.get("VAPO_BACKEND") or None
+    # Called on every op call: the answer depends only on these, and on the environment
+    # variable the Triton check reads, so it is worked out once per key.
+    key = (op, device.type, requested, os.environ.get("TRITON_INTERPRET"))
+    chosen = _selected.get(key)
+    if chosen is None:
+        chosen = _selected[key] = _select(op, device, requested)
+    return chosen
+
+
+_selected: dict[tuple, tuple[str, Callable]] = {}
+
+
+def _select(op: str, device: torch.device, requested: str | None) -> tuple[str, Callable]:
     if requested is not None:
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")

@@ -181,6 +181,13 @@ def offsets(layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, 
 
 
 @functools.lru_cache(maxsize=64)
+def constant(size: int, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A cached ``torch.full((size,), value)`` for kernels' read-only per-sequence
+    parameters (a scalar lambda as a per-sequence vector): one call less per op call."""
+    return torch.full((size,), value, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=64)
 def _padded_offsets(batch: int, length: int, device: torch.device) -> torch.Tensor:
     return torch.arange(batch + 1, dtype=torch.int64, device=device) * length
 

@@ -179,7 +179,7 @@ def _coefficients(lam: Tensor | None, scalar: float, gamma: float, name: str, nu
     """gamma * lambda per sequence, in float64 first and then rounded once (what
     ``gamma * lam * A`` does in the peers); a scalar lambda costs one op."""
     if lam is None:
-        return torch.full((num_seqs,), gamma * scalar, dtype=dtype, device=device)
+        return _ragged.constant(num_seqs, gamma * scalar, dtype, device)
     if _ragged.validation_enabled() and lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1] for every sequence")
     return (gamma * lam.to(torch.float64)).to(dtype).contiguous()
@@ -196,7 +196,7 @@ def _impl(a: GaeArgs) -> tuple[Tensor, Tensor]:
     if layout.num_tokens == 0:
         empty = torch.empty(rewards.shape, dtype=acc, device=device)
         return empty, empty.clone()
-    flat = [x.reshape(-1).to(dtype).contiguous() for x in (rewards, a.values)]
+    flat = [_ragged.flat(x, dtype) for x in (rewards, a.values)]
     flat_mask = None if mask is None else mask.reshape(-1).contiguous()
     offs = _ragged.offsets(layout, rewards.shape, a.cu_seqlens, device)
     n = layout.num_seqs

@@ -117,10 +117,10 @@ def aggregation_weights(a, layout, shape, device, flat_mask, acc):
         dp = float(a.dp_size)
         if a.agg == "token-sum" or a.global_tokens is not None:
             scale = dp if a.agg == "token-sum" else loss_spec.share(dp, a.global_tokens)
-            return offs, torch.full((num_seqs,), scale, dtype=acc, device=device), None
+            return offs, _ragged.constant(num_seqs, scale, acc, device), None
         if flat_mask is None:
             scale = loss_spec.share(dp, layout.num_tokens)
-            return offs, torch.full((num_seqs,), scale, dtype=acc, device=device), None
+            return offs, _ragged.constant(num_seqs, scale, acc, device), None
         tokens = flat_mask.sum(dtype=torch.float64).clamp_(min=1)  # 0 tokens: weight unused
         return offs, (dp / tokens).to(acc).expand(num_seqs).contiguous(), None
     if flat_mask is None:
