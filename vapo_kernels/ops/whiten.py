@@ -8,6 +8,7 @@ advantages it usually whitens, not differentiable.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -86,6 +87,7 @@ def masked_whiten(
     eps: float = 1e-8,
     shift_mean: bool = True,
     backend: str | None = None,
+    process_group=None,
 ) -> Tensor:
     """Whiten ``x`` with the mean and variance of its valid tokens (over the whole batch).
 
@@ -93,9 +95,52 @@ def masked_whiten(
     the mean back. ``cu_seqlens`` is accepted so packed callers can pass the same
     arguments as to :func:`.gae.gae`; the statistics are batch-wide in both layouts, and
     any shape is accepted.
+
+    ``process_group``: the mean and variance are those of the valid tokens of *every*
+    process in the group (data parallelism), from one all-reduce of (count, sum, sum of
+    squares) in float64; each process whitens its own ``x``. Not differentiable either.
     """
     if cu_seqlens is not None:
         _ragged.check_layout({"x": x}, mask, cu_seqlens)
+    if process_group is not None:
+        return _whiten_over_group(x, mask, unbiased, eps, shift_mean, process_group)
     return masked_whiten_op(
         WhitenArgs(x, mask, bool(unbiased), float(eps), bool(shift_mean), backend or "")
     )
+
+
+def _whiten_over_group(x: Tensor, mask: Tensor | None, unbiased: bool, eps: float,
+                       shift_mean: bool, group) -> Tensor:
+    """masked_whiten with statistics over all processes of ``group``.
+
+    One all-reduce needs the moments as sums; float64 keeps sum(x^2) - n mean^2 from
+    cancelling badly for the values whitened here (advantages: |mean| of the order of the
+    standard deviation)."""
+    import torch.distributed as dist
+
+    _ragged.check_float("x", x)
+    _ragged.check_mask(mask, "x", x)
+    mask = _ragged.as_bool_mask(mask)
+    with torch.no_grad():
+        wide = x.detach().reshape(-1).to(torch.float64)
+        valid = torch.ones_like(wide, dtype=torch.bool) if mask is None else mask.reshape(-1)
+        zero = torch.zeros((), dtype=torch.float64, device=x.device)
+        picked = torch.where(valid, wide, zero)  # where, not x*mask: NaN garbage stays out
+        moments = torch.stack([valid.sum().to(torch.float64), picked.sum(),
+                               (picked * picked).sum()])
+        dist.all_reduce(moments, op=dist.ReduceOp.SUM, group=group)
+        n, total, squares = moments.tolist()
+        if _ragged.validation_enabled():
+            if n == 0:
+                raise ValueError("masked_whiten: mask selects no element on any process")
+            if unbiased and n == 1:
+                raise ValueError("masked_whiten: mask selects one element over all processes; "
+                                 "unbiased variance is undefined")
+        mean = total / n
+        var = max(squares - n * mean * mean, 0.0) / (n - 1 if unbiased else n)
+        out_dtype = _ragged.acc_dtype(x.dtype)
+        centered = wide - mean
+        out = centered / math.sqrt(var + eps)
+        if not shift_mean:
+            out = out + mean
+        return out.to(out_dtype).view(x.shape)

@@ -1,0 +1,177 @@
+"""Data parallelism on CPU with gloo: 2 processes (FSDP2) compute the same whitening, loss,
+gradient norm and updated parameters as 1 process on the same data; a 2-process run
+resumes from a 2-process checkpoint."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import vapo_kernels as vk
+from vapo_kernels.train import distributed
+from vapo_kernels.train.cli import _value_model_maker, build_policy, build_task
+from vapo_kernels.train.distributed import DataParallel
+from vapo_kernels.train.metrics import PhaseTimer
+from vapo_kernels.train.rollout import demonstration_batch
+from vapo_kernels.train.vapo import TrainState, old_outputs, ppo_update, setup_rl
+
+from .conftest import read_rows, tiny_argv, tiny_config
+
+WORLD = 2
+
+
+def _spawn(worker, tmp_path: Path, *args):
+    """Run ``worker(rank, store, *args)`` in WORLD processes joined by a gloo group."""
+    store = str(tmp_path / "store")
+    mp.start_processes(worker, args=(store, *args), nprocs=WORLD, join=True, start_method="spawn")
+
+
+def _join(rank: int, store: str) -> DataParallel:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    return DataParallel(rank=rank, world_size=WORLD, group=dist.group.WORLD)
+
+
+AGGS = ("token-mean", "seq-mean-token-mean", "token-sum")
+
+
+def _worker(rank, store, out_dir):
+    """Everything the 2-process tests compare, in one spawn (starting processes is slow)."""
+    dp = _join(rank, store)
+    try:
+        _whiten_share(rank, dp, out_dir)
+        for agg in AGGS:
+            result = ppo_update_result(Path(out_dir) / f"r{rank}-{agg}", agg, dp)
+            torch.save(result, os.path.join(out_dir, f"update-{agg}-{rank}.pt"))
+    finally:
+        distributed.shutdown(dp)
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("dp")
+    _spawn(_worker, out_dir, str(out_dir))
+    return out_dir
+
+
+# -- masked_whiten over a process group ---------------------------------------------------------
+def _whiten_share(rank, dp, out_dir):
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, dtype=torch.float32) * 3 + 1
+    mask = torch.rand(2, 37) > 0.3
+    x[~mask] = float("nan")  # garbage in masked slots must not reach the statistics
+    mine = slice(0, 17) if rank == 0 else slice(17, 37)  # unequal shares
+    for unbiased in (True, False):
+        out = vk.masked_whiten(x[:, mine], mask[:, mine], unbiased=unbiased,
+                               process_group=dp.group)
+        torch.save(out, os.path.join(out_dir, f"whiten-{rank}-{unbiased}.pt"))
+
+
+def test_masked_whiten_over_processes_equals_whole_batch(two_processes):
+    tmp_path = two_processes
+    torch.manual_seed(0)
+    x = torch.randn(2, 37, dtype=torch.float32) * 3 + 1
+    mask = torch.rand(2, 37) > 0.3
+    x[~mask] = float("nan")
+    for unbiased in (True, False):
+        want = vk.masked_whiten(x, mask, unbiased=unbiased)
+        got = torch.cat([torch.load(tmp_path / f"whiten-{r}-{unbiased}.pt") for r in range(WORLD)],
+                        dim=1)
+        torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-6)
+
+
+# -- one PPO update: 2 processes == 1 process ------------------------------------------------
+def _update_argv(agg: str) -> list[str]:
+    return ["--mini_batches", "1", "--ppo_epochs", "2", "--loss_agg", agg, "--threads", "1",
+            "--micro_batch_size", "2"]
+
+
+def ppo_update_result(tmp_path, agg: str, dp: DataParallel) -> dict:
+    """One ppo_update on a fixed batch of 8 demonstrations (4 rewarded), this process's share."""
+    config = tiny_config(tmp_path, *_update_argv(agg))
+    torch.manual_seed(0)
+    task = build_task(config)
+    policy, tokenizer = build_policy(config, task)
+    policy = distributed.prepare_model(policy, config, dp)
+    state = TrainState(policy=policy, tokenizer=tokenizer, task_rng=random.Random(0), dp=dp)
+    setup_rl(state, config, _value_model_maker(config, dp))
+    batch = demonstration_batch(tokenizer, task, random.Random(1), 8)
+    batch.scores[::2] = 1.0
+    batch.rewards[batch.cu_seqlens[1::2].long() - 1] = 1.0
+    share = torch.tensor(dp.shard(list(range(batch.size))))
+    batch = batch.select(share)
+    old, _ = old_outputs(state, batch, config, PhaseTimer())
+    row = dp.mean_row(ppo_update(state, batch, old, config, PhaseTimer()))
+    params = {}
+    for name, model in (("policy", state.policy), ("value", state.value_model)):
+        for key, p in model.named_parameters():
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            params[f"{name}.{key}"] = full.detach().clone()
+    return {"row": row, "params": params, "advantages": old.advantages,
+            "tokens": dp.all_reduce([batch.num_tokens])[0]}
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_two_processes_make_the_same_update_as_one(tmp_path, two_processes, agg):
+    threads = torch.get_num_threads()
+    try:
+        one = ppo_update_result(tmp_path / "one", agg, DataParallel())
+    finally:
+        torch.set_num_threads(threads)
+    two = [torch.load(two_processes / f"update-{agg}-{r}.pt", weights_only=False)
+           for r in range(WORLD)]
+    # Whitened over both processes: the halves together are the whole batch's advantages.
+    torch.testing.assert_close(torch.cat([t["advantages"] for t in two]), one["advantages"],
+                               rtol=1e-5, atol=1e-6)
+    # token-sum adds ~100 float32 terms that nearly cancel (whitened advantages): its error
+    # is absolute, ~tokens x eps of each term, not relative.
+    absolute = 1e-6 * one["tokens"] if agg == "token-sum" else 1e-7
+    for key in ("pg_loss", "vf_loss", "lm_loss", "actor_grad_norm", "critic_grad_norm"):
+        assert two[0]["row"][key] == pytest.approx(one["row"][key], rel=1e-5, abs=absolute), key
+    assert one["row"]["actor_grad_norm"] > 0
+    for key, want in one["params"].items():
+        torch.testing.assert_close(two[0]["params"][key], want, rtol=1e-5, atol=1e-6)
+
+
+# -- torchrun: a 2-process run resumes from its own checkpoint -------------------------------
+RUN = [*tiny_argv(drop=("--steps", "--prompts_per_step")), "--steps", "2",
+       "--prompts_per_step", "4", "--threads", "1", "--no_save_checkpoint", "--save_every", "1"]
+NOT_COMPARED = ("elapsed_s", "since_warmup_s", "peak_rss_mb", "peak_cuda_memory_mb")
+
+
+def _torchrun(run_dir, *extra):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+           "--master-port", "0", "-m", "vapo_kernels.train", *RUN, "--output_dir", str(run_dir),
+           *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    return proc
+
+
+def _comparable(rows):
+    return [{k: v for k, v in r.items() if k not in NOT_COMPARED and not k.startswith("time_")}
+            for r in rows]
+
+
+@pytest.mark.slow
+def test_two_process_run_resumes_from_its_checkpoint(tmp_path):
+    full = tmp_path / "full"
+    out = _torchrun(full, "--keep", "0").stdout
+    assert "2 data-parallel processes" in out
+    resumed = tmp_path / "resumed"
+    os.makedirs(resumed / "checkpoints")
+    name = "2-rl-00000001"
+    shutil.copytree(full / "checkpoints" / name, resumed / "checkpoints" / name)
+    out = _torchrun(resumed, "--resume", "auto").stdout
+    assert "resuming from" in out
+    assert _comparable(read_rows(resumed)) == _comparable(read_rows(full))
