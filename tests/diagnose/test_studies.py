@@ -102,3 +102,22 @@ def test_ablation_rows_cover_the_paper_table():
 
     assert [score for *_, score in ROWS] == [60, 11, 33, 45, 46, 53, 54, 55, 5]
     assert all(name in ABLATIONS for _, name, _ in ROWS)
+
+
+def test_short_vs_long_tiny_run(tmp_path):
+    results, report = _run(tmp_path, "short-vs-long", "--lengths", "2,3", "--lambdas", "1.0",
+                           "--alphas", "1.0")
+    r = results["results"]
+    assert set(r["per_length"]) == {"2", "3"}
+    for L, data in r["per_length"].items():
+        assert set(data["runs"]) == {"lambda 1", "adaptive alpha 1"}
+        errors = data["advantage_errors"]
+        n = len(errors["truth"])
+        assert n >= 3 and len(errors["position"]) == n
+        # A step's true advantage is a difference of two values in [0, 1].
+        assert all(-1 <= t <= 1 for t in errors["truth"])
+        assert all(len(e) == n for e in errors["errors"].values())
+        assert max(errors["position"]) <= int(L)  # steps 0..L-1, then the answer
+        for run in data["runs"].values():
+            assert run["curve"][0][0] == 0 and run["curve"][-1][0] == 1
+    assert "alpha = 0.05" in report

@@ -103,12 +103,14 @@ def start_run(config: TrainConfig) -> Run:
 
 
 def continue_run(run: Run, config: TrainConfig) -> Run:
-    """The same warmed-up models under another config (an ablation row, a lambda setting):
-    deep copies, fresh optimizers and a fresh logger in ``config.run.output_dir``."""
+    """The same models under another config (an ablation row, a lambda setting): deep
+    copies of the policy and the value model (untrained or pretrained, as ``run`` has it),
+    fresh optimizers and a fresh logger in ``config.run.output_dir``."""
     import copy
 
     os.makedirs(config.run.output_dir, exist_ok=True)
     state = TrainState(policy=copy.deepcopy(run.state.policy), tokenizer=run.state.tokenizer,
+                       value_model=copy.deepcopy(run.state.value_model),
                        task_rng=random.Random(config.run.seed))
     state.shuffle_generator.manual_seed(config.run.seed)
     state.warmup_end_time = time.perf_counter()
