@@ -4,7 +4,9 @@ float64 spec :func:`vapo_kernels.ops.logits_loss.reference_logits_kernel`.
 Without a GPU the kernel runs through the Triton interpreter on CPU tensors: shapes stay
 small and ``block_v`` of 8..32 puts vocabulary-chunk boundaries inside the rows. On a
 GPU the same tests run compiled on CUDA tensors; ``-m gpu`` adds a 152k vocabulary and a
-single 1M-token sequence.
+single 1M-token sequence. The public op under backend="triton" is checked with every
+other backend in test_loss.py (against independent float64 autograd code) and
+test_logits_loss.py (dominant logits).
 
 Exact discrete decisions. The log-probs are computed by the kernel (float32 for all but
 float64 logits), so unlike the token-loss tests the inputs cannot sit exactly on a clip
@@ -32,7 +34,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import vapo_kernels as vk
 from vapo_kernels import _loss_layout as layout
 from vapo_kernels.ops import loss_spec
 from vapo_kernels.ops.token_logprobs import reference_forward
@@ -41,7 +42,6 @@ from vapo_kernels.ops.logits_loss import reference_logits_kernel
 from vapo_kernels.triton import logprobs as tlp
 from vapo_kernels.triton import loss as tloss
 
-import _dominant as dominant
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
@@ -674,57 +674,6 @@ def test_bad_arguments_raise(name):
     call = _bad_call(change)
     with pytest.raises(ValueError, match=match):
         call()
-
-
-# --------------------------------------------------------------------------------------
-# Through the op (vapo::logits_loss, backend="triton") against backend="reference"
-
-
-@pytest.mark.parametrize("inplace", [False, True])
-def test_public_api_matches_reference_backend(inplace, monkeypatch):
-    monkeypatch.setattr(tloss, "LOGITS_INTERPRET_BLOCK_V", BLOCK_V)
-    gen = torch.Generator().manual_seed(11)
-    b, t, vocab = 2, 6, 3 * BLOCK_V + 2
-    base = (2 * torch.randn(b, t, vocab, generator=gen, dtype=torch.float64)).float()
-    y = torch.randint(0, vocab, (b, t), generator=gen)
-    y[0, 2] = -100
-    mask = torch.rand(b, t, generator=gen) < 0.8
-    with torch.no_grad():
-        lp = torch.log_softmax(base.double() / 0.8, -1).gather(-1, y.clamp(min=0)[..., None])[..., 0]
-    old = (lp + 0.05 * torch.randn(b, t, generator=gen, dtype=torch.float64)).float()
-    adv = torch.randn(b, t, generator=gen)
-    ref = (lp + 0.3 * torch.randn(b, t, generator=gen, dtype=torch.float64)).float()
-    kw = dict(ref_logp=ref, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01, dual_clip=3.0)
-
-    def run(backend, dtype, device, inplace_backward):
-        leaf = base.to(device, dtype).detach().clone().requires_grad_()
-        logits = leaf * 1  # a non-leaf, as a model's logits are
-        loss, metrics = vk.policy_loss_from_logits(
-            logits, y.to(device), old.to(device), adv.to(device), mask.to(device),
-            temperature=0.8, backend=backend,
-            inplace_backward=inplace_backward,
-            **{k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
-        )
-        loss.backward()
-        return loss.detach().cpu().double(), leaf.grad.cpu().double()
-
-    loss, grad = run("triton", torch.float32, DEVICE, inplace)
-    e_loss, e_grad = run("reference", torch.float64, "cpu", False)
-    torch.testing.assert_close(loss, e_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad, e_grad, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("temperature", [1.3, 0.7])
-def test_gradient_at_dominant_logits_is_as_exact_as_elsewhere(dtype, temperature):
-    """A logit of +-1e4 among ordinary ones, and rows of only large logits: the fused
-    kernel's logits gradient as close to the float64 reference as on ordinary rows
-    (tests/_dominant.py says why)."""
-    got, want, kinds = dominant.policy_loss_grads(dtype, temperature, "triton", DEVICE)
-    assert got.dtype == dtype
-    # The interpreter's float32 -> bf16 cast truncates (a GPU rounds to nearest).
-    rounding = 1.0 if INTERPRET else 0.5
-    dominant.assert_grad_exact(got, want, kinds, dtype, "triton", rounding)
 
 
 # --------------------------------------------------------------------------------------
