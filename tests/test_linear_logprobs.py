@@ -38,7 +38,8 @@ import _dominant as dominant
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-BACKENDS = ["reference", "triton"]
+# What the registry reports for the fused LM-head op here (reference and Triton today).
+BACKENDS = vk.available_backends("linear_logprobs", DEVICE)
 
 
 @contextlib.contextmanager
