@@ -20,7 +20,7 @@ from vapo_kernels.ops.token_logprobs import token_logprobs
 from vapo_kernels.triton import logprobs as triton_logprobs
 
 import _dominant as dominant
-from strategies import backend_params, examples
+from strategies import GARBAGE, backend_params, examples
 
 BACKENDS = backend_params("logprobs")
 # Checks on CPU tensors (by-hand values, errors, in-place rules): every backend there.
@@ -224,6 +224,34 @@ def test_ignored_rows_cost_nothing_and_get_zero_gradient(backend):
     assert torch.equal(clean_lp, logp) and torch.equal(clean_ent, ent)  # bit for bit
     all_ignored = token_logprobs(z, torch.full((4,), -100), backend=backend)
     assert torch.equal(all_ignored, torch.zeros(4))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_garbage_in_masked_and_ignored_rows_changes_no_valid_output(backend, device):
+    """Random batches: rows that are masked or have an ignored target hold NaN, inf or
+    1e30; every valid row's log-prob, entropy and gradient stays the same, bit for bit."""
+
+    @examples(backend, device, cpu=25, interpreted=5)
+    @given(case=cases(), garbage=st.sampled_from(GARBAGE))
+    def check(case, garbage):
+        logits, targets, mask = build({**case, "use_mask": True, "ignore": True})
+        valid = mask & (targets != -100)
+        dirty = torch.where(valid[..., None], logits, torch.tensor(garbage, dtype=logits.dtype))
+
+        def run(z):
+            leaf = z.clone().to(device).requires_grad_(True)
+            logp, ent = token_logprobs(
+                leaf, *on(device, targets), temperature=case["temperature"], return_entropy=True,
+                mask=on(device, mask)[0], backend=backend,
+            )
+            (logp.sum() + 0.5 * ent.sum()).backward()
+            return logp.cpu(), ent.cpu(), leaf.grad.cpu()
+
+        for a, b in zip(run(logits), run(dirty)):
+            assert torch.equal(a[valid], b[valid])  # bit for bit
+
+    check()
 
 
 # --------------------------------------------------------------------------------------
