@@ -232,3 +232,23 @@ def test_shapes_need_one_suite_and_a_valid_spec(capsys):
         with pytest.raises(SystemExit):
             cli.main(argv)
         assert words in capsys.readouterr().err
+
+
+def test_summary_picks_our_fastest_checked_row_and_the_fastest_checked_peer():
+    from vapo_kernels.bench.report import summary
+
+    def row(impl, kind, median, status="ok", check="ok"):
+        return {"suite": "gae", "shape": "8x128", "task": "gae", "impl": impl, "kind": kind,
+                "status": status, "check": check, "median_s": median, "noisy": False,
+                "floor_s": 1e-6, "fraction_of_floor": 1e-6 / median}
+
+    rows = [
+        row("ours-slow", "ours", 4e-4), row("ours-fast", "ours", 1e-4),
+        row("ours-wrong", "ours", 1e-5, status="FAIL", check="FAIL"),  # never the headline
+        row("peer-a", "peer", 8e-4), row("peer-b", "peer", 3e-4),
+        row("bare", "bare", 1e-6),
+    ]
+    table = [line for line in summary(rows) if line.startswith("| gae")]
+    assert len(table) == 1
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert "ours-fast" in cells[4] and cells[7] == "`peer-b`" and cells[8] == "3×"

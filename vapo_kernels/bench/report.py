@@ -126,6 +126,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     for suite, why in missing.items():
         for peer, reason in why.items():
             lines.append(f"- {suite}: peer **{peer}** not run: {reason}")
+    lines += ["", *summary(rows)]
     headers = ["task", "impl", "median", "spread", "floor", "%floor", "achieved",
                "vs best peer", "/ bare op", "check", "status", "note"]
     by_case: dict[tuple[str, str], list[dict]] = {}
@@ -150,6 +151,43 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summary(rows: list[dict[str, Any]]) -> list[str]:
+    """The headline table: per suite, shape and task, our fastest checked row beside the
+    fastest checked peer and the floor (what the README quotes)."""
+    best: dict[tuple[str, str, str], dict[str, dict]] = {}
+    for r in rows:
+        if r["status"] != "ok" or r["check"] != "ok" or not r["median_s"]:
+            continue
+        if r["kind"] not in ("ours", "peer"):
+            continue
+        slot = best.setdefault((r["suite"], r["shape"], r["task"]), {})
+        if r["kind"] not in slot or r["median_s"] < slot[r["kind"]]["median_s"]:
+            slot[r["kind"]] = r
+    lines = [
+        "## Summary",
+        "",
+        "Per shape and task: our fastest implementation and the fastest peer, both checked "
+        "against float64 first.",
+        "",
+        "| suite | shape | task | floor | ours (fastest) | %floor | best peer | peer | ours × peer |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (suite, shape, task), slot in best.items():
+        ours, peer = slot.get("ours"), slot.get("peer")
+        if ours is None:
+            continue
+        flag = " (noisy)" if ours["noisy"] else ""
+        lines.append("| " + " | ".join([
+            suite, shape, task, fmt_time(ours["floor_s"]),
+            f"{fmt_time(ours['median_s'])}{flag} `{ours['impl']}`",
+            _num(ours["fraction_of_floor"] and 100 * ours["fraction_of_floor"], ".3g", "%"),
+            fmt_time(peer["median_s"]) if peer else "-",
+            f"`{peer['impl']}`" if peer else "no peer",
+            f"{peer['median_s'] / ours['median_s']:.3g}×" if peer else "-",
+        ]) + " |")
+    return lines
 
 
 def plot_suite(rows: list[dict[str, Any]], path: Path, title: str) -> bool:
