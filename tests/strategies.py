@@ -51,11 +51,10 @@ EDGE_LENGTHS = [0, 1, 2, 15, 16, 17, 31, 32, 33, 63, 67]
 
 
 def ragged_lengths(max_seqs: int = 6, max_len: int = 80):
-    """Lists of sequence lengths (maybe empty), edge lengths often."""
-    return st.lists(
-        st.one_of(st.sampled_from(EDGE_LENGTHS), st.integers(0, max_len)),
-        max_size=max_seqs,
-    )
+    """Lists of at most ``max_seqs`` sequence lengths in [0, max_len] (maybe no sequence
+    at all), the edge lengths up to ``max_len`` often."""
+    edges = [n for n in EDGE_LENGTHS if n <= max_len]
+    return st.lists(st.one_of(st.sampled_from(edges), st.integers(0, max_len)), max_size=max_seqs)
 
 
 MASK_KINDS = ["none", "random", "turns", "long_turns", "mixed_rows"]

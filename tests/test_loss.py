@@ -22,7 +22,7 @@ import vapo_kernels as vk
 from vapo_kernels import _loss_layout as layout
 from vapo_kernels.ops import loss_spec
 
-from strategies import examples
+from strategies import cu_seqlens, examples, ragged_lengths
 
 F64 = torch.float64
 # Every check that runs a loss op runs it under each backend the registry reports.
@@ -404,7 +404,7 @@ def test_vapo_loss_is_the_sum_of_its_terms(backend):
 
 @st.composite
 def ragged(draw):
-    lengths = draw(st.lists(st.integers(0, 9), min_size=0, max_size=6))
+    lengths = draw(ragged_lengths(max_seqs=6, max_len=17))
     n = sum(lengths)
     seed = draw(st.integers(0, 2**31 - 1))
     p_mask = draw(st.sampled_from([0.0, 0.3, 1.0]))
@@ -424,9 +424,7 @@ def test_packed_equals_padded(backend):
 def packed_equals_padded(backend, case, agg, dual):
     lengths, n, seed, p_mask = case
     g = torch.Generator().manual_seed(seed)
-    cu = torch.tensor(
-        [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32
-    )
+    cu = cu_seqlens(lengths)
     logp = -torch.rand(n, generator=g, dtype=F64) * 2
     old = logp + torch.randn(n, generator=g, dtype=F64)
     adv = torch.randn(n, generator=g, dtype=F64)
@@ -795,9 +793,7 @@ def loss_from_logits_packed_ragged(backend, case, agg):
     lengths, n, seed, p_mask = case
     g = torch.Generator().manual_seed(seed)
     V = 11
-    cu = torch.tensor(
-        [0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=torch.int32
-    )
+    cu = cu_seqlens(lengths)
     logits = torch.randn(n, V, generator=g, dtype=torch.float32)
     targets = torch.randint(0, V, (n,), generator=g)
     old = -torch.rand(n, generator=g) * 3
