@@ -126,6 +126,11 @@ class AlgorithmArgs:
                                   "seq-mean-token-mean", "seq-mean-token-sum-norm"])
     value_pretrain_steps: int = _opt(10, "Value pretraining steps on Monte-Carlo returns of the "
                                      "warmed-up policy before RL (paper: 50; 0: off).")
+    advantage: str = _opt("gae", "Policy advantages: gae (VAPO's decoupled GAE on the value "
+                          "model) or mc (VinePPO: a step's advantage is the change of the "
+                          "Monte-Carlo value, mc_samples continuations per step boundary; the "
+                          "critic still trains, for its metrics).", choices=["gae", "mc"])
+    mc_samples: int = _opt(4, "--advantage mc: continuations per step boundary (VinePPO: 9).")
 
 
 @dataclass
@@ -381,6 +386,7 @@ def validate(config: TrainConfig) -> None:
     for name in ("vf_coef", "lm_coef", "kl_coef", "entropy_coef"):
         need(getattr(a, name) >= 0, name, "must be >= 0")
     need(a.value_pretrain_steps >= 0, "value_pretrain_steps", "must be >= 0")
+    need(a.mc_samples >= 1, "mc_samples", "must be >= 1")
     need(o.actor_lr > 0, "actor_lr", "must be > 0")
     need(o.critic_lr > 0, "critic_lr", "must be > 0")
     need(o.lr_warmup_steps >= 0, "lr_warmup_steps", "must be >= 0")

@@ -61,3 +61,71 @@ def prefix_values(
                              response_prefixes=[prefixes[i] for i in rows])
             totals.index_add_(0, torch.tensor(rows), batch.scores.to(torch.float64))
     return totals / samples
+
+
+def step_boundaries(response: str) -> list[int]:
+    """Character offsets where a new step starts: 0 and after every newline; a response
+    without newlines (the built-in running sum) is split after every space instead. Only
+    offsets before the end of the response count."""
+    separator = "\n" if "\n" in response else " "
+    return [0] + [i + 1 for i, ch in enumerate(response) if ch == separator and i + 1 < len(response)]
+
+
+@torch.no_grad()
+def mc_advantages(
+    policy,
+    tokenizer,
+    task: Task,
+    batch,
+    *,
+    samples: int,
+    max_response_tokens: int,
+    temperature: float,
+) -> tuple[Tensor, Tensor]:
+    """VinePPO's advantages for a :class:`~vapo_kernels.train.rollout.RolloutBatch`:
+    ``(advantages, step_values)``, both packed ``(N,)``.
+
+    The value of every step boundary is the mean score of ``samples`` continuations
+    (:func:`prefix_values`); each token of step j gets V(after step j) - V(before step j),
+    the last step's tokens the sequence's score - V(before it). ``step_values`` holds, per
+    token, the Monte-Carlo value of the boundary that opens its step.
+    """
+    lengths = batch.response_lengths.tolist()
+    starts = batch.cu_seqlens[:-1].tolist()
+    segments, prefixes, owners = [], [], []  # (sequence, first token, end token)
+    for i, text in enumerate(batch.responses):
+        cuts = []
+        for offset in step_boundaries(text):
+            tokens = len(tokenizer(text[:offset], add_special_tokens=False).input_ids) if offset else 0
+            if tokens < lengths[i] and (not cuts or tokens > cuts[-1]):
+                cuts.append(tokens)
+                prefixes.append(text[:offset])
+                owners.append(batch.problems[i])
+        for j, cut in enumerate(cuts):
+            segments.append((i, cut, cuts[j + 1] if j + 1 < len(cuts) else lengths[i]))
+    values = prefix_values(policy, tokenizer, task, owners, prefixes, samples=samples,
+                           max_response_tokens=max_response_tokens, temperature=temperature)
+    advantages = torch.zeros(batch.num_tokens, dtype=torch.float32)
+    step_values = torch.zeros(batch.num_tokens, dtype=torch.float32)
+    for n, (i, first, end) in enumerate(segments):
+        last = n + 1 == len(segments) or segments[n + 1][0] != i
+        after = float(batch.scores[i]) if last else float(values[n + 1])
+        advantages[starts[i] + first: starts[i] + end] = after - float(values[n])
+        step_values[starts[i] + first: starts[i] + end] = float(values[n])
+    return advantages, step_values
+
+
+def trainer_advantages(state, task: Task, batch, config) -> Tensor:
+    """``--advantage mc`` in the trainer: :func:`mc_advantages` of the rollout batch with
+    the rollouts' sampling settings, whitened over the batch when the config says so."""
+    import vapo_kernels as vk
+
+    from .vapo import max_new_tokens
+
+    advantages, _ = mc_advantages(state.policy, state.tokenizer, task, batch,
+                                  samples=config.algorithm.mc_samples,
+                                  max_response_tokens=max_new_tokens(config, task),
+                                  temperature=config.rollout.temperature)
+    if config.algorithm.whiten_advantages:
+        advantages = vk.masked_whiten(advantages, None, batch.cu_seqlens)
+    return advantages

@@ -33,6 +33,7 @@ import vapo_kernels as vk
 from .config import TrainConfig
 from .distributed import DataParallel
 from .metrics import MetricsLogger, PhaseTimer, peak_memory_mb
+from .mc_advantage import trainer_advantages
 from .rollout import RolloutBatch, demonstration_batch, generate, policy_logprobs, value_estimates
 from .task import Task
 
@@ -355,8 +356,10 @@ def micro_batch_loss(
 
 @torch.no_grad()
 def old_outputs(state: TrainState, batch: RolloutBatch, config: TrainConfig,
-                timer: PhaseTimer) -> tuple[OldOutputs, Tensor]:
-    """Old log-probs, values and reference log-probs (no grad), then decoupled GAE."""
+                timer: PhaseTimer, task: Task | None = None) -> tuple[OldOutputs, Tensor]:
+    """Old log-probs, values and reference log-probs (no grad), then decoupled GAE (with
+    ``--advantage mc`` the policy's advantages come from Monte-Carlo step values instead;
+    the critic's targets stay GAE's)."""
     packed, r = uses_packed_forward(config), config.rollout
     with timer("old_logprobs"):
         logp, _ = policy_logprobs(state.policy, batch, temperature=r.temperature,
@@ -368,6 +371,9 @@ def old_outputs(state: TrainState, batch: RolloutBatch, config: TrainConfig,
                                           logprobs_from=config.model.logprobs_from, packed=packed)
     with timer("gae"):
         advantages, targets, lam_policy = compute_advantages(batch, values, config, state.dp)
+    if config.algorithm.advantage == "mc" and task is not None:
+        with timer("mc_advantage"):
+            advantages = trainer_advantages(state, task, batch, config).to(advantages.device)
     return OldOutputs(logp, values, advantages, targets, ref_logp), lam_policy
 
 
@@ -592,7 +598,7 @@ def rl(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger,
         timer = PhaseTimer()
         with timer("rollout"):                                   # 1. sample groups
             batch = rollout(state, task, config)                 # 2. rewards (verifier)
-        old, lam_policy = old_outputs(state, batch, config, timer)  # 3. values, 4. decoupled GAE
+        old, lam_policy = old_outputs(state, batch, config, timer, task)  # 3. values, 4. GAE
         row = {**batch_metrics(batch, lam_policy),
                **ppo_update(state, batch, old, config, timer)}   # 5. PPO epochs of vapo_loss
         row.update(timer.rows())
