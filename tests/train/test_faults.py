@@ -5,6 +5,7 @@ counted, micro-batches by a token budget give the same update."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 
@@ -178,3 +179,21 @@ def test_token_budget_micro_batches_give_the_same_update(tmp_path):
         torch.testing.assert_close(params_a[key], params_b[key], rtol=1e-5, atol=1e-6)
     for key in ("pg_loss", "vf_loss", "lm_loss"):
         assert row_a[key] == pytest.approx(row_b[key], rel=1e-5, abs=1e-7)
+
+
+# -- peak memory and profiling ----------------------------------------------------------------
+def test_peak_memory_per_step_and_a_profile_of_chosen_steps(tmp_path, capsys):
+    summary = train(tiny_config(tmp_path, "--threads", "1", "--warmup_steps", "0",
+                                "--value_pretrain_steps", "0", "--steps", "2", "--profile", "2",
+                                "--no_save_checkpoint"))
+    rows = [r for r in read_rows(summary["run_dir"]) if r["phase"] == "rl" and r["step"] > 0]
+    assert all(r["peak_rss_mb"] > 10 for r in rows)
+    profile = summary["profile"]
+    with open(profile["trace"]) as f:
+        trace = json.load(f)
+    names = {e.get("name") for e in trace["traceEvents"]}
+    assert {"vapo_train.rl_step", "vapo_kernels.vapo_loss", "vapo_kernels.decoupled_gae",
+            "vapo_kernels.token_logprobs"} <= names
+    assert 0 < profile["ours"] < 1 and 0 < profile["generation"] < 1 and 0 < profile["model"] < 1
+    assert profile["ours"] + profile["generation"] + profile["model"] + profile["optimizer"] <= 1
+    assert "vapo_kernels ops" in capsys.readouterr().out

@@ -12,9 +12,9 @@ import time
 import torch
 
 from . import checkpoint, distributed
-from .config import ConfigError, TrainConfig, parse_config, save_config
+from .config import ConfigError, TrainConfig, parse_config, parse_profile_steps, save_config
 from .distributed import DataParallel
-from .metrics import MetricsLogger, plot_run
+from .metrics import MetricsLogger, StepProfiler, plot_run
 from .models import (
     build_char_tokenizer,
     build_tiny_llama,
@@ -227,7 +227,17 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
         value_pretrain(state, task, config, log, resume=resumed == "value_pretrain")
     if dp.is_main:
         say(f"VAPO: {run.steps} RL steps")
-    final = rl(state, task, config, log, resume=resumed == "rl")
+    profiler = None
+    if run.profile and dp.is_main:
+        first, last = parse_profile_steps(run.profile)
+        if last > run.steps:
+            raise ConfigError("profile", f"RL steps {run.profile} go past --steps {run.steps}")
+        profiler = StepProfiler(first, last, os.path.join(run_dir, "profile"))
+    final = rl(state, task, config, log, resume=resumed == "rl", profiler=profiler)
+    if profiler is not None and profiler.shares is not None:
+        say(profiler.summary_line())
+        summary["profile"] = {"trace": profiler.trace_path,
+                              **{k: round(v, 4) for k, v in profiler.shares.items()}}
     rl_seconds = time.perf_counter() - state.warmup_end_time
     summary.update(value_pretrain_and_rl_s=round(rl_seconds, 2),
                    final_accuracy=final["heldout_accuracy"],

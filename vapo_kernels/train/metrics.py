@@ -41,7 +41,9 @@ class PhaseTimer:
     def __call__(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
-            yield
+            # A profiler range too (about a microsecond when no profiler runs).
+            with torch.profiler.record_function(f"vapo_train.{name}"):
+                yield
         finally:
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
@@ -199,3 +201,78 @@ def plot_run(metrics_path: str, out_path: str, title: str = "") -> str:
     fig.savefig(out_path, dpi=90)
     plt.close(fig)
     return out_path
+
+
+def our_op(name: str):
+    """A profiler range around one vapo_kernels call (its backward shows up on its own as
+    ``<op>_functionBackward``), so a profile can tell our ops from the model's."""
+    return torch.profiler.record_function(f"vapo_kernels.{name}")
+
+
+class StepProfiler:
+    """``torch.profiler`` over RL steps ``first..last``: a Chrome trace (Perfetto,
+    chrome://tracing) in ``out_dir/trace.json`` and the share of step time per part."""
+
+    def __init__(self, first: int, last: int, out_dir: str) -> None:
+        self.first, self.last, self.out_dir = first, last, out_dir
+        self._profile = None
+        self._step_range = None
+        self.trace_path: str | None = None
+        self.shares: dict[str, float] | None = None
+
+    def step_start(self, step: int) -> None:
+        if step == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profile = torch.profiler.profile(activities=activities)
+            self._profile.__enter__()
+        if self._profile is not None:
+            self._step_range = torch.profiler.record_function("vapo_train.rl_step")
+            self._step_range.__enter__()
+
+    def step_end(self, step: int) -> None:
+        if self._profile is None:
+            return
+        self._step_range.__exit__(None, None, None)
+        if step == self.last:
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self._profile.__exit__(None, None, None)
+            os.makedirs(self.out_dir, exist_ok=True)
+            self.trace_path = os.path.join(self.out_dir, "trace.json")
+            self._profile.export_chrome_trace(self.trace_path)
+            self.shares = step_time_shares(
+                {e.key: e.cpu_time_total for e in self._profile.key_averages()})
+            self._profile = None
+
+    def summary_line(self) -> str:
+        s = self.shares or {}
+        return (f"profile of RL steps {self.first}-{self.last} ({self.trace_path}): vapo_kernels "
+                f"ops {s.get('ours', 0):.1%} of step time (forward {s.get('ours_forward', 0):.1%},"
+                f" backward {s.get('ours_backward', 0):.1%}); model forward/backward "
+                f"{s.get('model', 0):.1%}; generation {s.get('generation', 0):.1%}; optimizer "
+                f"{s.get('optimizer', 0):.1%}")
+
+
+def step_time_shares(times: dict[str, float]) -> dict[str, float]:
+    """Shares of the profiled RL steps' time (host time of each range, summed over steps).
+
+    Ours: the ``vapo_kernels.*`` ranges (forward calls) plus the autograd nodes of our ops
+    (``*_functionBackward``); the model: the forward / backward parts of the step
+    (old log-probs, loss forward, loss backward) less our ops in them; generation: the
+    rollout (sampling and verifier)."""
+    total = times.get("vapo_train.rl_step", 0.0)
+    if total <= 0:
+        return {}
+    forward = sum(v for k, v in times.items() if k.startswith("vapo_kernels."))
+    backward = sum(v for k, v in times.items()
+                   if k.startswith("autograd::engine::evaluate_function: ")
+                   and k.endswith("_functionBackward"))
+    model_parts = sum(times.get(f"vapo_train.{k}", 0.0)
+                      for k in ("old_logprobs", "gae", "loss_forward", "loss_backward"))
+    return {"ours": (forward + backward) / total, "ours_forward": forward / total,
+            "ours_backward": backward / total,
+            "model": max(model_parts - forward - backward, 0.0) / total,
+            "generation": times.get("vapo_train.rollout", 0.0) / total,
+            "optimizer": times.get("vapo_train.optimizer", 0.0) / total}

@@ -22,6 +22,7 @@ from torch import Tensor
 
 import vapo_kernels as vk
 
+from .metrics import our_op
 from .task import Problem, Task
 
 
@@ -256,14 +257,15 @@ def policy_logprobs(
     if logprobs_from == "hidden":
         hidden = policy.base_model(**inputs).last_hidden_state
         head = policy.get_output_embeddings()
-        return vk.linear_logprobs(
-            _gather(hidden, batch, packed), head.weight, targets, bias=head.bias,
-            temperature=temperature, return_entropy=True,
-        )
+        with our_op("linear_logprobs"):
+            return vk.linear_logprobs(
+                _gather(hidden, batch, packed), head.weight, targets, bias=head.bias,
+                temperature=temperature, return_entropy=True,
+            )
     logits = policy(**inputs).logits
-    return vk.token_logprobs(
-        _gather(logits, batch, packed), targets, temperature=temperature, return_entropy=True
-    )
+    gathered = _gather(logits, batch, packed)
+    with our_op("token_logprobs"):
+        return vk.token_logprobs(gathered, targets, temperature=temperature, return_entropy=True)
 
 
 def value_estimates(value_model, batch: RolloutBatch, *, packed: bool) -> Tensor:

@@ -32,7 +32,7 @@ import vapo_kernels as vk
 
 from .config import TrainConfig
 from .distributed import DataParallel
-from .metrics import MetricsLogger, PhaseTimer, peak_memory_mb
+from .metrics import MetricsLogger, PhaseTimer, our_op, peak_memory_mb
 from .mc_advantage import trainer_advantages
 from .rollout import RolloutBatch, demonstration_batch, generate, policy_logprobs, value_estimates
 from .task import Task
@@ -189,9 +189,10 @@ def supervised_loss(policy, batch: RolloutBatch, config: TrainConfig,
     positive = torch.ones(batch.size, dtype=torch.bool, device=logp.device)
     dp = dp or DataParallel()
     tokens = dp.all_reduce([batch.num_tokens])[0] if dp.distributed else None
-    return vk.vapo_loss(logp, None, None, None, batch.cu_seqlens.to(logp.device),
-                        positive=positive, lm_coef=1.0, global_positive_tokens=tokens,
-                        dp_size=dp.world_size)
+    with our_op("vapo_loss"):
+        return vk.vapo_loss(logp, None, None, None, batch.cu_seqlens.to(logp.device),
+                            positive=positive, lm_coef=1.0, global_positive_tokens=tokens,
+                            dp_size=dp.world_size)
 
 
 def supervised(
@@ -263,6 +264,12 @@ def compute_advantages(batch: RolloutBatch, values: Tensor, config: TrainConfig,
     lambda_policy = 1 - 1/(alpha l) per sequence; not decoupled gives the critic the policy's
     lambda too.
     """
+    with our_op("decoupled_gae"):
+        return _advantages(batch, values, config, dp)
+
+
+def _advantages(batch: RolloutBatch, values: Tensor, config: TrainConfig,
+                dp: DataParallel | None) -> tuple[Tensor, Tensor, Tensor]:
     a = config.algorithm
     lengths = batch.response_lengths
     if a.length_adaptive:
@@ -334,24 +341,30 @@ def micro_batch_loss(
                                         logprobs_from=config.model.logprobs_from, packed=packed)
         values = value_estimates(state.value_model, micro, packed=packed) if a.vf_coef > 0 else None
         device = logp.device
-        loss, metrics = vk.vapo_loss(
-            logp, old.logp, old.advantages, None, micro.cu_seqlens.to(device),
-            values=values,
-            old_values=old.values if values is not None else None,
-            returns=old.targets if values is not None else None,
-            ref_logp=old.ref_logp,
-            # The entropy is always reported; it carries gradient only with a bonus.
-            entropy=entropy if a.entropy_coef > 0 else entropy.detach(),
-            positive=(micro.scores > 0).to(device) if a.lm_coef > 0 else None,
-            clip_low=a.clip_low, clip_high=a.clip_high,
-            dual_clip=a.dual_clip or None,
-            value_clip=a.value_clip or None,
-            vf_coef=a.vf_coef, kl_kind=a.kl_kind, kl_coef=a.kl_coef,
-            entropy_coef=a.entropy_coef, lm_coef=a.lm_coef, agg=a.loss_agg,
-            global_tokens=counts.tokens, global_seqs=counts.seqs,
-            global_positive_tokens=counts.positive_tokens, dp_size=counts.dp_size,
-        )
+        with our_op("vapo_loss"):
+            loss, metrics = _vapo_loss(logp, old, micro, values, entropy, counts, a, device)
     return loss, metrics
+
+
+def _vapo_loss(logp, old, micro, values, entropy, counts, a, device):
+    """The one vk.vapo_loss call of a micro-batch, every VAPO term switched by the config."""
+    return vk.vapo_loss(
+        logp, old.logp, old.advantages, None, micro.cu_seqlens.to(device),
+        values=values,
+        old_values=old.values if values is not None else None,
+        returns=old.targets if values is not None else None,
+        ref_logp=old.ref_logp,
+        # The entropy is always reported; it carries gradient only with a bonus.
+        entropy=entropy if a.entropy_coef > 0 else entropy.detach(),
+        positive=(micro.scores > 0).to(device) if a.lm_coef > 0 else None,
+        clip_low=a.clip_low, clip_high=a.clip_high,
+        dual_clip=a.dual_clip or None,
+        value_clip=a.value_clip or None,
+        vf_coef=a.vf_coef, kl_kind=a.kl_kind, kl_coef=a.kl_coef,
+        entropy_coef=a.entropy_coef, lm_coef=a.lm_coef, agg=a.loss_agg,
+        global_tokens=counts.tokens, global_seqs=counts.seqs,
+        global_positive_tokens=counts.positive_tokens, dp_size=counts.dp_size,
+    )
 
 
 @torch.no_grad()
@@ -533,10 +546,12 @@ def value_pretrain(state: TrainState, task: Task, config: TrainConfig, log: Metr
                 dp_counts = {} if not state.dp.distributed else dict(
                     global_tokens=counts.tokens, global_seqs=counts.seqs,
                     dp_size=counts.dp_size)
-                loss, metrics = vk.vapo_loss(
-                    None, values=values, old_values=old_values, returns=targets,
-                    cu_seqlens=mini.cu_seqlens.to(values.device),
-                    value_clip=a.value_clip or None, vf_coef=1.0, agg=a.loss_agg, **dp_counts)
+                with our_op("vapo_loss"):
+                    loss, metrics = vk.vapo_loss(
+                        None, values=values, old_values=old_values, returns=targets,
+                        cu_seqlens=mini.cu_seqlens.to(values.device),
+                        value_clip=a.value_clip or None, vf_coef=1.0, agg=a.loss_agg,
+                        **dp_counts)
             with timer("loss_backward"):
                 loss.backward()
             with timer("optimizer"):
