@@ -95,9 +95,9 @@ def _update_argv(agg: str) -> list[str]:
             "--micro_batch_size", "2"]
 
 
-def ppo_update_result(tmp_path, agg: str, dp: DataParallel) -> dict:
+def ppo_update_result(tmp_path, agg: str, dp: DataParallel, *extra: str) -> dict:
     """One ppo_update on a fixed batch of 8 demonstrations (4 rewarded), this process's share."""
-    config = tiny_config(tmp_path, *_update_argv(agg))
+    config = tiny_config(tmp_path, *_update_argv(agg), *extra)
     torch.manual_seed(0)
     task = build_task(config)
     policy, tokenizer = build_policy(config, task)
@@ -142,6 +142,23 @@ def test_two_processes_make_the_same_update_as_one(tmp_path, two_processes, agg)
         torch.testing.assert_close(two[0]["params"][key], want, rtol=1e-5, atol=1e-6)
 
 
+def test_activation_checkpointing_is_wired_and_changes_no_number(tmp_path):
+    """CPU can only check the wiring: recomputed layers give the same update (the memory
+    saving needs a GPU to see)."""
+    threads = torch.get_num_threads()
+    try:
+        plain = ppo_update_result(tmp_path / "plain", "token-mean", DataParallel())
+        recomputed = ppo_update_result(tmp_path / "ckpt", "token-mean", DataParallel(),
+                                       "--activation_checkpointing")
+    finally:
+        torch.set_num_threads(threads)
+    for key, want in plain["params"].items():
+        torch.testing.assert_close(recomputed["params"][key], want, rtol=1e-6, atol=1e-7)
+    config = tiny_config(tmp_path / "c", "--activation_checkpointing")
+    policy, _ = build_policy(config, build_task(config))
+    assert distributed.prepare_model(policy, config, DataParallel()).is_gradient_checkpointing
+
+
 # -- torchrun: a 2-process run resumes from its own checkpoint -------------------------------
 RUN = [*tiny_argv(drop=("--steps", "--prompts_per_step")), "--steps", "2",
        "--prompts_per_step", "4", "--threads", "1", "--no_save_checkpoint", "--save_every", "1"]
@@ -150,7 +167,7 @@ NOT_COMPARED = ("elapsed_s", "since_warmup_s", "peak_rss_mb", "peak_cuda_memory_
 
 def _torchrun(run_dir, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
-           "--master-port", "0", "-m", "vapo_kernels.train", *RUN, "--output_dir", str(run_dir),
+           "--standalone", "-m", "vapo_kernels.train", *RUN, "--output_dir", str(run_dir),
            *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
