@@ -10,14 +10,6 @@ import pytest
 from vapo_kernels.diagnose.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _quiet_hf():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    yield
-
-
 def _run(tmp_path, study, *args, name="out"):
     out = tmp_path / name
     code = main([study, "--preset", "tiny", "--no-progress", "--output-dir", str(out), *args])

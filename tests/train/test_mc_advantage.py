@@ -15,6 +15,16 @@ from vapo_kernels.train.task import RunningSumTask
 from .conftest import read_rows, tiny_config
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread (as ``--threads 1``): on models this small a second thread costs
+    2-3x the CPU time on a loaded 2-core machine; restored for the tests after these."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_step_boundaries_split_steps():
     assert step_boundaries("3>3 5>8 =8") == [0, 4, 8]
     assert step_boundaries("a\nb c\n") == [0, 2]
@@ -51,7 +61,7 @@ def test_mc_advantages_are_value_differences_per_step():
 
 def test_tiny_run_with_mc_advantages(tmp_path):
     summary = train(tiny_config(tmp_path, "--advantage", "mc", "--mc_samples", "2",
-                                "--no_save_checkpoint"))
+                                "--no_save_checkpoint", "--threads", "1"))
     rl_rows = [r for r in read_rows(summary["run_dir"]) if r["phase"] == "rl" and r["step"] > 0]
     assert rl_rows and all("time_mc_advantage_s" in r for r in rl_rows)
     with pytest.raises(Exception, match="mc.samples"):

@@ -29,14 +29,16 @@ from ..train.task import Problem
 from ..train.vapo import TrainState, evaluate, rl, setup_rl, supervised, value_pretrain
 
 # Trainer options of each preset (the study's own sizes live in each study's PRESETS).
-# tiny: seconds, for tests. quick: a 2-core CPU in minutes. full: the trainer's defaults
-# (the CPU recipe at full length; with --model and a GPU, scale up from there).
+# tiny: seconds, for tests (one torch thread: on models this small a second thread costs
+# more in synchronisation than it computes, 2-3x the CPU time on a 2-core machine).
+# quick: a 2-core CPU in minutes. full: the trainer's defaults (the CPU recipe at full
+# length; with --model and a GPU, scale up from there).
 TRAINER_PRESETS: dict[str, list[str]] = {
     "tiny": ["--tiny_hidden_size", "32", "--tiny_layers", "1", "--tiny_heads", "2",
              "--min_steps", "2", "--max_steps", "3", "--eval_size", "16",
              "--warmup_steps", "4", "--warmup_eval_every", "2", "--warmup_batch_size", "16",
              "--prompts_per_step", "4", "--group_size", "2", "--value_pretrain_steps", "1",
-             "--eval_every", "1"],
+             "--eval_every", "1", "--threads", "1"],
     "quick": ["--eval_size", "128", "--warmup_steps", "400", "--prompts_per_step", "16",
               "--group_size", "8", "--value_pretrain_steps", "10", "--eval_every", "5"],
     "full": [],
