@@ -41,6 +41,17 @@ def test_injected_errors_tiny_run(tmp_path):
                 if at is not None:
                     assert at + before + after == pytest.approx(1.0)
     assert "| stage |" in report
+    # The Monte-Carlo row (K = 2 continuations on the tiny preset) is measured beside the
+    # lambda rows on the same chains, and its sampling leaves the training run alone: the
+    # same run without it has the same lambda rows at every stage.
+    mc = "Monte-Carlo (K=2 continuations)"
+    assert all(mc in stage["lambdas"] for stage in r["stages"])
+    assert mc in report and "Monte-Carlo credit beside GAE" in report
+    without, _ = _run(tmp_path, "injected-errors", "--rl-stages", "1", "--mc-samples", "0",
+                      name="no_mc")
+    for a, b in zip(r["stages"], without["results"]["stages"]):
+        assert {k: v for k, v in a["lambdas"].items() if k != mc} == b["lambdas"]
+        assert a["heldout_accuracy"] == b["heldout_accuracy"]
 
 
 def test_value_probe_tiny_run_is_reproducible(tmp_path):

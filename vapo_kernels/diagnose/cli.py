@@ -33,6 +33,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -82,6 +89,12 @@ def make_parser() -> argparse.ArgumentParser:
                            help="Steps per chain (<= the task's max_steps).")
             p.add_argument("--problems", type=_positive_int, default=None,
                            help="Chains per injected step.")
+            p.add_argument("--mc-samples", dest="mc_samples", type=_non_negative_int,
+                           default=None, help="K continuations per step boundary of the "
+                           "Monte-Carlo (VinePPO) row; 0: no Monte-Carlo row.")
+            p.add_argument("--mc-problems", dest="mc_problems", type=_positive_int, default=None,
+                           help="Chains per injected step in the Monte-Carlo row (the first "
+                           "of --problems; each costs (length + 1) * K generations).")
         if name in ("value-probe", "short-vs-long"):
             p.add_argument("--samples", type=_positive_int, default=None,
                            help="K continuations per prefix for the Monte-Carlo value (<= 256 "

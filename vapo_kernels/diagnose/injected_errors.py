@@ -8,6 +8,12 @@ the reward is 0), and compute the advantages of the whole response with ``vk.gae
 the negative advantage mass (sum of max(-A, 0)) that lands on step k's tokens. A perfect
 critic with lambda = 0 puts all of it there; lambda = 1 spreads it over every token up
 to the error (A_t = R - V(s_t)); a critic blind to the error spreads it everywhere.
+
+Beside the lambda rows, the row "Monte-Carlo (K continuations)" takes VinePPO's
+advantages of the same chains (:func:`vapo_kernels.train.mc_advantage.mc_advantages`):
+every token of step j gets V(after step j) - V(before step j), both values the mean
+reward of K of the policy's own continuations, so no critic is involved; it is measured
+with the same mass-at-k and credit-map metrics.
 """
 
 from __future__ import annotations
@@ -22,16 +28,26 @@ from tqdm.auto import tqdm
 import vapo_kernels as vk
 
 from ..train.config import ConfigError
+from ..train.mc_advantage import mc_advantages
 from ..train.rollout import value_estimates
+from ..train.vapo import max_new_tokens
 from .common import (Run, heldout_accuracy, pct, pyplot, response_batch, save_figure,
                      step_spans, train_in_stages, trainer_config, write_report, write_results)
 
-# chains of `length` steps, `problems` chains per injected step, RL stages (cumulative steps)
+# chains of `length` steps, `problems` chains per injected step, RL stages (cumulative
+# steps), K continuations per step boundary of the Monte-Carlo row (mc_samples), measured
+# on the first mc_problems chains of each k (each costs (length + 1) * K generations)
 PRESETS = {
-    "tiny": {"length": 3, "problems": 4, "rl_stages": [1]},
-    "quick": {"length": 8, "problems": 64, "rl_stages": [10, 20]},
-    "full": {"length": 8, "problems": 256, "rl_stages": [10, 20, 40]},
+    "tiny": {"length": 3, "problems": 4, "rl_stages": [1], "mc_samples": 2, "mc_problems": 4},
+    "quick": {"length": 8, "problems": 64, "rl_stages": [10, 20], "mc_samples": 8,
+              "mc_problems": 16},
+    "full": {"length": 8, "problems": 256, "rl_stages": [10, 20, 40], "mc_samples": 256,
+             "mc_problems": 64},
 }
+
+
+def mc_label(samples: int) -> str:
+    return f"Monte-Carlo (K={samples} continuations)"
 
 
 def lambda_settings(alpha: float) -> dict[str, float | str]:
@@ -75,14 +91,33 @@ def error_chains(run: Run, length: int, count: int, error_at: int, rng: random.R
     return response_batch(run, problems, responses), spans
 
 
+def mean_credit(adv: torch.Tensor, cu_seqlens: torch.Tensor, spans, k: int, length: int
+                ) -> dict[str, float | list[float]]:
+    """Mass at, before and after step k and the mean advantage per step (the credit-map
+    row), averaged over the sequences that have negative advantage."""
+    credits = []
+    for i in range(len(spans)):
+        lo, hi = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
+        credit = credit_of_sequence(adv[lo:hi], spans[i], k)
+        if credit is not None:
+            credits.append(credit)
+    mean = lambda key: sum(c[key] for c in credits) / len(credits) if credits else float("nan")  # noqa: E731
+    return {"at": mean("at"), "before": mean("before"), "after": mean("after"),
+            "per_step": [sum(c["per_step"][j] for c in credits) / max(1, len(credits))
+                         for j in range(length)]}
+
+
 @torch.no_grad()
-def measure_stage(run: Run, length: int, count: int, seed: int, progress: bool) -> dict:
-    """Mass at k and the credit map for every k and lambda, with this stage's critic."""
+def measure_stage(run: Run, length: int, count: int, seed: int, progress: bool,
+                  mc_samples: int = 0, mc_problems: int = 0, stage_index: int = 0) -> dict:
+    """Mass at k and the credit map for every k and lambda, with this stage's critic, and
+    (``mc_samples`` > 0) for Monte-Carlo advantages of the first ``mc_problems`` chains."""
     alpha = run.config.algorithm.alpha
     settings = lambda_settings(alpha)
+    labels = [*settings, *([mc_label(mc_samples)] if mc_samples else [])]
     rng = random.Random(f"injected-{seed}")  # the same chains at every stage
     out = {label: {"mass_at_k": [], "mass_before_k": [], "mass_after_k": [], "credit_map": []}
-           for label in settings}
+           for label in labels}
     uniform = []
     for k in tqdm(range(length), desc="  inject at k", leave=False, disable=not progress):
         batch, spans = error_chains(run, length, count, k, rng)
@@ -91,21 +126,41 @@ def measure_stage(run: Run, length: int, count: int, seed: int, progress: bool) 
         values = value_estimates(run.state.value_model, batch, packed=False).cpu()
         lengths = batch.response_lengths.tolist()
         uniform.append(sum((s[k][1] - s[k][0]) / n for s, n in zip(spans, lengths)) / count)
-        for label, lam in settings.items():
-            adv = advantages(batch.rewards, values, batch.cu_seqlens, lam, alpha)
-            rows = []
-            for i in range(batch.size):
-                lo, hi = int(batch.cu_seqlens[i]), int(batch.cu_seqlens[i + 1])
-                credit = credit_of_sequence(adv[lo:hi], spans[i], k)
-                if credit is not None:
-                    rows.append(credit)
-            mean = lambda key: sum(r[key] for r in rows) / len(rows) if rows else float("nan")  # noqa: E731
-            out[label]["mass_at_k"].append(mean("at"))
-            out[label]["mass_before_k"].append(mean("before"))
-            out[label]["mass_after_k"].append(mean("after"))
-            out[label]["credit_map"].append(
-                [sum(r["per_step"][j] for r in rows) / max(1, len(rows)) for j in range(length)])
+        credits = {label: mean_credit(advantages(batch.rewards, values, batch.cu_seqlens, lam,
+                                                 alpha), batch.cu_seqlens, spans, k, length)
+                   for label, lam in settings.items()}
+        if mc_samples:
+            sub = batch.select(torch.arange(min(mc_problems, batch.size)))
+            credits[labels[-1]] = mean_credit(
+                mc_chain_advantages(run, sub, mc_samples, (seed, stage_index, k)),
+                sub.cu_seqlens, spans[: sub.size], k, length)
+        for label, credit in credits.items():
+            out[label]["mass_at_k"].append(credit["at"])
+            out[label]["mass_before_k"].append(credit["before"])
+            out[label]["mass_after_k"].append(credit["after"])
+            out[label]["credit_map"].append(credit["per_step"])
     return {"lambdas": out, "uniform_share_of_step_k": uniform}
+
+
+def mc_chain_advantages(run: Run, batch, samples: int, rng_key: tuple) -> torch.Tensor:
+    """VinePPO's advantages of the chains, sampled under a seed of their own; the training
+    run's random stream is restored afterwards, so measuring does not change later stages."""
+    devices = [run.device] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(hash_seed(rng_key))
+        adv, _ = mc_advantages(run.state.policy, run.state.tokenizer, run.task, batch,
+                               samples=samples,
+                               max_response_tokens=max_new_tokens(run.config, run.task),
+                               temperature=run.config.rollout.temperature)
+    return adv
+
+
+def hash_seed(key: tuple) -> int:
+    """A seed from a tuple of ints, the same in every process (``hash`` of a str is not)."""
+    value = 0
+    for part in key:
+        value = (value * 1_000_003 + int(part)) % (2**63 - 1)
+    return value
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
@@ -116,7 +171,9 @@ def plot(results: dict, out_dir: str) -> list[str]:
     fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.8), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         for label, data in stage["lambdas"].items():
-            ax.plot(ks, data["mass_at_k"], "o-", markersize=3, label=label)
+            mc = label.startswith("Monte-Carlo")
+            ax.plot(ks, data["mass_at_k"], "s-" if mc else "o-", markersize=4 if mc else 3,
+                    linewidth=2 if mc else 1, color="black" if mc else None, label=label)
         ax.plot(ks, stage["uniform_share_of_step_k"], "k--", linewidth=1,
                 label="step k's share of tokens")
         ax.set_title(f"{stage['name']}\nheld-out acc {pct(stage['heldout_accuracy'])}", fontsize=9)
@@ -149,6 +206,12 @@ def report(results: dict) -> list[str]:
              "value model of each stage. 'Mass at k' is the share of the negative advantage "
              "on step k's tokens, averaged over chains; the dashed line in mass_at_k.png is "
              "step k's share of the tokens (blame spread evenly)."]
+    if results.get("mc_samples"):
+        lines.append(f"The row {mc_label(results['mc_samples'])} is VinePPO's estimator on the "
+                     f"first {min(results['mc_problems'], results['problems'])} chains of each k: "
+                     "every token of step j gets V(after j) - V(before j), each value the mean "
+                     f"reward of {results['mc_samples']} continuations sampled from the stage's "
+                     "policy (no critic).")
     table = ["| stage | held-out acc | " + " | ".join(stages[0]["lambdas"]) + " | even spread |",
              "|---|---|" + "---|" * (len(stages[0]["lambdas"]) + 1)]
     for s in stages:
@@ -164,21 +227,55 @@ def report(results: dict) -> list[str]:
         mass = sum(data["mass_at_k"]) / length
         before = sum(data["mass_before_k"]) / length
         after = sum(data["mass_after_k"]) / length
-        if mass != mass:  # no chain had negative advantage: the critic predicts 0 everywhere
-            findings.append(f"{label}: no negative advantage at all (V = 0 = reward everywhere)")
+        if mass != mass:  # no chain had negative advantage: every value is 0, as the reward
+            why = ("every continuation failed: V = 0 = reward everywhere"
+                   if label.startswith("Monte-Carlo") else "V = 0 = reward everywhere")
+            findings.append(f"{label}: no negative advantage at all ({why})")
             continue
         findings.append(f"{label}: {pct(mass)} of the blame on the wrong step ({mass / even:.1f}x "
                         f"an even spread), {pct(before)} on the correct steps before it, "
                         f"{pct(after)} after it")
     lines.append(f"At the last stage ({last['name']}): " + "; ".join(findings) + ".")
-    first_k = [d["mass_at_k"][0] for d in last["lambdas"].values() if d["mass_at_k"][0] == d["mass_at_k"][0]]
-    last_k = [d["mass_at_k"][-1] for d in last["lambdas"].values() if d["mass_at_k"][-1] == d["mass_at_k"][-1]]
+    gae = {k: d for k, d in last["lambdas"].items() if not k.startswith("Monte-Carlo")}
+    first_k = [d["mass_at_k"][0] for d in gae.values() if d["mass_at_k"][0] == d["mass_at_k"][0]]
+    last_k = [d["mass_at_k"][-1] for d in gae.values() if d["mass_at_k"][-1] == d["mass_at_k"][-1]]
     if first_k and last_k and length > 1:
         first, final = sum(first_k) / len(first_k), sum(last_k) / len(last_k)
         trend = "falls" if final < first else "rises"
         lines.append(f"Averaged over the lambdas, the mass at k {trend} from {pct(first)} "
                      f"(error at the first step) to {pct(final)} (error at the last step).")
+    lines.append(mc_comparison(results))
     return lines
+
+
+def mc_comparison(results: dict) -> str:
+    """One sentence per run: the Monte-Carlo row's mean mass at k against the best GAE row,
+    per stage."""
+    if not results.get("mc_samples"):
+        return ""
+    label, length = mc_label(results["mc_samples"]), results["length"]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    parts = []
+    for stage in results["stages"]:
+        masses = {k: mean(d["mass_at_k"]) for k, d in stage["lambdas"].items()
+                  if all(m == m for m in d["mass_at_k"])}
+        if label not in masses:
+            parts.append(f"{stage['name']}: no Monte-Carlo negative advantage to share out")
+            continue
+        gae = {k: m for k, m in masses.items() if k != label}
+        even = mean(stage["uniform_share_of_step_k"])
+        if not gae:
+            parts.append(f"{stage['name']}: Monte-Carlo {pct(masses[label])}, no GAE row has "
+                         "negative advantage")
+            continue
+        best = max(gae, key=gae.get)
+        verdict = ("more sharply than" if masses[label] > gae[best] + 0.05 else
+                   "less sharply than" if masses[label] < gae[best] - 0.05 else "about as sharply as")
+        parts.append(f"{stage['name']}: Monte-Carlo {pct(masses[label])} "
+                     f"({masses[label] / even:.1f}x an even spread) vs the best GAE row, {best}, "
+                     f"{pct(gae[best])}: it locates the error {verdict} GAE")
+    return (f"Monte-Carlo credit beside GAE (mean over k = 0..{length - 1} of the mass at k; "
+            "'sharper' means more than 5 points apart): " + "; ".join(parts) + ".")
 
 
 def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
@@ -195,17 +292,21 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
         raise ConfigError("length", f"must be in [1, max_steps={config.task.max_steps}] (the "
                           f"task's longest chain; raise it with -- --max_steps N), got {length}")
     stages = []
-    for name, run in train_in_stages(config, sizes["rl_stages"]):
+    for index, (name, run) in enumerate(train_in_stages(config, sizes["rl_stages"])):
         if run.task.name != "running_sum":
             raise ValueError("injected-errors needs the running_sum task (--task running_sum)")
-        stage = measure_stage(run, length, sizes["problems"], seed, options["progress"])
+        stage = measure_stage(run, length, sizes["problems"], seed, options["progress"],
+                              mc_samples=sizes["mc_samples"], mc_problems=sizes["mc_problems"],
+                              stage_index=index)
         stage.update(name=name, heldout_accuracy=heldout_accuracy(run))
         stages.append(stage)
     results = {"seed": seed, "length": length, "problems": sizes["problems"],
-               "rl_stages": sizes["rl_stages"], "stages": stages}
+               "rl_stages": sizes["rl_stages"], "mc_samples": sizes["mc_samples"],
+               "mc_problems": sizes["mc_problems"], "stages": stages}
     results["figures"] = plot(results, out_dir)
     write_results(out_dir, "injected-errors", {**options, **sizes}, config, results,
                   time.perf_counter() - start)
-    write_report(out_dir, "injected-errors: where GAE puts the blame for one wrong step",
+    write_report(out_dir, "injected-errors: where GAE and Monte-Carlo credit put the blame "
+                 "for one wrong step",
                  report(results) + [f"Figures: {', '.join(results['figures'])}."])
     return results
