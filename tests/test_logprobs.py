@@ -86,7 +86,7 @@ def on(device, *tensors):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_forward_matches_float64_definition(backend, device, poisoned):
-    @examples(backend, device, cpu=40, interpreted=10)
+    @examples(backend, device, cpu=40, interpreted=8)
     @given(case=cases())
     def check(case):
         forward_matches_float64_definition(backend, device, case, poisoned)
@@ -151,7 +151,9 @@ def backward_matches_autograd_of_the_definition(backend, device, case, g_ent, po
     torch.testing.assert_close(mine.grad.double().cpu(), theirs.grad, **tol)
 
 
-@pytest.mark.parametrize("backend", ON_CPU)
+# Finite differences take ~100 calls (6-10 s in the Triton interpreter); Triton's float64
+# gradients are held to autograd of the definition by test_backward_matches_autograd_of_the_definition.
+@pytest.mark.parametrize("backend", [b for b in ON_CPU if b != "triton"])
 def test_gradcheck_float64(backend):
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(6, 9, generator=gen, dtype=torch.float64, requires_grad=True)

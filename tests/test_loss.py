@@ -542,7 +542,9 @@ def test_low_precision_inputs_fp32_compute(backend, dtype):
 # torch.library integration
 
 
-@pytest.mark.parametrize("backend", ON_CPU)
+# Finite differences take ~100 calls (6-10 s in the Triton interpreter); Triton's float64
+# gradients are held to autograd of the definition by the comparisons with the float64 model above.
+@pytest.mark.parametrize("backend", [b for b in ON_CPU if b != "triton"])
 def test_gradcheck_float64(backend):
     logp, old, adv, mask, g = random_batch(11, B=3, T=5)
     v, vold, ret = (torch.randn(logp.shape, generator=g, dtype=F64) for _ in range(3))
