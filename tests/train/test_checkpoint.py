@@ -158,7 +158,8 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, capsys):
     run_dir = tmp_path / "run"
     os.makedirs(run_dir)
     (run_dir / "metrics.jsonl").write_text('{"phase": "warmup", "step": 99}\n')  # stale rows
-    train(parse_config([*RUN, "--output_dir", str(run_dir), "--resume", "auto", "--steps", "1",
+    # The bare flag means auto.
+    train(parse_config([*RUN, "--output_dir", str(run_dir), "--steps", "1", "--resume",
                         "--value_pretrain_steps", "0", "--warmup_steps", "1"]))
     assert "starting fresh" in capsys.readouterr().out
     assert [(r["phase"], r["step"]) for r in read_rows(run_dir)] == [

@@ -25,6 +25,9 @@ import torch.distributed as dist
 from .config import ConfigError, TrainConfig
 
 
+SUMMED_METRICS = ("verifier_errors",)  # counts over all processes, not means
+
+
 @dataclass
 class DataParallel:
     """This process's place among the data-parallel processes (one process: rank 0 of 1)."""
@@ -73,7 +76,7 @@ class DataParallel:
 
         Exact for the loss terms (each process reports N x its share of the global loss)
         and for means over equal-sized shards (reward, lengths); token-weighted rates become
-        a mean of per-process rates."""
+        a mean of per-process rates. Counts (SUMMED_METRICS) are summed."""
         if not self.distributed:
             return row
         keys = sorted(k for k, v in row.items() if isinstance(v, (int, float))
@@ -81,7 +84,7 @@ class DataParallel:
         totals = self.all_reduce([row[k] for k in keys])
         out = dict(row)
         for key, total in zip(keys, totals):
-            out[key] = total / self.world_size
+            out[key] = total if key in SUMMED_METRICS else total / self.world_size
         return out
 
 
