@@ -91,3 +91,22 @@ def test_mc_blames_the_answer_when_the_policy_always_recovers(tiny_run):
     assert row["mass_at_k"] == [0.0, 0.0, 0.0]
     assert row["mass_after_k"] == [1.0, 1.0, 1.0]
     assert all(v == 0.0 for r in row["credit_map"] for v in r)
+
+
+def test_short_vs_long_mc_estimate_is_exact_for_a_deterministic_policy(tiny_run):
+    """A policy that always writes the right chain: every prefix is worth 1, so every true
+    step advantage is 0; Monte-Carlo estimates it exactly, while GAE on the untrained critic
+    (V = 0) with lambda 1 gives each token 1 - 0: the step's error is its token count."""
+    from vapo_kernels.diagnose.short_vs_long import advantage_errors, settings
+
+    run = tiny_run
+    run.state.policy = ScriptedPolicy(run.state.tokenizer, run.task.modulus, carry=True)
+    problems = [run.task.problem((3, 5, 7)), run.task.problem((9, 9, 1))]
+    options = settings([1.0], [], mc_samples=2)
+    assert list(options) == ["lambda 1", "Monte-Carlo K=2"]
+    errors = advantage_errors(run, problems, 2, options)
+    assert errors["position"] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert errors["truth"] == [0.0] * 8
+    assert errors["errors"]["Monte-Carlo K=2"] == [0.0] * 8
+    # steps "d>s " are 4 tokens, the answer "=s" + EOS 3
+    assert errors["errors"]["lambda 1"] == pytest.approx([4, 4, 4, 3] * 2)

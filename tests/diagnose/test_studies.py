@@ -113,7 +113,7 @@ def test_short_vs_long_tiny_run(tmp_path):
     r = results["results"]
     assert set(r["per_length"]) == {"2", "3"}
     for L, data in r["per_length"].items():
-        assert set(data["runs"]) == {"lambda 1", "adaptive alpha 1"}
+        assert set(data["runs"]) == {"lambda 1", "adaptive alpha 1", "Monte-Carlo K=2"}
         errors = data["advantage_errors"]
         n = len(errors["truth"])
         assert n >= 3 and len(errors["position"]) == n
@@ -123,4 +123,15 @@ def test_short_vs_long_tiny_run(tmp_path):
         assert max(errors["position"]) <= int(L)  # steps 0..L-1, then the answer
         for run in data["runs"].values():
             assert run["curve"][0][0] == 0 and run["curve"][-1][0] == 1
+            # Wall time: 0 before the first update, growing, one point per evaluation.
+            times = [t for t, _ in run["wall_curve"]]
+            assert times[0] == 0 and times[-1] > 0 and times == sorted(times)
+            assert [a for _, a in run["wall_curve"]] == [a for _, a in run["curve"]]
+        # The Monte-Carlo setting trained with --advantage mc (its metrics time the Monte-
+        # Carlo advantages), the GAE settings did not.
+        rows = (tmp_path / "out" / "runs" / f"L{L}" / "Monte-Carlo_K=2" / "metrics.jsonl").read_text()
+        assert "time_mc_advantage_s" in rows
+        assert "time_mc_advantage_s" not in (
+            tmp_path / "out" / "runs" / f"L{L}" / "lambda_1" / "metrics.jsonl").read_text()
     assert "alpha = 0.05" in report
+    assert "Monte-Carlo K=2 at chains of 2 steps" in report

@@ -111,6 +111,10 @@ def make_parser() -> argparse.ArgumentParser:
                            help="Fixed lambda_policy values, comma-separated.")
             p.add_argument("--alphas", type=_float_list, default=None,
                            help="Length-adaptive alphas, comma-separated (0.05 is the paper's).")
+            p.add_argument("--mc-samples", dest="mc_samples", type=_non_negative_int,
+                           default=None, help="K continuations per step boundary of the "
+                           "Monte-Carlo setting (vapo-train --advantage mc; VinePPO's best "
+                           "was 9); 0: no Monte-Carlo setting.")
         if name == "ablations":
             p.add_argument("--seeds", type=_int_list, default=None,
                            help="Seeds per row (default: the preset's, from --seed on).")

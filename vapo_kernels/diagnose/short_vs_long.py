@@ -9,6 +9,14 @@ is V*(after step j) - V*(before step j), both prefix values from K continuations
 estimate is the sum of the setting's GAE advantages (``vk.gae``, unwhitened) over the
 step's tokens, which with a perfect critic has exactly that conditional mean for every
 lambda. Bias and variance of (estimate - truth) are reported per step position.
+
+Beside the GAE settings, the setting "Monte-Carlo K=..." trains with the trainer's
+``--advantage mc`` (VinePPO: every token of step j gets V(after j) - V(before j), each
+value the mean reward of ``mc_samples`` continuations); its step-advantage estimate is
+that per-token advantage, from continuations drawn independently of the ground truth's.
+Accuracy is reported against RL steps and against training wall time (the trainer's
+per-step phase times summed; evaluations excluded), since Monte-Carlo costs more
+generation per step.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from tqdm.auto import tqdm
 import vapo_kernels as vk
 
 from ..train.config import ConfigError, validate
-from ..train.mc_advantage import prefix_values
+from ..train.mc_advantage import mc_advantages, prefix_values
 from ..train.metrics import read_rows
 from ..train.rollout import generate, value_estimates
 from ..train.vapo import max_new_tokens, value_pretrain
@@ -32,21 +40,30 @@ from .common import (continue_run, pct, pyplot, rl_steps, save_figure, start_run
                      trainer_config, with_options, write_report, write_results)
 from .value_probe import boundaries
 
+# samples: K of the Monte-Carlo ground truth; mc_samples: K of the Monte-Carlo setting's
+# training (VinePPO's best was 9; 0 leaves the setting out)
 PRESETS = {
     "tiny": {"lengths": [2, 3], "lambdas": [0.95, 1.0], "alphas": [0.05, 1.0], "rl_steps": 1,
-             "problems": 3, "samples": 3},
+             "problems": 3, "samples": 3, "mc_samples": 2},
     "quick": {"lengths": [3, 8], "lambdas": [0.9, 0.95, 0.99, 1.0], "alphas": [0.05, 0.2, 1.0],
-              "rl_steps": 6, "problems": 24, "samples": 16},
+              "rl_steps": 6, "problems": 24, "samples": 16, "mc_samples": 4},
     "full": {"lengths": [3, 6, 10], "lambdas": [0.9, 0.95, 0.99, 1.0],
-             "alphas": [0.05, 0.1, 0.2, 0.5, 1.0], "rl_steps": 30, "problems": 128, "samples": 64},
+             "alphas": [0.05, 0.1, 0.2, 0.5, 1.0], "rl_steps": 30, "problems": 128,
+             "samples": 256, "mc_samples": 9},
 }
 
 
-def settings(lambdas: list[float], alphas: list[float]) -> dict[str, dict]:
-    """Label -> trainer options of each lambda_policy setting."""
+def settings(lambdas: list[float], alphas: list[float], mc_samples: int = 0) -> dict[str, dict]:
+    """Label -> trainer options of each setting: the lambda_policy ones, then Monte-Carlo."""
     out = {f"lambda {lam:g}": {"length_adaptive": False, "lam_policy": lam} for lam in lambdas}
     out.update({f"adaptive alpha {a:g}": {"length_adaptive": True, "alpha": a} for a in alphas})
+    if mc_samples:
+        out[f"Monte-Carlo K={mc_samples}"] = {"advantage": "mc", "mc_samples": mc_samples}
     return out
+
+
+def is_mc(options: dict) -> bool:
+    return options.get("advantage") == "mc"
 
 
 def policy_lambda(options: dict, lengths: torch.Tensor) -> float | torch.Tensor:
@@ -85,6 +102,13 @@ def advantage_errors(run, problems, samples: int, setting_options: dict[str, dic
     out = {"position": [j for _, j, _, _ in segments], "truth": truth,
            "mc_noise_variance": float((mc * (1 - mc)).mean() / samples), "errors": {}}
     for label, options in setting_options.items():
+        if is_mc(options):  # the trainer's estimate: one advantage per step, on every token
+            adv, _ = mc_advantages(state.policy, state.tokenizer, task, batch,
+                                   samples=options["mc_samples"], max_response_tokens=limit,
+                                   temperature=config.rollout.temperature)
+            out["errors"][label] = [float(adv[int(batch.cu_seqlens[i]) + s]) - t
+                                    for (i, _, s, _), t in zip(segments, truth)]
+            continue
         lam = policy_lambda(options, batch.response_lengths)
         adv = vk.gae(batch.rewards, values, None, batch.cu_seqlens, gamma=config.algorithm.gamma,
                      lam=lam)[0]
@@ -92,6 +116,25 @@ def advantage_errors(run, problems, samples: int, setting_options: dict[str, dic
                     for i, _, s, e in segments]
         out["errors"][label] = [e - t for e, t in zip(estimate, truth)]
     return out
+
+
+def curves(rows: list[dict]) -> tuple[list, list]:
+    """Held-out accuracy against RL step and against training wall time: the trainer's
+    phase times (``time_*_s``) summed over the steps so far, evaluations excluded."""
+    by_step, by_time, seconds = [], [], 0.0
+    for r in rows:
+        if r["phase"] != "rl":
+            continue
+        seconds += sum(v for k, v in r.items() if k.startswith("time_") and k.endswith("_s"))
+        if "heldout_accuracy" in r:
+            by_step.append((r["step"], r["heldout_accuracy"]))
+            by_time.append((round(seconds, 3), r["heldout_accuracy"]))
+    return by_step, by_time
+
+
+def time_to_reach(wall_curve: list, target: float) -> float | None:
+    """Training seconds of the first evaluation at or above ``target`` (None: never)."""
+    return next((t for t, acc in wall_curve if acc >= target - 1e-12), None)
 
 
 def by_position(positions: list[int], errors: list[float]) -> dict[int, dict]:
@@ -107,16 +150,24 @@ def plot(results: dict, out_dir: str) -> list[str]:
     plt = pyplot()
     lengths = results["lengths"]
     fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 3.8), squeeze=False)
-    for ax, L in zip(axes[0], lengths):
-        for label, run in results["per_length"][str(L)]["runs"].items():
-            steps, acc = zip(*run["curve"])
-            ax.plot(steps, acc, "o-" if label.startswith("adaptive") else "s--", markersize=3,
-                    label=label)
-        ax.set_title(f"chains of {L} steps", fontsize=10)
-        ax.set_xlabel("RL step")
-    axes[0][0].set_ylabel("held-out accuracy")
-    axes[0][-1].legend(fontsize=7)
-    names = [save_figure(fig, out_dir, "accuracy_vs_steps.png")]
+    names = []
+    for key, xlabel, name in (("curve", "RL step", "accuracy_vs_steps.png"),
+                              ("wall_curve", "training wall time (s, evaluations excluded)",
+                               "accuracy_vs_wall_time.png")):
+        fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 3.8), squeeze=False)
+        for ax, L in zip(axes[0], lengths):
+            for label, run in results["per_length"][str(L)]["runs"].items():
+                xs, acc = zip(*run[key])
+                if label.startswith("Monte-Carlo"):
+                    ax.plot(xs, acc, "D-", color="black", linewidth=2, markersize=4, label=label)
+                else:
+                    ax.plot(xs, acc, "o-" if label.startswith("adaptive") else "s--",
+                            markersize=3, label=label)
+            ax.set_title(f"chains of {L} steps", fontsize=10)
+            ax.set_xlabel(xlabel)
+        axes[0][0].set_ylabel("held-out accuracy")
+        axes[0][-1].legend(fontsize=7)
+        names.append(save_figure(fig, out_dir, name))
 
     fig, axes = plt.subplots(2, len(lengths), figsize=(5 * len(lengths), 6.5), squeeze=False)
     for col, L in enumerate(lengths):
@@ -172,9 +223,51 @@ def report(results: dict) -> list[str]:
                      f"evaluation). The most accurate step advantages (lowest MSE against "
                      f"Monte-Carlo truth, which has its own noise variance "
                      f"{data['mc_noise_variance']:.4f} per value): {mse_best}.")
+    lines += [mc_sentence(results, L) for L in lengths]
     lines.append("Note: alpha = 0.05 gives alpha * l <= 1, i.e. lambda clamped to 0 (pure TD), "
                  "for every response of at most 20 tokens; chains here are 4L + 3 tokens.")
     return lines
+
+
+def mc_sentence(results: dict, L: int) -> str:
+    """Monte-Carlo against the GAE settings at one length: cost per step, accuracy, and
+    training time to the best GAE setting's final accuracy (VinePPO's claim)."""
+    runs = results["per_length"][str(L)]["runs"]
+    mc = [k for k in runs if k.startswith("Monte-Carlo")]
+    gae = {k: v for k, v in runs.items() if not k.startswith("Monte-Carlo")}
+    if not mc or not gae:
+        return ""
+    label, run = mc[0], runs[mc[0]]
+    gae_step = sum(v["seconds_per_step"] for v in gae.values()) / len(gae)
+    best = max(gae, key=lambda k: gae[k]["final_accuracy"])
+    target = gae[best]["final_accuracy"]
+    gae_time, mc_time = time_to_reach(gae[best]["wall_curve"], target), time_to_reach(run["wall_curve"], target)
+    noise = 0.5 / results["eval_size"] ** 0.5
+    gap = run["final_accuracy"] - target
+    compare = ("within the held-out noise of it" if abs(gap) <= 2 * noise else
+               f"{abs(100 * gap):.1f} points {'above' if gap > 0 else 'below'} it")
+    if mc_time is None:
+        reach = (f"it did not reach the best GAE setting's final accuracy ({best}, "
+                 f"{pct(target)}, in {secs(gae_time)}) within {results['rl_steps']} steps "
+                 f"({secs(run['wall_curve'][-1][0])})")
+    elif gae_time == 0 or mc_time == 0:
+        reach = (f"the best GAE setting's final accuracy ({best}, {pct(target)}) was already "
+                 "reached before RL, so time to it says nothing here")
+    else:
+        ratio = mc_time / gae_time
+        reach = (f"it reached the best GAE setting's final accuracy ({best}, {pct(target)}) "
+                 f"after {secs(mc_time)} of training against {secs(gae_time)} for {best} "
+                 f"({ratio:.2f}x the time: {'faster' if ratio < 1 else 'not faster'} than "
+                 "GAE; VinePPO reports up to 3x less wall time on MATH)")
+    return (f"{label} at chains of {L} steps: {secs(run['seconds_per_step'])} of training per "
+            f"RL step against {secs(gae_step)} for the GAE settings on average "
+            f"({run['seconds_per_step'] / max(gae_step, 1e-9):.1f}x), final accuracy "
+            f"{pct(run['final_accuracy'])}, {compare} (the best GAE setting's, {pct(target)}); "
+            f"{reach}.")
+
+
+def secs(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds < 10 else f"{seconds:.0f} s"
 
 
 def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
@@ -189,7 +282,7 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     if any(L < 1 for L in sizes["lengths"]):
         raise ConfigError("lengths", f"each must be >= 1, got {sizes['lengths']}")
     os.makedirs(out_dir, exist_ok=True)
-    setting_options = settings(sizes["lambdas"], sizes["alphas"])
+    setting_options = settings(sizes["lambdas"], sizes["alphas"], sizes["mc_samples"])
     per_length, config = {}, None
     bar = tqdm(total=len(sizes["lengths"]) * len(setting_options), desc="short-vs-long runs",
                disable=not options["progress"])
@@ -216,9 +309,10 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
             run = continue_run(base, cfg)
             rl_steps(run, sizes["rl_steps"])
             run.log.close()
-            curve = [(r["step"], r["heldout_accuracy"]) for r in read_rows(run.log.path)
-                     if r["phase"] == "rl" and "heldout_accuracy" in r]
-            runs[label] = {"curve": curve, "final_accuracy": curve[-1][1]}
+            curve, wall_curve = curves(read_rows(run.log.path))
+            runs[label] = {"curve": curve, "wall_curve": wall_curve,
+                           "final_accuracy": curve[-1][1],
+                           "seconds_per_step": wall_curve[-1][0] / max(1, curve[-1][0])}
             bar.update()
         per_length[str(L)] = {"runs": runs, "advantage_errors": errors, "advantage_stats": stats,
                               "advantage_mse": mse, "mc_noise_variance": errors["mc_noise_variance"],
