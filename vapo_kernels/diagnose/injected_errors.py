@@ -191,6 +191,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
         scale = float(grid.abs().max()) or 1.0
         image = ax.imshow(grid.numpy(), cmap="RdBu", vmin=-scale, vmax=scale)
         ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(length))
+        ax.set_yticks(range(length))
         ax.set_xlabel("step of the token")
         ax.set_ylabel("injected error at step k")
         fig.colorbar(image, ax=ax, fraction=0.046)

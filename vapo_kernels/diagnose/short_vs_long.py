@@ -244,15 +244,16 @@ def mc_sentence(results: dict, L: int) -> str:
     gae_time, mc_time = time_to_reach(gae[best]["wall_curve"], target), time_to_reach(run["wall_curve"], target)
     noise = 0.5 / results["eval_size"] ** 0.5
     gap = run["final_accuracy"] - target
-    compare = ("within the held-out noise of it" if abs(gap) <= 2 * noise else
-               f"{abs(100 * gap):.1f} points {'above' if gap > 0 else 'below'} it")
+    compare = ("within the held-out noise" if abs(gap) <= 2 * noise else
+               f"{abs(100 * gap):.1f} points {'above' if gap > 0 else 'below'}")
+    start = gae[best]["curve"][0][1]
     if mc_time is None:
         reach = (f"it did not reach the best GAE setting's final accuracy ({best}, "
                  f"{pct(target)}, in {secs(gae_time)}) within {results['rl_steps']} steps "
                  f"({secs(run['wall_curve'][-1][0])})")
-    elif gae_time == 0 or mc_time == 0:
-        reach = (f"the best GAE setting's final accuracy ({best}, {pct(target)}) was already "
-                 "reached before RL, so time to it says nothing here")
+    elif target <= start:
+        reach = (f"no GAE setting ended above the accuracy before RL ({pct(start)}), so the "
+                 "time to the best GAE accuracy says nothing here")
     else:
         ratio = mc_time / gae_time
         reach = (f"it reached the best GAE setting's final accuracy ({best}, {pct(target)}) "
@@ -261,9 +262,9 @@ def mc_sentence(results: dict, L: int) -> str:
                  "GAE; VinePPO reports up to 3x less wall time on MATH)")
     return (f"{label} at chains of {L} steps: {secs(run['seconds_per_step'])} of training per "
             f"RL step against {secs(gae_step)} for the GAE settings on average "
-            f"({run['seconds_per_step'] / max(gae_step, 1e-9):.1f}x), final accuracy "
-            f"{pct(run['final_accuracy'])}, {compare} (the best GAE setting's, {pct(target)}); "
-            f"{reach}.")
+            f"({run['seconds_per_step'] / max(gae_step, 1e-9):.1f}x); final accuracy "
+            f"{pct(run['final_accuracy'])} against {pct(target)} for the best GAE setting "
+            f"({compare}, ±{100 * noise:.1f} points per evaluation); {reach}.")
 
 
 def secs(seconds: float) -> str:
