@@ -8,7 +8,6 @@ work on it with nothing fetched from a hub.
 
 from __future__ import annotations
 
-import os
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -124,10 +123,3 @@ def _head_name(value: PreTrainedModel) -> str:
         if hasattr(value, name):
             return name
     raise ValueError(f"{type(value).__name__}: no score/classifier head found")
-
-
-def save_checkpoint(folder: str, model: PreTrainedModel, tokenizer) -> None:
-    """``save_pretrained`` of a model with its tokenizer beside it."""
-    os.makedirs(folder, exist_ok=True)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
