@@ -8,7 +8,6 @@ work on it with nothing fetched from a hub.
 
 from __future__ import annotations
 
-
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
