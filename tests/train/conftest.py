@@ -16,6 +16,7 @@ TINY = [
     "--warmup_steps", "4", "--warmup_eval_every", "2", "--warmup_batch_size", "16",
     "--prompts_per_step", "4", "--group_size", "2", "--value_pretrain_steps", "1",
     "--steps", "2", "--eval_every", "1", "--no_progress", "--no_tensorboard", "--no_plots",
+    "--save_every", "0",  # checkpoint tests turn it on
 ]
 
 

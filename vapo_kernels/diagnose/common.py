@@ -43,7 +43,8 @@ TRAINER_PRESETS: dict[str, list[str]] = {
               "--group_size", "8", "--value_pretrain_steps", "10", "--eval_every", "5"],
     "full": [],
 }
-COMMON_TRAINER_FLAGS = ["--no_tensorboard", "--no_plots", "--no_save_checkpoint"]
+# A study's runs are short and rerun from the seed: no checkpoints.
+COMMON_TRAINER_FLAGS = ["--no_tensorboard", "--no_plots", "--no_save_checkpoint", "--save_every", "0"]
 
 
 def trainer_config(preset: str, seed: int, run_dir: str, extra: list[str] = (),

@@ -175,7 +175,8 @@ class RunArgs:
     plots: bool = _opt(True, "Write PNG plots at the end.")
     tensorboard: bool = _opt(True, "Also log to TensorBoard when it is installed.")
     progress: bool = _opt(True, "tqdm progress bar with a live metrics line.")
-    save_every: int = _opt(0, "Checkpoint every N steps of each phase, at each phase start and "
+    # On by default: a killed run must never cost the user more than a few steps.
+    save_every: int = _opt(10, "Checkpoint every N steps of each phase, at each phase start and "
                            "at the end, into RUN/checkpoints (0: off).")
     keep: int = _opt(2, "Complete checkpoints kept (older ones are pruned; 0: keep all).")
     resume: str = _opt("", "Continue a run: 'auto' (or the bare flag) takes the latest complete "
