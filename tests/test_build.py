@@ -34,6 +34,14 @@ def test_build_key_follows_content_not_names(tmp_path, monkeypatch):
     assert _key(src, monkeypatch) != edited
 
 
+def test_build_key_differs_between_checkouts(tmp_path, monkeypatch):
+    # Same content in two folders: ninja would rebuild each time the other one built,
+    # since its compile commands name the source paths.
+    a, b = (tmp_path / "a", tmp_path / "b")
+    a.mkdir(), b.mkdir()
+    assert _key(_copy_csrc(a), monkeypatch) != _key(_copy_csrc(b), monkeypatch)
+
+
 def test_build_progress_reports_each_file_in_a_log(tmp_path, monkeypatch):
     out = io.StringIO()  # not a terminal: one line per compiled file, no bar
     sources = [tmp_path / f"{n}.cpp" for n in ("a", "b")]

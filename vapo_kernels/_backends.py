@@ -206,12 +206,14 @@ def _cuda_wanted() -> bool:
 
 def _build_key(sources: list[Path], flags: list[str]) -> str:
     """A name for the build folder that changes with anything that changes the binary:
-    every source and header's content, the flags, the torch version and the Python ABI.
-    Two checkouts or two environments on one machine then never overwrite each other's
-    build (keyed by file names only, they rebuilt in turns, four times in 20 minutes)."""
+    every source and header's content, the flags, the torch version and the Python ABI -
+    and with the sources' folder, because ninja rebuilds when the compile commands (which
+    hold the source paths) differ. Two checkouts or two environments on one machine then
+    never overwrite each other's build (keyed by file names only, they rebuilt in turns,
+    four times in 20 minutes)."""
     import sysconfig
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(str(csrc_dir().resolve()).encode())
     headers = sorted(p for p in csrc_dir().rglob("*") if p.suffix in (".h", ".cuh"))
     for path in [*sources, *headers]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
