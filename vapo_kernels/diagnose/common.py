@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..train.cli import build_policy, build_task
+from ..train.cli import build_policy, build_task, seed_and_device
 from ..train.config import TrainConfig, parse_config
 from ..train.metrics import MetricsLogger
 from ..train.models import value_model_from_policy
@@ -45,6 +45,12 @@ TRAINER_PRESETS: dict[str, list[str]] = {
 }
 # A study's runs are short and rerun from the seed: no checkpoints.
 COMMON_TRAINER_FLAGS = ["--no_tensorboard", "--no_plots", "--no_save_checkpoint", "--save_every", "0"]
+
+
+def preset_sizes(presets: dict[str, dict], options: dict) -> dict:
+    """A study's sizes: its preset's, with each one the user gave on the command line."""
+    sizes = presets[options["preset"]]
+    return {**sizes, **{k: v for k, v in options.items() if k in sizes and v is not None}}
 
 
 def trainer_config(preset: str, seed: int, run_dir: str, extra: list[str] = (),
@@ -83,12 +89,7 @@ def start_run(config: TrainConfig) -> Run:
     """Seed, build task and models, supervised warm-up, then the value model and optimizers
     (as ``vapo-train`` does, with the same seeding, so the same seed gives the same run)."""
     run = config.run
-    random.seed(run.seed)
-    torch.manual_seed(run.seed)
-    if run.threads:
-        torch.set_num_threads(run.threads)
-    device = torch.device("cuda" if run.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if run.device == "auto" else run.device))
+    device = seed_and_device(run)
     os.makedirs(run.output_dir, exist_ok=True)
     task = build_task(config)
     policy, tokenizer = build_policy(config, task)

@@ -31,8 +31,9 @@ from ..train.config import ConfigError
 from ..train.mc_advantage import mc_advantages
 from ..train.rollout import value_estimates
 from ..train.vapo import max_new_tokens
-from .common import (Run, heldout_accuracy, pct, pyplot, response_batch, save_figure,
-                     step_spans, train_in_stages, trainer_config, write_report, write_results)
+from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot, response_batch,
+                     save_figure, step_spans, train_in_stages, trainer_config, write_report,
+                     write_results)
 
 # chains of `length` steps, `problems` chains per injected step, RL stages (cumulative
 # steps), K continuations per step boundary of the Monte-Carlo row (mc_samples), measured
@@ -284,8 +285,7 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     """Train in stages; at each stage measure the credit of injected errors; write outputs."""
     start = time.perf_counter()
     out_dir, preset, seed = options["output_dir"], options["preset"], options["seed"]
-    sizes = {**PRESETS[preset], **{k: v for k, v in options.items()
-                                   if k in PRESETS[preset] and v is not None}}
+    sizes = preset_sizes(PRESETS, options)
     os.makedirs(out_dir, exist_ok=True)
     config = trainer_config(preset, seed, os.path.join(out_dir, "train"), extra_trainer_args,
                             progress=options["progress"])

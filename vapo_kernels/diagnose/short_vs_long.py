@@ -36,8 +36,8 @@ from ..train.mc_advantage import mc_advantages, prefix_values
 from ..train.metrics import read_rows
 from ..train.rollout import generate, value_estimates
 from ..train.vapo import max_new_tokens, value_pretrain
-from .common import (continue_run, pct, pyplot, rl_steps, save_figure, start_run, token_count,
-                     trainer_config, with_options, write_report, write_results)
+from .common import (continue_run, pct, preset_sizes, pyplot, rl_steps, save_figure, start_run,
+                     token_count, trainer_config, with_options, write_report, write_results)
 from .value_probe import boundaries
 
 # samples: K of the Monte-Carlo ground truth; mc_samples: K of the Monte-Carlo setting's
@@ -274,8 +274,7 @@ def secs(seconds: float) -> str:
 def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     start = time.perf_counter()
     out_dir, preset, seed = options["output_dir"], options["preset"], options["seed"]
-    sizes = {**PRESETS[preset], **{k: v for k, v in options.items()
-                                   if k in PRESETS[preset] and v is not None}}
+    sizes = preset_sizes(PRESETS, options)
     if any(not 0 <= lam <= 1 for lam in sizes["lambdas"]):
         raise ConfigError("lambdas", f"each must be in [0, 1], got {sizes['lambdas']}")
     if any(a <= 0 for a in sizes["alphas"]):

@@ -25,8 +25,9 @@ from ..train.mc_advantage import prefix_values
 from ..train.rollout import generate, value_estimates
 from ..train.task import DIGITS
 from ..train.vapo import max_new_tokens
-from .common import (Run, heldout_accuracy, pct, pyplot, response_batch, save_figure,
-                     token_count, train_in_stages, trainer_config, write_report, write_results)
+from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot, response_batch,
+                     save_figure, token_count, train_in_stages, trainer_config, write_report,
+                     write_results)
 
 PRESETS = {
     "tiny": {"problems": 4, "samples": 4, "alternatives": 3, "rl_stages": [1]},
@@ -237,8 +238,7 @@ def report(results: dict) -> list[str]:
 def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     start = time.perf_counter()
     out_dir, preset, seed = options["output_dir"], options["preset"], options["seed"]
-    sizes = {**PRESETS[preset], **{k: v for k, v in options.items()
-                                   if k in PRESETS[preset] and v is not None}}
+    sizes = preset_sizes(PRESETS, options)
     os.makedirs(out_dir, exist_ok=True)
     config = trainer_config(preset, seed, os.path.join(out_dir, "train"), extra_trainer_args,
                             progress=options["progress"])

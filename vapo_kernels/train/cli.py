@@ -133,14 +133,21 @@ def train(config: TrainConfig) -> dict:
         distributed.shutdown(dp)
 
 
-def _train(config: TrainConfig, dp: DataParallel) -> dict:
-    run = config.run
+def seed_and_device(run) -> torch.device:
+    """The run's seeding, thread count and device, as every entry point into the trainer
+    (this one, the diagnostics) must set them for the same seed to give the same run."""
     random.seed(run.seed)
     torch.manual_seed(run.seed)
     if run.threads:
         torch.set_num_threads(run.threads)
-    device = torch.device("cuda" if run.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if run.device == "auto" else run.device))
+    if run.device != "auto":
+        return torch.device(run.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _train(config: TrainConfig, dp: DataParallel) -> dict:
+    run = config.run
+    device = seed_and_device(run)
     if dp.distributed and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     if dp.distributed and (config.model.logprobs_from == "hidden" or run.supervised_baseline
