@@ -267,6 +267,7 @@ class _BuildProgress:
         self.active = not quiet and not (build_dir / f"{name}.so").exists()
         self.out = sys.stderr
         self._stop = None
+        self._shown = 0  # files reported so far
 
     def __enter__(self):
         if not self.active:
@@ -296,25 +297,24 @@ class _BuildProgress:
         return min(sum(1 for f in files if f.stat().st_mtime >= self._started - 1), self.total)
 
     def _watch(self):
-        shown = 0
         while not self._stop.wait(0.5):
-            shown = self._show(shown)
+            self._show()
 
-    def _show(self, shown: int) -> int:
+    def _show(self) -> None:
         done = self._done()
         if self._bar is not None:
             self._bar.n = done
             self._bar.refresh()
-        elif done > shown:
+        elif done > self._shown:
             print(f"vapo_kernels: compiled {done}/{self.total} "
                   f"({time.time() - self._started:.0f} s)", file=self.out, flush=True)
-        return done
+        self._shown = done
 
     def __exit__(self, *exc):
         if self._stop is not None:
             self._stop.set()
             self._thread.join()
-            self._show(0 if self._bar is not None else self.total)
+            self._show()
             if self._bar is not None:
                 self._bar.close()
             print(f"vapo_kernels: C++ kernels compiled in {time.time() - self._started:.0f} s",
