@@ -115,17 +115,20 @@ def aggregation_weights(a, layout, shape, device, flat_mask, acc):
         # The common case (VAPO's token-mean) in as few ops as possible: at micro-batch
         # sizes each tensor op costs about as much as the loss kernel.
         dp = float(a.dp_size)
-        if a.agg == "token-sum" or a.global_tokens is not None:
-            scale = dp if a.agg == "token-sum" else loss_spec.share(dp, a.global_tokens)
-            return offs, _ragged.constant(num_seqs, scale, acc, device), None
-        if flat_mask is None:
+        if a.agg == "token-sum":
+            scale = dp
+        elif a.global_tokens is not None:
+            scale = loss_spec.share(dp, a.global_tokens)
+        elif flat_mask is None:
             scale = loss_spec.share(dp, layout.num_tokens)
-            return offs, _ragged.constant(num_seqs, scale, acc, device), None
-        if device.type == "cpu":  # reading the count costs no device sync here: 2 ops fewer
+        elif device.type == "cpu":  # reading the count costs no device sync here
             scale = loss_spec.share(dp, int(flat_mask.sum()))
-            return offs, _ragged.constant(num_seqs, scale, acc, device), None
-        tokens = flat_mask.sum(dtype=torch.float64).clamp_(min=1)  # 0 tokens: weight unused
-        return offs, (dp / tokens).to(acc).expand(num_seqs).contiguous(), None
+        else:  # on a GPU the count stays on the device: no sync on the hot path
+            tokens = flat_mask.sum(dtype=torch.float64).clamp_(min=1)  # 0 tokens: unused
+            return offs, (dp / tokens).to(acc).expand(num_seqs).contiguous(), None
+        # A fresh vector: the scale changes with every batch's counts, so caching it would
+        # only evict the constants that do repeat.
+        return offs, torch.full((num_seqs,), scale, dtype=acc, device=device), None
     if flat_mask is None:
         counts = offs[1:] - offs[:-1]
     else:
