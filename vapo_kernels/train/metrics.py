@@ -179,9 +179,10 @@ def plot_run(metrics_path: str, out_path: str, title: str = "") -> str:
                           if r["phase"] == phase and r.get(key) is not None]
                 if points:
                     xs, ys = zip(*points)
-                    style = "o-" if key == "heldout_accuracy" else "-"
-                    ax.plot(xs, ys, style, color=color, markersize=3,
-                            alpha=1.0 if key == keys[0] else 0.5,
+                    # colour = phase, line style = metric: a panel's metrics (up to 3)
+                    # stay apart (with shades of one colour the 2nd and 3rd looked alike)
+                    ax.plot(xs, ys, ("-", "--", ":")[keys.index(key)], color=color,
+                            marker="o" if key == "heldout_accuracy" else None, markersize=3,
                             label=f"{key} ({phase})")
         ax.set_title(name)
         ax.set_xlabel("wall time (s)")
