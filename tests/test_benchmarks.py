@@ -252,3 +252,15 @@ def test_summary_picks_our_fastest_checked_row_and_the_fastest_checked_peer():
     assert len(table) == 1
     cells = [c.strip() for c in table[0].strip("|").split("|")]
     assert "ours-fast" in cells[4] and cells[7] == "`peer-b`" and cells[8] == "3×"
+
+
+def test_flop_floor_takes_the_fastest_matmul_dtype(monkeypatch):
+    """A FLOP floor is the time at the best matmul rate of the device: on a CPU without
+    bf16 units the float32 matmul is faster, so a bf16 task's floor uses its rate."""
+    rates = {torch.bfloat16: 1e9, torch.float32: 4e9}
+    monkeypatch.setattr(H, "matmul_rate", lambda device, m, k, n, dtype: rates[dtype])
+    floor = H.Floor("2 m k n FLOP", flops=8e9, matmul=(1, 1, 1), dtype=torch.bfloat16)
+    row = H.Row("s", "1x1", "mm", "ours", "ours", tokens=1, per_call=False)
+    case = H.Case("s", "1x1", 1, [None], [], {"mm": floor}, None)
+    H.add_floors([row], case, torch.device("cpu"))
+    assert row.floor_s == pytest.approx(2.0)  # 8e9 FLOP at the float32 rate, not bf16's 8 s

@@ -50,8 +50,10 @@ class Floor:
     """What a task must do at least: ``bytes`` moved (read + written) or ``flops``.
 
     Byte floors are set against the copy bandwidth measured in the run; FLOP floors
-    against the rate of a bare ``matmul`` of dims ``(m, k, n)`` in ``dtype`` timed in the
-    run. ``formula`` says how the amount was counted, for the report.
+    against the fastest rate of a bare ``matmul`` of dims ``(m, k, n)`` timed in the run,
+    in ``dtype`` or in float32, whichever is faster here (a CPU without bf16 units runs a
+    float32 matmul several times faster: the floor is what the FLOP could take at best).
+    ``formula`` says how the amount was counted, for the report.
     """
 
     formula: str
@@ -578,7 +580,8 @@ def add_floors(rows: list[Row], case: Case, device: torch.device) -> None:
             if row.median_s:
                 row.achieved, row.achieved_unit = floor.bytes / row.median_s / 1e9, "GB/s"
         elif floor.flops:
-            rate = _floor_row_rate(rows, case, floor) or matmul_rate(device, *floor.matmul, floor.dtype)
+            rate = max(_floor_row_rate(rows, case, floor) or 0.0,
+                       *(matmul_rate(device, *floor.matmul, d) for d in {floor.dtype, torch.float32}))
             row.floor_s = floor.flops / rate
             if row.median_s:
                 row.achieved, row.achieved_unit = floor.flops / row.median_s / 1e12, "TFLOP/s"

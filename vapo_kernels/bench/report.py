@@ -117,8 +117,9 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "",
         f"Copy bandwidth measured in this run: {_num(meta.get('copy_GB_s'), '.1f')} GB/s "
         "(read + write). *floor*: the time the task's bytes (or FLOP) take at that bandwidth "
-        "(or at the bare matmul's rate); *%floor*: floor / median; *vs best peer*: the "
-        "fastest peer's median over the row's (> 1: faster). *spread*: IQR / median; "
+        "(or at the fastest rate of a bare matmul of the same dims, in the task's dtype or "
+        "float32); *%floor*: floor / median; *vs best peer*: the fastest peer's median over "
+        "the row's (> 1: faster). *spread*: IQR / median; "
         f"a row wider than {meta['timing']['max_spread']:g} was measured again (up to "
         f"{meta['timing']['remeasure']} more times) and is flagged *noisy* if it stayed wide.",
     ]

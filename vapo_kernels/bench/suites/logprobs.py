@@ -22,7 +22,7 @@ float64: values to 1e-4 (1 + M) (M = max|z| + log V of the row; a bf16 peer may 
 at least 1e-3); the weight gradient of the fused rows, which sums over all rows, from a
 call on the 32 rows alone. Floors: from logits N V elt bytes forward, 3 N V elt with the
 backward, at the copy bandwidth; fused linear 2 N V H FLOP forward, 6 N V H with the
-backward, at the bare matmul's rate.
+backward, at the fastest bare matmul's rate.
 """
 
 from __future__ import annotations
@@ -491,8 +491,8 @@ def build_case(shape: tuple[int, ...], ctx: Context) -> Case:
         if linear:
             flop = 2 * n * v * shape[2]
             mm = (n, shape[2], v)
-            floors[f"{task} fwd"] = Floor("2 N V H FLOP at the bare matmul's rate", flops=flop, matmul=mm)
-            floors[f"{task} fwd+bwd"] = Floor("6 N V H FLOP at the bare matmul's rate", flops=3 * flop, matmul=mm)
+            floors[f"{task} fwd"] = Floor("2 N V H FLOP at the fastest bare matmul's rate", flops=flop, matmul=mm)
+            floors[f"{task} fwd+bwd"] = Floor("6 N V H FLOP at the fastest bare matmul's rate", flops=3 * flop, matmul=mm)
         else:
             floors[f"{task} fwd"] = Floor("N V elt bytes read at copy bandwidth", bytes=n * v * elt)
             floors[f"{task} fwd+bwd"] = Floor("3 N V elt bytes (read twice, gradient written) at copy bandwidth", bytes=3 * n * v * elt)

@@ -24,7 +24,7 @@ hidden tasks each gradient within 1e-2 relative L2 error (3e-2 for rows that rou
 logits to bf16 themselves, checked against the reference on those bf16 logits). Inputs
 keep every log-ratio (value step, value-loss tie) off the points where the gradient jumps.
 Floors: 17 B/token (policy), 33 B/token (policy + value), 2 V elt + 17 B/token (logits) at
-the copy bandwidth; 6 N V H FLOP (hidden) at the bare matmul's rate.
+the copy bandwidth; 6 N V H FLOP (hidden) at the fastest bare matmul's rate.
 """
 
 from __future__ import annotations
@@ -645,7 +645,7 @@ def build_case(shape: tuple, ctx: Context) -> Case:
         b = 2 * v * elt + 17
         floor = Floor(f"2 V elt + 17 = {b} B/token at copy bandwidth", bytes=b * n)
     else:
-        floor = Floor("6 N V H FLOP at the bare matmul's rate (3 matmuls)", flops=6 * n * v * h,
+        floor = Floor("6 N V H FLOP at the fastest bare matmul's rate (3 matmuls)", flops=6 * n * v * h,
                       matmul=(n, h, v), dtype=DTYPE)
     return Case("loss", label, n, sets, logit_impls(kind, ctx), {kind: floor}, LogitCheck(sets[0], ctx.device))
 
