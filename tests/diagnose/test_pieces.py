@@ -10,6 +10,7 @@ import torch
 
 from vapo_kernels.diagnose.common import step_spans
 from vapo_kernels.diagnose.injected_errors import advantages, credit_of_sequence
+from vapo_kernels.diagnose.value_probe import top1_credit
 from vapo_kernels.train.mc_advantage import prefix_values
 from vapo_kernels.train.models import build_char_tokenizer, build_tiny_llama
 from vapo_kernels.train.task import RunningSumTask
@@ -120,3 +121,18 @@ def test_length_adaptive_lambda_uses_each_sequence_length():
     alpha = 0.05  # alpha * l <= 1 for this short chain: lambda clamps to 0, i.e. TD
     adaptive = advantages(rewards, values, cu, "adaptive", alpha)
     assert torch.allclose(adaptive, advantages(rewards, values, cu, 0.0, alpha))
+
+
+@pytest.mark.parametrize(
+    "v, mc, expected",
+    [
+        ([0.0, 0.0, 0.0, 0.0], [0.9, 0.1, 0.0, 0.2], 0.25),  # untrained critic: a random pick
+        ([0.5, 0.5, 0.1, 0.1], [0.9, 0.1, 0.0, 0.2], 0.5),  # best among two tied at the top
+        ([0.1, 0.7, 0.1, 0.1], [0.9, 0.1, 0.0, 0.2], 0.0),  # V prefers a wrong step
+        ([0.1, 0.7, 0.1, 0.1], [0.2, 0.8, 0.0, 0.2], 1.0),  # V's unique top is the best step
+        ([0.1, 0.7, 0.1, 0.1], [0.8, 0.8, 0.0, 0.2], None),  # no unique best by Monte-Carlo
+    ],
+)
+def test_top1_credit_breaks_ties_at_random(v, mc, expected):
+    got = top1_credit(torch.tensor(v), torch.tensor(mc))
+    assert got == expected

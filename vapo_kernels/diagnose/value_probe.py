@@ -85,6 +85,19 @@ def probe_boundaries(run: Run, problems, samples: int) -> dict:
             "sampled_accuracy": float(batch.scores.mean())}
 
 
+def top1_credit(v: torch.Tensor, mc: torch.Tensor) -> float | None:
+    """How often V, breaking its ties at random, picks the step with the highest
+    Monte-Carlo value: 1/m when the best step is one of m steps tied at V's maximum, 0 when
+    it is not among them; None when no step is uniquely best by Monte-Carlo. (A plain
+    argmax would credit an untrained critic, whose values tie, with the first candidate -
+    the correct step.)"""
+    best = mc == mc.max()
+    if int(best.sum()) != 1:
+        return None
+    top = v == v.max()
+    return float(top[best].any()) / int(top.sum())
+
+
 @torch.no_grad()
 def rank_alternatives(run: Run, problems, samples: int, alternatives: int, rng: random.Random
                       ) -> dict:
@@ -110,9 +123,9 @@ def rank_alternatives(run: Run, problems, samples: int, alternatives: int, rng: 
     for vs, ms in zip(v, mc):
         if float(ms.max()) > float(ms.min()) and float(vs.max()) > float(vs.min()):
             correlations.append(float(spearmanr(vs.numpy(), ms.numpy()).statistic))
-        best = ms == ms.max()
-        if int(best.sum()) == 1:  # a unique best step by the Monte-Carlo value
-            picks.append(bool(best[int(vs.argmax())]))
+        pick = top1_credit(vs, ms)
+        if pick is not None:
+            picks.append(pick)
     return {"value": v.tolist(), "mc_value": mc.tolist(),
             "spearman_mean": sum(correlations) / len(correlations) if correlations else None,
             "groups_ranked": len(correlations),
