@@ -29,11 +29,19 @@ P_VF_COEF = 8
 P_KL_COEF = 9
 P_ENTROPY_COEF = 10
 P_LM_COEF = 11
-NUM_PARAMS = 12
+# Rollout correction (importance weights of the rollout engine's log-probs, which the
+# kernels then read in the is_weights slot): the level's code (ROLLOUT_IS_CODES), 0 off.
+P_ROLLOUT_IS = 12
+P_ROLLOUT_IS_MASK = 13  # 1: reject weights outside [lower, upper]; 0: truncate at upper
+P_ROLLOUT_IS_UPPER = 14  # C > 0: the weights' upper bound
+P_ROLLOUT_IS_LOWER = 15  # the lower bound of mask mode (0 in truncate mode)
+NUM_PARAMS = 16
 
 # ``sums``: S_PG..S_LM are the weighted loss terms before their coefficients; the rest
 # are plain sums over the valid tokens (ratio min / max: +inf / -inf when no valid token
-# has a policy term; the returns and value-error sums only when the value term is on).
+# has a policy term; the returns and value-error sums only when the value term is on;
+# the S_ROLLOUT_* slots only when the rollout correction is on, 0 otherwise, their min /
+# max +inf / -inf when it is on and no token is valid).
 S_PG = 0
 S_VF = 1
 S_KL = 2
@@ -53,10 +61,20 @@ S_RETURNS = 15  # sum of R
 S_RETURNS_SQ = 16  # sum of R^2
 S_VALUE_ERR = 17  # sum of R - v
 S_VALUE_ERR_SQ = 18  # sum of (R - v)^2
-NUM_SUMS = 19
+S_ROLLOUT_IS_RAW = 19  # sum of the rollout IS weights before truncation / rejection
+S_ROLLOUT_IS_WEIGHT = 20  # sum of the weights applied (truncated; 0 where rejected)
+S_ROLLOUT_IS_MIN = 21  # min of the weights before truncation / rejection
+S_ROLLOUT_IS_MAX = 22  # max of the weights before truncation / rejection
+S_ROLLOUT_IS_OUT = 23  # count of tokens truncated (w > upper) or rejected (outside bounds)
+S_ROLLOUT_KL = 24  # sum of rollout_logp - old_logp (the clamped log-ratio, negated)
+S_ROLLOUT_K3 = 25  # sum of expm1(d) - d, d = old_logp - rollout_logp clamped
+NUM_SUMS = 26
 
 # KL estimator codes of P_KL_KIND; a trailing "+" on a kind sets P_KL_STRAIGHT.
 KL_CODES = {"k1": 1, "kl": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 4}
+
+# Rollout IS level codes of P_ROLLOUT_IS (0: off).
+ROLLOUT_IS_CODES = {"token": 1, "sequence": 2, "geometric": 3}
 
 
 def constants() -> dict[str, int]:

@@ -69,6 +69,8 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
   check_tokens(fn, "valid", valid, n, at::kBool);
   TORCH_CHECK(static_cast<int>(params.size()) == NUM_PARAMS, fn, ": params must hold ",
               static_cast<int>(NUM_PARAMS), " floats, got ", params.size());
+  TORCH_CHECK(params[P_ROLLOUT_IS] == 0, fn,
+              ": the rollout correction (params[P_ROLLOUT_IS]) is not implemented yet");
   const double kl_kind = params[P_KL_KIND];
   TORCH_CHECK(kl_kind == 0 || kl_kind == 1 || kl_kind == 2 || kl_kind == 3 || kl_kind == 4, fn,
               ": params[P_KL_KIND] must be 0 (off), 1 (k1), 2 (abs), 3 (k2) or 4 (k3), got ",

@@ -713,6 +713,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
   // The Python op validates everything; these checks guard direct callers of the binding.
   TORCH_CHECK(static_cast<int>(params.size()) == NUM_PARAMS, kFn, ": params must hold ",
               static_cast<int>(NUM_PARAMS), " floats, got ", params.size());
+  TORCH_CHECK(params[P_ROLLOUT_IS] == 0, kFn,
+              ": the rollout correction (params[P_ROLLOUT_IS]) is not implemented yet");
   const at::Tensor* first = nullptr;
   const char* first_name = nullptr;
   const at::Tensor* t_logp = check_token("logp", logp, first, first_name);

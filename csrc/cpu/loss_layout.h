@@ -16,7 +16,11 @@ constexpr int P_VF_COEF = 8;
 constexpr int P_KL_COEF = 9;
 constexpr int P_ENTROPY_COEF = 10;
 constexpr int P_LM_COEF = 11;
-constexpr int NUM_PARAMS = 12;
+constexpr int P_ROLLOUT_IS = 12;
+constexpr int P_ROLLOUT_IS_MASK = 13;
+constexpr int P_ROLLOUT_IS_UPPER = 14;
+constexpr int P_ROLLOUT_IS_LOWER = 15;
+constexpr int NUM_PARAMS = 16;
 constexpr int S_PG = 0;
 constexpr int S_VF = 1;
 constexpr int S_KL = 2;
@@ -36,6 +40,13 @@ constexpr int S_RETURNS = 15;
 constexpr int S_RETURNS_SQ = 16;
 constexpr int S_VALUE_ERR = 17;
 constexpr int S_VALUE_ERR_SQ = 18;
-constexpr int NUM_SUMS = 19;
+constexpr int S_ROLLOUT_IS_RAW = 19;
+constexpr int S_ROLLOUT_IS_WEIGHT = 20;
+constexpr int S_ROLLOUT_IS_MIN = 21;
+constexpr int S_ROLLOUT_IS_MAX = 22;
+constexpr int S_ROLLOUT_IS_OUT = 23;
+constexpr int S_ROLLOUT_KL = 24;
+constexpr int S_ROLLOUT_K3 = 25;
+constexpr int NUM_SUMS = 26;
 
 }  // namespace vapo

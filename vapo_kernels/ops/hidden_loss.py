@@ -43,7 +43,7 @@ def _loss_and_grads(hidden, weight, bias, targets, old_logp, advantages, mask, c
     with_entropy = o["params"][loss_spec.L.P_ENTROPY_COEF] != 0.0
     a = TokenLossArgs(
         logp, old_logp, advantages, None, None, None, o["ref_logp"], entropy,
-        o["is_weights"], loss_mask(mask, targets), cu_seqlens, o["positive"], o["params"],
+        o["weights_slot"], loss_mask(mask, targets), cu_seqlens, o["positive"], o["params"],
         o["agg"], *o["aggregation"], need_grad, backend,
     )
     loss, sums, g_logp, _, g_entropy = token_loss_op(a)

@@ -21,7 +21,13 @@ from .. import _loss_layout as L
 from .._library import Op
 from . import token_logprobs as lp_ops
 from . import loss_spec
-from .token_loss import aggregation_weights, check_aggregation, screen_nan
+from .token_loss import (
+    aggregation_weights,
+    check_aggregation,
+    rollout_mode,
+    rollout_options,
+    screen_nan,
+)
 
 
 def reference_logits_kernel(
@@ -44,7 +50,8 @@ def reference_logits_kernel(
     ``logits`` (N, V) any float dtype, last dim contiguous; ``targets`` (N,) int64, in
     [0, V) on valid rows; ``old_logp, advantages, ref_logp, is_weights`` (N,) contiguous
     in the accumulation dtype (float32; float64 for float64 logits), the last two None
-    when off; ``mask`` (N,) bool: the rows that count (mask set, target not -100);
+    when off (``is_weights`` holds the rollout log-probs when ``params[P_ROLLOUT_IS] > 0``,
+    as in :func:`.loss_spec.reference_kernel`); ``mask`` (N,) bool: the rows that count (mask set, target not -100);
     ``offsets, seq_weight, lm_weight, params`` as in :func:`.loss_spec.reference_kernel`
     (the entropy of each row is always an input of the loss, with coefficient
     ``params[P_ENTROPY_COEF]``, so its weighted sum is a metric). ``out``: None (no
@@ -77,7 +84,8 @@ _backends.register("logits_loss", "triton")(
 
 class LogitsLossArgs(NamedTuple):
     """The arguments of ``vapo::logits_loss`` and ``vapo::logits_loss_`` (the in-place op
-    always writes the gradient: its ``need_grad`` must be True)."""
+    always writes the gradient: its ``need_grad`` must be True). With the rollout
+    correction on (``params[P_ROLLOUT_IS] > 0``) ``is_weights`` holds ``rollout_logp``."""
 
     logits: Tensor
     targets: Tensor
@@ -101,6 +109,7 @@ class LogitsLossArgs(NamedTuple):
 
 
 _TOKEN_INPUTS = ("old_logp", "advantages", "ref_logp", "is_weights")
+_ROLLOUT_INPUTS = ("old_logp", "advantages", "ref_logp", "rollout_logp")
 
 
 def _check_static(a: LogitsLossArgs) -> _ragged.Layout:
@@ -113,9 +122,19 @@ def _check_static(a: LogitsLossArgs) -> _ragged.Layout:
             f"old_logp has shape {tuple(a.old_logp.shape)} but targets "
             f"{tuple(a.targets.shape)}: one entry per token"
         )
-    given = {name: getattr(a, name) for name in _TOKEN_INPUTS if getattr(a, name) is not None}
+    rollout = len(a.params) > L.P_ROLLOUT_IS and a.params[L.P_ROLLOUT_IS]
+    given = {
+        name: t
+        for name, t in zip(_ROLLOUT_INPUTS if rollout else _TOKEN_INPUTS,
+                           (a.old_logp, a.advantages, a.ref_logp, a.is_weights))
+        if t is not None
+    }
     layout = _ragged.check_layout(given, a.mask, a.cu_seqlens)
     check_aggregation(a, layout)
+    if a.params[L.P_ROLLOUT_IS] and a.is_weights is None:
+        raise ValueError(
+            "params[P_ROLLOUT_IS] is set: rollout_logp (the is_weights slot) is needed"
+        )
     return layout
 
 
@@ -139,7 +158,8 @@ def _loss_sums(a: LogitsLossArgs, out: Tensor | None) -> tuple[Tensor, Tensor]:
     )
     loss = loss_spec.loss_total(sums, a.params)
     if _ragged.validation_enabled() and bool(torch.isnan(loss)):
-        screen_nan(loss, zip(_TOKEN_INPUTS, flat), valid)
+        names = _ROLLOUT_INPUTS if a.params[L.P_ROLLOUT_IS] else _TOKEN_INPUTS
+        screen_nan(loss, zip(names, flat), valid)
         # A NaN (or +inf) logit makes its row's gradient NaN; in place the logits are
         # gone, but their gradient rows show it just as well.
         rows = lp_ops._rows(a.logits if out is None else out)
@@ -194,7 +214,9 @@ def loss_mask(mask: Tensor | None, targets: Tensor) -> Tensor:
 # not), accepted by the from-logits and from-hidden losses, with their defaults.
 LOGP_LOSS_KEYWORDS = {
     "clip_low": 0.2, "clip_high": 0.28, "dual_clip": None, "ratio_log_clamp": 20.0,
-    "is_weights": None, "ref_logp": None, "kl_kind": "k3", "kl_coef": None,
+    "is_weights": None, "rollout_logp": None, "rollout_is": None, "rollout_is_mode": None,
+    "rollout_is_threshold": None, "rollout_is_threshold_lower": None,
+    "ref_logp": None, "kl_kind": "k3", "kl_coef": None,
     "entropy_coef": None, "positive": None, "lm_coef": None, "agg": "token-mean",
     "global_tokens": None, "global_seqs": None, "global_positive_tokens": None,
     "dp_size": 1, "loss_scale_factor": None,
@@ -211,6 +233,10 @@ def logp_loss_options(kw: dict) -> dict:
     for coef, needs in (("kl_coef", "ref_logp"), ("lm_coef", "positive")):
         if o[coef] and o[needs] is None:  # an explicit 0 ignores nothing
             raise ValueError(f"{coef}={o[coef]!r} is set but its term is off: pass {needs}")
+    rollout = rollout_options(
+        o["rollout_logp"], o["is_weights"], True, o["rollout_is"], o["rollout_is_mode"],
+        o["rollout_is_threshold"], o["rollout_is_threshold_lower"],
+    )
     o["params"] = loss_spec.loss_params(
         clip_low=o["clip_low"], clip_high=o["clip_high"], dual_clip=o["dual_clip"],
         ratio_log_clamp=o["ratio_log_clamp"],
@@ -218,7 +244,10 @@ def logp_loss_options(kw: dict) -> dict:
         kl_coef=o["kl_coef"] or 0.0, entropy_coef=o["entropy_coef"] or 0.0,
         lm_coef=(0.1 if o["lm_coef"] is None else o["lm_coef"]) if o["positive"] is not None
         else 0.0,
+        **rollout,
     )
+    # The kernels read rollout_logp in the is_weights slot (params say which it holds).
+    o["weights_slot"] = o["is_weights"] if o["rollout_logp"] is None else o["rollout_logp"]
     o["aggregation"] = loss_spec.aggregation_scalars(
         o["global_tokens"], o["global_seqs"], o["global_positive_tokens"], o["dp_size"],
         o["loss_scale_factor"],
@@ -230,7 +259,7 @@ def logp_loss_metrics(o: dict, sums: Tensor) -> dict[str, Tensor]:
     """Metrics of a from-logits / from-hidden call (the entropy is always measured)."""
     return loss_spec.loss_metrics(
         sums, policy=True, value=False, kl=o["ref_logp"] is not None, entropy=True,
-        lm=o["positive"] is not None,
+        lm=o["positive"] is not None, rollout=rollout_mode(o["params"]),
     )
 
 
@@ -292,8 +321,10 @@ def policy_loss_from_logits(
     ``(B, T, V)`` padded: ``(loss, metrics)``.
 
     Same result as ``policy_loss(token_logprobs(logits, targets, temperature=...), ...)``
-    (plus, through ``kw``, the KL, entropy and positive-LM terms of :func:`vapo_loss`:
-    ``ref_logp, kl_kind, kl_coef, entropy_coef, positive, lm_coef``), computed by one
+    (plus, through ``kw``, the importance weights, rollout correction, KL, entropy and
+    positive-LM terms of :func:`vapo_loss`: ``is_weights, rollout_logp, rollout_is,
+    rollout_is_mode, rollout_is_threshold, rollout_is_threshold_lower, ref_logp, kl_kind,
+    kl_coef, entropy_coef, positive, lm_coef``), computed by one
     kernel (``vapo::logits_loss``) that also writes the gradient of the logits during the
     forward; ``inplace_backward=True`` writes it over the logits, which must then not be
     used again (leaf logits are refused). Targets -100 are left out. Computed in float32
@@ -309,7 +340,7 @@ def policy_loss_from_logits(
     o = logp_loss_options(kw)
     grad = torch.is_grad_enabled() and logits.requires_grad
     a = LogitsLossArgs(
-        logits, targets, old_logp, advantages, o["ref_logp"], o["is_weights"], mask,
+        logits, targets, old_logp, advantages, o["ref_logp"], o["weights_slot"], mask,
         cu_seqlens, o["positive"], o["params"], temperature, o["agg"], *o["aggregation"],
         grad, backend or "",
     )

@@ -22,6 +22,38 @@ the per-token terms that are switched on::
 The positive-example LM term (VAPO) has its own weight: the mean NLL over the valid
 tokens of the sequences marked positive, ``w_lm = dp_size / (positive tokens)``.
 
+Rollout correction (``rollout_logp`` with ``rollout_is`` set; replaces ``is_weights``):
+when the log-probs the rollout engine reported for the sampled tokens (vLLM in bf16,
+...) differ from the training engine's ``old_logp``, the policy term is reweighted by
+the importance weight of the old policy over the rollout policy, computed in the same
+pass. Over the valid tokens only (masked slots never enter)::
+
+    e_t   = clamp(old_logp_t - rollout_logp_t, -20, 20)      per-token log-ratio
+    token:      u_t = e_t
+    sequence:   u_t = clamp(sum_{t' in s} e_t', -20, 20)      the same for every token of s
+    geometric:  u_t = (sum_{t' in s} e_t') / T_s              (T_s: valid tokens of s)
+    w_raw_t = exp(u_t)
+    truncate:   w_t = min(w_raw_t, C)                                         (TIS)
+    mask:       w_t = w_raw_t if lower <= w_raw_t <= C else 0   (IcePop; at the sequence
+                levels a rejected weight rejects every token of its sequence)
+    pg_t *= w_t          (and d pg_t / d logp_t: the weight is a constant, as is_weights)
+
+``C = rollout_is_threshold`` (default 2), ``lower = rollout_is_threshold_lower`` (default
+1 / C, mask mode only). A rejected token stays in every count of the aggregation (its
+policy term is 0, as a zero weight of verl's IcePop / TIS variants): the weights change
+the estimate, never the denominators, so every ``agg`` mode (and the global counts of
+data-parallel runs) means exactly what it means without the correction. A NaN weight
+(NaN in a valid slot) is neither truncated nor rejected, so it reaches the loss. This is
+verl's ``compute_rollout_correction_weights`` (token / sequence, TIS or IcePop bounds)
+except that each token's log-ratio is clamped before the sequence sum (verl clamps only
+the sum), which differs only where a single token's |log-ratio| exceeds 20 and keeps
+one -inf log-prob from turning a sequence's weight into NaN. Metrics (means over the
+valid tokens): ``rollout_is_mean`` / ``_min`` / ``_max`` of w_raw, ``rollout_is_weight_mean``
+of w, ``rollout_is_truncated_frac`` (truncate: w_raw > C) or ``rollout_is_masked_frac``
+(mask: rejected), and the mismatch between the two engines, ``rollout_kl`` = mean(-e)
+(the k1 estimate of KL(rollout || old), verl's ``rollout_corr/kl``) and ``rollout_k3`` =
+mean(expm1(e) - e) (verl's ``rollout_corr/k3_kl``).
+
 Because the loss is linear in ``w`` and every term is elementwise, the forward pass can
 write the gradient of each input as it goes (one read of every input, one write of each
 gradient); the backward pass only scales those by the incoming gradient. Metrics
@@ -32,8 +64,8 @@ them, the reference kernel of ``vapo::token_loss`` (:func:`reference_kernel`, th
 contract every backend implements), the aggregation weights, the options vector and the
 metrics. The ops live in :mod:`.token_loss` (log-probs in), :mod:`.logits_loss` (logits
 in) and :mod:`.hidden_loss` (hidden states and the LM head in).
-Advantages, old log-probs, returns, old values, reference log-probs and importance
-weights are data: no gradient flows to them (as in every peer).
+Advantages, old log-probs, returns, old values, reference log-probs, importance
+weights and rollout log-probs are data: no gradient flows to them (as in every peer).
 """
 
 from __future__ import annotations
@@ -57,6 +89,10 @@ AGG_MODES = (
 
 # The params / sums layout and the KL codes are defined once, in _loss_layout.
 KL_KINDS = L.KL_CODES
+ROLLOUT_IS_LEVELS = L.ROLLOUT_IS_CODES
+ROLLOUT_IS_MODES = ("truncate", "mask")
+# Bound of the rollout log-ratios (verl's SAFETY_BOUND), per token and per sequence.
+ROLLOUT_LOG_CLAMP = 20.0
 
 
 # --------------------------------------------------------------------------------------
@@ -183,6 +219,38 @@ def _kl_terms(logp, ref_logp, kind: int, straight: bool):
     return value, grad
 
 
+def _rollout_terms(old_logp, rollout_logp, valid, seq_ids, num_seqs, params):
+    """Per token (inputs already 0 on masked slots): the applied weight w, the raw weight
+    w_raw, 'truncated or rejected', and the clamped log-ratio e (see the module
+    docstring). Sequence sums over the valid tokens only."""
+    bound = ROLLOUT_LOG_CLAMP
+    e = torch.clamp(old_logp - rollout_logp, min=-bound, max=bound)
+    e = torch.where(valid, e, torch.zeros_like(e))
+    level = int(params[L.P_ROLLOUT_IS])
+    if level == L.ROLLOUT_IS_CODES["token"]:
+        u = e
+    else:
+        total = torch.zeros(num_seqs, dtype=e.dtype, device=e.device).index_add_(0, seq_ids, e)
+        if level == L.ROLLOUT_IS_CODES["sequence"]:
+            per_seq = torch.clamp(total, min=-bound, max=bound)
+        else:
+            counts = torch.zeros(num_seqs, dtype=e.dtype, device=e.device).index_add_(
+                0, seq_ids, valid.to(e.dtype)
+            )
+            per_seq = total / counts.clamp(min=1)
+        u = per_seq[seq_ids]
+    w_raw = torch.exp(u)
+    upper = params[L.P_ROLLOUT_IS_UPPER]
+    if params[L.P_ROLLOUT_IS_MASK]:
+        # Not 'lower <= w <= upper': a NaN weight must be kept, so that it reaches the loss.
+        out = (w_raw < params[L.P_ROLLOUT_IS_LOWER]) | (w_raw > upper)
+        w = torch.where(out, torch.zeros_like(w_raw), w_raw)
+    else:
+        out = w_raw > upper
+        w = torch.clamp(w_raw, max=upper)
+    return w, w_raw, out, e
+
+
 def reference_kernel(
     logp: Tensor | None,
     old_logp: Tensor | None,
@@ -206,7 +274,10 @@ def reference_kernel(
     off. The policy term needs ``logp, old_logp, advantages``; the value term ``values,
     returns`` (and ``old_values`` unless ``params[L.P_VALUE_CLIP] < 0``); KL needs ``logp,
     ref_logp`` and ``params[L.P_KL_KIND] > 0``; the entropy term ``entropy``; the LM term
-    ``logp`` and ``lm_weight``. ``mask``: (N,) bool or None (all valid); ``offsets``:
+    ``logp`` and ``lm_weight``. With ``params[L.P_ROLLOUT_IS] > 0`` (rollout correction
+    on, policy term only) ``is_weights`` holds the rollout engine's log-probs, from which
+    the kernel computes the weights (module docstring); otherwise the weights themselves.
+    ``mask``: (N,) bool or None (all valid); ``offsets``:
     (S+1,) int64; ``seq_weight``, ``lm_weight``: (S,) in the output dtype. ``params``:
     L.NUM_PARAMS floats (P_* indices).
 
@@ -216,6 +287,8 @@ def reference_kernel(
     empty (0,) tensor when ``need_grad`` is False or its input is None. RATIO_MIN/MAX are
     +inf/-inf when no valid token has a policy term. Ties (max/min of equal terms) and
     clamp bounds follow torch's autograd rules, so gradients match the peers' autograd.
+    The S_ROLLOUT_* sums are 0 unless the correction is on (min / max +inf / -inf when no
+    token is valid).
     """
     present = [t for t in (logp, values, entropy) if t is not None]
     dtype = torch.float64 if present[0].dtype == torch.float64 else torch.float32
@@ -243,7 +316,21 @@ def reference_kernel(
         pg, grad, flags, neg_log_ratio, k3, ratio = _policy_terms(
             logp, old_logp, advantages, params
         )
-        if is_weights is not None:
+        if is_weights is not None and params[L.P_ROLLOUT_IS] > 0:
+            ris, ris_raw, ris_out, e = _rollout_terms(
+                old_logp, is_weights, valid, seq_ids, lengths.numel(), params
+            )
+            pg, grad = pg * ris, grad * ris
+            sums[L.S_ROLLOUT_IS_RAW] = torch.where(valid, ris_raw, zero).sum()
+            sums[L.S_ROLLOUT_IS_WEIGHT] = torch.where(valid, ris, zero).sum()
+            sums[L.S_ROLLOUT_IS_OUT] = (ris_out & valid).sum()
+            sums[L.S_ROLLOUT_KL] = (-e).sum()  # e is 0 on masked tokens
+            sums[L.S_ROLLOUT_K3] = torch.where(valid, torch.expm1(e) - e, zero).sum()
+            sums[L.S_ROLLOUT_IS_MIN], sums[L.S_ROLLOUT_IS_MAX] = math.inf, -math.inf
+            if bool(valid.any()):
+                sums[L.S_ROLLOUT_IS_MIN] = ris_raw[valid].min()
+                sums[L.S_ROLLOUT_IS_MAX] = ris_raw[valid].max()
+        elif is_weights is not None:
             pg, grad = pg * is_weights, grad * is_weights
         sums[L.S_PG] = (w * pg).sum()
         g_logp += w * grad
@@ -404,6 +491,10 @@ def _loss_params(
     kl_coef: float = 0.0,
     entropy_coef: float = 0.0,
     lm_coef: float = 0.0,
+    rollout_is: str | None = None,
+    rollout_is_mode: str | None = None,
+    rollout_is_threshold: float | None = None,
+    rollout_is_threshold_lower: float | None = None,
 ) -> tuple[float, ...]:
     """See :func:`loss_params`."""
     for name, eps in (("clip_low", clip_low), ("clip_high", clip_high)):
@@ -440,7 +531,57 @@ def _loss_params(
     params[L.P_KL_KIND], params[L.P_KL_STRAIGHT] = float(kind), float(straight)
     params[L.P_VF_COEF], params[L.P_KL_COEF] = float(vf_coef), float(kl_coef)
     params[L.P_ENTROPY_COEF], params[L.P_LM_COEF] = float(entropy_coef), float(lm_coef)
+    (
+        params[L.P_ROLLOUT_IS],
+        params[L.P_ROLLOUT_IS_MASK],
+        params[L.P_ROLLOUT_IS_UPPER],
+        params[L.P_ROLLOUT_IS_LOWER],
+    ) = _rollout_params(
+        rollout_is, rollout_is_mode, rollout_is_threshold, rollout_is_threshold_lower
+    )
     return tuple(params)
+
+
+def _rollout_params(level, mode, upper, lower) -> list[float]:
+    """Slots P_ROLLOUT_IS..P_ROLLOUT_IS_LOWER from the rollout-correction options."""
+    if level is None:
+        for name, value in (
+            ("rollout_is_mode", mode),
+            ("rollout_is_threshold", upper),
+            ("rollout_is_threshold_lower", lower),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{name}={value!r} is set but rollout_is is None (the rollout correction "
+                    f"is off): pass rollout_is={sorted(ROLLOUT_IS_LEVELS)} and rollout_logp"
+                )
+        return [0.0, 0.0, 0.0, 0.0]
+    if not isinstance(level, str) or level not in ROLLOUT_IS_LEVELS:
+        raise ValueError(
+            f"rollout_is must be one of {sorted(ROLLOUT_IS_LEVELS)} or None, got {level!r}"
+        )
+    mode = "truncate" if mode is None else mode
+    if not isinstance(mode, str) or mode not in ROLLOUT_IS_MODES:
+        raise ValueError(f"rollout_is_mode must be one of {ROLLOUT_IS_MODES}, got {mode!r}")
+    upper = 2.0 if upper is None else upper
+    _check_number(
+        "rollout_is_threshold", upper, upper > 0 and math.isfinite(upper), "a finite float > 0"
+    )
+    if mode == "truncate":
+        if lower is not None:
+            raise ValueError(
+                f"rollout_is_threshold_lower={lower!r} is set but rollout_is_mode is "
+                "'truncate', which only caps the weights at rollout_is_threshold: pass "
+                "rollout_is_mode='mask' to reject weights below a lower bound"
+            )
+        lower = 0.0
+    else:
+        lower = 1.0 / upper if lower is None else lower
+        _check_number(
+            "rollout_is_threshold_lower", lower, 0 <= lower <= upper,
+            f"a float in [0, rollout_is_threshold = {upper}]",
+        )
+    return [float(ROLLOUT_IS_LEVELS[level]), float(mode == "mask"), float(upper), float(lower)]
 
 
 def loss_total(sums: Tensor, params: Sequence[float]) -> Tensor:
@@ -471,11 +612,13 @@ _EXPLAINED_VAR_EPS = 1e-5
 
 
 def loss_metrics(
-    sums: Tensor, *, policy: bool, value: bool, kl: bool, entropy: bool, lm: bool
+    sums: Tensor, *, policy: bool, value: bool, kl: bool, entropy: bool, lm: bool,
+    rollout: str | None = None,
 ) -> Mapping[str, Tensor]:
     """The metrics of a loss call from its sums (see :class:`LossMetrics`); a plain dict
-    under ``torch.compile``."""
-    metrics = LossMetrics(sums.detach(), policy, value, kl, entropy, lm)
+    under ``torch.compile``. ``rollout``: the rollout correction's mode ('truncate' or
+    'mask'), None when it is off."""
+    metrics = LossMetrics(sums.detach(), policy, value, kl, entropy, lm, rollout)
     return dict(metrics) if torch.compiler.is_compiling() else metrics
 
 
@@ -484,7 +627,12 @@ class LossMetrics(Mapping):
     call's sums vector when first read: means over the local valid tokens (0 when there
     are none; ratio min / mean / max are 1 then), the loss terms, and ``explained_var``,
     the critic's explained variance over the valid tokens as verl computes it
-    (``1 - var(R - v) / (var(R) + 1e-5)``, unbiased; 0 with fewer than 2 tokens).
+    (``1 - var(R - v) / (var(R) + 1e-5)``, unbiased; 0 with fewer than 2 tokens), and,
+    with the rollout correction on (``rollout``: its mode), ``rollout_is_mean`` /
+    ``rollout_is_min`` / ``rollout_is_max`` (the weights before truncation or rejection;
+    min / max 1 when there is no valid token), ``rollout_is_weight_mean`` (the weights
+    applied), ``rollout_is_truncated_frac`` (truncate mode) or ``rollout_is_masked_frac``
+    (mask mode), ``rollout_kl`` and ``rollout_k3`` (module docstring).
 
     Lazy because a trainer calls the loss per micro-batch and reads a few metrics: a
     dozen 0-d tensors made eagerly cost more than the loss kernel at those sizes. A
@@ -492,7 +640,7 @@ class LossMetrics(Mapping):
     """
 
     def __init__(self, sums: Tensor, policy: bool, value: bool, kl: bool, entropy: bool,
-                 lm: bool):
+                 lm: bool, rollout: str | None = None):
         self._sums = sums
         self._cache: dict[str, Tensor] = {}
         self._keys = ["tokens"]
@@ -504,6 +652,12 @@ class LossMetrics(Mapping):
         if value:
             self._keys += ["vf_loss", "vf_clipfrac", "explained_var"]
         self._keys += [k for k, on in (("kl_loss", kl), ("entropy", entropy), ("lm_loss", lm)) if on]
+        if rollout is not None:
+            self._keys += [
+                "rollout_is_mean", "rollout_is_min", "rollout_is_max", "rollout_is_weight_mean",
+                "rollout_is_masked_frac" if rollout == "mask" else "rollout_is_truncated_frac",
+                "rollout_kl", "rollout_k3",
+            ]
 
     def __iter__(self):
         return iter(self._keys)
@@ -534,9 +688,10 @@ class LossMetrics(Mapping):
             return mean(_MEANS[key])
         if key == "clipfrac":
             return mean(L.S_CLIP_LOW) + mean(L.S_CLIP_HIGH)
-        if key in ("ratio_mean", "ratio_min", "ratio_max"):
-            value = mean(L.S_RATIO_SUM) if key == "ratio_mean" else sums[_RATIO[key]]
-            return torch.where(tokens > 0, value, 1.0)  # min/max hold +-inf when empty
+        if key in _RATIO:  # min/max hold +-inf when empty
+            return torch.where(tokens > 0, sums[_RATIO[key]], 1.0)
+        if key == "ratio_mean":
+            return torch.where(tokens > 0, mean(L.S_RATIO_SUM), 1.0)
         # explained_var
         n = tokens.clamp(min=2)
         unbiased = n / (n - 1)
@@ -552,6 +707,12 @@ _TOTALS = {
 _MEANS = {
     "clipfrac_low": L.S_CLIP_LOW, "clipfrac_high": L.S_CLIP_HIGH,
     "dual_clipfrac": L.S_DUAL_CLIP, "approx_kl": L.S_NEG_LOG_RATIO, "approx_kl_k3": L.S_K3,
-    "vf_clipfrac": L.S_VF_CLIP,
+    "vf_clipfrac": L.S_VF_CLIP, "rollout_is_mean": L.S_ROLLOUT_IS_RAW,
+    "rollout_is_weight_mean": L.S_ROLLOUT_IS_WEIGHT, "rollout_is_truncated_frac": L.S_ROLLOUT_IS_OUT,
+    "rollout_is_masked_frac": L.S_ROLLOUT_IS_OUT, "rollout_kl": L.S_ROLLOUT_KL,
+    "rollout_k3": L.S_ROLLOUT_K3,
 }
-_RATIO = {"ratio_min": L.S_RATIO_MIN, "ratio_max": L.S_RATIO_MAX}
+_RATIO = {
+    "ratio_min": L.S_RATIO_MIN, "ratio_max": L.S_RATIO_MAX,
+    "rollout_is_min": L.S_ROLLOUT_IS_MIN, "rollout_is_max": L.S_ROLLOUT_IS_MAX,
+}

@@ -58,8 +58,58 @@ class TokenLossArgs(NamedTuple):
     backend: str
 
 
-# The per-token inputs, in the kernel contract's order.
+# The per-token inputs, in the kernel contract's order; with the rollout correction on
+# (params[P_ROLLOUT_IS] > 0) the is_weights slot holds rollout_logp, named so in errors.
 TOKEN_INPUTS = TokenLossArgs._fields[:9]
+ROLLOUT_INPUTS = (*TOKEN_INPUTS[:8], "rollout_logp")
+
+
+def rollout_mode(params: Sequence[float]) -> str | None:
+    """The rollout correction's mode ('truncate' or 'mask') in ``params``, None when off."""
+    if not params[L.P_ROLLOUT_IS]:
+        return None
+    return "mask" if params[L.P_ROLLOUT_IS_MASK] else "truncate"
+
+
+def rollout_options(
+    rollout_logp, is_weights, policy: bool, rollout_is, rollout_is_mode, rollout_is_threshold,
+    rollout_is_threshold_lower,
+) -> dict:
+    """The rollout-correction keywords of :func:`.loss_spec.loss_params` from the public
+    ones, after the checks that need the inputs (the options' own checks are there);
+    ``{}`` when nothing of it is given (the common path: no key added to the cache)."""
+    options = {
+        "rollout_is": rollout_is,
+        "rollout_is_mode": rollout_is_mode,
+        "rollout_is_threshold": rollout_is_threshold,
+        "rollout_is_threshold_lower": rollout_is_threshold_lower,
+    }
+    if rollout_logp is None:
+        if rollout_is is not None:
+            raise ValueError(
+                f"rollout_is={rollout_is!r} needs rollout_logp, the log-probs the rollout "
+                "engine reported for the sampled tokens"
+            )
+        if all(v is None for v in options.values()):
+            return {}
+        return options  # loss_params names the option set while rollout_is is None
+    if rollout_is is None:
+        raise ValueError(
+            "rollout_logp is given but rollout_is is None, so it would be ignored: pass "
+            f"rollout_is={sorted(loss_spec.ROLLOUT_IS_LEVELS)} to correct the policy term"
+        )
+    if is_weights is not None:
+        raise ValueError(
+            "is_weights and rollout_logp are both given: the rollout correction computes the "
+            "importance weights from rollout_logp; pass one of them"
+        )
+    if not policy:
+        raise ValueError(
+            "rollout_logp corrects the policy term, which needs old_logp and advantages"
+        )
+    if not isinstance(rollout_logp, Tensor):
+        raise TypeError(f"rollout_logp must be a tensor, got {type(rollout_logp).__name__}")
+    return options
 
 
 def check_aggregation(a, layout: _ragged.Layout) -> None:
@@ -82,10 +132,26 @@ def check_aggregation(a, layout: _ragged.Layout) -> None:
             )
     if len(a.params) != L.NUM_PARAMS:
         raise ValueError(f"params must hold {L.NUM_PARAMS} floats, got {len(a.params)}")
+    if a.params[L.P_ROLLOUT_IS]:
+        if a.params[L.P_ROLLOUT_IS] not in L.ROLLOUT_IS_CODES.values():
+            raise ValueError(
+                f"params[P_ROLLOUT_IS] must be 0 (off) or one of {L.ROLLOUT_IS_CODES}, "
+                f"got {a.params[L.P_ROLLOUT_IS]}"
+            )
+        if a.is_weights is None or a.advantages is None:
+            raise ValueError(
+                "params[P_ROLLOUT_IS] is set: the policy term and rollout_logp (in the "
+                "is_weights slot) are needed"
+            )
+
+
+def _input_names(params: Sequence[float]) -> tuple[str, ...]:
+    """The names of the token inputs, for errors (the is_weights slot may hold rollout_logp)."""
+    return ROLLOUT_INPUTS if len(params) > L.P_ROLLOUT_IS and params[L.P_ROLLOUT_IS] else TOKEN_INPUTS
 
 
 def _check_static(a: TokenLossArgs) -> _ragged.Layout:
-    given = {k: t for k, t in zip(TOKEN_INPUTS, a) if t is not None}
+    given = {k: t for k, t in zip(_input_names(a.params), a) if t is not None}
     if not given:
         raise ValueError("token_loss needs at least one of logp, values or entropy")
     layout = _ragged.check_layout(given, a.mask, a.cu_seqlens)
@@ -181,7 +247,7 @@ def _impl(a: TokenLossArgs):
         *flat, flat_mask, offs, seq_w, lm_w, list(a.params), a.need_grad
     )
     loss = loss_total(sums, a.params)
-    screen_nan(loss, zip(TOKEN_INPUTS, tensors), mask)
+    screen_nan(loss, zip(_input_names(a.params), tensors), mask)
     grads = [
         g.view(src.shape) if (src is not None and a.need_grad and g.numel() == src.numel()) else g
         for g, src in ((g_logp, a.logp), (g_values, a.values), (g_entropy, a.entropy))
@@ -262,6 +328,11 @@ def vapo_loss(
     entropy: Tensor | None = None,
     positive: Tensor | None = None,
     is_weights: Tensor | None = None,
+    rollout_logp: Tensor | None = None,
+    rollout_is: str | None = None,
+    rollout_is_mode: str | None = None,
+    rollout_is_threshold: float | None = None,
+    rollout_is_threshold_lower: float | None = None,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
     dual_clip: float | None = None,
@@ -294,6 +365,21 @@ def vapo_loss(
     See :mod:`.loss_spec` for every formula. ``metrics`` holds 0-d tensors: each term,
     clip fractions (low / high / dual), approx-KL (mean -log-ratio and k3), ratio
     min/mean/max, value clip fraction, the critic's explained variance and the token count.
+
+    Rollout correction (off by default): ``rollout_logp``, the log-probs the rollout engine
+    reported for the sampled tokens, with ``rollout_is`` = ``"token"`` (w_t = exp(old_logp_t
+    - rollout_logp_t)), ``"sequence"`` (w = exp of the sequence's sum of log-ratios, on
+    each of its tokens) or ``"geometric"`` (exp of their mean) reweights the policy term
+    in the same pass, like ``is_weights`` (which it replaces: passing both is an error).
+    ``rollout_is_mode="truncate"`` (default) caps w at ``rollout_is_threshold`` C (default
+    2.0); ``"mask"`` keeps w in [``rollout_is_threshold_lower`` (default 1/C), C] and
+    zeroes the policy term of the token (token level) or of the whole sequence otherwise;
+    rejected tokens stay in the aggregation's token and sequence counts. Log-ratios are
+    clamped to [-20, 20]. Adds the metrics ``rollout_is_mean / _min / _max`` (weights
+    before truncation or rejection), ``rollout_is_weight_mean`` (applied),
+    ``rollout_is_truncated_frac`` or ``rollout_is_masked_frac``, ``rollout_kl`` and
+    ``rollout_k3`` (see :mod:`.loss_spec`). Setting a rollout option without
+    ``rollout_is``, or ``rollout_is`` without ``rollout_logp``, raises.
     """
     policy = advantages is not None or old_logp is not None
     if policy and (logp is None or old_logp is None or advantages is None):
@@ -323,6 +409,10 @@ def vapo_loss(
         raise ValueError(
             "is_weights applies to the policy term, which needs old_logp and advantages"
         )
+    rollout = rollout_options(
+        rollout_logp, is_weights, policy, rollout_is, rollout_is_mode, rollout_is_threshold,
+        rollout_is_threshold_lower,
+    )
     params = loss_params(
         clip_low=clip_low,
         clip_high=clip_high,
@@ -332,6 +422,7 @@ def vapo_loss(
         value_clip_form=value_clip_form,
         kl_kind=kl_kind if ref_logp is not None else None,
         **coefs,
+        **rollout,
     )
     if value and value_clip is None:
         old_values = None
@@ -344,7 +435,7 @@ def vapo_loss(
         returns,
         ref_logp,
         entropy,
-        is_weights,
+        is_weights if rollout_logp is None else rollout_logp,
         mask,
         cu_seqlens,
         positive,
@@ -364,6 +455,7 @@ def vapo_loss(
         kl=ref_logp is not None,
         entropy=entropy is not None,
         lm=positive is not None,
+        rollout=rollout_mode(params) if rollout else None,
     )
     return loss, metrics
 
@@ -380,6 +472,11 @@ def policy_loss(
     dual_clip: float | None = None,
     ratio_log_clamp: float = 20.0,
     is_weights: Tensor | None = None,
+    rollout_logp: Tensor | None = None,
+    rollout_is: str | None = None,
+    rollout_is_mode: str | None = None,
+    rollout_is_threshold: float | None = None,
+    rollout_is_threshold_lower: float | None = None,
     agg: str = "token-mean",
     global_tokens: float | Tensor | None = None,
     global_seqs: float | Tensor | None = None,
@@ -390,13 +487,17 @@ def policy_loss(
     """Clipped PPO policy loss with Clip-Higher, dual clip and verl's aggregation modes.
 
     Per-token advantages. ``clip_high < clip_low`` is allowed (it is just another
-    asymmetric trust region); both must be >= 0 and ``clip_low <= 1``. Returns
-    ``(loss, metrics)``; see :func:`vapo_loss` for the metrics.
+    asymmetric trust region); both must be >= 0 and ``clip_low <= 1``. ``rollout_logp``
+    and the ``rollout_is*`` options correct for the rollout engine's log-probs (see
+    :func:`vapo_loss`). Returns ``(loss, metrics)``; see :func:`vapo_loss` for the metrics.
     """
     return vapo_loss(
         logp, old_logp, advantages, mask, cu_seqlens, is_weights=is_weights,
-        clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        ratio_log_clamp=ratio_log_clamp, agg=agg, global_tokens=global_tokens,
+        rollout_logp=rollout_logp, rollout_is=rollout_is, rollout_is_mode=rollout_is_mode,
+        rollout_is_threshold=rollout_is_threshold,
+        rollout_is_threshold_lower=rollout_is_threshold_lower, clip_low=clip_low,
+        clip_high=clip_high, dual_clip=dual_clip, ratio_log_clamp=ratio_log_clamp, agg=agg,
+        global_tokens=global_tokens,
         global_seqs=global_seqs, dp_size=dp_size, loss_scale_factor=loss_scale_factor,
         backend=backend,
     )

@@ -200,7 +200,8 @@ def _kl(lp, ref, KIND: tl.constexpr, STRAIGHT: tl.constexpr):
 def _store_sums(
     part_ptr, prog, pg, vf, kl, entropy, lm, tokens, clip_low, clip_high, dual_clip,
     neg_log_ratio, k3, ratio_sum, ratio_min, ratio_max, vf_clip, returns, returns_sq,
-    value_err, value_err_sq,
+    value_err, value_err_sq, ris_raw, ris_weight, ris_min, ris_max, ris_out, rollout_kl,
+    rollout_k3,
 ):
     """Row ``prog`` (int64) of the (programs, NUM_SUMS) partial sums: every slot, by its
     _loss_layout name. Both kernels write their row here, so a slot cannot be missed
@@ -225,6 +226,13 @@ def _store_sums(
     tl.store(row + L.S_RETURNS_SQ, returns_sq)
     tl.store(row + L.S_VALUE_ERR, value_err)
     tl.store(row + L.S_VALUE_ERR_SQ, value_err_sq)
+    tl.store(row + L.S_ROLLOUT_IS_RAW, ris_raw)
+    tl.store(row + L.S_ROLLOUT_IS_WEIGHT, ris_weight)
+    tl.store(row + L.S_ROLLOUT_IS_MIN, ris_min)
+    tl.store(row + L.S_ROLLOUT_IS_MAX, ris_max)
+    tl.store(row + L.S_ROLLOUT_IS_OUT, ris_out)
+    tl.store(row + L.S_ROLLOUT_KL, rollout_kl)
+    tl.store(row + L.S_ROLLOUT_K3, rollout_k3)
 
 
 # One argument per slot: a slot added to _loss_layout must be added to _store_sums too.
@@ -368,7 +376,7 @@ def _token_loss_kernel(
     _store_sums(
         part_ptr, pid.to(tl.int64), s_pg, s_vf, s_kl, s_ent, s_lm, s_tokens, s_clip_low,
         s_clip_high, s_dual, s_nlr, s_k3, s_ratio, r_min, r_max, s_vf_clip, s_ret, s_ret_sq,
-        s_err, s_err_sq,
+        s_err, s_err_sq, def_zero, def_zero, def_zero, def_zero, def_zero, def_zero, def_zero,
     )
 
 
@@ -410,6 +418,8 @@ def token_loss(
     device = present[0].device
     n = present[0].numel()
     params = [float(p) for p in params]
+    if params[L.P_ROLLOUT_IS]:
+        raise ValueError("the rollout correction (params[P_ROLLOUT_IS]) is not implemented yet")
 
     has_policy = advantages is not None
     if has_policy and (logp is None or old_logp is None):
@@ -622,6 +632,7 @@ def _logits_loss_kernel(
     _store_sums(
         part_ptr, row, s_pg, zero, s_kl, s_ent, s_lm, s_tokens, s_clip_low, s_clip_high,
         s_dual, s_nlr, s_k3, s_ratio, r_min, r_max, zero, zero, zero, zero, zero,
+        zero, zero, zero, zero, zero, zero, zero,
     )
 
 
@@ -705,6 +716,8 @@ def logits_loss(
         raise ValueError(f"params must be {L.NUM_PARAMS} floats") from None
     if len(params) != L.NUM_PARAMS:
         raise ValueError(f"params must have {L.NUM_PARAMS} entries, got {len(params)}")
+    if params[L.P_ROLLOUT_IS]:
+        raise ValueError("the rollout correction (params[P_ROLLOUT_IS]) is not implemented yet")
     kl_kind = 0
     if ref_logp is not None:
         if params[L.P_KL_KIND] not in (0.0, 1.0, 2.0, 3.0, 4.0):
