@@ -30,12 +30,71 @@ def backend_params(family: str) -> list:
     return params
 
 
-def examples(backend: str, device: str, *, cpu: int, interpreted: int):
+def interpreted(backend: str, device: str) -> bool:
+    """Triton on CPU tensors: every lane runs in Python through the interpreter, ~100x
+    slower than the other backends, so its tests take fewer and smaller cases."""
+    return backend == "triton" and device == "cpu"
+
+
+def examples(backend: str, device: str, *, cpu: int, interpreted: int, reference: int | None = None):
     """Hypothesis settings with ``cpu`` random cases per backend, but ``interpreted`` for
     Triton on CPU: the interpreter runs every lane in Python, ~100x slower than the rest.
+    ``reference`` (default ``cpu``): for the reference backend where the test's oracle
+    is the reference itself in float64, so that its cases check the spec's own rounding
+    in lower precision, not a second implementation.
     Use on a ``@given`` function defined inside the parametrised test."""
-    slow = backend == "triton" and device == "cpu"
-    return settings(max_examples=interpreted if slow else cpu, deadline=None)
+    if backend == "triton" and device == "cpu":  # as interpreted() (a parameter here)
+        count = interpreted
+    elif backend == "reference" and reference is not None:
+        count = reference
+    else:
+        count = cpu
+    return settings(max_examples=count, deadline=None)
+
+
+def kernel_of(op: str, backend: str, device: str):
+    """The kernel ``backend`` registers for ``op`` (its kernel contract), as the registry
+    selects it for tensors on ``device``. Fails where the backend has none of its own:
+    a family's backend without a kernel for one of its ops would otherwise be tested
+    through another backend's kernel."""
+    from vapo_kernels import _backends
+
+    name, fn = _backends.select(op, torch.device(device), backend)
+    assert name == backend, f"backend {backend!r} has no {op} kernel (the registry picks {name!r})"
+    return fn
+
+
+def backend_cases(family: str, table: dict) -> list:
+    """pytest params ``(backend, device, name)``: each backend of :func:`backend_params`
+    with each entry ``name`` of ``table`` (``{name: {backend: expectation}}``) that says
+    what that backend does - for checks whose expected outcome is backend-specific, such
+    as the error a kernel's own argument checks raise."""
+    params = []
+    for p in backend_params(family):
+        backend, device = p.values
+        for name, per_backend in table.items():
+            if backend in per_backend:
+                params.append(pytest.param(backend, device, name, id=f"{p.id}-{name}", marks=p.marks))
+    return params
+
+
+def known_failures(params: list, reasons: dict[str, str]) -> list:
+    """``params`` of :func:`backend_params` with the backends named in ``reasons`` marked
+    as known failures (strict: the test fails once the backend is fixed, so the mark goes
+    too). For kernel bugs a parametrised test found and that are not fixed yet."""
+    out = []
+    for p in params:
+        reason = reasons.get(p.values[0])
+        marks = [*p.marks, pytest.mark.xfail(reason=reason, strict=True)] if reason else p.marks
+        out.append(pytest.param(*p.values, id=p.id, marks=marks))
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit pattern on CPU (so -0.0 != 0.0, and NaN == NaN of the same
+    payload): ``torch.equal(bits(a), bits(b))`` is bit-for-bit equality."""
+    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.detach().cpu().contiguous().view(ints[t.element_size()])
 
 
 # --------------------------------------------------------------------------------------

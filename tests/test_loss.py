@@ -4,9 +4,9 @@ float64 autograd code.
 Every backend writes every gradient by hand (the reference is the kernels' contract).
 Here each term is written again the way peers write it (torch ops, autograd for the
 gradient, agg_loss by its definition), in float64, and each backend must agree with it
-(tests/strategies.py lists the backends). Each backend's kernel contract, called directly
-on many random cases with its own rounding budget, has its own file (test_loss_cpp.py,
-test_loss_triton.py).
+(tests/strategies.py lists the backends). The kernel contract (``token_loss`` called
+directly, every backend against the float64 spec on many random cases) is in
+test_loss_kernel.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,146 @@
+"""The C++ CPU kernels' own machinery: what no other backend has.
+
+Their results against the float64 spec are checked with every other backend's, in the
+family files (test_loss_kernel.py, test_logprobs.py, test_logits_loss.py). Here: the
+same bits whatever the thread count, the instruction-set variants this CPU would not
+pick (in subprocesses), and +0 (never -0) in the gradient slots of masked tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from vapo_kernels import _backends
+from vapo_kernels.ops import loss_spec
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension_must_build():
+    err = _backends.extension_error()
+    assert err is None, err
+
+
+def ext():
+    return _backends.extension()
+
+
+def run_isa_check(script: str, capability: str) -> str:
+    """Runs ``script`` in a subprocess with torch's CPU capability capped at
+    ``capability`` (the kernels pick their variant under that cap); returns its stdout."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+    out = subprocess.run(
+        [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+# --------------------------------------------------------------------------------------
+# token_loss (csrc/cpu/loss.cpp)
+
+
+def token_loss_args(dtype, seed=3, n_seqs=40):
+    """Several kernel chunks (8192 tokens), long and empty sequences, every term on."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(0, 2000, (n_seqs,), generator=gen)
+    lengths[::7] = 0
+    lengths[3] = 20000
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    n = int(offsets[-1])
+    od = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def r():
+        return torch.randn(n, generator=gen, dtype=torch.float64)
+
+    logp = -r().abs()
+    tokens = [logp, logp + 0.3 * r(), r(), r(), r(), r(), logp + 0.5 * r(), r().abs(),
+              2 * torch.rand(n, generator=gen, dtype=torch.float64)]
+    mask = torch.rand(n, generator=gen) < 0.7
+    seq_w = torch.rand(n_seqs, generator=gen, dtype=torch.float64).to(od)
+    lm_w = torch.rand(n_seqs, generator=gen, dtype=torch.float64).to(od)
+    params = list(loss_spec.loss_params(
+        dual_clip=3.0, value_clip=0.2, kl_kind="k3", vf_coef=0.5, kl_coef=0.1, entropy_coef=0.01,
+        lm_coef=0.1,
+    ))
+    return [*(t.to(dtype) for t in tokens), mask, offsets, seq_w, lm_w, params, True]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_token_loss_bitwise_reproducible_across_thread_counts(dtype):
+    args = token_loss_args(dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext().token_loss_cpu(*args)
+        torch.set_num_threads(2)
+        two = ext().token_loss_cpu(*args)
+        again = ext().token_loss_cpu(*args)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(one, two, again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("coefs", [(1.0, 0.1, 0.01, 0.1), (0.5, 1.0, -0.3, 1.0)], ids=str)
+def test_token_loss_writes_plus_zero_on_masked_tokens(dtype, coefs):
+    """Masked tokens get +0 in every gradient, whatever the sign of the term's
+    coefficient and gradient (the spec's -coef * 0 may be -0: not a kernel's contract,
+    but this one's)."""
+    args = token_loss_args(dtype, seed=4, n_seqs=12)
+    args[-2] = list(loss_spec.loss_params(
+        dual_clip=3.0, value_clip=0.2, kl_kind="k3", vf_coef=coefs[0], kl_coef=coefs[1],
+        entropy_coef=coefs[2], lm_coef=coefs[3],
+    ))
+    mask = args[9]
+    _, *grads = ext().token_loss_cpu(*args)
+    for g in grads:
+        assert g.shape == mask.shape
+        assert bool((g[~mask] == 0).all()) and not bool(torch.signbit(g[~mask]).any())
+
+
+_TOKEN_LOSS_ISA_CHECK = r"""
+import torch
+from vapo_kernels import _backends
+from vapo_kernels.ops import loss_spec
+ext = _backends.extension()
+gen = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    n = 1000
+    x = [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for _ in range(9)]
+    x[8] = x[8].abs()
+    mask = torch.rand(n, generator=gen) < 0.8
+    od = torch.float64 if dtype == torch.float64 else torch.float32
+    offsets = torch.tensor([0, 1, 300, 300, 1000])
+    w = torch.rand(4, generator=gen).to(od)
+    for kl in ("k1", "abs", "k2", "k3+"):
+        for form in ("verl", "openrlhf"):
+            params = list(loss_spec.loss_params(dual_clip=3.0, value_clip=0.3, value_clip_form=form, kl_kind=kl,
+                               kl_coef=0.2, entropy_coef=0.1, lm_coef=0.1))
+            args = [*x, mask, offsets, w, w, params, True]
+            got = ext.token_loss_cpu(*args)
+            want = loss_spec.reference_kernel(*args)  # in fp32 for fp32 / bf16 / fp16 inputs, as the kernel
+            tol = 1e-10 if dtype == torch.float64 else 1e-4
+            for g, r in zip(got, want):
+                r = r.double()
+                atol = tol * (1 + r.abs().max().item())
+                assert torch.allclose(g.double(), r, rtol=tol, atol=atol), (dtype, kl, form, g, r)
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA variants")
+def test_token_loss_baseline_instruction_set():
+    """The SSE2 baseline build (this CPU likely runs the AVX2 one)."""
+    assert run_isa_check(_TOKEN_LOSS_ISA_CHECK, "default").strip() == "DEFAULT"
