@@ -69,8 +69,10 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
   check_tokens(fn, "valid", valid, n, at::kBool);
   TORCH_CHECK(static_cast<int>(params.size()) == NUM_PARAMS, fn, ": params must hold ",
               static_cast<int>(NUM_PARAMS), " floats, got ", params.size());
-  TORCH_CHECK(params[P_ROLLOUT_IS] == 0, fn,
-              ": the rollout correction (params[P_ROLLOUT_IS]) is not implemented yet");
+  const int rollout = rollout_level(fn, params);
+  TORCH_CHECK(rollout == 0 || is_weights.has_value(), fn,
+              ": the rollout correction (params[P_ROLLOUT_IS] > 0) needs the rollout log-probs "
+              "in is_weights");
   const double kl_kind = params[P_KL_KIND];
   TORCH_CHECK(kl_kind == 0 || kl_kind == 1 || kl_kind == 2 || kl_kind == 3 || kl_kind == 4, fn,
               ": params[P_KL_KIND] must be 0 (off), 1 (k1), 2 (abs), 3 (k2) or 4 (k3), got ",
@@ -103,6 +105,15 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
     shared.num_seqs = num_seqs;
     shared.seq_weight = seq_weight.data_ptr<T>();
     shared.lm_weight = opt_ptr<T>(lm_weight);
+    // The rollout correction's sequence levels: the per-sequence log-weights first (they
+    // need no logits, only old_logp and the rollout log-probs in is_weights).
+    std::vector<T> seq_log_weight;
+    if (rollout > 1) {
+      seq_log_weight = rollout_sequence_log_weights<T, T>(
+          shared.old_logp, shared.isw, reinterpret_cast<const uint8_t*>(keep), off, num_seqs,
+          rollout);
+      shared.seq_log_weight = seq_log_weight.data();
+    }
 
     at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
       std::array<T, kMaxRows> logp, entropy, row_max, log_norm, g_logp, g_entropy;
@@ -150,7 +161,7 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
       }
     });
   });
-  return reduce_loss_sums(parts, acc);
+  return reduce_loss_sums(parts, acc, rollout != 0);
 }
 
 }  // namespace vapo

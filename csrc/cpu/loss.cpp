@@ -14,7 +14,8 @@
 // (float; double for fp64) with masked slots replaced by 0 - selects, never products,
 // so NaN or 1e30 in a masked slot cannot reach anything - then each term (policy,
 // value, KL, entropy, LM) runs as one branch-free loop over the tile, specialised on its
-// options (dual clip, importance weights, value-clip form, KL kind). GCC's vectoriser
+// options (dual clip, importance weights, rollout correction level and mode, value-clip
+// form, KL kind). GCC's vectoriser
 // gives up on loops this branchy, so they are written with GCC / Clang vector
 // extensions, W lanes wide. Each loop sums its terms in W-lane registers of the compute
 // type over the tile (16 tokens per lane with AVX2, 32 with SSE2: the fp32 partial sums
@@ -30,6 +31,14 @@
 // ATEN_CPU_CAPABILITY allow it. (No AVX-512 build: GCC 12 expands 512-bit vector
 // compares in always-inline helpers lane by lane, and at 256 bits the kernel is within a
 // small factor of memory bandwidth.)
+//
+// Rollout correction (params[P_ROLLOUT_IS] > 0; is_weights then holds the rollout
+// log-probs): a tile loop before the policy term turns the rollout log-probs into the
+// weights it multiplies by (and sums their metrics). The sequence levels need a
+// sequence's whole sum of log-ratios before any of its weights: a first pass over the
+// sequences (rollout_sequence_log_weights, parallel over sequences, reading old_logp and
+// rollout_logp only) writes one log-weight per sequence, which the tiles then read like
+// the aggregation weights. With the correction off none of this runs (one flag per tile).
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -72,6 +81,9 @@ template <typename T>
 struct Config {
   bool policy = false, dual = false, isw = false, value = false, kl = false, entropy = false,
        lm = false, has_logp = false;
+  int rollout = 0;            // rollout correction level (0 off; isw holds rollout log-probs)
+  bool rollout_mask = false;  // reject weights outside [lower, upper] (else truncate)
+  T rollout_upper = 0, rollout_lower = 0;
   ValueForm value_form = ValueForm::kNone;
   int kl_kind = 0;
   bool kl_straight = false;
@@ -90,6 +102,7 @@ struct Args {
   int64_t num_seqs = 0;
   const T* seq_weight = nullptr;
   const T* lm_weight = nullptr;
+  const T* seq_log_weight = nullptr;  // rollout correction at the sequence levels: u_s
   T *g_logp = nullptr, *g_values = nullptr, *g_entropy = nullptr;  // null: not written
   Config<T> cfg;
 };
@@ -107,7 +120,8 @@ struct Tile {
   alignas(64) T lp[kN];
   alignas(64) T old[kN];
   alignas(64) T adv[kN];
-  alignas(64) T isw[kN];
+  alignas(64) T isw[kN];     // IS weights (rollout correction: log-probs, then weights)
+  alignas(64) T rlw[kN];     // rollout correction, sequence levels: the sequence's u_s
   alignas(64) T v[kN];
   alignas(64) T ov[kN];
   alignas(64) T ret[kN];
@@ -123,6 +137,7 @@ template <typename T>
 struct ChunkAcc {
   double lanes[NUM_SUMS][kMaxW] = {};
   T ratio_min[kMaxW], ratio_max[kMaxW];
+  T rollout_min[kMaxW], rollout_max[kMaxW];
 };
 
 // ---- vectors ----------------------------------------------------------------------------
@@ -306,6 +321,59 @@ VAPO_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>
   }
 }
 
+// The rollout correction: b.isw holds the rollout log-probs on entry and the weights the
+// policy term multiplies by on exit (0 on masked tokens). kSeq: the sequence levels
+// (the log-weight is the sequence's, in b.rlw); kMask: reject weights outside
+// [lower, upper] (else truncate at upper). The comparisons keep a NaN weight (neither
+// truncated nor rejected), so a NaN in a valid slot reaches the loss.
+template <typename T, int W, bool kSeq, bool kMask>
+VAPO_INLINE void rollout_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+  using V = Vec<T, W>;
+  const Splats<T, W> k;
+  const V bound = splat<T, W>(T(20));
+  const V upper = splat<T, W>(c.rollout_upper), lower = splat<T, W>(c.rollout_lower);
+  V s_raw = k.zero, s_w = k.zero, s_out = k.zero, s_kl = k.zero, s_k3 = k.zero,
+    w_min = k.inf, w_max = -k.inf;
+  for (int i = 0; i < nr; i += W) {
+    const auto valid = load<V>(b.valid + i) != k.zero;
+    // Masked and padding tokens hold old = rollout = 0 here: e = 0, no select needed.
+    const V e = t_clamp(load<V>(b.old + i) - load<V>(b.isw + i), -bound, bound);
+    V raw, ee;
+    if constexpr (kSeq) {
+      raw = vexp<W>(load<V>(b.rlw + i));
+      ee = vexp<W>(e);
+    } else {
+      raw = vexp<W>(e);
+      ee = raw;
+    }
+    V w;
+    if constexpr (kMask) {
+      const auto out = (raw < lower) | (raw > upper);
+      w = out ? k.zero : raw;
+      s_out += (valid & out) ? k.one : k.zero;
+    } else {
+      w = t_min(raw, upper);
+      s_out += (valid & (raw > upper)) ? k.one : k.zero;
+    }
+    store(b.isw + i, valid ? w : k.zero);
+    s_raw += valid ? raw : k.zero;
+    s_w += valid ? w : k.zero;
+    s_kl -= e;
+    s_k3 += valid ? expm1_minus_x<W>(e, ee) : k.zero;
+    w_min = t_min(w_min, valid ? raw : k.inf);
+    w_max = t_max(w_max, valid ? raw : -k.inf);
+  }
+  flush<T, W>(acc.lanes[S_ROLLOUT_IS_RAW], s_raw);
+  flush<T, W>(acc.lanes[S_ROLLOUT_IS_WEIGHT], s_w);
+  flush<T, W>(acc.lanes[S_ROLLOUT_IS_OUT], s_out);
+  flush<T, W>(acc.lanes[S_ROLLOUT_KL], s_kl);
+  flush<T, W>(acc.lanes[S_ROLLOUT_K3], s_k3);
+  for (int l = 0; l < W; ++l) {
+    acc.rollout_min[l] = t_min(acc.rollout_min[l], w_min[l]);
+    acc.rollout_max[l] = t_max(acc.rollout_max[l], w_max[l]);
+  }
+}
+
 template <typename T, int W, ValueForm kForm>
 VAPO_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
   using V = Vec<T, W>;
@@ -486,6 +554,9 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
   ChunkAcc<T> acc;
   std::fill(acc.ratio_min, acc.ratio_min + kMaxW, kInf);
   std::fill(acc.ratio_max, acc.ratio_max + kMaxW, -kInf);
+  std::fill(acc.rollout_min, acc.rollout_min + kMaxW, kInf);
+  std::fill(acc.rollout_max, acc.rollout_max + kMaxW, -kInf);
+  const bool seq_level = c.rollout > 1;  // the rollout weight is the sequence's
 
   // The sequence holding token `begin`: off[s] <= begin < off[s + 1] (empty ones skipped).
   int64_t s = std::upper_bound(a.off, a.off + a.num_seqs + 1, begin) - a.off - 1;
@@ -504,6 +575,10 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
         const T wl = a.lm_weight[s];
         for (int64_t p = pos; p < stop; ++p) b.wlm[p - t0] = wl;
       }
+      if (seq_level) {
+        const T u = a.seq_log_weight[s];
+        for (int64_t p = pos; p < stop; ++p) b.rlw[p - t0] = u;
+      }
       pos = stop;
     }
     if (a.mask != nullptr) {
@@ -512,7 +587,7 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
     } else {
       for (int i = 0; i < n; ++i) b.valid[i] = T(1);
     }
-    for (int i = n; i < nr; ++i) b.valid[i] = b.w[i] = b.wlm[i] = T(0);
+    for (int i = n; i < nr; ++i) b.valid[i] = b.w[i] = b.wlm[i] = b.rlw[i] = T(0);
     for (int i = 0; i < n; ++i) b.w[i] = b.valid[i] != T(0) ? b.w[i] : T(0);
     if (c.lm) {
       for (int i = 0; i < n; ++i) b.wlm[i] = b.valid[i] != T(0) ? b.wlm[i] : T(0);
@@ -527,6 +602,15 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
       load_clean<scalar_t, T, kBytes>(a.old_logp + i0, b.valid, n, nr, b.old);
       load_clean<scalar_t, T, kBytes>(a.adv + i0, b.valid, n, nr, b.adv);
       if (c.isw) load_clean<scalar_t, T, kBytes>(a.isw + i0, b.valid, n, nr, b.isw);
+      if (c.rollout != 0) {  // turns the rollout log-probs in b.isw into weights
+        if (c.rollout_mask) {
+          if (seq_level) rollout_tile<T, W, true, true>(b, nr, c, acc);
+          else rollout_tile<T, W, false, true>(b, nr, c, acc);
+        } else {
+          if (seq_level) rollout_tile<T, W, true, false>(b, nr, c, acc);
+          else rollout_tile<T, W, false, false>(b, nr, c, acc);
+        }
+      }
       if (c.dual) {
         if (c.isw) policy_tile<T, W, true, true>(b, nr, c, acc);
         else policy_tile<T, W, true, false>(b, nr, c, acc);
@@ -576,13 +660,17 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
     for (int l = 0; l < kMaxW; ++l) sum += acc.lanes[k][l];
     out.sums[k] = sum;
   }
-  T lo = kInf, hi = -kInf;
+  T lo = kInf, hi = -kInf, w_lo = kInf, w_hi = -kInf;
   for (int l = 0; l < kMaxW; ++l) {
     lo = t_min(lo, acc.ratio_min[l]);
     hi = t_max(hi, acc.ratio_max[l]);
+    w_lo = t_min(w_lo, acc.rollout_min[l]);
+    w_hi = t_max(w_hi, acc.rollout_max[l]);
   }
   out.ratio_min = static_cast<double>(lo);
   out.ratio_max = static_cast<double>(hi);
+  out.rollout_min = static_cast<double>(w_lo);
+  out.rollout_max = static_cast<double>(w_hi);
 }
 
 // One entry point per instruction set; the helpers above are inlined into each.
@@ -657,6 +745,10 @@ Config<T> make_config(const std::vector<double>& params, bool has_logp, bool pol
   c.kl_coef = static_cast<T>(params[P_KL_COEF]);
   c.neg_entropy_coef = static_cast<T>(-params[P_ENTROPY_COEF]);
   c.lm_coef = static_cast<T>(params[P_LM_COEF]);
+  c.rollout = c.isw ? static_cast<int>(params[P_ROLLOUT_IS]) : 0;
+  c.rollout_mask = params[P_ROLLOUT_IS_MASK] != 0;
+  c.rollout_upper = static_cast<T>(params[P_ROLLOUT_IS_UPPER]);
+  c.rollout_lower = static_cast<T>(params[P_ROLLOUT_IS_LOWER]);
   return c;
 }
 
@@ -713,8 +805,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
   // The Python op validates everything; these checks guard direct callers of the binding.
   TORCH_CHECK(static_cast<int>(params.size()) == NUM_PARAMS, kFn, ": params must hold ",
               static_cast<int>(NUM_PARAMS), " floats, got ", params.size());
-  TORCH_CHECK(params[P_ROLLOUT_IS] == 0, kFn,
-              ": the rollout correction (params[P_ROLLOUT_IS]) is not implemented yet");
+  const int rollout = rollout_level(kFn, params);
   const at::Tensor* first = nullptr;
   const char* first_name = nullptr;
   const at::Tensor* t_logp = check_token("logp", logp, first, first_name);
@@ -764,6 +855,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
   }
   const bool lm = lm_weight.has_value();
   TORCH_CHECK(!lm || t_logp != nullptr, kFn, ": the LM term (lm_weight given) needs logp");
+  TORCH_CHECK(rollout == 0 || (policy && t_isw != nullptr), kFn,
+              ": the rollout correction (params[P_ROLLOUT_IS] > 0) needs the policy term and "
+              "the rollout log-probs in is_weights");
 
   auto grad_or_empty = [&](bool wanted) {
     return wanted && need_grad ? empty_cpu_output({n}, out_dtype)
@@ -798,6 +892,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
     a.g_entropy = g_entropy.numel() ? g_entropy.data_ptr<T>() : nullptr;
     a.cfg = make_config<T>(params, t_logp != nullptr, policy, t_isw != nullptr, value, kl,
                            t_entropy != nullptr, lm);
+    std::vector<T> seq_log_weight;
+    if (rollout > 1) {
+      seq_log_weight = rollout_sequence_log_weights<scalar_t, T>(a.old_logp, a.isw, mask_ptr,
+                                                                 off, num_seqs, rollout);
+      a.seq_log_weight = seq_log_weight.data();
+    }
 
     const ChunkFn<scalar_t, T> chunk = pick_chunk<scalar_t, T>();
     at::parallel_for(0, num_chunks, 1, [&](int64_t lo, int64_t hi) {
@@ -807,9 +907,49 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
     });
   });
 
-  const at::Tensor sums = reduce_loss_sums(parts, out_dtype);
+  const at::Tensor sums = reduce_loss_sums(parts, out_dtype, rollout != 0);
   return {sums, g_logp, g_values, g_entropy};
 }
+
+int rollout_level(const char* fn, const std::vector<double>& params) {
+  const double level = params[P_ROLLOUT_IS];
+  TORCH_CHECK(level == 0 || level == 1 || level == 2 || level == 3, fn,
+              ": params[P_ROLLOUT_IS] must be 0 (off), 1 (token), 2 (sequence) or 3 "
+              "(geometric), got ", level);
+  return static_cast<int>(level);
+}
+
+template <typename scalar_t, typename T>
+std::vector<T> rollout_sequence_log_weights(const scalar_t* old_logp, const scalar_t* rollout_logp,
+                                            const uint8_t* valid, const int64_t* offsets,
+                                            int64_t num_seqs, int level) {
+  std::vector<T> u(static_cast<size_t>(num_seqs));
+  const int64_t n = offsets[num_seqs];
+  // About 16k tokens per task: short batches stay on one thread.
+  const int64_t grain = std::max<int64_t>(1, num_seqs * 16384 / std::max<int64_t>(n, 1));
+  at::parallel_for(0, num_seqs, grain, [&](int64_t s0, int64_t s1) {
+    for (int64_t s = s0; s < s1; ++s) {
+      double total = 0;
+      int64_t count = 0;
+      for (int64_t t = offsets[s]; t < offsets[s + 1]; ++t) {
+        if (valid != nullptr && valid[t] == 0) continue;  // garbage there is never read
+        const T e = t_clamp(static_cast<T>(old_logp[t]) - static_cast<T>(rollout_logp[t]),
+                            T(-20), T(20));
+        total += static_cast<double>(e);
+        ++count;
+      }
+      u[static_cast<size_t>(s)] =
+          level == 2 ? t_clamp(static_cast<T>(total), T(-20), T(20))
+                     : static_cast<T>(total / static_cast<double>(std::max<int64_t>(count, 1)));
+    }
+  });
+  return u;
+}
+
+template std::vector<float> rollout_sequence_log_weights<float, float>(
+    const float*, const float*, const uint8_t*, const int64_t*, int64_t, int);
+template std::vector<double> rollout_sequence_log_weights<double, double>(
+    const double*, const double*, const uint8_t*, const int64_t*, int64_t, int);
 
 const int64_t* check_loss_offsets(const char* fn, const at::Tensor& offsets, int64_t n) {
   TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong &&
@@ -827,18 +967,23 @@ const int64_t* check_loss_offsets(const char* fn, const at::Tensor& offsets, int
   return off;
 }
 
-at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType dtype) {
+at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType dtype,
+                            bool rollout) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
   double total[NUM_SUMS] = {};
-  double ratio_min = std::numeric_limits<double>::infinity();
-  double ratio_max = -std::numeric_limits<double>::infinity();
+  double ratio_min = kInf, ratio_max = -kInf, rollout_min = kInf, rollout_max = -kInf;
   for (const LossSums& p : parts) {
     for (int k = 0; k < NUM_SUMS; ++k) total[k] += p.sums[k];
     ratio_min = t_min(ratio_min, p.ratio_min);
     ratio_max = t_max(ratio_max, p.ratio_max);
+    rollout_min = t_min(rollout_min, p.rollout_min);
+    rollout_max = t_max(rollout_max, p.rollout_max);
   }
   total[S_LM] = -total[S_LM];
   total[S_RATIO_MIN] = ratio_min;
   total[S_RATIO_MAX] = ratio_max;
+  total[S_ROLLOUT_IS_MIN] = rollout ? rollout_min : 0.0;
+  total[S_ROLLOUT_IS_MAX] = rollout ? rollout_max : 0.0;
   auto sums = at::empty({NUM_SUMS}, at::TensorOptions().dtype(dtype));
   if (dtype == at::kDouble) {
     double* o = sums.data_ptr<double>();
@@ -868,6 +1013,7 @@ void token_loss_block(const LossBlock<T>& block, const std::vector<double>& para
   a.num_seqs = block.num_seqs;
   a.seq_weight = block.seq_weight;
   a.lm_weight = block.lm_weight;
+  a.seq_log_weight = block.seq_log_weight;
   a.g_logp = block.g_logp;
   a.g_entropy = block.g_entropy;
   const bool kl = block.ref_logp != nullptr && params[P_KL_KIND] > 0;

@@ -18,13 +18,16 @@ namespace vapo {
 struct LossSums {
   double sums[NUM_SUMS];
   double ratio_min, ratio_max;
+  double rollout_min, rollout_max;  // the rollout IS weights' extremes (correction on)
 };
 
 // Tokens [begin, end) of a batch. Per-token arrays hold tokens [begin, end) (index
 // t - begin); offsets (S + 1) and the per-sequence weights are the batch's. The policy
 // term (logp, old_logp, advantages) is always on; ref_logp (with params' KL kind > 0),
 // entropy, is_weights and lm_weight switch their terms on; g_logp / g_entropy (null:
-// not written) receive the gradients, 0 on masked tokens.
+// not written) receive the gradients, 0 on masked tokens. With the rollout correction on
+// (params[P_ROLLOUT_IS] > 0) isw holds the rollout log-probs, and at the sequence levels
+// seq_log_weight the batch's per-sequence log-weights (rollout_sequence_log_weights).
 template <typename T>
 struct LossBlock {
   int64_t begin = 0, end = 0;
@@ -35,6 +38,7 @@ struct LossBlock {
   int64_t num_seqs = 0;
   const T* seq_weight = nullptr;
   const T* lm_weight = nullptr;
+  const T* seq_log_weight = nullptr;
   T *g_logp = nullptr, *g_entropy = nullptr;
 };
 
@@ -47,7 +51,24 @@ void token_loss_block(const LossBlock<T>& block, const std::vector<double>& para
 const int64_t* check_loss_offsets(const char* fn, const at::Tensor& offsets, int64_t n);
 
 // The (NUM_SUMS,) sums tensor of the kernel contract from the blocks' sums, added in
-// block order (the same bits whatever the number of threads).
-at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType dtype);
+// block order (the same bits whatever the number of threads). `rollout`: the rollout
+// correction is on (its min / max slots are +-inf identities when no token is valid,
+// 0 when it is off).
+at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType dtype,
+                            bool rollout);
+
+// The rollout correction's level in params (0 off, 1 token, 2 sequence, 3 geometric),
+// checked (`fn` names the kernel in the error).
+int rollout_level(const char* fn, const std::vector<double>& params);
+
+// Per-sequence log-weights u_s of the rollout correction's sequence levels, over the
+// valid tokens of each sequence (valid: null = all), e_t = clamp(old - rollout, -20, 20)
+// in T: level 2 (sequence) clamp(sum e, -20, 20), level 3 (geometric) sum e / count (0
+// for a sequence without valid tokens). Each sequence is summed in token order in
+// double, so the result does not depend on the number of threads.
+template <typename scalar_t, typename T>
+std::vector<T> rollout_sequence_log_weights(const scalar_t* old_logp, const scalar_t* rollout_logp,
+                                            const uint8_t* valid, const int64_t* offsets,
+                                            int64_t num_seqs, int level);
 
 }  // namespace vapo
