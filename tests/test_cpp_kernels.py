@@ -144,3 +144,43 @@ print(torch.backends.cpu.get_cpu_capability())
 def test_token_loss_baseline_instruction_set():
     """The SSE2 baseline build (this CPU likely runs the AVX2 one)."""
     assert run_isa_check(_TOKEN_LOSS_ISA_CHECK, "default").strip() == "DEFAULT"
+
+
+# --------------------------------------------------------------------------------------
+# token_logprobs (csrc/cpu/logprobs.cpp): every instruction-set variant (the kernel picks
+# AVX-512, AVX2 or the SSE2 baseline at run time, capped by torch's ATEN_CPU_CAPABILITY)
+
+
+_LOGPROBS_ISA_CHECK = r"""
+import torch
+from vapo_kernels import _backends
+from vapo_kernels.ops.token_logprobs import reference_backward, reference_forward
+ext = _backends.extension()
+gen = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+    for vocab in (1, 13, 1000, 2063):
+        z = (torch.randn(5, vocab, generator=gen, dtype=torch.float64) * 4).to(dtype)
+        if vocab > 1:
+            z[0, 0] = -float("inf")
+        t = torch.randint(0, vocab, (5,), generator=gen)
+        t[1] = -100
+        tau = 0.7
+        got = ext.token_logprobs_fwd_cpu(z, t, None, tau)
+        want = reference_forward(z.double(), t, None, tau)
+        for g, w in zip(got, want):
+            assert torch.allclose(g.double(), w, rtol=1e-5, atol=1e-5), (dtype, vocab, g, w)
+        gl = torch.randn(5, generator=gen).to(got[0].dtype)
+        out = torch.empty_like(z)
+        ext.token_logprobs_bwd_cpu(gl, gl, z, t, None, got[2], got[1], tau, out)
+        ref = torch.empty(z.shape, dtype=torch.float64)
+        reference_backward(gl.double(), gl.double(), z.double(), t, None, got[2].double(), got[1].double(), tau, ref)
+        tol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}.get(dtype, 1e-5)
+        assert torch.allclose(out.double(), ref, rtol=tol, atol=1e-5), (dtype, vocab)
+print(torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 ISA variants")
+@pytest.mark.parametrize("capability", ["default", "avx2"])
+def test_logprobs_other_instruction_sets(capability):
+    run_isa_check(_LOGPROBS_ISA_CHECK, capability)

@@ -31,3 +31,19 @@ def test_token_loss_block_must_be_a_power_of_two():
             *x, None, offs, torch.ones(1, device=DEVICE), None, loss_spec.loss_params(), True,
             block=24,
         )
+
+
+def test_logprobs_launch_parameters():
+    from vapo_kernels.triton import logprobs as tlp
+
+    default = tlp.INTERPRET_BLOCK_V if INTERPRET else tlp.GPU_BLOCK_V
+    assert tlp._launch_params(152064, None)[0] == default
+    # The GPU plan, checked whatever device runs the test.
+    assert (tlp.GPU_BLOCK_V, tlp.MAX_NUM_WARPS) == (8192, 16)
+    assert tlp._launch_params(152064, 8192) == (8192, 16)
+    assert tlp._launch_params(152064, 4096) == (4096, 8)
+    assert tlp._launch_params(1000, 1024) == (1024, 2)
+    assert tlp._launch_params(1, 16) == (16, 1)
+    assert tlp._launch_params(1, None)[0] == 1  # a chunk no wider than the row
+    with pytest.raises(ValueError, match="power of two"):
+        tlp._launch_params(100, 24)
