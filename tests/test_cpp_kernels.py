@@ -184,3 +184,55 @@ print(torch.backends.cpu.get_cpu_capability())
 @pytest.mark.parametrize("capability", ["default", "avx2"])
 def test_logprobs_other_instruction_sets(capability):
     run_isa_check(_LOGPROBS_ISA_CHECK, capability)
+
+
+# --------------------------------------------------------------------------------------
+# logits_loss (csrc/cpu/logits_loss.cpp): row blocks in a fixed layout, summed in block
+# order: the same bits for any number of threads
+
+
+def logits_loss_args(dtype, vocab, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([3, 0, 1, 9, 4] * 40)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
+    n = int(offsets[-1])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    z = (2 * torch.randn(n, vocab, generator=gen, dtype=torch.float64)).to(dtype)
+    y = torch.randint(0, vocab, (n,), generator=gen)
+    valid = torch.rand(n, generator=gen) < 0.8
+    old = -torch.rand(n, generator=gen, dtype=torch.float64) * 3
+
+    def tok(t):
+        return t.to(acc).contiguous()
+
+    params = list(loss_spec.loss_params(
+        dual_clip=3.0, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01, lm_coef=0.1,
+    ))
+    s = len(lengths)
+    return (z, y, tok(old), tok(torch.randn(n, generator=gen, dtype=torch.float64)),
+            tok(old + 0.2 * torch.randn(n, generator=gen, dtype=torch.float64)),
+            tok(torch.rand(n, generator=gen, dtype=torch.float64) + 0.5), valid, offsets,
+            tok(torch.rand(s, generator=gen, dtype=torch.float64) / n),
+            tok(torch.rand(s, generator=gen, dtype=torch.float64) / n), params, 0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("vocab", [37, 70_000])
+def test_logits_loss_threads_give_the_same_bits(dtype, vocab):
+    args = logits_loss_args(dtype, vocab)
+    if vocab > 1000:  # a few rows of 70k logits: one row per block
+        n = 17
+        z, y, *rest = args
+        args = (z[:n].contiguous(), y[:n], *(t[:n] for t in rest[:5]),
+                torch.tensor([0, 3, 3, 4, 13, 17]), *(t[:5] for t in rest[6:8]), *rest[8:])
+    threads = torch.get_num_threads()
+    out = []
+    try:
+        for k in (1, 2):
+            torch.set_num_threads(k)
+            grad = torch.empty_like(args[0])
+            out.append((ext().logits_loss_cpu(*args, grad), grad))
+    finally:
+        torch.set_num_threads(threads)
+    (s1, g1), (s2, g2) = out
+    assert torch.equal(s1, s2) and torch.equal(g1, g2)

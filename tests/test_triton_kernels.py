@@ -47,3 +47,55 @@ def test_logprobs_launch_parameters():
     assert tlp._launch_params(1, None)[0] == 1  # a chunk no wider than the row
     with pytest.raises(ValueError, match="power of two"):
         tlp._launch_params(100, 24)
+
+
+def test_logits_loss_launch_parameters():
+    from vapo_kernels.triton import logprobs as tlp
+    from vapo_kernels.triton import loss as tloss
+
+    default = tloss.LOGITS_INTERPRET_BLOCK_V if INTERPRET else tloss.LOGITS_GPU_BLOCK_V
+    assert tloss.LOGITS_GPU_BLOCK_V == 8192
+    assert tlp._launch_params(
+        152064, None, gpu_block_v=tloss.LOGITS_GPU_BLOCK_V,
+        interpret_block_v=tloss.LOGITS_INTERPRET_BLOCK_V,
+    )[0] == default
+    # Two sequences of 5-logit rows: a bad chunk width raises, and the default plan (a
+    # chunk no wider than next_pow2(V)) gives the sums of an explicit 16-wide chunk.
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(3, 5, generator=gen, device=DEVICE)
+    y = torch.tensor([4, 0, 2], device=DEVICE)
+    tok = -torch.rand(3, generator=gen, device=DEVICE)
+    adv = torch.randn(3, generator=gen, device=DEVICE)
+    valid = torch.ones(3, dtype=torch.bool, device=DEVICE)
+    offs = torch.tensor([0, 2, 3], device=DEVICE)
+    sw = torch.tensor([0.5, 0.25], device=DEVICE)
+    args = (z, y, tok, adv, None, None, valid, offs, sw, None,
+            loss_spec.loss_params(entropy_coef=0.01), 1.0, None)
+    with pytest.raises(ValueError, match="power of two"):
+        tloss.logits_loss(*args, block_v=24)
+    default_sums = tloss.logits_loss(*args)
+    sums = tloss.logits_loss(*args, block_v=16)
+    torch.testing.assert_close(default_sums, sums, rtol=1e-6, atol=1e-7)
+
+
+def test_logits_loss_counts_an_ignored_target_on_a_valid_row_as_invalid():
+    """Outside the contract (the op folds target -100 into the row's validity): Triton
+    treats such a row as invalid, the same bits as with the row masked."""
+    from vapo_kernels.triton import loss as tloss
+
+    gen = torch.Generator().manual_seed(1)
+    z = 2 * torch.randn(6, 37, generator=gen, device=DEVICE)
+    y = torch.randint(0, 37, (6,), generator=gen, device=DEVICE)
+    y[2] = -100
+    old = -torch.rand(6, generator=gen, device=DEVICE)
+    adv = torch.randn(6, generator=gen, device=DEVICE)
+    offs = torch.tensor([0, 3, 6], device=DEVICE)
+    sw = torch.tensor([0.5, 0.25], device=DEVICE)
+    params = loss_spec.loss_params(dual_clip=3.0, entropy_coef=0.01)
+    valid = torch.ones(6, dtype=torch.bool, device=DEVICE)
+    grads = torch.empty_like(z), torch.empty_like(z)
+    got = tloss.logits_loss(z, y, old, adv, None, None, valid, offs, sw, None, params, 0.7, grads[0])
+    exp = tloss.logits_loss(z, y, old, adv, None, None, valid & (y != -100), offs, sw, None, params,
+                            0.7, grads[1])
+    assert torch.equal(got, exp) and torch.equal(grads[0], grads[1])
+    assert (grads[0][2] == 0).all()
