@@ -51,7 +51,8 @@ def reference_logits_kernel(
     [0, V) on valid rows; ``old_logp, advantages, ref_logp, is_weights`` (N,) contiguous
     in the accumulation dtype (float32; float64 for float64 logits), the last two None
     when off (``is_weights`` holds the rollout log-probs when ``params[P_ROLLOUT_IS] > 0``,
-    as in :func:`.loss_spec.reference_kernel`); ``mask`` (N,) bool: the rows that count (mask set, target not -100);
+    as in :func:`.loss_spec.reference_kernel`); ``mask`` (N,) bool: the rows that count
+    (mask set, target not -100);
     ``offsets, seq_weight, lm_weight, params`` as in :func:`.loss_spec.reference_kernel`
     (the entropy of each row is always an input of the loss, with coefficient
     ``params[P_ENTROPY_COEF]``, so its weighted sum is a metric). ``out``: None (no

@@ -708,9 +708,9 @@ _MEANS = {
     "clipfrac_low": L.S_CLIP_LOW, "clipfrac_high": L.S_CLIP_HIGH,
     "dual_clipfrac": L.S_DUAL_CLIP, "approx_kl": L.S_NEG_LOG_RATIO, "approx_kl_k3": L.S_K3,
     "vf_clipfrac": L.S_VF_CLIP, "rollout_is_mean": L.S_ROLLOUT_IS_RAW,
-    "rollout_is_weight_mean": L.S_ROLLOUT_IS_WEIGHT, "rollout_is_truncated_frac": L.S_ROLLOUT_IS_OUT,
-    "rollout_is_masked_frac": L.S_ROLLOUT_IS_OUT, "rollout_kl": L.S_ROLLOUT_KL,
-    "rollout_k3": L.S_ROLLOUT_K3,
+    "rollout_is_weight_mean": L.S_ROLLOUT_IS_WEIGHT,
+    "rollout_is_truncated_frac": L.S_ROLLOUT_IS_OUT, "rollout_is_masked_frac": L.S_ROLLOUT_IS_OUT,
+    "rollout_kl": L.S_ROLLOUT_KL, "rollout_k3": L.S_ROLLOUT_K3,
 }
 _RATIO = {
     "ratio_min": L.S_RATIO_MIN, "ratio_max": L.S_RATIO_MAX,

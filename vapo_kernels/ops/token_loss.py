@@ -147,7 +147,8 @@ def check_aggregation(a, layout: _ragged.Layout) -> None:
 
 def _input_names(params: Sequence[float]) -> tuple[str, ...]:
     """The names of the token inputs, for errors (the is_weights slot may hold rollout_logp)."""
-    return ROLLOUT_INPUTS if len(params) > L.P_ROLLOUT_IS and params[L.P_ROLLOUT_IS] else TOKEN_INPUTS
+    rollout = len(params) > L.P_ROLLOUT_IS and params[L.P_ROLLOUT_IS]
+    return ROLLOUT_INPUTS if rollout else TOKEN_INPUTS
 
 
 def _check_static(a: TokenLossArgs) -> _ragged.Layout:

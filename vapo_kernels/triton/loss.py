@@ -19,6 +19,16 @@ only. A block inside one sequence (the common case: sequences are much longer th
 block) does no search step at all; a block of many short sequences does
 ``bit_length(#sequences - 1)`` gather steps over offsets that sit in cache.
 
+Rollout correction (``params[P_ROLLOUT_IS] > 0``; ``is_weights`` then holds the rollout
+log-probs): the policy branch turns them into the weights it multiplies by and sums
+their metrics. The sequence levels need each sequence's sum of log-ratios before any of
+its tokens' weights, and a sequence spans blocks: a small first launch
+(``_rollout_sequence_kernel``, one program per sequence walking its tokens in chunks,
+reading old_logp and rollout_logp only) writes one log-weight per sequence, which the
+main kernel gathers like the aggregation weights. Token level, and the correction off,
+are one launch as before; the correction is selected by a constexpr (``HAS_ISW``), so
+with it off the kernels compile to the code they were before.
+
 Masked slots only reach the arithmetic through ``tl.where`` (they are replaced by 0
 right after the load, as the reference does), and every sum and gradient selects with
 the mask instead of multiplying by it, so NaN or 1e30 stored there changes no output
@@ -71,7 +81,24 @@ _K_KL = tl.constexpr(6)  # kl_coef
 _K_ENT = tl.constexpr(7)  # entropy_coef
 _K_LM = tl.constexpr(8)  # lm_coef
 _K_TAU = tl.constexpr(9)  # temperature (logits kernel only)
-_NUM_K = 10
+_K_ROLLOUT_UPPER = tl.constexpr(10)  # rollout correction: the weights' upper bound C
+_K_ROLLOUT_LOWER = tl.constexpr(11)  # ... and lower bound (mask mode)
+_NUM_K = 12
+# Rollout log-ratios (per token, and a sequence's sum) are clamped to [-20, 20].
+_ROLLOUT_BOUND = tl.constexpr(20.0)
+
+# HAS_ISW (constexpr) of both kernels says what the is_weights slot holds: 0 (False)
+# nothing, 1 (True) the weights, and from 2 on the rollout log-probs the weights are
+# computed from: 2 * level + mask (token 2 / 3, sequence 4 / 5, geometric 6 / 7). One
+# code rather than two more flags keeps the kernels' constexpr names as they were (the
+# compile checks for sm_90 list them).
+
+
+def _isw_code(has_isw: bool, level: int, params) -> int:
+    """HAS_ISW for a call: the is_weights slot given or not, the rollout level (0: off)."""
+    if not has_isw:
+        return 0
+    return 1 if level == 0 else 2 * level + int(bool(params[L.P_ROLLOUT_IS_MASK]))
 
 
 def _interpreting() -> bool:
@@ -197,11 +224,72 @@ def _kl(lp, ref, KIND: tl.constexpr, STRAIGHT: tl.constexpr):
 
 
 @triton.jit
+def _clamp_nan(x, bound):
+    """clamp(x, -bound, bound) that keeps NaN (as torch.clamp; tl.minimum / tl.maximum
+    may drop a NaN operand on a GPU)."""
+    return tl.where(x < -bound, -bound, tl.where(x > bound, bound, x))
+
+
+@triton.jit
+def _rollout(olp, rlp, u_seq, upper, lower, SEQ: tl.constexpr, MASK: tl.constexpr):
+    """The rollout correction of a token: (applied weight, raw weight, truncated or
+    rejected, clamped log-ratio e, exp(e)). ``u_seq``: the sequence's log-weight (SEQ).
+    The comparisons keep a NaN weight (neither truncated nor rejected): it reaches the
+    loss."""
+    e = _clamp_nan(olp - rlp, _ROLLOUT_BOUND)
+    ee = tl.exp(e)
+    if SEQ:
+        raw = tl.exp(u_seq)
+    else:
+        raw = ee
+    if MASK:
+        out = (raw < lower) | (raw > upper)
+        w = tl.where(out, 0.0, raw)
+    else:
+        out = raw > upper
+        w = tl.where(out, upper, raw)
+    return w, raw, out, e, ee
+
+
+@triton.jit
+def _rollout_sequence_kernel(
+    olp_ptr, rlp_ptr, m_ptr, offs_ptr, u_ptr,
+    GEOMETRIC: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+):
+    """u_s of sequence s = program: clamp(sum e, -20, 20), or (GEOMETRIC) sum e / count,
+    over its valid tokens, e = clamp(old_logp - rollout_logp, -20, 20)."""
+    s = tl.program_id(0).to(tl.int64)
+    start = tl.load(offs_ptr + s)
+    end = tl.load(offs_ptr + s + 1)
+    lane = tl.arange(0, BLOCK)
+    total = tl.zeros([BLOCK], ACC)
+    count = tl.zeros([BLOCK], ACC)
+    n_chunks = tl.cdiv(end - start, BLOCK)
+    for i in range(n_chunks):
+        idx = start + i * BLOCK + lane
+        inb = idx < end
+        if HAS_MASK:
+            valid = inb & (tl.load(m_ptr + idx, mask=inb, other=0) != 0)
+        else:
+            valid = inb
+        olp = tl.load(olp_ptr + idx, mask=inb, other=0.0).to(ACC)
+        rlp = tl.load(rlp_ptr + idx, mask=inb, other=0.0).to(ACC)
+        total += tl.where(valid, _clamp_nan(olp - rlp, _ROLLOUT_BOUND), 0.0)
+        count += tl.where(valid, 1.0, 0.0)
+    t = tl.sum(total, axis=0)
+    if GEOMETRIC:
+        u = t / tl.maximum(tl.sum(count, axis=0), 1.0)
+    else:
+        u = _clamp_nan(t, _ROLLOUT_BOUND)
+    tl.store(u_ptr + s, u)
+
+
+@triton.jit
 def _store_sums(
     part_ptr, prog, pg, vf, kl, entropy, lm, tokens, clip_low, clip_high, dual_clip,
     neg_log_ratio, k3, ratio_sum, ratio_min, ratio_max, vf_clip, returns, returns_sq,
-    value_err, value_err_sq, ris_raw, ris_weight, ris_min, ris_max, ris_out, rollout_kl,
-    rollout_k3,
+    value_err, value_err_sq, rollout_raw, rollout_weight, rollout_min, rollout_max, rollout_out,
+    rollout_kl, rollout_k3,
 ):
     """Row ``prog`` (int64) of the (programs, NUM_SUMS) partial sums: every slot, by its
     _loss_layout name. Both kernels write their row here, so a slot cannot be missed
@@ -226,11 +314,11 @@ def _store_sums(
     tl.store(row + L.S_RETURNS_SQ, returns_sq)
     tl.store(row + L.S_VALUE_ERR, value_err)
     tl.store(row + L.S_VALUE_ERR_SQ, value_err_sq)
-    tl.store(row + L.S_ROLLOUT_IS_RAW, ris_raw)
-    tl.store(row + L.S_ROLLOUT_IS_WEIGHT, ris_weight)
-    tl.store(row + L.S_ROLLOUT_IS_MIN, ris_min)
-    tl.store(row + L.S_ROLLOUT_IS_MAX, ris_max)
-    tl.store(row + L.S_ROLLOUT_IS_OUT, ris_out)
+    tl.store(row + L.S_ROLLOUT_IS_RAW, rollout_raw)
+    tl.store(row + L.S_ROLLOUT_IS_WEIGHT, rollout_weight)
+    tl.store(row + L.S_ROLLOUT_IS_MIN, rollout_min)
+    tl.store(row + L.S_ROLLOUT_IS_MAX, rollout_max)
+    tl.store(row + L.S_ROLLOUT_IS_OUT, rollout_out)
     tl.store(row + L.S_ROLLOUT_KL, rollout_kl)
     tl.store(row + L.S_ROLLOUT_K3, rollout_k3)
 
@@ -246,7 +334,7 @@ assert len(_store_sums.arg_names) == 2 + L.NUM_SUMS
 @triton.jit
 def _token_loss_kernel(
     lp_ptr, olp_ptr, adv_ptr, v_ptr, ov_ptr, ret_ptr, ref_ptr, ent_ptr, isw_ptr, m_ptr,
-    offs_ptr, span_ptr, sw_ptr, lmw_ptr, k_ptr,
+    offs_ptr, span_ptr, sw_ptr, lmw_ptr, u_ptr, k_ptr,
     part_ptr, g_lp_ptr, g_v_ptr, g_ent_ptr,
     n_tokens, n_blocks,
     HAS_LOGP: tl.constexpr, HAS_POLICY: tl.constexpr, HAS_ISW: tl.constexpr,
@@ -299,6 +387,13 @@ def _token_loss_kernel(
     s_ret_sq = def_zero
     s_err = def_zero
     s_err_sq = def_zero
+    s_roll_raw = def_zero
+    s_roll_w = def_zero
+    s_roll_out = def_zero
+    s_roll_kl = def_zero
+    s_roll_k3 = def_zero
+    roll_min = def_zero  # 0 when the correction is off, as the contract says
+    roll_max = def_zero
     s_tokens = tl.sum(tl.where(valid, 1.0, zero), axis=0)
 
     g_lp = zero
@@ -318,6 +413,23 @@ def _token_loss_kernel(
         )
         if HAS_ISW:
             isw = tl.where(valid, tl.load(isw_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
+            if HAS_ISW >= 2:  # isw holds the rollout log-probs: the weights from them
+                if HAS_ISW >= 4:  # a sequence level: the sequence's log-weight
+                    u_seq = tl.load(u_ptr + seq, mask=inb, other=0.0).to(ACC)
+                else:
+                    u_seq = zero
+                rw, raw, out, e, ee = _rollout(
+                    olp, isw, u_seq, tl.load(k_ptr + _K_ROLLOUT_UPPER),
+                    tl.load(k_ptr + _K_ROLLOUT_LOWER), HAS_ISW >= 4, HAS_ISW % 2 == 1,
+                )
+                isw = tl.where(valid, rw, zero)
+                s_roll_raw = tl.sum(tl.where(valid, raw, zero), axis=0)
+                s_roll_w = tl.sum(isw, axis=0)
+                s_roll_out = tl.sum(tl.where(valid & out, 1.0, zero), axis=0)
+                s_roll_kl = tl.sum(tl.where(valid, -e, zero), axis=0)
+                s_roll_k3 = tl.sum(tl.where(valid, _expm1_minus_x(e, ee), zero), axis=0)
+                roll_min = tl.min(tl.where(valid, raw, float("inf")), axis=0)
+                roll_max = tl.max(tl.where(valid, raw, -float("inf")), axis=0)
             pg = pg * isw
             grad = grad * isw
         s_pg = tl.sum(tl.where(valid, w * pg, zero), axis=0)
@@ -376,7 +488,8 @@ def _token_loss_kernel(
     _store_sums(
         part_ptr, pid.to(tl.int64), s_pg, s_vf, s_kl, s_ent, s_lm, s_tokens, s_clip_low,
         s_clip_high, s_dual, s_nlr, s_k3, s_ratio, r_min, r_max, s_vf_clip, s_ret, s_ret_sq,
-        s_err, s_err_sq, def_zero, def_zero, def_zero, def_zero, def_zero, def_zero, def_zero,
+        s_err, s_err_sq, s_roll_raw, s_roll_w, roll_min, roll_max, s_roll_out, s_roll_kl,
+        s_roll_k3,
     )
 
 
@@ -392,6 +505,8 @@ def _scalar_params(params, dtype, device, temperature=1.0) -> torch.Tensor:
     k[_K_VEPS], k[_K_VF] = params[L.P_VALUE_CLIP], params[L.P_VF_COEF]
     k[_K_KL], k[_K_ENT] = params[L.P_KL_COEF], params[L.P_ENTROPY_COEF]
     k[_K_LM], k[_K_TAU] = params[L.P_LM_COEF], float(temperature)
+    k[_K_ROLLOUT_UPPER] = params[L.P_ROLLOUT_IS_UPPER]
+    k[_K_ROLLOUT_LOWER] = params[L.P_ROLLOUT_IS_LOWER]
     k_t = torch.tensor(k, dtype=torch.float64).to(dtype)
     if device.type == "cuda":  # pinned + non_blocking: no wait on the stream
         k_t = k_t.pin_memory().to(device, non_blocking=True)
@@ -400,6 +515,31 @@ def _scalar_params(params, dtype, device, temperature=1.0) -> torch.Tensor:
 
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1).contiguous()
+
+
+def _rollout_level(params) -> int:
+    level = params[L.P_ROLLOUT_IS]
+    if level not in (0.0, 1.0, 2.0, 3.0):
+        raise ValueError(f"params[P_ROLLOUT_IS] must be 0..3, got {level}")
+    return int(level)
+
+
+def _sequence_log_weights(level, old_logp, rollout_logp, mask, offsets, dtype, interpreting):
+    """(S,) log-weights of the sequence levels in the compute ``dtype`` (a launch of
+    _rollout_sequence_kernel), or None at token level. ``mask``: flat bool or None."""
+    if level < 2:
+        return None
+    n_seqs = offsets.numel() - 1
+    u = torch.empty(n_seqs, dtype=dtype, device=old_logp.device)
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    if n_seqs:
+        block = INTERPRET_BLOCK if interpreting else GPU_BLOCK
+        _rollout_sequence_kernel[(n_seqs,)](
+            old_logp, rollout_logp, old_logp if mask is None else mask, offsets, u,
+            GEOMETRIC=level == 3, HAS_MASK=mask is not None, BLOCK=block, ACC=acc,
+            num_warps=max(1, min(GPU_NUM_WARPS, block // 128)),
+        )
+    return u
 
 
 def token_loss(
@@ -418,8 +558,7 @@ def token_loss(
     device = present[0].device
     n = present[0].numel()
     params = [float(p) for p in params]
-    if params[L.P_ROLLOUT_IS]:
-        raise ValueError("the rollout correction (params[P_ROLLOUT_IS]) is not implemented yet")
+    rollout = _rollout_level(params)
 
     has_policy = advantages is not None
     if has_policy and (logp is None or old_logp is None):
@@ -442,9 +581,16 @@ def token_loss(
     has_lm = lm_weight is not None
     if has_lm and logp is None:
         raise ValueError("the positive-example LM term needs logp")
+    if rollout and not (has_policy and is_weights is not None):
+        raise ValueError(
+            "the rollout correction (params[P_ROLLOUT_IS] > 0) needs the policy term and the "
+            "rollout log-probs in is_weights"
+        )
 
     sums = torch.zeros(L.NUM_SUMS, dtype=out_dtype, device=device)
     sums[L.S_RATIO_MIN], sums[L.S_RATIO_MAX] = float("inf"), -float("inf")
+    if rollout:
+        sums[L.S_ROLLOUT_IS_MIN], sums[L.S_ROLLOUT_IS_MAX] = float("inf"), -float("inf")
 
     def grad_buffer(src, present_term):
         # A fresh tensor per output: the op must not return aliased tensors.
@@ -483,17 +629,19 @@ def token_loss(
     span = span.contiguous()
 
     acc = tl.float64 if out_dtype == torch.float64 else tl.float32
+    u = _sequence_log_weights(rollout, tensors[1], tensors[8], mask, offsets, out_dtype,
+                              _interpreting())
     part = torch.empty((n_blocks, L.NUM_SUMS), dtype=out_dtype, device=device)
     _token_loss_kernel[(n_blocks,)](
         *tensors, mask if mask is not None else dummy,
-        offsets, span, seq_weight, lm_w, k_t,
+        offsets, span, seq_weight, lm_w, seq_weight if u is None else u, k_t,
         part,
         g_logp if g_logp.numel() else part,
         g_values if g_values.numel() else part,
         g_entropy if g_entropy.numel() else part,
         n, n_blocks,
         HAS_LOGP=logp is not None, HAS_POLICY=has_policy,
-        HAS_ISW=has_policy and is_weights is not None,
+        HAS_ISW=_isw_code(has_policy and is_weights is not None, rollout, params),
         HAS_DUAL=has_policy and params[L.P_DUAL_CLIP] > 0, VALUE_MODE=value_mode,
         KL_KIND=kl_kind, KL_STRAIGHT=bool(params[L.P_KL_STRAIGHT]), HAS_ENTROPY=entropy is not None,
         HAS_LM=has_lm, HAS_MASK=mask is not None, NEED_GRAD=bool(need_grad),
@@ -502,9 +650,17 @@ def token_loss(
     # Deterministic reduction of the per-block rows: sums in float64, then min / max.
     totals = part.to(torch.float64).sum(0)
     sums = totals.to(out_dtype)
-    sums[L.S_RATIO_MIN] = part[:, L.S_RATIO_MIN].min()
-    sums[L.S_RATIO_MAX] = part[:, L.S_RATIO_MAX].max()
+    for slot, reduce in _EXTREMES:
+        sums[slot] = reduce(part[:, slot])
     return sums, g_logp, g_values, g_entropy
+
+
+# The min / max slots: reduced over the per-program rows by min / max, not summed (the
+# rollout ones hold 0 in every row when the correction is off).
+_EXTREMES = (
+    (L.S_RATIO_MIN, torch.amin), (L.S_RATIO_MAX, torch.amax),
+    (L.S_ROLLOUT_IS_MIN, torch.amin), (L.S_ROLLOUT_IS_MAX, torch.amax),
+)
 
 
 # --------------------------------------------------------------------------------------
@@ -553,7 +709,7 @@ def _sequence_of(offs_ptr, n_seqs, row):
 @triton.jit
 def _logits_loss_kernel(
     z_ptr, stride_z, y_ptr, valid_ptr, olp_ptr, adv_ptr, ref_ptr, isw_ptr,
-    offs_ptr, n_seqs, sw_ptr, lmw_ptr, k_ptr, part_ptr, out_ptr, stride_out, V,
+    offs_ptr, n_seqs, sw_ptr, lmw_ptr, u_ptr, k_ptr, part_ptr, out_ptr, stride_out, V,
     HAS_ISW: tl.constexpr, HAS_DUAL: tl.constexpr, KL_KIND: tl.constexpr,
     KL_STRAIGHT: tl.constexpr, HAS_LM: tl.constexpr, HAS_GH: tl.constexpr,
     NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
@@ -577,6 +733,17 @@ def _logits_loss_kernel(
     s_ratio = zero
     r_min = zero + float("inf")
     r_max = zero - float("inf")
+    s_roll_raw = zero
+    s_roll_w = zero
+    s_roll_out = zero
+    s_roll_kl = zero
+    s_roll_k3 = zero
+    if HAS_ISW >= 2:  # min / max identities; 0 when the correction is off
+        roll_min = zero + float("inf")
+        roll_max = zero - float("inf")
+    else:
+        roll_min = zero
+        roll_max = zero
     if keep:
         z_row = z_ptr + row * stride_z
         inv_tau = 1.0 / tl.load(k_ptr + _K_TAU)
@@ -586,13 +753,30 @@ def _logits_loss_kernel(
         s_tokens = one
 
         # k_ptr holds the _K_* scalars (_scalar_params); no value term here.
+        olp = tl.load(olp_ptr + row)
         pg, g_lp, f_low, f_high, f_dual, log_ratio, ratio = _policy(
-            lp, tl.load(olp_ptr + row), tl.load(adv_ptr + row), tl.load(k_ptr + _K_LO),
+            lp, olp, tl.load(adv_ptr + row), tl.load(k_ptr + _K_LO),
             tl.load(k_ptr + _K_HI), tl.load(k_ptr + _K_DUAL), tl.load(k_ptr + _K_CLAMP),
             HAS_DUAL,
         )
         if HAS_ISW:
             isw = tl.load(isw_ptr + row)
+            if HAS_ISW >= 2:  # isw holds the rollout log-prob: the weight from it
+                if HAS_ISW >= 4:  # a sequence level: the sequence's log-weight
+                    u_seq = tl.load(u_ptr + seq)
+                else:
+                    u_seq = zero
+                isw, raw, out, e, ee = _rollout(
+                    olp, isw, u_seq, tl.load(k_ptr + _K_ROLLOUT_UPPER),
+                    tl.load(k_ptr + _K_ROLLOUT_LOWER), HAS_ISW >= 4, HAS_ISW % 2 == 1,
+                )
+                s_roll_raw = raw
+                s_roll_w = isw
+                s_roll_out = tl.where(out, one, zero)
+                s_roll_kl = -e
+                s_roll_k3 = _expm1_minus_x(e, ee)
+                roll_min = raw
+                roll_max = raw
             pg = pg * isw
             g_lp = g_lp * isw
         s_pg = w * pg
@@ -632,7 +816,7 @@ def _logits_loss_kernel(
     _store_sums(
         part_ptr, row, s_pg, zero, s_kl, s_ent, s_lm, s_tokens, s_clip_low, s_clip_high,
         s_dual, s_nlr, s_k3, s_ratio, r_min, r_max, zero, zero, zero, zero, zero,
-        zero, zero, zero, zero, zero, zero, zero,
+        s_roll_raw, s_roll_w, roll_min, roll_max, s_roll_out, s_roll_kl, s_roll_k3,
     )
 
 
@@ -716,8 +900,12 @@ def logits_loss(
         raise ValueError(f"params must be {L.NUM_PARAMS} floats") from None
     if len(params) != L.NUM_PARAMS:
         raise ValueError(f"params must have {L.NUM_PARAMS} entries, got {len(params)}")
-    if params[L.P_ROLLOUT_IS]:
-        raise ValueError("the rollout correction (params[P_ROLLOUT_IS]) is not implemented yet")
+    rollout = _rollout_level(params)
+    if rollout and is_weights is None:
+        raise ValueError(
+            "the rollout correction (params[P_ROLLOUT_IS] > 0) needs the rollout log-probs "
+            "in is_weights"
+        )
     kl_kind = 0
     if ref_logp is not None:
         if params[L.P_KL_KIND] not in (0.0, 1.0, 2.0, 3.0, 4.0):
@@ -750,6 +938,8 @@ def logits_loss(
     if n == 0:  # a 0-program grid is invalid
         sums = torch.zeros(L.NUM_SUMS, dtype=acc, device=device)
         sums[L.S_RATIO_MIN], sums[L.S_RATIO_MAX] = math.inf, -math.inf
+        if rollout:
+            sums[L.S_ROLLOUT_IS_MIN], sums[L.S_ROLLOUT_IS_MAX] = math.inf, -math.inf
         return sums
 
     block, num_warps = _lp._launch_params(
@@ -759,22 +949,27 @@ def logits_loss(
     # Temperature in the parameter tensor, in the accumulation dtype: a Python float
     # kernel argument would be passed as fp32 and round tau for fp64 logits.
     k_t = _scalar_params(params, acc, device, temperature)
+    tl_acc = tl.float64 if acc == torch.float64 else tl.float32
+    u = _sequence_log_weights(rollout, old_logp, is_weights, valid, offsets, acc,
+                              _interpreting())
     part = torch.empty((n, L.NUM_SUMS), dtype=acc, device=device)
     need_grad = out is not None
     _logits_loss_kernel[(n,)](
         logits, logits.stride(0), targets, valid, old_logp, advantages,
         old_logp if ref_logp is None else ref_logp,  # never read where their flag is off
         old_logp if is_weights is None else is_weights,
-        offsets, n_seqs, seq_weight, seq_weight if lm_weight is None else lm_weight, k_t,
+        offsets, n_seqs, seq_weight, seq_weight if lm_weight is None else lm_weight,
+        seq_weight if u is None else u, k_t,
         part, out if need_grad else logits, out.stride(0) if need_grad else 0, vocab,
-        HAS_ISW=is_weights is not None, HAS_DUAL=params[L.P_DUAL_CLIP] > 0,
+        HAS_ISW=_isw_code(is_weights is not None, rollout, params),
+        HAS_DUAL=params[L.P_DUAL_CLIP] > 0,
         KL_KIND=kl_kind, KL_STRAIGHT=bool(params[L.P_KL_STRAIGHT]), HAS_LM=lm_weight is not None,
         HAS_GH=params[L.P_ENTROPY_COEF] != 0, NEED_GRAD=need_grad, BLOCK_V=block,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=num_warps,
+        ACC=tl_acc, num_warps=num_warps,
     )
     # Deterministic: torch's reductions over the per-row partials, in a fixed order.
     sums = part.sum(0, dtype=torch.float64).to(acc)
-    sums[L.S_RATIO_MIN] = part[:, L.S_RATIO_MIN].min()
-    sums[L.S_RATIO_MAX] = part[:, L.S_RATIO_MAX].max()
+    for slot, reduce in _EXTREMES:
+        sums[slot] = reduce(part[:, slot])
     return sums
 
