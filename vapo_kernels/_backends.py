@@ -137,9 +137,11 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
     warning that says why.
     """
     requested = backend or os.environ.get("VAPO_BACKEND") or None
-    # Called on every op call: the answer depends only on these, and on the environment
-    # variable the Triton check reads, so it is worked out once per key.
-    key = (op, device.type, requested, os.environ.get("TRITON_INTERPRET"))
+    # Called on every op call: the answer depends only on these (and, for Triton asked for
+    # on CPU tensors, on the interpreter switch), so it is worked out once per key.
+    key = (op, device.type, requested)
+    if requested == "triton" and device.type == "cpu":
+        key += (os.environ.get("TRITON_INTERPRET"),)
     chosen = _selected.get(key)
     if chosen is None:
         chosen = _selected[key] = _select(op, device, requested)

@@ -59,11 +59,17 @@ def schema(args: type[NamedTuple], returns: str, mutates: Sequence[str] = ()) ->
 
 def traced(args: Sequence) -> bool:
     """True when the call must go through the dispatcher: something is tracing it."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return True
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
-    return any(isinstance(a, Tensor) and type(a) is not Tensor for a in args)
+    return _tracing() or any(isinstance(a, Tensor) and type(a) is not Tensor for a in args)
+
+
+def _tracing() -> bool:
+    """A compiler, a dispatch mode (fake or functional tensors) or a functorch transform
+    is active: the per-call checks that do not look at the arguments."""
+    return (
+        torch.compiler.is_compiling()
+        or _get_current_dispatch_mode() is not None
+        or torch._C._functorch.peek_interpreter_stack() is not None
+    )
 
 
 def mark_outputs_constant(ctx, a, output) -> None:
@@ -96,6 +102,11 @@ class Op:
         backward: Callable | None = None,
     ):
         self.name, self.args, self.impl = name, args, impl
+        # The fields that may hold tensors: the only ones __call__ has to look at.
+        hints = typing.get_type_hints(args)
+        self.tensor_fields = tuple(
+            i for i, f in enumerate(args._fields) if _schema_type(hints[f]).startswith("Tensor")
+        )
         self.mutates = tuple(args._fields.index(m) for m in mutates)
         self.op = torch.library.custom_op(
             f"vapo::{name}",
@@ -115,13 +126,19 @@ class Op:
 
     def __call__(self, a: NamedTuple):
         """Run the op on ``a`` (an instance of its args class)."""
-        if traced(a):
+        # One look at each tensor argument decides both questions (a tensor subclass
+        # means tracing; requires_grad means autograd): this runs on every op call.
+        wants_grad = False
+        for i in self.tensor_fields:
+            t = a[i]
+            if type(t) is Tensor:
+                wants_grad = wants_grad or t.requires_grad
+            elif isinstance(t, Tensor):  # a subclass (fake, functional, DTensor...)
+                return getattr(torch.ops.vapo, self.name)(*a)
+            # anything else (None, or a wrong type the op's checks will name) passes
+        if _tracing():
             return getattr(torch.ops.vapo, self.name)(*a)
-        if (
-            self.function is not None
-            and torch.is_grad_enabled()
-            and any(isinstance(t, Tensor) and t.requires_grad for t in a)
-        ):
+        if wants_grad and self.function is not None and torch.is_grad_enabled():
             return self.function.apply(*a)
         out = self.impl(a)
         for i in self.mutates:  # what the dispatcher does for a mutating op

@@ -30,6 +30,7 @@ implements the *kernel contract* of :func:`reference_kernel`. Whitening is its o
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -216,10 +217,10 @@ def _impl(a: GaeArgs) -> tuple[Tensor, Tensor]:
     # A NaN in a valid reward or value always reaches that token's advantage, and masked
     # slots never produce one, so one reduction over the output screens both inputs; the
     # per-argument check (several passes) runs only when something is wrong.
-    if _ragged.validation_enabled() and bool(torch.isnan(adv.sum())):
+    if _ragged.validation_enabled() and math.isnan(adv.sum().item()):
         _ragged.check_no_nan_where_valid("values", a.values, mask)
         _ragged.check_no_nan_where_valid("rewards", rewards, mask)
-    return adv.view(rewards.shape), ret.view(rewards.shape)
+    return adv.view_as(rewards), ret.view_as(rewards)
 
 
 def _fake(a: GaeArgs):
@@ -239,13 +240,9 @@ gae_op = Op(
 # Public API
 
 
-def _lambda(name: str, lam) -> tuple[Tensor | None, float]:
-    """A lambda argument as (per-sequence tensor or None, scalar)."""
-    if isinstance(lam, Tensor):
-        _ragged.check_float(name, lam)
-        return lam, 0.0
-    _ragged.check_unit_interval(name, lam)
-    return None, float(lam)
+def _lambda(lam) -> tuple[Tensor | None, float]:
+    """A lambda argument as (per-sequence tensor or None, scalar); the op checks both."""
+    return (lam, 0.0) if isinstance(lam, Tensor) else (None, lam)
 
 
 def length_adaptive_lambda(valid_tokens: Tensor, alpha: float) -> Tensor:
@@ -285,8 +282,8 @@ def decoupled_gae(
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
             raise ValueError(f"alpha must be a positive float, got {alpha!r}")
         lam_policy = 0.0  # placeholder: the op derives lambda_policy from alpha
-    lam_p, scalar_p = _lambda("lam_policy", lam_policy)
-    lam_c, scalar_c = _lambda("lam_critic", lam_critic)
+    lam_p, scalar_p = _lambda(lam_policy)
+    lam_c, scalar_c = _lambda(lam_critic)
     if isinstance(mask, Tensor) and mask.dtype != torch.bool:
         mask = _ragged.as_bool_mask(mask)  # once here, not again in the whitening op
     adv, targets = gae_op(GaeArgs(
