@@ -120,8 +120,7 @@ struct Tile {
   alignas(64) T lp[kN];
   alignas(64) T old[kN];
   alignas(64) T adv[kN];
-  alignas(64) T isw[kN];     // IS weights (rollout correction: log-probs, then weights)
-  alignas(64) T rlw[kN];     // rollout correction, sequence levels: the sequence's u_s
+  alignas(64) T isw[kN];  // IS weights (rollout correction: log-probs, then weights)
   alignas(64) T v[kN];
   alignas(64) T ov[kN];
   alignas(64) T ret[kN];
@@ -130,6 +129,8 @@ struct Tile {
   alignas(64) T g_lp[kN];
   alignas(64) T g_v[kN];
   alignas(64) T g_e[kN];
+  // Last: the buffers above keep the offsets they had before the correction came.
+  alignas(64) T rlw[kN];  // rollout correction, sequence levels: the sequence's u_s
 };
 
 // A chunk's running sums: double lanes (lane = token index mod W within each tile).
