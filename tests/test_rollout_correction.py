@@ -34,6 +34,7 @@ from strategies import (
 )
 
 import vapo_kernels as vk
+from vapo_kernels.ops import loss_spec, token_loss
 
 BACKENDS = backend_params("token_loss")
 LOGITS_BACKENDS = backend_params("logits_loss")
@@ -336,6 +337,77 @@ def test_empty_batch_and_all_masked(backend, device):
         assert float(loss.detach()) == 0.0 and not g.any()
         assert float(m["rollout_is_min"]) == float(m["rollout_is_max"]) == 1.0
         assert float(m["rollout_is_mean"]) == float(m["rollout_is_masked_frac"]) == 0.0
+
+
+@pytest.mark.parametrize("backend, device", BACKENDS)
+def test_with_every_term_equals_is_weights_of_the_same_weights(backend, device):
+    # The correction beside the value, KL, entropy and LM terms: the same loss, gradients
+    # and metrics as is_weights holding the weights the formulas give.
+    lengths = [9, 0, 1, 14, 6]
+    x, mask, cu = batch(lengths, "turns", 4, 0.4, torch.float64)
+    gen = torch.Generator().manual_seed(4)
+    n = sum(lengths)
+    extra = {
+        "values": torch.randn(n, generator=gen, dtype=torch.float64),
+        "old_values": torch.randn(n, generator=gen, dtype=torch.float64),
+        "returns": torch.randn(n, generator=gen, dtype=torch.float64),
+        "ref_logp": x["old"] + 0.1 * torch.randn(n, generator=gen, dtype=torch.float64),
+        "entropy": torch.rand(n, generator=gen, dtype=torch.float64),
+    }
+    positive = torch.tensor([True, False, True, False, True])
+    for level in LEVELS:
+        for mode in MODES:
+            w, *_ = eager_weights(x["old"], x["rollout"], mask, cu.long(), level, mode, 1.5, None)
+            outs = []
+            for kw in ({"rollout_logp": x["rollout"], "rollout_is": level,
+                        "rollout_is_mode": mode, "rollout_is_threshold": 1.5},
+                       {"is_weights": w}):
+                leaves = {k: t.clone().requires_grad_() for k, t in
+                          (("logp", x["logp"]), ("values", extra["values"]),
+                           ("entropy", extra["entropy"]))}
+                loss, m = vk.vapo_loss(
+                    leaves["logp"], x["old"], x["adv"], mask, cu, values=leaves["values"],
+                    old_values=extra["old_values"], returns=extra["returns"],
+                    ref_logp=extra["ref_logp"], kl_coef=0.1, entropy=leaves["entropy"],
+                    entropy_coef=0.01, positive=positive, agg="seq-mean-token-mean",
+                    backend=backend, **kw,
+                )
+                grads = torch.autograd.grad(loss, list(leaves.values()))
+                outs.append((loss, dict(m), grads))
+            (got, got_m, got_g), (want, want_m, want_g) = outs
+            tol = {"rtol": 1e-9, "atol": 1e-12}
+            torch.testing.assert_close(got, want, **tol)
+            for g, h in zip(got_g, want_g):
+                torch.testing.assert_close(g, h, **tol)
+            for k in want_m:
+                torch.testing.assert_close(got_m[k], want_m[k], **tol, msg=k)
+
+
+def test_opcheck_and_torch_compile():
+    x, mask, cu = batch([5, 0, 8], "random", 6, 0.3, torch.float32)
+    params = loss_spec.loss_params(rollout_is="geometric", rollout_is_mode="mask",
+                                   rollout_is_threshold=1.5)
+    # The op's is_weights slot carries rollout_logp when params say so.
+    args = token_loss.TokenLossArgs(
+        x["logp"].float().requires_grad_(), x["old"].float(), x["adv"].float(), None, None,
+        None, None, None, x["rollout"].float(), mask, cu, None, params, "token-mean", None,
+        None, None, 1.0, None, True, "",
+    )
+    torch.library.opcheck(torch.ops.vapo.token_loss.default, tuple(args))
+
+    def fn(lp):
+        loss, m = vk.policy_loss(lp, x["old"], x["adv"], mask, cu, rollout_logp=x["rollout"],
+                                 rollout_is="sequence", rollout_is_mode="mask",
+                                 backend="reference")
+        return loss, m["rollout_is_masked_frac"]
+
+    lp1, lp2 = x["logp"].clone().requires_grad_(), x["logp"].clone().requires_grad_()
+    eager_out = fn(lp1)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(lp2)
+    torch.testing.assert_close(compiled, eager_out)
+    eager_out[0].backward()
+    compiled[0].backward()
+    torch.testing.assert_close(lp2.grad, lp1.grad)
 
 
 # --------------------------------------------------------------------------------------

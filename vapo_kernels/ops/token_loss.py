@@ -33,7 +33,10 @@ _backends.register("token_loss", "triton")(
 
 
 class TokenLossArgs(NamedTuple):
-    """The arguments of ``vapo::token_loss`` (its schema is made from these hints)."""
+    """The arguments of ``vapo::token_loss`` (its schema is made from these hints). With
+    the rollout correction on (``params[P_ROLLOUT_IS] > 0``) ``is_weights`` holds
+    ``rollout_logp``, from which the kernels compute the weights: the two never come
+    together, and one slot keeps every kernel's signature as it was."""
 
     logp: Tensor | None
     old_logp: Tensor | None
