@@ -36,19 +36,23 @@ def interpreted(backend: str, device: str) -> bool:
     return backend == "triton" and device == "cpu"
 
 
-def examples(backend: str, device: str, *, cpu: int, interpreted: int, reference: int | None = None):
-    """Hypothesis settings with ``cpu`` random cases per backend, but ``interpreted`` for
-    Triton on CPU: the interpreter runs every lane in Python, ~100x slower than the rest.
-    ``reference`` (default ``cpu``): for the reference backend where the test's oracle
-    is the reference itself in float64, so that its cases check the spec's own rounding
-    in lower precision, not a second implementation.
-    Use on a ``@given`` function defined inside the parametrised test."""
+def repeats(backend: str, device: str, *, cpu: int, interpreted: int, reference: int | None = None) -> int:
+    """How many cases a check runs under ``backend``: ``cpu``, but ``interpreted`` for
+    Triton on CPU (the interpreter runs every lane in Python, ~100x slower than the rest)
+    and ``reference`` (default ``cpu``) for the reference backend where the check's
+    oracle is the reference itself in float64, so that its cases check the spec's own
+    rounding in lower precision, not a second implementation."""
     if backend == "triton" and device == "cpu":  # as interpreted() (a parameter here)
-        count = interpreted
-    elif backend == "reference" and reference is not None:
-        count = reference
-    else:
-        count = cpu
+        return interpreted
+    if backend == "reference" and reference is not None:
+        return reference
+    return cpu
+
+
+def examples(backend: str, device: str, *, cpu: int, interpreted: int, reference: int | None = None):
+    """Hypothesis settings with :func:`repeats` random cases. Use on a ``@given``
+    function defined inside the parametrised test."""
+    count = repeats(backend, device, cpu=cpu, interpreted=interpreted, reference=reference)
     return settings(max_examples=count, deadline=None)
 
 

@@ -191,13 +191,13 @@ def test_logprobs_other_instruction_sets(capability):
 # order: the same bits for any number of threads
 
 
-def logits_loss_args(dtype, vocab, seed=5):
+def logits_loss_args(dtype, lengths, vocab, seed=5):
     gen = torch.Generator().manual_seed(seed)
-    lengths = torch.tensor([3, 0, 1, 9, 4] * 40)
+    lengths = torch.tensor(lengths)
     offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])
     n = int(offsets[-1])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    z = (2 * torch.randn(n, vocab, generator=gen, dtype=torch.float64)).to(dtype)
+    z = (2 * torch.randn(n, vocab, generator=gen)).to(dtype)
     y = torch.randint(0, vocab, (n,), generator=gen)
     valid = torch.rand(n, generator=gen) < 0.8
     old = -torch.rand(n, generator=gen, dtype=torch.float64) * 3
@@ -219,12 +219,9 @@ def logits_loss_args(dtype, vocab, seed=5):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("vocab", [37, 70_000])
 def test_logits_loss_threads_give_the_same_bits(dtype, vocab):
-    args = logits_loss_args(dtype, vocab)
-    if vocab > 1000:  # a few rows of 70k logits: one row per block
-        n = 17
-        z, y, *rest = args
-        args = (z[:n].contiguous(), y[:n], *(t[:n] for t in rest[:5]),
-                torch.tensor([0, 3, 3, 4, 13, 17]), *(t[:5] for t in rest[6:8]), *rest[8:])
+    """Many row blocks of 37-logit rows, or one 70k-logit row per block."""
+    lengths = [3, 0, 1, 9, 4] * (40 if vocab < 1000 else 1)
+    args = logits_loss_args(dtype, lengths, vocab)
     threads = torch.get_num_threads()
     out = []
     try:
