@@ -105,14 +105,14 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
     shared.num_seqs = num_seqs;
     shared.seq_weight = seq_weight.data_ptr<T>();
     shared.lm_weight = opt_ptr<T>(lm_weight);
-    // The rollout correction's sequence levels: the per-sequence log-weights first (they
+    // The rollout correction's sequence levels: the per-sequence weights first (they
     // need no logits, only old_logp and the rollout log-probs in is_weights).
-    std::vector<T> seq_log_weight;
+    std::vector<T> seq_rollout_weight;
     if (rollout > 1) {
-      seq_log_weight = rollout_sequence_log_weights<T, T>(
+      seq_rollout_weight = rollout_sequence_weights<T, T>(
           shared.old_logp, shared.isw, reinterpret_cast<const uint8_t*>(keep), off, num_seqs,
           rollout);
-      shared.seq_log_weight = seq_log_weight.data();
+      shared.seq_rollout_weight = seq_rollout_weight.data();
     }
 
     at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {

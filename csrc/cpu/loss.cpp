@@ -36,8 +36,8 @@
 // log-probs): a tile loop before the policy term turns the rollout log-probs into the
 // weights it multiplies by (and sums their metrics). The sequence levels need a
 // sequence's whole sum of log-ratios before any of its weights: a first pass over the
-// sequences (rollout_sequence_log_weights, parallel over sequences, reading old_logp and
-// rollout_logp only) writes one log-weight per sequence, which the tiles then read like
+// sequences (rollout_sequence_weights, parallel over sequences, reading old_logp and
+// rollout_logp only) writes one weight per sequence, which the tiles then read like
 // the aggregation weights. With the correction off none of this runs (one flag per tile).
 
 #include <ATen/Dispatch.h>
@@ -102,7 +102,7 @@ struct Args {
   int64_t num_seqs = 0;
   const T* seq_weight = nullptr;
   const T* lm_weight = nullptr;
-  const T* seq_log_weight = nullptr;  // rollout correction at the sequence levels: u_s
+  const T* seq_rollout_weight = nullptr;  // rollout correction, sequence levels: exp(u_s)
   T *g_logp = nullptr, *g_values = nullptr, *g_entropy = nullptr;  // null: not written
   Config<T> cfg;
 };
@@ -130,7 +130,7 @@ struct Tile {
   alignas(64) T g_v[kN];
   alignas(64) T g_e[kN];
   // Last: the buffers above keep the offsets they had before the correction came.
-  alignas(64) T rlw[kN];  // rollout correction, sequence levels: the sequence's u_s
+  alignas(64) T rsw[kN];  // rollout correction, sequence levels: the sequence's weight
 };
 
 // A chunk's running sums: double lanes (lane = token index mod W within each tile).
@@ -324,7 +324,7 @@ VAPO_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>
 
 // The rollout correction: b.isw holds the rollout log-probs on entry and the weights the
 // policy term multiplies by on exit (0 on masked tokens). kSeq: the sequence levels
-// (the log-weight is the sequence's, in b.rlw); kMask: reject weights outside
+// (the raw weight is the sequence's, in b.rsw); kMask: reject weights outside
 // [lower, upper] (else truncate at upper). The comparisons keep a NaN weight (neither
 // truncated nor rejected), so a NaN in a valid slot reaches the loss.
 template <typename T, int W, bool kSeq, bool kMask>
@@ -341,7 +341,7 @@ VAPO_INLINE void rollout_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T
     const V e = t_clamp(load<V>(b.old + i) - load<V>(b.isw + i), -bound, bound);
     V raw, ee;
     if constexpr (kSeq) {
-      raw = vexp<W>(load<V>(b.rlw + i));
+      raw = load<V>(b.rsw + i);
       ee = vexp<W>(e);
     } else {
       raw = vexp<W>(e);
@@ -577,8 +577,8 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
         for (int64_t p = pos; p < stop; ++p) b.wlm[p - t0] = wl;
       }
       if (seq_level) {
-        const T u = a.seq_log_weight[s];
-        for (int64_t p = pos; p < stop; ++p) b.rlw[p - t0] = u;
+        const T ws_raw = a.seq_rollout_weight[s];
+        for (int64_t p = pos; p < stop; ++p) b.rsw[p - t0] = ws_raw;
       }
       pos = stop;
     }
@@ -588,7 +588,7 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
     } else {
       for (int i = 0; i < n; ++i) b.valid[i] = T(1);
     }
-    for (int i = n; i < nr; ++i) b.valid[i] = b.w[i] = b.wlm[i] = b.rlw[i] = T(0);
+    for (int i = n; i < nr; ++i) b.valid[i] = b.w[i] = b.wlm[i] = b.rsw[i] = T(0);
     for (int i = 0; i < n; ++i) b.w[i] = b.valid[i] != T(0) ? b.w[i] : T(0);
     if (c.lm) {
       for (int i = 0; i < n; ++i) b.wlm[i] = b.valid[i] != T(0) ? b.wlm[i] : T(0);
@@ -893,11 +893,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
     a.g_entropy = g_entropy.numel() ? g_entropy.data_ptr<T>() : nullptr;
     a.cfg = make_config<T>(params, t_logp != nullptr, policy, t_isw != nullptr, value, kl,
                            t_entropy != nullptr, lm);
-    std::vector<T> seq_log_weight;
+    std::vector<T> seq_rollout_weight;
     if (rollout > 1) {
-      seq_log_weight = rollout_sequence_log_weights<scalar_t, T>(a.old_logp, a.isw, mask_ptr,
+      seq_rollout_weight = rollout_sequence_weights<scalar_t, T>(a.old_logp, a.isw, mask_ptr,
                                                                  off, num_seqs, rollout);
-      a.seq_log_weight = seq_log_weight.data();
+      a.seq_rollout_weight = seq_rollout_weight.data();
     }
 
     const ChunkFn<scalar_t, T> chunk = pick_chunk<scalar_t, T>();
@@ -921,35 +921,49 @@ int rollout_level(const char* fn, const std::vector<double>& params) {
 }
 
 template <typename scalar_t, typename T>
-std::vector<T> rollout_sequence_log_weights(const scalar_t* old_logp, const scalar_t* rollout_logp,
-                                            const uint8_t* valid, const int64_t* offsets,
-                                            int64_t num_seqs, int level) {
-  std::vector<T> u(static_cast<size_t>(num_seqs));
+std::vector<T> rollout_sequence_weights(const scalar_t* old_logp, const scalar_t* rollout_logp,
+                                        const uint8_t* valid, const int64_t* offsets,
+                                        int64_t num_seqs, int level) {
+  constexpr int kLanes = 8;  // independent partial sums: no chain of dependent adds
+  std::vector<T> weight(static_cast<size_t>(num_seqs));
   const int64_t n = offsets[num_seqs];
   // About 16k tokens per task: short batches stay on one thread.
   const int64_t grain = std::max<int64_t>(1, num_seqs * 16384 / std::max<int64_t>(n, 1));
   at::parallel_for(0, num_seqs, grain, [&](int64_t s0, int64_t s1) {
     for (int64_t s = s0; s < s1; ++s) {
-      double total = 0;
-      int64_t count = 0;
-      for (int64_t t = offsets[s]; t < offsets[s + 1]; ++t) {
-        if (valid != nullptr && valid[t] == 0) continue;  // garbage there is never read
+      double total[kLanes] = {};
+      double count[kLanes] = {};
+      const int64_t begin = offsets[s], end = offsets[s + 1];
+      // Token t of the sequence goes to lane (t - begin) mod kLanes.
+      auto add = [&](int64_t t, int lane) {
+        // A select, never a product: garbage in a masked slot is never added.
+        const bool ok = valid == nullptr || valid[t] != 0;
         const T e = t_clamp(static_cast<T>(old_logp[t]) - static_cast<T>(rollout_logp[t]),
                             T(-20), T(20));
-        total += static_cast<double>(e);
-        ++count;
+        total[lane] += ok ? static_cast<double>(e) : 0.0;
+        count[lane] += ok ? 1.0 : 0.0;
+      };
+      int64_t t = begin;
+      for (; t + kLanes <= end; t += kLanes) {
+        for (int l = 0; l < kLanes; ++l) add(t + l, l);
       }
-      u[static_cast<size_t>(s)] =
-          level == 2 ? t_clamp(static_cast<T>(total), T(-20), T(20))
-                     : static_cast<T>(total / static_cast<double>(std::max<int64_t>(count, 1)));
+      for (int l = 0; t < end; ++t, ++l) add(t, l);
+      double sum = 0, valid_count = 0;
+      for (int l = 0; l < kLanes; ++l) {  // a fixed order: the same bits on any threads
+        sum += total[l];
+        valid_count += count[l];
+      }
+      const double mean = sum / std::max(valid_count, 1.0);
+      const T u = level == 2 ? t_clamp(static_cast<T>(sum), T(-20), T(20)) : static_cast<T>(mean);
+      weight[static_cast<size_t>(s)] = static_cast<T>(std::exp(static_cast<double>(u)));
     }
   });
-  return u;
+  return weight;
 }
 
-template std::vector<float> rollout_sequence_log_weights<float, float>(
+template std::vector<float> rollout_sequence_weights<float, float>(
     const float*, const float*, const uint8_t*, const int64_t*, int64_t, int);
-template std::vector<double> rollout_sequence_log_weights<double, double>(
+template std::vector<double> rollout_sequence_weights<double, double>(
     const double*, const double*, const uint8_t*, const int64_t*, int64_t, int);
 
 const int64_t* check_loss_offsets(const char* fn, const at::Tensor& offsets, int64_t n) {
@@ -1014,7 +1028,7 @@ void token_loss_block(const LossBlock<T>& block, const std::vector<double>& para
   a.num_seqs = block.num_seqs;
   a.seq_weight = block.seq_weight;
   a.lm_weight = block.lm_weight;
-  a.seq_log_weight = block.seq_log_weight;
+  a.seq_rollout_weight = block.seq_rollout_weight;
   a.g_logp = block.g_logp;
   a.g_entropy = block.g_entropy;
   const bool kl = block.ref_logp != nullptr && params[P_KL_KIND] > 0;

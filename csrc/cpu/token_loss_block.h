@@ -27,7 +27,7 @@ struct LossSums {
 // entropy, is_weights and lm_weight switch their terms on; g_logp / g_entropy (null:
 // not written) receive the gradients, 0 on masked tokens. With the rollout correction on
 // (params[P_ROLLOUT_IS] > 0) isw holds the rollout log-probs, and at the sequence levels
-// seq_log_weight the batch's per-sequence log-weights (rollout_sequence_log_weights).
+// seq_rollout_weight the batch's per-sequence weights (rollout_sequence_weights).
 template <typename T>
 struct LossBlock {
   int64_t begin = 0, end = 0;
@@ -38,7 +38,7 @@ struct LossBlock {
   int64_t num_seqs = 0;
   const T* seq_weight = nullptr;
   const T* lm_weight = nullptr;
-  const T* seq_log_weight = nullptr;
+  const T* seq_rollout_weight = nullptr;
   T *g_logp = nullptr, *g_entropy = nullptr;
 };
 
@@ -61,14 +61,15 @@ at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType d
 // checked (`fn` names the kernel in the error).
 int rollout_level(const char* fn, const std::vector<double>& params);
 
-// Per-sequence log-weights u_s of the rollout correction's sequence levels, over the
-// valid tokens of each sequence (valid: null = all), e_t = clamp(old - rollout, -20, 20)
-// in T: level 2 (sequence) clamp(sum e, -20, 20), level 3 (geometric) sum e / count (0
-// for a sequence without valid tokens). Each sequence is summed in token order in
-// double, so the result does not depend on the number of threads.
+// Per-sequence weights exp(u_s) (before truncation or rejection) of the rollout
+// correction's sequence levels, over the valid tokens of each sequence (valid: null =
+// all), e_t = clamp(old - rollout, -20, 20) in T: level 2 (sequence) u = clamp(sum e,
+// -20, 20), level 3 (geometric) u = sum e / count (0 for a sequence without valid
+// tokens). A sequence's sum is taken in double in a fixed order, so the result does not
+// depend on the number of threads.
 template <typename scalar_t, typename T>
-std::vector<T> rollout_sequence_log_weights(const scalar_t* old_logp, const scalar_t* rollout_logp,
-                                            const uint8_t* valid, const int64_t* offsets,
-                                            int64_t num_seqs, int level);
+std::vector<T> rollout_sequence_weights(const scalar_t* old_logp, const scalar_t* rollout_logp,
+                                        const uint8_t* valid, const int64_t* offsets,
+                                        int64_t num_seqs, int level);
 
 }  // namespace vapo

@@ -24,7 +24,7 @@ log-probs): the policy branch turns them into the weights it multiplies by and s
 their metrics. The sequence levels need each sequence's sum of log-ratios before any of
 its tokens' weights, and a sequence spans blocks: a small first launch
 (``_rollout_sequence_kernel``, one program per sequence walking its tokens in chunks,
-reading old_logp and rollout_logp only) writes one log-weight per sequence, which the
+reading old_logp and rollout_logp only) writes one weight per sequence, which the
 main kernel gathers like the aggregation weights. Token level, and the correction off,
 are one launch as before; the correction is selected by a constexpr (``HAS_ISW``), so
 with it off the kernels compile to the code they were before.
@@ -231,15 +231,15 @@ def _clamp_nan(x, bound):
 
 
 @triton.jit
-def _rollout(olp, rlp, u_seq, upper, lower, SEQ: tl.constexpr, MASK: tl.constexpr):
+def _rollout(olp, rlp, w_seq, upper, lower, SEQ: tl.constexpr, MASK: tl.constexpr):
     """The rollout correction of a token: (applied weight, raw weight, truncated or
-    rejected, clamped log-ratio e, exp(e)). ``u_seq``: the sequence's log-weight (SEQ).
+    rejected, clamped log-ratio e, exp(e)). ``w_seq``: the sequence's raw weight (SEQ).
     The comparisons keep a NaN weight (neither truncated nor rejected): it reaches the
     loss."""
     e = _clamp_nan(olp - rlp, _ROLLOUT_BOUND)
     ee = tl.exp(e)
     if SEQ:
-        raw = tl.exp(u_seq)
+        raw = w_seq
     else:
         raw = ee
     if MASK:
@@ -253,11 +253,12 @@ def _rollout(olp, rlp, u_seq, upper, lower, SEQ: tl.constexpr, MASK: tl.constexp
 
 @triton.jit
 def _rollout_sequence_kernel(
-    olp_ptr, rlp_ptr, m_ptr, offs_ptr, u_ptr,
+    olp_ptr, rlp_ptr, m_ptr, offs_ptr, w_ptr,
     GEOMETRIC: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
-    """u_s of sequence s = program: clamp(sum e, -20, 20), or (GEOMETRIC) sum e / count,
-    over its valid tokens, e = clamp(old_logp - rollout_logp, -20, 20)."""
+    """The raw weight exp(u_s) of sequence s = program: u = clamp(sum e, -20, 20), or
+    (GEOMETRIC) sum e / count, over its valid tokens, e = clamp(old_logp - rollout_logp,
+    -20, 20)."""
     s = tl.program_id(0).to(tl.int64)
     start = tl.load(offs_ptr + s)
     end = tl.load(offs_ptr + s + 1)
@@ -281,7 +282,7 @@ def _rollout_sequence_kernel(
         u = t / tl.maximum(tl.sum(count, axis=0), 1.0)
     else:
         u = _clamp_nan(t, _ROLLOUT_BOUND)
-    tl.store(u_ptr + s, u)
+    tl.store(w_ptr + s, tl.exp(u))
 
 
 @triton.jit
@@ -334,7 +335,7 @@ assert len(_store_sums.arg_names) == 2 + L.NUM_SUMS
 @triton.jit
 def _token_loss_kernel(
     lp_ptr, olp_ptr, adv_ptr, v_ptr, ov_ptr, ret_ptr, ref_ptr, ent_ptr, isw_ptr, m_ptr,
-    offs_ptr, span_ptr, sw_ptr, lmw_ptr, u_ptr, k_ptr,
+    offs_ptr, span_ptr, sw_ptr, lmw_ptr, rsw_ptr, k_ptr,
     part_ptr, g_lp_ptr, g_v_ptr, g_ent_ptr,
     n_tokens, n_blocks,
     HAS_LOGP: tl.constexpr, HAS_POLICY: tl.constexpr, HAS_ISW: tl.constexpr,
@@ -414,12 +415,12 @@ def _token_loss_kernel(
         if HAS_ISW:
             isw = tl.where(valid, tl.load(isw_ptr + idx, mask=inb, other=0.0).to(ACC), zero)
             if HAS_ISW >= 2:  # isw holds the rollout log-probs: the weights from them
-                if HAS_ISW >= 4:  # a sequence level: the sequence's log-weight
-                    u_seq = tl.load(u_ptr + seq, mask=inb, other=0.0).to(ACC)
+                if HAS_ISW >= 4:  # a sequence level: the sequence's weight
+                    w_seq = tl.load(rsw_ptr + seq, mask=inb, other=0.0).to(ACC)
                 else:
-                    u_seq = zero
+                    w_seq = zero
                 rw, raw, out, e, ee = _rollout(
-                    olp, isw, u_seq, tl.load(k_ptr + _K_ROLLOUT_UPPER),
+                    olp, isw, w_seq, tl.load(k_ptr + _K_ROLLOUT_UPPER),
                     tl.load(k_ptr + _K_ROLLOUT_LOWER), HAS_ISW >= 4, HAS_ISW % 2 == 1,
                 )
                 isw = tl.where(valid, rw, zero)
@@ -524,22 +525,22 @@ def _rollout_level(params) -> int:
     return int(level)
 
 
-def _sequence_log_weights(level, old_logp, rollout_logp, mask, offsets, dtype, interpreting):
-    """(S,) log-weights of the sequence levels in the compute ``dtype`` (a launch of
+def _sequence_weights(level, old_logp, rollout_logp, mask, offsets, dtype, interpreting):
+    """(S,) raw weights of the sequence levels in the compute ``dtype`` (a launch of
     _rollout_sequence_kernel), or None at token level. ``mask``: flat bool or None."""
     if level < 2:
         return None
     n_seqs = offsets.numel() - 1
-    u = torch.empty(n_seqs, dtype=dtype, device=old_logp.device)
+    w = torch.empty(n_seqs, dtype=dtype, device=old_logp.device)
     acc = tl.float64 if dtype == torch.float64 else tl.float32
     if n_seqs:
         block = INTERPRET_BLOCK if interpreting else GPU_BLOCK
         _rollout_sequence_kernel[(n_seqs,)](
-            old_logp, rollout_logp, old_logp if mask is None else mask, offsets, u,
+            old_logp, rollout_logp, old_logp if mask is None else mask, offsets, w,
             GEOMETRIC=level == 3, HAS_MASK=mask is not None, BLOCK=block, ACC=acc,
             num_warps=max(1, min(GPU_NUM_WARPS, block // 128)),
         )
-    return u
+    return w
 
 
 def token_loss(
@@ -629,12 +630,12 @@ def token_loss(
     span = span.contiguous()
 
     acc = tl.float64 if out_dtype == torch.float64 else tl.float32
-    u = _sequence_log_weights(rollout, tensors[1], tensors[8], mask, offsets, out_dtype,
-                              _interpreting())
+    rsw = _sequence_weights(rollout, tensors[1], tensors[8], mask, offsets, out_dtype,
+                            _interpreting())
     part = torch.empty((n_blocks, L.NUM_SUMS), dtype=out_dtype, device=device)
     _token_loss_kernel[(n_blocks,)](
         *tensors, mask if mask is not None else dummy,
-        offsets, span, seq_weight, lm_w, seq_weight if u is None else u, k_t,
+        offsets, span, seq_weight, lm_w, seq_weight if rsw is None else rsw, k_t,
         part,
         g_logp if g_logp.numel() else part,
         g_values if g_values.numel() else part,
@@ -709,7 +710,7 @@ def _sequence_of(offs_ptr, n_seqs, row):
 @triton.jit
 def _logits_loss_kernel(
     z_ptr, stride_z, y_ptr, valid_ptr, olp_ptr, adv_ptr, ref_ptr, isw_ptr,
-    offs_ptr, n_seqs, sw_ptr, lmw_ptr, u_ptr, k_ptr, part_ptr, out_ptr, stride_out, V,
+    offs_ptr, n_seqs, sw_ptr, lmw_ptr, rsw_ptr, k_ptr, part_ptr, out_ptr, stride_out, V,
     HAS_ISW: tl.constexpr, HAS_DUAL: tl.constexpr, KL_KIND: tl.constexpr,
     KL_STRAIGHT: tl.constexpr, HAS_LM: tl.constexpr, HAS_GH: tl.constexpr,
     NEED_GRAD: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
@@ -762,12 +763,12 @@ def _logits_loss_kernel(
         if HAS_ISW:
             isw = tl.load(isw_ptr + row)
             if HAS_ISW >= 2:  # isw holds the rollout log-prob: the weight from it
-                if HAS_ISW >= 4:  # a sequence level: the sequence's log-weight
-                    u_seq = tl.load(u_ptr + seq)
+                if HAS_ISW >= 4:  # a sequence level: the sequence's weight
+                    w_seq = tl.load(rsw_ptr + seq)
                 else:
-                    u_seq = zero
+                    w_seq = zero
                 isw, raw, out, e, ee = _rollout(
-                    olp, isw, u_seq, tl.load(k_ptr + _K_ROLLOUT_UPPER),
+                    olp, isw, w_seq, tl.load(k_ptr + _K_ROLLOUT_UPPER),
                     tl.load(k_ptr + _K_ROLLOUT_LOWER), HAS_ISW >= 4, HAS_ISW % 2 == 1,
                 )
                 s_roll_raw = raw
@@ -950,8 +951,8 @@ def logits_loss(
     # kernel argument would be passed as fp32 and round tau for fp64 logits.
     k_t = _scalar_params(params, acc, device, temperature)
     tl_acc = tl.float64 if acc == torch.float64 else tl.float32
-    u = _sequence_log_weights(rollout, old_logp, is_weights, valid, offsets, acc,
-                              _interpreting())
+    rsw = _sequence_weights(rollout, old_logp, is_weights, valid, offsets, acc,
+                            _interpreting())
     part = torch.empty((n, L.NUM_SUMS), dtype=acc, device=device)
     need_grad = out is not None
     _logits_loss_kernel[(n,)](
@@ -959,7 +960,7 @@ def logits_loss(
         old_logp if ref_logp is None else ref_logp,  # never read where their flag is off
         old_logp if is_weights is None else is_weights,
         offsets, n_seqs, seq_weight, seq_weight if lm_weight is None else lm_weight,
-        seq_weight if u is None else u, k_t,
+        seq_weight if rsw is None else rsw, k_t,
         part, out if need_grad else logits, out.stride(0) if need_grad else 0, vocab,
         HAS_ISW=_isw_code(is_weights is not None, rollout, params),
         HAS_DUAL=params[L.P_DUAL_CLIP] > 0,
