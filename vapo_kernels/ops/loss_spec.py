@@ -25,34 +25,36 @@ tokens of the sequences marked positive, ``w_lm = dp_size / (positive tokens)``.
 Rollout correction (``rollout_logp`` with ``rollout_is`` set; replaces ``is_weights``):
 when the log-probs the rollout engine reported for the sampled tokens (vLLM in bf16,
 ...) differ from the training engine's ``old_logp``, the policy term is reweighted by
-the importance weight of the old policy over the rollout policy, computed in the same
-pass. Over the valid tokens only (masked slots never enter)::
+the importance weight rho of the old policy over the rollout policy, computed in the
+same pass. Over the valid tokens only (masked slots never enter)::
 
     e_t   = clamp(old_logp_t - rollout_logp_t, -20, 20)      per-token log-ratio
     token:      u_t = e_t
     sequence:   u_t = clamp(sum_{t' in s} e_t', -20, 20)      the same for every token of s
     geometric:  u_t = (sum_{t' in s} e_t') / T_s              (T_s: valid tokens of s)
-    w_raw_t = exp(u_t)
-    truncate:   w_t = min(w_raw_t, C)                                         (TIS)
-    mask:       w_t = w_raw_t if lower <= w_raw_t <= C else 0   (IcePop; at the sequence
-                levels a rejected weight rejects every token of its sequence)
-    pg_t *= w_t          (and d pg_t / d logp_t: the weight is a constant, as is_weights)
+    rho_raw_t = exp(u_t)
+    truncate:   rho_t = min(rho_raw_t, C)                                     (TIS)
+    mask:       rho_t = rho_raw_t if lower <= rho_raw_t <= C else 0       (IcePop; at
+                the sequence levels a rejected weight rejects every token of its sequence)
+    pg_t *= rho_t        (and d pg_t / d logp_t: the weight is a constant, as is_weights)
 
 ``C = rollout_is_threshold`` (default 2), ``lower = rollout_is_threshold_lower`` (default
-1 / C, mask mode only). A rejected token stays in every count of the aggregation (its
-policy term is 0, as a zero weight of verl's IcePop / TIS variants): the weights change
-the estimate, never the denominators, so every ``agg`` mode (and the global counts of
-data-parallel runs) means exactly what it means without the correction. A NaN weight
-(NaN in a valid slot) is neither truncated nor rejected, so it reaches the loss. This is
-verl's ``compute_rollout_correction_weights`` (token / sequence, TIS or IcePop bounds)
-except that each token's log-ratio is clamped before the sequence sum (verl clamps only
-the sum), which differs only where a single token's |log-ratio| exceeds 20 and keeps
-one -inf log-prob from turning a sequence's weight into NaN. Metrics (means over the
-valid tokens): ``rollout_is_mean`` / ``_min`` / ``_max`` of w_raw, ``rollout_is_weight_mean``
-of w, ``rollout_is_truncated_frac`` (truncate: w_raw > C) or ``rollout_is_masked_frac``
-(mask: rejected), and the mismatch between the two engines, ``rollout_kl`` = mean(-e)
-(the k1 estimate of KL(rollout || old), verl's ``rollout_corr/kl``) and ``rollout_k3`` =
-mean(expm1(e) - e) (verl's ``rollout_corr/k3_kl``).
+1 / C, mask mode only). A rejected token stays in every count of the aggregation: its
+policy term is 0, as with the zero weights of verl's IcePop bounds, which leave the
+response mask as it is. The weights change the estimate, never the denominators, so
+every ``agg`` mode (and the global counts of data-parallel runs) means exactly what it
+means without the correction. A NaN weight (NaN in a valid slot) is neither truncated
+nor rejected, so it reaches the loss. This is verl's ``compute_rollout_correction_weights``
+(token / sequence level, TIS or IcePop bounds) except that each token's log-ratio is
+clamped before the sequence sum (verl clamps only the sum): they differ only where a
+token's |log-ratio| exceeds 20 (a -inf log-prob in either engine, where verl's sum can
+be inf - inf = NaN). Metrics, means over the valid tokens: ``rollout_is_mean`` of
+rho_raw, ``rollout_is_min`` / ``rollout_is_max`` its extremes (1 without valid tokens),
+``rollout_is_weight_mean`` of rho (verl's ``rollout_is_mean``), ``rollout_is_truncated_frac``
+(truncate: rho_raw > C) or ``rollout_is_masked_frac`` (mask: rejected), and the mismatch
+between the two engines, ``rollout_kl`` = mean(-e) (the k1 estimate of KL(rollout ||
+old), verl's ``rollout_corr/kl``) and ``rollout_k3`` = mean(expm1(e) - e) (verl's
+``rollout_corr/k3_kl``).
 
 Because the loss is linear in ``w`` and every term is elementwise, the forward pass can
 write the gradient of each input as it goes (one read of every input, one write of each
