@@ -31,7 +31,7 @@ from vapo_kernels.triton import logprobs as triton_logprobs
 
 import _dominant as dominant
 from strategies import (
-    GARBAGE, backend_cases, backend_params, examples, interpreted, kernel_of, known_failures,
+    GARBAGE, backend_cases, backend_params, examples, interpreted, kernel_of,
 )
 
 BACKENDS = backend_params("logprobs")
@@ -617,13 +617,8 @@ def test_kernels_all_rows_ignored_and_empty(backend, device, poisoned):
     assert [o.shape for o in (logp, ent, stats)] == [(0,), (0,), (0, 2)]
 
 
-# Triton's final clamps (logp <= 0, H >= 0) are tl.minimum / tl.maximum, which drop NaN
-# (PropagateNan.NONE): a row whose log-normaliser is NaN comes out as logp = 0, H = 0.
-NAN_DROPPED = {"triton": "the clamps logp <= 0, H >= 0 drop NaN: logp = H = 0 on a NaN row"}
-
-
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
-@pytest.mark.parametrize("backend,device", known_failures(BACKENDS, NAN_DROPPED))
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nan_logit_poisons_its_row_only(backend, device):
     forward, _ = kernels(backend, device)
     z = torch.randn(3, 2000)
@@ -636,7 +631,7 @@ def test_nan_logit_poisons_its_row_only(backend, device):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf
 @pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")  # log2(0)
-@pytest.mark.parametrize("backend,device", known_failures(BACKENDS, NAN_DROPPED))
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_row_of_only_neg_inf_does_not_crash(backend, device):
     """Invalid input; a kernel gives what the spec gives: logp NaN, H 0, stats (-inf,
     -inf) (lse -inf), and a finite gradient on the other rows."""

@@ -126,10 +126,14 @@ def _row_forward(z_row, y, V, inv_tau, BLOCK_V: tl.constexpr, ACC: tl.constexpr)
     # The max lane contributes exactly 2^0 = 1 and every d <= 0, so S >= 1, W <= 0
     # and z_y <= m (same load): H >= 0 and logp <= 0 hold by construction.
     # The clamps only make the contract's ranges explicit; they cost nothing per logit.
+    # They keep NaN (a NaN logit poisons its row, as in the spec): tl.minimum/maximum
+    # drop it by default. A row of only -inf logits (S = 0) has entropy 0 and logp NaN.
     log2_s = tl.log2(s_sum)
     z_y = tl.load(z_row + y).to(ACC)
-    ent = tl.maximum((log2_s - w_sum / s_sum) * ln2, 0.0)
-    logp = tl.minimum(((z_y - tl.where(m > float("-inf"), m, 0.0)) * c - log2_s) * ln2, 0.0)
+    ent = tl.maximum((log2_s - w_sum / s_sum) * ln2, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    ent = tl.where(s_sum == 0, 0.0, ent)
+    logp = (z_y - tl.where(m > float("-inf"), m, 0.0)) * c - log2_s
+    logp = tl.minimum(logp * ln2, 0.0, propagate_nan=tl.PropagateNan.ALL)
     return m, log2_s * ln2, ent, logp
 
 
