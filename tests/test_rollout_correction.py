@@ -184,7 +184,7 @@ options = st.fixed_dictionaries({
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("backend, device", BACKENDS)
 def test_every_backend_matches_the_formulas(backend, device, level, mode):
-    @examples(backend, device, cpu=20, interpreted=8)
+    @examples(backend, device, cpu=20, interpreted=8, reference=10)
     @given(o=options)
     def check(o):
         dtype, packed = o["dtype"], o["packed"]
@@ -610,14 +610,17 @@ COMPILE_SCRIPT = textwrap.dedent(
                  NEED_GRAD=True, BLOCK=T.GPU_BLOCK)
     logits = dict(HAS_DUAL=True, KL_KIND=4, KL_STRAIGHT=True, HAS_LM=True, HAS_GH=True,
                   NEED_GRAD=True, BLOCK_V=T.LOGITS_GPU_BLOCK_V)
-    # HAS_ISW: 3 token / mask, 4 sequence / truncate, 7 geometric / mask.
-    for acc, codes in ((tl.float32, (3, 4, 7)), (tl.float64, (4,))):
-        for code in codes:
+    # HAS_ISW: 2 token / truncate, 3 token / mask, 4 sequence / truncate, 7 geometric /
+    # mask: each branch of _rollout in each kernel, in float32 or float64.
+    for acc, token_codes, logits_codes, geometric in (
+        (tl.float32, (3, 7), (2, 4), False), (tl.float64, (4,), (7,), True),
+    ):
+        for code in token_codes:
             compile_for_sm90(T._token_loss_kernel, dict(token, HAS_ISW=code), acc, T.GPU_NUM_WARPS)
+        for code in logits_codes:
             compile_for_sm90(T._logits_loss_kernel, dict(logits, HAS_ISW=code), acc, 16)
-        for geometric in (False, True):
-            compile_for_sm90(T._rollout_sequence_kernel,
-                             dict(GEOMETRIC=geometric, HAS_MASK=True, BLOCK=T.GPU_BLOCK), acc, 8)
+        compile_for_sm90(T._rollout_sequence_kernel,
+                         dict(GEOMETRIC=geometric, HAS_MASK=True, BLOCK=T.GPU_BLOCK), acc, 8)
     print("compiled")
     """
 )
