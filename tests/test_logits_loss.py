@@ -600,9 +600,7 @@ def test_all_invalid_and_empty(backend, device, poisoned):
             assert (out == 0).all()
 
 
-@pytest.mark.parametrize("backend,device", known_failures(BACKENDS, {
-    "cpp": "a valid row whose target is -100 reads z[-100], 100 logits before its row",
-}))
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_ignored_target_on_a_valid_row_reads_only_its_row(backend, device):
     """Outside the contract (the op folds target -100 into the row's validity), but no
     read outside the row: the logits follow NaN (then 1e30) in their buffer, and a valid

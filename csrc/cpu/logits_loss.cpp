@@ -121,7 +121,11 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
         const int64_t r0 = blk * rows_per_block, r1 = std::min(n, r0 + rows_per_block);
         for (int64_t r = r0; r < r1; ++r) {
           RowStats st{0.0, 0.0, 0.0, 0.0};  // the contract's values for rows that do not count
-          if (keep[r]) st = logprob_row_forward(z + r * z_stride, vocab, y[r], temperature);
+          // A target of -100 on a valid row is outside the contract (the op folds it into
+          // the row's validity): such a row's log-prob is 0 here, and z[-100] is never read.
+          if (keep[r] && y[r] != kIgnoreIndex) {
+            st = logprob_row_forward(z + r * z_stride, vocab, y[r], temperature);
+          }
           logp[r - r0] = static_cast<T>(st.logp);
           entropy[r - r0] = static_cast<T>(st.entropy);
           row_max[r - r0] = static_cast<T>(st.m);
@@ -145,7 +149,7 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
         if (o == nullptr) continue;
         for (int64_t r = r0; r < r1; ++r) {
           scalar_t* orow = o + r * o_stride;
-          if (!keep[r]) {
+          if (!keep[r] || y[r] == kIgnoreIndex) {
             std::fill(orow, orow + vocab, static_cast<scalar_t>(0));  // logits never read
             continue;
           }
