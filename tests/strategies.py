@@ -82,18 +82,6 @@ def backend_cases(family: str, table: dict) -> list:
     return params
 
 
-def known_failures(params: list, reasons: dict[str, str]) -> list:
-    """``params`` of :func:`backend_params` with the backends named in ``reasons`` marked
-    as known failures (strict: the test fails once the backend is fixed, so the mark goes
-    too). For kernel bugs a parametrised test found and that are not fixed yet."""
-    out = []
-    for p in params:
-        reason = reasons.get(p.values[0])
-        marks = [*p.marks, pytest.mark.xfail(reason=reason, strict=True)] if reason else p.marks
-        out.append(pytest.param(*p.values, id=p.id, marks=marks))
-    return out
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bit pattern on CPU (so -0.0 != 0.0, and NaN == NaN of the same
     payload): ``torch.equal(bits(a), bits(b))`` is bit-for-bit equality."""

@@ -47,7 +47,7 @@ from vapo_kernels.ops.token_logprobs import reference_forward
 
 import _dominant as dominant
 from strategies import (
-    GARBAGE, backend_cases, backend_params, bits, examples, interpreted, kernel_of, known_failures,
+    GARBAGE, backend_cases, backend_params, bits, examples, interpreted, kernel_of,
 )
 
 F64 = torch.float64
@@ -858,10 +858,7 @@ def test_op_errors_name_the_argument():
         f(logits, targets, old, adv, mask, clip_low=-0.1)
 
 
-@pytest.mark.parametrize("backend,device", known_failures(BACKENDS, {
-    "triton": "tl.minimum / tl.maximum drop NaN (PropagateNan.NONE): a NaN logit or old_logp "
-    "of a valid row gives a finite loss and gradient, which the NaN screen passes",
-}))
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nan_in_a_valid_row_is_an_error(backend, device):
     """The op screens its inputs through the loss and the logits gradient: a NaN logit
     of a valid row, or a NaN old log-prob, must reach them (in place too)."""

@@ -46,7 +46,7 @@ from vapo_kernels.ops.loss_spec import reference_kernel
 
 from strategies import (
     GARBAGE, MASK_KINDS, backend_cases, backend_params, examples, interpreted, kernel_of,
-    known_failures, make_mask, repeats,
+    make_mask, repeats,
 )
 
 BACKENDS = backend_params("loss")
@@ -791,10 +791,7 @@ def test_many_empty_sequences_are_cheap(backend, device):
 # The op's NaN screen: it checks the loss only, so every input's NaN must reach it
 
 
-@pytest.mark.parametrize("backend,device", known_failures(BACKENDS, {
-    "triton": "Triton's tl.minimum / tl.maximum drop NaN (PropagateNan.NONE): a NaN in logp, "
-    "old_logp, values, old_values or ref_logp gives a finite loss, which the NaN screen passes",
-}))
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_nan_in_a_valid_slot_reaches_the_loss(backend, device):
     names = ["logp", "old_logp", "advantages", "values", "old_values", "returns", "ref_logp",
              "entropy", "is_weights"]

@@ -112,14 +112,28 @@ def _interpreting() -> bool:
 
 
 @triton.jit
+def _min(a, b):
+    """torch.minimum: a NaN operand gives NaN (tl.minimum drops it by default), so a NaN
+    input of a valid token reaches the loss and the op's NaN screen."""
+    return tl.minimum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max(a, b):
+    """torch.maximum, NaN kept (see _min)."""
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+
+@triton.jit
 def _policy(lp, olp, adv, lo, hi, dual_c, clamp, HAS_DUAL: tl.constexpr):
     """pg, d pg / d logp, clip_low, clip_high, dual flags, log_ratio, ratio."""
     raw = lp - olp
-    log_ratio = tl.minimum(tl.maximum(raw, -clamp), clamp)
+    log_ratio = _min(_max(raw, -clamp), clamp)
     ratio = tl.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * tl.minimum(tl.maximum(ratio, lo), hi)
-    pg = tl.maximum(unclipped, clipped)
+    clipped = -adv * _min(_max(ratio, lo), hi)
+    pg = _max(unclipped, clipped)
     g_clipped = tl.where((ratio >= lo) & (ratio <= hi), -adv, 0.0)
     d_ratio = tl.where(
         unclipped > clipped, -adv,
@@ -134,7 +148,7 @@ def _policy(lp, olp, adv, lo, hi, dual_c, clamp, HAS_DUAL: tl.constexpr):
         dual = negative & (pg > floor)
         below = tl.where(pg < floor, d_ratio, tl.where(pg > floor, 0.0, 0.5 * d_ratio))
         d_ratio = tl.where(negative, below, d_ratio)
-        pg = tl.where(negative, tl.minimum(pg, floor), pg)
+        pg = tl.where(negative, _min(pg, floor), pg)
     else:
         dual = tl.zeros(ratio.shape, tl.int1)
     grad = tl.where((raw >= -clamp) & (raw <= clamp), d_ratio * ratio, 0.0)
@@ -153,15 +167,15 @@ def _value(v, ov, ret, eps, MODE: tl.constexpr):
     else:
         if MODE == 3:  # OpenRLHF: old + clamp(v - old, -eps, eps)
             step = v - ov
-            v_clipped = ov + tl.minimum(tl.maximum(step, -eps), eps)
+            v_clipped = ov + _min(_max(step, -eps), eps)
             in_clip = (step >= -eps) & (step <= eps)
             d_clip = tl.where(in_clip, 1.0, 0.0)
         else:  # verl: max(min(v, old + eps), old - eps)
             hi = ov + eps
             lo = ov - eps
-            upper = tl.minimum(v, hi)
+            upper = _min(v, hi)
             d_upper = tl.where(v < hi, 1.0, tl.where(v > hi, 0.0, 0.5))
-            v_clipped = tl.maximum(upper, lo)
+            v_clipped = _max(upper, lo)
             d_clip = d_upper * tl.where(upper > lo, 1.0, tl.where(upper < lo, 0.0, 0.5))
         err_clipped = v_clipped - ret
         clipped = err_clipped * err_clipped
@@ -170,7 +184,7 @@ def _value(v, ov, ret, eps, MODE: tl.constexpr):
             unclipped > clipped, err,
             tl.where(clipped > unclipped, g_clipped, 0.5 * (err + g_clipped)),
         )
-        vf = 0.5 * tl.maximum(unclipped, clipped)
+        vf = 0.5 * _max(unclipped, clipped)
         won = clipped > unclipped
     return vf, grad, won
 
@@ -212,10 +226,10 @@ def _kl(lp, ref, KIND: tl.constexpr, STRAIGHT: tl.constexpr):
         grad = diff
     else:
         neg = -diff
-        log_ratio = tl.minimum(tl.maximum(neg, -20.0), 20.0)
+        log_ratio = _min(_max(neg, -20.0), 20.0)
         e = tl.exp(log_ratio)
         raw = _expm1_minus_x(log_ratio, e)
-        value = tl.minimum(tl.maximum(raw, -10.0), 10.0)
+        value = _min(_max(raw, -10.0), 10.0)
         passes = (neg >= -20.0) & (neg <= 20.0) & (raw >= -10.0) & (raw <= 10.0)
         grad = tl.where(passes, -(raw + log_ratio), 0.0)
     if STRAIGHT:
