@@ -18,7 +18,7 @@ import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent(
+PRELUDE = textwrap.dedent(
     """
     import triton
     import triton.language as tl
@@ -51,23 +51,53 @@ SCRIPT = textwrap.dedent(
                  NEED_GRAD=True, BLOCK=T.GPU_BLOCK)
     logits = dict(HAS_ISW=True, HAS_DUAL=True, KL_KIND=4, KL_STRAIGHT=True, HAS_LM=True,
                   HAS_GH=True, NEED_GRAD=True, BLOCK_V=T.LOGITS_GPU_BLOCK_V)
-    for acc in (tl.float32, tl.float64):  # _expm1_minus_x has a float64 branch
-        compile_for_sm90(T._token_loss_kernel, token, acc, T.GPU_NUM_WARPS)
-        compile_for_sm90(T._logits_loss_kernel, logits, acc, 16)
-    print("compiled")
     """
 )
 
+LOSS_KERNELS = """
+for acc in (tl.float32, tl.float64):  # _expm1_minus_x has a float64 branch
+    compile_for_sm90(T._token_loss_kernel, token, acc, T.GPU_NUM_WARPS)
+    compile_for_sm90(T._logits_loss_kernel, logits, acc, 16)
+print("compiled")
+"""
 
-@pytest.mark.skipif(
+# HAS_ISW codes of the rollout correction: 2 token / truncate, 3 token / mask, 4 sequence /
+# truncate, 7 geometric / mask: each branch of _rollout in each kernel, in float32 or float64.
+ROLLOUT_VARIANTS = """
+for acc, token_codes, logits_codes, geometric in (
+    (tl.float32, (3, 7), (2, 4), False), (tl.float64, (4,), (7,), True),
+):
+    for code in token_codes:
+        compile_for_sm90(T._token_loss_kernel, dict(token, HAS_ISW=code), acc, T.GPU_NUM_WARPS)
+    for code in logits_codes:
+        compile_for_sm90(T._logits_loss_kernel, dict(logits, HAS_ISW=code), acc, 16)
+    compile_for_sm90(T._rollout_sequence_kernel,
+                     dict(GEOMETRIC=geometric, HAS_MASK=True, BLOCK=T.GPU_BLOCK), acc, 8)
+print("compiled")
+"""
+
+needs_cuda_backend = pytest.mark.skipif(
     importlib.util.find_spec("triton.backends.nvidia") is None,
     reason="this Triton has no CUDA backend",
 )
-def test_loss_kernels_compile_for_sm90(tmp_path):
+
+
+def _compile(tmp_path, body: str) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # a fresh compile, not a cache hit
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the GPU default; silences its warning
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", PRELUDE + body], capture_output=True, text=True, env=env,
+        timeout=600,
     )
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-4000:]
+
+
+@needs_cuda_backend
+def test_loss_kernels_compile_for_sm90(tmp_path):
+    _compile(tmp_path, LOSS_KERNELS)
+
+
+@needs_cuda_backend
+def test_rollout_variants_compile_for_sm90(tmp_path):
+    _compile(tmp_path, ROLLOUT_VARIANTS)
