@@ -57,11 +57,6 @@ def schema(args: type[NamedTuple], returns: str, mutates: Sequence[str] = ()) ->
     return f"({', '.join(parts)}) -> {returns}"
 
 
-def traced(args: Sequence) -> bool:
-    """True when the call must go through the dispatcher: something is tracing it."""
-    return _tracing() or any(isinstance(a, Tensor) and type(a) is not Tensor for a in args)
-
-
 def _tracing() -> bool:
     """A compiler, a dispatch mode (fake or functional tensors) or a functorch transform
     is active: the per-call checks that do not look at the arguments."""

@@ -131,11 +131,7 @@ def _check_static(a: LogitsLossArgs) -> _ragged.Layout:
         if t is not None
     }
     layout = _ragged.check_layout(given, a.mask, a.cu_seqlens)
-    check_aggregation(a, layout)
-    if a.params[L.P_ROLLOUT_IS] and a.is_weights is None:
-        raise ValueError(
-            "params[P_ROLLOUT_IS] is set: rollout_logp (the is_weights slot) is needed"
-        )
+    check_aggregation(a, layout)  # also: the rollout correction has its log-probs
     return layout
 
 
