@@ -82,6 +82,24 @@ def backend_cases(family: str, table: dict) -> list:
     return params
 
 
+def random_sequence_weights(
+    num_seqs: int, gen: torch.Generator, some_zero: bool
+) -> torch.Tensor:
+    """Random float64 per-sequence aggregation weights in [0, 1); with ``some_zero`` about
+    30% of them exactly 0 (sequences that must then contribute nothing)."""
+    w = torch.rand(num_seqs, generator=gen, dtype=torch.float64)
+    if some_zero:
+        w = torch.where(torch.rand(num_seqs, generator=gen) < 0.3, 0.0, w)
+    return w
+
+
+def random_lm_weights(num_seqs: int, gen: torch.Generator) -> torch.Tensor:
+    """Random float64 positive-example LM weights, about half of the sequences at 0 (not
+    positive)."""
+    w = torch.rand(num_seqs, generator=gen, dtype=torch.float64)
+    return torch.where(torch.rand(num_seqs, generator=gen) < 0.5, 0.0, w)
+
+
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bit pattern on CPU (so -0.0 != 0.0, and NaN == NaN of the same
     payload): ``torch.equal(bits(a), bits(b))`` is bit-for-bit equality."""

@@ -48,6 +48,7 @@ from vapo_kernels.ops.token_logprobs import reference_forward
 import _dominant as dominant
 from strategies import (
     GARBAGE, backend_cases, backend_params, bits, examples, interpreted, kernel_of,
+    random_lm_weights, random_sequence_weights,
 )
 
 F64 = torch.float64
@@ -251,14 +252,10 @@ def build(case, device="cpu"):
     if case["weights"] == "uniform":
         seq_weight = torch.full((num_seqs,), 1.0 / max(1, n), dtype=torch.float64)
     else:
-        seq_weight = torch.rand(num_seqs, generator=gen, dtype=torch.float64)
-        if case["weights"] == "some_zero":
-            seq_weight = torch.where(torch.rand(num_seqs, generator=gen) < 0.3, 0.0, seq_weight)
+        seq_weight = random_sequence_weights(num_seqs, gen, case["weights"] == "some_zero")
     lm_weight = None
     if case["lm"]:
-        lm_weight = torch.rand(num_seqs, generator=gen, dtype=torch.float64)
-        lm_weight = torch.where(torch.rand(num_seqs, generator=gen) < 0.5, 0.0, lm_weight)
-        lm_weight = lm_weight.to(acc)
+        lm_weight = random_lm_weights(num_seqs, gen).to(acc)
 
     junk = case["garbage"]
     dirty = {k: None if t is None else torch.where(valid, t, junk).to(acc) for k, t in x.items()}

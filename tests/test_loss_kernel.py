@@ -46,7 +46,7 @@ from vapo_kernels.ops.loss_spec import reference_kernel
 
 from strategies import (
     GARBAGE, MASK_KINDS, backend_cases, backend_params, examples, interpreted, kernel_of,
-    make_mask, repeats,
+    make_mask, random_lm_weights, random_sequence_weights, repeats,
 )
 
 BACKENDS = backend_params("loss")
@@ -328,14 +328,10 @@ def build(case, device="cpu"):
             loss_scale_factor=None if padded else 7.0,
         ).double()
     else:
-        seq_weight = torch.rand(num_seqs, generator=gen, dtype=torch.float64)
-        if case["weights"] == "some_zero":
-            seq_weight = torch.where(torch.rand(num_seqs, generator=gen) < 0.3, 0.0, seq_weight)
+        seq_weight = random_sequence_weights(num_seqs, gen, case["weights"] == "some_zero")
     lm_weight = None
     if case["lm"]:
-        lm_weight = torch.rand(num_seqs, generator=gen, dtype=torch.float64)
-        lm_weight = torch.where(torch.rand(num_seqs, generator=gen) < 0.5, 0.0, lm_weight)
-        lm_weight = lm_weight.to(out).to(device)
+        lm_weight = random_lm_weights(num_seqs, gen).to(out).to(device)
 
     def dev(t):
         return None if t is None else t.to(device)
