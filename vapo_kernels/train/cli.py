@@ -82,7 +82,7 @@ def compile_kernels_once() -> None:
     import vapo_kernels as vk
 
     say("loading vapo_kernels' C++ kernels (the first run of a version compiles them: "
-        "~50 s on 2 idle cores, with per-file progress)")
+        "~35-50 s on 2 idle cores, with per-file progress)")
     start = time.perf_counter()
     x = torch.zeros(2)
     vk.decoupled_gae(x, x, None, torch.tensor([0, 2], dtype=torch.int32), alpha=1.0)
