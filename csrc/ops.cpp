@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("empty_like_cpu", [](const at::Tensor& like) {
     return vapo::empty_cpu_output(like.sizes(), like.scalar_type());
   }, "uninitialised CPU tensor like `like`, large ones on transparent huge pages");
+  m.def("loss_from_gradients", &vapo::loss_from_gradients, "autograd node of a loss from its kernel-written input gradients (any device)");
   m.def("logits_loss_cpu", &vapo::logits_loss_cpu, "log-probs + PPO/VAPO loss + logits gradient in one pass (CPU)");
 #ifdef VAPO_WITH_CUDA
   m.def("gae_scan_cuda", &vapo::gae_scan_cuda, "two-lambda GAE reverse scan (CUDA)");

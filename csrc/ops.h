@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -72,5 +73,11 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cuda(
     const at::Tensor& coef_policy, const at::Tensor& coef_critic, double gamma,
     bool skip_masked);
 #endif
+
+// A loss (0-d) whose backward is grads[i] * grad_loss for inputs[i] (cast to its dtype,
+// in its shape): the autograd node of the loss kernels, which write their input
+// gradients in the forward pass (csrc/loss_node.cpp).
+at::Tensor loss_from_gradients(const at::Tensor& loss, const std::vector<at::Tensor>& inputs,
+                               const std::vector<at::Tensor>& grads, const std::string& op);
 
 }  // namespace vapo

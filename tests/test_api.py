@@ -9,6 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import vapo_kernels as vk
+from vapo_kernels import _library
 from vapo_kernels.ops import gae as gae_mod
 from vapo_kernels.ops import loss_spec
 from vapo_kernels.ops import token_loss as token_loss_mod
@@ -167,21 +168,76 @@ def test_eager_gae_equals_the_dispatched_op():
         assert torch.equal(f, s)
 
 
-def test_eager_token_loss_equals_the_dispatched_op_with_gradients():
+def _python_autograd_function(monkeypatch):
+    """As if the C++ extension had no loss node: eager calls take the Python Function."""
+    monkeypatch.setattr(_library, "_node_tried", True)
+    monkeypatch.setattr(_library, "_node", None)
+
+
+def _token_loss_with_every_gradient(call, dtype):
+    """A loss with a gradient for logp (policy, KL), values and entropy, backpropagated
+    with a non-unit incoming gradient; returns what must agree across the paths."""
     rewards, values, mask, logp, old = _batch(2)
-    params = loss_spec.loss_params(dual_clip=3.0)
-    outs = []
-    for call in (token_loss_mod.token_loss_op, lambda a: torch.ops.vapo.token_loss(*a)):
-        x = logp.clone().requires_grad_()
-        a = token_loss_mod.TokenLossArgs(
-            x, old, rewards, None, None, None, None, None, None, mask, None, None, params,
-            "token-mean", None, None, None, 1.0, None, True, "",
-        )
-        loss, sums, *_ = call(a)
+    x = logp.clone().to(dtype).requires_grad_()
+    v = values.clone().to(dtype).requires_grad_()
+    h = rewards.abs().to(dtype).requires_grad_()
+    params = loss_spec.loss_params(
+        dual_clip=3.0, value_clip=0.2, kl_kind="k3", vf_coef=0.5, kl_coef=0.1,
+        entropy_coef=0.01,
+    )
+    a = token_loss_mod.TokenLossArgs(
+        x, old.to(dtype), rewards.to(dtype), v, values.to(dtype), rewards.to(dtype),
+        old.to(dtype), h, None, mask, None, None, params, "token-mean", None, None, None,
+        1.0, None, True, "",
+    )
+    loss, sums, *_ = call(a)
+    (loss * 3.0).backward()
+    return loss.detach(), sums, x.grad, v.grad, h.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_token_loss_equals_the_dispatched_op_with_gradients(monkeypatch, dtype):
+    # Three paths, one backward: the C++ loss node (eager default), the Python
+    # autograd.Function (eager without the node) and the dispatcher's autograd.
+    dispatched = _token_loss_with_every_gradient(lambda a: torch.ops.vapo.token_loss(*a), dtype)
+    node = _token_loss_with_every_gradient(token_loss_mod.token_loss_op, dtype)
+    assert node[0].grad_fn is None  # detached above; the live loss had the C++ node
+    _python_autograd_function(monkeypatch)
+    function = _token_loss_with_every_gradient(token_loss_mod.token_loss_op, dtype)
+    for path in (node, function):
+        for f, s in zip(path, dispatched):
+            assert f.dtype == s.dtype and f.shape == s.shape
+            assert torch.equal(f, s)
+
+
+@pytest.mark.parametrize("path", ["node", "function"])
+def test_backward_after_a_forward_without_gradients_names_the_problem(monkeypatch, path):
+    if path == "function":
+        _python_autograd_function(monkeypatch)
+    rewards, _, mask, logp, old = _batch(3)
+    x = logp.clone().requires_grad_()
+    a = token_loss_mod.TokenLossArgs(
+        x, old, rewards, None, None, None, None, None, None, mask, None, None,
+        loss_spec.loss_params(), "token-mean", None, None, None, 1.0, None, False, "",
+    )
+    loss, *_ = token_loss_mod.token_loss_op(a)
+    with pytest.raises(RuntimeError, match="need_grad=False"):
         loss.backward()
-        outs.append((loss.detach(), sums, x.grad))
-    for f, s in zip(*outs):
-        assert torch.equal(f, s)
+
+
+def test_eager_loss_backward_is_the_cpp_node_and_only_reaches_what_needs_a_gradient():
+    rewards, values, mask, logp, old = _batch(4)
+    x = logp.clone().requires_grad_()
+    v = values.clone().requires_grad_()
+    loss, _ = vk.vapo_loss(x, old, rewards, mask, values=v, old_values=values, returns=rewards)
+    assert "LossFromGradients" in loss.grad_fn.name()
+    loss.backward()
+    assert x.grad is not None and v.grad is not None
+    loss2, _ = vk.vapo_loss(x, old, rewards, mask, values=values, old_values=values,
+                            returns=rewards)
+    x.grad = None
+    loss2.backward()
+    assert x.grad is not None and values.grad is None
 
 
 def test_traced_calls_go_through_the_dispatcher():

@@ -228,7 +228,7 @@ def _build(verbose: bool = False):
     from torch.utils import cpp_extension
 
     src = csrc_dir()
-    sources = [src / "ops.cpp", *sorted((src / "cpu").glob("*.cpp"))]
+    sources = [*sorted(src.glob("*.cpp")), *sorted((src / "cpu").glob("*.cpp"))]
     # Longest compiles first, so the parallel jobs finish together (ninja starts them in
     # this order): the loss kernels, then the pybind11 bindings.
     sources.sort(key=lambda p: (p.name != "loss.cpp", p.name != "ops.cpp", p.name))

@@ -309,6 +309,7 @@ token_loss_op = Op(
     _fake,
     setup_context=_setup_context,
     backward=_backward,
+    gradient_outputs=(("logp", 2), ("values", 3), ("entropy", 4)),
 )
 
 
