@@ -620,7 +620,9 @@ def loss_metrics(
     """The metrics of a loss call from its sums (see :class:`LossMetrics`); a plain dict
     under ``torch.compile``. ``rollout``: the rollout correction's mode ('truncate' or
     'mask'), None when it is off."""
-    metrics = LossMetrics(sums.detach(), policy, value, kl, entropy, lm, rollout)
+    if sums.requires_grad:  # never from the eager kernels (their sums need no detach)
+        sums = sums.detach()
+    metrics = LossMetrics(sums, policy, value, kl, entropy, lm, rollout)
     return dict(metrics) if torch.compiler.is_compiling() else metrics
 
 

@@ -13,6 +13,7 @@ and the backward only scales them. The public losses below (:func:`vapo_loss`,
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -194,7 +195,7 @@ def aggregation_weights(a, layout, shape, device, flat_mask, acc):
         elif flat_mask is None:
             scale = loss_spec.share(dp, layout.num_tokens)
         elif device.type == "cpu":  # reading the count costs no device sync here
-            scale = loss_spec.share(dp, int(flat_mask.sum()))
+            scale = loss_spec.share(dp, int(torch.count_nonzero(flat_mask)))
         else:  # on a GPU the count stays on the device: no sync on the hot path
             tokens = flat_mask.sum(dtype=torch.float64).clamp_(min=1)  # 0 tokens: unused
             return offs, (dp / tokens).to(acc).expand(num_seqs).contiguous(), None
@@ -227,7 +228,9 @@ def screen_nan(loss: Tensor, named_inputs, mask: Tensor | None) -> None:
     coefficient too: 0 * NaN), and masked slots never produce one: one check of the loss
     screens every input; per-input checks run only when something is wrong, to name the
     argument."""
-    if _ragged.validation_enabled() and bool(torch.isnan(loss)):
+    # .item(): one read of the 0-d loss (on a GPU the same one sync as bool(isnan(loss)));
+    # on a CPU ~3 us less than building a bool tensor first.
+    if _ragged.validation_enabled() and math.isnan(loss.item()):
         for arg, t in named_inputs:
             if t is not None:
                 _ragged.check_no_nan_where_valid(arg, t, mask)
@@ -250,7 +253,7 @@ def _impl(a: TokenLossArgs):
     _, kernel = _backends.select("token_loss", device, a.backend)
     offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, flat_mask, acc)
     sums, g_logp, g_values, g_entropy = kernel(
-        *flat, flat_mask, offs, seq_w, lm_w, list(a.params), a.need_grad
+        *flat, flat_mask, offs, seq_w, lm_w, a.params, a.need_grad
     )
     loss = loss_total(sums, a.params)
     screen_nan(loss, zip(_input_names(a), tensors), mask)
@@ -317,8 +320,12 @@ token_loss_op = Op(
 # Public API: every function returns (loss, metrics).
 
 
-def _need_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _need_grad(logp, values, entropy) -> bool:
+    return torch.is_grad_enabled() and (
+        (logp is not None and logp.requires_grad)
+        or (values is not None and values.requires_grad)
+        or (entropy is not None and entropy.requires_grad)
+    )
 
 
 def vapo_loss(
