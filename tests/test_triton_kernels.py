@@ -33,6 +33,48 @@ def test_token_loss_block_must_be_a_power_of_two():
         )
 
 
+def _token_loss_call(**change):
+    """A valid direct call of the Triton token_loss (policy term, 2 sequences of 3 and 2
+    tokens), with the named arguments replaced."""
+    n = 5
+    args = dict(
+        logp=-torch.rand(n, device=DEVICE), old_logp=-torch.rand(n, device=DEVICE),
+        advantages=torch.randn(n, device=DEVICE), values=None, old_values=None, returns=None,
+        ref_logp=None, entropy=None, is_weights=None,
+        mask=torch.ones(n, dtype=torch.bool, device=DEVICE),
+        offsets=torch.tensor([0, 3, 5], device=DEVICE), seq_weight=torch.full((2,), 0.2, device=DEVICE),
+        lm_weight=None, params=loss_spec.loss_params(), need_grad=True,
+    )
+    args.update(change)
+    from vapo_kernels.triton import loss as tloss
+
+    return tloss.token_loss(*args.values())
+
+
+def test_token_loss_direct_call_runs():
+    sums, g_logp, _, _ = _token_loss_call()
+    assert sums.shape == (loss_spec.L.NUM_SUMS,) and g_logp.shape == (5,)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(old_logp=-torch.rand(4)), "old_logp must have shape"),
+    (dict(advantages=torch.randn(5, dtype=torch.float64)), "advantages has dtype"),
+    (dict(logp=-torch.rand(1, 5)), "logp must be a 1-D"),
+    (dict(advantages=torch.arange(5)), "advantages must be float"),
+    (dict(mask=torch.ones(4, dtype=torch.bool)), "mask must have shape"),
+    (dict(mask=torch.ones(5)), "mask must be torch.bool"),
+    (dict(offsets=torch.tensor([0.0, 5.0])), "offsets must be a 1-D int"),
+    (dict(offsets=torch.tensor([0])), "no sequence"),
+    (dict(seq_weight=torch.ones(3)), "seq_weight must have shape"),
+    (dict(lm_weight=torch.ones(1)), "lm_weight must have shape"),
+    (dict(params=[0.0] * 3), "params must have"),
+])
+def test_token_loss_direct_call_names_the_bad_argument(change, match):
+    change = {k: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for k, v in change.items()}
+    with pytest.raises(ValueError, match=match):
+        _token_loss_call(**change)
+
+
 def test_logprobs_launch_parameters():
     from vapo_kernels.triton import logprobs as tlp
 

@@ -159,20 +159,25 @@ def _check_static(a: GaeArgs) -> _ragged.Layout:
         raise ValueError(f"alpha must be a positive float (0: off), got {a.alpha!r}")
     if a.mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {a.mask_mode!r}")
-    for name in ("lam_policy", "lam_critic"):
-        _ragged.check_unit_interval(name, getattr(a, "scalar_" + name))
-        lam = getattr(a, name)
-        if lam is None:
-            continue
-        _ragged.check_float(name, lam)
-        if lam.shape != (layout.num_seqs,):
-            raise ValueError(
-                f"{name} must have one entry per sequence, shape ({layout.num_seqs},), "
-                f"got {tuple(lam.shape)}"
-            )
-        if lam.device != a.rewards.device:
-            raise ValueError(f"{name} is on {lam.device} but rewards is on {a.rewards.device}")
+    # Field by field, not a loop over names: this runs on every call.
+    _ragged.check_unit_interval("lam_policy", a.scalar_lam_policy)
+    _ragged.check_unit_interval("lam_critic", a.scalar_lam_critic)
+    if a.lam_policy is not None:
+        _check_lambda_tensor("lam_policy", a.lam_policy, layout, a.rewards.device)
+    if a.lam_critic is not None:
+        _check_lambda_tensor("lam_critic", a.lam_critic, layout, a.rewards.device)
     return layout
+
+
+def _check_lambda_tensor(name: str, lam: Tensor, layout: _ragged.Layout, device) -> None:
+    _ragged.check_float(name, lam)
+    if lam.shape != (layout.num_seqs,):
+        raise ValueError(
+            f"{name} must have one entry per sequence, shape ({layout.num_seqs},), "
+            f"got {tuple(lam.shape)}"
+        )
+    if lam.device != device:
+        raise ValueError(f"{name} is on {lam.device} but rewards is on {device}")
 
 
 def _coefficients(lam: Tensor | None, scalar: float, gamma: float, name: str, num_seqs: int,

@@ -532,6 +532,62 @@ def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1).contiguous()
 
 
+# The token inputs of the kernel contract, in order, for errors.
+_TOKEN_NAMES = ("logp", "old_logp", "advantages", "values", "old_values", "returns",
+                "ref_logp", "entropy", "is_weights")
+
+
+def _check_params(params) -> list[float]:
+    try:
+        params = [float(p) for p in params]
+    except (TypeError, ValueError):
+        raise ValueError(f"params must be {L.NUM_PARAMS} floats") from None
+    if len(params) != L.NUM_PARAMS:
+        raise ValueError(f"params must have {L.NUM_PARAMS} entries, got {len(params)}")
+    return params
+
+
+def _check_token_inputs(tokens, mask, offsets, seq_weight, lm_weight) -> None:
+    """token_loss's tensors: (N,) token tensors of one float dtype on one device, a (N,)
+    mask, (S + 1,) integer offsets, (S,) float weights."""
+    first_name, first = None, None
+    for name, t in zip(_TOKEN_NAMES, tokens):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor or None, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        if first is None:
+            first_name, first = name, t
+            if t.dim() != 1:
+                raise ValueError(f"{name} must be a 1-D (N,) tensor, got shape {tuple(t.shape)}")
+            continue
+        if t.dtype != first.dtype:
+            raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype} "
+                             "(token tensors share one dtype)")
+        if t.shape != first.shape:
+            raise ValueError(f"{name} must have shape {tuple(first.shape)} like {first_name}, "
+                             f"got {tuple(t.shape)}")
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device}, {first_name} on {first.device}")
+    n, device = first.shape[0], first.device
+    if mask is not None:
+        _check_tensor("mask", mask, (n,), torch.bool, device, like=first_name)
+    if (not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.numel() < 1
+            or offsets.dtype not in (torch.int32, torch.int64)):
+        raise ValueError("offsets must be a 1-D int32 / int64 tensor of S + 1 >= 1 entries")
+    n_seqs = offsets.numel() - 1
+    _check_tensor("offsets", offsets, (n_seqs + 1,), None, device, like=first_name)
+    if n > 0 and n_seqs == 0:
+        raise ValueError(f"offsets has no sequence for the {n} tokens")
+    for name, w in (("seq_weight", seq_weight), ("lm_weight", lm_weight)):
+        w = _check_tensor(name, w, (n_seqs,), None, device, optional=name == "lm_weight",
+                          like=first_name)
+        if w is not None and not w.dtype.is_floating_point:
+            raise ValueError(f"{name} must be a float tensor, got {w.dtype}")
+
+
 def _rollout_level(params) -> int:
     level = params[L.P_ROLLOUT_IS]
     if level not in (0.0, 1.0, 2.0, 3.0):
@@ -564,15 +620,22 @@ def token_loss(
     """The kernel contract of :func:`vapo_kernels.ops.loss_spec.reference_kernel`.
 
     ``block`` (tokens per program, a power of two) overrides the launch plan; tests use
-    a small one to put block boundaries inside and across sequences.
+    a small one to put block boundaries inside and across sequences. Shapes, dtypes and
+    devices are checked here (ValueError naming the argument: a length mismatch would
+    read out of bounds); values are not, since that would wait for the device: the
+    offsets must be non-decreasing from 0 to N (the op checks them).
     """
     present = [t for t in (logp, values, entropy) if t is not None]
     if not present:
         raise ValueError("token_loss needs at least one of logp, values or entropy")
+    params = _check_params(params)
+    _check_token_inputs(
+        (logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights),
+        mask, offsets, seq_weight, lm_weight,
+    )
     out_dtype = torch.float64 if present[0].dtype == torch.float64 else torch.float32
     device = present[0].device
     n = present[0].numel()
-    params = [float(p) for p in params]
     rollout = _rollout_level(params)
 
     has_policy = advantages is not None
@@ -835,7 +898,7 @@ def _logits_loss_kernel(
     )
 
 
-def _check_tensor(name, t, shape, dtype, device, optional=False):
+def _check_tensor(name, t, shape, dtype, device, optional=False, like="logits"):
     if t is None:
         if optional:
             return None
@@ -847,7 +910,7 @@ def _check_tensor(name, t, shape, dtype, device, optional=False):
     if dtype is not None and t.dtype != dtype:
         raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
     if t.device != device:
-        raise ValueError(f"{name} is on {t.device}, logits on {device}")
+        raise ValueError(f"{name} is on {t.device}, {like} on {device}")
     return t.contiguous()
 
 
@@ -909,12 +972,7 @@ def logits_loss(
     seq_weight = _check_tensor("seq_weight", seq_weight, (n_seqs,), acc, device)
     lm_weight = _check_tensor("lm_weight", lm_weight, (n_seqs,), acc, device, optional=True)
 
-    try:
-        params = [float(p) for p in params]
-    except (TypeError, ValueError):
-        raise ValueError(f"params must be {L.NUM_PARAMS} floats") from None
-    if len(params) != L.NUM_PARAMS:
-        raise ValueError(f"params must have {L.NUM_PARAMS} entries, got {len(params)}")
+    params = _check_params(params)
     rollout = _rollout_level(params)
     if rollout and is_weights is None:
         raise ValueError(
