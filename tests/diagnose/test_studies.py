@@ -93,10 +93,13 @@ def test_ablations_tiny_run(tmp_path):
         assert len(row["final_accuracy"]) == 1 and 0 <= row["final_accuracy"][0] <= 1
         assert row["curves"][0][0][0] == 0  # evaluated before the first RL update
     assert "Spearman" in report or "undefined" in report
-    # Rows without value pretraining never enter that phase.
-    phases = (tmp_path / "out" / "runs" / "seed0" / "vanilla_ppo" / "metrics.jsonl").read_text()
-    assert '"value_pretrain"' not in phases
-    assert '"value_pretrain"' in (tmp_path / "out" / "runs" / "seed0" / "none" / "metrics.jsonl").read_text()
+    # Rows without value pretraining never enter that phase; full VAPO's ran once for the
+    # seed, in its own folder, and the row continued from it.
+    runs = tmp_path / "out" / "runs" / "seed0"
+    assert '"value_pretrain"' not in (runs / "vanilla_ppo" / "metrics.jsonl").read_text()
+    assert '"value_pretrain"' in (runs / "value_pretrain_none" / "metrics.jsonl").read_text()
+    assert [row["value_pretrain_runs"] for row in r["rows"]] == [["value_pretrain_none"], [None], [None]]
+    assert r["value_pretraining"] == {"value_pretrain_none": ["none"]}
 
 
 def test_ablation_rows_cover_the_paper_table():

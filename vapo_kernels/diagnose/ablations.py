@@ -2,7 +2,11 @@
 
 Every row is a ``vapo-train --ablation NAME`` run. Per seed the supervised warm-up is run
 once and every row continues from a copy of the same warmed-up policy (rows differ only
-in what comes after the warm-up: value pretraining, GAE, clipping, loss, sampling). Per
+in what comes after the warm-up: value pretraining, GAE, clipping, loss, sampling). Value
+pretraining is shared the same way: per seed it runs once per distinct setting of the
+options it depends on (:func:`.common.value_pretrain_key`; full VAPO, w/o length-adaptive
+GAE, w/o Clip-Higher and w/o the LM loss pretrain identically) and each row continues from
+a copy of that state, with the same numbers as if it had pretrained itself (tested). Per
 row: mean and standard deviation over seeds of the final held-out accuracy and of the RL
 steps to a threshold; then the Spearman rank correlation of the rows' mean accuracy with
 the paper's AIME24 scores.
@@ -19,9 +23,10 @@ from tqdm.auto import tqdm
 
 from ..train.config import ABLATIONS, ConfigError, validate
 from ..train.metrics import read_rows
-from ..train.vapo import evaluate, value_pretrain
-from .common import (continue_run, pct, pyplot, rl_steps, save_figure, start_run,
-                     trainer_config, with_options, write_report, write_results)
+from ..train.vapo import evaluate
+from .common import (continue_run, pct, pretrain_value, pyplot, rl_steps, save_figure,
+                     start_run, trainer_config, value_pretrain_key, with_options, write_report,
+                     write_results)
 
 # (row, --ablation name, AIME24 avg@32 in the VAPO paper's Table 1)
 ROWS = [
@@ -40,7 +45,16 @@ PRESETS = {
     "quick": {"seeds": 2, "rl_steps": 8},
     "full": {"seeds": 3, "rl_steps": 30},
 }
+# Held-out evaluation every N RL steps (and before the first): the curve of 'steps to
+# threshold'. At the quick preset one evaluation (128 greedy problems) costs ~0.2 s
+# against ~1.4 s per RL step (one thread): 5 of them are ~8% of a row, not worth a
+# coarser curve.
 EVAL_EVERY = {"tiny": 1, "quick": 2, "full": 5}
+# One torch thread, as the quick preset's wall estimate was measured (a row is ~12 s of
+# small sequential steps there; the 2,573 s run used torch's default of two threads on a
+# loaded 2-core machine, where the second thread waits more than it computes). A user's
+# ``-- --threads N`` wins.
+TRAINER_DEFAULTS = ["--threads", "1"]
 
 
 def steps_to(curve: list[tuple[int, float]], threshold: float) -> int | None:
@@ -52,24 +66,43 @@ def _spread(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
-def run_row(base, options, sizes, seed, ablation, extra) -> dict:
-    out_dir = os.path.join(options["output_dir"], "runs", f"seed{seed}", ablation)
+def row_config(options, seed, ablation, extra, out_dir=None):
+    """The trainer config of a row (``out_dir``: its run folder, by default runs/seedS/NAME)."""
+    out_dir = out_dir or os.path.join(options["output_dir"], "runs", f"seed{seed}", ablation)
     config = trainer_config(options["preset"], seed, out_dir,
-                            ["--eval_every", str(EVAL_EVERY[options["preset"]]), *extra],
-                            progress=options["progress"])
+                            [*TRAINER_DEFAULTS, "--eval_every", str(EVAL_EVERY[options["preset"]]),
+                             *extra], progress=options["progress"])
     # The row's switches win over the preset's and the user's options (on the trainer's
     # command line, an option given explicitly would win over --ablation).
     config = with_options(config, ablation=ablation, **ABLATIONS[ablation])
     validate(config)
+    return config
+
+
+def run_row(source, config, rl_step_count: int, *, value_pretrained: bool = False) -> dict:
+    """One row: continued from the warm-up ``source`` (the row pretrains its critic itself
+    when its config says so) or, ``value_pretrained``, from a shared value pretraining."""
     start = time.perf_counter()
-    run = continue_run(base, config)
-    if config.algorithm.value_pretrain_steps:
-        value_pretrain(run.state, run.task, config, run.log)
-    rl_steps(run, sizes["rl_steps"])
+    run = continue_run(source, config, value_pretrained=value_pretrained)
+    if config.algorithm.value_pretrain_steps and not value_pretrained:
+        pretrain_value(run)
+    rl_steps(run, rl_step_count)
     run.log.close()
     curve = [(r["step"], r["heldout_accuracy"]) for r in read_rows(run.log.path)
              if r["phase"] == "rl" and "heldout_accuracy" in r]
     return {"curve": curve, "final_accuracy": curve[-1][1], "wall_s": time.perf_counter() - start}
+
+
+def shared_value_pretraining(configs: dict) -> dict[str, list[str]]:
+    """The rows (``configs``: name -> trainer config) grouped by the value pretraining they
+    can share (the same :func:`value_pretrain_key`): ``{first row: [its group's rows]}``,
+    in row order; rows without value pretraining are in no group."""
+    groups: dict = {}
+    for name, config in configs.items():
+        key = value_pretrain_key(config)
+        if key is not None:
+            groups.setdefault(key, []).append(name)
+    return {rows[0]: rows for rows in groups.values()}
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
@@ -109,8 +142,14 @@ def report(results: dict) -> list[str]:
              f"{results['rl_steps']} RL steps per row after a shared warm-up per seed "
              f"(held-out accuracy after warm-up: {pct(results['post_warmup_accuracy_mean'])} "
              f"on average). Threshold for 'steps to': {results['threshold_rule']}."]
+    if results.get("value_pretraining"):
+        shared = [f"{', '.join(rows)}" for rows in results["value_pretraining"].values()]
+        lines.append(f"Value pretraining ran once per seed per distinct setting "
+                     f"({len(shared)} per seed) and each row continued from a copy of it: "
+                     + "; ".join(f"[{s}]" for s in shared) + ".")
     table = ["| row | paper AIME24 | final held-out accuracy (mean ± sd) | per seed | steps to "
-             "threshold (reached / seeds) | wall s (mean, under load) |", "|---|---|---|---|---|---|"]
+             "threshold (reached / seeds) | wall s (mean): value pretraining (shared) + RL |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         sd = r["final_accuracy_sd"]
         reached = [s for s in r["steps_to_threshold"] if s is not None]
@@ -118,7 +157,8 @@ def report(results: dict) -> list[str]:
                      f"{'' if sd is None else f' ± {100 * sd:.1f}'} | "
                      f"{', '.join(pct(a) for a in r['final_accuracy'])} | "
                      f"{statistics.mean(reached) if reached else 'never'} ({len(reached)}/"
-                     f"{len(r['steps_to_threshold'])}) | {r['wall_s_mean']:.0f} |")
+                     f"{len(r['steps_to_threshold'])}) | "
+                     f"{r['value_pretrain_s_mean']:.0f} + {r['wall_s_mean']:.0f} |")
     lines.append("\n".join(table))
     sp = results["spearman"]
     if sp["rho"] is None:
@@ -166,20 +206,40 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     post_warmup, thresholds = [], []
     bar = tqdm(total=len(seeds) * len(rows), desc="ablation runs", disable=not options["progress"])
     config = None
+    sharing = {}
     for seed in seeds:
         config = trainer_config(preset, seed, os.path.join(out_dir, "runs", f"seed{seed}", "warmup"),
-                                extra_trainer_args, progress=options["progress"])
+                                [*TRAINER_DEFAULTS, *extra_trainer_args],
+                                progress=options["progress"])
         base = start_run(config)
         base.log.close()
         warm = evaluate(base.state, base.task, config)["heldout_accuracy"]
         post_warmup.append(warm)
         threshold = options.get("threshold")
         thresholds.append(warm + 0.1 if threshold is None else threshold)
+        configs = {name: row_config(options, seed, name, extra_trainer_args) for _, name, _ in rows}
+        sharing = shared_value_pretraining(configs)
+        source_of = {name: first for first, names in sharing.items() for name in names}
+        pretrained: dict = {}  # first row of a group -> (its pretraining run, wall s)
         for _, name, _ in rows:
-            result = run_row(base, options, sizes, seed, name, extra_trainer_args)
+            first = source_of.get(name)
+            if first is not None and first not in pretrained:
+                pre_dir = os.path.join(out_dir, "runs", f"seed{seed}", f"value_pretrain_{first}")
+                start_pre = time.perf_counter()
+                pre = continue_run(base, with_options(configs[first], output_dir=pre_dir))
+                pretrain_value(pre)
+                pre.log.close()
+                pretrained[first] = (pre, time.perf_counter() - start_pre)
+            source, pre_s = pretrained[first] if first is not None else (base, 0.0)
+            result = run_row(source, configs[name], sizes["rl_steps"],
+                             value_pretrained=first is not None)
+            result["value_pretrain_s"] = pre_s
+            result["value_pretrain_run"] = None if first is None else f"value_pretrain_{first}"
             result["threshold"] = thresholds[-1]
             result["steps_to_threshold"] = steps_to(result["curve"], thresholds[-1])
             per_row[name].append(result)
+            if first is not None and name == sharing[first][-1]:
+                del pretrained[first]  # its last row has it: free the models
             bar.update()
     bar.close()
     out_rows = []
@@ -191,6 +251,9 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
                          "final_accuracy_sd": _spread(finals),
                          "steps_to_threshold": [r["steps_to_threshold"] for r in runs],
                          "curves": [r["curve"] for r in runs],
+                         "value_pretrain_runs": [r["value_pretrain_run"] for r in runs],
+                         "value_pretrain_s_mean": statistics.mean(r["value_pretrain_s"]
+                                                                  for r in runs),
                          "wall_s_mean": statistics.mean(r["wall_s"] for r in runs)})
     ours = [r["final_accuracy_mean"] for r in out_rows]
     paper = [r["paper_aime24"] for r in out_rows]
@@ -209,7 +272,10 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
                                   else f"{options['threshold']:.2f}"),
                # one standard error of a held-out accuracy near 50% on eval_size problems
                "eval_noise": 0.5 / eval_size ** 0.5,
-               "spearman": spearman}
+               "spearman": spearman,
+               # the rows sharing each value pretraining (the same grouping for every seed)
+               "value_pretraining": {f"value_pretrain_{first}": names
+                                     for first, names in sharing.items()}}
     results["figures"] = plot(results, out_dir)
     write_results(out_dir, "ablations", {**options, **sizes, "seeds": seeds}, config, results,
                   time.perf_counter() - start)

@@ -83,6 +83,9 @@ class Run:
     state: TrainState
     log: MetricsLogger
     device: torch.device
+    # The global torch (and CUDA) random states where :func:`pretrain_value` stopped, so a
+    # run continued from here draws what this one would have drawn next.
+    rng_state: Any = None
 
 
 def start_run(config: TrainConfig) -> Run:
@@ -106,10 +109,17 @@ def start_run(config: TrainConfig) -> Run:
     return Run(config, task, state, log, device)
 
 
-def continue_run(run: Run, config: TrainConfig) -> Run:
+def continue_run(run: Run, config: TrainConfig, *, value_pretrained: bool = False) -> Run:
     """The same models under another config (an ablation row, a lambda setting): deep
     copies of the policy and the value model (untrained or pretrained, as ``run`` has it),
-    fresh optimizers and a fresh logger in ``config.run.output_dir``."""
+    fresh optimizers and a fresh logger in ``config.run.output_dir``.
+
+    ``value_pretrained``: ``run`` is a :func:`pretrain_value` run and the new one carries
+    on exactly where that value pretraining stopped, as if it had run it itself: besides
+    the models, the critic's optimizer state (AdamW moments) and scheduler, the task's and
+    the mini-batch shuffle's random streams and the global torch random state are those
+    ``run`` had after pretraining (only valid when :func:`value_pretrain_key` of both
+    configs is the same; the RL options may differ)."""
     import copy
 
     os.makedirs(config.run.output_dir, exist_ok=True)
@@ -120,8 +130,69 @@ def continue_run(run: Run, config: TrainConfig) -> Run:
     state.warmup_end_time = time.perf_counter()
     setup_rl(state, config, value_model_from_policy)
     torch.manual_seed(config.run.seed)
+    if value_pretrained:
+        if run.rng_state is None or value_pretrain_key(run.config) != value_pretrain_key(config):
+            raise ValueError("continue_run(value_pretrained=True) needs a pretrain_value run "
+                             "with the same value-pretraining options")
+        before = run.state
+        # Deep copies: the optimizer's load_state_dict would share the moment tensors.
+        state.critic_optimizer.load_state_dict(copy.deepcopy(before.critic_optimizer.state_dict()))
+        state.critic_scheduler.load_state_dict(copy.deepcopy(before.critic_scheduler.state_dict()))
+        state.task_rng.setstate(before.task_rng.getstate())
+        state.shuffle_generator.set_state(before.shuffle_generator.get_state())
+        state.bad_steps = before.bad_steps
+        _set_rng_state(run.rng_state)
     log = MetricsLogger(config.run.output_dir, progress=config.run.progress, tensorboard=False)
     return Run(config, run.task, state, log, run.device)
+
+
+# Trainer options that value pretraining (vapo.value_pretrain, after setup_rl) never reads,
+# or reads without effect on what it leaves behind (the critic, its optimizer, the random
+# streams): the policy's loss terms and optimizer, RL-only and bookkeeping options. Every
+# other option, including any added later, keeps two configs' value pretraining apart.
+_NOT_IN_VALUE_PRETRAINING = {
+    "ablation", "output_dir", "progress", "plots", "tensorboard", "save_checkpoint",
+    "save_every", "keep", "profile", "steps", "eval_every", "supervised_baseline",
+    # policy terms: value pretraining's loss is the value term alone, with vf_coef 1
+    "clip_low", "clip_high", "dual_clip", "lm_coef", "entropy_coef", "kl_coef", "kl_kind",
+    "vf_coef", "actor_lr", "ppo_epochs", "micro_batch_size", "max_tokens_per_microbatch",
+    # the policy's advantages are computed but unused (targets are never whitened; the
+    # Monte-Carlo advantages are not computed there)
+    "whiten_advantages", "advantage", "mc_samples",
+}
+# lambda_policy's options reach the critic's targets only when GAE is not decoupled.
+_POLICY_LAMBDA = {"length_adaptive", "alpha", "lam_policy"}
+
+
+def value_pretrain_key(config: TrainConfig) -> tuple | None:
+    """What value pretraining under ``config`` depends on (None: no value pretraining).
+    Configs with the same key leave, from the same warmed-up run and seed, the same
+    critic, critic optimizer and random states: one pretraining can serve them all."""
+    if not config.algorithm.value_pretrain_steps:
+        return None
+    skip = _NOT_IN_VALUE_PRETRAINING | (_POLICY_LAMBDA if config.algorithm.decoupled_gae else set())
+    return tuple(sorted((f"{group}.{name}", repr(value))
+                        for group, options in config.to_dict().items()
+                        for name, value in options.items() if name not in skip))
+
+
+def pretrain_value(run: Run) -> Run:
+    """``run``'s value pretraining (as vapo-train runs it), remembering the random state
+    where it stopped for :func:`continue_run` with ``value_pretrained=True``."""
+    value_pretrain(run.state, run.task, run.config, run.log)
+    run.rng_state = _rng_state()
+    return run
+
+
+def _rng_state() -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(saved: dict) -> None:
+    torch.set_rng_state(saved["cpu"])
+    if saved["cuda"] is not None:
+        torch.cuda.set_rng_state_all(saved["cuda"])
 
 
 def rl_steps(run: Run, steps: int) -> dict[str, float]:

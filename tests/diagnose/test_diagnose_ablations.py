@@ -1,0 +1,68 @@
+"""ablations: one value pretraining per seed and setting serves every row that has that
+setting, with exactly the numbers the row gets when it pretrains itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vapo_kernels.diagnose.ablations import ROWS, row_config, run_row, shared_value_pretraining
+from vapo_kernels.diagnose.common import continue_run, pretrain_value, start_run, with_options
+from vapo_kernels.train.metrics import read_rows
+
+# Everything a metrics row holds except how long it took.
+TIMING = ("elapsed_s", "since_warmup_s", "time_", "peak_")
+
+
+def _options(tmp_path):
+    return {"preset": "tiny", "output_dir": str(tmp_path), "progress": False}
+
+
+def _rl_rows(config):
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING)}
+            for row in read_rows(f"{config.run.output_dir}/metrics.jsonl")]
+
+
+def test_rows_that_pretrain_alike_are_grouped(tmp_path):
+    configs = {name: row_config(_options(tmp_path), 0, name, []) for _, name, _ in ROWS}
+    assert shared_value_pretraining(configs) == {
+        "none": ["none", "no_length_adaptive", "no_clip_higher", "no_lm_loss"],
+        "no_decoupled_gae": ["no_decoupled_gae"],  # the critic's targets use lambda_policy
+        "no_token_level": ["no_token_level"],  # the value loss's aggregation
+        "no_group_sampling": ["no_group_sampling"],  # the batch's prompts
+    }  # no_value_pretrain and vanilla_ppo have none
+    # A trainer option the grouping does not know about keeps settings apart.
+    other = with_options(configs["none"], critic_lr=5e-4)
+    assert shared_value_pretraining({"none": configs["none"], "other": other}) == {
+        "none": ["none"], "other": ["other"]}
+
+
+def test_a_row_continued_from_shared_value_pretraining_matches_its_own(tmp_path):
+    options = _options(tmp_path)
+    # Short chains and a brisk warm-up: the policy solves some (rewards, hence non-zero
+    # value losses, critic gradients and AdamW moments, in value pretraining and RL).
+    extra = ["--value_pretrain_steps", "2", "--min_steps", "1", "--max_steps", "2",
+             "--warmup_steps", "40", "--warmup_lr", "1e-2"]
+    base_config = row_config(options, 0, "none", extra, out_dir=str(tmp_path / "warmup"))
+    base = start_run(base_config)
+    base.log.close()
+    pre = continue_run(base, row_config(options, 0, "none", extra, out_dir=str(tmp_path / "pre")))
+    pretrain_value(pre)
+    pre.log.close()
+    assert all(row["vf_loss"] > 0 for row in read_rows(pre.log.path))
+    critic = [p.detach().clone() for p in pre.state.value_model.parameters()]
+    for name in ("no_clip_higher", "no_length_adaptive", "no_lm_loss", "none"):
+        own = row_config(options, 0, name, extra, out_dir=str(tmp_path / f"{name}_own"))
+        shared = row_config(options, 0, name, extra, out_dir=str(tmp_path / f"{name}_shared"))
+        a = run_row(base, own, 2)
+        b = run_row(pre, shared, 2, value_pretrained=True)
+        assert a["curve"] == b["curve"]
+        rows_a = [r for r in _rl_rows(own) if r["phase"] == "rl"]
+        assert len(rows_a) == 3 and rows_a[1]["vf_loss"] > 0 and "pg_loss" in rows_a[1]
+        assert rows_a == _rl_rows(shared), name  # losses, grad norms, rewards, accuracies
+    # The rows trained copies: the shared pretrained critic is as it was.
+    assert all(torch.equal(p, q) for p, q in zip(critic, pre.state.value_model.parameters()))
+    # A row whose value pretraining differs cannot continue from it.
+    with pytest.raises(ValueError, match="same value-pretraining options"):
+        continue_run(pre, row_config(options, 0, "no_decoupled_gae", extra,
+                                     out_dir=str(tmp_path / "bad")), value_pretrained=True)
