@@ -104,6 +104,11 @@ def make_parser() -> argparse.ArgumentParser:
         if name == "value-probe":
             p.add_argument("--alternatives", type=_positive_int, default=None,
                            help="Candidate next steps ranked per boundary (1 correct + wrong ones).")
+            p.add_argument("--model-sizes", dest="model_sizes", type=_int_list, default=None,
+                           help="Hidden sizes of the built-in model, comma-separated (e.g. "
+                           "32,64,128): the whole run once per size, the value error compared "
+                           "across sizes; default: the preset's (tiny: none, quick: 32,64,128, "
+                           "full: 64,128,256), none with --model or -- --tiny_hidden_size N.")
         if name == "short-vs-long":
             p.add_argument("--lengths", type=_int_list, default=None,
                            help="Chain lengths (steps), comma-separated.")

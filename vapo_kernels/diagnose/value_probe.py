@@ -8,6 +8,10 @@ around the **cliff** (the first step whose partial sum is wrong: from there the 
 cannot be right), how much of the variance of the true value V explains, and how well V
 ranks alternative next steps (one correct, the others off by 1, 2, ... in the partial sum)
 compared with their Monte-Carlo values.
+
+``--model-sizes 32,64,...`` repeats the whole run (warm-up, value pretraining, RL stages;
+same seed, task, probed problems and trainer options) for each hidden size of the built-in
+model and compares the error by position across sizes (``value_error_by_size.png``).
 """
 
 from __future__ import annotations
@@ -29,12 +33,20 @@ from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot, response_
                      save_figure, token_count, train_in_stages, trainer_config, write_report,
                      write_results)
 
+# model_sizes: hidden sizes of the built-in model, one whole run each ([]: the trainer
+# config's model alone; a preset's sizes give way to the user's --model or
+# --tiny_hidden_size). Quick: 76 s + 83 s + 148 s for 32, 64 and 128 (one thread).
 PRESETS = {
-    "tiny": {"problems": 4, "samples": 4, "alternatives": 3, "rl_stages": [1]},
-    "quick": {"problems": 48, "samples": 32, "alternatives": 4, "rl_stages": [10, 20]},
-    "full": {"problems": 256, "samples": 256, "alternatives": 6, "rl_stages": [10, 20, 40]},
+    "tiny": {"problems": 4, "samples": 4, "alternatives": 3, "rl_stages": [1], "model_sizes": []},
+    "quick": {"problems": 48, "samples": 32, "alternatives": 4, "rl_stages": [10, 20],
+              "model_sizes": [32, 64, 128]},
+    "full": {"problems": 256, "samples": 256, "alternatives": 6, "rl_stages": [10, 20, 40],
+             "model_sizes": [64, 128, 256]},
 }
 CLIFF_WINDOW = 3  # boundaries shown on each side of the cliff
+# One torch thread, as the quick preset's wall was measured (small sequential steps; on a
+# 2-core machine the second thread waits more than it computes). ``-- --threads N`` wins.
+TRAINER_DEFAULTS = ["--threads", "1"]
 
 
 def boundaries(response: str) -> list[int]:
@@ -159,8 +171,49 @@ def summarize(probe: dict, samples: int) -> dict:
 
 
 def plot(results: dict, out_dir: str) -> list[str]:
+    """value_error.png and value_scatter.png per model (suffixed _hN in a size sweep), and
+    value_error_by_size.png comparing the sizes."""
+    models = results["models"]
+    if len(models) == 1:
+        return plot_stages(results["stages"], out_dir)
+    names = []
+    for m in models:
+        names += plot_stages(model_stages(results, m["label"]), out_dir, f"_h{m['hidden_size']}")
+    return names + [plot_sizes(results, out_dir)]
+
+
+def model_stages(results: dict, label: str) -> list[dict]:
+    return [s for s in results["stages"] if s["model"] == label]
+
+
+def plot_sizes(results: dict, out_dir: str) -> str:
+    """Per training stage (a column), the error of V by boundary position for each size."""
     plt = pyplot()
-    stages = results["stages"]
+    models = results["models"]
+    stage_names = [s["name"] for s in model_stages(results, models[0]["label"])]
+    fig, axes = plt.subplots(1, len(stage_names), figsize=(3.6 * len(stage_names), 3.6),
+                             squeeze=False, sharey=True)
+    colors = plt.cm.plasma(torch.linspace(0, 0.85, len(models)).tolist())
+    for ax, stage_name in zip(axes[0], stage_names):
+        for color, m in zip(colors, models):
+            stage = next(s for s in model_stages(results, m["label"]) if s["name"] == stage_name)
+            data = stage["summary"]["by_position"]
+            xs = sorted(data, key=float)
+            ax.plot([float(x) for x in xs], [data[x]["abs_error"] for x in xs], "o-",
+                    color=color, markersize=3, label=f"|V - MC| {m['label']}")
+            ax.plot([float(x) for x in xs], [data[x]["bias"] for x in xs], "--", color=color,
+                    linewidth=1, label=f"V - MC {m['label']}")
+        ax.axhline(0, color="gray", linewidth=0.5)
+        ax.set_title(stage_name, fontsize=9)
+        ax.set_xlabel("boundary (steps written)")
+    axes[0][0].set_ylabel("value error")
+    axes[0][-1].legend(fontsize=6)
+    fig.suptitle("value error by position, per model size", fontsize=10)
+    return save_figure(fig, out_dir, "value_error_by_size.png")
+
+
+def plot_stages(stages: list[dict], out_dir: str, suffix: str = "") -> list[str]:
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for key, ax, title, xlabel in (
             ("by_position", axes[0], "by step boundary", "boundary (steps written)"),
@@ -182,7 +235,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
         ax.set_xlabel(xlabel)
     axes[0].set_ylabel("value error")
     axes[1].legend(fontsize=6)
-    names = [save_figure(fig, out_dir, "value_error.png")]
+    names = [save_figure(fig, out_dir, f"value_error{suffix}.png")]
 
     fig, axes = plt.subplots(1, len(stages), figsize=(3.4 * len(stages), 3.4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
@@ -193,7 +246,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
                      fontsize=8)
         ax.set_xlabel("Monte-Carlo value")
     axes[0][0].set_ylabel("V(s)")
-    names.append(save_figure(fig, out_dir, "value_scatter.png"))
+    names.append(save_figure(fig, out_dir, f"value_scatter{suffix}.png"))
     return names
 
 
@@ -201,30 +254,90 @@ def _num(x, digits=2):
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def mean_abs_error(summary: dict) -> float:
+    return (sum(d["abs_error"] * d["count"] for d in summary["by_position"].values())
+            / max(1, summary["boundaries"]))
+
+
 def report(results: dict) -> list[str]:
-    stages = results["stages"]
+    models = results["models"]
     lines = [f"{results['problems']} sampled responses per stage, the value of every step "
              f"boundary estimated from K = {results['samples']} continuations (seed "
              f"{results['seed']}); ranking: {results['alternatives']} candidate next steps at a "
              "random boundary of each correct chain."]
-    table = ["| stage | held-out acc | boundaries | mean abs error | explained variance of the "
-             "true value | Spearman(V, MC) | MC noise variance | ranking: Spearman | "
-             "ranking: V picks the best step | random pick |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in stages:
+    if len(models) > 1:
+        lines.append("Model sizes (the built-in model; each a whole run with the same seed, "
+                     "trainer options and probed problems): " + ", ".join(
+                         f"{m['label']} ({m['parameters']:,} parameters, {m['wall_s']:.0f} s)"
+                         for m in models) + ".")
+    sweep = len(models) > 1
+    table = [f"| {'model | ' if sweep else ''}stage | held-out acc | boundaries | mean abs error | "
+             "explained variance of the true value | Spearman(V, MC) | MC noise variance | "
+             "ranking: Spearman | ranking: V picks the best step | random pick |",
+             "|---" * (10 + sweep) + "|"]
+    for s in results["stages"]:
         sm, rk = s["summary"], s["ranking"]
-        abs_err = sum(d["abs_error"] * d["count"] for d in sm["by_position"].values()) / max(1, sm["boundaries"])
-        table.append(f"| {s['name']} | {pct(s['heldout_accuracy'])} | {sm['boundaries']} | "
+        abs_err = mean_abs_error(sm)
+        table.append(f"| {s['model'] + ' | ' if sweep else ''}{s['name']} | "
+                     f"{pct(s['heldout_accuracy'])} | {sm['boundaries']} | "
                      f"{abs_err:.3f} | {_num(sm['explained_variance'])} | {_num(sm['spearman'])} | "
                      f"{sm['mc_noise_variance']:.4f} | {_num(rk['spearman_mean'])} "
                      f"({rk['groups_ranked']} groups) | {pct(rk['top1_agreement'])} "
                      f"({rk['groups_with_unique_best']}) | {pct(rk['random_top1'])} |")
     lines.append("\n".join(table))
+    if sweep:
+        lines += size_comparison(results)
+    for m in models:
+        lines += stage_findings(model_stages(results, m["label"]), m["label"] if sweep else "")
+    if not sweep:
+        lines.append("Model size is not varied: `--model-sizes 32,64,128` repeats the run for "
+                     "each hidden size of the built-in model and compares them.")
+    return lines
+
+
+def size_comparison(results: dict) -> list[str]:
+    """How the value error changes with model size, at each training stage. Each size's
+    critic is scored against its own policy, whose accuracy (and so the spread of the true
+    values) differs by size: explained variance and rank correlation are the comparable
+    numbers, the absolute error is put beside the true values' spread."""
+    models = results["models"]
+    per_stage: dict[str, list] = {}
+    for m in models:
+        for s in model_stages(results, m["label"]):
+            per_stage.setdefault(s["name"], []).append((m, s))
+    lines = []
+    for name, entries in per_stage.items():
+        cells = [f"{m['label']}: explained variance {_num(s['summary']['explained_variance'])}, "
+                 f"Spearman {_num(s['summary']['spearman'])}, mean |V - MC| "
+                 f"{mean_abs_error(s['summary']):.3f} (true values' sd "
+                 f"{s['summary']['mc_variance'] ** 0.5:.2f}, held-out accuracy "
+                 f"{pct(s['heldout_accuracy'])})" for m, s in entries]
+        lines.append(f"{name}: " + "; ".join(cells) + ".")
+    last = [(m, s["summary"]["explained_variance"]) for m, s in list(per_stage.values())[-1]]
+    by_size = [ev for _, ev in sorted(last, key=lambda e: e[0]["parameters"])]
+    if None not in by_size and len(by_size) > 1:
+        pairs = list(zip(by_size, by_size[1:]))
+        trend = ("rises with model size" if all(b > a for a, b in pairs) else
+                 "falls with model size" if all(b < a for a, b in pairs) else
+                 "is not monotone in model size")
+        lines.append(f"At the last stage the explained variance {trend} ("
+                     + ", ".join(f"{m['label']} {_num(ev)}" for m, ev in
+                                 sorted(last, key=lambda e: e[0]["parameters"])) + ").")
+    return ["By model size (value_error_by_size.png: error by position per size and stage; "
+            "each critic against its own policy's true values):\n\n"
+            + "\n".join(f"* {line}" for line in lines)]
+
+
+def stage_findings(stages: list[dict], label: str) -> list[str]:
+    """The sentences on one model's stages (``label``: the model's, in a size sweep)."""
+    lines = []
+    of = f", {label}" if label else ""
     first, last = stages[0]["summary"], stages[-1]["summary"]
     if last["explained_variance"] is not None:
         verdict = ("explains part of" if last["explained_variance"] > 0.1 else
                    "explains almost none of" if last["explained_variance"] > -0.1 else
                    "is worse than a constant at predicting")
-        lines.append(f"At the last stage ({stages[-1]['name']}) V {verdict} the variance of the "
+        lines.append(f"At the last stage ({stages[-1]['name']}{of}) V {verdict} the variance of the "
                      f"true prefix value (explained variance {last['explained_variance']:.2f}; "
                      f"at {stages[0]['name']}: {_num(first['explained_variance'])}).")
     cliff = last["by_cliff_offset"]
@@ -232,39 +345,29 @@ def report(results: dict) -> list[str]:
     after = [d for k, d in cliff.items() if int(k) >= 0]
     if before and after:
         mean = lambda ds, key: sum(d[key] * d["count"] for d in ds) / sum(d["count"] for d in ds)  # noqa: E731
-        lines.append(f"Around the cliff (last stage): before the wrong step the true value is "
+        lines.append(f"Around the cliff (last stage{of}): before the wrong step the true value is "
                      f"{mean(before, 'mc_value'):.2f} and V is off by {mean(before, 'bias'):+.2f} on "
                      f"average; after it the true value is {mean(after, 'mc_value'):.2f} and V is off "
                      f"by {mean(after, 'bias'):+.2f}.")
     rk = stages[-1]["ranking"]
     if rk["top1_agreement"] is not None:
         better = rk["top1_agreement"] > rk["random_top1"]
-        lines.append(f"Ranking next steps (last stage): V picks the step with the highest true "
+        lines.append(f"Ranking next steps (last stage{of}): V picks the step with the highest true "
                      f"value in {pct(rk['top1_agreement'])} of {rk['groups_with_unique_best']} "
                      f"boundaries, {'above' if better else 'not above'} the "
                      f"{pct(rk['random_top1'])} of a random pick.")
-    lines.append("Model size is not varied by the presets: rerun with `-- --tiny_hidden_size N "
-                 "--tiny_layers L` or `--model FOLDER` and compare the reports.")
     return lines
 
 
-def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
-    start = time.perf_counter()
-    out_dir, preset, seed = options["output_dir"], options["preset"], options["seed"]
-    sizes = preset_sizes(PRESETS, options)
-    os.makedirs(out_dir, exist_ok=True)
-    config = trainer_config(preset, seed, os.path.join(out_dir, "train"), extra_trainer_args,
-                            progress=options["progress"])
-    if sizes["alternatives"] < 2:
-        raise ConfigError("alternatives", f"need >= 2 candidate steps to rank, got {sizes['alternatives']}")
-    if sizes["alternatives"] > config.task.modulus:
-        raise ConfigError("alternatives", f"at most modulus={config.task.modulus} distinct "
-                          f"partial sums, got {sizes['alternatives']}")
-    stages = []
-    progress = tqdm(desc="value-probe stages", disable=not options["progress"])
+def probe_stages(config, sizes: dict, seed: int, label: str, progress: bool) -> tuple[list, int]:
+    """Train ``config`` in stages and probe its critic after each; returns the stages and
+    the policy's parameter count."""
+    stages, parameters = [], 0
+    bar = tqdm(desc=f"value-probe stages ({label})", disable=not progress)
     for name, run in train_in_stages(config, sizes["rl_stages"]):
         if run.task.name != "running_sum":
             raise ConfigError("task", "value-probe needs the running_sum task (its steps and cliffs)")
+        parameters = sum(p.numel() for p in run.state.policy.parameters())
         # The study's own sampling must not shift the trainer's random stream.
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
             torch.manual_seed(seed)
@@ -272,11 +375,59 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
             problems = run.task.sample(rng, sizes["problems"])  # the same problems at every stage
             probe = probe_boundaries(run, problems, sizes["samples"])
             ranking = rank_alternatives(run, problems, sizes["samples"], sizes["alternatives"], rng)
-        stages.append({"name": name, "heldout_accuracy": heldout_accuracy(run), "probe": probe,
-                       "summary": summarize(probe, sizes["samples"]), "ranking": ranking})
-        progress.update()
-    progress.close()
-    results = {"seed": seed, **sizes, "stages": stages}
+        stages.append({"name": name, "model": label, "heldout_accuracy": heldout_accuracy(run),
+                       "probe": probe, "summary": summarize(probe, sizes["samples"]),
+                       "ranking": ranking})
+        bar.update()
+    bar.close()
+    return stages, parameters
+
+
+def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
+    start = time.perf_counter()
+    out_dir, preset, seed = options["output_dir"], options["preset"], options["seed"]
+    sizes = preset_sizes(PRESETS, options)
+    os.makedirs(out_dir, exist_ok=True)
+    extra_trainer_args = [*TRAINER_DEFAULTS, *extra_trainer_args]
+    config = trainer_config(preset, seed, os.path.join(out_dir, "train"), extra_trainer_args,
+                            progress=options["progress"])
+    if sizes["alternatives"] < 2:
+        raise ConfigError("alternatives", f"need >= 2 candidate steps to rank, got {sizes['alternatives']}")
+    if sizes["alternatives"] > config.task.modulus:
+        raise ConfigError("alternatives", f"at most modulus={config.task.modulus} distinct "
+                          f"partial sums, got {sizes['alternatives']}")
+    m = config.model
+    hidden_sizes = list(dict.fromkeys(sizes["model_sizes"]))  # in order, once each
+    if m.model and options.get("model_sizes"):
+        raise ConfigError("model-sizes", "sizes the built-in model; not with --model FOLDER")
+    if not options.get("model_sizes") and (m.model or any(
+            a.split("=")[0].replace("-", "_") == "__tiny_hidden_size" for a in extra_trainer_args)):
+        hidden_sizes = []  # the preset's sweep gives way to the model the user chose
+    sizes["model_sizes"] = hidden_sizes
+    for n in hidden_sizes:
+        if n < 1 or n % m.tiny_heads:
+            raise ConfigError("model-sizes", f"hidden size {n} must be a positive multiple of "
+                              f"tiny_heads={m.tiny_heads} (set it with -- --tiny_heads H)")
+    models, stages = [], []
+    for n in hidden_sizes or [None]:
+        model_start = time.perf_counter()
+        if n is None:  # the trainer config's own model
+            run_config = config
+            label = (os.path.basename(m.model.rstrip("/")) if m.model
+                     else f"hidden {m.tiny_hidden_size}")
+        else:  # the size last on the trainer's command line wins over the user's
+            run_config = trainer_config(preset, seed, os.path.join(out_dir, f"train_h{n}"),
+                                        [*extra_trainer_args, "--tiny_hidden_size", str(n)],
+                                        progress=options["progress"])
+            label = f"hidden {n}"
+        probed, parameters = probe_stages(run_config, sizes, seed, label, options["progress"])
+        stages += probed
+        built_in = not m.model
+        models.append({"label": label,
+                       "hidden_size": run_config.model.tiny_hidden_size if built_in else None,
+                       "layers": m.tiny_layers if built_in else None, "parameters": parameters,
+                       "wall_s": time.perf_counter() - model_start})
+    results = {"seed": seed, **sizes, "models": models, "stages": stages}
     results["figures"] = plot(results, out_dir)
     write_results(out_dir, "value-probe", {**options, **sizes}, config, results,
                   time.perf_counter() - start)

@@ -1,0 +1,51 @@
+"""value-probe's model-size sweep (--model-sizes): one whole run per hidden size of the
+built-in model, compared in the JSON, the report and value_error_by_size.png."""
+
+from __future__ import annotations
+
+import json
+
+from vapo_kernels.diagnose import value_probe
+from vapo_kernels.diagnose.cli import main
+
+ARGS = ["--preset", "tiny", "--no-progress", "--rl-stages", "1", "--samples", "2"]
+
+
+def _run(tmp_path, name, *args):
+    out = tmp_path / name
+    assert main(["value-probe", *ARGS, "--output-dir", str(out), *args]) == 0
+    return json.loads((out / "results.json").read_text())["results"], (out / "report.md").read_text()
+
+
+def test_model_sizes_sweep(tmp_path):
+    sweep, report = _run(tmp_path, "sweep", "--model-sizes", "16,32")
+    assert sweep["model_sizes"] == [16, 32]
+    assert [(m["label"], m["hidden_size"]) for m in sweep["models"]] == [("hidden 16", 16),
+                                                                           ("hidden 32", 32)]
+    assert sweep["models"][0]["parameters"] < sweep["models"][1]["parameters"]
+    stages = {m["label"]: [s for s in sweep["stages"] if s["model"] == m["label"]]
+              for m in sweep["models"]}
+    assert [len(s) for s in stages.values()] == [3, 3]  # warm-up, value-pretrained, RL step 1
+    assert "value_error_by_size.png" in sweep["figures"]
+    assert (tmp_path / "sweep" / "value_error_by_size.png").stat().st_size > 1000
+    assert {"value_error_h16.png", "value_error_h32.png"} <= set(sweep["figures"])
+    assert "By model size" in report and "| model | stage |" in report
+    # Each size is the same run as without the sweep: the tiny preset's model is hidden 32.
+    alone, alone_report = _run(tmp_path, "alone")
+    assert alone["model_sizes"] == [] and [m["label"] for m in alone["models"]] == ["hidden 32"]
+    assert stages["hidden 32"] == alone["stages"]
+    assert "--model-sizes" in alone_report  # says how to vary the size
+
+
+def test_preset_sizes_give_way_to_the_users_model(tmp_path, monkeypatch):
+    monkeypatch.setitem(value_probe.PRESETS, "tiny", {**value_probe.PRESETS["tiny"],
+                                                      "model_sizes": [16, 32]})
+    results, _ = _run(tmp_path, "mine", "--", "--tiny_hidden_size", "16")
+    assert [m["label"] for m in results["models"]] == ["hidden 16"]
+
+
+def test_bad_model_sizes_name_the_option(tmp_path, capsys):
+    # The tiny preset's model has 2 heads: a hidden size must be a multiple of it.
+    code = main(["value-probe", *ARGS, "--output-dir", str(tmp_path / "x"), "--model-sizes", "16,33"])
+    assert code == 2
+    assert "--model-sizes" in capsys.readouterr().err
