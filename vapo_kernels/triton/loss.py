@@ -43,6 +43,7 @@ logits -> loss sums and d loss / d logits in one launch, see :func:`logits_loss`
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -513,7 +514,14 @@ def _token_loss_kernel(
 
 
 def _scalar_params(params, dtype, device, temperature=1.0) -> torch.Tensor:
-    """The _K_* scalars: derived in float64, rounded once to ``dtype``."""
+    """The _K_* scalars: derived in float64, rounded once to ``dtype``. Cached per options,
+    dtype and device (kernels only read them): no host-to-device copy per call, which a
+    CUDA graph would replay from a freed host buffer."""
+    return _scalar_params_cached(tuple(params), dtype, torch.device(device), float(temperature))
+
+
+@functools.lru_cache(maxsize=64)
+def _scalar_params_cached(params, dtype, device, temperature) -> torch.Tensor:
     k = [0.0] * _NUM_K
     k[_K_LO], k[_K_HI] = 1.0 - params[L.P_CLIP_LOW], 1.0 + params[L.P_CLIP_HIGH]
     k[_K_DUAL], k[_K_CLAMP] = params[L.P_DUAL_CLIP], params[L.P_RATIO_CLAMP]
@@ -522,10 +530,7 @@ def _scalar_params(params, dtype, device, temperature=1.0) -> torch.Tensor:
     k[_K_LM], k[_K_TAU] = params[L.P_LM_COEF], float(temperature)
     k[_K_ROLLOUT_UPPER] = params[L.P_ROLLOUT_IS_UPPER]
     k[_K_ROLLOUT_LOWER] = params[L.P_ROLLOUT_IS_LOWER]
-    k_t = torch.tensor(k, dtype=torch.float64).to(dtype)
-    if device.type == "cuda":  # pinned + non_blocking: no wait on the stream
-        k_t = k_t.pin_memory().to(device, non_blocking=True)
-    return k_t
+    return torch.tensor(k, dtype=torch.float64).to(dtype).to(device)
 
 
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
