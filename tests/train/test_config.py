@@ -80,12 +80,16 @@ def _tokenizer_without_pad(folder):
         (["--loss_agg", "mean"], "--loss_agg"),
         (["--config", "/nonexistent.yaml"], "--config"),
         ("no_pad", "--model"),
+        # the held-out set would take all 2 problems: training draws would never end
+        (["--modulus", "2", "--min_steps", "1", "--max_steps", "1", "--output_dir", "OUT"],
+         "--eval-size"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_option(argv, option, tmp_path, capsys):
     if argv == "no_pad":
         argv = ["--model", str(_tokenizer_without_pad(tmp_path / "m")),
                 "--output_dir", str(tmp_path / "run")]
+    argv = [str(tmp_path / "run") if a == "OUT" else a for a in argv]
     try:
         code = main(argv)
     except SystemExit as exit_:  # argparse's own errors (type, choices)

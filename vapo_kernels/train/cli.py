@@ -44,10 +44,13 @@ def build_task(config: TrainConfig) -> Task:
     t, seed = config.task, config.run.seed
     kind, _, arg = t.task.partition(":")
     if kind == "running_sum":
-        return RunningSumTask(min_steps=t.min_steps, max_steps=t.max_steps, modulus=t.modulus,
-                              slip_prob=config.warmup.demo_slip_prob,
-                              demo_errors=config.warmup.demo_errors, heldout_size=t.eval_size,
-                              seed=seed)
+        try:
+            return RunningSumTask(min_steps=t.min_steps, max_steps=t.max_steps,
+                                  modulus=t.modulus, slip_prob=config.warmup.demo_slip_prob,
+                                  demo_errors=config.warmup.demo_errors,
+                                  heldout_size=t.eval_size, seed=seed)
+        except ValueError as error:  # a task too small for its held-out set
+            raise ConfigError("eval-size", str(error)) from None
     if kind == "jsonl":
         return JsonlTask(arg, verifier=t.verifier, heldout_size=t.eval_size,
                          max_response_tokens=t.max_new_tokens or 256)

@@ -86,6 +86,14 @@ class RunningSumTask:
         # by construction of the seed, and checked in sample()).
         self._heldout = self.sample(random.Random(f"heldout-{seed}"), heldout_size)
         self._heldout_prompts = {p.prompt for p in self._heldout}
+        # Training draws skip held-out prompts: with none left, sample() would never end.
+        space = sum(modulus**k for k in range(min_steps, max_steps + 1))
+        if len(self._heldout_prompts) >= space:
+            raise ValueError(
+                f"the held-out set ({heldout_size} draws) covers all {space} problems of this "
+                f"task (modulus {modulus}, {min_steps}-{max_steps} steps), leaving none to "
+                "train on: lower eval_size or allow more steps / a larger modulus"
+            )
 
     def sample(self, rng: random.Random, count: int) -> list[Problem]:
         problems = []
