@@ -299,6 +299,17 @@ def test_big_batch_512_by_16k(poisoned):
 # Decoupled and length-adaptive GAE
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32, torch.float64])
+def test_length_adaptive_lambda_formula_and_input_untouched(dtype):
+    lengths = torch.tensor([0, 1, 5, 19, 20, 21, 100, 4096, 10**6]).to(dtype)
+    kept = lengths.clone()
+    for alpha in (0.013, 0.05, 1.0):
+        scaled = (alpha * kept.to(torch.float64)).clamp(min=1.0)
+        expected = (1.0 - 1.0 / scaled).clamp(0.0, 1.0)
+        assert torch.equal(vk.length_adaptive_lambda(lengths, alpha), expected)
+    assert torch.equal(lengths, kept)  # computed in place on a copy, never on the counts
+
+
 @pytest.mark.parametrize("backend", ON_CPU)
 def test_length_adaptive_lambda(backend):
     # Valid lengths 0, 1, 20, 21, 300: alpha*l = 0, .05, 1, 1.05, 15.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -37,9 +37,9 @@ def validation_enabled() -> bool:
     return _validate_data
 
 
-@dataclass(frozen=True)
-class Layout:
-    """What the token tensors look like: ``padded`` (B, T) or ``packed`` (N,) + offsets."""
+class Layout(NamedTuple):
+    """What the token tensors look like: ``padded`` (B, T) or ``packed`` (N,) + offsets.
+    (A NamedTuple: made on every op call, ~1 us cheaper than a frozen dataclass.)"""
 
     packed: bool
     num_seqs: int
@@ -177,7 +177,9 @@ def offsets(layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, 
     padded layout's offsets are cached per shape and device (kernels only read them)."""
     if layout.packed:
         return cu_seqlens.to(torch.int64).contiguous()  # kernels index it as a flat array
-    return _padded_offsets(shape[0], shape[1], torch.device(device))
+    if not isinstance(device, torch.device):
+        device = torch.device(device)
+    return _padded_offsets(shape[0], shape[1], device)
 
 
 @functools.lru_cache(maxsize=64)
