@@ -40,7 +40,9 @@ struct LossFromGradients : public torch::autograd::Function<LossFromGradients> {
     ctx->save_for_backward(shaped);
     ctx->saved_data["dtypes"] = dtypes;
     ctx->saved_data["op"] = op;
-    return loss;
+    // Not `loss` itself: an input returned as an output comes back as a view, and a view
+    // made this way refuses in-place ops (`loss /= accumulation_steps`).
+    return loss.detach();
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {

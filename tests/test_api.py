@@ -240,6 +240,39 @@ def test_eager_loss_backward_is_the_cpp_node_and_only_reaches_what_needs_a_gradi
     assert x.grad is not None and values.grad is None
 
 
+@pytest.mark.parametrize("path", ["node", "function"])
+def test_loss_takes_in_place_ops_like_any_tensor(monkeypatch, path):
+    # `loss /= accumulation_steps` is how trainers scale a micro-batch's loss.
+    if path == "function":
+        _python_autograd_function(monkeypatch)
+    rewards, _, mask, logp, old = _batch(5)
+    grads = []
+    for scale_in_place in (False, True):
+        x = logp.clone().requires_grad_()
+        loss, _ = vk.policy_loss(x, old, rewards, mask)
+        if scale_in_place:
+            loss /= 4
+        else:
+            loss = loss / 4
+        loss.backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_loss_with_grad_only_on_an_input_without_a_gradient_matches_the_function(monkeypatch):
+    # advantages that require grad (not detached): no gradient flows to them, and the loss
+    # behaves on both eager paths as through the dispatcher.
+    rewards, _, mask, logp, old = _batch(6)
+    adv = rewards.clone().requires_grad_()
+    outs = []
+    for node in (True, False):
+        if not node:
+            _python_autograd_function(monkeypatch)
+        loss, _ = vk.policy_loss(logp, old, adv, mask)
+        outs.append((loss.requires_grad, loss.detach()))
+    assert outs[0][0] == outs[1][0] and torch.equal(outs[0][1], outs[1][1])
+
+
 def test_traced_calls_go_through_the_dispatcher():
     # Under a fake tensor mode the implementation cannot run (it reads data): the call
     # must reach the op's fake kernel.

@@ -308,6 +308,10 @@ def test_length_adaptive_lambda_formula_and_input_untouched(dtype):
         expected = (1.0 - 1.0 / scaled).clamp(0.0, 1.0)
         assert torch.equal(vk.length_adaptive_lambda(lengths, alpha), expected)
     assert torch.equal(lengths, kept)  # computed in place on a copy, never on the counts
+    if dtype.is_floating_point:  # a differentiable input keeps working with autograd
+        x = kept.clone().requires_grad_()
+        vk.length_adaptive_lambda(x, 0.05).sum().backward()
+        assert x.grad is not None
 
 
 @pytest.mark.parametrize("backend", ON_CPU)

@@ -149,14 +149,14 @@ class Op:
         return out
 
     def _call_with_loss_node(self, a: NamedTuple):
+        wanted = [(a[field], output) for field, output in self.gradient_outputs
+                  if a[field] is not None and a[field].requires_grad]
+        if not wanted:  # only inputs without a gradient require grad: as the Function does
+            return self.function.apply(*a)
         with torch.no_grad():  # the kernels' own gradients are the backward: no graph here
             out = self.impl(a)
-        inputs, grads = [], []
-        for field, output in self.gradient_outputs:
-            t = a[field]
-            if t is not None and t.requires_grad:
-                inputs.append(t)
-                grads.append(out[output])
+        inputs = [t for t, _ in wanted]
+        grads = [out[output] for _, output in wanted]
         return (_loss_node()(out[0], inputs, grads, self.name), *out[1:])
 
     def grads(self, **by_name) -> tuple:

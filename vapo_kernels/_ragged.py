@@ -17,11 +17,12 @@ They can be switched off for production runs with ``VAPO_VALIDATE=0`` or
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple
 
 import torch
+
+from . import _device_cache
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _validate_data = os.environ.get("VAPO_VALIDATE", "1") not in ("0", "false", "False")
@@ -179,19 +180,13 @@ def offsets(layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, 
         return cu_seqlens.to(torch.int64).contiguous()  # kernels index it as a flat array
     if not isinstance(device, torch.device):
         device = torch.device(device)
-    return _padded_offsets(shape[0], shape[1], device)
+    return _device_cache.padded_offsets(shape[0], shape[1], device)
 
 
-@functools.lru_cache(maxsize=64)
 def constant(size: int, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A cached ``torch.full((size,), value)`` for kernels' read-only per-sequence
     parameters (a scalar lambda as a per-sequence vector): one call less per op call."""
-    return torch.full((size,), value, dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=64)
-def _padded_offsets(batch: int, length: int, device: torch.device) -> torch.Tensor:
-    return torch.arange(batch + 1, dtype=torch.int64, device=device) * length
+    return _device_cache.full(size, value, dtype, device)
 
 
 def flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

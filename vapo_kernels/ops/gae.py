@@ -256,10 +256,12 @@ def length_adaptive_lambda(valid_tokens: Tensor, alpha: float) -> Tensor:
     ``clamp(1 - 1 / clamp(alpha * l, min=1), 0, 1)``: sequences with alpha*l <= 1
     (including empty ones) get lambda = 0 instead of a negative or infinite value.
     """
-    # In place after the first op (one allocation: this runs on every decoupled call).
-    # alpha * l >= 1 after the clamp, so 1 - 1/(alpha l) already lies in [0, 1).
-    scaled = (valid_tokens.to(torch.float64) * alpha).clamp_(min=1.0)  # never the input
-    return scaled.reciprocal_().neg_().add_(1.0)
+    scaled = valid_tokens.to(torch.float64) * alpha  # a copy: never the counts passed in
+    if scaled.requires_grad:  # out of place: autograd needs each step's result
+        return (1.0 - 1.0 / scaled.clamp(min=1.0)).clamp(0.0, 1.0)
+    # In place (one allocation: this runs on every decoupled call). alpha * l >= 1 after
+    # the clamp, so 1 - 1/(alpha l) already lies in [0, 1): the outer clamp is a no-op.
+    return scaled.clamp_(min=1.0).reciprocal_().neg_().add_(1.0)
 
 
 def decoupled_gae(

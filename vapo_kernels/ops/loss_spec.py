@@ -79,6 +79,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .. import _device_cache
 from .. import _loss_layout as L
 
 AGG_MODES = (
@@ -596,7 +597,6 @@ def loss_total(sums: Tensor, params: Sequence[float]) -> Tensor:
     return torch.dot(sums[L.S_PG : L.S_LM + 1], coefs)
 
 
-@functools.lru_cache(maxsize=64)
 def _term_coefficients(params: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
     coefs = [1.0, 0.0, 0.0, 0.0, 0.0]
     for slot, coef in (
@@ -606,7 +606,7 @@ def _term_coefficients(params: tuple, dtype: torch.dtype, device: torch.device) 
         (L.S_LM, params[L.P_LM_COEF]),
     ):
         coefs[slot - L.S_PG] = coef
-    return torch.tensor(coefs, dtype=dtype, device=device)
+    return _device_cache.values(tuple(coefs), dtype, device)
 
 
 # verl's explained-variance guard: 1 - var(R - v) / (var(R) + 1e-5), unbiased variances.

@@ -53,6 +53,7 @@ import triton.language as tl
 
 # The params / sums slots, by name (L.S_PG, ...; Triton reads a module's integer
 # attributes as compile-time constants). A leaf: kernels never import the op layer.
+from .. import _device_cache
 from .. import _loss_layout as L
 from . import logprobs as _lp
 from .logprobs import _keep_row, _row_backward, _row_forward, _row_zero
@@ -514,23 +515,36 @@ def _token_loss_kernel(
 
 
 def _scalar_params(params, dtype, device, temperature=1.0) -> torch.Tensor:
-    """The _K_* scalars: derived in float64, rounded once to ``dtype``. Cached per options,
-    dtype and device (kernels only read them): no host-to-device copy per call, which a
-    CUDA graph would replay from a freed host buffer."""
-    return _scalar_params_cached(tuple(params), dtype, torch.device(device), float(temperature))
+    """The _K_* scalars: derived in float64, rounded once to ``dtype``, cached per options,
+    dtype and device (kernels only read them): no host-to-device copy per call."""
+    return _device_cache.values(_scalar_values(tuple(params), float(temperature)), dtype,
+                                torch.device(device))
 
 
-@functools.lru_cache(maxsize=64)
-def _scalar_params_cached(params, dtype, device, temperature) -> torch.Tensor:
+@functools.lru_cache(maxsize=256)
+def _scalar_values(params: tuple, temperature: float) -> tuple:
     k = [0.0] * _NUM_K
     k[_K_LO], k[_K_HI] = 1.0 - params[L.P_CLIP_LOW], 1.0 + params[L.P_CLIP_HIGH]
     k[_K_DUAL], k[_K_CLAMP] = params[L.P_DUAL_CLIP], params[L.P_RATIO_CLAMP]
     k[_K_VEPS], k[_K_VF] = params[L.P_VALUE_CLIP], params[L.P_VF_COEF]
     k[_K_KL], k[_K_ENT] = params[L.P_KL_COEF], params[L.P_ENTROPY_COEF]
-    k[_K_LM], k[_K_TAU] = params[L.P_LM_COEF], float(temperature)
+    k[_K_LM], k[_K_TAU] = params[L.P_LM_COEF], temperature
     k[_K_ROLLOUT_UPPER] = params[L.P_ROLLOUT_IS_UPPER]
     k[_K_ROLLOUT_LOWER] = params[L.P_ROLLOUT_IS_LOWER]
-    return torch.tensor(k, dtype=torch.float64).to(dtype).to(device)
+    return tuple(k)
+
+
+def _empty_sums(dtype, device, rollout: int) -> torch.Tensor:
+    """The sums of a call without tokens: 0, with +inf / -inf in the min / max slots.
+    Slices, not integer indices: ``t[i] = x`` copies from a host scalar (a device sync on
+    CUDA, refused in a CUDA graph), ``t[i:i + 1].fill_(x)`` launches a fill."""
+    sums = torch.zeros(L.NUM_SUMS, dtype=dtype, device=device)
+    slots = [(L.S_RATIO_MIN, math.inf), (L.S_RATIO_MAX, -math.inf)]
+    if rollout:
+        slots += [(L.S_ROLLOUT_IS_MIN, math.inf), (L.S_ROLLOUT_IS_MAX, -math.inf)]
+    for slot, value in slots:
+        sums[slot : slot + 1].fill_(value)
+    return sums
 
 
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -670,11 +684,6 @@ def token_loss(
             "rollout log-probs in is_weights"
         )
 
-    sums = torch.zeros(L.NUM_SUMS, dtype=out_dtype, device=device)
-    sums[L.S_RATIO_MIN], sums[L.S_RATIO_MAX] = float("inf"), -float("inf")
-    if rollout:
-        sums[L.S_ROLLOUT_IS_MIN], sums[L.S_ROLLOUT_IS_MAX] = float("inf"), -float("inf")
-
     def grad_buffer(src, present_term):
         # A fresh tensor per output: the op must not return aliased tensors.
         size = n if (need_grad and src is not None and present_term) else 0
@@ -684,7 +693,7 @@ def token_loss(
     g_values = grad_buffer(values, value_mode != _V_NONE)
     g_entropy = grad_buffer(entropy, True)
     if n == 0:
-        return sums, g_logp, g_values, g_entropy
+        return _empty_sums(out_dtype, device, rollout), g_logp, g_values, g_entropy
 
     if block is None:
         block = INTERPRET_BLOCK if _interpreting() else GPU_BLOCK
@@ -1014,11 +1023,7 @@ def logits_loss(
                 raise ValueError("out must be logits itself or not overlap it")
 
     if n == 0:  # a 0-program grid is invalid
-        sums = torch.zeros(L.NUM_SUMS, dtype=acc, device=device)
-        sums[L.S_RATIO_MIN], sums[L.S_RATIO_MAX] = math.inf, -math.inf
-        if rollout:
-            sums[L.S_ROLLOUT_IS_MIN], sums[L.S_ROLLOUT_IS_MAX] = math.inf, -math.inf
-        return sums
+        return _empty_sums(acc, device, rollout)
 
     block, num_warps = _lp._launch_params(
         vocab, block_v, gpu_block_v=LOGITS_GPU_BLOCK_V,
