@@ -89,6 +89,7 @@ def test_bad_config_is_one_line_naming_the_option(argv, option, tmp_path, capsys
     if argv == "no_pad":
         argv = ["--model", str(_tokenizer_without_pad(tmp_path / "m")),
                 "--output_dir", str(tmp_path / "run")]
+    writes_run = "OUT" in argv
     argv = [str(tmp_path / "run") if a == "OUT" else a for a in argv]
     try:
         code = main(argv)
@@ -99,6 +100,8 @@ def test_bad_config_is_one_line_naming_the_option(argv, option, tmp_path, capsys
     assert len(err.splitlines()) == 1, err
     assert err.startswith("vapo-train: error:") and option in err, err
     assert "Traceback" not in err
+    if writes_run:  # a task refused before its run folder is made
+        assert not (tmp_path / "run").exists()
 
 
 def test_yaml_with_unknown_key_names_it(tmp_path, capsys):

@@ -158,6 +158,7 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
         raise ConfigError("logprobs-from" if config.model.logprobs_from == "hidden" else
                           "supervised-baseline" if run.supervised_baseline else "kl-coef",
                           "not supported with several processes yet")
+    task = build_task(config)  # before the run folder: a bad task leaves no folder behind
     run_dir = _run_dir(config, dp)
     info = checkpoint.find_resume(run_dir, run.resume)
     if info is not None:
@@ -171,7 +172,6 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
             say(f"--resume auto: no complete checkpoint in {run_dir}; starting fresh")
     dp.barrier()
 
-    task = build_task(config)
     policy, tokenizer = build_policy(config, task)
     policy.to(device).train()
     params = sum(p.numel() for p in policy.parameters())
