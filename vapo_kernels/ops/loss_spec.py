@@ -598,6 +598,11 @@ def loss_total(sums: Tensor, params: Sequence[float]) -> Tensor:
 
 
 def _term_coefficients(params: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return _device_cache.values(_coefficient_values(params), dtype, device)
+
+
+@functools.lru_cache(maxsize=256)
+def _coefficient_values(params: tuple) -> tuple[float, ...]:
     coefs = [1.0, 0.0, 0.0, 0.0, 0.0]
     for slot, coef in (
         (L.S_VF, params[L.P_VF_COEF]),
@@ -606,7 +611,7 @@ def _term_coefficients(params: tuple, dtype: torch.dtype, device: torch.device) 
         (L.S_LM, params[L.P_LM_COEF]),
     ):
         coefs[slot - L.S_PG] = coef
-    return _device_cache.values(tuple(coefs), dtype, device)
+    return tuple(coefs)
 
 
 # verl's explained-variance guard: 1 - var(R - v) / (var(R) + 1e-5), unbiased variances.
