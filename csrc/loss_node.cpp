@@ -19,25 +19,25 @@ using torch::autograd::variable_list;
 
 struct LossFromGradients : public torch::autograd::Function<LossFromGradients> {
   // inputs[i]: a differentiable input of the loss; grads[i]: d loss / d inputs[i] as the
-  // kernel wrote it (flat, in the kernel's output dtype; an empty (0,) tensor when the
-  // forward ran without gradients). Both lists count as inputs of the node, so backward
+  // op returns it (in the input's shape, in the kernel's output dtype; an empty (0,)
+  // tensor when the forward ran without gradients). Both lists count as inputs of the node, so backward
   // returns 1 + 2 * inputs.size() gradients (+ 1 for the op name).
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& loss, at::TensorList inputs,
                             at::TensorList grads, const std::string& op) {
     TORCH_CHECK(inputs.size() == grads.size(), op, ": ", inputs.size(), " inputs but ",
                 grads.size(), " gradients");
-    std::vector<at::Tensor> shaped;
+    std::vector<at::Tensor> saved;
     std::vector<int64_t> dtypes;
-    shaped.reserve(grads.size());
+    saved.reserve(grads.size());
     dtypes.reserve(grads.size());
     for (size_t i = 0; i < grads.size(); ++i) {
-      // A gradient of another size (none was computed: the forward ran with need_grad
+      // A gradient of another shape (none was computed: the forward ran with need_grad
       // off) is saved as undefined: backward names the problem if autograd asks for it.
-      const bool fits = grads[i].numel() == inputs[i].numel();
-      shaped.push_back(fits ? grads[i].view(inputs[i].sizes()) : at::Tensor());
+      const bool fits = grads[i].sizes() == inputs[i].sizes();
+      saved.push_back(fits ? grads[i] : at::Tensor());
       dtypes.push_back(static_cast<int64_t>(inputs[i].scalar_type()));
     }
-    ctx->save_for_backward(shaped);
+    ctx->save_for_backward(saved);
     ctx->saved_data["dtypes"] = dtypes;
     ctx->saved_data["op"] = op;
     // Not `loss` itself: an input returned as an output comes back as a view, and a view

@@ -183,12 +183,6 @@ def offsets(layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, 
     return _device_cache.padded_offsets(shape[0], shape[1], device)
 
 
-# A cached torch.full((size,), value) for kernels' read-only per-sequence parameters (a
-# scalar lambda as a per-sequence vector): one op less per call. An alias, not a wrapper:
-# a Python call layer costs ~0.3 us, and gae takes two of these per call.
-constant = _device_cache.full
-
-
 def flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` as a contiguous 1-D tensor of ``dtype`` (no op where it already is one)."""
     if t.dtype != dtype:

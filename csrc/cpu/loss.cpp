@@ -171,6 +171,15 @@ template <typename V>
 VAPO_INLINE V in_range(V x, V lo, V hi, V one, V zero) {
   return ((x >= lo) & (x <= hi)) ? one : zero;
 }
+// Folds a tile's lane-wise running min / max into a chunk's lane extremes.
+template <typename T, int W>
+VAPO_INLINE void flush_extremes(T* lane_min, T* lane_max, const Vec<T, W>& lo,
+                                const Vec<T, W>& hi) {
+  for (int k = 0; k < W; ++k) {
+    lane_min[k] = t_min(lane_min[k], lo[k]);
+    lane_max[k] = t_max(lane_max[k], hi[k]);
+  }
+}
 // Gradient of max(a, b) from those of a and b: a tie splits evenly.
 template <typename V>
 VAPO_INLINE V tie_split(V a, V b, V ga, V gb, V half) {
@@ -316,10 +325,7 @@ VAPO_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>
   flush<T, W>(acc.lanes[S_NEG_LOG_RATIO], s_nlr);
   flush<T, W>(acc.lanes[S_K3], s_k3);
   flush<T, W>(acc.lanes[S_RATIO_SUM], s_ratio);
-  for (int l = 0; l < W; ++l) {
-    acc.ratio_min[l] = t_min(acc.ratio_min[l], r_min[l]);
-    acc.ratio_max[l] = t_max(acc.ratio_max[l], r_max[l]);
-  }
+  flush_extremes<T, W>(acc.ratio_min, acc.ratio_max, r_min, r_max);
 }
 
 // The rollout correction: b.isw holds the rollout log-probs on entry and the weights the
@@ -369,10 +375,7 @@ VAPO_INLINE void rollout_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T
   flush<T, W>(acc.lanes[S_ROLLOUT_IS_OUT], s_out);
   flush<T, W>(acc.lanes[S_ROLLOUT_KL], s_kl);
   flush<T, W>(acc.lanes[S_ROLLOUT_K3], s_k3);
-  for (int l = 0; l < W; ++l) {
-    acc.rollout_min[l] = t_min(acc.rollout_min[l], w_min[l]);
-    acc.rollout_max[l] = t_max(acc.rollout_max[l], w_max[l]);
-  }
+  flush_extremes<T, W>(acc.rollout_min, acc.rollout_max, w_min, w_max);
 }
 
 template <typename T, int W, ValueForm kForm>

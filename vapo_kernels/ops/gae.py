@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .. import _backends, _ragged
+from .. import _backends, _device_cache, _ragged
 from .._library import Op, mark_outputs_constant, no_gradient
 from .whiten import masked_whiten
 
@@ -185,7 +185,7 @@ def _coefficients(lam: Tensor | None, scalar: float, gamma: float, name: str, nu
     """gamma * lambda per sequence, in float64 first and then rounded once (what
     ``gamma * lam * A`` does in the peers); a scalar lambda costs one op."""
     if lam is None:
-        return _ragged.constant(num_seqs, gamma * scalar, dtype, device)
+        return _device_cache.full(num_seqs, gamma * scalar, dtype, device)
     if _ragged.validation_enabled() and lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError(f"{name} must lie in [0, 1] for every sequence")
     return (gamma * lam.to(torch.float64)).to(dtype).contiguous()

@@ -126,7 +126,6 @@ def _max(a, b):
     return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
-
 @triton.jit
 def _policy(lp, olp, adv, lo, hi, dual_c, clamp, HAS_DUAL: tl.constexpr):
     """pg, d pg / d logp, clip_low, clip_high, dual flags, log_ratio, ratio."""
@@ -704,12 +703,12 @@ def token_loss(
                                   ref_logp, entropy, is_weights)]
     dummy = next(t for t in tensors if t is not None)  # never read where its flag is off
     tensors = [dummy if t is None else t for t in tensors]
+    # Shapes, dtypes and devices are checked above: only layout and width conversions.
     if mask is not None:
-        mask = mask.reshape(-1)
-        mask = (mask if mask.dtype == torch.bool else mask != 0).contiguous()
-    offsets = offsets.to(device=device, dtype=torch.int64).contiguous()
-    seq_weight = seq_weight.to(device=device, dtype=out_dtype).contiguous()
-    lm_w = lm_weight.to(device=device, dtype=out_dtype).contiguous() if has_lm else seq_weight
+        mask = mask.contiguous()
+    offsets = offsets.to(torch.int64).contiguous()
+    seq_weight = seq_weight.to(out_dtype).contiguous()
+    lm_w = lm_weight.to(out_dtype).contiguous() if has_lm else seq_weight
 
     k_t = _scalar_params(params, out_dtype, device)
 
