@@ -39,3 +39,13 @@ def _poisoned():
 def poisoned():
     """``with poisoned(): ...`` - session-scoped so hypothesis tests can use it per example."""
     return _poisoned
+
+
+@pytest.fixture(scope="session")
+def extension_built():
+    """The C++ extension builds. Kernel modules use it: on CI a broken build must fail
+    loudly, not silently drop the cpp backend or test only the fallback."""
+    from vapo_kernels import _backends
+
+    err = _backends.extension_error()
+    assert err is None, err

@@ -82,6 +82,11 @@ def backend_cases(family: str, table: dict) -> list:
     return params
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' compute and output dtype for inputs of ``dtype`` (the contract)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def random_sequence_weights(
     num_seqs: int, gen: torch.Generator, some_zero: bool
 ) -> torch.Tensor:

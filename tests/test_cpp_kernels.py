@@ -23,10 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _extension_must_build():
-    err = _backends.extension_error()
-    assert err is None, err
+pytestmark = pytest.mark.usefixtures("extension_built")  # on CI a broken C++ build fails loudly
 
 
 def ext():

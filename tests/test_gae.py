@@ -37,11 +37,7 @@ ON_CPU = vk.available_backends("gae", "cpu")
 TRITON_BLOCK = 16  # tokens per Triton chunk in these tests (the interpreter's default is 32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _extension_must_build():
-    # On CI a broken C++ build must fail loudly, not silently test the fallback.
-    err = _backends.extension_error()
-    assert err is None, err
+pytestmark = pytest.mark.usefixtures("extension_built")  # on CI a broken C++ build fails loudly
 
 
 @contextlib.contextmanager

@@ -37,7 +37,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vapo_kernels as vk
-from vapo_kernels import _backends
 from vapo_kernels import _loss_layout as layout
 from vapo_kernels._loss_layout import NUM_SUMS
 from vapo_kernels.ops import loss_spec
@@ -47,7 +46,7 @@ from vapo_kernels.ops.token_logprobs import reference_forward
 
 import _dominant as dominant
 from strategies import (
-    GARBAGE, backend_cases, backend_params, bits, examples, interpreted, kernel_of,
+    GARBAGE, acc_dtype, backend_cases, backend_params, bits, examples, interpreted, kernel_of,
     random_lm_weights, random_sequence_weights,
 )
 
@@ -75,18 +74,13 @@ MARGIN = 2e-3
 
 # The Triton interpreter evaluates lanes that a kernel then discards with numpy, which
 # warns; the outputs themselves are checked.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.usefixtures("extension_built"),  # on CI a broken C++ build fails loudly
+]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _extension_must_build():
-    # On CI a broken C++ build must fail loudly, not silently drop the cpp backend.
-    err = _backends.extension_error()
-    assert err is None, err
 
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def grid(x: torch.Tensor) -> torch.Tensor:

@@ -25,13 +25,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vapo_kernels as vk
-from vapo_kernels import _backends
 from vapo_kernels.ops.token_logprobs import reference_backward, reference_forward, token_logprobs
 from vapo_kernels.triton import logprobs as triton_logprobs
 
 import _dominant as dominant
 from strategies import (
-    GARBAGE, backend_cases, backend_params, examples, interpreted, kernel_of,
+    GARBAGE, acc_dtype, backend_cases, backend_params, examples, interpreted, kernel_of,
 )
 
 BACKENDS = backend_params("logprobs")
@@ -41,11 +40,7 @@ ON_GPU = [p for p in BACKENDS if p.values[1] == "cuda"]
 ON_CPU = vk.available_backends("logprobs", "cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _extension_must_build():
-    # On CI a broken C++ build must fail loudly, not silently drop the cpp backend.
-    err = _backends.extension_error()
-    assert err is None, err
+pytestmark = pytest.mark.usefixtures("extension_built")  # on CI a broken C++ build fails loudly
 
 
 @pytest.fixture(autouse=True)
@@ -301,9 +296,6 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 ACC_RTOL = {torch.float32: 1e-6, torch.float64: 1e-13}
 # Half an ulp of the output format, relative (gradients are stored in the logits' dtype).
 
-
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @contextlib.contextmanager

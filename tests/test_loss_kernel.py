@@ -38,14 +38,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vapo_kernels as vk
-from vapo_kernels import _backends
 from vapo_kernels import _loss_layout as layout
 from vapo_kernels._loss_layout import NUM_SUMS
 from vapo_kernels.ops import loss_spec
 from vapo_kernels.ops.loss_spec import reference_kernel
 
 from strategies import (
-    GARBAGE, MASK_KINDS, backend_cases, backend_params, examples, interpreted, kernel_of,
+    GARBAGE, acc_dtype, MASK_KINDS, backend_cases, backend_params, examples, interpreted, kernel_of,
     make_mask, random_lm_weights, random_sequence_weights, repeats,
 )
 
@@ -70,18 +69,13 @@ ARGS = (
 
 # The Triton interpreter evaluates lanes that a kernel then discards (a fully masked
 # sequence's 0 / 0) with numpy, which warns; the outputs themselves are checked.
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.usefixtures("extension_built"),  # on CI a broken C++ build fails loudly
+]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _extension_must_build():
-    # On CI a broken C++ build must fail loudly, not silently drop the cpp backend.
-    err = _backends.extension_error()
-    assert err is None, err
 
-
-def out_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def cpu(t):
@@ -215,7 +209,7 @@ def separate_from_bounds(x, params, dtype):
     """old_logp := logp (ratio 1) and ref := logp (diff 0) where a ratio or a k3
     estimator is within 1e-5 of a bound it is compared with, so float32 and float64
     take the same branch. Returns new dtype tensors."""
-    out = out_dtype(dtype)
+    out = acc_dtype(dtype)
     lp, olp, ref = x["logp"], x["old_logp"], x["ref_logp"]
     if olp is not None:
         raw = lp.double() - olp.double()
@@ -314,7 +308,7 @@ def build(case, device="cpu"):
         junk = torch.tensor(case["garbage"], dtype=dtype)
         x = {k: None if t is None else torch.where(mask, t, junk) for k, t in x.items()}
 
-    out = out_dtype(dtype)
+    out = acc_dtype(dtype)
     if case["weights"] == "uniform":
         seq_weight = torch.full((num_seqs,), 1.0 / max(1, n), dtype=torch.float64)
     elif case["weights"] == "agg":
@@ -401,7 +395,7 @@ def scales(x, mask, offsets, sw, lmw, params):
 
 def assert_sums_match(got, exp, scale, dtype, what=""):
     got = got.detach().cpu().double()
-    rtol = RTOL[out_dtype(dtype)]
+    rtol = RTOL[acc_dtype(dtype)]
     for i in COUNT_SUMS:
         assert got[i] == exp[i], f"{what} sum {i}: {got[i].item()} != {exp[i].item()}"
     for i in (layout.S_RATIO_MIN, layout.S_RATIO_MAX):
@@ -423,7 +417,7 @@ def assert_sums_match(got, exp, scale, dtype, what=""):
 def assert_grad_match(got, exp, scale, dtype, what):
     got = got.detach().cpu().double()
     assert got.shape == exp.shape, what
-    tol = RTOL[out_dtype(dtype)] * (scale + exp.abs()) + 1e-300
+    tol = RTOL[acc_dtype(dtype)] * (scale + exp.abs()) + 1e-300
     err = (got - exp).abs()
     bad = ~(err <= tol)
     assert not bad.any(), (
@@ -441,12 +435,12 @@ def check_against_reference(got, x, mask, offsets, sw, lmw, params, need_grad, d
                     scales(x, mask, offsets, sw, lmw, params))
     exp, (s_scale, g_scales) = expected
     sums, *grads = got
-    assert sums.dtype == out_dtype(dtype) and sums.shape == (NUM_SUMS,)
+    assert sums.dtype == acc_dtype(dtype) and sums.shape == (NUM_SUMS,)
     assert sums.device.type == device
     assert_sums_match(sums, exp[0], s_scale, dtype)
     names = ("grad_logp", "grad_values", "grad_entropy")
     for name, g, e, sc in zip(names, grads, exp[1:], g_scales):
-        assert g.dtype == out_dtype(dtype), name
+        assert g.dtype == acc_dtype(dtype), name
         assert g.device.type == device, name
         if e.numel() == 0:
             assert g.shape == (0,), name
@@ -617,7 +611,7 @@ def test_empty_and_all_masked(lengths, dtype, backend, device, poisoned):
     """No token, or none valid (NaN in every slot): zero sums, +-inf ratio bounds, zero
     gradients; without need_grad, and for absent inputs, empty (0,) gradients."""
     n = sum(lengths)
-    od = out_dtype(dtype)
+    od = acc_dtype(dtype)
     x = torch.full((n,), math.nan, device=device).to(dtype)
     mask = torch.zeros(n, dtype=torch.bool, device=device)
     offsets = torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()],
@@ -1012,9 +1006,9 @@ def test_public_wrappers_match_reference(backend, device, poisoned):
         with poisoned(), triton_blocks(backend, 16):
             got = call_wrapper(case, x, mask, cu, positive, backend, device, dtype)
         exp = call_wrapper(case, x, mask, cu, positive, "reference", "cpu", torch.float64)
-        rtol = RTOL[out_dtype(dtype)] * 10
+        rtol = RTOL[acc_dtype(dtype)] * 10
         (loss, metrics, grads), (e_loss, e_metrics, e_grads) = got, exp
-        assert loss.dtype == out_dtype(dtype) and loss.device.type == device
+        assert loss.dtype == acc_dtype(dtype) and loss.device.type == device
         scale = 1 + abs(e_loss.item()) + sum(g.abs().sum().item() for g in e_grads)
         assert abs(loss.item() - e_loss.item()) <= rtol * scale, (loss.item(), e_loss.item())
         assert metrics.keys() == e_metrics.keys()
@@ -1063,7 +1057,7 @@ def _big_gpu_case(lengths, dtype, seed=0):
     params = loss_spec.loss_params(
         dual_clip=3.0, value_clip=0.2, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01, lm_coef=0.1
     )
-    return x, mask, offsets, sw.to(out_dtype(dtype)), lmw.to(out_dtype(dtype)), params
+    return x, mask, offsets, sw.to(acc_dtype(dtype)), lmw.to(acc_dtype(dtype)), params
 
 
 @pytest.mark.gpu
