@@ -87,6 +87,18 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def assert_compiled_matches_eager(fn, x: torch.Tensor) -> None:
+    """``fn(x) -> (loss, metric)`` under ``torch.compile(fullgraph=True)`` gives the eager
+    outputs and the eager gradient of the loss with respect to ``x``."""
+    x_eager, x_compiled = x.clone().requires_grad_(), x.clone().requires_grad_()
+    eager = fn(x_eager)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x_compiled)
+    torch.testing.assert_close(compiled, eager)
+    eager[0].backward()
+    compiled[0].backward()
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+
+
 def random_sequence_weights(
     num_seqs: int, gen: torch.Generator, some_zero: bool
 ) -> torch.Tensor:

@@ -22,7 +22,7 @@ import vapo_kernels as vk
 from vapo_kernels import _loss_layout as layout
 from vapo_kernels.ops import loss_spec
 
-from strategies import cu_seqlens, examples, ragged_lengths
+from strategies import assert_compiled_matches_eager, cu_seqlens, examples, ragged_lengths
 
 F64 = torch.float64
 # Every check that runs a loss op runs it under each backend the registry reports.
@@ -611,14 +611,7 @@ def test_torch_compile_fullgraph():
         loss, m = vk.policy_loss(lp, old, adv, mask, dual_clip=3.0, backend="reference")
         return loss, m["clipfrac"]
 
-    lp1 = logp.clone().requires_grad_()
-    lp2 = logp.clone().requires_grad_()
-    eager = fn(lp1)
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(lp2)
-    torch.testing.assert_close(compiled, eager)
-    eager[0].backward()
-    compiled[0].backward()
-    torch.testing.assert_close(lp2.grad, lp1.grad)
+    assert_compiled_matches_eager(fn, logp)
 
 
 @pytest.mark.parametrize("backend", ON_CPU)

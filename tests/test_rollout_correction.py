@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from strategies import (
     GARBAGE,
     MASK_KINDS,
+    assert_compiled_matches_eager,
     backend_params,
     cu_seqlens,
     examples,
@@ -396,13 +397,7 @@ def test_opcheck_and_torch_compile():
                                  backend="reference")
         return loss, m["rollout_is_masked_frac"]
 
-    lp1, lp2 = x["logp"].clone().requires_grad_(), x["logp"].clone().requires_grad_()
-    eager_out = fn(lp1)
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(lp2)
-    torch.testing.assert_close(compiled, eager_out)
-    eager_out[0].backward()
-    compiled[0].backward()
-    torch.testing.assert_close(lp2.grad, lp1.grad)
+    assert_compiled_matches_eager(fn, x["logp"])
 
 
 # --------------------------------------------------------------------------------------
