@@ -99,6 +99,19 @@ def assert_compiled_matches_eager(fn, x: torch.Tensor) -> None:
     torch.testing.assert_close(x_compiled.grad, x_eager.grad)
 
 
+def rows_beyond_int32(vocab: int) -> torch.Tensor:
+    """A (3, vocab) fp16 CPU view with a row stride of 2^30 + 64: row 2 starts 2^31 + 128
+    elements into its 4 GiB buffer, past int32, although the stride itself fits. The
+    buffer is only reserved: a test touching a few rows costs a few pages. Skips the test
+    where that address space cannot be reserved."""
+    stride = 2**30 + 64
+    try:
+        buf = torch.empty(2 * stride + vocab, dtype=torch.float16)
+    except RuntimeError:
+        pytest.skip("cannot reserve 4 GiB of address space")
+    return buf.as_strided((3, vocab), (stride, 1))
+
+
 def random_sequence_weights(
     num_seqs: int, gen: torch.Generator, some_zero: bool
 ) -> torch.Tensor:
