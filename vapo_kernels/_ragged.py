@@ -173,13 +173,13 @@ def as_bool_mask(mask: torch.Tensor | None, name: str = "mask") -> torch.Tensor 
     return keep
 
 
-def offsets(layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+def offsets(
+    layout: Layout, shape: torch.Size, cu_seqlens: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
     """int64 sequence offsets into the flattened token tensor, for either layout. The
     padded layout's offsets are cached per shape and device (kernels only read them)."""
     if layout.packed:
         return cu_seqlens.to(torch.int64).contiguous()  # kernels index it as a flat array
-    if not isinstance(device, torch.device):
-        device = torch.device(device)
     return _device_cache.padded_offsets(shape[0], shape[1], device)
 
 
