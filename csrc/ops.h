@@ -42,9 +42,9 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
                             const std::optional<at::Tensor>& valid, const at::Tensor& stats,
                             const at::Tensor& entropy, double temperature, at::Tensor out);
 
-// Fused PPO / VAPO token loss: (sums, grad_logp, grad_values, grad_entropy)
+// Fused PPO / VAPO token loss: (loss, sums, grad_logp, grad_values, grad_entropy)
 // (vapo_kernels/ops/loss_spec.py, reference_kernel). Absent terms' tensors are None.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
     const std::optional<at::Tensor>& logp, const std::optional<at::Tensor>& old_logp,
     const std::optional<at::Tensor>& advantages, const std::optional<at::Tensor>& values,
     const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns,

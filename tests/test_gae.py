@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import vapo_kernels as vk
 from strategies import (
-    GARBAGE, MASK_KINDS, backend_params, cu_seqlens, examples, ragged_lengths, ragged_mask,
-    to_packed, to_padded,
+    GARBAGE, MASK_KINDS, backend_params, cu_seqlens, examples, kernel_of, ragged_lengths,
+    ragged_mask, to_packed, to_padded,
 )
 from vapo_kernels import _backends
 from vapo_kernels.ops.gae import reference_kernel
@@ -234,6 +234,24 @@ def test_skip_semantics_by_hand(backend):
     z0 = 1.0 + 0.5 * 0.0 - 0.5 + 0.5 * z1
     torch.testing.assert_close(adv, torch.tensor([[z0, z1, z2, 0.0]]))
     torch.testing.assert_close(ret, torch.tensor([[z0 + 0.5, z1, z2 + 0.25, 0.0]]))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_kernel_takes_any_shape(backend, device):
+    """The gae kernels take rewards, values and mask in any shape (the tokens in memory
+    order, as the offsets count them) and return the outputs in it: a (B, T) call is the
+    (B*T,) call, bit for bit, reshaped."""
+    gen = torch.Generator().manual_seed(5)
+    b, t = 3, 9
+    r, v = (torch.randn(b, t, generator=gen).to(device) for _ in range(2))
+    m = (torch.rand(b, t, generator=gen) < 0.7).to(device)
+    offs = (torch.arange(b + 1) * t).to(device)
+    coef = torch.full((b,), 0.9, device=device)
+    kernel = kernel_of("gae", backend, device)
+    two = kernel(r, v, m, offs, coef, coef * 0.5, 0.99, True)
+    one = kernel(r.reshape(-1), v.reshape(-1), m.reshape(-1), offs, coef, coef * 0.5, 0.99, True)
+    for a, b_ in zip(two, one):
+        assert a.shape == (b, t) and torch.equal(a.reshape(-1), b_)
 
 
 # The Python-loop reference is the spec, not meant for 100k-token scans; the interpreted

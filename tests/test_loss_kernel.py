@@ -39,7 +39,7 @@ from hypothesis import strategies as st
 
 import vapo_kernels as vk
 from vapo_kernels import _loss_layout as layout
-from vapo_kernels._loss_layout import NUM_SUMS
+from vapo_kernels._loss_layout import NUM_SUMS, loss_total
 from vapo_kernels.ops import loss_spec
 from vapo_kernels.ops.loss_spec import reference_kernel
 
@@ -100,19 +100,31 @@ def triton_blocks(backend, block):
         tloss.INTERPRET_BLOCK, tloss.GPU_BLOCK = was
 
 
+def without_loss(out, params):
+    """``(sums, *grads)`` of a kernel's ``(loss, sums, *grads)``, after checking its loss:
+    exactly the layout's loss_total of its own sums (one definition, in every backend)."""
+    loss, sums, *grads = out
+    want = loss_total(sums, params)
+    assert loss.shape == () and loss.dtype == sums.dtype
+    assert torch.equal(loss, want) or (loss.isnan().item() and want.isnan().item()), (loss, want)
+    return (sums, *grads)
+
+
 def run_kernel(backend, device, x, mask, offsets, sw, lmw, params, need_grad, block=None):
-    """The backend's token_loss kernel on the contract's inputs (on ``device``)."""
+    """The backend's token_loss kernel on the contract's inputs (on ``device``):
+    ``(sums, *grads)``, its loss checked by :func:`without_loss`."""
     kernel = kernel_of("token_loss", backend, device)
     with triton_blocks(backend, block):
-        return kernel(*(x[k] for k in ARGS), mask, offsets, sw, lmw, params, need_grad)
+        out = kernel(*(x[k] for k in ARGS), mask, offsets, sw, lmw, params, need_grad)
+    return without_loss(out, params)
 
 
 def run_reference64(x, mask, offsets, sw, lmw, params, need_grad):
     """The spec in float64 on CPU (inputs upcast exactly; weights as the kernel sees them)."""
-    return reference_kernel(
+    return without_loss(reference_kernel(
         *(cpu(x[k]) for k in ARGS), None if mask is None else mask.cpu(), offsets.cpu(),
         cpu(sw), cpu(lmw), params, need_grad,
-    )
+    ), params)
 
 
 # --------------------------------------------------------------------------------------
@@ -560,8 +572,11 @@ def _by_hand(kernel, device):
     )
 
 
-def _assert_by_hand(sums, g_lp, g_v, g_e):
-    sums, g_lp, g_v, g_e = (v.cpu() for v in (sums, g_lp, g_v, g_e))
+def _assert_by_hand(loss, sums, g_lp, g_v, g_e):
+    loss, sums, g_lp, g_v, g_e = (v.cpu() for v in (loss, sums, g_lp, g_v, g_e))
+    # pg + vf_coef vf + kl_coef kl - entropy_coef H + lm_coef lm, the sums below
+    want = 2.0 * -2.0 * 1.28 + 0.5 * 1.0 + 0.3 * 0.0 - 0.1 * 1.4 + 0.2 * 4.0
+    assert loss.item() == pytest.approx(want, rel=1e-15)
     ratio = math.exp(0.5)  # > 1.28: clipped, pg = -A * 1.28, no gradient
     assert sums[layout.S_PG].item() == pytest.approx(2.0 * -2.0 * 1.28, rel=1e-15)
     assert sums[layout.S_CLIP_HIGH].item() == 1 and sums[layout.S_CLIP_LOW].item() == 0
@@ -622,7 +637,9 @@ def test_empty_and_all_masked(lengths, dtype, backend, device, poisoned):
     ))
     kernel = kernel_of("token_loss", backend, device)
     with poisoned():
-        sums, *grads = kernel(x, x, x, x, x, x, x, x, x, mask, offsets, seq_w, seq_w, params, True)
+        sums, *grads = without_loss(
+            kernel(x, x, x, x, x, x, x, x, x, mask, offsets, seq_w, seq_w, params, True), params
+        )
     want = torch.zeros(NUM_SUMS, dtype=od)
     want[layout.S_RATIO_MIN], want[layout.S_RATIO_MAX] = math.inf, -math.inf
     assert sums.dtype == od and torch.equal(sums.cpu(), want)
@@ -630,10 +647,10 @@ def test_empty_and_all_masked(lengths, dtype, backend, device, poisoned):
         assert g.dtype == od and torch.equal(g.cpu(), torch.zeros(n, dtype=od))
     # need_grad=False and absent inputs: empty (0,) gradients
     v = torch.randn(n).to(dtype).to(device)
-    sums2, *grads = kernel(
+    sums2, *grads = without_loss(kernel(
         None, None, None, v, None, v, None, None, None, None, offsets, seq_w, None,
         loss_spec.loss_params(), False,
-    )
+    ), loss_spec.loss_params())
     assert all(g.shape == (0,) and g.dtype == od for g in grads)
     assert sums2[layout.S_TOKENS].item() == n
 
@@ -836,10 +853,10 @@ BAD_CALLS = {
         _both("at least one of logp, values or entropy"),
     ),
     "integer logp": ({"logp": torch.ones(6, dtype=torch.long)}, {"cpp": "logp must be float16"}),
-    "2-D logp": ({"logp": torch.randn(2, 3)}, {"cpp": "logp must be a contiguous 1-D"}),
-    "strided logp": ({"logp": torch.randn(12)[::2]}, {"cpp": "logp must be a contiguous 1-D"}),
+    "2-D logp, 1-D rest": ({"logp": torch.randn(2, 3)}, {"cpp": "old_logp has shape \\[6\\] but logp"}),
+    "strided logp": ({"logp": torch.randn(12)[::2]}, {"cpp": "logp must be contiguous"}),
     "mixed dtypes": ({"old_logp": torch.randn(6, dtype=torch.float64)}, {"cpp": "old_logp has dtype"}),
-    "short advantages": ({"advantages": torch.randn(5)}, {"cpp": "advantages has 5 tokens"}),
+    "short advantages": ({"advantages": torch.randn(5)}, {"cpp": "advantages has shape \\[5\\]"}),
     "policy without old_logp": (
         {"old_logp": None},
         _both("policy term .* needs logp and old_logp", "policy term needs logp, old_logp"),
@@ -1076,7 +1093,7 @@ def test_gpu_default_plan_matches_float64_reference(lengths, dtype, backend, dev
     x, mask, offsets, sw, lmw, params = _big_gpu_case(lengths, dtype)
     got = run_kernel(backend, device, x, mask, offsets, sw, lmw, params, True)
     x64 = (x[k].double() for k in ARGS)
-    exp = reference_kernel(*x64, mask, offsets, sw.double(), lmw.double(), params, True)
+    exp = without_loss(reference_kernel(*x64, mask, offsets, sw.double(), lmw.double(), params, True), params)
     sums, *grads = got
     # Not gridded: a token within float32 rounding of a clip bound may take the other
     # branch; the counts may differ by a handful, the sums by that much of one token.
@@ -1117,3 +1134,29 @@ def test_gpu_indices_beyond_int32(backend, device):
     assert abs(sums[layout.S_ENTROPY].item() - exp) <= 1e-6 * exp
     assert sums[layout.S_TOKENS].item() == float(n)
     assert (g_h[first - 5 : first] == -1.0).all() and (g_h[first:] == -0.5).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_any_shape_is_the_flat_call(backend, device):
+    """The kernels take token tensors of any shape (the tokens in memory order, as the
+    offsets count them) and return the gradients in that shape: a padded (B, T) call is
+    the (B*T,) call, bit for bit, reshaped - so the op passes its users' tensors as they
+    are, with no view per input and output."""
+    gen = torch.Generator().manual_seed(11)
+    b, t = 3, 7
+    x = {k: torch.randn(b, t, generator=gen) for k in ARGS[:8]}
+    x["logp"], x["old_logp"], x["ref_logp"] = (-x[k].abs() for k in ("logp", "old_logp", "ref_logp"))
+    x["is_weights"] = None
+    mask = torch.rand(b, t, generator=gen) < 0.7
+    offsets = torch.arange(b + 1) * t
+    sw, lmw = torch.rand(b, generator=gen), torch.rand(b, generator=gen)
+    params = loss_spec.loss_params(value_clip=0.2, kl_kind="k3", kl_coef=0.1, entropy_coef=0.01,
+                                   lm_coef=0.1)
+    on = [v.to(device) for v in (mask, offsets, sw, lmw)]
+    x2 = {k: None if v is None else v.to(device) for k, v in x.items()}
+    x1 = {k: None if v is None else v.reshape(-1) for k, v in x2.items()}
+    sums2, *grads2 = run_kernel(backend, device, x2, *on, params, True)
+    sums1, *grads1 = run_kernel(backend, device, x1, on[0].reshape(-1), *on[1:], params, True)
+    assert torch.equal(sums2, sums1)
+    for g2, g1 in zip(grads2, grads1):
+        assert g2.shape == (b, t) and torch.equal(g2.reshape(-1), g1)

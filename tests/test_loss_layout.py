@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import torch
+
 from vapo_kernels import _loss_layout as layout
 from vapo_kernels._backends import csrc_dir
 
@@ -39,9 +41,30 @@ def test_kl_codes_are_the_kernels_kinds():
 
 
 def test_layout_module_is_a_leaf():
+    # Kernels import it: it may import torch and the package's other leaf (the device
+    # cache, which imports only torch), nothing else.
     tree = ast.parse(Path(layout.__file__).read_text())
-    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
-    assert all(isinstance(n, ast.ImportFrom) and n.module == "__future__" for n in imports)
+    imported = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            imported |= {a.name for a in n.names}
+        elif isinstance(n, ast.ImportFrom):
+            imported |= {f"{'.' * n.level}{n.module or a.name}" for a in n.names}
+    assert imported <= {"__future__", "torch", "._device_cache"}, imported
+    cache = ast.parse((Path(layout.__file__).parent / "_device_cache.py").read_text())
+    cache_imports = {a.name for n in ast.walk(cache) if isinstance(n, (ast.Import, ast.ImportFrom))
+                     for a in n.names}
+    assert cache_imports <= {"annotations", "functools", "torch"}, cache_imports
+
+
+def test_loss_is_the_terms_times_their_coefficients():
+    params = [0.0] * layout.NUM_PARAMS
+    params[layout.P_VF_COEF], params[layout.P_KL_COEF] = 0.5, 0.25
+    params[layout.P_ENTROPY_COEF], params[layout.P_LM_COEF] = 0.125, 2.0
+    sums = torch.arange(1.0, layout.NUM_SUMS + 1, dtype=torch.float64)
+    want = 1.0 * 1 + 0.5 * 2 + 0.25 * 3 - 0.125 * 4 + 2.0 * 5  # the metric slots never enter
+    assert layout.loss_total(sums, params).item() == want
+    assert layout.loss_total(sums.float(), params).dtype == torch.float32
 
 
 def test_triton_kernels_do_not_import_the_op_layer():

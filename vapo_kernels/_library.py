@@ -153,8 +153,13 @@ class Op:
                   if a[field] is not None and a[field].requires_grad]
         if not wanted:  # only inputs without a gradient require grad: as the Function does
             return self.function.apply(*a)
-        with torch.no_grad():  # the kernels' own gradients are the backward: no graph here
+        # The kernels' own gradients are the backward: no graph here. (The guard itself,
+        # not torch.no_grad(): that context manager costs ~4 us per call.)
+        torch._C._set_grad_enabled(False)
+        try:
             out = self.impl(a)
+        finally:
+            torch._C._set_grad_enabled(True)  # only reached with grad mode on
         inputs = [t for t, _ in wanted]
         grads = [out[output] for _, output in wanted]
         return (_loss_node()(out[0], inputs, grads, self.name), *out[1:])

@@ -11,10 +11,14 @@ options as one ``params`` vector (floats, ``P_*`` slots) and returns one ``sums`
   from this module; ``python -m vapo_kernels.build --write-layout`` rewrites it and a
   test fails when the committed header differs.
 
-A leaf: it imports nothing from the package, so kernels can import it.
+A leaf: it imports only torch and the leaf ``_device_cache``, so kernels can import it.
 """
 
 from __future__ import annotations
+
+import torch
+
+from . import _device_cache
 
 # ``params``: the options of one call.
 P_CLIP_LOW = 0  # eps_low: the ratio's lower bound is 1 - eps_low
@@ -70,6 +74,34 @@ S_ROLLOUT_KL = 24  # sum of rollout_logp - old_logp (the clamped log-ratio, nega
 S_ROLLOUT_K3 = 25  # sum of expm1(d) - d, d = old_logp - rollout_logp clamped
 NUM_SUMS = 26
 
+# The loss from the sums: sum over the terms of sign * coefficient * sums[slot], where the
+# coefficient is params[param] (1 for the policy term, which has none). A term whose
+# coefficient is 0 still enters (0 * NaN = NaN keeps the NaN screen of its input); the
+# metric slots, which hold +-inf for empty batches, never do.
+LOSS_TERMS = (  # (sum slot, params slot or -1, sign)
+    (S_PG, -1, 1),
+    (S_VF, P_VF_COEF, 1),
+    (S_KL, P_KL_COEF, 1),
+    (S_ENTROPY, P_ENTROPY_COEF, -1),
+    (S_LM, P_LM_COEF, 1),
+)
+
+
+def term_coefficients(params) -> tuple[float, ...]:
+    """The coefficient of each of LOSS_TERMS' sums (slots S_PG..S_LM, in order)."""
+    return tuple(sign * (1.0 if param < 0 else params[param]) for _, param, sign in LOSS_TERMS)
+
+
+def loss_total(sums: torch.Tensor, params) -> torch.Tensor:
+    """The 0-d loss of the kernel contract from ``sums``: LOSS_TERMS added in float64, in
+    slot order, from the sums as rounded to their dtype, then rounded once - the C++
+    kernels' loss_from_sums, bit for bit (a cumsum adds in order; a dot product need not).
+    The coefficients are a cached device tensor: no host-to-device copy, so no sync."""
+    coefs = _device_cache.values(term_coefficients(params), torch.float64, sums.device)
+    total = (sums[S_PG : S_LM + 1].double() * coefs).cumsum(0)[-1]
+    return total.to(sums.dtype, copy=True)  # its own storage, not a view into the cumsum
+
+
 # KL estimator codes of P_KL_KIND; a trailing "+" on a kind sets P_KL_STRAIGHT.
 KL_CODES = {"k1": 1, "kl": 1, "abs": 2, "k2": 3, "mse": 3, "k3": 4, "low_var_kl": 4}
 
@@ -97,5 +129,17 @@ def cpp_header() -> str:
         "",
     ]
     lines += [f"constexpr int {name} = {value};" for name, value in constants().items()]
+    lines += [
+        "",
+        "// LOSS_TERMS: loss = sum_k TERM_SIGN[k] * coefficient_k * sums[TERM_SUM[k]], where",
+        "// coefficient_k = params[TERM_PARAM[k]], or 1 where TERM_PARAM[k] < 0.",
+        f"constexpr int NUM_TERMS = {len(LOSS_TERMS)};",
+        "constexpr int TERM_SUM[NUM_TERMS] = {"
+        + ", ".join(str(slot) for slot, _, _ in LOSS_TERMS) + "};",
+        "constexpr int TERM_PARAM[NUM_TERMS] = {"
+        + ", ".join(str(param) for _, param, _ in LOSS_TERMS) + "};",
+        "constexpr double TERM_SIGN[NUM_TERMS] = {"
+        + ", ".join(f"{sign:.1f}" for _, _, sign in LOSS_TERMS) + "};",
+    ]
     lines += ["", "}  // namespace vapo", ""]
     return "\n".join(lines)

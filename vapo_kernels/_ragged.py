@@ -183,11 +183,13 @@ def offsets(
     return _device_cache.padded_offsets(shape[0], shape[1], device)
 
 
-def flat(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` as a contiguous 1-D tensor of ``dtype`` (no op where it already is one)."""
+def dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` contiguous and of ``dtype``, in its shape: what the kernels read (they take
+    any shape and count tokens in memory order). ``t`` itself where it already is: a
+    view or a call per input costs as much as a small kernel."""
     if t.dtype != dtype:
         t = t.to(dtype)
-    return t.reshape(-1).contiguous()
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def pack_to_padded(x: torch.Tensor, cu_seqlens: torch.Tensor, fill=0) -> torch.Tensor:

@@ -169,9 +169,9 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
     bool skip_masked) {
   // The Python op validates everything; these checks guard direct callers of the binding.
   TORCH_CHECK(rewards.device().is_cpu() && values.device().is_cpu(), "gae_scan_cpu: CPU tensors");
-  TORCH_CHECK(rewards.dim() == 1 && rewards.is_contiguous() && values.is_contiguous() &&
+  TORCH_CHECK(rewards.is_contiguous() && values.is_contiguous() &&
                   rewards.sizes() == values.sizes() && rewards.dtype() == values.dtype(),
-              "gae_scan_cpu: rewards and values must be contiguous 1-D tensors of one dtype");
+              "gae_scan_cpu: rewards and values must be contiguous tensors of one shape and dtype");
   TORCH_CHECK(offsets.dtype() == at::kLong && offsets.dim() == 1 && offsets.size(0) >= 1 &&
                   offsets.is_contiguous(),
               "gae_scan_cpu: offsets must be a contiguous int64 tensor of S + 1 entries");
@@ -184,8 +184,8 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
   const bool* mask_ptr = nullptr;
   if (mask.has_value()) {
     TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() &&
-                    mask->numel() == rewards.numel(),
-                "gae_scan_cpu: mask must be a contiguous bool tensor like rewards");
+                    mask->sizes() == rewards.sizes(),
+                "gae_scan_cpu: mask must be a contiguous bool tensor of rewards' shape");
     mask_ptr = mask->data_ptr<bool>();
   }
   {

@@ -760,7 +760,8 @@ Config<T> make_config(const std::vector<double>& params, bool has_logp, bool pol
 
 constexpr const char* kFn = "token_loss_cpu";
 
-// A token tensor: None, or a contiguous 1-D float CPU tensor of the common dtype and length.
+// A token tensor: None, or a contiguous float CPU tensor of the common dtype and shape (any
+// shape: the tokens are its elements in memory order, as the offsets count them).
 const at::Tensor* check_token(const char* name, const std::optional<at::Tensor>& t,
                               const at::Tensor*& first, const char*& first_name) {
   if (!t.has_value()) return nullptr;
@@ -768,16 +769,15 @@ const at::Tensor* check_token(const char* name, const std::optional<at::Tensor>&
   const auto dt = t->scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
               kFn, ": ", name, " must be float16, bfloat16, float32 or float64, got ", dt);
-  TORCH_CHECK(t->dim() == 1 && t->is_contiguous(), kFn, ": ", name,
-              " must be a contiguous 1-D (N,) tensor, got shape ", t->sizes());
+  TORCH_CHECK(t->is_contiguous(), kFn, ": ", name, " must be contiguous");
   if (first == nullptr) {
     first = &*t;
     first_name = name;
   } else {
     TORCH_CHECK(dt == first->scalar_type(), kFn, ": ", name, " has dtype ", dt, " but ",
                 first_name, " has ", first->scalar_type(), " (token tensors share one dtype)");
-    TORCH_CHECK(t->size(0) == first->size(0), kFn, ": ", name, " has ", t->size(0),
-                " tokens but ", first_name, " has ", first->size(0));
+    TORCH_CHECK(t->sizes() == first->sizes(), kFn, ": ", name, " has shape ", t->sizes(),
+                " but ", first_name, " has ", first->sizes());
   }
   return &*t;
 }
@@ -797,7 +797,7 @@ const scalar_t* ptr(const at::Tensor* t) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
     const std::optional<at::Tensor>& logp, const std::optional<at::Tensor>& old_logp,
     const std::optional<at::Tensor>& advantages, const std::optional<at::Tensor>& values,
     const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns,
@@ -823,16 +823,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
   const at::Tensor* t_isw = check_token("is_weights", is_weights, first, first_name);
   TORCH_CHECK(t_logp != nullptr || t_values != nullptr || t_entropy != nullptr, kFn,
               ": needs at least one of logp, values or entropy");
-  const int64_t n = first->size(0);
+  const int64_t n = first->numel();
   const auto in_dtype = first->scalar_type();
   const auto out_dtype = in_dtype == at::kDouble ? at::kDouble : at::kFloat;
 
   const uint8_t* mask_ptr = nullptr;
   if (mask.has_value()) {
-    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool && mask->dim() == 1 &&
-                    mask->size(0) == n && mask->is_contiguous(),
-                kFn, ": mask must be a contiguous bool (N,) CPU tensor, N = ", n, "; got shape ",
-                mask->sizes(), " and dtype ", mask->scalar_type());
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool &&
+                    mask->sizes() == first->sizes() && mask->is_contiguous(),
+                kFn, ": mask must be a contiguous bool CPU tensor of shape ", first->sizes(),
+                " (", first_name, "'s); got shape ", mask->sizes(), " and dtype ",
+                mask->scalar_type());
     mask_ptr = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
   }
   const int64_t* off = check_loss_offsets(kFn, offsets, n);
@@ -864,7 +865,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
               "the rollout log-probs in is_weights");
 
   auto grad_or_empty = [&](bool wanted) {
-    return wanted && need_grad ? empty_cpu_output({n}, out_dtype)
+    return wanted && need_grad ? empty_cpu_output(first->sizes(), out_dtype)
                                : at::empty({0}, at::TensorOptions().dtype(out_dtype));
   };
   at::Tensor g_logp = grad_or_empty(t_logp != nullptr);
@@ -912,7 +913,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_loss_cpu(
   });
 
   const at::Tensor sums = reduce_loss_sums(parts, out_dtype, rollout != 0);
-  return {sums, g_logp, g_values, g_entropy};
+  return {loss_from_sums(sums, params), sums, g_logp, g_values, g_entropy};
+}
+
+at::Tensor loss_from_sums(const at::Tensor& sums, const std::vector<double>& params) {
+  // In float64 from the rounded sums, like the reference's loss_total: the same bits.
+  double loss = 0;
+  for (int k = 0; k < NUM_TERMS; ++k) {
+    const double coef = TERM_PARAM[k] < 0 ? 1.0 : params[TERM_PARAM[k]];
+    const double sum = sums.scalar_type() == at::kDouble ? sums.data_ptr<double>()[TERM_SUM[k]]
+                                                         : sums.data_ptr<float>()[TERM_SUM[k]];
+    loss += TERM_SIGN[k] * coef * sum;
+  }
+  auto out = at::empty({}, at::TensorOptions().dtype(sums.scalar_type()));
+  if (sums.scalar_type() == at::kDouble) {
+    *out.data_ptr<double>() = loss;
+  } else {
+    *out.data_ptr<float>() = static_cast<float>(loss);
+  }
+  return out;
 }
 
 int rollout_level(const char* fn, const std::vector<double>& params) {

@@ -49,4 +49,11 @@ constexpr int S_ROLLOUT_KL = 24;
 constexpr int S_ROLLOUT_K3 = 25;
 constexpr int NUM_SUMS = 26;
 
+// LOSS_TERMS: loss = sum_k TERM_SIGN[k] * coefficient_k * sums[TERM_SUM[k]], where
+// coefficient_k = params[TERM_PARAM[k]], or 1 where TERM_PARAM[k] < 0.
+constexpr int NUM_TERMS = 5;
+constexpr int TERM_SUM[NUM_TERMS] = {0, 1, 2, 3, 4};
+constexpr int TERM_PARAM[NUM_TERMS] = {-1, 8, 9, 10, 11};
+constexpr double TERM_SIGN[NUM_TERMS] = {1.0, 1.0, 1.0, -1.0, 1.0};
+
 }  // namespace vapo

@@ -57,6 +57,10 @@ const int64_t* check_loss_offsets(const char* fn, const at::Tensor& offsets, int
 at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType dtype,
                             bool rollout);
 
+// The 0-d loss from the sums (LOSS_TERMS of loss_layout.h), in float64 from the sums as
+// rounded to their dtype, then rounded once: the bits of the reference's loss_total.
+at::Tensor loss_from_sums(const at::Tensor& sums, const std::vector<double>& params);
+
 // The rollout correction's level in params (0 off, 1 token, 2 sequence, 3 geometric),
 // checked (`fn` names the kernel in the error).
 int rollout_level(const char* fn, const std::vector<double>& params);

@@ -49,6 +49,12 @@ int threads_override() {
   return t;
 }
 
+void check_tokens(const at::Tensor& t, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "gae_scan_cuda: ", name, " is on ", t.device(),
+              " but rewards is on ", device);
+  TORCH_CHECK(t.is_contiguous(), "gae_scan_cuda: ", name, " must be contiguous");
+}
+
 void check_vector(const at::Tensor& t, const char* name, const at::Device& device) {
   TORCH_CHECK(t.device() == device, "gae_scan_cuda: ", name, " is on ", t.device(),
               " but rewards is on ", device);
@@ -69,8 +75,9 @@ std::tuple<at::Tensor, at::Tensor> vapo::gae_scan_cuda(
   TORCH_CHECK(rewards.is_cuda(), "gae_scan_cuda: rewards must be a CUDA tensor, got ",
               rewards.device());
   const at::Device device = rewards.device();
-  check_vector(rewards, "rewards", device);
-  check_vector(values, "values", device);
+  // The token tensors may have any shape (tokens in memory order); the rest are vectors.
+  check_tokens(rewards, "rewards", device);
+  check_tokens(values, "values", device);
   check_vector(offsets, "offsets", device);
   check_vector(coef_policy, "coef_policy", device);
   check_vector(coef_critic, "coef_critic", device);
@@ -79,8 +86,8 @@ std::tuple<at::Tensor, at::Tensor> vapo::gae_scan_cuda(
               rewards.scalar_type(), " and ", values.scalar_type());
   const int dtype = dtype_code(rewards.scalar_type());
   const int64_t n = rewards.numel();
-  TORCH_CHECK(values.numel() == n, "gae_scan_cuda: values has ", values.numel(),
-              " elements but rewards has ", n);
+  TORCH_CHECK(values.sizes() == rewards.sizes(), "gae_scan_cuda: values has shape ",
+              values.sizes(), " but rewards has ", rewards.sizes());
   TORCH_CHECK(offsets.scalar_type() == at::kLong, "gae_scan_cuda: offsets must be int64, got ",
               offsets.scalar_type());
   TORCH_CHECK(offsets.numel() >= 1, "gae_scan_cuda: offsets needs S + 1 >= 1 entries");
@@ -94,17 +101,17 @@ std::tuple<at::Tensor, at::Tensor> vapo::gae_scan_cuda(
   }
   const bool* mask_ptr = nullptr;
   if (mask.has_value()) {
-    check_vector(*mask, "mask", device);
+    check_tokens(*mask, "mask", device);
     TORCH_CHECK(mask->scalar_type() == at::kBool, "gae_scan_cuda: mask must be bool, got ",
                 mask->scalar_type());
-    TORCH_CHECK(mask->numel() == n, "gae_scan_cuda: mask has ", mask->numel(),
-                " elements but rewards has ", n);
+    TORCH_CHECK(mask->sizes() == rewards.sizes(), "gae_scan_cuda: mask has shape ",
+                mask->sizes(), " but rewards has ", rewards.sizes());
     mask_ptr = mask->data_ptr<bool>();
   }
 
   const c10::cuda::CUDAGuard guard(device);
-  at::Tensor adv = at::empty({n}, rewards.options().dtype(out_dtype));
-  at::Tensor ret = at::empty({n}, rewards.options().dtype(out_dtype));
+  at::Tensor adv = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
+  at::Tensor ret = at::empty(rewards.sizes(), rewards.options().dtype(out_dtype));
   if (n == 0 || num_seqs == 0) return {adv, ret};
 
   // Offsets are trusted here (the op checks them on the host unless VAPO_VALIDATE=0):

@@ -95,18 +95,21 @@ def reference_kernel(
 ) -> tuple[Tensor, Tensor]:
     """The kernel contract every backend implements.
 
-    rewards, values: (N,) contiguous, same float dtype. mask: (N,) bool or None (all
-    valid). offsets: (S+1,) int64, 0 = offsets[0] <= ... <= offsets[S] = N.
-    coef_policy, coef_critic: (S,) gamma*lambda per sequence, in the output dtype.
-    Returns (advantages, returns), (N,), float32 (float64 for float64 inputs).
+    rewards, values: contiguous, one shape (any: (B, T) padded or (N,) packed; the
+    tokens are their N elements in memory order) and one float dtype. mask: bool of that
+    shape or None (all valid). offsets: (S+1,) int64, 0 = offsets[0] <= ... <= offsets[S]
+    = N. coef_policy, coef_critic: (S,) gamma*lambda per sequence, in the output dtype.
+    Returns (advantages, returns) in the inputs' shape, float32 (float64 for float64
+    inputs).
     """
     out_dtype = _ragged.acc_dtype(rewards.dtype)
-    r = rewards.to(out_dtype)
-    v = values.to(out_dtype)
-    m = torch.ones_like(r, dtype=torch.bool) if mask is None else mask
+    r = rewards.reshape(-1).to(out_dtype)
+    v = values.reshape(-1).to(out_dtype)
+    m = torch.ones_like(r, dtype=torch.bool) if mask is None else mask.reshape(-1)
     padded = [_ragged.pack_to_padded(x, offsets, fill) for x, fill in ((r, 0), (v, 0), (m, False))]
     adv, ret = reference_padded(*padded, coef_policy, coef_critic, gamma, skip_masked)
-    return _ragged.padded_to_pack(adv, offsets), _ragged.padded_to_pack(ret, offsets)
+    return (_ragged.padded_to_pack(adv, offsets).view(rewards.shape),
+            _ragged.padded_to_pack(ret, offsets).view(rewards.shape))
 
 
 _backends.register("gae", "reference")(reference_kernel)
@@ -202,15 +205,16 @@ def _impl(a: GaeArgs) -> tuple[Tensor, Tensor]:
     if layout.num_tokens == 0:
         empty = torch.empty(rewards.shape, dtype=acc, device=device)
         return empty, empty.clone()
-    flat = [_ragged.flat(x, dtype) for x in (rewards, a.values)]
-    flat_mask = None if mask is None else mask.reshape(-1).contiguous()
+    tokens = [_ragged.dense(x, dtype) for x in (rewards, a.values)]
+    if mask is not None and not mask.is_contiguous():
+        mask = mask.contiguous()
     offs = _ragged.offsets(layout, rewards.shape, a.cu_seqlens, device)
     n = layout.num_seqs
     if a.alpha > 0:
-        if flat_mask is None:
+        if mask is None:
             counts = offs[1:] - offs[:-1]
         else:
-            counts = _backends.select("valid_counts", device, a.backend)[1](flat_mask, offs)
+            counts = _backends.select("valid_counts", device, a.backend)[1](mask.reshape(-1), offs)
         coef_p = (a.gamma * length_adaptive_lambda(counts, a.alpha)).to(acc).contiguous()
     else:
         coef_p = _coefficients(
@@ -218,14 +222,14 @@ def _impl(a: GaeArgs) -> tuple[Tensor, Tensor]:
         )
     coef_c = _coefficients(a.lam_critic, a.scalar_lam_critic, a.gamma, "lam_critic", n, acc, device)
     _, kernel = _backends.select("gae", device, a.backend)
-    adv, ret = kernel(*flat, flat_mask, offs, coef_p, coef_c, float(a.gamma), a.mask_mode == "skip")
+    adv, ret = kernel(*tokens, mask, offs, coef_p, coef_c, float(a.gamma), a.mask_mode == "skip")
     # A NaN in a valid reward or value always reaches that token's advantage, and masked
     # slots never produce one, so one reduction over the output screens both inputs; the
     # per-argument check (several passes) runs only when something is wrong.
     if _ragged.validation_enabled() and math.isnan(adv.sum().item()):
         _ragged.check_no_nan_where_valid("values", a.values, mask)
         _ragged.check_no_nan_where_valid("rewards", rewards, mask)
-    return adv.view_as(rewards), ret.view_as(rewards)
+    return adv, ret
 
 
 def _fake(a: GaeArgs):

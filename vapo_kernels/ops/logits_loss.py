@@ -64,7 +64,7 @@ def reference_logits_kernel(
     fused backends do the three per row without writing per-token vectors in between.
     """
     logp, entropy, lse = lp_ops.reference_forward(logits, targets, mask, temperature)
-    sums, g_logp, _, g_entropy = loss_spec.reference_kernel(
+    _, sums, g_logp, _, g_entropy = loss_spec.reference_kernel(
         logp, old_logp, advantages, None, None, None, ref_logp, entropy, is_weights, mask,
         offsets, seq_weight, lm_weight, params, out is not None,
     )
@@ -153,7 +153,7 @@ def _loss_sums(a: LogitsLossArgs, out: Tensor | None) -> tuple[Tensor, Tensor]:
         offs, seq_w, lm_w, list(a.params), float(a.temperature),
         None if out is None else lp_ops._rows(out),
     )
-    loss = loss_spec.loss_total(sums, a.params)
+    loss = L.loss_total(sums, a.params)
     if _ragged.validation_enabled() and bool(torch.isnan(loss)):
         names = _ROLLOUT_INPUTS if a.params[L.P_ROLLOUT_IS] else _TOKEN_INPUTS
         screen_nan(loss, zip(names, flat), valid)

@@ -273,20 +273,23 @@ def reference_kernel(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The kernel contract every backend implements.
 
-    Token tensors: (N,) contiguous, all the same float dtype, or None when their term is
-    off. The policy term needs ``logp, old_logp, advantages``; the value term ``values,
+    Token tensors: contiguous, all of one shape (any: (B, T) padded or (N,) packed; the
+    tokens are their elements in memory order, N of them) and one float dtype, or None
+    when their term is off. The policy term needs ``logp, old_logp, advantages``; the value term ``values,
     returns`` (and ``old_values`` unless ``params[L.P_VALUE_CLIP] < 0``); KL needs ``logp,
     ref_logp`` and ``params[L.P_KL_KIND] > 0``; the entropy term ``entropy``; the LM term
     ``logp`` and ``lm_weight``. With ``params[L.P_ROLLOUT_IS] > 0`` (rollout correction
     on, policy term only) ``is_weights`` holds the rollout engine's log-probs, from which
     the kernel computes the weights (module docstring); otherwise the weights themselves.
-    ``mask``: (N,) bool or None (all valid); ``offsets``:
+    ``mask``: bool of that shape or None (all valid); ``offsets``:
     (S+1,) int64; ``seq_weight``, ``lm_weight``: (S,) in the output dtype. ``params``:
     L.NUM_PARAMS floats (P_* indices).
 
-    Returns ``sums`` (L.NUM_SUMS,) in the output dtype (float32; float64 for float64 inputs)
-    and the gradients of ``sum_t w_t L_t`` (coefficients applied) with respect to logp,
-    values and entropy, (N,) in the output dtype, zero on masked tokens; a gradient is an
+    Returns ``(loss, sums, grad_logp, grad_values, grad_entropy)``: ``sums`` (L.NUM_SUMS,)
+    in the output dtype (float32; float64 for float64 inputs), the 0-d ``loss`` from them
+    (:func:`vapo_kernels._loss_layout.loss_total`) and the gradients of ``sum_t w_t L_t``
+    (coefficients applied) with respect to logp, values and entropy, in the token
+    tensors' shape and the output dtype, zero on masked tokens; a gradient is an
     empty (0,) tensor when ``need_grad`` is False or its input is None. RATIO_MIN/MAX are
     +inf/-inf when no valid token has a policy term. Ties (max/min of equal terms) and
     clamp bounds follow torch's autograd rules, so gradients match the peers' autograd.
@@ -296,7 +299,13 @@ def reference_kernel(
     present = [t for t in (logp, values, entropy) if t is not None]
     dtype = torch.float64 if present[0].dtype == torch.float64 else torch.float32
     device = present[0].device
-    n = present[0].shape[0]
+    shape = present[0].shape
+    n = present[0].numel()
+    logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy, is_weights, mask = (
+        None if t is None else t.reshape(-1)
+        for t in (logp, old_logp, advantages, values, old_values, returns, ref_logp, entropy,
+                  is_weights, mask)
+    )
     valid = torch.ones(n, dtype=torch.bool, device=device) if mask is None else mask
     lengths = offsets[1:] - offsets[:-1]
     seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
@@ -364,10 +373,10 @@ def reference_kernel(
         sums[L.S_LM] = -(w_lm * logp).sum()
         g_logp -= params[L.P_LM_COEF] * w_lm
     grads = [
-        g if (g is not None and need_grad) else torch.empty(0, dtype=dtype, device=device)
+        g.view(shape) if (g is not None and need_grad) else torch.empty(0, dtype=dtype, device=device)
         for g in (g_logp, g_values, g_entropy)
     ]
-    return sums, *grads
+    return L.loss_total(sums, params), sums, *grads
 
 
 # --------------------------------------------------------------------------------------
@@ -585,33 +594,6 @@ def _rollout_params(level, mode, upper, lower) -> list[float]:
             f"a float in [0, rollout_is_threshold = {upper}]",
         )
     return [float(ROLLOUT_IS_LEVELS[level]), float(mode == "mask"), float(upper), float(lower)]
-
-
-def loss_total(sums: Tensor, params: Sequence[float]) -> Tensor:
-    """The loss: the five term sums (slots PG..LM) dotted with their coefficients. A term
-    with coefficient 0 still enters (0 * NaN = NaN keeps the NaN screen of its input);
-    the metric slots, which hold +-inf for empty batches, never do. The coefficient
-    vector is cached per options, dtype and device: no host-to-device copy per call, so
-    no stream sync on CUDA."""
-    coefs = _term_coefficients(tuple(params), sums.dtype, sums.device)
-    return torch.dot(sums[L.S_PG : L.S_LM + 1], coefs)
-
-
-def _term_coefficients(params: tuple, dtype: torch.dtype, device: torch.device) -> Tensor:
-    return _device_cache.values(_coefficient_values(params), dtype, device)
-
-
-@functools.lru_cache(maxsize=256)
-def _coefficient_values(params: tuple) -> tuple[float, ...]:
-    coefs = [1.0, 0.0, 0.0, 0.0, 0.0]
-    for slot, coef in (
-        (L.S_VF, params[L.P_VF_COEF]),
-        (L.S_KL, params[L.P_KL_COEF]),
-        (L.S_ENTROPY, -params[L.P_ENTROPY_COEF]),
-        (L.S_LM, params[L.P_LM_COEF]),
-    ):
-        coefs[slot - L.S_PG] = coef
-    return tuple(coefs)
 
 
 # verl's explained-variance guard: 1 - var(R - v) / (var(R) + 1e-5), unbiased variances.

@@ -24,7 +24,7 @@ from .. import _backends, _ragged
 from .. import _loss_layout as L
 from .._library import Op
 from . import loss_spec
-from .loss_spec import AGG_MODES, loss_metrics, loss_params, loss_total, sequence_weights
+from .loss_spec import AGG_MODES, loss_metrics, loss_params, sequence_weights
 
 _backends.register("token_loss", "reference")(loss_spec.reference_kernel)
 _backends.register("token_loss", "cpp")(_backends.from_extension("token_loss_cpu"))
@@ -82,6 +82,9 @@ def rollout_options(
     """The rollout-correction keywords of :func:`.loss_spec.loss_params` from the public
     ones, after the checks that need the inputs (the options' own checks are there);
     ``{}`` when nothing of it is given (the common path: no key added to the cache)."""
+    if (rollout_logp is None and rollout_is is None and rollout_is_mode is None
+            and rollout_is_threshold is None and rollout_is_threshold_lower is None):
+        return {}  # the common path, first: no key added to the options cache
     options = {
         "rollout_is": rollout_is,
         "rollout_is_mode": rollout_is_mode,
@@ -94,8 +97,6 @@ def rollout_options(
                 f"rollout_is={rollout_is!r} needs rollout_logp, the log-probs the rollout "
                 "engine reported for the sampled tokens"
             )
-        if all(v is None for v in options.values()):
-            return {}
         return options  # loss_params names the option set while rollout_is is None
     if rollout_is is None:
         raise ValueError(
@@ -175,10 +176,10 @@ def _acc_dtype(tensors) -> torch.dtype:
     )
 
 
-def aggregation_weights(a, layout, shape, device, flat_mask, acc):
+def aggregation_weights(a, layout, shape, device, mask, acc):
     """``(offsets, seq_weight, lm_weight)`` of the kernel contract for the valid tokens
-    (``shape``: the token tensors' shape, (B, T) padded or (N,) packed; ``a``: the op's
-    args). Token-level modes need only the total count (one reduction); the others take
+    (``shape``: the token tensors' shape, (B, T) padded or (N,) packed; ``mask``: bool
+    of that shape or None; ``a``: the op's args). Token-level modes need only the total count (one reduction); the others take
     per-sequence counts from the family's counting kernel."""
     if layout.packed:
         _ragged.check_cu_seqlens_values(a.cu_seqlens, layout.num_tokens)
@@ -192,20 +193,20 @@ def aggregation_weights(a, layout, shape, device, flat_mask, acc):
             scale = dp
         elif a.global_tokens is not None:
             scale = loss_spec.share(dp, a.global_tokens)
-        elif flat_mask is None:
+        elif mask is None:
             scale = loss_spec.share(dp, layout.num_tokens)
         elif device.type == "cpu":  # reading the count costs no device sync here
-            scale = loss_spec.share(dp, int(torch.count_nonzero(flat_mask)))
+            scale = loss_spec.share(dp, int(torch.count_nonzero(mask)))
         else:  # on a GPU the count stays on the device: no sync on the hot path
-            tokens = flat_mask.sum(dtype=torch.float64).clamp_(min=1)  # 0 tokens: unused
+            tokens = mask.sum(dtype=torch.float64).clamp_(min=1)  # 0 tokens: unused
             return offs, (dp / tokens).to(acc).expand(num_seqs).contiguous(), None
         # A fresh vector: the scale changes with every batch's counts, so caching it would
         # only evict the constants that do repeat.
         return offs, torch.full((num_seqs,), scale, dtype=acc, device=device), None
-    if flat_mask is None:
+    if mask is None:
         counts = offs[1:] - offs[:-1]
     else:
-        counts = _backends.select("valid_counts", device, a.backend)[1](flat_mask, offs)
+        counts = _backends.select("valid_counts", device, a.backend)[1](mask.reshape(-1), offs)
     seq_w = sequence_weights(
         counts,
         a.agg,
@@ -242,25 +243,19 @@ def _impl(a: TokenLossArgs):
     first = next(t for t in tensors if t is not None)
     shape, device = first.shape, first.device
     mask = _ragged.as_bool_mask(a.mask)
-    flat_mask = None if mask is None else mask.reshape(-1).contiguous()
-    acc = _acc_dtype(tensors)
+    if mask is not None and not mask.is_contiguous():
+        mask = mask.contiguous()
     # The kernels read one float dtype; mixed inputs (rare) are promoted once here.
     dtype = first.dtype
     for t in tensors:
         if t is not None and t.dtype != dtype:
             dtype = torch.promote_types(dtype, t.dtype)
-    flat = [None if t is None else _ragged.flat(t, dtype) for t in tensors]
+    acc = _acc_dtype(tensors)
+    dense = [None if t is None else _ragged.dense(t, dtype) for t in tensors]
     _, kernel = _backends.select("token_loss", device, a.backend)
-    offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, flat_mask, acc)
-    sums, g_logp, g_values, g_entropy = kernel(
-        *flat, flat_mask, offs, seq_w, lm_w, a.params, a.need_grad
-    )
-    loss = loss_total(sums, a.params)
+    offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, mask, acc)
+    loss, sums, *grads = kernel(*dense, mask, offs, seq_w, lm_w, a.params, a.need_grad)
     screen_nan(loss, zip(_input_names(a), tensors), mask)
-    grads = [
-        g.view(src.shape) if (src is not None and a.need_grad and g.numel() == src.numel()) else g
-        for g, src in ((g_logp, a.logp), (g_values, a.values), (g_entropy, a.entropy))
-    ]
     return loss, sums, *grads
 
 
@@ -398,7 +393,7 @@ def vapo_loss(
     policy = advantages is not None or old_logp is not None
     if policy and (logp is None or old_logp is None or advantages is None):
         raise ValueError("the policy term needs logp, old_logp and advantages")
-    value = any(t is not None for t in (values, old_values, returns))
+    value = values is not None or old_values is not None or returns is not None
     if value and (
         values is None or returns is None or (value_clip is not None and old_values is None)
     ):

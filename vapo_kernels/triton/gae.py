@@ -357,8 +357,9 @@ def gae_scan(
     out_dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
     num_tokens = rewards.numel()
     num_seqs = offsets.numel() - 1
-    advantages = torch.empty(num_tokens, dtype=out_dtype, device=device)
-    returns = torch.empty(num_tokens, dtype=out_dtype, device=device)
+    # In the inputs' shape (the kernels index every token tensor as a flat array).
+    advantages = torch.empty(rewards.shape, dtype=out_dtype, device=device)
+    returns = torch.empty(rewards.shape, dtype=out_dtype, device=device)
     if num_tokens == 0 or num_seqs <= 0:  # nothing to write; a 0-program grid is invalid
         return advantages, returns
 

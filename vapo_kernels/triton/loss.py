@@ -566,8 +566,8 @@ def _check_params(params) -> list[float]:
 
 
 def _check_token_inputs(tokens, mask, offsets, seq_weight, lm_weight) -> None:
-    """token_loss's tensors: (N,) token tensors of one float dtype on one device, a (N,)
-    mask, (S + 1,) integer offsets, (S,) float weights."""
+    """token_loss's tensors: token tensors of one shape (N elements), float dtype and device,
+    a mask of that shape, (S + 1,) integer offsets, (S,) float weights."""
     first_name, first = None, None
     for name, t in zip(_TOKEN_NAMES, tokens):
         if t is None:
@@ -578,8 +578,6 @@ def _check_token_inputs(tokens, mask, offsets, seq_weight, lm_weight) -> None:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
         if first is None:
             first_name, first = name, t
-            if t.dim() != 1:
-                raise ValueError(f"{name} must be a 1-D (N,) tensor, got shape {tuple(t.shape)}")
             continue
         if t.dtype != first.dtype:
             raise ValueError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype} "
@@ -589,9 +587,9 @@ def _check_token_inputs(tokens, mask, offsets, seq_weight, lm_weight) -> None:
                              f"got {tuple(t.shape)}")
         if t.device != first.device:
             raise ValueError(f"{name} is on {t.device}, {first_name} on {first.device}")
-    n, device = first.shape[0], first.device
+    n, device = first.numel(), first.device
     if mask is not None:
-        _check_tensor("mask", mask, (n,), torch.bool, device, like=first_name)
+        _check_tensor("mask", mask, tuple(first.shape), torch.bool, device, like=first_name)
     if (not isinstance(offsets, torch.Tensor) or offsets.dim() != 1 or offsets.numel() < 1
             or offsets.dtype not in (torch.int32, torch.int64)):
         raise ValueError("offsets must be a 1-D int32 / int64 tensor of S + 1 >= 1 entries")
@@ -685,14 +683,15 @@ def token_loss(
 
     def grad_buffer(src, present_term):
         # A fresh tensor per output: the op must not return aliased tensors.
-        size = n if (need_grad and src is not None and present_term) else 0
+        size = present[0].shape if (need_grad and src is not None and present_term) else (0,)
         return torch.empty(size, dtype=out_dtype, device=device)
 
     g_logp = grad_buffer(logp, True)
     g_values = grad_buffer(values, value_mode != _V_NONE)
     g_entropy = grad_buffer(entropy, True)
     if n == 0:
-        return _empty_sums(out_dtype, device, rollout), g_logp, g_values, g_entropy
+        sums = _empty_sums(out_dtype, device, rollout)
+        return L.loss_total(sums, params), sums, g_logp, g_values, g_entropy
 
     if block is None:
         block = INTERPRET_BLOCK if _interpreting() else GPU_BLOCK
@@ -705,7 +704,7 @@ def token_loss(
     tensors = [dummy if t is None else t for t in tensors]
     # Shapes, dtypes and devices are checked above: only layout and width conversions.
     if mask is not None:
-        mask = mask.contiguous()
+        mask = _flat(mask)
     offsets = offsets.to(torch.int64).contiguous()
     seq_weight = seq_weight.to(out_dtype).contiguous()
     lm_w = lm_weight.to(out_dtype).contiguous() if has_lm else seq_weight
@@ -743,7 +742,7 @@ def token_loss(
     sums = totals.to(out_dtype)
     for slot, reduce in _EXTREMES:
         sums[slot] = reduce(part[:, slot])
-    return sums, g_logp, g_values, g_entropy
+    return L.loss_total(sums, params), sums, g_logp, g_values, g_entropy
 
 
 # The min / max slots: reduced over the per-program rows by min / max, not summed (the
