@@ -52,14 +52,15 @@ def _token_loss_call(**change):
 
 
 def test_token_loss_direct_call_runs():
-    sums, g_logp, _, _ = _token_loss_call()
+    loss, sums, g_logp, _, _ = _token_loss_call()
     assert sums.shape == (loss_spec.L.NUM_SUMS,) and g_logp.shape == (5,)
+    assert torch.equal(loss, loss_spec.L.loss_total(sums, loss_spec.loss_params()))
 
 
 @pytest.mark.parametrize("change, match", [
     (dict(old_logp=-torch.rand(4)), "old_logp must have shape"),
     (dict(advantages=torch.randn(5, dtype=torch.float64)), "advantages has dtype"),
-    (dict(logp=-torch.rand(1, 5)), "logp must be a 1-D"),
+    (dict(logp=-torch.rand(1, 5)), "old_logp must have shape \\(1, 5\\) like logp"),
     (dict(advantages=torch.arange(5)), "advantages must be float"),
     (dict(mask=torch.ones(4, dtype=torch.bool)), "mask must have shape"),
     (dict(mask=torch.ones(5)), "mask must be torch.bool"),
