@@ -50,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_los
     const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns,
     const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& entropy,
     const std::optional<at::Tensor>& is_weights, const std::optional<at::Tensor>& mask,
-    const at::Tensor& offsets, const at::Tensor& seq_weight,
+    const at::Tensor& offsets, const std::optional<at::Tensor>& seq_weight,
     const std::optional<at::Tensor>& lm_weight, const std::vector<double>& params,
     bool need_grad);
 

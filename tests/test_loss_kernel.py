@@ -1160,3 +1160,33 @@ def test_any_shape_is_the_flat_call(backend, device):
     assert torch.equal(sums2, sums1)
     for g2, g1 in zip(grads2, grads1):
         assert g2.shape == (b, t) and torch.equal(g2.reshape(-1), g1)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("masked", ["mask", "no mask", "all masked"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_no_seq_weight_is_the_token_mean(dtype, masked, backend, device):
+    """``seq_weight=None`` is the token mean: every sequence weighs 1 / (valid tokens), in
+    float64 rounded once - bit for bit the call with those weights passed, with or
+    without a mask, and with no valid token at all."""
+    gen = torch.Generator().manual_seed(7)
+    lengths = [0, 5, 1, 17, 3]
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64)
+    n, s = int(offsets[-1]), len(lengths)
+    x = {k: None for k in ARGS}
+    for k in ("logp", "old_logp", "values", "old_values", "returns", "entropy"):
+        x[k] = -torch.rand(n, generator=gen, dtype=torch.float64).to(dtype)
+    x["advantages"] = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    mask = {"mask": torch.rand(n, generator=gen) < 0.6, "no mask": None,
+            "all masked": torch.zeros(n, dtype=torch.bool)}[masked]
+    valid = n if mask is None else int(mask.sum())
+    od = acc_dtype(dtype)
+    weights = torch.full((s,), 1.0 / max(1, valid), dtype=torch.float64).to(od)
+    params = loss_spec.loss_params(value_clip=0.2, entropy_coef=0.1)
+    x = {k: None if t is None else t.to(device) for k, t in x.items()}
+    mask = None if mask is None else mask.to(device)
+    offsets = offsets.to(device)
+    want = run_kernel(backend, device, x, mask, offsets, weights.to(device), None, params, True)
+    got = run_kernel(backend, device, x, mask, offsets, None, None, params, True)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

@@ -803,7 +803,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_los
     const std::optional<at::Tensor>& old_values, const std::optional<at::Tensor>& returns,
     const std::optional<at::Tensor>& ref_logp, const std::optional<at::Tensor>& entropy,
     const std::optional<at::Tensor>& is_weights, const std::optional<at::Tensor>& mask,
-    const at::Tensor& offsets, const at::Tensor& seq_weight,
+    const at::Tensor& offsets, const std::optional<at::Tensor>& seq_weight,
     const std::optional<at::Tensor>& lm_weight, const std::vector<double>& params,
     bool need_grad) {
   // The Python op validates everything; these checks guard direct callers of the binding.
@@ -838,7 +838,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_los
   }
   const int64_t* off = check_loss_offsets(kFn, offsets, n);
   const int64_t num_seqs = offsets.size(0) - 1;
-  check_weights("seq_weight", seq_weight, num_seqs, out_dtype);
+  if (seq_weight.has_value()) check_weights("seq_weight", *seq_weight, num_seqs, out_dtype);
+  // No seq_weight: the token mean, 1 / (valid tokens) on every sequence, in double and
+  // rounded once (the reference's bits). Counting here saves the op two tensor calls.
+  double mean_weight = 0;
+  if (!seq_weight.has_value()) {
+    const int64_t valid =
+        mask_ptr == nullptr ? n : std::count(mask_ptr, mask_ptr + n, uint8_t{1});
+    mean_weight = 1.0 / static_cast<double>(std::max<int64_t>(valid, 1));
+  }
   if (lm_weight.has_value()) check_weights("lm_weight", *lm_weight, num_seqs, out_dtype);
 
   // Which terms run, and what each needs (reference_kernel's contract).
@@ -890,7 +898,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_los
     a.mask = mask_ptr;
     a.off = off;
     a.num_seqs = num_seqs;
-    a.seq_weight = seq_weight.data_ptr<T>();
+    std::vector<T> uniform;
+    if (seq_weight.has_value()) {
+      a.seq_weight = seq_weight->data_ptr<T>();
+    } else {
+      uniform.assign(static_cast<size_t>(num_seqs), static_cast<T>(mean_weight));
+      a.seq_weight = uniform.data();
+    }
     a.lm_weight = lm ? lm_weight->data_ptr<T>() : nullptr;
     a.g_logp = g_logp.numel() ? g_logp.data_ptr<T>() : nullptr;
     a.g_values = g_values.numel() ? g_values.data_ptr<T>() : nullptr;

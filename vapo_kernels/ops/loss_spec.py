@@ -282,7 +282,8 @@ def reference_kernel(
     on, policy term only) ``is_weights`` holds the rollout engine's log-probs, from which
     the kernel computes the weights (module docstring); otherwise the weights themselves.
     ``mask``: bool of that shape or None (all valid); ``offsets``:
-    (S+1,) int64; ``seq_weight``, ``lm_weight``: (S,) in the output dtype. ``params``:
+    (S+1,) int64; ``seq_weight``, ``lm_weight``: (S,) in the output dtype (``seq_weight``
+    None: the token mean, ``1 / max(1, valid tokens)`` for every sequence). ``params``:
     L.NUM_PARAMS floats (P_* indices).
 
     Returns ``(loss, sums, grad_logp, grad_values, grad_entropy)``: ``sums`` (L.NUM_SUMS,)
@@ -310,6 +311,9 @@ def reference_kernel(
     lengths = offsets[1:] - offsets[:-1]
     seq_ids = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
     zero = torch.zeros((), dtype=dtype, device=device)
+    if seq_weight is None:  # the token mean: 1 / valid tokens (in float64, rounded once)
+        mean = 1.0 / max(1, int(valid.sum()))
+        seq_weight = torch.full((lengths.numel(),), mean, dtype=dtype, device=device)
     w = torch.where(valid, seq_weight.to(dtype)[seq_ids], zero)  # 0 on masked tokens
 
     def clean(t):  # garbage in masked slots (NaN, 1e30) must not reach anything

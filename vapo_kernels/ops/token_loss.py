@@ -176,10 +176,12 @@ def _acc_dtype(tensors) -> torch.dtype:
     )
 
 
-def aggregation_weights(a, layout, shape, device, mask, acc):
+def aggregation_weights(a, layout, shape, device, mask, acc, kernel_mean: bool = False):
     """``(offsets, seq_weight, lm_weight)`` of the kernel contract for the valid tokens
     (``shape``: the token tensors' shape, (B, T) padded or (N,) packed; ``mask``: bool
-    of that shape or None; ``a``: the op's args). Token-level modes need only the total count (one reduction); the others take
+    of that shape or None; ``a``: the op's args). ``kernel_mean``: the kernel takes
+    ``seq_weight=None`` as the plain token mean (token_loss's do) and counts the tokens
+    itself. Token-level modes need only the total count (one reduction); the others take
     per-sequence counts from the family's counting kernel."""
     if layout.packed:
         _ragged.check_cu_seqlens_values(a.cu_seqlens, layout.num_tokens)
@@ -189,6 +191,8 @@ def aggregation_weights(a, layout, shape, device, mask, acc):
         # The common case (VAPO's token-mean) in as few ops as possible: at micro-batch
         # sizes each tensor op costs about as much as the loss kernel.
         dp = float(a.dp_size)
+        if kernel_mean and a.agg == "token-mean" and a.global_tokens is None and dp == 1.0:
+            return offs, None, None  # VAPO's default, on one process
         if a.agg == "token-sum":
             scale = dp
         elif a.global_tokens is not None:
@@ -253,7 +257,7 @@ def _impl(a: TokenLossArgs):
     acc = _acc_dtype(tensors)
     dense = [None if t is None else _ragged.dense(t, dtype) for t in tensors]
     _, kernel = _backends.select("token_loss", device, a.backend)
-    offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, mask, acc)
+    offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, mask, acc, kernel_mean=True)
     loss, sums, *grads = kernel(*dense, mask, offs, seq_w, lm_w, a.params, a.need_grad)
     screen_nan(loss, zip(_input_names(a), tensors), mask)
     return loss, sums, *grads

@@ -598,8 +598,7 @@ def _check_token_inputs(tokens, mask, offsets, seq_weight, lm_weight) -> None:
     if n > 0 and n_seqs == 0:
         raise ValueError(f"offsets has no sequence for the {n} tokens")
     for name, w in (("seq_weight", seq_weight), ("lm_weight", lm_weight)):
-        w = _check_tensor(name, w, (n_seqs,), None, device, optional=name == "lm_weight",
-                          like=first_name)
+        w = _check_tensor(name, w, (n_seqs,), None, device, optional=True, like=first_name)
         if w is not None and not w.dtype.is_floating_point:
             raise ValueError(f"{name} must be a float tensor, got {w.dtype}")
 
@@ -706,6 +705,9 @@ def token_loss(
     if mask is not None:
         mask = _flat(mask)
     offsets = offsets.to(torch.int64).contiguous()
+    if seq_weight is None:  # the token mean: 1 / valid tokens, counted on the device (no sync)
+        count = float(n) if mask is None else mask.sum(dtype=torch.float64).clamp_(min=1)
+        seq_weight = torch.ones(offsets.numel() - 1, dtype=torch.float64, device=device) / count
     seq_weight = seq_weight.to(out_dtype).contiguous()
     lm_w = lm_weight.to(out_dtype).contiguous() if has_lm else seq_weight
 
