@@ -466,6 +466,9 @@ BAD_CALLS = [
     ("cu_seqlens must end at", ValueError, lambda b: vk.gae(PR, PV, None, torch.tensor([0, 2, 5], dtype=torch.int32), backend=b)),
     ("cu_seqlens must end at", ValueError, lambda b: vk.gae(PR, PV, None, torch.tensor([0, 2, 7], dtype=torch.int32), backend=b)),
     ("non-decreasing", ValueError, lambda b: vk.gae(PR, PV, None, torch.tensor([0, 4, 2, 6], dtype=torch.int32), backend=b)),
+    # Past _ragged._FEW_OFFSETS offsets the check runs as tensor ops, not a Python loop.
+    ("non-decreasing", ValueError, lambda b: vk.gae(PR, PV, None, torch.tensor([0, 4, 2, *[6] * 600]), backend=b)),
+    ("must start at 0", ValueError, lambda b: vk.gae(PR, PV, None, torch.tensor([1, *[6] * 600]), backend=b)),
     ("gamma must lie in", ValueError, lambda b: vk.gae(R, V, gamma=1.5, backend=b)),
     ("gamma must lie in", ValueError, lambda b: vk.gae(R, V, gamma=float("nan"), backend=b)),
     ("lam_policy must lie in", ValueError, lambda b: vk.gae(R, V, lam=-0.1, backend=b)),
