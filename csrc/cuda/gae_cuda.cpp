@@ -56,10 +56,8 @@ void check_tokens(const at::Tensor& t, const char* name, const at::Device& devic
 }
 
 void check_vector(const at::Tensor& t, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, "gae_scan_cuda: ", name, " is on ", t.device(),
-              " but rewards is on ", device);
+  check_tokens(t, name, device);
   TORCH_CHECK(t.dim() == 1, "gae_scan_cuda: ", name, " must be 1-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.is_contiguous(), "gae_scan_cuda: ", name, " must be contiguous");
 }
 
 }  // namespace
