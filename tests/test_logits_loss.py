@@ -928,3 +928,18 @@ def test_gradient_at_dominant_logits_is_as_exact_as_elsewhere(backend, device, d
     # The Triton interpreter's float32 -> bf16 cast truncates (a GPU rounds to nearest).
     rounding = 1.0 if (backend, device) == ("triton", "cpu") else 0.5
     dominant.assert_grad_exact(got, want, kinds, dtype, backend, rounding)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("mask", ["random", "none"])
+def test_no_seq_weight_is_the_token_mean(mask, backend, device):
+    """``seq_weight=None`` is the token mean, as for the token loss: every sequence weighs
+    1 / (valid rows), in float64 rounded once - bit for bit the call with those weights."""
+    clean, _, rest = build(fixed_case(mask=mask), device)
+    valid = int(rest["valid"].sum())
+    acc = rest["seq_weight"].dtype
+    weights = torch.full(rest["seq_weight"].shape, 1.0 / max(1, valid), dtype=torch.float64)
+    want = run_kernel(backend, device, clean, dict(rest, seq_weight=weights.to(acc).to(device)), "fresh")
+    got = run_kernel(backend, device, clean, dict(rest, seq_weight=None), "fresh")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)

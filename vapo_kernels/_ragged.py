@@ -197,10 +197,12 @@ def offsets(
     return _device_cache.padded_offsets(shape[0], shape[1], device)
 
 
-def dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dense(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """``t`` contiguous and of ``dtype``, in its shape: what the kernels read (they take
-    any shape and count tokens in memory order). ``t`` itself where it already is: a
-    view or a call per input costs as much as a small kernel."""
+    any shape and count tokens in memory order). ``t`` itself where it already is (a
+    view or a call per input costs as much as a small kernel); None stays None."""
+    if t is None:
+        return None
     if t.dtype != dtype:
         t = t.to(dtype)
     return t if t.is_contiguous() else t.contiguous()

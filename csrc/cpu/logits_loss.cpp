@@ -53,7 +53,8 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
                            const at::Tensor& old_logp, const at::Tensor& advantages,
                            const std::optional<at::Tensor>& ref_logp,
                            const std::optional<at::Tensor>& is_weights, const at::Tensor& valid,
-                           const at::Tensor& offsets, const at::Tensor& seq_weight,
+                           const at::Tensor& offsets,
+                           const std::optional<at::Tensor>& seq_weight,
                            const std::optional<at::Tensor>& lm_weight,
                            const std::vector<double>& params, double temperature,
                            const std::optional<at::Tensor>& out) {
@@ -79,7 +80,7 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
               kl_kind);
   const int64_t* off = check_loss_offsets(fn, offsets, n);
   const int64_t num_seqs = offsets.size(0) - 1;
-  check_tokens(fn, "seq_weight", seq_weight, num_seqs, acc);
+  if (seq_weight.has_value()) check_tokens(fn, "seq_weight", *seq_weight, num_seqs, acc);
   if (lm_weight.has_value()) check_tokens(fn, "lm_weight", *lm_weight, num_seqs, acc);
   if (out.has_value()) check_grad_out(fn, logits, *out);
 
@@ -103,7 +104,9 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
     shared.valid = keep;
     shared.offsets = off;
     shared.num_seqs = num_seqs;
-    shared.seq_weight = seq_weight.data_ptr<T>();
+    std::vector<T> token_mean;
+    shared.seq_weight = sequence_weights<T>(seq_weight, reinterpret_cast<const uint8_t*>(keep),
+                                            n, num_seqs, token_mean);
     shared.lm_weight = opt_ptr<T>(lm_weight);
     // The rollout correction's sequence levels: the per-sequence weights first (they
     // need no logits, only old_logp and the rollout log-probs in is_weights).

@@ -839,14 +839,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_los
   const int64_t* off = check_loss_offsets(kFn, offsets, n);
   const int64_t num_seqs = offsets.size(0) - 1;
   if (seq_weight.has_value()) check_weights("seq_weight", *seq_weight, num_seqs, out_dtype);
-  // No seq_weight: the token mean, 1 / (valid tokens) on every sequence, in double and
-  // rounded once (the reference's bits). Counting here saves the op two tensor calls.
-  double mean_weight = 0;
-  if (!seq_weight.has_value()) {
-    const int64_t valid =
-        mask_ptr == nullptr ? n : std::count(mask_ptr, mask_ptr + n, uint8_t{1});
-    mean_weight = 1.0 / static_cast<double>(std::max<int64_t>(valid, 1));
-  }
   if (lm_weight.has_value()) check_weights("lm_weight", *lm_weight, num_seqs, out_dtype);
 
   // Which terms run, and what each needs (reference_kernel's contract).
@@ -898,13 +890,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_los
     a.mask = mask_ptr;
     a.off = off;
     a.num_seqs = num_seqs;
-    std::vector<T> uniform;
-    if (seq_weight.has_value()) {
-      a.seq_weight = seq_weight->data_ptr<T>();
-    } else {
-      uniform.assign(static_cast<size_t>(num_seqs), static_cast<T>(mean_weight));
-      a.seq_weight = uniform.data();
-    }
+    std::vector<T> token_mean;  // no seq_weight: counting here saves the op two tensor calls
+    a.seq_weight = sequence_weights<T>(seq_weight, mask_ptr, n, num_seqs, token_mean);
     a.lm_weight = lm ? lm_weight->data_ptr<T>() : nullptr;
     a.g_logp = g_logp.numel() ? g_logp.data_ptr<T>() : nullptr;
     a.g_values = g_values.numel() ? g_values.data_ptr<T>() : nullptr;

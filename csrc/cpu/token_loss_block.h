@@ -5,7 +5,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 // P_* (params) and S_* (sums) slots, NUM_PARAMS and NUM_SUMS: generated from
@@ -56,6 +58,19 @@ const int64_t* check_loss_offsets(const char* fn, const at::Tensor& offsets, int
 // 0 when it is off).
 at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType dtype,
                             bool rollout);
+
+// The per-sequence weights a loss kernel reads: `seq_weight`'s data, or, when it is None,
+// the token mean - 1 / max(1, valid tokens) on every sequence, in double and rounded once
+// (the reference's bits) - written to `uniform`. `valid`: n bytes, or null (all valid).
+template <typename T>
+const T* sequence_weights(const std::optional<at::Tensor>& seq_weight, const uint8_t* valid,
+                          int64_t n, int64_t num_seqs, std::vector<T>& uniform) {
+  if (seq_weight.has_value()) return seq_weight->data_ptr<T>();
+  const int64_t count = valid == nullptr ? n : std::count(valid, valid + n, uint8_t{1});
+  const double mean = 1.0 / static_cast<double>(std::max<int64_t>(count, 1));
+  uniform.assign(static_cast<size_t>(num_seqs), static_cast<T>(mean));
+  return uniform.data();
+}
 
 // The 0-d loss from the sums (LOSS_TERMS of loss_layout.h), in float64 from the sums as
 // rounded to their dtype, then rounded once: the bits of the reference's loss_total.

@@ -206,8 +206,7 @@ def _impl(a: GaeArgs) -> tuple[Tensor, Tensor]:
         empty = torch.empty(rewards.shape, dtype=acc, device=device)
         return empty, empty.clone()
     tokens = [_ragged.dense(x, dtype) for x in (rewards, a.values)]
-    if mask is not None and not mask.is_contiguous():
-        mask = mask.contiguous()
+    mask = _ragged.dense(mask, torch.bool)
     offs = _ragged.offsets(layout, rewards.shape, a.cu_seqlens, device)
     n = layout.num_seqs
     if a.alpha > 0:

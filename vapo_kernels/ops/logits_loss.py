@@ -39,7 +39,7 @@ def reference_logits_kernel(
     is_weights: Tensor | None,
     mask: Tensor,
     offsets: Tensor,
-    seq_weight: Tensor,
+    seq_weight: Tensor | None,
     lm_weight: Tensor | None,
     params: Sequence[float],
     temperature: float,

@@ -266,7 +266,7 @@ def reference_kernel(
     is_weights: Tensor | None,
     mask: Tensor | None,
     offsets: Tensor,
-    seq_weight: Tensor,
+    seq_weight: Tensor | None,
     lm_weight: Tensor | None,
     params: Sequence[float],
     need_grad: bool,

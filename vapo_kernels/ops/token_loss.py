@@ -167,22 +167,24 @@ def _check_static(a: TokenLossArgs) -> _ragged.Layout:
     return layout
 
 
-def _acc_dtype(tensors) -> torch.dtype:
-    """float64 if any input is, else float32: the kernels' compute and output dtype."""
-    return (
-        torch.float64
-        if any(t is not None and t.dtype == torch.float64 for t in tensors)
-        else torch.float32
-    )
+def _input_dtype(tensors) -> torch.dtype:
+    """The one float dtype the kernels read: the inputs' promoted dtype (mixed inputs are
+    rare, and converted once). Its ``_ragged.acc_dtype`` is the output dtype: float64 if
+    any input is."""
+    dtype = next(t for t in tensors if t is not None).dtype
+    for t in tensors:
+        if t is not None and t.dtype != dtype:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
-def aggregation_weights(a, layout, shape, device, mask, acc, kernel_mean: bool = False):
-    """``(offsets, seq_weight, lm_weight)`` of the kernel contract for the valid tokens
-    (``shape``: the token tensors' shape, (B, T) padded or (N,) packed; ``mask``: bool
-    of that shape or None; ``a``: the op's args). ``kernel_mean``: the kernel takes
-    ``seq_weight=None`` as the plain token mean (token_loss's do) and counts the tokens
-    itself. Token-level modes need only the total count (one reduction); the others take
-    per-sequence counts from the family's counting kernel."""
+def aggregation_weights(a, layout, shape, device, mask, acc):
+    """``(offsets, seq_weight, lm_weight)`` of the loss kernels' contract for the valid
+    tokens (``shape``: the token tensors' shape, (B, T) padded or (N,) packed; ``mask``:
+    bool of that shape or None; ``a``: the op's args). The plain token mean is
+    ``seq_weight=None``: the kernels count the tokens themselves. Other token-level modes
+    need only the total count (one reduction); the rest take per-sequence counts from the
+    family's counting kernel."""
     if layout.packed:
         _ragged.check_cu_seqlens_values(a.cu_seqlens, layout.num_tokens)
     offs = _ragged.offsets(layout, shape, a.cu_seqlens, device)
@@ -191,7 +193,7 @@ def aggregation_weights(a, layout, shape, device, mask, acc, kernel_mean: bool =
         # The common case (VAPO's token-mean) in as few ops as possible: at micro-batch
         # sizes each tensor op costs about as much as the loss kernel.
         dp = float(a.dp_size)
-        if kernel_mean and a.agg == "token-mean" and a.global_tokens is None and dp == 1.0:
+        if a.agg == "token-mean" and a.global_tokens is None and dp == 1.0:
             return offs, None, None  # VAPO's default, on one process
         if a.agg == "token-sum":
             scale = dp
@@ -246,18 +248,12 @@ def _impl(a: TokenLossArgs):
     tensors = a[:9]
     first = next(t for t in tensors if t is not None)
     shape, device = first.shape, first.device
-    mask = _ragged.as_bool_mask(a.mask)
-    if mask is not None and not mask.is_contiguous():
-        mask = mask.contiguous()
-    # The kernels read one float dtype; mixed inputs (rare) are promoted once here.
-    dtype = first.dtype
-    for t in tensors:
-        if t is not None and t.dtype != dtype:
-            dtype = torch.promote_types(dtype, t.dtype)
-    acc = _acc_dtype(tensors)
-    dense = [None if t is None else _ragged.dense(t, dtype) for t in tensors]
+    mask = _ragged.dense(_ragged.as_bool_mask(a.mask), torch.bool)
+    dtype = _input_dtype(tensors)
+    acc = _ragged.acc_dtype(dtype)
+    dense = [_ragged.dense(t, dtype) for t in tensors]
     _, kernel = _backends.select("token_loss", device, a.backend)
-    offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, mask, acc, kernel_mean=True)
+    offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, mask, acc)
     loss, sums, *grads = kernel(*dense, mask, offs, seq_w, lm_w, a.params, a.need_grad)
     screen_nan(loss, zip(_input_names(a), tensors), mask)
     return loss, sums, *grads
@@ -266,7 +262,7 @@ def _impl(a: TokenLossArgs):
 def _fake(a: TokenLossArgs):
     _check_static(a)
     first = next(t for t in a[:9] if t is not None)
-    dtype = _acc_dtype(a[:9])
+    dtype = _ragged.acc_dtype(_input_dtype(a[:9]))
     grads = [
         # As in the kernels: values get a gradient only when the value term is on.
         first.new_empty(src.shape if (a.need_grad and src is not None) else (0,), dtype=dtype)

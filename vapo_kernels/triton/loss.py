@@ -546,6 +546,16 @@ def _empty_sums(dtype, device, rollout: int) -> torch.Tensor:
     return sums
 
 
+def _seq_weight(seq_weight, valid, n: int, num_seqs: int, dtype, device) -> torch.Tensor:
+    """The (S,) weights a kernel reads: ``seq_weight`` in ``dtype``, or, when it is None,
+    the token mean - 1 / max(1, valid tokens), in float64 and rounded once (the
+    reference's bits), counted on the device: no sync. ``valid``: bool or None."""
+    if seq_weight is None:
+        count = float(max(n, 1)) if valid is None else valid.sum(dtype=torch.float64).clamp_(min=1)
+        seq_weight = torch.ones(num_seqs, dtype=torch.float64, device=device) / count
+    return seq_weight.to(dtype).contiguous()
+
+
 def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.reshape(-1).contiguous()
 
@@ -705,10 +715,7 @@ def token_loss(
     if mask is not None:
         mask = _flat(mask)
     offsets = offsets.to(torch.int64).contiguous()
-    if seq_weight is None:  # the token mean: 1 / valid tokens, counted on the device (no sync)
-        count = float(n) if mask is None else mask.sum(dtype=torch.float64).clamp_(min=1)
-        seq_weight = torch.ones(offsets.numel() - 1, dtype=torch.float64, device=device) / count
-    seq_weight = seq_weight.to(out_dtype).contiguous()
+    seq_weight = _seq_weight(seq_weight, mask, n, offsets.numel() - 1, out_dtype, device)
     lm_w = lm_weight.to(out_dtype).contiguous() if has_lm else seq_weight
 
     k_t = _scalar_params(params, out_dtype, device)
@@ -983,7 +990,8 @@ def logits_loss(
     offsets = _check_tensor("offsets", offsets, (n_seqs + 1,), torch.int64, device)
     if n > 0 and n_seqs == 0:
         raise ValueError(f"offsets has no sequence for the {n} rows")
-    seq_weight = _check_tensor("seq_weight", seq_weight, (n_seqs,), acc, device)
+    seq_weight = _check_tensor("seq_weight", seq_weight, (n_seqs,), acc, device, optional=True)
+    seq_weight = _seq_weight(seq_weight, valid, n, n_seqs, acc, device)
     lm_weight = _check_tensor("lm_weight", lm_weight, (n_seqs,), acc, device, optional=True)
 
     params = _check_params(params)
