@@ -79,7 +79,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .. import _device_cache
 from .. import _loss_layout as L
 
 AGG_MODES = (
