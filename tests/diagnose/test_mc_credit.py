@@ -35,8 +35,11 @@ class ScriptedPolicy(torch.nn.Module):
             out += f"{DIGITS[d]}>{DIGITS[partial]} "
         return out + "=" + DIGITS[partial]
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, eos_token_id,
-                 **_):
+    generation_config = None  # rollout.generate swaps in a blank one while sampling
+
+    def generate(self, input_ids, attention_mask, generation_config, **_):
+        max_new_tokens = generation_config.max_new_tokens
+        pad_token_id, eos_token_id = generation_config.pad_token_id, generation_config.eos_token_id
         tok = self.tokenizer
         rows = []
         for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()):

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import random
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 import vapo_kernels as vk
 
@@ -40,6 +42,9 @@ class RolloutBatch:
     problems: list[Problem]
     responses: list[str]
     verifier_errors: int = 0  # responses whose verifier raised (scored 0)
+    # (N,) the rollout engine's log-prob of each response token, as it sampled it; only
+    # when asked for (the loss's rollout correction needs it)
+    rollout_logp: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -82,6 +87,8 @@ class RolloutBatch:
             problems=[self.problems[i] for i in index.tolist()],
             responses=[self.responses[i] for i in index.tolist()],
             verifier_errors=self.verifier_errors,
+            rollout_logp=None if self.rollout_logp is None
+            else self.rollout_logp[self.token_index(index)],
         )
 
     def token_index(self, index: Tensor) -> Tensor:
@@ -98,9 +105,11 @@ def _offsets(lengths: Tensor) -> Tensor:
 
 
 def build_batch(
-    tokenizer, problems: list[Problem], responses_ids: list[list[int]], task: Task
+    tokenizer, problems: list[Problem], responses_ids: list[list[int]], task: Task,
+    rollout_logp: list[list[float]] | None = None,
 ) -> RolloutBatch:
-    """Lay out prompts + responses (token ids, EOS included when present) and score them."""
+    """Lay out prompts + responses (token ids, EOS included when present) and score them;
+    ``rollout_logp``: the engine's log-prob of each response token, per response."""
     prompts = [tokenizer(p.prompt, add_special_tokens=False).input_ids for p in problems]
     lengths = [len(p) + len(r) for p, r in zip(prompts, responses_ids)]
     width = max(lengths)
@@ -127,6 +136,8 @@ def build_batch(
         problems=problems,
         responses=responses,
         verifier_errors=errors,
+        rollout_logp=None if rollout_logp is None else torch.tensor(
+            [x for row in rollout_logp for x in row], dtype=torch.float32),
     )
 
 
@@ -149,6 +160,61 @@ def score_responses(task: Task, problems: list[Problem], responses: list[str]
     return torch.tensor(scores), errors
 
 
+class SampledLogprobs(LogitsProcessor):
+    """Records log p(token) of each token ``generate`` samples, under the distribution it
+    samples from: ``log_softmax(scores / temperature)``. generate runs a caller's processors
+    before its temperature warper (which computes the same ``scores / temperature``), and
+    :func:`sampling_config` adds no other processor. The token drawn at a step shows in the
+    next call's ``input_ids`` (or in the output, for the last step), so only one step's
+    log-softmax is held at a time."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.pending: Tensor | None = None
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.pending is not None:
+            self.steps.append(self.pending.gather(1, input_ids[:, -1:])[:, 0])
+        scaled = scores if self.temperature == 1.0 else scores / self.temperature
+        self.pending = torch.log_softmax(scaled.float(), dim=-1)
+        return scores
+
+    def per_token(self, new_tokens: Tensor) -> Tensor:
+        """(B, S) log-probs of ``new_tokens`` (B, S), the tokens generate appended."""
+        steps = self.steps[: new_tokens.shape[1]]
+        if self.pending is not None and len(steps) < new_tokens.shape[1]:
+            steps.append(self.pending.gather(1, new_tokens[:, len(steps), None])[:, 0])
+        return torch.stack(steps, 1) if steps else new_tokens.new_zeros(new_tokens.shape,
+                                                                         dtype=torch.float32)
+
+
+def sampling_config(tokenizer, *, max_new_tokens: int, temperature: float,
+                    greedy: bool) -> GenerationConfig:
+    """The whole sampling setup (see :func:`_without_folder_defaults` for why nothing else
+    may come in): plain sampling at ``temperature``, or greedy decoding."""
+    sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
+    return GenerationConfig(
+        do_sample=not greedy, max_new_tokens=max_new_tokens, use_cache=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
+    )
+
+
+@contextmanager
+def _without_folder_defaults(policy):
+    """generate fills every option a config leaves unset from ``policy.generation_config``,
+    i.e. the model folder's generation_config.json (Qwen's repetition_penalty, top_k,
+    top_p, ...). Those would change the distribution the rollouts come from, so it would no
+    longer be the policy whose log-probs (``log_softmax(logits / temperature)``) the loss
+    uses: while sampling, the policy's own generation config is a blank one."""
+    saved = policy.generation_config
+    policy.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        policy.generation_config = saved
+
+
 @torch.no_grad()
 def generate(
     policy,
@@ -160,43 +226,51 @@ def generate(
     temperature: float,
     greedy: bool = False,
     response_prefixes: list[str] | None = None,
+    record_logprobs: bool = False,
 ) -> RolloutBatch:
     """Sample (or greedily decode) one response per problem with ``generate`` + KV cache.
 
     ``response_prefixes`` continue given partial responses (the diagnostics' prefix
     continuation); the prefix is then part of the returned response and of its score.
+    ``record_logprobs``: also return the log-prob of each sampled token as generate drew
+    it (``batch.rollout_logp``), for the loss's rollout correction.
     """
+    if record_logprobs and response_prefixes:
+        raise ValueError("record_logprobs with response_prefixes: the prefix tokens were not "
+                         "sampled, so they have no rollout log-probs")
     device = next(policy.parameters()).device
     prompts = [p.prompt + (response_prefixes[i] if response_prefixes else "")
                for i, p in enumerate(problems)]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     encoded = {k: v.to(device) for k, v in encoded.items()}
+    recorder = SampledLogprobs(temperature) if record_logprobs else None
     was_training = policy.training
     policy.eval()
-    sampling = {} if greedy else {"temperature": temperature, "top_k": 0, "top_p": 1.0}
-    out = policy.generate(
-        **encoded,
-        do_sample=not greedy,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
-        # FSDP: every process runs forwards until all are done (their collectives pair up).
-        synced_gpus=torch.distributed.is_initialized(),
-        **sampling,
-    )
+    with _without_folder_defaults(policy):
+        out = policy.generate(
+            **encoded,
+            generation_config=sampling_config(tokenizer, max_new_tokens=max_new_tokens,
+                                              temperature=temperature, greedy=greedy),
+            logits_processor=LogitsProcessorList([recorder] if recorder else []),
+            # FSDP: every process runs forwards until all are done (their collectives pair up).
+            synced_gpus=torch.distributed.is_initialized(),
+        )
     policy.train(was_training)
-    new_tokens = out[:, encoded["input_ids"].shape[1]:].cpu().tolist()
-    responses_ids = []
-    for i, tokens in enumerate(new_tokens):
-        if tokenizer.eos_token_id in tokens:
-            tokens = tokens[: tokens.index(tokenizer.eos_token_id) + 1]
-        else:
-            tokens = [t for t in tokens if t != tokenizer.pad_token_id]
+    new_tokens = out[:, encoded["input_ids"].shape[1]:]
+    sampled_logp = recorder.per_token(new_tokens).cpu().tolist() if recorder else None
+    responses_ids, rollout_logp = [], [] if recorder else None
+    for i, tokens in enumerate(new_tokens.cpu().tolist()):
+        # Up to and including EOS; a response without EOS never finished, so every one of
+        # its tokens was sampled (a pad token the policy drew is a token like any other:
+        # dropping it would train on a sequence the policy never produced).
+        end = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens \
+            else len(tokens)
         prefix = response_prefixes[i] if response_prefixes else ""
         prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
-        responses_ids.append(prefix_ids + tokens)
-    return build_batch(tokenizer, problems, responses_ids, task)
+        responses_ids.append(prefix_ids + tokens[:end])
+        if recorder:
+            rollout_logp.append(sampled_logp[i][:end])
+    return build_batch(tokenizer, problems, responses_ids, task, rollout_logp)
 
 
 def demonstration_batch(
