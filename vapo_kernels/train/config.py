@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -94,8 +95,21 @@ class RolloutArgs:
     group_sampling: bool = _opt(True, "Sample group_size responses per prompt. Off: one sample per "
                                 "prompt and prompts_per_step * group_size prompts (same batch).")
     temperature: float = _opt(1.0, "Sampling temperature (log-probs use the same).")
-    rollout_engine: str = _opt("hf", "hf: transformers generate with its KV cache. vllm: GPU "
-                               "extra, not implemented yet.", choices=["hf", "vllm"])
+    rollout_engine: str = _opt("hf", "hf: transformers generate with its KV cache. vllm: vLLM "
+                               "on the GPU (extra: pip install 'vapo-kernels[vllm]'; one "
+                               "process), the policy's weights pushed into it before each "
+                               "rollout.", choices=["hf", "vllm"])
+    rollout_is: str = _opt("none", "Rollout correction: reweight the policy loss by the ratio of "
+                           "the old policy to the rollout engine's own log-probs of the sampled "
+                           "tokens, per token, per sequence or geometric (verl's rollout_is); "
+                           "none: off.", choices=["none", "token", "sequence", "geometric"])
+    rollout_is_mode: str = _opt("truncate", "Rollout correction: truncate caps each weight at "
+                                "rollout_is_threshold; mask drops the tokens (token level) or "
+                                "sequences outside [1/threshold, threshold].",
+                                choices=["truncate", "mask"])
+    rollout_is_threshold: float = _opt(2.0, "Rollout correction: upper bound C of the weights.")
+    vllm_gpu_memory: float = _opt(0.3, "vllm: share of the GPU's memory vLLM may take (weights, "
+                                  "KV cache); the rest stays for training.")
 
 
 @dataclass
@@ -375,7 +389,14 @@ def validate(config: TrainConfig) -> None:
              f"group sampling needs >= 2 samples per prompt, got {r.group_size} "
              "(--no-group-sampling for one sample per prompt)")
     need(r.temperature > 0, "temperature", "must be > 0")
-    need(r.rollout_engine == "hf", "rollout_engine", "vllm is not implemented yet; use hf")
+    need(r.rollout_is_threshold > 0 and math.isfinite(r.rollout_is_threshold),
+         "rollout_is_threshold", "must be a finite float > 0")
+    need(0 < r.vllm_gpu_memory <= 1, "vllm_gpu_memory", "must be in (0, 1]")
+    if r.rollout_engine == "vllm":
+        from . import vllm_engine
+
+        problem = vllm_engine.unavailable(run.device)
+        need(problem is None, "rollout_engine", f"vllm: {problem}")
     need(0.0 <= a.gamma <= 1.0, "gamma", "must be in [0, 1]")
     need(0.0 <= a.lam_critic <= 1.0, "lam_critic", "must be in [0, 1]")
     need(0.0 <= a.lam_policy <= 1.0, "lam_policy", "must be in [0, 1]")

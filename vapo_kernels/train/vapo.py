@@ -62,6 +62,9 @@ class TrainState:
     # Not saved: how this process runs (data-parallel place, checkpoint writer).
     dp: DataParallel = field(default_factory=DataParallel)
     checkpointer: Any = None
+    # The rollout engine: called like rollout.generate (None: that function, transformers
+    # generate on the policy); a vllm_engine.VllmEngine holds no state a checkpoint needs.
+    engine: Any = None
 
 
 class TrainingStopped(RuntimeError):
@@ -120,9 +123,7 @@ def sample_problems(state: TrainState, task: Task, config: TrainConfig) -> list:
 def evaluate(state: TrainState, task: Task, config: TrainConfig) -> dict[str, float]:
     """Greedy held-out accuracy (overall, and on the shorter / longer half of chain lengths)."""
     problems = task.heldout()
-    batch = generate(state.policy, state.tokenizer, problems, task,
-                     max_new_tokens=max_new_tokens(config, task),
-                     temperature=config.rollout.temperature, greedy=True)
+    batch = sample(state, problems, task, config, greedy=True)
     out = {"heldout_accuracy": batch.scores.mean().item(),
            "heldout_response_length": batch.response_lengths.float().mean().item()}
     steps = torch.tensor([p.steps for p in problems])
@@ -342,12 +343,13 @@ def micro_batch_loss(
         values = value_estimates(state.value_model, micro, packed=packed) if a.vf_coef > 0 else None
         device = logp.device
         with our_op("vapo_loss"):
-            loss, metrics = _vapo_loss(logp, old, micro, values, entropy, counts, a, device)
+            loss, metrics = _vapo_loss(logp, old, micro, values, entropy, counts, a, r, device)
     return loss, metrics
 
 
-def _vapo_loss(logp, old, micro, values, entropy, counts, a, device):
+def _vapo_loss(logp, old, micro, values, entropy, counts, a, r, device):
     """The one vk.vapo_loss call of a micro-batch, every VAPO term switched by the config."""
+    correct = r.rollout_is != "none"
     return vk.vapo_loss(
         logp, old.logp, old.advantages, None, micro.cu_seqlens.to(device),
         values=values,
@@ -364,6 +366,10 @@ def _vapo_loss(logp, old, micro, values, entropy, counts, a, device):
         entropy_coef=a.entropy_coef, lm_coef=a.lm_coef, agg=a.loss_agg,
         global_tokens=counts.tokens, global_seqs=counts.seqs,
         global_positive_tokens=counts.positive_tokens, dp_size=counts.dp_size,
+        rollout_logp=micro.rollout_logp.to(device) if correct else None,
+        rollout_is=r.rollout_is if correct else None,
+        rollout_is_mode=r.rollout_is_mode if correct else None,
+        rollout_is_threshold=r.rollout_is_threshold if correct else None,
     )
 
 
@@ -497,10 +503,19 @@ def ppo_update(state: TrainState, batch: RolloutBatch, old: OldOutputs, config: 
     return row
 
 
+def sample(state: TrainState, problems: list, task: Task, config: TrainConfig,
+           greedy: bool = False) -> RolloutBatch:
+    """Responses to ``problems`` from the rollout engine; with the rollout correction on,
+    each sampled token's log-prob as the engine computed it comes along."""
+    r = config.rollout
+    return (state.engine or generate)(
+        state.policy, state.tokenizer, problems, task,
+        max_new_tokens=max_new_tokens(config, task), temperature=r.temperature, greedy=greedy,
+        record_logprobs=not greedy and r.rollout_is != "none")
+
+
 def rollout(state: TrainState, task: Task, config: TrainConfig) -> RolloutBatch:
-    return generate(state.policy, state.tokenizer, sample_problems(state, task, config), task,
-                    max_new_tokens=max_new_tokens(config, task),
-                    temperature=config.rollout.temperature)
+    return sample(state, sample_problems(state, task, config), task, config)
 
 
 def batch_metrics(batch: RolloutBatch, lam_policy: Tensor | None) -> dict[str, float]:
