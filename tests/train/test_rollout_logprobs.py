@@ -134,8 +134,22 @@ def test_without_rollout_is_no_logprobs_are_recorded(tmp_path):
     (("--rollout_is_threshold", "0"), "rollout-is-threshold"),
     (("--rollout_is", "token", "--rollout_is_threshold", "inf"), "rollout-is-threshold"),
     (("--rollout_engine", "vllm"), "rollout-engine"),
+    (("--rollout_is", "token", "--rollout_is_mode", "mask", "--rollout_is_threshold", "0.5"),
+     "rollout-is-threshold"),
 ])
 def test_rollout_option_errors(tmp_path, argv, option):
     with pytest.raises(ConfigError) as error:
         tiny_config(tmp_path, *argv)
     assert error.value.option == option
+
+
+def test_rollout_weight_ranges_accumulate_as_extremes():
+    from vapo_kernels.train.vapo import MetricAccumulator
+
+    acc = MetricAccumulator()
+    for low, high in ((0.5, 1.5), (0.8, 3.0)):
+        acc.add({"tokens": torch.tensor(10.0), "rollout_is_min": torch.tensor(low),
+                 "rollout_is_max": torch.tensor(high), "rollout_kl": torch.tensor(low)})
+    row = acc.row()
+    assert row["rollout_is_min"] == 0.5 and row["rollout_is_max"] == 3.0
+    assert row["rollout_kl"] == pytest.approx(0.65)

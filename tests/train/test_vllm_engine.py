@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from vapo_kernels.train import config as config_module
 from vapo_kernels.train import vllm_engine
@@ -64,7 +64,9 @@ class LLM:
     def __init__(self, model, **kwargs):
         self.kwargs = kwargs
         torch.manual_seed(kwargs["seed"])  # as vLLM's worker does at start
-        hf = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model)).eval()
+        self.config = AutoConfig.from_pretrained(model)
+        self.generation_config = GenerationConfig.from_pretrained(model)
+        hf = AutoModelForCausalLM.from_config(self.config).eval()
         self.model = _LoadableModel(hf)  # load_format="dummy": random weights
         worker = types.SimpleNamespace(model_runner=_Runner(self.model))
         self.llm_engine = types.SimpleNamespace(
@@ -122,12 +124,17 @@ def _policy(tmp_path, *extra):
 def test_engine_samples_from_the_pushed_policy(tmp_path, stand_in):
     config, task, policy, tokenizer = _policy(tmp_path)
     before = torch.get_rng_state()
-    engine = vllm_engine.VllmEngine(policy, gpu_memory=0.25, seed=7)
+    engine = vllm_engine.VllmEngine(policy, tokenizer, gpu_memory=0.25, dtype="float32", seed=7)
     assert torch.equal(torch.get_rng_state(), before)  # vLLM's seeding left the run's alone
     llm = LLM.made[-1]
     assert llm.kwargs == dict(load_format="dummy", skip_tokenizer_init=True, dtype="float32",
                               gpu_memory_utilization=0.25, logprobs_mode="processed_logprobs",
                               seed=7)
+    # the folder vLLM starts from names the model class (the built-in model's config
+    # leaves it empty) and the tokenizer's EOS, which vLLM adds to the stop tokens
+    assert policy.config.architectures is None
+    assert llm.config.architectures == [type(policy).__name__]
+    assert llm.generation_config.eos_token_id == tokenizer.eos_token_id
     problems = task.sample(random.Random(0), 5)
     batch = engine(policy, tokenizer, problems, task, max_new_tokens=10, temperature=0.8,
                    record_logprobs=True)
@@ -139,6 +146,7 @@ def test_engine_samples_from_the_pushed_policy(tmp_path, stand_in):
 
     engine(policy, tokenizer, problems, task, max_new_tokens=10, temperature=0.8)
     assert llm.model.loads == 1  # unchanged weights are not pushed again
+    assert llm.prefix_resets == 2  # but every call starts without cached prefixes
     with torch.no_grad():  # what an optimizer step does: in-place updates
         for p in policy.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -158,16 +166,17 @@ def test_engine_refuses_old_vllm_and_prefixes(tmp_path, stand_in):
     config, task, policy, tokenizer = _policy(tmp_path)
     stand_in.__version__ = "0.10.1.1"
     with pytest.raises(RuntimeError, match=r"need >= 0\.10\.2"):
-        vllm_engine.VllmEngine(policy, gpu_memory=0.3, seed=0)
+        vllm_engine.VllmEngine(policy, tokenizer, gpu_memory=0.3, dtype="bfloat16", seed=0)
     stand_in.__version__ = "0.10.2"
-    engine = vllm_engine.VllmEngine(policy, gpu_memory=0.3, seed=0)
+    engine = vllm_engine.VllmEngine(policy, tokenizer, gpu_memory=0.3, dtype="bfloat16", seed=0)
     with pytest.raises(ValueError, match="prefixes"):
         engine(policy, tokenizer, task.sample(random.Random(0), 1), task, max_new_tokens=4,
                temperature=1.0, response_prefixes=["1"])
 
 
 def test_trainer_runs_on_the_engine_with_the_rollout_correction(tmp_path, stand_in):
-    config = tiny_config(tmp_path, "--rollout_engine", "vllm", "--rollout_is", "token")
+    config = tiny_config(tmp_path, "--rollout_engine", "vllm", "--rollout_is", "token",
+                         "--vllm_dtype", "float32")
     summary = train(config)
     rows = read_rows(summary["run_dir"])
     rl = [r for r in rows if r["phase"] == "rl" and r["step"] > 0]
@@ -181,3 +190,16 @@ def test_vllm_is_refused_in_one_line_without_it(tmp_path, monkeypatch):
     monkeypatch.setattr(vllm_engine.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(config_module.ConfigError, match="not installed"):
         tiny_config(tmp_path, "--rollout_engine", "vllm")
+
+
+def test_vllm_is_refused_with_several_processes(tmp_path, stand_in, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(config_module.ConfigError, match="one process"):
+        tiny_config(tmp_path, "--rollout_engine", "vllm")
+
+
+def test_diagnostics_refuse_another_engine(tmp_path, stand_in):
+    from vapo_kernels.diagnose.common import start_run
+
+    with pytest.raises(config_module.ConfigError, match="generate"):
+        start_run(tiny_config(tmp_path, "--rollout_engine", "vllm"))

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 import torch
 
 from ..train.cli import build_policy, build_task, seed_and_device
-from ..train.config import TrainConfig, parse_config
+from ..train.config import ConfigError, TrainConfig, parse_config
 from ..train.metrics import MetricsLogger
 from ..train.models import value_model_from_policy
 from ..train.rollout import RolloutBatch, build_batch
@@ -92,6 +92,9 @@ def start_run(config: TrainConfig) -> Run:
     """Seed, build task and models, supervised warm-up, then the value model and optimizers
     (as ``vapo-train`` does, with the same seeding, so the same seed gives the same run)."""
     run = config.run
+    if config.rollout.rollout_engine != "hf":
+        raise ConfigError("rollout-engine", "the diagnostics sample with transformers "
+                          "generate (prefix continuations); drop --rollout_engine")
     device = seed_and_device(run)
     os.makedirs(run.output_dir, exist_ok=True)
     task = build_task(config)
@@ -159,6 +162,8 @@ _NOT_IN_VALUE_PRETRAINING = {
     # the policy's advantages are computed but unused (targets are never whitened; the
     # Monte-Carlo advantages are not computed there)
     "whiten_advantages", "advantage", "mc_samples",
+    # the rollout correction reweights the policy term only
+    "rollout_is", "rollout_is_mode", "rollout_is_threshold",
 }
 # lambda_policy's options reach the critic's targets only when GAE is not decoupled.
 _POLICY_LAMBDA = {"length_adaptive", "alpha", "lam_policy"}

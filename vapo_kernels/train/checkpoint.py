@@ -237,8 +237,9 @@ class Checkpointer:
         dp.barrier()
         with_optimizer = optimizers_with_state(state)
         with _quiet_single_process():
+            # no_dist on one process: vLLM in this process makes a process group of its own
             dcp.save(_sharded_state(state, with_optimizer), checkpoint_id=os.path.join(tmp, "dcp"),
-                     process_group=dp.group)
+                     process_group=dp.group, no_dist=not dp.distributed)
         torch.save(_private_state(state), os.path.join(tmp, f"rank{dp.rank}.pt"))
         for sub, model in (("policy", state.policy), ("value", state.value_model)):
             if model is not None:
@@ -277,7 +278,8 @@ def load(info: CheckpointInfo, state, dp) -> None:
     check_compatible(info, state, dp.world_size)
     target = _sharded_state(state, info.optimizers)
     with _quiet_single_process():
-        dcp.load(target, checkpoint_id=os.path.join(info.path, "dcp"), process_group=dp.group)
+        dcp.load(target, checkpoint_id=os.path.join(info.path, "dcp"), process_group=dp.group,
+                 no_dist=not dp.distributed)
     for name, model, optimizer in _models_and_optimizers(state):
         if name in info.optimizers:
             set_state_dict(model, [optimizer], model_state_dict=target[f"{name}_model"],

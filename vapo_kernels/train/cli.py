@@ -185,16 +185,14 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
         compile_kernels_once()
 
     state = TrainState(policy=policy, tokenizer=tokenizer, task_rng=random.Random(run.seed), dp=dp)
-    if config.rollout.rollout_engine == "vllm":
-        if dp.distributed:
-            raise ConfigError("rollout-engine", "vllm runs in one process for now; use hf "
-                              "with several processes")
+    if config.rollout.rollout_engine == "vllm":  # one process: validate() made sure
         from .vllm_engine import VllmEngine
 
-        say(f"starting vLLM as the rollout engine ({config.rollout.vllm_gpu_memory:.0%} of "
-            "the GPU's memory)")
-        state.engine = VllmEngine(policy, gpu_memory=config.rollout.vllm_gpu_memory,
-                                  seed=run.seed)
+        r = config.rollout
+        say(f"starting vLLM as the rollout engine ({r.vllm_gpu_memory:.0%} of the GPU's "
+            f"memory, {r.vllm_dtype})")
+        state.engine = VllmEngine(policy, tokenizer, gpu_memory=r.vllm_gpu_memory,
+                                  dtype=r.vllm_dtype, seed=run.seed)
     state.shuffle_generator.manual_seed(run.seed)
     elapsed = 0.0
     if info is not None:

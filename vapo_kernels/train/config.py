@@ -107,9 +107,13 @@ class RolloutArgs:
                                 "rollout_is_threshold; mask drops the tokens (token level) or "
                                 "sequences outside [1/threshold, threshold].",
                                 choices=["truncate", "mask"])
-    rollout_is_threshold: float = _opt(2.0, "Rollout correction: upper bound C of the weights.")
+    rollout_is_threshold: float = _opt(2.0, "Rollout correction: upper bound C of the weights "
+                                       "(mask mode keeps [1/C, C], so C >= 1 there).")
     vllm_gpu_memory: float = _opt(0.3, "vllm: share of the GPU's memory vLLM may take (weights, "
                                   "KV cache); the rest stays for training.")
+    vllm_dtype: str = _opt("bfloat16", "vllm: the engine's weights and compute (the policy's "
+                           "weights are cast as they are pushed).",
+                           choices=["bfloat16", "float16", "float32"])
 
 
 @dataclass
@@ -391,12 +395,17 @@ def validate(config: TrainConfig) -> None:
     need(r.temperature > 0, "temperature", "must be > 0")
     need(r.rollout_is_threshold > 0 and math.isfinite(r.rollout_is_threshold),
          "rollout_is_threshold", "must be a finite float > 0")
+    if r.rollout_is_mode == "mask":
+        need(r.rollout_is_threshold >= 1, "rollout_is_threshold",
+             f"mask mode keeps weights in [1/C, C], empty for C = {r.rollout_is_threshold} < 1")
     need(0 < r.vllm_gpu_memory <= 1, "vllm_gpu_memory", "must be in (0, 1]")
     if r.rollout_engine == "vllm":
         from . import vllm_engine
 
         problem = vllm_engine.unavailable(run.device)
         need(problem is None, "rollout_engine", f"vllm: {problem}")
+        need(int(os.environ.get("WORLD_SIZE", "1")) == 1, "rollout_engine",
+             "vllm runs in one process for now; use hf with several processes")
     need(0.0 <= a.gamma <= 1.0, "gamma", "must be in [0, 1]")
     need(0.0 <= a.lam_critic <= 1.0, "lam_critic", "must be in [0, 1]")
     need(0.0 <= a.lam_policy <= 1.0, "lam_policy", "must be in [0, 1]")

@@ -252,8 +252,10 @@ def generate(
             generation_config=sampling_config(tokenizer, max_new_tokens=max_new_tokens,
                                               temperature=temperature, greedy=greedy),
             logits_processor=LogitsProcessorList([recorder] if recorder else []),
-            # FSDP: every process runs forwards until all are done (their collectives pair up).
-            synced_gpus=torch.distributed.is_initialized(),
+            # FSDP: every process runs forwards until all are done (their collectives pair
+            # up). Not "a process group exists": vLLM in this process makes one of size 1.
+            synced_gpus=torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1,
         )
     policy.train(was_training)
     new_tokens = out[:, encoded["input_ids"].shape[1]:]

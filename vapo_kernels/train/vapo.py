@@ -429,8 +429,8 @@ class MetricAccumulator:
     """Combines vapo_loss metrics over micro-batches and mini-batches into one row.
 
     Loss terms computed with global counts are shares of their mini-batch loss (summed per
-    mini-batch, then averaged over mini-batches); rates are token-weighted means; the ratio
-    range is min / max.
+    mini-batch, then averaged over mini-batches); rates are token-weighted means; ranges
+    (``*_min`` / ``*_max``: the ratio, the rollout weights) are min / max.
     """
 
     ADDITIVE = ("pg_loss", "vf_loss", "kl_loss", "entropy", "lm_loss")
@@ -447,9 +447,9 @@ class MetricAccumulator:
             if value is None or key == "tokens":
                 continue
             v = float(value)
-            if key == "ratio_min":
+            if key.endswith("_min"):  # ratio_min, rollout_is_min: extremes, not means
                 self.extremes[key] = min(self.extremes.get(key, v), v)
-            elif key == "ratio_max":
+            elif key.endswith("_max"):
                 self.extremes[key] = max(self.extremes.get(key, v), v)
             elif key in self.ADDITIVE:
                 self.sums[key] = self.sums.get(key, 0.0) + v

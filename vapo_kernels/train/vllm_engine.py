@@ -1,9 +1,11 @@
 """vLLM as the rollout engine (``--rollout_engine vllm``): one process, one GPU.
 
 The engine lives in the trainer's process beside the models it trains ("colocated"), with
-``vllm_gpu_memory`` of the GPU for its weights and KV cache. It starts from the policy's
-config alone (``load_format="dummy"``, no weights read from disk, no tokenizer: prompts go
-in as token ids, responses come back as token ids), and before every rollout the policy's
+``vllm_gpu_memory`` of the GPU for its weights and KV cache, in ``vllm_dtype`` (bf16 by
+default: the rollouts then differ from the fp32 policy by bf16 rounding, which the
+rollout correction is for). It starts from the policy's config alone (``load_format=
+"dummy"``, no weights read from disk, no tokenizer: prompts go in as token ids, responses
+come back as token ids), and before every rollout whose policy changed, the policy's
 current weights are pushed into it with the model's own ``load_weights`` - the path TRL's
 colocated mode takes. ``logprobs_mode="processed_logprobs"`` makes the log-prob vLLM
 reports for each sampled token the one of the distribution it sampled from,
@@ -19,12 +21,14 @@ checks this module against a stand-in with vLLM's call signatures and output typ
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 import random
 import tempfile
 
 import torch
+from transformers import GenerationConfig
 
 from .rollout import RolloutBatch, build_batch
 
@@ -53,13 +57,19 @@ class _SavedRandomState:
     seeded streams (sampling, shuffling: checkpointed for exact resumes) must not move."""
 
     def __enter__(self):
+        import numpy
+
         self.python = random.getstate()
+        self.numpy = numpy.random.get_state()
         self.torch = torch.get_rng_state()
         self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
         return self
 
     def __exit__(self, *exc):
+        import numpy
+
         random.setstate(self.python)
+        numpy.random.set_state(self.numpy)
         torch.set_rng_state(self.torch)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
@@ -68,7 +78,7 @@ class _SavedRandomState:
 class VllmEngine:
     """A rollout engine called like :func:`.rollout.generate`."""
 
-    def __init__(self, policy, *, gpu_memory: float, seed: int):
+    def __init__(self, policy, tokenizer, *, gpu_memory: float, dtype: str, seed: int):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process
         import vllm
 
@@ -77,14 +87,21 @@ class VllmEngine:
                                f"need >= {'.'.join(map(str, MIN_VERSION))} (its processed "
                                "log-probs include the temperature from then on)")
         self._vllm = vllm
-        self.folder = tempfile.mkdtemp(prefix="vapo-vllm-")
-        policy.config.save_pretrained(self.folder)  # the config only: weights are pushed
-        dtype = str(next(policy.parameters()).dtype).removeprefix("torch.")
+        # The config only (weights are pushed). vLLM picks its model class by the config's
+        # architectures, which a model built from a config (the built-in one) leaves
+        # empty; and it adds a generation_config.json's EOS to the stop tokens, so the
+        # folder's names the tokenizer's EOS (the one transformers generate stops at).
+        self._folder = tempfile.TemporaryDirectory(prefix="vapo-vllm-")  # removed at exit
+        config = copy.deepcopy(policy.config)
+        config.architectures = config.architectures or [type(policy).__name__]
+        config.save_pretrained(self._folder.name)
+        GenerationConfig(eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id).save_pretrained(self._folder.name)
         with _SavedRandomState():
             self.llm = vllm.LLM(
-                model=self.folder, load_format="dummy", skip_tokenizer_init=True, dtype=dtype,
-                gpu_memory_utilization=gpu_memory, logprobs_mode="processed_logprobs",
-                seed=seed,
+                model=self._folder.name, load_format="dummy", skip_tokenizer_init=True,
+                dtype=dtype, gpu_memory_utilization=gpu_memory,
+                logprobs_mode="processed_logprobs", seed=seed,
             )
         self._pushed: tuple[int, ...] | None = None
 
@@ -97,7 +114,6 @@ class VllmEngine:
         model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
         with torch.no_grad():
             model.load_weights((name, t.detach()) for name, t in policy.state_dict().items())
-        self.llm.reset_prefix_cache()  # cached KV of the old weights
         self._pushed = versions
         return True
 
@@ -108,11 +124,14 @@ class VllmEngine:
             raise ValueError("the vllm engine does not continue response prefixes (the "
                              "diagnostics use transformers generate for that)")
         self.push_weights(policy)
+        # Every call starts without cached prefixes (stale after a push; and a resumed run
+        # starts without them too). Sampling is seeded, not bit-exact: vLLM's numbers also
+        # depend on how it batches the requests.
+        self.llm.reset_prefix_cache()
         prompts = [{"prompt_token_ids": tokenizer(p.prompt, add_special_tokens=False).input_ids}
                    for p in problems]
-        # Per-request seeds drawn from the run's seeded stream (saved in checkpoints), so a
-        # resumed run samples what the uninterrupted one did.
-        base = int(torch.randint(0, 2**31 - len(problems), ()))
+        # Per-request seeds drawn from the run's seeded stream (saved in checkpoints).
+        base = 0 if greedy else int(torch.randint(0, 2**31 - len(problems), ()))
         params = [
             self._vllm.SamplingParams(
                 n=1, temperature=0.0 if greedy else temperature, top_p=1.0,
