@@ -38,6 +38,19 @@ def tiny_config(tmp_path, *extra: str, drop: tuple[str, ...] = ()):
     return parse_config([*tiny_argv(drop), "--output_dir", str(tmp_path / "run"), *extra])
 
 
+def tiny_policy(tmp_path, *extra: str):
+    """(config, task, policy, tokenizer) of a tiny config, the policy built with seed 0."""
+    import torch
+
+    from vapo_kernels.train.cli import build_policy, build_task
+
+    config = tiny_config(tmp_path, *extra)
+    torch.manual_seed(0)
+    task = build_task(config)
+    policy, tokenizer = build_policy(config, task)
+    return config, task, policy, tokenizer
+
+
 def read_rows(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]

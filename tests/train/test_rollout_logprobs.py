@@ -12,7 +12,6 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import vapo_kernels as vk
-from vapo_kernels.train.cli import build_policy, build_task
 from vapo_kernels.train.config import ConfigError
 from vapo_kernels.train.models import value_model_from_policy
 from vapo_kernels.train.rollout import generate, policy_logprobs
@@ -26,20 +25,12 @@ from vapo_kernels.train.vapo import (
     setup_rl,
 )
 
-from .conftest import tiny_config
-
-
-def _policy(tmp_path, *extra):
-    config = tiny_config(tmp_path, *extra)
-    torch.manual_seed(0)
-    task = build_task(config)
-    policy, tokenizer = build_policy(config, task)
-    return config, task, policy, tokenizer
+from .conftest import tiny_config, tiny_policy
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_recorded_logprobs_are_the_policys(tmp_path, temperature):
-    config, task, policy, tokenizer = _policy(tmp_path)
+    _, task, policy, tokenizer = tiny_policy(tmp_path)
     problems = task.sample(random.Random(0), 6)
     batch = generate(policy, tokenizer, problems, task, max_new_tokens=12,
                      temperature=temperature, record_logprobs=True)
@@ -56,7 +47,7 @@ def test_recorded_logprobs_are_the_policys(tmp_path, temperature):
 def test_a_folders_generation_config_does_not_change_the_sampling(tmp_path):
     """Qwen-style generation_config.json (repetition penalty, top-k, top-p) in the model
     folder: the rollouts still come from log_softmax(logits / temperature)."""
-    config, task, policy, tokenizer = _policy(tmp_path)
+    _, task, policy, tokenizer = tiny_policy(tmp_path)
     policy.generation_config.do_sample = True
     policy.generation_config.repetition_penalty = 3.0
     policy.generation_config.top_k = 2
@@ -77,7 +68,7 @@ def test_a_folders_generation_config_does_not_change_the_sampling(tmp_path):
 
 
 def test_record_logprobs_refuses_prefixes(tmp_path):
-    config, task, policy, tokenizer = _policy(tmp_path)
+    _, task, policy, tokenizer = tiny_policy(tmp_path)
     problems = task.sample(random.Random(0), 2)
     with pytest.raises(ValueError, match="response_prefixes"):
         generate(policy, tokenizer, problems, task, max_new_tokens=4, temperature=1.0,
@@ -87,7 +78,7 @@ def test_record_logprobs_refuses_prefixes(tmp_path):
 @pytest.mark.parametrize("level, mode", [("token", "truncate"), ("sequence", "mask"),
                                          ("geometric", "truncate")])
 def test_trainer_loss_is_vapo_loss_with_the_rollout_correction(tmp_path, level, mode):
-    config, task, policy, tokenizer = _policy(
+    config, task, policy, tokenizer = tiny_policy(
         tmp_path, "--rollout_is", level, "--rollout_is_mode", mode,
         "--rollout_is_threshold", "1.5")
     state = TrainState(policy=policy, tokenizer=tokenizer, task_rng=random.Random(0))
@@ -124,7 +115,7 @@ def test_trainer_loss_is_vapo_loss_with_the_rollout_correction(tmp_path, level, 
 
 
 def test_without_rollout_is_no_logprobs_are_recorded(tmp_path):
-    config, task, policy, tokenizer = _policy(tmp_path)
+    config, task, policy, tokenizer = tiny_policy(tmp_path)
     state = TrainState(policy=policy, tokenizer=tokenizer, task_rng=random.Random(0))
     setup_rl(state, config, value_model_from_policy)
     assert rollout(state, task, config).rollout_logp is None

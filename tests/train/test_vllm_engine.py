@@ -13,6 +13,7 @@ import random
 import sys
 import types
 from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 import torch
@@ -20,10 +21,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from vapo_kernels.train import config as config_module
 from vapo_kernels.train import vllm_engine
-from vapo_kernels.train.cli import build_policy, build_task, train
+from vapo_kernels.train.cli import train
 from vapo_kernels.train.rollout import policy_logprobs
 
-from .conftest import read_rows, tiny_config
+from .conftest import read_rows, tiny_config, tiny_policy
 
 
 @dataclass
@@ -59,7 +60,7 @@ class _LoadableModel:
 
 
 class LLM:
-    made: list[LLM] = []
+    made: ClassVar[list[LLM]] = []
 
     def __init__(self, model, **kwargs):
         self.kwargs = kwargs
@@ -113,23 +114,15 @@ def stand_in(monkeypatch):
     return module
 
 
-def _policy(tmp_path, *extra):
-    config = tiny_config(tmp_path, *extra)
-    torch.manual_seed(0)
-    task = build_task(config)
-    policy, tokenizer = build_policy(config, task)
-    return config, task, policy, tokenizer
-
-
-def test_engine_samples_from_the_pushed_policy(tmp_path, stand_in):
-    config, task, policy, tokenizer = _policy(tmp_path)
+def test_engine_samples_from_the_pushedtiny_policy(tmp_path, stand_in):
+    _, task, policy, tokenizer = tiny_policy(tmp_path)
     before = torch.get_rng_state()
     engine = vllm_engine.VllmEngine(policy, tokenizer, gpu_memory=0.25, dtype="float32", seed=7)
     assert torch.equal(torch.get_rng_state(), before)  # vLLM's seeding left the run's alone
     llm = LLM.made[-1]
-    assert llm.kwargs == dict(load_format="dummy", skip_tokenizer_init=True, dtype="float32",
-                              gpu_memory_utilization=0.25, logprobs_mode="processed_logprobs",
-                              seed=7)
+    assert llm.kwargs == {"load_format": "dummy", "skip_tokenizer_init": True,
+                          "dtype": "float32", "gpu_memory_utilization": 0.25,
+                          "logprobs_mode": "processed_logprobs", "seed": 7}
     # the folder vLLM starts from names the model class (the built-in model's config
     # leaves it empty) and the tokenizer's EOS, which vLLM adds to the stop tokens
     assert policy.config.architectures is None
@@ -163,7 +156,7 @@ def test_engine_samples_from_the_pushed_policy(tmp_path, stand_in):
 
 
 def test_engine_refuses_old_vllm_and_prefixes(tmp_path, stand_in):
-    config, task, policy, tokenizer = _policy(tmp_path)
+    _, task, policy, tokenizer = tiny_policy(tmp_path)
     stand_in.__version__ = "0.10.1.1"
     with pytest.raises(RuntimeError, match=r"need >= 0\.10\.2"):
         vllm_engine.VllmEngine(policy, tokenizer, gpu_memory=0.3, dtype="bfloat16", seed=0)
