@@ -167,12 +167,28 @@ def _sharded_state(state, with_optimizer: list[str]) -> dict[str, Any]:
     return out
 
 
-def _private_state(state) -> dict[str, Any]:
+def process_rng_state() -> dict[str, Any]:
+    """The process-wide random generators: Python's, NumPy's, torch's CPU and CUDA ones."""
     return {
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_process_rng_state(saved: dict[str, Any]) -> None:
+    """Put back what :func:`process_rng_state` returned."""
+    random.setstate(saved["python"])
+    np.random.set_state(saved["numpy"])
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+
+
+def _private_state(state) -> dict[str, Any]:
+    return {
+        **process_rng_state(),
         "task_rng": state.task_rng.getstate(),
         "shuffle_generator": state.shuffle_generator.get_state(),
         "phase": state.phase,
@@ -186,11 +202,7 @@ def _private_state(state) -> dict[str, Any]:
 
 
 def _restore_private(state, saved: dict[str, Any]) -> None:
-    random.setstate(saved["python"])
-    np.random.set_state(saved["numpy"])
-    torch.set_rng_state(saved["torch"])
-    if saved["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(saved["cuda"])
+    set_process_rng_state(saved)
     state.task_rng.setstate(saved["task_rng"])
     state.shuffle_generator.set_state(saved["shuffle_generator"])
     state.phase, state.step = saved["phase"], saved["step"]

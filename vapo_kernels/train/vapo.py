@@ -349,7 +349,9 @@ def micro_batch_loss(
 
 def _vapo_loss(logp, old, micro, values, entropy, counts, a, r, device):
     """The one vk.vapo_loss call of a micro-batch, every VAPO term switched by the config."""
-    correct = r.rollout_is != "none"
+    correction = {} if r.rollout_is == "none" else dict(
+        rollout_logp=micro.rollout_logp.to(device), rollout_is=r.rollout_is,
+        rollout_is_mode=r.rollout_is_mode, rollout_is_threshold=r.rollout_is_threshold)
     return vk.vapo_loss(
         logp, old.logp, old.advantages, None, micro.cu_seqlens.to(device),
         values=values,
@@ -366,10 +368,7 @@ def _vapo_loss(logp, old, micro, values, entropy, counts, a, r, device):
         entropy_coef=a.entropy_coef, lm_coef=a.lm_coef, agg=a.loss_agg,
         global_tokens=counts.tokens, global_seqs=counts.seqs,
         global_positive_tokens=counts.positive_tokens, dp_size=counts.dp_size,
-        rollout_logp=micro.rollout_logp.to(device) if correct else None,
-        rollout_is=r.rollout_is if correct else None,
-        rollout_is_mode=r.rollout_is_mode if correct else None,
-        rollout_is_threshold=r.rollout_is_threshold if correct else None,
+        **correction,
     )
 
 

@@ -24,15 +24,16 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import random
 import tempfile
 
 import torch
+from packaging.version import Version
 from transformers import GenerationConfig
 
+from .checkpoint import process_rng_state, set_process_rng_state
 from .rollout import RolloutBatch, build_batch
 
-MIN_VERSION = (0, 10, 2)
+MIN_VERSION = Version("0.10.2")
 
 
 def unavailable(device: str) -> str | None:
@@ -44,37 +45,6 @@ def unavailable(device: str) -> str | None:
     return None
 
 
-def _version(text: str) -> tuple[int, ...]:
-    parts = []
-    for piece in text.split("+")[0].split(".")[:3]:
-        digits = "".join(c for c in piece if c.isdigit())
-        parts.append(int(digits or 0))
-    return tuple(parts)
-
-
-class _SavedRandomState:
-    """vLLM seeds the process's random generators when its worker starts; the run's own
-    seeded streams (sampling, shuffling: checkpointed for exact resumes) must not move."""
-
-    def __enter__(self):
-        import numpy
-
-        self.python = random.getstate()
-        self.numpy = numpy.random.get_state()
-        self.torch = torch.get_rng_state()
-        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-        return self
-
-    def __exit__(self, *exc):
-        import numpy
-
-        random.setstate(self.python)
-        numpy.random.set_state(self.numpy)
-        torch.set_rng_state(self.torch)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state_all(self.cuda)
-
-
 class VllmEngine:
     """A rollout engine called like :func:`.rollout.generate`."""
 
@@ -82,10 +52,10 @@ class VllmEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the model in this process
         import vllm
 
-        if _version(vllm.__version__) < MIN_VERSION:
+        if Version(vllm.__version__) < MIN_VERSION:
             raise RuntimeError(f"vLLM {vllm.__version__} is too old for --rollout_engine vllm: "
-                               f"need >= {'.'.join(map(str, MIN_VERSION))} (its processed "
-                               "log-probs include the temperature from then on)")
+                               f"need >= {MIN_VERSION} (its processed log-probs include the "
+                               "temperature from then on)")
         self._vllm = vllm
         # The config only (weights are pushed). vLLM picks its model class by the config's
         # architectures, which a model built from a config (the built-in one) leaves
@@ -97,12 +67,17 @@ class VllmEngine:
         config.save_pretrained(self._folder.name)
         GenerationConfig(eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id).save_pretrained(self._folder.name)
-        with _SavedRandomState():
+        # vLLM seeds the process's generators as its worker starts; the run's own seeded
+        # streams (sampling, shuffling: checkpointed for exact resumes) must not move.
+        saved = process_rng_state()
+        try:
             self.llm = vllm.LLM(
                 model=self._folder.name, load_format="dummy", skip_tokenizer_init=True,
                 dtype=dtype, gpu_memory_utilization=gpu_memory,
                 logprobs_mode="processed_logprobs", seed=seed,
             )
+        finally:
+            set_process_rng_state(saved)
         self._pushed: tuple[int, ...] | None = None
 
     def push_weights(self, policy) -> bool:
