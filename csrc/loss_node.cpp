@@ -1,12 +1,19 @@
 // The autograd node of a loss whose kernel writes the gradients of its inputs in the
 // forward pass (the vapo loss kernels: every term is elementwise in the inputs, so the
 // gradient is known once the tokens are read). Its backward only scales them by the
-// incoming gradient. A C++ node because Python's autograd.Function (apply, context,
-// a Python backward called from the engine) costs ~50 us per forward + backward on a CPU
-// core: more than the loss kernel itself at the micro-batch sizes a trainer uses.
+// incoming gradient. A plain C++ Node rather than torch::autograd::Function: at the
+// micro-batch sizes a trainer uses, the per-call cost of the node is more than the loss
+// kernel, and a Function's context (an IValue dict, SavedVariables, a second node
+// wrapper per output) costs ~25 us more per forward + backward on a CPU core than a node
+// that holds its tensors itself.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "ops.h"
@@ -14,62 +21,98 @@
 namespace vapo {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-struct LossFromGradients : public torch::autograd::Function<LossFromGradients> {
-  // inputs[i]: a differentiable input of the loss; grads[i]: d loss / d inputs[i] as the
-  // op returns it (in the input's shape, in the kernel's output dtype; an empty (0,)
-  // tensor when the forward ran without gradients). Both lists count as inputs of the node, so backward
-  // returns 1 + 2 * inputs.size() gradients (+ 1 for the op name).
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& loss, at::TensorList inputs,
-                            at::TensorList grads, const std::string& op) {
-    TORCH_CHECK(inputs.size() == grads.size(), op, ": ", inputs.size(), " inputs but ",
-                grads.size(), " gradients");
-    std::vector<at::Tensor> saved;
-    std::vector<int64_t> dtypes;
-    saved.reserve(grads.size());
-    dtypes.reserve(grads.size());
-    for (size_t i = 0; i < grads.size(); ++i) {
-      // A gradient of another shape (none was computed: the forward ran with need_grad
-      // off) is saved as undefined: backward names the problem if autograd asks for it.
-      const bool fits = grads[i].sizes() == inputs[i].sizes();
-      saved.push_back(fits ? grads[i] : at::Tensor());
-      dtypes.push_back(static_cast<int64_t>(inputs[i].scalar_type()));
-    }
-    ctx->save_for_backward(saved);
-    ctx->saved_data["dtypes"] = dtypes;
-    ctx->saved_data["op"] = op;
-    // Not `loss` itself: an input returned as an output comes back as a view, and a view
-    // made this way refuses in-place ops (`loss /= accumulation_steps`).
-    return loss.detach();
-  }
+struct LossFromGradients : public torch::autograd::Node {
+  // grads[i]: d loss / d inputs[i] as the kernel wrote it (undefined when the forward ran
+  // without gradients); dtypes[i]: the input's dtype, the gradient's dtype on the way out.
+  // The grads are kernel outputs without autograd history, owned by this node alone, so
+  // they are held as plain tensors (no SavedVariable bookkeeping, no reference cycle).
+  LossFromGradients(torch::autograd::edge_list&& next_edges, std::vector<at::Tensor> grads,
+                    std::vector<at::ScalarType> dtypes, std::string op)
+      : Node(std::move(next_edges)),
+        grads_(std::move(grads)),
+        dtypes_(std::move(dtypes)),
+        op_(std::move(op)) {}
 
-  static variable_list backward(AutogradContext* ctx, variable_list grad_outputs) {
-    const variable_list grads = ctx->get_saved_variables();
-    const std::vector<int64_t> dtypes = ctx->saved_data["dtypes"].toIntVector();
-    const size_t n = grads.size();
-    variable_list out(2 + 2 * n);  // loss, inputs..., grads..., op: undefined = no gradient
+  variable_list apply(variable_list&& grad_outputs) override {
+    std::lock_guard<std::mutex> lock(mutex_);  // against release_variables on another thread
+    const size_t n = grads_.size();
+    variable_list out(n);  // undefined: no gradient
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return out;
+    TORCH_CHECK(!released_, "vapo ", op_, ": trying to backward through the graph a second "
+                "time, but its gradients were freed by the first backward; pass "
+                "retain_graph=True to the first");
+    const bool differentiable = torch::autograd::GradMode::is_enabled() && grad_loss.requires_grad();
+    // Scaled where they lie when this is the graph's last backward (the engine frees the
+    // node's variables next): no second copy of a logits- or weight-sized gradient. With
+    // retain_graph=True they are kept as they are, for the next backward.
+    const bool in_place = will_release_ && !differentiable;
     for (size_t i = 0; i < n; ++i) {
-      if (!ctx->needs_input_grad(1 + i)) continue;
-      const auto dtype = static_cast<at::ScalarType>(dtypes[i]);
-      const at::Tensor& g = grads[i];
-      TORCH_CHECK(g.defined(), "vapo ", ctx->saved_data["op"].toStringRef(),
-                  ": a gradient was requested but the forward ran with need_grad=False; "
-                  "call the loss with grad mode on");
-      out[1 + i] = g.mul(grad_loss.to(g.scalar_type())).to(dtype);
+      if (!task_should_compute_output(i)) continue;
+      at::Tensor& g = grads_[i];
+      TORCH_CHECK(g.defined(), "vapo ", op_, ": a gradient was requested but the forward ran "
+                  "with need_grad=False; call the loss with grad mode on");
+      const at::Tensor scale = grad_loss.to(g.scalar_type());
+      out[i] = (in_place ? g.mul_(scale) : g.mul(scale)).to(dtypes_[i]);
+    }
+    if (differentiable) {
+      // create_graph=True with a gradient that is itself differentiable: the result is
+      // right as a function of grad_loss, but its dependence on the inputs is not in the
+      // graph. Refuse a second backward through it rather than return zeros, as
+      // torch.autograd.function.once_differentiable does.
+      auto error = c10::make_intrusive<torch::autograd::DelayedError>(
+          "vapo " + op_ + ": the loss's gradient is not differentiable (no double backward)",
+          static_cast<int64_t>(n));
+      out = (*error)(std::move(out));
     }
     return out;
   }
+
+  void will_release_variables() override { will_release_ = true; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    grads_.clear();  // token- or logits-sized: free them as soon as the backward is done
+    grads_.shrink_to_fit();
+    released_ = true;
+  }
+
+  std::string name() const override { return "vapo::" + op_ + "::LossFromGradients"; }
+
+ private:
+  std::vector<at::Tensor> grads_;
+  std::vector<at::ScalarType> dtypes_;
+  std::string op_;
+  bool will_release_ = false;
+  bool released_ = false;
 };
 
 }  // namespace
 
 at::Tensor loss_from_gradients(const at::Tensor& loss, const std::vector<at::Tensor>& inputs,
                                const std::vector<at::Tensor>& grads, const std::string& op) {
-  return LossFromGradients::apply(loss, at::TensorList(inputs), at::TensorList(grads), op);
+  TORCH_CHECK(inputs.size() == grads.size(), op, ": ", inputs.size(), " inputs but ",
+              grads.size(), " gradients");
+  std::vector<at::Tensor> held;
+  std::vector<at::ScalarType> dtypes;
+  held.reserve(grads.size());
+  dtypes.reserve(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    // A gradient of another shape (none was computed: the forward ran with need_grad off)
+    // is held as undefined: apply names the problem if autograd asks for it.
+    held.push_back(grads[i].sizes() == inputs[i].sizes() ? grads[i].detach() : at::Tensor());
+    dtypes.push_back(inputs[i].scalar_type());
+  }
+  // Not `loss` itself: the caller's tensor keeps no history (as a Function's output would
+  // not), and the result is a fresh tensor that takes in-place ops (`loss /= steps`).
+  at::Tensor out = loss.detach();
+  if (!torch::autograd::compute_requires_grad(inputs)) return out;
+  auto node = c10::make_intrusive<LossFromGradients>(
+      torch::autograd::collect_next_edges(inputs), std::move(held), std::move(dtypes), op);
+  torch::autograd::set_history(out, node);
+  return out;
 }
 
 }  // namespace vapo

@@ -23,6 +23,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _SCHEMA_TYPES = {
@@ -178,8 +179,8 @@ _node_tried = False
 
 def _loss_node():
     """``loss_from_gradients`` of the C++ extension (csrc/loss_node.cpp), or None when the
-    extension cannot be built: then the op's Python autograd.Function runs instead (same
-    backward, ~50 us more per forward + backward)."""
+    extension cannot be built: then a Python autograd.Function does the same (~50 us more
+    per forward + backward, and it scales the gradients into a new tensor)."""
     global _node, _node_tried
     if not _node_tried:
         _node_tried = True
@@ -188,6 +189,40 @@ def _loss_node():
         ext = _backends.extension()
         _node = getattr(ext, "loss_from_gradients", None) if ext is not None else None
     return _node
+
+
+def loss_from_gradients(loss: Tensor, inputs: Sequence[Tensor], grads: Sequence[Tensor],
+                        name: str) -> Tensor:
+    """``loss`` (computed without a graph) made differentiable in ``inputs``, whose
+    gradients ``grads`` (d loss / d input, in the input's shape) its kernel already wrote:
+    the backward only scales them by the loss's gradient. For the losses whose forward
+    writes their gradients (from logits, from hidden states). Works with retain_graph;
+    a double backward through it raises."""
+    node = _loss_node()
+    if node is not None and not _tracing():
+        return node(loss, list(inputs), list(grads), name)
+    return _LossFromGradients.apply(loss, len(inputs), *inputs, *grads)
+
+
+class _LossFromGradients(torch.autograd.Function):
+    """The Python twin of the C++ node (no extension, or under torch.compile)."""
+
+    @staticmethod
+    def forward(ctx, loss, n, *tensors):
+        ctx.n = n
+        ctx.dtypes = [t.dtype for t in tensors[:n]]
+        ctx.save_for_backward(*tensors[n:])
+        return loss.detach()  # a new tensor, not a view of an input: takes in-place ops
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        n = ctx.n
+        out = [
+            (g * grad_loss.to(g.dtype)).to(dtype) if need else None
+            for g, dtype, need in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[2:])
+        ]
+        return None, None, *out, *([None] * n)
 
 
 def _autograd_function(name, args, impl, setup_context, backward) -> type:

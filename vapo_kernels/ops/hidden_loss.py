@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from .._library import loss_from_gradients
 from . import loss_spec
 from .linear_logprobs import (
     LinearLogprobsArgs,
@@ -58,22 +59,6 @@ def _loss_and_grads(hidden, weight, bias, targets, old_logp, advantages, mask, c
     )
 
 
-class _LossFromHidden(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, rest, metrics_out, o):
-        need_h = hidden.requires_grad
-        need_w = weight.requires_grad or (bias is not None and bias.requires_grad)
-        loss, sums, *ctx.grads = _loss_and_grads(hidden, weight, bias, *rest, o, need_h, need_w)
-        metrics_out.append(logp_loss_metrics(o, sums))  # handed back beside the graph
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grads, ctx.grads = ctx.grads, None
-        scaled = [None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads]
-        return (*scaled, None, None, None)
-
-
 def policy_loss_from_hidden(
     hidden: Tensor,
     weight: Tensor,
@@ -97,11 +82,14 @@ def policy_loss_from_hidden(
     check_flat_input("hidden", hidden, cu_seqlens)
     rest = (targets, old_logp, advantages, mask, cu_seqlens, check_temperature(temperature),
             backend or "")
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    ):
-        metrics: list = []
-        loss = _LossFromHidden.apply(hidden, weight, bias, rest, metrics, o)
-        return loss, metrics[0]
-    loss, sums, *_ = _loss_and_grads(hidden, weight, bias, *rest, o, False, False)
+    need_h = hidden.requires_grad
+    need_w = weight.requires_grad or (bias is not None and bias.requires_grad)
+    if not ((need_h or need_w) and torch.is_grad_enabled()):
+        loss, sums, *_ = _loss_and_grads(hidden, weight, bias, *rest, o, False, False)
+        return loss, logp_loss_metrics(o, sums)
+    with torch.no_grad():  # the gradients come from the kernels: the graph is one node
+        loss, sums, *grads = _loss_and_grads(hidden, weight, bias, *rest, o, need_h, need_w)
+    pairs = [(t, g) for t, g in zip((hidden, weight, bias), grads)
+             if t is not None and t.requires_grad]
+    loss = loss_from_gradients(loss, [t for t, _ in pairs], [g for _, g in pairs], "hidden_loss")
     return loss, logp_loss_metrics(o, sums)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .. import _backends, _ragged
 from .. import _loss_layout as L
-from .._library import Op
+from .._library import Op, loss_from_gradients
 from . import token_logprobs as lp_ops
 from . import loss_spec
 from .token_loss import (
@@ -279,28 +279,6 @@ def check_flat_input(name: str, x: Tensor, cu_seqlens: Tensor | None) -> None:
         )
 
 
-class _LossFromLogits(torch.autograd.Function):
-    """The fused op in the forward; the backward scales the gradient it wrote."""
-
-    @staticmethod
-    def forward(ctx, logits, a, inplace_backward, metrics_out, options):
-        a = a._replace(logits=logits)
-        if inplace_backward:
-            loss, sums = logits_loss_inplace_op(a)
-            ctx.grad = logits
-        else:
-            loss, sums, ctx.grad = logits_loss_op(a)
-        # ctx attribute, not save_for_backward: the in-place buffer has a bumped version.
-        metrics_out.append(logp_loss_metrics(options, sums))
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad, ctx.grad = ctx.grad, None
-        grad = grad.mul_(grad_loss.to(grad.dtype))  # scaled where it lies: no new N x V
-        return grad, None, None, None, None
-
-
 def policy_loss_from_logits(
     logits: Tensor,
     targets: Tensor,
@@ -341,9 +319,14 @@ def policy_loss_from_logits(
         cu_seqlens, o["positive"], o["params"], temperature, o["agg"], *o["aggregation"],
         grad, backend or "",
     )
-    if grad:
-        metrics: list = []
-        loss = _LossFromLogits.apply(logits, a, bool(inplace_backward), metrics, o)
-        return loss, metrics[0]
-    loss, sums, _ = logits_loss_op(a)
+    if not grad:
+        loss, sums, _ = logits_loss_op(a)
+        return loss, logp_loss_metrics(o, sums)
+    with torch.no_grad():  # the kernel writes the gradient: the graph is one node
+        if inplace_backward:
+            loss, sums = logits_loss_inplace_op(a)
+            grad_logits = logits
+        else:
+            loss, sums, grad_logits = logits_loss_op(a)
+    loss = loss_from_gradients(loss, [logits], [grad_logits], "logits_loss")
     return loss, logp_loss_metrics(o, sums)

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import _backends, _ragged
 from .. import _loss_layout as L
@@ -282,6 +283,7 @@ def _setup_context(ctx, a: TokenLossArgs, output):
     ctx.had_grads = a.need_grad
 
 
+@once_differentiable  # the saved gradients have no graph: a double backward would be 0
 def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return token_loss_op.grads()

@@ -1,0 +1,131 @@
+"""The backward of the losses whose kernels write their gradients in the forward pass
+(token log-probs, logits, hidden states): one node that scales them. Against autograd's
+rules a user relies on: retain_graph gives the same gradients again, a backward too many
+and a double backward raise instead of crashing or returning zeros, and the gradients
+are freed with the graph. On both paths: the C++ node and its Python twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vapo_kernels as vk
+from vapo_kernels import _library
+from vapo_kernels.ops import loss_spec
+from vapo_kernels.ops import token_loss as token_loss_mod
+
+B, T, V, H = 3, 6, 11, 5
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(B, T, generator=g) < 0.8
+    mask[:, 0] = True
+    return {
+        "logp": -torch.rand(B, T, generator=g, dtype=torch.float64),
+        "old": -torch.rand(B, T, generator=g, dtype=torch.float64),
+        "adv": torch.randn(B, T, generator=g, dtype=torch.float64),
+        "values": torch.randn(B, T, generator=g, dtype=torch.float64),
+        "logits": torch.randn(B, T, V, generator=g, dtype=torch.float64),
+        "hidden": torch.randn(B, T, H, generator=g, dtype=torch.float64),
+        "weight": torch.randn(V, H, generator=g, dtype=torch.float64),
+        "bias": torch.randn(V, generator=g, dtype=torch.float64),
+        "targets": torch.randint(0, V, (B, T), generator=g),
+        "mask": mask,
+    }
+
+
+def _tokens(x):
+    leaves = [x["logp"].clone().requires_grad_(), x["values"].clone().requires_grad_()]
+    loss, _ = vk.vapo_loss(leaves[0], x["old"], x["adv"], x["mask"], values=leaves[1],
+                           old_values=x["values"], returns=x["adv"], entropy=None)
+    return loss, leaves
+
+
+def _logits(x, inplace=False):
+    leaf = x["logits"].clone().requires_grad_()
+    # inplace_backward refuses a leaf: the logits come out of an op, as from an LM head.
+    loss, _ = vk.policy_loss_from_logits(leaf * 1.0, x["targets"], x["old"], x["adv"],
+                                         x["mask"], entropy_coef=0.01, temperature=0.8,
+                                         inplace_backward=inplace)
+    return loss, [leaf]
+
+
+def _hidden(x):
+    leaves = [x[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")]
+    loss, _ = vk.policy_loss_from_hidden(leaves[0], leaves[1], x["targets"], x["old"],
+                                         x["adv"], x["mask"], bias=leaves[2],
+                                         entropy_coef=0.01)
+    return loss, leaves
+
+
+LOSSES = {
+    "tokens": _tokens,
+    "logits": _logits,
+    "logits-inplace": lambda x: _logits(x, inplace=True),
+    "hidden": _hidden,
+}
+
+
+@pytest.fixture(params=["node", "python"])
+def path(request, monkeypatch):
+    if request.param == "python":  # as if the C++ extension had no loss node
+        monkeypatch.setattr(_library, "_node_tried", True)
+        monkeypatch.setattr(_library, "_node", None)
+    return request.param
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES)
+def test_retain_graph_gives_the_same_gradients_again(path, loss_fn):
+    x = _inputs(1)
+    loss, leaves = LOSSES[loss_fn](x)
+    scale = torch.tensor(2.5, dtype=torch.float64)
+    first = torch.autograd.grad(loss * scale, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss * scale, leaves, retain_graph=True)
+    last = torch.autograd.grad(loss * scale, leaves)  # the node may scale in place now
+    fresh_loss, fresh_leaves = LOSSES[loss_fn](x)
+    want = torch.autograd.grad(fresh_loss * scale, fresh_leaves)
+    for grads in (first, second, last):
+        for g, w in zip(grads, want):
+            assert torch.equal(g, w)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES)
+def test_double_backward_raises_instead_of_returning_zeros(path, loss_fn):
+    # With create_graph=True and a differentiable incoming gradient, the first backward
+    # is right as a function of that gradient, but its dependence on the inputs is not in
+    # the graph: a second backward through it refuses (as torch's once_differentiable).
+    x = _inputs(2)
+    loss, leaves = LOSSES[loss_fn](x)
+    w = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    grads = torch.autograd.grad(loss * w, leaves, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    total = sum(g.sum() for g in grads)
+    # (the node says why; torch's once_differentiable on the Python path cuts the graph)
+    refusal = "no double backward" if path == "node" else "not have been used in the graph"
+    with pytest.raises(RuntimeError, match=refusal):
+        torch.autograd.grad(total, [w], retain_graph=True)
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(total, leaves)  # not zeros: no path to them was recorded
+
+
+def test_node_frees_its_gradients_with_the_graph():
+    # The node holds the kernel's gradient until the backward has used it; without
+    # retain_graph it lets go then (for a from-logits loss that is an N x V buffer).
+    x = _inputs(3)
+    logp = x["logp"].clone().requires_grad_()
+    a = token_loss_mod.TokenLossArgs(
+        logp, x["old"], x["adv"], None, None, None, None, None, None, x["mask"], None, None,
+        loss_spec.loss_params(), "token-mean", None, None, None, 1.0, None, True, "",
+    )
+    loss, _, g_logp, *_ = token_loss_mod.token_loss_op(a)
+    if not loss.grad_fn or "LossFromGradients" not in loss.grad_fn.name():
+        pytest.skip("the C++ extension is not built here")  # CI builds it
+    uses = torch._C._storage_Use_Count
+    held = uses(g_logp.untyped_storage()._cdata)
+    loss.backward(retain_graph=True)
+    assert uses(g_logp.untyped_storage()._cdata) == held
+    loss.backward()
+    assert uses(g_logp.untyped_storage()._cdata) == held - 1
