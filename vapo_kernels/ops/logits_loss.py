@@ -19,8 +19,8 @@ from torch import Tensor
 from .. import _backends, _ragged
 from .. import _loss_layout as L
 from .._library import Op, loss_from_gradients
-from . import token_logprobs as lp_ops
 from . import loss_spec
+from . import token_logprobs as lp_ops
 from .token_loss import (
     aggregation_weights,
     check_aggregation,
