@@ -188,8 +188,8 @@ def _fake_inplace(a: LogitsLossArgs):
     return _fake(a)[:2]
 
 
-# Neither op has an autograd formula: the gradient is computed in the forward and
-# policy_loss_from_logits' autograd.Function scales it where it lies.
+# Neither op has an autograd formula: the gradient is computed in the forward, and
+# policy_loss_from_logits hands it to the loss node (_library.loss_from_gradients).
 logits_loss_op = Op("logits_loss", LogitsLossArgs, "(Tensor, Tensor, Tensor)", _impl, _fake)
 logits_loss_inplace_op = Op(
     "logits_loss_", LogitsLossArgs, "(Tensor, Tensor)", _impl_inplace, _fake_inplace,
