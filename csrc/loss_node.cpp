@@ -4,12 +4,13 @@
 // incoming gradient. A plain C++ Node rather than torch::autograd::Function: at the
 // micro-batch sizes a trainer uses, the per-call cost of the node is more than the loss
 // kernel, and a Function's context (an IValue dict, SavedVariables, a second node
-// wrapper per output) costs ~25 us more per forward + backward on a CPU core than a node
-// that holds its tensors itself.
+// wrapper per output) costs ~10-15 us more per forward + backward on a CPU core than a
+// node that holds its tensors itself.
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 
 #include <mutex>
 #include <string>
@@ -23,40 +24,97 @@ namespace {
 
 using torch::autograd::variable_list;
 
+constexpr const char* kFreed =
+    ": trying to backward through the graph a second time, but its gradients were freed (or "
+    "scaled in place) by the first backward; pass retain_graph=True to the first";
+
 struct LossFromGradients : public torch::autograd::Node {
   // grads[i]: d loss / d inputs[i] as the kernel wrote it (undefined when the forward ran
   // without gradients); dtypes[i]: the input's dtype, the gradient's dtype on the way out.
-  // The grads are kernel outputs without autograd history, owned by this node alone, so
-  // they are held as plain tensors (no SavedVariable bookkeeping, no reference cycle).
+  // The grads are kernel outputs without autograd history, held as plain tensors (no
+  // SavedVariable bookkeeping, no reference cycle). donated: the caller gave the buffers
+  // up (the logits of inplace_backward), so they may be scaled in place though shared.
   LossFromGradients(torch::autograd::edge_list&& next_edges, std::vector<at::Tensor> grads,
-                    std::vector<at::ScalarType> dtypes, std::string op)
+                    std::vector<at::ScalarType> dtypes, std::string op, bool donated)
       : Node(std::move(next_edges)),
         grads_(std::move(grads)),
         dtypes_(std::move(dtypes)),
-        op_(std::move(op)) {}
+        op_(std::move(op)),
+        donated_(donated) {}
 
   variable_list apply(variable_list&& grad_outputs) override {
     std::lock_guard<std::mutex> lock(mutex_);  // against release_variables on another thread
+    const bool last = will_release_;
+    will_release_ = false;  // the engine says so again before each backward that frees
+    return scale(grad_outputs, last && post_hooks().empty());
+  }
+
+  // Compiled autograd: the gradients are the node's state; the backward traces as plain
+  // tensor ops on them (out of place: they are inputs of the traced graph).
+  void compiled_args(torch::dynamo::autograd::CompiledNodeArgs& args) const override {
+    args.collect(grads_);
+    args.collect(dtypes_);
+    args.collect(op_);
+    args.collect(consumed_);
+  }
+
+  variable_list apply_with_saved(const variable_list& inputs,
+                                 torch::dynamo::autograd::SwapSavedVariables& saved) override {
+    saved.before(grads_);
+    variable_list out = scale(inputs, /*in_place=*/false);
+    saved.after(grads_);
+    return out;
+  }
+
+  void will_release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    will_release_ = true;
+  }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    grads_.clear();  // token- or logits-sized: free them as soon as the backward is done
+    grads_.shrink_to_fit();
+    consumed_ = true;
+  }
+
+  std::string name() const override { return "vapo::" + op_ + "::LossFromGradients"; }
+
+ private:
+  // Whether grads_[i] may be overwritten: this node holds its only reference (nobody can
+  // see the change), or its buffer was donated.
+  bool owned(const at::Tensor& g) const {
+    return donated_ || (g.use_count() == 1 && g.storage().use_count() == 1);
+  }
+
+  variable_list scale(const variable_list& grad_outputs, bool last) {
     const size_t n = grads_.size();
     variable_list out(n);  // undefined: no gradient
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return out;
-    TORCH_CHECK(!released_, "vapo ", op_, ": trying to backward through the graph a second "
-                "time, but its gradients were freed by the first backward; pass "
-                "retain_graph=True to the first");
-    const bool differentiable = torch::autograd::GradMode::is_enabled() && grad_loss.requires_grad();
-    // Scaled where they lie when this is the graph's last backward (the engine frees the
-    // node's variables next): no second copy of a logits- or weight-sized gradient. With
-    // retain_graph=True they are kept as they are, for the next backward.
-    const bool in_place = will_release_ && !differentiable;
+    TORCH_CHECK(!consumed_, "vapo ", op_, kFreed);
+    const bool differentiable =
+        torch::autograd::GradMode::is_enabled() && grad_loss.requires_grad();
+    bool scaled_in_place = false;
     for (size_t i = 0; i < n; ++i) {
       if (!task_should_compute_output(i)) continue;
       at::Tensor& g = grads_[i];
       TORCH_CHECK(g.defined(), "vapo ", op_, ": a gradient was requested but the forward ran "
                   "with need_grad=False; call the loss with grad mode on");
-      const at::Tensor scale = grad_loss.to(g.scalar_type());
-      out[i] = (in_place ? g.mul_(scale) : g.mul(scale)).to(dtypes_[i]);
+      const at::Tensor factor = grad_loss.to(g.scalar_type());
+      // Scaled where it lies on the graph's last backward (the engine frees the node's
+      // variables next, and no post-hook can fail the backward after it): no second copy
+      // of a logits- or weight-sized gradient. Under retain_graph=True it is kept as it
+      // is, for the next backward.
+      if (last && !differentiable && owned(g)) {
+        out[i] = g.mul_(factor).to(dtypes_[i]);
+        scaled_in_place = true;
+      } else {
+        out[i] = g.mul(factor).to(dtypes_[i]);
+      }
     }
+    // A backward retried after a failure further down the graph must not scale twice.
+    consumed_ = consumed_ || scaled_in_place;
     if (differentiable) {
       // create_graph=True with a gradient that is itself differentiable: the result is
       // right as a function of grad_loss, but its dependence on the inputs is not in the
@@ -70,29 +128,19 @@ struct LossFromGradients : public torch::autograd::Node {
     return out;
   }
 
-  void will_release_variables() override { will_release_ = true; }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    grads_.clear();  // token- or logits-sized: free them as soon as the backward is done
-    grads_.shrink_to_fit();
-    released_ = true;
-  }
-
-  std::string name() const override { return "vapo::" + op_ + "::LossFromGradients"; }
-
- private:
   std::vector<at::Tensor> grads_;
   std::vector<at::ScalarType> dtypes_;
   std::string op_;
+  bool donated_;
   bool will_release_ = false;
-  bool released_ = false;
+  bool consumed_ = false;
 };
 
 }  // namespace
 
 at::Tensor loss_from_gradients(const at::Tensor& loss, const std::vector<at::Tensor>& inputs,
-                               const std::vector<at::Tensor>& grads, const std::string& op) {
+                               const std::vector<at::Tensor>& grads, const std::string& op,
+                               bool donated) {
   TORCH_CHECK(inputs.size() == grads.size(), op, ": ", inputs.size(), " inputs but ",
               grads.size(), " gradients");
   std::vector<at::Tensor> held;
@@ -101,7 +149,9 @@ at::Tensor loss_from_gradients(const at::Tensor& loss, const std::vector<at::Ten
   dtypes.reserve(grads.size());
   for (size_t i = 0; i < grads.size(); ++i) {
     // A gradient of another shape (none was computed: the forward ran with need_grad off)
-    // is held as undefined: apply names the problem if autograd asks for it.
+    // is held as undefined: the backward names the problem if autograd asks for it.
+    // detach: the buffer may be an input itself (inplace_backward's logits), whose graph
+    // the node must not reach through it.
     held.push_back(grads[i].sizes() == inputs[i].sizes() ? grads[i].detach() : at::Tensor());
     dtypes.push_back(inputs[i].scalar_type());
   }
@@ -110,7 +160,8 @@ at::Tensor loss_from_gradients(const at::Tensor& loss, const std::vector<at::Ten
   at::Tensor out = loss.detach();
   if (!torch::autograd::compute_requires_grad(inputs)) return out;
   auto node = c10::make_intrusive<LossFromGradients>(
-      torch::autograd::collect_next_edges(inputs), std::move(held), std::move(dtypes), op);
+      torch::autograd::collect_next_edges(inputs), std::move(held), std::move(dtypes), op,
+      donated);
   torch::autograd::set_history(out, node);
   return out;
 }

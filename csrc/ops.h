@@ -77,8 +77,10 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cuda(
 
 // A loss (0-d) whose backward is grads[i] * grad_loss for inputs[i] (cast to its dtype,
 // in its shape): the autograd node of the loss kernels, which write their input
-// gradients in the forward pass (csrc/loss_node.cpp).
+// gradients in the forward pass (csrc/loss_node.cpp). donated: the grads' buffers were
+// given up by their owner (inplace_backward's logits) and may be scaled in place.
 at::Tensor loss_from_gradients(const at::Tensor& loss, const std::vector<at::Tensor>& inputs,
-                               const std::vector<at::Tensor>& grads, const std::string& op);
+                               const std::vector<at::Tensor>& grads, const std::string& op,
+                               bool donated);
 
 }  // namespace vapo

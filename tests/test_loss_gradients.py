@@ -129,3 +129,113 @@ def test_node_frees_its_gradients_with_the_graph():
     assert uses(g_logp.untyped_storage()._cdata) == held
     loss.backward()
     assert uses(g_logp.untyped_storage()._cdata) == held - 1
+
+
+@pytest.mark.parametrize("loss_fn", ["tokens", "logits", "hidden"])
+def test_a_backward_retried_after_a_failing_hook_is_not_scaled_twice(path, loss_fn):
+    # The engine runs the node's post-hooks after it; one that raises leaves the graph
+    # unreleased, and the user may run the backward again.
+    x = _inputs(4)
+    loss, leaves = LOSSES[loss_fn](x)
+    fresh_loss, fresh_leaves = LOSSES[loss_fn](x)
+    want = torch.autograd.grad(fresh_loss * 3.0, fresh_leaves)
+    calls = []
+
+    def refuse_once(grad_inputs, grad_outputs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("hook refused")
+
+    loss.grad_fn.register_hook(refuse_once)
+    with pytest.raises(RuntimeError, match="hook refused"):
+        (loss * 3.0).backward()
+    for t in leaves:
+        t.grad = None
+    (loss * 3.0).backward()
+    for t, w in zip(leaves, want):
+        assert torch.equal(t.grad, w)
+
+
+def test_the_op_s_returned_gradients_stay_as_they_were(path):
+    # token_loss_op hands its gradient outputs back; the backward must not scale the
+    # caller's tensor in place (nor hand it to .grad, where later steps accumulate).
+    x = _inputs(5)
+    logp = x["logp"].clone().requires_grad_()
+    a = token_loss_mod.TokenLossArgs(
+        logp, x["old"], x["adv"], None, None, None, None, None, None, x["mask"], None, None,
+        loss_spec.loss_params(), "token-mean", None, None, None, 1.0, None, True, "",
+    )
+    loss, _, g_logp, *_ = token_loss_mod.token_loss_op(a)
+    before = g_logp.clone()
+    (loss * 3.0).backward()
+    assert torch.equal(g_logp, before)
+    assert logp.grad.untyped_storage().data_ptr() != g_logp.untyped_storage().data_ptr()
+    assert torch.equal(logp.grad, 3.0 * before)
+
+
+@pytest.mark.parametrize("loss_fn", ["tokens", "logits", "hidden"])
+def test_compiled_autograd_runs_the_backward(path, loss_fn):
+    # torch._dynamo's compiled autograd traces every node of the backward: the node says
+    # what its state is (compiled_args) and how to run on traced tensors.
+    import torch._dynamo.compiled_autograd as compiled_autograd
+
+    x = _inputs(6)
+    fresh_loss, fresh_leaves = LOSSES[loss_fn](x)
+    want = torch.autograd.grad(fresh_loss, fresh_leaves)
+    loss, leaves = LOSSES[loss_fn](x)
+    torch._dynamo.reset()
+    with compiled_autograd._enable(torch.compile(backend="eager")):
+        loss.backward()
+    for t, w in zip(leaves, want):
+        torch.testing.assert_close(t.grad, w, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_fn", ["tokens", "logits-inplace", "hidden"])
+def test_torch_compile_fullgraph_of_the_public_losses(loss_fn):
+    x = _inputs(7)
+    fresh_loss, fresh_leaves = LOSSES[loss_fn](x)
+    want = torch.autograd.grad(fresh_loss * 2.0, fresh_leaves)
+    _, leaves = LOSSES[loss_fn](x)
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    torch._dynamo.reset()
+
+    def body(*ts):
+        if loss_fn == "tokens":
+            loss, _ = vk.vapo_loss(ts[0], x["old"], x["adv"], x["mask"], values=ts[1],
+                                   old_values=x["values"], returns=x["adv"])
+        elif loss_fn == "hidden":
+            loss, _ = vk.policy_loss_from_hidden(ts[0], ts[1], x["targets"], x["old"], x["adv"],
+                                                 x["mask"], bias=ts[2], entropy_coef=0.01)
+        else:
+            loss, _ = vk.policy_loss_from_logits(ts[0] * 1.0, x["targets"], x["old"], x["adv"],
+                                                 x["mask"], entropy_coef=0.01, temperature=0.8,
+                                                 inplace_backward=True)
+        return loss * 2.0
+
+    (torch.compile(body, backend="aot_eager", fullgraph=True)(*leaves)).backward()
+    for t, w in zip(leaves, want):
+        torch.testing.assert_close(t.grad, w)
+
+
+def test_the_last_backward_scales_the_kernel_s_gradient_where_it_lies():
+    # No second copy of the gradient: the buffer the kernel wrote (for inplace_backward,
+    # the logits themselves) becomes the leaf's .grad.
+    x = _inputs(8)
+    leaf = x["logits"].clone().requires_grad_()
+    logits = leaf.clone()  # its backward passes the gradient on as it is
+    loss, _ = vk.policy_loss_from_logits(logits, x["targets"], x["old"], x["adv"], x["mask"],
+                                         inplace_backward=True)
+    if "LossFromGradients" not in loss.grad_fn.name():
+        pytest.skip("the C++ extension is not built here")  # CI builds it
+    (loss * 2.0).backward()
+    assert leaf.grad.data_ptr() == logits.data_ptr()
+    logp = x["logp"].clone().requires_grad_()
+    a = token_loss_mod.TokenLossArgs(
+        logp, x["old"], x["adv"], None, None, None, None, None, None, x["mask"], None, None,
+        loss_spec.loss_params(), "token-mean", None, None, None, 1.0, None, True, "",
+    )
+    loss, _, g_logp, *_ = token_loss_mod.token_loss_op(a)
+    written = g_logp.data_ptr()
+    del g_logp  # now only the node holds it
+    (loss * 2.0).backward()
+    assert logp.grad.data_ptr() == written

@@ -163,7 +163,7 @@ class Op:
             torch._C._set_grad_enabled(True)  # only reached with grad mode on
         inputs = [t for t, _ in wanted]
         grads = [out[output] for _, output in wanted]
-        return (_loss_node()(out[0], inputs, grads, self.name), *out[1:])
+        return (_loss_node()(out[0], inputs, grads, self.name, False), *out[1:])
 
     def grads(self, **by_name) -> tuple:
         """A backward's return value: the named gradients, None for every other field."""
@@ -192,16 +192,18 @@ def _loss_node():
 
 
 def loss_from_gradients(loss: Tensor, inputs: Sequence[Tensor], grads: Sequence[Tensor],
-                        name: str) -> Tensor:
+                        name: str, donated: bool = False) -> Tensor:
     """``loss`` (computed without a graph) made differentiable in ``inputs``, whose
     gradients ``grads`` (d loss / d input, in the input's shape) its kernel already wrote:
-    the backward only scales them by the loss's gradient. For the losses whose forward
-    writes their gradients (from logits, from hidden states). Works with retain_graph;
-    a double backward through it raises."""
+    the backward only scales them by the loss's gradient - in place on the graph's last
+    backward where nobody else holds them or their owner ``donated`` them (the logits of
+    ``inplace_backward``). Works with retain_graph; a double backward through it raises."""
     node = _loss_node()
     if node is not None and not _tracing():
-        return node(loss, list(inputs), list(grads), name)
-    return _LossFromGradients.apply(loss, len(inputs), *inputs, *grads)
+        return node(loss, list(inputs), list(grads), name, donated)
+    # detach: an input and its own gradient buffer (inplace_backward) are one tensor, which
+    # dynamo refuses as two arguments of a Function.
+    return _LossFromGradients.apply(loss, len(inputs), *inputs, *(g.detach() for g in grads))
 
 
 class _LossFromGradients(torch.autograd.Function):

@@ -328,5 +328,6 @@ def policy_loss_from_logits(
             grad_logits = logits
         else:
             loss, sums, grad_logits = logits_loss_op(a)
-    loss = loss_from_gradients(loss, [logits], [grad_logits], "logits_loss")
+    loss = loss_from_gradients(loss, [logits], [grad_logits], "logits_loss",
+                               donated=bool(inplace_backward))
     return loss, logp_loss_metrics(o, sums)
