@@ -59,6 +59,15 @@ def _hidden(x):
     return loss, leaves
 
 
+def _policy_op_args(x, logp):
+    """The arguments of a direct ``vapo::token_loss`` call (the op returns its gradient
+    outputs, which the public losses drop)."""
+    return token_loss_mod.TokenLossArgs(
+        logp, x["old"], x["adv"], None, None, None, None, None, None, x["mask"], None, None,
+        loss_spec.loss_params(), "token-mean", None, None, None, 1.0, None, True, "",
+    )
+
+
 LOSSES = {
     "tokens": _tokens,
     "logits": _logits,
@@ -116,10 +125,7 @@ def test_node_frees_its_gradients_with_the_graph():
     # retain_graph it lets go then (for a from-logits loss that is an N x V buffer).
     x = _inputs(3)
     logp = x["logp"].clone().requires_grad_()
-    a = token_loss_mod.TokenLossArgs(
-        logp, x["old"], x["adv"], None, None, None, None, None, None, x["mask"], None, None,
-        loss_spec.loss_params(), "token-mean", None, None, None, 1.0, None, True, "",
-    )
+    a = _policy_op_args(x, logp)
     loss, _, g_logp, *_ = token_loss_mod.token_loss_op(a)
     if not loss.grad_fn or "LossFromGradients" not in loss.grad_fn.name():
         pytest.skip("the C++ extension is not built here")  # CI builds it
@@ -161,10 +167,7 @@ def test_the_op_s_returned_gradients_stay_as_they_were(path):
     # caller's tensor in place (nor hand it to .grad, where later steps accumulate).
     x = _inputs(5)
     logp = x["logp"].clone().requires_grad_()
-    a = token_loss_mod.TokenLossArgs(
-        logp, x["old"], x["adv"], None, None, None, None, None, None, x["mask"], None, None,
-        loss_spec.loss_params(), "token-mean", None, None, None, 1.0, None, True, "",
-    )
+    a = _policy_op_args(x, logp)
     loss, _, g_logp, *_ = token_loss_mod.token_loss_op(a)
     before = g_logp.clone()
     (loss * 3.0).backward()
@@ -230,10 +233,7 @@ def test_the_last_backward_scales_the_kernel_s_gradient_where_it_lies():
     (loss * 2.0).backward()
     assert leaf.grad.data_ptr() == logits.data_ptr()
     logp = x["logp"].clone().requires_grad_()
-    a = token_loss_mod.TokenLossArgs(
-        logp, x["old"], x["adv"], None, None, None, None, None, None, x["mask"], None, None,
-        loss_spec.loss_params(), "token-mean", None, None, None, 1.0, None, True, "",
-    )
+    a = _policy_op_args(x, logp)
     loss, _, g_logp, *_ = token_loss_mod.token_loss_op(a)
     written = g_logp.data_ptr()
     del g_logp  # now only the node holds it
