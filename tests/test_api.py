@@ -97,6 +97,83 @@ def test_flat_rows_without_cu_seqlens_name_the_users_argument():
     assert torch.isfinite(loss)
 
 
+def test_kl_kind_none_or_unknown_is_refused_not_taken_as_off():
+    rewards, _, mask, logp, old = _batch(11)
+    logits = torch.randn(B, T, 9)
+    targets = torch.randint(0, 9, (B, T))
+    for kind in (None, 3, "bogus"):
+        with pytest.raises(ValueError, match=f"kl_kind must be one of.*got {kind!r}"):
+            vk.kl_loss(logp, old, mask, kl_kind=kind)
+        with pytest.raises(ValueError, match="kl_kind must be one of"):
+            vk.vapo_loss(logp, old, rewards, mask, ref_logp=old, kl_coef=0.5, kl_kind=kind)
+        with pytest.raises(ValueError, match="kl_kind must be one of"):
+            vk.policy_loss_from_logits(logits, targets, old, rewards, mask, ref_logp=old,
+                                       kl_coef=1.0, kl_kind=kind)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("dp_size", 0), ("dp_size", -1), ("dp_size", 1.5), ("dp_size", float("nan")),
+    ("dp_size", "2"), ("dp_size", None), ("loss_scale_factor", 0), ("loss_scale_factor", -4.0),
+    ("loss_scale_factor", float("nan")), ("global_tokens", float("inf")),
+    ("global_tokens", -1), ("global_tokens", torch.tensor([4.0, 4.0])), ("clip_low", None),
+    ("clip_high", [0.2]), ("clip_low", True), ("dual_clip", "3"),
+])
+def test_bad_scalar_options_are_refused_by_name(name, value):
+    rewards, _, mask, logp, old = _batch(12)
+    kw = {"agg": "seq-mean-token-sum-norm"} if name == "loss_scale_factor" else {}
+    vk.policy_loss(logp, old, rewards, mask, clip_low=1)  # a cached 1 must not pass True
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        vk.policy_loss(logp, old, rewards, mask, **{name: value}, **kw)
+
+
+def test_numpy_scalars_and_one_element_tensors_are_numbers():
+    np = pytest.importorskip("numpy")
+    rewards, _, mask, logp, old = _batch(13)
+    want, _ = vk.policy_loss(logp, old, rewards, mask, clip_low=0.5, global_tokens=8.0,
+                             dp_size=2)
+    for clip, tokens, dp in ((np.float32(0.5), np.int64(8), np.int64(2)),
+                             (0.5, torch.tensor([8]), 2)):
+        got, _ = vk.policy_loss(logp, old, rewards, mask, clip_low=clip, global_tokens=tokens,
+                                dp_size=dp)
+        assert torch.equal(got, want)
+
+
+def test_positive_flags_hold_only_0_and_1():
+    _, _, mask, logp, _ = _batch(14)
+    for bad in (0.5, float("nan"), -1.0):
+        flags = torch.tensor([1.0, bad, 0.0])
+        with pytest.raises(ValueError, match="positive must hold only 0 and 1"):
+            vk.positive_lm_loss(logp, flags, mask)
+    want, _ = vk.positive_lm_loss(logp, torch.tensor([True, False, True]), mask)
+    got, _ = vk.positive_lm_loss(logp, torch.tensor([1.0, 0.0, 1.0]), mask)
+    assert torch.equal(got, want)
+
+
+def test_errors_name_the_argument_the_user_passed():
+    _, _, mask, logp, old = _batch(15)
+    bad = logp.clone()
+    bad[~mask] = float("nan")  # garbage where masked is fine
+    vk.agg_loss(bad, mask)
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="loss_mat contains NaN"):
+        vk.agg_loss(bad, mask)
+    with pytest.raises(TypeError, match="loss_mat must be float"):
+        vk.agg_loss(logp.int(), mask)
+    with pytest.raises(TypeError, match="logp must be a torch.Tensor"):
+        vk.policy_loss(logp.tolist(), old, old, mask)
+    hidden, weight = torch.randn(B, T, 4), torch.randn(6, 4)
+    targets = torch.randint(0, 6, (B, T))
+    for which, msg in (("hidden", "hidden contains NaN or inf"), ("weight", "weight contains")):
+        h, w = hidden.clone(), weight.clone()
+        (h[0, 0] if which == "hidden" else w[2]).fill_(float("nan"))
+        with pytest.raises(ValueError, match=msg):
+            vk.policy_loss_from_hidden(h, w, targets, old, old, mask)
+    h = hidden.clone()
+    h[~mask] = float("nan")  # a masked token's hidden state is garbage: ignored
+    loss, _ = vk.policy_loss_from_hidden(h, weight, targets, old, old, mask)
+    assert torch.isfinite(loss)
+
+
 # --------------------------------------------------------------------------------------
 # One vocabulary
 

@@ -172,16 +172,20 @@ def check_no_nan_where_valid(name: str, t: torch.Tensor, mask: torch.Tensor | No
         raise ValueError(f"{name} contains NaN at valid (unmasked) positions")
 
 
-def as_bool_mask(mask: torch.Tensor | None, name: str = "mask") -> torch.Tensor | None:
-    """The bool form of a bool / int / float 0-1 mask. Any other value (a float mask of
-    0.5 is a weight, not a mask) is refused, naming the argument, when data checks are on."""
+def as_bool_mask(
+    mask: torch.Tensor | None, name: str = "mask", selects: str = "tokens"
+) -> torch.Tensor | None:
+    """The bool form of a bool / int / float 0-1 mask (of tokens, or of the sequences it
+    ``selects``). Any other value (a float mask of 0.5 is a weight, not a mask) is refused,
+    naming the argument, when data checks are on."""
     if mask is None or mask.dtype == torch.bool:
         return mask
     keep = mask != 0
     if _validate_data and mask.numel() and not bool((keep == (mask == 1)).all()):
         bad = mask[keep != (mask == 1)][0].item()
         raise ValueError(
-            f"{name} must hold only 0 and 1 (it selects tokens; it is not a weight), got {bad}"
+            f"{name} must hold only 0 and 1 (it selects {selects}; it is not a weight), "
+            f"got {bad}"
         )
     return keep
 

@@ -227,6 +227,8 @@ def logp_loss_options(kw: dict) -> dict:
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {sorted(unknown)}")
     o = {**LOGP_LOSS_KEYWORDS, **kw}
+    if o["kl_kind"] != "k3":  # checked with or without the KL term: None would turn it off
+        loss_spec.kl_codes(o["kl_kind"])
     for coef, needs in (("kl_coef", "ref_logp"), ("lm_coef", "positive")):
         if o[coef] and o[needs] is None:  # an explicit 0 ignores nothing
             raise ValueError(f"{coef}={o[coef]!r} is set but its term is off: pass {needs}")

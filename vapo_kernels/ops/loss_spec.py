@@ -74,7 +74,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping, Sequence
+import numbers
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -457,9 +458,13 @@ def global_count(name: str, x) -> float | None:
     if x is None:
         return None
     if isinstance(x, Tensor):
+        if x.numel() != 1:
+            raise ValueError(
+                f"{name} must be a number or a one-element tensor, got a tensor of shape "
+                f"{tuple(x.shape)}"
+            )
         x = x.item()
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not x >= 0:
-        raise ValueError(f"{name} must be a non-negative number or None, got {x!r}")
+    _check_number(name, x, lambda v: 0 <= v < math.inf, "a finite number >= 0 or None")
     return float(x)
 
 
@@ -468,6 +473,12 @@ def aggregation_scalars(
 ) -> tuple:
     """The loss ops' scalar aggregation arguments (consecutive fields of their args, in
     this order) from the public keywords, checked: global counts as Python floats."""
+    if type(dp_size) is not int or dp_size != 1:  # the common value passes at once
+        _check_number("dp_size", dp_size, lambda v: v >= 1 and v == int(v),
+                      "a whole number >= 1 (the data-parallel group's size)")
+    if loss_scale_factor is not None:
+        _check_number("loss_scale_factor", loss_scale_factor, lambda v: 0 < v < math.inf,
+                      "a finite number > 0 or None")
     return (
         global_count("global_tokens", global_tokens),
         global_count("global_seqs", global_seqs),
@@ -477,8 +488,9 @@ def aggregation_scalars(
     )
 
 
-def _check_number(name: str, x, ok: bool, expected: str) -> None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not ok:
+def _check_number(name: str, x, ok: Callable[[float], bool], expected: str) -> None:
+    """``x`` is a real number (not a bool; numpy scalars count) for which ``ok`` holds."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not ok(x):
         raise ValueError(f"{name} must be {expected}, got {x!r}")
 
 
@@ -489,10 +501,14 @@ def loss_params(**options) -> tuple[float, ...]:
     the uncached function instead of warning about the cache)."""
     if torch.compiler.is_compiling():
         return _loss_params.__wrapped__(**options)
-    return _loss_params(**options)
+    try:
+        return _loss_params(**options)
+    except TypeError:  # an unhashable option (a list): the uncached checks name it
+        return _loss_params.__wrapped__(**options)
 
 
-@functools.lru_cache(maxsize=256)
+# typed: 1 and True (or 0.5 and np.float32(0.5)) are equal keys, but only one is valid.
+@functools.lru_cache(maxsize=256, typed=True)
 def _loss_params(
     *,
     clip_low: float = 0.2,
@@ -513,30 +529,23 @@ def _loss_params(
 ) -> tuple[float, ...]:
     """See :func:`loss_params`."""
     for name, eps in (("clip_low", clip_low), ("clip_high", clip_high)):
-        _check_number(name, eps, eps >= 0, "a float >= 0")
+        _check_number(name, eps, lambda v: v >= 0, "a float >= 0")
     if clip_low > 1.0:
         raise ValueError(
             f"clip_low must be <= 1 (the ratio's lower bound 1 - clip_low >= 0), got {clip_low}"
         )
     if dual_clip is not None:
-        _check_number("dual_clip", dual_clip, dual_clip > 1.0, "a float > 1 or None")
-    _check_number("ratio_log_clamp", ratio_log_clamp, ratio_log_clamp > 0, "a float > 0")
+        _check_number("dual_clip", dual_clip, lambda v: v > 1.0, "a float > 1 or None")
+    _check_number("ratio_log_clamp", ratio_log_clamp, lambda v: v > 0, "a float > 0")
     if value_clip is not None:
-        _check_number("value_clip", value_clip, value_clip >= 0, "a float >= 0 or None")
+        _check_number("value_clip", value_clip, lambda v: v >= 0, "a float >= 0 or None")
     if value_clip_form not in ("verl", "openrlhf"):
         raise ValueError(f"value_clip_form must be 'verl' or 'openrlhf', got {value_clip_form!r}")
-    kind, straight = 0, 0
-    if kl_kind is not None:
-        base = kl_kind[:-1] if kl_kind.endswith("+") else kl_kind
-        if base not in KL_KINDS:
-            raise ValueError(
-                f"kl_kind must be one of {sorted(KL_KINDS)} (optionally '+'), got {kl_kind!r}"
-            )
-        kind, straight = KL_KINDS[base], int(kl_kind.endswith("+"))
+    kind, straight = (0, 0) if kl_kind is None else kl_codes(kl_kind)
     coefs = {"vf_coef": vf_coef, "kl_coef": kl_coef, "entropy_coef": entropy_coef,
              "lm_coef": lm_coef}
     for name, c in coefs.items():
-        _check_number(name, c, math.isfinite(c), "a finite float")
+        _check_number(name, c, math.isfinite, "a finite float")
     params = [0.0] * L.NUM_PARAMS
     params[L.P_CLIP_LOW], params[L.P_CLIP_HIGH] = float(clip_low), float(clip_high)
     params[L.P_DUAL_CLIP] = 0.0 if dual_clip is None else float(dual_clip)
@@ -555,6 +564,16 @@ def _loss_params(
         rollout_is, rollout_is_mode, rollout_is_threshold, rollout_is_threshold_lower
     )
     return tuple(params)
+
+
+def kl_codes(kl_kind) -> tuple[int, int]:
+    """``(P_KL_KIND, P_KL_STRAIGHT)`` of a ``kl_kind`` name, checked."""
+    base = kl_kind[:-1] if isinstance(kl_kind, str) and kl_kind.endswith("+") else kl_kind
+    if not isinstance(base, str) or base not in KL_KINDS:
+        raise ValueError(
+            f"kl_kind must be one of {sorted(KL_KINDS)} (optionally '+'), got {kl_kind!r}"
+        )
+    return KL_KINDS[base], int(kl_kind.endswith("+"))
 
 
 def _rollout_params(level, mode, upper, lower) -> list[float]:
@@ -580,7 +599,7 @@ def _rollout_params(level, mode, upper, lower) -> list[float]:
         raise ValueError(f"rollout_is_mode must be one of {ROLLOUT_IS_MODES}, got {mode!r}")
     upper = 2.0 if upper is None else upper
     _check_number(
-        "rollout_is_threshold", upper, upper > 0 and math.isfinite(upper), "a finite float > 0"
+        "rollout_is_threshold", upper, lambda v: 0 < v < math.inf, "a finite float > 0"
     )
     if mode == "truncate":
         if lower is not None:
@@ -593,7 +612,7 @@ def _rollout_params(level, mode, upper, lower) -> list[float]:
     else:
         lower = 1.0 / upper if lower is None else lower
         _check_number(
-            "rollout_is_threshold_lower", lower, 0 <= lower <= upper,
+            "rollout_is_threshold_lower", lower, lambda v: 0 <= v <= upper,
             f"a float in [0, rollout_is_threshold = {upper}]",
         )
     return [float(ROLLOUT_IS_LEVELS[level]), float(mode == "mask"), float(upper), float(lower)]

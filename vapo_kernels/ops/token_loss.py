@@ -225,8 +225,9 @@ def aggregation_weights(a, layout, shape, device, mask, acc):
     )
     lm_w = None
     if a.positive is not None:
+        positive = _ragged.as_bool_mask(a.positive, "positive", "sequences")
         lm_w = loss_spec.positive_weights(
-            counts, a.positive, a.global_positive_tokens, a.dp_size
+            counts, positive, a.global_positive_tokens, a.dp_size
         ).to(acc)
     return offs, seq_w.to(acc).contiguous(), lm_w
 
@@ -318,10 +319,9 @@ token_loss_op = Op(
 
 
 def _need_grad(logp, values, entropy) -> bool:
-    return torch.is_grad_enabled() and (
-        (logp is not None and logp.requires_grad)
-        or (values is not None and values.requires_grad)
-        or (entropy is not None and entropy.requires_grad)
+    # isinstance: a wrong type gets to the checks that name it
+    return torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in (logp, values, entropy)
     )
 
 
@@ -412,6 +412,8 @@ def vapo_loss(
         if not term and given:  # an explicit 0 ignores nothing
             raise ValueError(f"{name}={given!r} is set but its term is off: pass {needs}")
         coefs[name] = (default if given is None else given) if term else 0.0
+    if kl_kind != "k3":  # checked with or without the KL term: None would turn it off
+        loss_spec.kl_codes(kl_kind)
     if ref_logp is not None and logp is None:
         raise ValueError("the KL term needs logp")
     if positive is not None and logp is None:
@@ -583,11 +585,17 @@ def agg_loss(
 
     Differentiable with respect to ``loss_mat``; masked slots never contribute.
     """
-    loss, metrics = vapo_loss(
-        None, mask=mask, cu_seqlens=cu_seqlens, entropy=loss_mat, entropy_coef=-1.0,
-        agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size,
-        loss_scale_factor=loss_scale_factor, backend=backend,
-    )
+    # loss_mat rides in the entropy slot: its checks run here first, naming it.
+    _ragged.check_layout({"loss_mat": loss_mat}, mask, cu_seqlens)
+    try:
+        loss, metrics = vapo_loss(
+            None, mask=mask, cu_seqlens=cu_seqlens, entropy=loss_mat, entropy_coef=-1.0,
+            agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, dp_size=dp_size,
+            loss_scale_factor=loss_scale_factor, backend=backend,
+        )
+    except ValueError:  # a NaN where valid is named as the entropy's: say whose it is
+        _ragged.check_no_nan_where_valid("loss_mat", loss_mat, _ragged.as_bool_mask(mask))
+        raise
     return loss, {"tokens": metrics["tokens"]}
 
 
