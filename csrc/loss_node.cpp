@@ -93,8 +93,7 @@ struct LossFromGradients : public torch::autograd::Node {
     const at::Tensor& grad_loss = grad_outputs[0];
     if (!grad_loss.defined()) return out;
     TORCH_CHECK(!consumed_, "vapo ", op_, kFreed);
-    const bool differentiable =
-        torch::autograd::GradMode::is_enabled() && grad_loss.requires_grad();
+    const bool create_graph = torch::autograd::GradMode::is_enabled();
     bool scaled_in_place = false;
     for (size_t i = 0; i < n; ++i) {
       if (!task_should_compute_output(i)) continue;
@@ -106,7 +105,7 @@ struct LossFromGradients : public torch::autograd::Node {
       // variables next, and no post-hook can fail the backward after it): no second copy
       // of a logits- or weight-sized gradient. Under retain_graph=True it is kept as it
       // is, for the next backward.
-      if (last && !differentiable && owned(g)) {
+      if (last && !create_graph && owned(g)) {
         out[i] = g.mul_(factor).to(dtypes_[i]);
         scaled_in_place = true;
       } else {
@@ -115,15 +114,22 @@ struct LossFromGradients : public torch::autograd::Node {
     }
     // A backward retried after a failure further down the graph must not scale twice.
     consumed_ = consumed_ || scaled_in_place;
-    if (differentiable) {
-      // create_graph=True with a gradient that is itself differentiable: the result is
-      // right as a function of grad_loss, but its dependence on the inputs is not in the
-      // graph. Refuse a second backward through it rather than return zeros, as
-      // torch.autograd.function.once_differentiable does.
-      auto error = c10::make_intrusive<torch::autograd::DelayedError>(
-          "vapo " + op_ + ": the loss's gradient is not differentiable (no double backward)",
-          static_cast<int64_t>(n));
-      out = (*error)(std::move(out));
+    if (create_graph) {
+      // create_graph=True: the gradients are right, but their dependence on the inputs is
+      // not in the graph. They come back as outputs of a node that raises when reached,
+      // with edges to the inputs (and to the incoming gradient's graph), so anything
+      // that differentiates them again, towards whatever, raises rather than let a
+      // second-order term go missing.
+      torch::autograd::edge_list edges = next_edges();
+      if (grad_loss.requires_grad()) edges.push_back(torch::autograd::impl::gradient_edge(grad_loss));
+      auto error = c10::make_intrusive<torch::autograd::Error>(
+          "vapo " + op_ + ": this gradient is not differentiable (no double backward through it)",
+          std::move(edges));
+      for (auto& t : out) {
+        if (!t.defined()) continue;
+        t = t.detach();
+        torch::autograd::set_history(t, error);
+      }
     }
     return out;
   }

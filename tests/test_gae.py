@@ -476,11 +476,17 @@ BAD_CALLS = [
     ("lam_policy must lie in", ValueError, lambda b: vk.gae(R, V, lam=torch.tensor([0.5, 1.5]), backend=b)),
     ("lam_policy must have one entry per sequence", ValueError, lambda b: vk.gae(R, V, lam=torch.tensor([0.5, 0.5, 0.5]), backend=b)),
     ("lam_policy must be float", TypeError, lambda b: vk.gae(R, V, lam=torch.tensor([1, 0]), backend=b)),
-    ("alpha must be a positive", ValueError, lambda b: vk.decoupled_gae(R, V, alpha=0.0, backend=b)),
+    ("alpha must be a finite float > 0", ValueError, lambda b: vk.decoupled_gae(R, V, alpha=0.0, backend=b)),
     ("values contains NaN", ValueError, lambda b: vk.gae(R, torch.where(torch.eye(2, 5).bool(), float("nan"), V), backend=b)),
     ("rewards contains NaN", ValueError, lambda b: vk.gae(torch.full_like(R, float("nan")), V, backend=b)),
     ("mask_mode must be one of", ValueError, lambda b: vk.gae(R, V, mask_mode="carry", backend=b)),
     ("mask must be a torch.Tensor", TypeError, lambda b: vk.gae(R, V, [[1] * 5] * 2, backend=b)),
+    ("mask must be bool, integer or real", TypeError, lambda b: vk.gae(R, V, torch.ones(2, 5, dtype=torch.complex64), backend=b)),
+    ("alpha must be a finite float > 0", ValueError, lambda b: vk.decoupled_gae(R, V, alpha=float("inf"), backend=b)),
+    ("alpha must be a finite float > 0", ValueError, lambda b: vk.length_adaptive_lambda(torch.tensor([3, 4]), -1.0)),
+    ("whiten must be True or False", TypeError, lambda b: vk.gae(R, V, whiten="no", backend=b)),
+    ("eps must be a finite float >= 0", ValueError, lambda b: vk.masked_whiten(R, eps=-1.0, backend=b)),
+    ("cu_seqlens must end at", ValueError, lambda b: vk.masked_whiten(PR, None, torch.tensor([0, 999]), backend=b)),
 ]
 
 

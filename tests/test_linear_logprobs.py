@@ -442,8 +442,8 @@ BAD = [
     ("targets must be int64", TypeError, lambda b: linear_logprobs(H_, W_, Y_.float(), backend=b)),
     ("targets is on meta", ValueError, lambda b: linear_logprobs(H_, W_, Y_.to("meta"), backend=b)),
     ("mask has shape", ValueError, lambda b: linear_logprobs(H_, W_, Y_, mask=torch.ones(3, dtype=torch.bool), backend=b)),
-    ("temperature must be a positive", ValueError, lambda b: linear_logprobs(H_, W_, Y_, temperature=0.0, backend=b)),
-    ("temperature must be a positive", ValueError, lambda b: linear_logprobs(H_, W_, Y_, temperature=float("nan"), backend=b)),
+    ("temperature must lie in", ValueError, lambda b: linear_logprobs(H_, W_, Y_, temperature=0.0, backend=b)),
+    ("temperature must lie in", ValueError, lambda b: linear_logprobs(H_, W_, Y_, temperature=float("nan"), backend=b)),
     ("temperature must be a float", TypeError, lambda b: linear_logprobs(H_, W_, Y_, temperature="1", backend=b)),
 ]
 

@@ -102,22 +102,33 @@ def test_retain_graph_gives_the_same_gradients_again(path, loss_fn):
 
 
 @pytest.mark.parametrize("loss_fn", LOSSES)
-def test_double_backward_raises_instead_of_returning_zeros(path, loss_fn):
-    # With create_graph=True and a differentiable incoming gradient, the first backward
-    # is right as a function of that gradient, but its dependence on the inputs is not in
-    # the graph: a second backward through it refuses (as torch's once_differentiable).
+@pytest.mark.parametrize("incoming", ["constant", "differentiable"])
+def test_double_backward_raises_instead_of_missing_a_term(path, loss_fn, incoming):
+    # With create_graph=True the first backward is right, but the gradients' dependence on
+    # the inputs is not in the graph: anything that differentiates them again must raise,
+    # whether the incoming gradient is a constant or has a graph of its own.
     x = _inputs(2)
     loss, leaves = LOSSES[loss_fn](x)
-    w = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor(1.5, dtype=torch.float64, requires_grad=incoming == "differentiable")
     grads = torch.autograd.grad(loss * w, leaves, create_graph=True)
     assert all(g.requires_grad for g in grads)
-    total = sum(g.sum() for g in grads)
-    # (the node says why; torch's once_differentiable on the Python path cuts the graph)
-    refusal = "no double backward" if path == "node" else "not have been used in the graph"
-    with pytest.raises(RuntimeError, match=refusal):
-        torch.autograd.grad(total, [w], retain_graph=True)
-    with pytest.raises(RuntimeError, match="not have been used in the graph"):
-        torch.autograd.grad(total, leaves)  # not zeros: no path to them was recorded
+    penalty = sum(g.square().sum() for g in grads)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(penalty + leaves[0].sum(), leaves)
+
+
+@pytest.mark.parametrize("op", ["token_logprobs", "linear_logprobs"])
+def test_log_prob_ops_refuse_a_double_backward(path, op):
+    x = _inputs(9)
+    if op == "token_logprobs":
+        leaves = [x["logits"].clone().requires_grad_()]
+        logp = vk.token_logprobs(leaves[0], x["targets"])
+    else:
+        leaves = [x[k].clone().requires_grad_() for k in ("hidden", "weight")]
+        logp = vk.linear_logprobs(leaves[0], leaves[1], x["targets"])
+    grads = torch.autograd.grad(logp.sum(), leaves, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
 
 
 def test_node_frees_its_gradients_with_the_graph():

@@ -17,13 +17,13 @@ the op's NamedTuple (``a.logits``, ``a.need_grad``) - never as positional indice
 
 from __future__ import annotations
 
+import functools
 import typing
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _SCHEMA_TYPES = {
@@ -132,9 +132,9 @@ class Op:
         wants_grad = False
         for i in self.tensor_fields:
             t = a[i]
-            if type(t) is Tensor:
+            if type(t) is Tensor and not t.is_meta:
                 wants_grad = wants_grad or t.requires_grad
-            elif isinstance(t, Tensor):  # a subclass (fake, functional, DTensor...)
+            elif isinstance(t, Tensor):  # a subclass (fake, functional, DTensor...) or meta
                 return getattr(torch.ops.vapo, self.name)(*a)
             # anything else (None, or a wrong type the op's checks will name) passes
         if _tracing():
@@ -206,6 +206,35 @@ def loss_from_gradients(loss: Tensor, inputs: Sequence[Tensor], grads: Sequence[
     return _LossFromGradients.apply(loss, len(inputs), *inputs, *(g.detach() for g in grads))
 
 
+def first_order(backward: Callable) -> Callable:
+    """For a backward whose gradients come from kernels (no graph of their own): under
+    ``create_graph=True`` they come back as outputs of a node that raises when reached and
+    has edges to the op's saved differentiable inputs, so anything that differentiates
+    them again raises rather than let a second-order term go missing. (torch's
+    ``once_differentiable`` leaves them constants when the incoming gradient has no
+    graph, and its error node leads to no input.) The op's Function must save its
+    differentiable inputs."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            out = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return out
+        outs = out if isinstance(out, tuple) else (out,)
+        inputs = [t for t in ctx.saved_tensors if isinstance(t, Tensor) and t.requires_grad]
+        inputs += [g for g in grads if isinstance(g, Tensor) and g.requires_grad]
+        error = torch._C._functions.DelayedError(DOUBLE_BACKWARD.encode(), len(outs) + len(inputs))
+        wrapped = error(*[t.detach().requires_grad_() if isinstance(t, Tensor) else t
+                          for t in outs], *inputs)[:len(outs)]
+        return wrapped if isinstance(out, tuple) else wrapped[0]
+
+    return wrapper
+
+
+DOUBLE_BACKWARD = "vapo: this gradient is not differentiable (no double backward through it)"
+
+
 class _LossFromGradients(torch.autograd.Function):
     """The Python twin of the C++ node (no extension, or under torch.compile)."""
 
@@ -213,16 +242,16 @@ class _LossFromGradients(torch.autograd.Function):
     def forward(ctx, loss, n, *tensors):
         ctx.n = n
         ctx.dtypes = [t.dtype for t in tensors[:n]]
-        ctx.save_for_backward(*tensors[n:])
+        ctx.save_for_backward(*tensors[n:], *tensors[:n])  # inputs: for first_order
         return loss.detach()  # a new tensor, not a view of an input: takes in-place ops
 
     @staticmethod
-    @once_differentiable
+    @first_order
     def backward(ctx, grad_loss):
         n = ctx.n
         out = [
             (g * grad_loss.to(g.dtype)).to(dtype) if need else None
-            for g, dtype, need in zip(ctx.saved_tensors, ctx.dtypes, ctx.needs_input_grad[2:])
+            for g, dtype, need in zip(ctx.saved_tensors[:n], ctx.dtypes, ctx.needs_input_grad[2:])
         ]
         return None, None, *out, *([None] * n)
 

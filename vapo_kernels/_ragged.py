@@ -172,13 +172,23 @@ def check_no_nan_where_valid(name: str, t: torch.Tensor, mask: torch.Tensor | No
         raise ValueError(f"{name} contains NaN at valid (unmasked) positions")
 
 
+def is_callers_leaf(t: torch.Tensor) -> bool:
+    """``t`` is a leaf tensor or a view of one: memory the caller owns, which an
+    ``inplace_backward`` must not overwrite."""
+    return t.is_leaf or (t._base is not None and t._base.is_leaf)
+
+
 def as_bool_mask(
     mask: torch.Tensor | None, name: str = "mask", selects: str = "tokens"
 ) -> torch.Tensor | None:
     """The bool form of a bool / int / float 0-1 mask (of tokens, or of the sequences it
     ``selects``). Any other value (a float mask of 0.5 is a weight, not a mask) is refused,
     naming the argument, when data checks are on."""
-    if mask is None or mask.dtype == torch.bool:
+    if mask is None:
+        return mask
+    if not isinstance(mask, torch.Tensor) or mask.is_complex():
+        check_mask(mask, name, mask)  # names the wrong type
+    if mask.dtype == torch.bool:
         return mask
     keep = mask != 0
     if _validate_data and mask.numel() and not bool((keep == (mask == 1)).all()):

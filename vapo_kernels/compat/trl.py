@@ -201,8 +201,10 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
         logp_k = z_k - logsumexp(z)          d logp_k / dz = onehot(k) - softmax(z)
 
     float32 (float64 for float64 logits). With K columns the row's logsumexp comes from
-    one pass of the op on the first column, ``logp_k = z_k - z_first + logp_first``, so
-    the logits are still read once (the gather's backward adds a ``(..., V)`` buffer).
+    one pass of the op at the row's largest logit m (its log-prob is the stable one, in
+    [-log V, 0]): ``logp_k = z_k - m + logp_m``, exact whatever the selected logits are
+    (-inf, -1e30); the argmax reads the logits once more, and the gather's backward adds
+    a ``(..., V)`` buffer.
     """
     if index.dim() == logits.dim() - 1:
         return token_logprobs(logits, index, backend=get_backend())
@@ -211,11 +213,11 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
             f"index must have shape {tuple(logits.shape[:-1])} or "
             f"{tuple(logits.shape[:-1])} + (K,), got {tuple(index.shape)}"
         )
-    first = index[..., 0] if index.shape[-1] else index.new_zeros(logits.shape[:-1])
-    logp_first = token_logprobs(logits, first.contiguous(), backend=get_backend())
-    selected = logits.gather(-1, index.long()).to(logp_first.dtype)
-    offset = logp_first - logits.gather(-1, first.long().unsqueeze(-1)).squeeze(-1)
-    return selected + offset.to(logp_first.dtype).unsqueeze(-1)
+    top = logits.detach().argmax(-1) if logits.shape[-1] else index.new_zeros(logits.shape[:-1])
+    logp_top = token_logprobs(logits, top, backend=get_backend())
+    selected = logits.gather(-1, index.long()).to(logp_top.dtype)
+    offset = logp_top - logits.gather(-1, top.unsqueeze(-1)).squeeze(-1).to(logp_top.dtype)
+    return selected + offset.unsqueeze(-1)
 
 
 def entropy_from_logits(logits: Tensor, chunk_size: int = 128) -> Tensor:

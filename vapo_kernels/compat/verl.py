@@ -105,7 +105,7 @@ import torch
 from torch import Tensor
 
 from ..ops.gae import gae, masked_whiten
-from .. import linear_logprobs, token_logprobs
+from .. import _ragged, linear_logprobs, token_logprobs
 from .. import agg_loss as _agg_loss
 from .. import kl_penalty as _kl_penalty
 from .. import policy_loss, value_loss
@@ -192,7 +192,8 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool 
     ``inplace_backward`` the gradient overwrites the logits buffer when the logits are a
     non-leaf tensor (see the module docstring); labels of -100 give 0.
     """
-    inplace = bool(inplace_backward) and logits.requires_grad and not logits.is_leaf
+    inplace = (bool(inplace_backward) and logits.requires_grad
+               and not _ragged.is_callers_leaf(logits))
     return token_logprobs(logits, labels, inplace_backward=inplace, backend=get_backend())
 
 

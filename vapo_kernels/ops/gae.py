@@ -158,8 +158,9 @@ class GaeArgs(NamedTuple):
 def _check_static(a: GaeArgs) -> _ragged.Layout:
     layout = _ragged.check_layout({"rewards": a.rewards, "values": a.values}, a.mask, a.cu_seqlens)
     _ragged.check_unit_interval("gamma", a.gamma)
-    if isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float)) or not a.alpha >= 0:
-        raise ValueError(f"alpha must be a positive float (0: off), got {a.alpha!r}")
+    if (isinstance(a.alpha, bool) or not isinstance(a.alpha, (int, float))
+            or not 0 <= a.alpha < math.inf):
+        raise ValueError(f"alpha must be a finite float > 0 (0: off), got {a.alpha!r}")
     if a.mask_mode not in MASK_MODES:
         raise ValueError(f"mask_mode must be one of {MASK_MODES}, got {a.mask_mode!r}")
     # Field by field, not a loop over names: this runs on every call.
@@ -259,6 +260,8 @@ def length_adaptive_lambda(valid_tokens: Tensor, alpha: float) -> Tensor:
     ``clamp(1 - 1 / clamp(alpha * l, min=1), 0, 1)``: sequences with alpha*l <= 1
     (including empty ones) get lambda = 0 instead of a negative or infinite value.
     """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+        raise ValueError(f"alpha must be a finite float > 0, got {alpha!r}")
     scaled = valid_tokens.to(torch.float64) * alpha  # a copy: never the counts passed in
     if scaled.requires_grad:  # out of place: autograd needs each step's result
         return (1.0 - 1.0 / scaled.clamp(min=1.0)).clamp(0.0, 1.0)
@@ -291,8 +294,8 @@ def decoupled_gae(
     valid tokens of the batch (unbiased variance, eps 1e-8); targets are never whitened.
     """
     if alpha is not None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
-            raise ValueError(f"alpha must be a positive float, got {alpha!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
+            raise ValueError(f"alpha must be a finite float > 0, got {alpha!r}")
         lam_policy = 0.0  # placeholder: the op derives lambda_policy from alpha
     lam_p, scalar_p = _lambda(lam_policy)
     lam_c, scalar_c = _lambda(lam_critic)
@@ -302,6 +305,8 @@ def decoupled_gae(
         rewards, values, mask, cu_seqlens, lam_p, lam_c, scalar_p, scalar_c, gamma,
         float(alpha or 0.0), mask_mode, backend or "",
     ))
+    if not isinstance(whiten, bool):  # "no" would count as True
+        raise TypeError(f"whiten must be True or False, got {whiten!r}")
     if whiten:
         adv = masked_whiten(adv, mask, backend=backend)
     return adv, targets

@@ -32,6 +32,7 @@ from .logits_loss import (
     logp_loss_options,
     loss_mask,
 )
+from .token_logprobs import masked_targets
 from .token_loss import TokenLossArgs, token_loss_op
 
 
@@ -100,6 +101,8 @@ def policy_loss_from_hidden(
     as in :func:`.logits_loss.policy_loss_from_logits`."""
     o = logp_loss_options(kw)
     check_flat_input("hidden", hidden, cu_seqlens)
+    if isinstance(weight, Tensor) and weight.dim() == 2:
+        targets = masked_targets(targets, weight.shape[0], mask)
     rest = (targets, old_logp, advantages, mask, cu_seqlens, check_temperature(temperature),
             backend or "")
     need_h = hidden.requires_grad

@@ -56,12 +56,13 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _ragged
-from .._library import Op
+from .._library import Op, first_order
 from .token_logprobs import (
     IGNORE_INDEX,
     _check_targets_in_range,
     _check_targets_mask_temperature,
     _flat_mask,
+    masked_targets,
     _out_dtype,
 )
 
@@ -432,6 +433,7 @@ def _setup_context(ctx, a: LinearLogprobsArgs, output):
     ctx.backend = a.backend
 
 
+@first_order  # the kernels' gradients have no graph: a double backward would miss them
 def _backward(ctx, grad_logp, grad_entropy, grad_stats):
     hidden, weight, bias, targets, mask, stats, entropy = ctx.saved_tensors
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -503,6 +505,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         return logp.view(shape), entropy.view(shape)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_logp, grad_entropy):
         import torch.distributed as dist
 
@@ -560,6 +563,8 @@ def linear_logprobs(
         # message that does not name the argument.
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
     temperature = float(temperature)
+    if process_group is None and isinstance(weight, Tensor) and weight.dim() == 2:
+        targets = masked_targets(targets, weight.shape[0], mask)
     if process_group is not None:
         logp, entropy = _VocabParallelLinearLogprobs.apply(
             hidden, weight, bias, targets, mask, temperature, backend or "", process_group

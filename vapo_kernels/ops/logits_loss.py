@@ -151,7 +151,7 @@ def _loss_sums(a: LogitsLossArgs, out: Tensor | None) -> tuple[Tensor, Tensor]:
     sums = kernel(
         lp_ops._rows(a.logits), a.targets.reshape(-1).long().contiguous(), *flat, valid,
         offs, seq_w, lm_w, list(a.params), float(a.temperature),
-        None if out is None else lp_ops._rows(out),
+        None if out is None else lp_ops._rows(out, writable=True),
     )
     loss = L.loss_total(sums, a.params)
     if _ragged.validation_enabled() and bool(torch.isnan(loss)):
@@ -263,12 +263,13 @@ def logp_loss_metrics(o: dict, sums: Tensor) -> dict[str, Tensor]:
 
 
 def check_temperature(temperature) -> float:
+    low, high = lp_ops.TEMPERATURE_RANGE
     if (
         isinstance(temperature, bool)
         or not isinstance(temperature, (int, float))
-        or not temperature > 0
+        or not low <= temperature <= high
     ):
-        raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
+        raise ValueError(f"temperature must be a float in [{low:g}, {high:g}], got {temperature!r}")
     return float(temperature)
 
 
@@ -309,10 +310,13 @@ def policy_loss_from_logits(
     """
     temperature = check_temperature(temperature)
     check_flat_input("logits", logits, cu_seqlens)
-    if inplace_backward and logits.is_leaf and logits.requires_grad:
+    logits = lp_ops.rows_viewable(logits)  # logits[:, :-1] is copied once
+    if isinstance(logits, Tensor) and logits.dim() >= 1:
+        targets = lp_ops.masked_targets(targets, logits.shape[-1], mask)
+    if inplace_backward and logits.requires_grad and _ragged.is_callers_leaf(logits):
         raise RuntimeError(
             "policy_loss_from_logits(inplace_backward=True) would overwrite logits that are "
-            "a leaf tensor the caller owns; pass inplace_backward=False"
+            "a leaf tensor (or a view of one) the caller owns; pass inplace_backward=False"
         )
     o = logp_loss_options(kw)
     grad = torch.is_grad_enabled() and logits.requires_grad

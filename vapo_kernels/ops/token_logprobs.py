@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _ragged
-from .._library import Op
+from .._library import Op, first_order
 
 IGNORE_INDEX = -100
 _ROWS_PER_CHUNK = 1024  # bounds the reference's fp32 working set to 1024 x V
@@ -198,8 +198,16 @@ def _check_targets_mask_temperature(targets, rows_name, rows, mask, temperature)
     _ragged.check_mask(mask, "targets", targets)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
         raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive finite float, got {temperature}")
+    if not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
+        raise ValueError(
+            f"temperature must lie in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], "
+            f"got {temperature}"
+        )
+
+
+# Where the kernels' fp32 work (z / tau relative to the row max, exp of it) stays finite
+# and the same in every backend for logits up to 1e4; sampling temperatures are ~0.1-10.
+TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 def _check_targets_in_range(targets: Tensor, vocab: int) -> None:
@@ -213,16 +221,55 @@ def _check_targets_in_range(targets: Tensor, vocab: int) -> None:
         )
 
 
-def _rows(logits: Tensor) -> Tensor:
-    """(..., V) -> (N, V) as a view; refuses a layout that would need an N x V copy."""
+def masked_targets(targets, vocab: int, mask) -> Tensor:
+    """``targets`` as the kernels take them: when a masked row holds an id out of
+    [0, V) (garbage where the caller masked), those rows' ids become -100 (ignored, as
+    the mask already says); an out-of-range id in a valid row is left for the op's check
+    to name. One check in the common case, where every id is in range."""
+    if (mask is None or not isinstance(targets, Tensor) or not isinstance(mask, Tensor)
+            or not _ragged.validation_enabled() or torch.compiler.is_compiling()
+            or targets.numel() == 0
+            or targets.is_floating_point() or mask.shape != targets.shape):
+        return targets  # the op's checks name anything odd
+    outside = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
+    if not bool(outside.any()):
+        return targets
+    return targets.masked_fill(~_ragged.as_bool_mask(mask), IGNORE_INDEX)
+
+
+def _rows(logits: Tensor, writable: bool = False) -> Tensor:
+    """(..., V) -> (N, V) as a view; refuses a layout that would need an N x V copy, and,
+    ``writable`` (a gradient written over the logits), rows that share memory."""
     vocab = logits.shape[-1]
     try:
-        return logits.view(-1, vocab)
+        rows = logits.view(-1, vocab)
     except RuntimeError:
         raise ValueError(
             "logits must be viewable as (N, V) rows without a copy "
             "(contiguous leading dimensions)"
         ) from None
+    n, row_stride, col_stride = rows.shape[0], rows.stride(0), rows.stride(1)
+    if writable and ((vocab > 1 and col_stride == 0) or (n > 1 and row_stride < vocab * col_stride)):
+        raise ValueError(
+            "inplace_backward writes the gradient over the logits, whose rows overlap in "
+            f"memory here (strides {rows.stride()}, e.g. an expanded tensor); pass "
+            "inplace_backward=False"
+        )
+    return rows
+
+
+def rows_viewable(logits: Tensor) -> Tensor:
+    """``logits`` itself when its (N, V) rows are a view, else a contiguous copy (made
+    under autograd, so the gradient reaches the original): the public functions take
+    e.g. ``logits[:, :-1]``, a shifted model output, at the price of that one copy
+    (slicing the hidden states before the LM head avoids it)."""
+    if not isinstance(logits, Tensor) or logits.dim() < 2 or logits.is_contiguous():
+        return logits  # the common case; anything odd goes to the op's checks
+    try:
+        logits.view(-1, logits.shape[-1])
+        return logits
+    except RuntimeError:
+        return logits.contiguous()
 
 
 def _flat_mask(mask: Tensor | None) -> Tensor | None:
@@ -266,6 +313,8 @@ def _forward(a: TokenLogprobsArgs):
     takes (non-differentiable). See the module docstring."""
     _check_static(a.logits, a.targets, a.mask, a.temperature)
     _check_targets_in_range(a.targets, a.logits.shape[-1])
+    if a.inplace_backward and a.logits.requires_grad:
+        _rows(a.logits, writable=True)  # refused now, not at the backward
     shape = a.targets.shape
     if a.targets.numel() == 0:
         empty = torch.zeros(shape, dtype=_out_dtype(a.logits.dtype), device=a.logits.device)
@@ -298,7 +347,7 @@ def _write_logits_grad(out: Tensor, a: TokenLogprobsBackwardArgs) -> None:
         a.stats.reshape(-1, 2).contiguous(),
         a.entropy.reshape(-1).contiguous(),
         float(a.temperature),
-        _rows(out),
+        _rows(out, writable=True),
     )
 
 
@@ -331,9 +380,10 @@ def _setup_context(ctx, a: TokenLogprobsArgs, output):
     ctx.temperature = a.temperature
     ctx.inplace = a.inplace_backward
     ctx.backend = a.backend
-    ctx.logits_is_leaf = a.logits.is_leaf
+    ctx.logits_is_leaf = _ragged.is_callers_leaf(a.logits)
 
 
+@first_order  # the kernels' gradient has no graph: a double backward would miss it
 def _backward(ctx, grad_logp, grad_entropy, grad_stats):
     logits, targets, mask, stats, entropy = ctx.saved_tensors
     out_dtype = _out_dtype(logits.dtype)
@@ -348,7 +398,7 @@ def _backward(ctx, grad_logp, grad_entropy, grad_stats):
     if ctx.logits_is_leaf:
         raise RuntimeError(
             "token_logprobs(inplace_backward=True) would overwrite logits that are a leaf "
-            "tensor the caller owns; pass inplace_backward=False"
+            "tensor (or a view of one) the caller owns; pass inplace_backward=False"
         )
     token_logprobs_backward_inplace_op(a)
     return token_logprobs_op.grads(logits=logits)
@@ -382,8 +432,9 @@ def token_logprobs(
     respect to ``logits``. See the module docstring for the formulas and
     ``inplace_backward``.
     """
+    logits = rows_viewable(logits)
     logp, entropy, _ = token_logprobs_op(TokenLogprobsArgs(
-        logits, targets, mask, float(temperature) if isinstance(temperature, int) else temperature,
+        logits, masked_targets(targets, logits.shape[-1], mask), mask, float(temperature) if isinstance(temperature, int) else temperature,
         bool(inplace_backward), backend or "",
     ))
     return (logp, entropy) if return_entropy else logp

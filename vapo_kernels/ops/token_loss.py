@@ -19,11 +19,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import _backends, _ragged
 from .. import _loss_layout as L
-from .._library import Op
+from .._library import Op, first_order
 from . import loss_spec
 from .loss_spec import AGG_MODES, loss_metrics, loss_params, sequence_weights
 
@@ -279,17 +278,19 @@ def _setup_context(ctx, a: TokenLossArgs, output):
     # Only the loss is differentiable: without this, autograd would allocate and zero-fill
     # a token-sized gradient for each of the other outputs on every backward.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(g_logp, g_values, g_entropy)
+    # The inputs too, unused by the backward: first_order links a create_graph gradient
+    # back to them.
+    ctx.save_for_backward(g_logp, g_values, g_entropy, a.logp, a.values, a.entropy)
     ctx.dtypes = [None if t is None else t.dtype for t in (a.logp, a.values, a.entropy)]
     ctx.had_grads = a.need_grad
 
 
-@once_differentiable  # the saved gradients have no graph: a double backward would be 0
+@first_order  # the saved gradients have no graph: a double backward would miss them
 def _backward(ctx, grad_loss, *unused):
     if grad_loss is None:
         return token_loss_op.grads()
     wanted = {}
-    saved = zip(("logp", "values", "entropy"), ctx.saved_tensors, ctx.dtypes)
+    saved = zip(("logp", "values", "entropy"), ctx.saved_tensors[:3], ctx.dtypes)
     for name, g, dtype in saved:
         if not ctx.needs_input_grad[TokenLossArgs._fields.index(name)]:
             continue

@@ -101,7 +101,10 @@ def masked_whiten(
     squares) in float64; each process whitens its own ``x``. Not differentiable either.
     """
     if cu_seqlens is not None:
-        _ragged.check_layout({"x": x}, mask, cu_seqlens)
+        layout = _ragged.check_layout({"x": x}, mask, cu_seqlens)
+        _ragged.check_cu_seqlens_values(cu_seqlens, layout.num_tokens)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
     if process_group is not None:
         return _whiten_over_group(x, mask, unbiased, eps, shift_mean, process_group)
     return masked_whiten_op(
