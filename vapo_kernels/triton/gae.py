@@ -182,10 +182,18 @@ def _scan_segment(
 
 
 @triton.jit
-def _segment_bounds(offs_ptr, seq, j, NSEG: tl.constexpr, BLOCK: tl.constexpr):
+def _seq_bounds(offs_ptr, seq, N):
+    """[start, end) of sequence seq, clamped into [0, N]: with the data checks off, bad
+    offsets give wrong numbers, never an access outside the token tensors."""
+    start = tl.minimum(tl.maximum(tl.load(offs_ptr + seq), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(offs_ptr + seq + 1), start), N)
+    return start, end
+
+
+@triton.jit
+def _segment_bounds(offs_ptr, N, seq, j, NSEG: tl.constexpr, BLOCK: tl.constexpr):
     """Segment j of sequence seq: NSEG pieces of whole chunks; trailing ones may be empty."""
-    start = tl.load(offs_ptr + seq)
-    end = tl.load(offs_ptr + seq + 1)
+    start, end = _seq_bounds(offs_ptr, seq, N)
     seg_len = tl.cdiv(tl.cdiv(end - start, NSEG), BLOCK) * BLOCK
     seg_start = tl.minimum(start + j * seg_len, end)
     seg_end = tl.minimum(seg_start + seg_len, end)
@@ -198,13 +206,12 @@ def _segment_bounds(offs_ptr, seq, j, NSEG: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _gae_seq_kernel(
-    r_ptr, v_ptr, m_ptr, offs_ptr, cp_ptr, cc_ptr, gamma_ptr, adv_ptr, ret_ptr,
+    r_ptr, v_ptr, m_ptr, offs_ptr, N, cp_ptr, cc_ptr, gamma_ptr, adv_ptr, ret_ptr,
     HAS_MASK: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     """One program per sequence (1-D grid: any number of sequences)."""
     seq = tl.program_id(0)
-    start = tl.load(offs_ptr + seq)
-    end = tl.load(offs_ptr + seq + 1)
+    start, end = _seq_bounds(offs_ptr, seq, N)
     cp = tl.load(cp_ptr + seq)
     zero = tl.zeros_like(cp)
     _scan_segment(
@@ -216,7 +223,7 @@ def _gae_seq_kernel(
 
 @triton.jit
 def _gae_summary_kernel(
-    r_ptr, v_ptr, m_ptr, offs_ptr, cp_ptr, cc_ptr, gamma_ptr, sum_ptr,
+    r_ptr, v_ptr, m_ptr, offs_ptr, N, cp_ptr, cc_ptr, gamma_ptr, sum_ptr,
     HAS_MASK: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
     NSEG: tl.constexpr,
 ):
@@ -227,7 +234,7 @@ def _gae_summary_kernel(
     """
     pid = tl.program_id(0)
     seq = pid // NSEG
-    seg_start, seg_end, seq_end = _segment_bounds(offs_ptr, seq, pid % NSEG, NSEG, BLOCK)
+    seg_start, seg_end, seq_end = _segment_bounds(offs_ptr, N, seq, pid % NSEG, NSEG, BLOCK)
     gamma = tl.load(gamma_ptr)
     cp = tl.load(cp_ptr + seq)
     cc = tl.load(cc_ptr + seq)
@@ -273,7 +280,7 @@ def _gae_summary_kernel(
 
 @triton.jit
 def _gae_segment_kernel(
-    r_ptr, v_ptr, m_ptr, offs_ptr, cp_ptr, cc_ptr, gamma_ptr, sum_ptr, adv_ptr, ret_ptr,
+    r_ptr, v_ptr, m_ptr, offs_ptr, N, cp_ptr, cc_ptr, gamma_ptr, sum_ptr, adv_ptr, ret_ptr,
     HAS_MASK: tl.constexpr, SKIP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
     NSEG: tl.constexpr,
 ):
@@ -281,7 +288,7 @@ def _gae_segment_kernel(
     pid = tl.program_id(0)
     seq = pid // NSEG
     j = pid % NSEG
-    seg_start, seg_end, seq_end = _segment_bounds(offs_ptr, seq, j, NSEG, BLOCK)
+    seg_start, seg_end, seq_end = _segment_bounds(offs_ptr, N, seq, j, NSEG, BLOCK)
     q = tl.arange(0, NSEG)
     later = q > j  # earlier segments and this one become identity maps
     row = sum_ptr + (seq.to(tl.int64) * NSEG + q) * 8
@@ -385,7 +392,7 @@ def gae_scan(
     acc = tl.float64 if out_dtype == torch.float64 else tl.float32
     flags = {"HAS_MASK": mask is not None, "SKIP": bool(skip_masked), "BLOCK": block, "ACC": acc}
     m_arg = mask if mask is not None else rewards  # never read without HAS_MASK
-    common = (rewards, values, m_arg, offsets, coef_policy, coef_critic, gamma_t)
+    common = (rewards, values, m_arg, offsets, num_tokens, coef_policy, coef_critic, gamma_t)
     if segments == 1:
         _gae_seq_kernel[(num_seqs,)](
             *common, advantages, returns, **flags, num_warps=GPU_NUM_WARPS

@@ -80,10 +80,11 @@ def _interpreting() -> bool:
 
 
 @triton.jit
-def _keep_row(y_ptr, valid_ptr, row, HAS_VALID: tl.constexpr):
-    """(target, whether the row counts)."""
+def _keep_row(y_ptr, valid_ptr, row, V, HAS_VALID: tl.constexpr):
+    """(target, whether the row counts). A target outside [0, V) (only possible with the
+    data checks off) drops its row rather than read outside it."""
     y = tl.load(y_ptr + row)
-    keep = y != IGNORE_INDEX
+    keep = (y != IGNORE_INDEX) & (y >= 0) & (y < V)
     if HAS_VALID:
         keep = keep & (tl.load(valid_ptr + row) != 0)
     return y, keep
@@ -193,7 +194,7 @@ def _token_logprobs_fwd_kernel(
     HAS_VALID: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 before multiplying by the row stride
-    y, keep = _keep_row(y_ptr, valid_ptr, row, HAS_VALID)
+    y, keep = _keep_row(y_ptr, valid_ptr, row, V, HAS_VALID)
     zero = tl.full([], 0.0, ACC)
     logp = zero
     ent = zero
@@ -217,7 +218,7 @@ def _token_logprobs_bwd_kernel(
     HAS_VALID: tl.constexpr, HAS_GH: tl.constexpr, BLOCK_V: tl.constexpr, ACC: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    y, keep = _keep_row(y_ptr, valid_ptr, row, HAS_VALID)
+    y, keep = _keep_row(y_ptr, valid_ptr, row, V, HAS_VALID)
     out_row = out_ptr + row * stride_out
     if keep:
         zero = tl.full([], 0.0, ACC)

@@ -268,15 +268,16 @@ def _rollout(olp, rlp, w_seq, upper, lower, SEQ: tl.constexpr, MASK: tl.constexp
 
 @triton.jit
 def _rollout_sequence_kernel(
-    olp_ptr, rlp_ptr, m_ptr, offs_ptr, w_ptr,
+    olp_ptr, rlp_ptr, m_ptr, offs_ptr, N, w_ptr,
     GEOMETRIC: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
 ):
     """The raw weight exp(u_s) of sequence s = program: u = clamp(sum e, -20, 20), or
     (GEOMETRIC) sum e / count, over its valid tokens, e = clamp(old_logp - rollout_logp,
     -20, 20)."""
     s = tl.program_id(0).to(tl.int64)
-    start = tl.load(offs_ptr + s)
-    end = tl.load(offs_ptr + s + 1)
+    # Clamped into [0, N]: with the data checks off, bad offsets never read outside.
+    start = tl.minimum(tl.maximum(tl.load(offs_ptr + s), 0), N)
+    end = tl.minimum(tl.maximum(tl.load(offs_ptr + s + 1), start), N)
     lane = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], ACC)
     count = tl.zeros([BLOCK], ACC)
@@ -631,7 +632,8 @@ def _sequence_weights(level, old_logp, rollout_logp, mask, offsets, dtype, inter
     if n_seqs:
         block = INTERPRET_BLOCK if interpreting else GPU_BLOCK
         _rollout_sequence_kernel[(n_seqs,)](
-            old_logp, rollout_logp, old_logp if mask is None else mask, offsets, w,
+            old_logp, rollout_logp, old_logp if mask is None else mask, offsets,
+            old_logp.numel(), w,
             GEOMETRIC=level == 3, HAS_MASK=mask is not None, BLOCK=block, ACC=acc,
             num_warps=max(1, min(GPU_NUM_WARPS, block // 128)),
         )
@@ -816,7 +818,7 @@ def _logits_loss_kernel(
     row = tl.program_id(0).to(tl.int64)  # int64 before multiplying by the row stride
     # A valid row whose target is -100 counts as invalid: the contract excludes it, and
     # its logit load would fall outside the row.
-    y, keep = _keep_row(y_ptr, valid_ptr, row, True)
+    y, keep = _keep_row(y_ptr, valid_ptr, row, V, True)
     zero = tl.full([], 0.0, ACC)
     one = tl.full([], 1.0, ACC)
     s_pg = zero
