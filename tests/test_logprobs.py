@@ -487,7 +487,11 @@ def backward_tolerance(z, y, keep, temperature, stats, g_lp, g_h, exact):
     # accumulation dtype (fp32: below 1.2e-38, flushed to 0 on a GPU), and results round
     # to a multiple of the output dtype's smallest subnormal (fp16: 6e-8). The Triton
     # interpreter's own fp32 -> bf16 cast mangles fp32 subnormals (off by < 2^-126).
+    # The C++ kernel's vectorised fp32 exp flushes results below e^-87 (1.6e-38, just
+    # above fp32's smallest normal) to 0 (csrc/cpu/logprobs.cpp).
     tiny = torch.finfo(acc_dtype(z.dtype)).tiny
+    if acc_dtype(z.dtype) == torch.float32:
+        tiny = max(tiny, math.exp(-87.0))
     floor = tiny * (1 + (g_lp + g_h * (1 + 2 * scale)) / temperature)
     floor = floor + torch.finfo(z.dtype).tiny * eps_out
     return eps_out * exact.abs() + rtol * (scale * weight / temperature + exact.abs()) + floor
