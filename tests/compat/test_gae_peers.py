@@ -311,7 +311,7 @@ def test_openrlhf_pipeline_with_normalisation(openrlhf_em, backend, no_std_norm)
     batch_dims=st.lists(st.integers(1, 3), min_size=0, max_size=2),
     length=st.integers(1, 20),
     features=st.integers(1, 2),
-    layout=st.sampled_from(["default", "time_first", "time_last", "1d"]),
+    layout=st.sampled_from(["default", "time_first", "time_last", "1d", "1d_time0"]),
     p_done=st.sampled_from([0.0, 0.1, 0.4]),
     with_terminated=st.booleans(),
     gamma=coefs,
@@ -325,8 +325,8 @@ def test_torchrl_gae_matches(
     from vapo_kernels.compat.torchrl import generalized_advantage_estimate
 
     gen = torch.Generator().manual_seed(seed)
-    if layout == "1d":
-        shape, kwargs = (length,), {"time_dim": -1}
+    if layout in ("1d", "1d_time0"):  # TorchRL adds a feature dim for time_dim=0
+        shape, kwargs = (length,), {"time_dim": -1 if layout == "1d" else 0}
     elif layout == "time_first":  # [T, *B, F] with time_dim=0
         shape, kwargs = (length, *batch_dims, features), {"time_dim": 0}
     elif layout == "time_last":  # [*B, F, T] with time_dim=-1
@@ -349,6 +349,7 @@ def test_torchrl_gae_matches(
         return
     with use_backend(backend):
         got = generalized_advantage_estimate(*args, **kwargs)
+    assert got[0].shape == want[0].shape and got[1].shape == want[1].shape
     close(got[0], want[0], "advantage")
     close(got[1], want[1], "value_target")
 

@@ -123,4 +123,7 @@ def generalized_advantage_estimate(
             backend=get_backend(),
         )
         advantage = adv.to(adv_dtype).reshape(moved_shape).movedim(-1, axis)
+        if state_value.ndim == 1 and time_dim >= 0:
+            # TorchRL gives a 1-D input a feature dim when time_dim is spelled >= 0.
+            advantage, state_value = advantage.unsqueeze(-1), state_value.unsqueeze(-1)
         return advantage, advantage + state_value
