@@ -573,3 +573,19 @@ def test_peak_memory_is_a_few_tiles_not_the_logits():
     growth = json.loads(proc.stdout.strip().splitlines()[-1])["growth"]
     assert growth < 8 * tile_bytes, f"peak RSS grew by {growth / 2**20:.0f} MiB"
     assert growth < logits_bytes / 4
+
+
+@pytest.mark.parametrize("backend", vk.available_backends("logprobs", "cpu"))
+def test_an_empty_hidden_dimension_gives_the_bias_log_probs(backend):
+    # H = 0: every logit is the bias (or 0); the rows still come from the targets.
+    hidden = torch.randn(3, 0, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 0, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 4, 2])
+    got = vk.linear_logprobs(hidden, weight, y, bias=bias, backend=backend)
+    want = torch.log_softmax(bias, -1)[y]
+    torch.testing.assert_close(got, want)
+    got.sum().backward()
+    (g,) = torch.autograd.grad(torch.log_softmax(bias, -1)[y].sum(), bias)
+    torch.testing.assert_close(bias.grad, g)
+    assert hidden.grad.shape == (3, 0) and weight.grad.shape == (5, 0)

@@ -315,7 +315,8 @@ def _linear_rows(hidden: Tensor, targets: Tensor, mask: Tensor | None):
     mask = _flat_mask(mask)
     if mask is not None:
         keep &= mask
-    return hidden.reshape(-1, hidden.shape[-1]), flat, keep
+    # reshape(-1, 0) is ambiguous for H = 0: the row count comes from the targets.
+    return hidden.reshape(flat.shape[0], hidden.shape[-1]), flat, keep
 
 
 # --------------------------------------------------------------------------------------
