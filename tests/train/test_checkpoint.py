@@ -164,3 +164,30 @@ def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, capsys):
     assert "starting fresh" in capsys.readouterr().out
     assert [(r["phase"], r["step"]) for r in read_rows(run_dir)] == [
         ("warmup", 0), ("warmup", 1), ("rl", 0), ("rl", 1)]
+
+
+def test_a_new_run_never_starts_in_another_run_s_folder(tmp_path, uninterrupted, capsys):
+    # Without --resume a run into a folder holding a run would overwrite its metrics,
+    # config and checkpoints (found by an adversarial review): refused, naming the option.
+    copy = tmp_path / "run"
+    shutil.copytree(uninterrupted, copy)
+    before = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    assert main([*RUN, "--output_dir", str(copy), "--seed", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vapo-train: error: --output-dir:"), err
+    assert "pass --resume" in err[0]
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_a_refused_resume_leaves_the_run_s_config_and_a_changed_option_is_said(
+        tmp_path, uninterrupted, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(uninterrupted, copy)
+    config = (copy / "config.yaml").read_text()
+    assert main([*RUN, "--output_dir", str(copy), "--tiny_hidden_size", "64",
+                 "--resume", "auto"]) == 2
+    assert "another shape" in capsys.readouterr().err
+    assert (copy / "config.yaml").read_text() == config  # its advice still works
+    assert main([*RUN, "--output_dir", str(copy), "--clip_high", "0.3", "--resume", "auto"]) == 0
+    assert "resuming with a changed option: clip_high: 0.28 -> 0.3" in capsys.readouterr().out
+    assert "clip_high: 0.3" in (copy / "config.yaml").read_text()

@@ -1,6 +1,7 @@
 """Options: --help, YAML + overrides, ablations, and one clear error line for bad configs."""
 
 import dataclasses
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,8 @@ import yaml
 from vapo_kernels.train.cli import main
 from vapo_kernels.train.config import ABLATIONS, GROUPS, TrainConfig, parse_config, save_config
 from vapo_kernels.train.models import build_char_tokenizer, build_tiny_llama
+
+from .conftest import tiny_argv
 
 
 def test_help_lists_every_option_with_default_and_help():
@@ -83,12 +86,32 @@ def _tokenizer_without_pad(folder):
         # the held-out set would take all 2 problems: training draws would never end
         (["--modulus", "2", "--min_steps", "1", "--max_steps", "1", "--output_dir", "OUT"],
          "--eval-size"),
+        # found by an adversarial review: each used to end in a traceback or a NaN run
+        (["--actor_lr", "inf"], "--actor-lr"),
+        (["--temperature", "1e-7"], "--temperature"),
+        (["--weight_decay", "-1"], "--weight-decay"),
+        (["--tiny_hidden_size", "6", "--tiny_heads", "2"], "--tiny-heads"),
+        (["--seed", "99999999999999999999999"], "--seed"),
+        (["--device", "cuda:abc"], "--device"),
+        (["--profile", "5", "--steps", "1"], "--profile"),
+        ("yaml_float_steps", "--steps"),
+        ("empty_value_model", "--value-model"),
+        ("output_dir_file", "--output-dir"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_option(argv, option, tmp_path, capsys):
     if argv == "no_pad":
         argv = ["--model", str(_tokenizer_without_pad(tmp_path / "m")),
                 "--output_dir", str(tmp_path / "run")]
+    elif argv == "yaml_float_steps":
+        (tmp_path / "c.yaml").write_text("run:\n  steps: 1.5\n")
+        argv = ["--config", str(tmp_path / "c.yaml")]
+    elif argv == "empty_value_model":
+        os.makedirs(tmp_path / "empty")
+        argv = ["--value_model", str(tmp_path / "empty")]
+    elif argv == "output_dir_file":
+        (tmp_path / "a_file").write_text("not a folder")
+        argv = [*tiny_argv(), "--output_dir", str(tmp_path / "a_file")]
     writes_run = "OUT" in argv
     argv = [str(tmp_path / "run") if a == "OUT" else a for a in argv]
     try:

@@ -10,6 +10,7 @@ import sys
 import time
 
 import torch
+import yaml
 
 from . import checkpoint, distributed
 from .config import ConfigError, TrainConfig, parse_config, parse_profile_steps, save_config
@@ -103,6 +104,37 @@ def _run_dir(config: TrainConfig, dp: DataParallel) -> str:
     return folder[0]
 
 
+# What a run leaves in its folder: a new run there without --resume would overwrite it.
+_RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "checkpoint")
+
+
+def _check_run_dir(run_dir: str, resume: str) -> None:
+    """A run folder is a folder, and a new run (no --resume) never starts in another run's."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ConfigError("output-dir", f"{run_dir} is a file, not a folder")
+    if not resume and os.path.isdir(run_dir):
+        found = [f for f in _RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+        if found:
+            raise ConfigError("output-dir", f"{run_dir} holds a run already ({', '.join(found)}): "
+                              "pass --resume to continue it, or choose another --output_dir")
+
+
+def _config_changes(path: str, config: TrainConfig) -> list[str]:
+    """'option: old -> new' for each option that differs from the run's saved config.yaml."""
+    if not os.path.isfile(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        old = yaml.safe_load(f) or {}
+    new = config.to_dict()
+    changes = []
+    for group, options in new.items():
+        before = old.get(group, {}) if isinstance(old.get(group), dict) else {}
+        for key, value in options.items():
+            if key in before and before[key] != value and key != "resume":
+                changes.append(f"{key}: {before[key]!r} -> {value!r}")
+    return changes
+
+
 def _check_resume(config: TrainConfig, info: checkpoint.CheckpointInfo) -> None:
     """A checkpoint whose phase this config would not run cannot be continued."""
     runs_phase = {"warmup": config.warmup.warmup_steps > 0,
@@ -160,12 +192,24 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
                           "not supported with several processes yet")
     task = build_task(config)  # before the run folder: a bad task leaves no folder behind
     run_dir = _run_dir(config, dp)
+    if dp.is_main:  # before it writes there (the other processes would see its files)
+        _check_run_dir(run_dir, run.resume)
     info = checkpoint.find_resume(run_dir, run.resume)
     if info is not None:
         _check_resume(config, info)
+    config_path = os.path.join(run_dir, "config.yaml")
+
+    def save_run_config() -> None:
+        if dp.is_main:
+            save_config(config, config_path)
+
     if dp.is_main:
         os.makedirs(run_dir, exist_ok=True)
-        save_config(config, os.path.join(run_dir, "config.yaml"))
+        if info is None:
+            save_run_config()
+        else:  # written once the checkpoint has loaded: a refused resume leaves the run's own
+            for change in _config_changes(config_path, config):
+                say(f"resuming with a changed option: {change}")
         say(f"run folder: {run_dir} (resolved config: config.yaml)"
             + (f"; {dp.world_size} data-parallel processes" if dp.distributed else ""))
         if run.resume and info is None:
@@ -218,6 +262,7 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
             if resumed == "warmup":
                 state.warmup_optimizer = warmup_optimizer(state, config)
                 checkpoint.load(info, state, dp)
+                save_run_config()
             post_warmup = supervised(state, task, config, log, phase="warmup",
                                      max_steps=w.warmup_steps,
                                      stop_accuracy=w.warmup_target_accuracy,
@@ -237,6 +282,7 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
     setup_rl(state, config, _value_model_maker(config, dp))
     if resumed in ("value_pretrain", "rl"):
         checkpoint.load(info, state, dp)
+        save_run_config()
     post_warmup = state.post_warmup_eval
     summary["post_warmup_accuracy"] = post_warmup["heldout_accuracy"]
     a = config.algorithm

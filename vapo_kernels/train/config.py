@@ -16,11 +16,14 @@ import dataclasses
 import math
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+
+from ..ops.token_logprobs import TEMPERATURE_RANGE
 
 
 class ConfigError(ValueError):
@@ -349,12 +352,16 @@ def validate(config: TrainConfig) -> None:
         if not ok:
             raise ConfigError(option.replace("_", "-"), message)
 
+    _check_types(config)
+
     if m.model:
         need(os.path.isdir(m.model), "model", f"no such model folder: {m.model}")
         need(os.path.isfile(os.path.join(m.model, "config.json")), "model",
              f"{m.model} has no config.json (not a save_pretrained folder)")
     if m.value_model:
         need(os.path.isdir(m.value_model), "value_model", f"no such folder: {m.value_model}")
+        need(os.path.isfile(os.path.join(m.value_model, "config.json")), "value_model",
+             f"{m.value_model} has no config.json (not a save_pretrained folder)")
     if m.attn_implementation == "flash_attention_2":
         try:
             import flash_attn  # noqa: F401
@@ -364,6 +371,9 @@ def validate(config: TrainConfig) -> None:
     for name in ("tiny_hidden_size", "tiny_layers", "tiny_heads"):
         need(getattr(m, name) >= 1, name, "must be >= 1")
     need(m.tiny_hidden_size % m.tiny_heads == 0, "tiny_heads", "must divide tiny_hidden_size")
+    need((m.tiny_hidden_size // m.tiny_heads) % 2 == 0, "tiny_heads",
+         f"each head of tiny_hidden_size / tiny_heads = {m.tiny_hidden_size // m.tiny_heads} "
+         "dims must be even (rotary position embeddings pair them)")
     kind = t.task.split(":", 1)[0]
     need(kind in ("running_sum", "jsonl", "reasoning_gym"), "task",
          f"unknown task {t.task!r}: running_sum, jsonl:PATH or reasoning_gym:NAME")
@@ -392,7 +402,8 @@ def validate(config: TrainConfig) -> None:
         need(r.group_size >= 2, "group_size",
              f"group sampling needs >= 2 samples per prompt, got {r.group_size} "
              "(--no-group-sampling for one sample per prompt)")
-    need(r.temperature > 0, "temperature", "must be > 0")
+    low, high = TEMPERATURE_RANGE
+    need(low <= r.temperature <= high, "temperature", f"must be in [{low:g}, {high:g}]")
     need(r.rollout_is_threshold > 0 and math.isfinite(r.rollout_is_threshold),
          "rollout_is_threshold", "must be a finite float > 0")
     if r.rollout_is_mode == "mask":
@@ -433,10 +444,20 @@ def validate(config: TrainConfig) -> None:
              f"a mini-batch of {mini} sequences does not divide into micro-batches of "
              f"{o.micro_batch_size}")
     need(o.grad_clip >= 0, "grad_clip", "must be >= 0")
+    need(o.weight_decay >= 0, "weight_decay", "must be >= 0")
+    need(0 <= run.seed < 2**63, "seed", "must be in [0, 2^63)")
     need(run.steps >= 0, "steps", "must be >= 0")
     need(run.eval_every >= 1, "eval_every", "must be >= 1")
-    need(run.device in ("auto", "cpu", "cuda") or run.device.startswith("cuda:"), "device",
+    need(run.device in ("auto", "cpu", "cuda")
+         or (run.device.startswith("cuda:") and run.device[5:].isdigit()), "device",
          "cpu, cuda[:N] or auto")
+    if run.device.startswith("cuda"):
+        import torch
+
+        need(torch.cuda.is_available(), "device", f"{run.device}: no CUDA device here")
+        index = int(run.device[5:]) if run.device[5:] else 0
+        need(index < torch.cuda.device_count(), "device",
+             f"{run.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     need(run.threads >= 0, "threads", "must be >= 0")
     need(o.max_tokens_per_microbatch >= 0, "max_tokens_per_microbatch", "must be >= 0")
     need(o.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
@@ -448,8 +469,36 @@ def validate(config: TrainConfig) -> None:
     elif run.resume:
         need(os.path.isdir(run.resume), "resume", f"no such checkpoint folder: {run.resume}")
     if run.profile:
-        need(parse_profile_steps(run.profile) is not None, "profile",
+        span = parse_profile_steps(run.profile)
+        need(span is not None, "profile",
              f"expected STEP or FIRST-LAST (RL steps >= 1), got {run.profile!r}")
+        need(span[1] <= run.steps, "profile",
+             f"steps {run.profile} lie past the run's last RL step, --steps {run.steps}")
+
+
+def _check_types(config: TrainConfig) -> None:
+    """Every option holds a value of its declared type (a YAML file can hold anything:
+    ``steps: 1.5``, ``steps: null``, a list) and floats are finite: one line naming it."""
+    for group in dataclasses.fields(config):
+        args = getattr(config, group.name)
+        hints = typing.get_type_hints(type(args))
+        for f in dataclasses.fields(args):
+            value, kind = getattr(args, f.name), hints[f.name]
+            option = f.name.replace("_", "-")
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind is float:
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and math.isfinite(value))
+            elif kind is str:
+                ok = isinstance(value, str)
+            else:
+                continue
+            if not ok:
+                raise ConfigError(option, f"must be a {'finite ' if kind is float else ''}"
+                                  f"{kind.__name__}, got {value!r}")
 
 
 def parse_profile_steps(text: str) -> tuple[int, int] | None:
