@@ -95,6 +95,8 @@ def _tokenizer_without_pad(folder):
         (["--device", "cuda:abc"], "--device"),
         (["--profile", "5", "--steps", "1"], "--profile"),
         ("yaml_float_steps", "--steps"),
+        ("yaml_wrong_group", "--steps"),
+        (["--task", "running_sum:foo"], "--task"),
         ("empty_value_model", "--value-model"),
         ("output_dir_file", "--output-dir"),
     ],
@@ -105,6 +107,9 @@ def test_bad_config_is_one_line_naming_the_option(argv, option, tmp_path, capsys
                 "--output_dir", str(tmp_path / "run")]
     elif argv == "yaml_float_steps":
         (tmp_path / "c.yaml").write_text("run:\n  steps: 1.5\n")
+        argv = ["--config", str(tmp_path / "c.yaml")]
+    elif argv == "yaml_wrong_group":
+        (tmp_path / "c.yaml").write_text("model:\n  steps: 1\n")
         argv = ["--config", str(tmp_path / "c.yaml")]
     elif argv == "empty_value_model":
         os.makedirs(tmp_path / "empty")

@@ -308,6 +308,10 @@ def _flatten_yaml(path: str) -> dict[str, Any]:
     names = _option_names()
     for key, value in data.items():
         if key in GROUPS and isinstance(value, dict):
+            for option in value:
+                if names.get(option, key) != key:  # e.g. model: {steps: 1}
+                    raise ConfigError(str(option).replace("_", "-"), f"belongs to the "
+                                      f"{names[option]} group, not {key}, in {path}")
             flat.update(value)
         else:
             flat[key] = value
@@ -377,6 +381,9 @@ def validate(config: TrainConfig) -> None:
     kind = t.task.split(":", 1)[0]
     need(kind in ("running_sum", "jsonl", "reasoning_gym"), "task",
          f"unknown task {t.task!r}: running_sum, jsonl:PATH or reasoning_gym:NAME")
+    need(kind != "running_sum" or t.task == "running_sum", "task",
+         f"running_sum takes no argument (its options are --modulus, --min_steps, ...), "
+         f"got {t.task!r}")
     if kind == "jsonl":
         path = t.task.split(":", 1)[1] if ":" in t.task else ""
         need(os.path.isfile(path), "task", f"no such jsonl file: {path!r}")
