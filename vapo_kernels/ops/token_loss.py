@@ -320,9 +320,12 @@ token_loss_op = Op(
 
 
 def _need_grad(logp, values, entropy) -> bool:
-    # isinstance: a wrong type gets to the checks that name it
-    return torch.is_grad_enabled() and any(
-        isinstance(t, Tensor) and t.requires_grad for t in (logp, values, entropy)
+    # isinstance: a wrong type gets to the checks that name it. (No generator: this runs
+    # on every loss call.)
+    return torch.is_grad_enabled() and (
+        (isinstance(logp, Tensor) and logp.requires_grad)
+        or (isinstance(values, Tensor) and values.requires_grad)
+        or (isinstance(entropy, Tensor) and entropy.requires_grad)
     )
 
 
