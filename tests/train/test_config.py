@@ -137,3 +137,11 @@ def test_yaml_with_unknown_key_names_it(tmp_path, capsys):
     path.write_text("clip_hihg: 0.3\n")
     assert main(["--config", str(path)]) == 2
     assert "--clip-hihg" in capsys.readouterr().err
+
+
+def test_an_explicit_ablation_none_wins_over_the_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ablation: no_lm_loss\n")
+    assert parse_config(["--config", str(path)]).algorithm.lm_coef == 0.0
+    config = parse_config(["--config", str(path), "--ablation", "none"])
+    assert config.run.ablation == "none" and config.algorithm.lm_coef > 0

@@ -334,8 +334,8 @@ def parse_config(argv: list[str] | None = None, prog: str = "vapo-train") -> Tra
     if first.run.config:
         overrides.update(_flatten_yaml(first.run.config))
     ablation = overrides.get("ablation", first.run.ablation)
-    if first.run.ablation != "none":
-        ablation = first.run.ablation
+    if any(a == "--ablation" or a.startswith("--ablation=") for a in argv):
+        ablation = first.run.ablation  # the command line wins, an explicit "none" too
     if ablation not in ABLATIONS:
         raise ConfigError("ablation", f"unknown ablation {ablation!r}")
     overrides.update(ABLATIONS[ablation])
