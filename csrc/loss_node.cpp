@@ -61,7 +61,7 @@ struct LossFromGradients : public torch::autograd::Node {
   variable_list apply_with_saved(const variable_list& inputs,
                                  torch::dynamo::autograd::SwapSavedVariables& saved) override {
     saved.before(grads_);
-    variable_list out = scale(inputs, /*in_place=*/false);
+    variable_list out = scale(inputs, /*last=*/false);
     saved.after(grads_);
     return out;
   }

@@ -17,8 +17,10 @@ They can be switched off for production runs with ``VAPO_VALIDATE=0`` or
 
 from __future__ import annotations
 
+import numbers
 import operator
 import os
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -58,6 +60,13 @@ def check_float(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_number(name: str, x, ok: Callable[[float], bool], expected: str) -> None:
+    """``x`` is a real number (not a bool; numpy scalars count) for which ``ok`` holds,
+    else a ValueError naming it and what was ``expected``."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not ok(x):
+        raise ValueError(f"{name} must be {expected}, got {x!r}")
 
 
 def check_unit_interval(name: str, x: float) -> None:

@@ -254,14 +254,17 @@ def _lambda(lam) -> tuple[Tensor | None, float]:
     return (lam, 0.0) if isinstance(lam, Tensor) else (None, lam)
 
 
+def _finite_positive(x: float) -> bool:
+    return 0 < x < math.inf
+
+
 def length_adaptive_lambda(valid_tokens: Tensor, alpha: float) -> Tensor:
     """VAPO's lambda_policy = 1 - 1/(alpha * l), clamped as NeMo-RL does.
 
     ``clamp(1 - 1 / clamp(alpha * l, min=1), 0, 1)``: sequences with alpha*l <= 1
     (including empty ones) get lambda = 0 instead of a negative or infinite value.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-        raise ValueError(f"alpha must be a finite float > 0, got {alpha!r}")
+    _ragged.check_number("alpha", alpha, _finite_positive, "a finite float > 0")
     scaled = valid_tokens.to(torch.float64) * alpha  # a copy: never the counts passed in
     if scaled.requires_grad:  # out of place: autograd needs each step's result
         return (1.0 - 1.0 / scaled.clamp(min=1.0)).clamp(0.0, 1.0)
@@ -294,8 +297,7 @@ def decoupled_gae(
     valid tokens of the batch (unbiased variance, eps 1e-8); targets are never whitened.
     """
     if alpha is not None:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf:
-            raise ValueError(f"alpha must be a finite float > 0, got {alpha!r}")
+        _ragged.check_number("alpha", alpha, _finite_positive, "a finite float > 0")
         lam_policy = 0.0  # placeholder: the op derives lambda_policy from alpha
     lam_p, scalar_p = _lambda(lam_policy)
     lam_c, scalar_c = _lambda(lam_critic)

@@ -27,12 +27,11 @@ from .linear_logprobs import (
 )
 from .logits_loss import (
     check_flat_input,
-    check_temperature,
     logp_loss_metrics,
     logp_loss_options,
     loss_mask,
 )
-from .token_logprobs import masked_targets
+from .token_logprobs import check_temperature, masked_targets
 from .token_loss import TokenLossArgs, token_loss_op
 
 

@@ -62,8 +62,9 @@ from .token_logprobs import (
     _check_targets_in_range,
     _check_targets_mask_temperature,
     _flat_mask,
-    masked_targets,
     _out_dtype,
+    check_temperature,
+    masked_targets,
 )
 
 # Reference tiles: fp32 working set of a tile is 1024 x 8192 x 4 B = 32 MiB, a few of
@@ -559,11 +560,8 @@ def linear_logprobs(
     bias rows, shards in group-rank order; every rank gets the full logp / entropy and
     the full grad_hidden, while grad_weight / grad_bias stay per shard.
     """
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        # Here, not only in the op: a non-float would fail the op's schema first, with a
-        # message that does not name the argument.
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    temperature = float(temperature)
+    temperature = check_temperature(temperature)
+    # Not vocabulary-parallel: there a rank's weight holds a shard, not all V rows.
     if process_group is None and isinstance(weight, Tensor) and weight.dim() == 2:
         targets = masked_targets(targets, weight.shape[0], mask)
     if process_group is not None:

@@ -262,17 +262,6 @@ def logp_loss_metrics(o: dict, sums: Tensor) -> dict[str, Tensor]:
     )
 
 
-def check_temperature(temperature) -> float:
-    low, high = lp_ops.TEMPERATURE_RANGE
-    if (
-        isinstance(temperature, bool)
-        or not isinstance(temperature, (int, float))
-        or not low <= temperature <= high
-    ):
-        raise ValueError(f"temperature must be a float in [{low:g}, {high:g}], got {temperature!r}")
-    return float(temperature)
-
-
 def check_flat_input(name: str, x: Tensor, cu_seqlens: Tensor | None) -> None:
     """Flat (N, D) rows are packed sequences: they need cu_seqlens to say where each ends."""
     if isinstance(x, Tensor) and x.dim() == 2 and cu_seqlens is None:
@@ -308,7 +297,7 @@ def policy_loss_from_logits(
     used again (leaf logits are refused). Targets -100 are left out. Computed in float32
     (float64 for float64 logits). Metrics include the aggregated entropy.
     """
-    temperature = check_temperature(temperature)
+    temperature = lp_ops.check_temperature(temperature)
     check_flat_input("logits", logits, cu_seqlens)
     logits = lp_ops.rows_viewable(logits)  # logits[:, :-1] is copied once
     if isinstance(logits, Tensor) and logits.dim() >= 1:

@@ -74,13 +74,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
 
 from .. import _loss_layout as L
+from .._ragged import check_number
 
 AGG_MODES = (
     "token-mean",
@@ -464,7 +464,7 @@ def global_count(name: str, x) -> float | None:
                 f"{tuple(x.shape)}"
             )
         x = x.item()
-    _check_number(name, x, lambda v: 0 <= v < math.inf, "a finite number >= 0 or None")
+    check_number(name, x, lambda v: 0 <= v < math.inf, "a finite number >= 0 or None")
     return float(x)
 
 
@@ -474,10 +474,10 @@ def aggregation_scalars(
     """The loss ops' scalar aggregation arguments (consecutive fields of their args, in
     this order) from the public keywords, checked: global counts as Python floats."""
     if type(dp_size) is not int or dp_size != 1:  # the common value passes at once
-        _check_number("dp_size", dp_size, lambda v: v >= 1 and v == int(v),
+        check_number("dp_size", dp_size, lambda v: v >= 1 and v == int(v),
                       "a whole number >= 1 (the data-parallel group's size)")
     if loss_scale_factor is not None:
-        _check_number("loss_scale_factor", loss_scale_factor, lambda v: 0 < v < math.inf,
+        check_number("loss_scale_factor", loss_scale_factor, lambda v: 0 < v < math.inf,
                       "a finite number > 0 or None")
     return (
         global_count("global_tokens", global_tokens),
@@ -486,12 +486,6 @@ def aggregation_scalars(
         float(dp_size),
         None if loss_scale_factor is None else float(loss_scale_factor),
     )
-
-
-def _check_number(name: str, x, ok: Callable[[float], bool], expected: str) -> None:
-    """``x`` is a real number (not a bool; numpy scalars count) for which ``ok`` holds."""
-    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not ok(x):
-        raise ValueError(f"{name} must be {expected}, got {x!r}")
 
 
 def loss_params(**options) -> tuple[float, ...]:
@@ -529,23 +523,23 @@ def _loss_params(
 ) -> tuple[float, ...]:
     """See :func:`loss_params`."""
     for name, eps in (("clip_low", clip_low), ("clip_high", clip_high)):
-        _check_number(name, eps, lambda v: v >= 0, "a float >= 0")
+        check_number(name, eps, lambda v: v >= 0, "a float >= 0")
     if clip_low > 1.0:
         raise ValueError(
             f"clip_low must be <= 1 (the ratio's lower bound 1 - clip_low >= 0), got {clip_low}"
         )
     if dual_clip is not None:
-        _check_number("dual_clip", dual_clip, lambda v: v > 1.0, "a float > 1 or None")
-    _check_number("ratio_log_clamp", ratio_log_clamp, lambda v: v > 0, "a float > 0")
+        check_number("dual_clip", dual_clip, lambda v: v > 1.0, "a float > 1 or None")
+    check_number("ratio_log_clamp", ratio_log_clamp, lambda v: v > 0, "a float > 0")
     if value_clip is not None:
-        _check_number("value_clip", value_clip, lambda v: v >= 0, "a float >= 0 or None")
+        check_number("value_clip", value_clip, lambda v: v >= 0, "a float >= 0 or None")
     if value_clip_form not in ("verl", "openrlhf"):
         raise ValueError(f"value_clip_form must be 'verl' or 'openrlhf', got {value_clip_form!r}")
     kind, straight = (0, 0) if kl_kind is None else kl_codes(kl_kind)
     coefs = {"vf_coef": vf_coef, "kl_coef": kl_coef, "entropy_coef": entropy_coef,
              "lm_coef": lm_coef}
     for name, c in coefs.items():
-        _check_number(name, c, math.isfinite, "a finite float")
+        check_number(name, c, math.isfinite, "a finite float")
     params = [0.0] * L.NUM_PARAMS
     params[L.P_CLIP_LOW], params[L.P_CLIP_HIGH] = float(clip_low), float(clip_high)
     params[L.P_DUAL_CLIP] = 0.0 if dual_clip is None else float(dual_clip)
@@ -598,7 +592,7 @@ def _rollout_params(level, mode, upper, lower) -> list[float]:
     if not isinstance(mode, str) or mode not in ROLLOUT_IS_MODES:
         raise ValueError(f"rollout_is_mode must be one of {ROLLOUT_IS_MODES}, got {mode!r}")
     upper = 2.0 if upper is None else upper
-    _check_number(
+    check_number(
         "rollout_is_threshold", upper, lambda v: 0 < v < math.inf, "a finite float > 0"
     )
     if mode == "truncate":
@@ -611,7 +605,7 @@ def _rollout_params(level, mode, upper, lower) -> list[float]:
         lower = 0.0
     else:
         lower = 1.0 / upper if lower is None else lower
-        _check_number(
+        check_number(
             "rollout_is_threshold_lower", lower, lambda v: 0 <= v <= upper,
             f"a float in [0, rollout_is_threshold = {upper}]",
         )

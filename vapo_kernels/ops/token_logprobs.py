@@ -46,7 +46,6 @@ the docstring of :func:`reference_forward` and :func:`reference_backward`.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -196,18 +195,23 @@ def _check_targets_mask_temperature(targets, rows_name, rows, mask, temperature)
     if targets.device != rows.device:
         raise ValueError(f"targets is on {targets.device} but {rows_name} is on {rows.device}")
     _ragged.check_mask(mask, "targets", targets)
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
-    if not TEMPERATURE_RANGE[0] <= temperature <= TEMPERATURE_RANGE[1]:
-        raise ValueError(
-            f"temperature must lie in [{TEMPERATURE_RANGE[0]:g}, {TEMPERATURE_RANGE[1]:g}], "
-            f"got {temperature}"
-        )
+    check_temperature(temperature)
 
 
 # Where the kernels' fp32 work (z / tau relative to the row max, exp of it) stays finite
 # and the same in every backend for logits up to 1e4; sampling temperatures are ~0.1-10.
 TEMPERATURE_RANGE = (1e-6, 1e6)
+
+
+def check_temperature(temperature) -> float:
+    """``temperature`` as a float, checked (every public function taking one calls this,
+    before an op's schema would refuse a non-float without naming it)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a float, got {type(temperature).__name__}")
+    low, high = TEMPERATURE_RANGE
+    if not low <= temperature <= high:
+        raise ValueError(f"temperature must lie in [{low:g}, {high:g}], got {temperature}")
+    return float(temperature)
 
 
 def _check_targets_in_range(targets: Tensor, vocab: int) -> None:
@@ -249,7 +253,8 @@ def _rows(logits: Tensor, writable: bool = False) -> Tensor:
             "(contiguous leading dimensions)"
         ) from None
     n, row_stride, col_stride = rows.shape[0], rows.stride(0), rows.stride(1)
-    if writable and ((vocab > 1 and col_stride == 0) or (n > 1 and row_stride < vocab * col_stride)):
+    overlap = (vocab > 1 and col_stride == 0) or (n > 1 and row_stride < vocab * col_stride)
+    if writable and overlap:
         raise ValueError(
             "inplace_backward writes the gradient over the logits, whose rows overlap in "
             f"memory here (strides {rows.stride()}, e.g. an expanded tensor); pass "
@@ -433,8 +438,10 @@ def token_logprobs(
     ``inplace_backward``.
     """
     logits = rows_viewable(logits)
+    if isinstance(logits, Tensor) and logits.dim() >= 1:
+        targets = masked_targets(targets, logits.shape[-1], mask)
     logp, entropy, _ = token_logprobs_op(TokenLogprobsArgs(
-        logits, masked_targets(targets, logits.shape[-1], mask), mask, float(temperature) if isinstance(temperature, int) else temperature,
-        bool(inplace_backward), backend or "",
+        logits, targets, mask, check_temperature(temperature), bool(inplace_backward),
+        backend or "",
     ))
     return (logp, entropy) if return_entropy else logp

@@ -103,8 +103,7 @@ def masked_whiten(
     if cu_seqlens is not None:
         layout = _ragged.check_layout({"x": x}, mask, cu_seqlens)
         _ragged.check_cu_seqlens_values(cu_seqlens, layout.num_tokens)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < math.inf:
-        raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
+    _ragged.check_number("eps", eps, lambda v: 0 <= v < math.inf, "a finite float >= 0")
     if process_group is not None:
         return _whiten_over_group(x, mask, unbiased, eps, shift_mean, process_group)
     return masked_whiten_op(

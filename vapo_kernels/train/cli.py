@@ -130,7 +130,7 @@ def _config_changes(path: str, config: TrainConfig) -> list[str]:
     for group, options in new.items():
         before = old.get(group, {}) if isinstance(old.get(group), dict) else {}
         for key, value in options.items():
-            if key in before and before[key] != value and key != "resume":
+            if key in before and before[key] != value and key not in ("resume", "config"):
                 changes.append(f"{key}: {before[key]!r} -> {value!r}")
     return changes
 

@@ -56,6 +56,7 @@ import triton.language as tl
 from .. import _device_cache
 from .. import _loss_layout as L
 from . import logprobs as _lp
+from .gae import _seq_bounds
 from .logprobs import _keep_row, _row_backward, _row_forward, _row_zero
 
 # Launch parameters. GPU (not yet tuned on a device): the kernel is memory bound (up to
@@ -275,9 +276,7 @@ def _rollout_sequence_kernel(
     (GEOMETRIC) sum e / count, over its valid tokens, e = clamp(old_logp - rollout_logp,
     -20, 20)."""
     s = tl.program_id(0).to(tl.int64)
-    # Clamped into [0, N]: with the data checks off, bad offsets never read outside.
-    start = tl.minimum(tl.maximum(tl.load(offs_ptr + s), 0), N)
-    end = tl.minimum(tl.maximum(tl.load(offs_ptr + s + 1), start), N)
+    start, end = _seq_bounds(offs_ptr, s, N)
     lane = tl.arange(0, BLOCK)
     total = tl.zeros([BLOCK], ACC)
     count = tl.zeros([BLOCK], ACC)
