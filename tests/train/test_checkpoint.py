@@ -4,6 +4,7 @@ give one error line."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -177,6 +178,33 @@ def test_a_new_run_never_starts_in_another_run_s_folder(tmp_path, uninterrupted,
     assert len(err) == 1 and err[0].startswith("vapo-train: error: --output-dir:"), err
     assert "pass --resume" in err[0]
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == before
+
+
+def test_a_second_trainer_is_locked_out_of_a_running_run_s_folder(tmp_path, capsys):
+    # Two trainers in one folder appended to one metrics.jsonl and pruned each other's
+    # checkpoints; the torn rows then broke --resume (found when a timed-out helper left an
+    # orphan run). The running trainer holds an OS lock, released when it dies.
+    run_dir = tmp_path / "run"
+    # A warm-up of minutes: still running when the second trainer starts, however slow CI is.
+    proc = subprocess.Popen(command(run_dir, "--save_every", "1", "--warmup_steps", "100000",
+                                    "--warmup_target_accuracy", "1.0"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not checkpoint.complete_checkpoints(run_dir) and proc.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the test could try a second one"
+        assert main([*RUN, "--output_dir", str(run_dir), "--resume", "auto"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("vapo-train: error: --output-dir:"), err
+        assert f"in use by a running vapo-train (pid {proc.pid} " in err[0]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # The lock went with the killed process.
+    with open(run_dir / ".vapo-train.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_a_refused_resume_leaves_the_run_s_config_and_a_changed_option_is_said(

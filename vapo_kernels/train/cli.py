@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import random
+import socket
 import sys
 import time
 
 import torch
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 from . import checkpoint, distributed
 from .config import ConfigError, TrainConfig, parse_config, parse_profile_steps, save_config
@@ -106,17 +113,44 @@ def _run_dir(config: TrainConfig, dp: DataParallel) -> str:
 
 # What a run leaves in its folder: a new run there without --resume would overwrite it.
 _RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints", "checkpoint")
+_LOCK_FILE = ".vapo-train.lock"  # held by the running trainer (see _own_run_folder)
 
 
-def _check_run_dir(run_dir: str, resume: str) -> None:
-    """A run folder is a folder, and a new run (no --resume) never starts in another run's."""
+@contextlib.contextmanager
+def _own_run_folder(run_dir: str, resume: str, dp: DataParallel):
+    """The run folder, made and held for this run: a new run (no --resume) never starts in
+    another run's folder, and a second vapo-train never writes into a folder while one runs
+    there (two trainers appending to one metrics.jsonl and pruning each other's checkpoints
+    corrupt both runs). The hold is an OS file lock, so a killed run leaves none behind.
+    Only rank 0 writes the folder, so only it takes the lock."""
+    if not dp.is_main:
+        yield
+        return
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError("output-dir", f"{run_dir} is a file, not a folder")
-    if not resume and os.path.isdir(run_dir):
-        found = [f for f in _RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
-        if found:
-            raise ConfigError("output-dir", f"{run_dir} holds a run already ({', '.join(found)}): "
-                              "pass --resume to continue it, or choose another --output_dir")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, _LOCK_FILE), "a+", encoding="utf-8") as lock:
+        if fcntl is not None:  # POSIX; elsewhere the folder is not locked
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                raise ConfigError("output-dir", f"{run_dir} is in use by a running vapo-train "
+                                  f"({holder}): wait for it to end, or choose another "
+                                  "--output_dir") from None
+        if not resume:
+            found = [f for f in _RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+            if found:
+                raise ConfigError("output-dir", f"{run_dir} holds a run already "
+                                  f"({', '.join(found)}): pass --resume to continue it, or "
+                                  "choose another --output_dir")
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+        yield  # closing the file releases the lock
 
 
 def _config_changes(path: str, config: TrainConfig) -> list[str]:
@@ -192,8 +226,13 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
                           "not supported with several processes yet")
     task = build_task(config)  # before the run folder: a bad task leaves no folder behind
     run_dir = _run_dir(config, dp)
-    if dp.is_main:  # before it writes there (the other processes would see its files)
-        _check_run_dir(run_dir, run.resume)
+    with _own_run_folder(run_dir, run.resume, dp):
+        return _train_in(config, dp, device, task, run_dir)
+
+
+def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task: Task,
+              run_dir: str) -> dict:
+    run = config.run
     info = checkpoint.find_resume(run_dir, run.resume)
     if info is not None:
         _check_resume(config, info)
@@ -204,12 +243,15 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
             save_config(config, config_path)
 
     if dp.is_main:
-        os.makedirs(run_dir, exist_ok=True)
         if info is None:
             save_run_config()
         else:  # written once the checkpoint has loaded: a refused resume leaves the run's own
             for change in _config_changes(config_path, config):
                 say(f"resuming with a changed option: {change}")
+        cut = config.task.max_new_tokens
+        if cut and cut < task.max_response_tokens:  # legal (a length study), rarely meant
+            say(f"--max_new_tokens {cut} cuts responses shorter than {task.name}'s longest "
+                f"demonstration ({task.max_response_tokens} tokens): long answers get reward 0")
         say(f"run folder: {run_dir} (resolved config: config.yaml)"
             + (f"; {dp.world_size} data-parallel processes" if dp.distributed else ""))
         if run.resume and info is None:
