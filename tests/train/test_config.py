@@ -97,6 +97,7 @@ def _tokenizer_without_pad(folder):
         ("yaml_float_steps", "--steps"),
         ("yaml_wrong_group", "--steps"),
         (["--task", "running_sum:foo"], "--task"),
+        (["--verifier", "contains"], "--verifier"),  # running_sum would ignore it
         ("empty_value_model", "--value-model"),
         ("output_dir_file", "--output-dir"),
     ],

@@ -129,3 +129,11 @@ def test_jsonl_task_through_a_model_folder(tmp_path):
                                 "--eval_size", "8"))
     phases = {r["phase"] for r in read_rows(summary["run_dir"])}
     assert phases == {"warmup", "value_pretrain", "rl"}
+
+
+def test_a_response_bound_below_the_task_s_answers_is_said(tmp_path, capsys):
+    # --max_new_tokens 1 trained at reward 0 without a word (adversarial review).
+    train(tiny_config(tmp_path, "--max_new_tokens", "4", "--warmup_steps", "0",
+                      "--value_pretrain_steps", "0", "--steps", "0"))
+    out = capsys.readouterr().out
+    assert "--max_new_tokens 4 cuts responses shorter than running_sum's longest" in out

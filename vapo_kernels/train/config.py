@@ -384,6 +384,8 @@ def validate(config: TrainConfig) -> None:
     need(kind != "running_sum" or t.task == "running_sum", "task",
          f"running_sum takes no argument (its options are --modulus, --min_steps, ...), "
          f"got {t.task!r}")
+    need(kind == "jsonl" or t.verifier == "exact", "verifier",
+         f"applies to jsonl tasks only ({kind} checks its own answers), got {t.verifier!r}")
     if kind == "jsonl":
         path = t.task.split(":", 1)[1] if ":" in t.task else ""
         need(os.path.isfile(path), "task", f"no such jsonl file: {path!r}")
