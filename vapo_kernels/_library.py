@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _SCHEMA_TYPES = {
@@ -66,6 +67,32 @@ def _tracing() -> bool:
         or _get_current_dispatch_mode() is not None
         or torch._C._functorch.peek_interpreter_stack() is not None
     )
+
+
+def _func_transforms() -> str | None:
+    """Which torch.func transforms the call is under (no compiler or tensor mode): "grad"
+    when only gradient transforms (grad, vjp, jacrev): the dispatcher's autograd for a
+    custom op refuses functorch, so the op runs as an autograd.Function in the style
+    functorch takes (:func:`_grad_transform_function`); "forward" when a forward-mode one
+    (jvp, jacfwd, hessian) is among them; "other" (vmap: the dispatcher's per-sample
+    fallback); None outside torch.func."""
+    level = torch._C._functorch.peek_interpreter_stack()
+    if level is None or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return None
+    kinds = {i.key() for i in torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters()}
+    if torch._C._functorch.TransformType.Jvp in kinds:
+        return "forward"
+    return "grad" if kinds == {torch._C._functorch.TransformType.Grad} else "other"
+
+
+FORWARD_MODE = ("vapo ops have reverse-mode gradients only (torch.func.grad, vjp, jacrev, "
+                ".backward()); forward mode (jvp, jacfwd, hessian) is not supported")
+
+
+def _grad_transform_levels() -> int:
+    """How many torch.func gradient transforms (grad, vjp, jacrev) are active."""
+    stack = torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters()
+    return sum(i.key() == torch._C._functorch.TransformType.Grad for i in stack)
 
 
 def mark_outputs_constant(ctx, a, output) -> None:
@@ -116,7 +143,9 @@ class Op:
             schema=schema(args, returns, mutates),
         )
         self.op.register_fake(lambda *a: fake(args(*a)))
-        self.function = None
+        self.function = self.grad_transform_function = None
+        # GAE and whitening have a backward only to say their outputs are constants.
+        self.differentiable = backward is not None and backward is not no_gradient
         if backward is not None:
             self.op.register_autograd(
                 backward, setup_context=lambda ctx, inputs, output: setup_context(
@@ -124,6 +153,8 @@ class Op:
                 )
             )
             self.function = _autograd_function(name, args, impl, setup_context, backward)
+            self.grad_transform_function = _grad_transform_function(
+                name, args, impl, setup_context, backward)
 
     def __call__(self, a: NamedTuple):
         """Run the op on ``a`` (an instance of its args class)."""
@@ -137,6 +168,16 @@ class Op:
             elif isinstance(t, Tensor):  # a subclass (fake, functional, DTensor...) or meta
                 return getattr(torch.ops.vapo, self.name)(*a)
             # anything else (None, or a wrong type the op's checks will name) passes
+        if self.grad_transform_function is not None and torch._C._functorch.peek_interpreter_stack() is not None:
+            transforms = _func_transforms()
+            if transforms == "grad":
+                return self.grad_transform_function.apply(*a)
+            if transforms == "forward" and self.differentiable:  # else a zero tangent
+                raise RuntimeError(FORWARD_MODE)
+        if self.differentiable and forward_ad._current_level >= 0 and any(
+                isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None
+                for t in a):  # dual tensors of torch.autograd.forward_ad: likewise
+            raise RuntimeError(FORWARD_MODE)
         if _tracing():
             return getattr(torch.ops.vapo, self.name)(*a)
         if wants_grad and torch.is_grad_enabled():
@@ -217,6 +258,14 @@ def first_order(backward: Callable) -> Callable:
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
+        if (not torch.compiler.is_compiling()
+                and torch._C._functorch.peek_interpreter_stack() is not None):
+            # torch.func.grad runs every backward with a graph; a second gradient transform
+            # around it would differentiate this backward: refused at once.
+            if _grad_transform_levels() > 1:
+                raise RuntimeError(DOUBLE_BACKWARD)
+            with torch.no_grad():
+                return backward(ctx, *grads)
         with torch.no_grad():
             out = backward(ctx, *grads)
         if not torch.is_grad_enabled():
@@ -236,14 +285,19 @@ DOUBLE_BACKWARD = "vapo: this gradient is not differentiable (no double backward
 
 
 class _LossFromGradients(torch.autograd.Function):
-    """The Python twin of the C++ node (no extension, or under torch.compile)."""
+    """The Python twin of the C++ node (no extension, or under torch.compile or
+    torch.func.grad: hence the separate setup_context, which functorch requires)."""
 
     @staticmethod
-    def forward(ctx, loss, n, *tensors):
+    def forward(loss, n, *tensors):
+        return loss.detach()  # a new tensor, not a view of an input: takes in-place ops
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, n, *tensors = inputs
         ctx.n = n
         ctx.dtypes = [t.dtype for t in tensors[:n]]
         ctx.save_for_backward(*tensors[n:], *tensors[:n])  # inputs: for first_order
-        return loss.detach()  # a new tensor, not a view of an input: takes in-place ops
 
     @staticmethod
     @first_order
@@ -271,4 +325,20 @@ def _autograd_function(name, args, impl, setup_context, backward) -> type:
         f"{name}_function",
         (torch.autograd.Function,),
         {"forward": staticmethod(forward), "backward": staticmethod(backward)},
+    )
+
+
+def _grad_transform_function(name, args, impl, setup_context, backward) -> type:
+    """The op's autograd.Function for torch.func's gradient transforms: forward and
+    setup_context apart, as functorch requires (~30 us more per call than the eager twin,
+    so only there)."""
+
+    def setup(ctx, inputs, output):
+        setup_context(ctx, args(*inputs), output)
+
+    return type(
+        f"{name}_grad_transform_function",
+        (torch.autograd.Function,),
+        {"forward": staticmethod(lambda *a: impl(args(*a))), "setup_context": staticmethod(setup),
+         "backward": staticmethod(backward)},
     )
