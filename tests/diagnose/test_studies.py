@@ -84,6 +84,44 @@ def test_bad_arguments_name_the_option(tmp_path, capsys):
     assert "--samples" in capsys.readouterr().err
 
 
+def _one_error_line(capsys, argv, option):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vapo-diagnose: error:") and option in err[0], err
+
+
+def test_bad_runs_are_refused_before_they_write(tmp_path, capsys):
+    # Each found by an adversarial review of the CLI.
+    study = ["injected-errors", "--preset", "tiny", "--no-progress"]
+    # --model crashed every study with an AttributeError (args.model read after popping it).
+    _one_error_line(capsys, [*study, "--output-dir", str(tmp_path / "m"), "--model",
+                             str(tmp_path / "nonexistent")], "--model")
+    # A second study into a folder holding one appended to its metrics.jsonl and reported
+    # doubled curves; the default folder (one per day) made that the default.
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "results.json").write_text("{}")
+    _one_error_line(capsys, [*study, "--output-dir", str(used)], "--output-dir")
+    (tmp_path / "a_file").write_text("")
+    _one_error_line(capsys, [*study, "--output-dir", str(tmp_path / "a_file")], "--output-dir")
+    # Trainer options the study sets itself were silently overridden or ignored after '--'.
+    for tail, option in ((["--seed", "7"], "--seed"), (["--steps", "5"], "--steps"),
+                         (["--output_dir=elsewhere"], "--output-dir")):
+        _one_error_line(capsys, [*study, "--output-dir", str(tmp_path / "t"), "--", *tail], option)
+    # A refused study leaves no folder behind.
+    _one_error_line(capsys, [*study, "--length", "9", "--output-dir", str(tmp_path / "x")],
+                    "--length")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "t").exists()
+    # A repeated seed or length ran twice into one folder and counted twice; an empty list
+    # ran nothing and crashed after training.
+    for argv, option in ((["ablations", "--seeds", "1,1"], "--seeds"),
+                         (["short-vs-long", "--lengths", "2,2"], "--lengths"),
+                         (["short-vs-long", "--lambdas", ","], "--lambdas")):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert option in capsys.readouterr().err
+
+
 def test_ablations_tiny_run(tmp_path):
     results, report = _run(tmp_path, "ablations", "--rows", "none,no_value_pretrain,vanilla_ppo")
     r = results["results"]

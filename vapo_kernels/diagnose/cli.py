@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 
@@ -40,21 +41,59 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _distinct(values: list, text: str) -> list:
+    """A list option's values, each once: a repeated length or seed would run twice into the
+    same run folder and count twice in the report."""
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one value, got {text!r}")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{', '.join(map(str, repeated))} given twice in {text!r}")
+    return values
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
+    if values and min(values) < 0:
         raise argparse.ArgumentTypeError(f"expected non-negative integers, got {text!r}")
-    return values
+    return _distinct(values, text)
 
 
 def _float_list(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return _distinct(values, text)
+
+
+# Trainer options each study sets itself: one given after '--' would silently override it
+# (the run's seed or folder) or be ignored (the study's RL steps), and results.json would
+# record the study's own value.
+_STUDY_OWNED = {"seed": "--seed", "output_dir": "--output-dir", "steps": "the study's RL-step option",
+                "resume": None, "save_every": None}
+
+
+def _check_trainer_args(trainer_args: list[str]) -> None:
+    for arg in trainer_args:
+        name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
+        if name in _STUDY_OWNED:
+            instead = _STUDY_OWNED[name]
+            raise ConfigError(name.replace("_", "-"), "set by the study itself, not a trainer "
+                              "option after '--'" + (f"; use vapo-diagnose's {instead}" if instead else ""))
+
+
+def _check_output_dir(path: str) -> None:
+    """A study writes a fresh folder: one that holds files (an earlier study's results and
+    run folders) would mix two studies' rows in its metrics and its report."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError("output-dir", f"{path} is a file, not a folder")
+    if os.path.isdir(path) and os.listdir(path):
+        raise ConfigError("output-dir", f"{path} is not empty ({', '.join(sorted(os.listdir(path))[:4])}"
+                          f"{', ...' if len(os.listdir(path)) > 4 else ''}): choose another --output-dir")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -143,17 +182,24 @@ def main(argv: list[str] | None = None) -> int:
         cut = argv.index("--")
         argv, trainer_args = argv[:cut], argv[cut + 1:]
     args = make_parser().parse_args(argv)
-    options = vars(args)
+    options = vars(args)  # the namespace's own dict: read args before popping from it
     study = options.pop("study")
-    if options.pop("model"):
-        trainer_args = ["--model", args.model, *trainer_args]
+    model = options.pop("model")
+    if model:
+        trainer_args = ["--model", model, *trainer_args]
     if not options["output_dir"]:
-        options["output_dir"] = f"diagnose_{study.replace('-', '_')}_{time.strftime('%Y-%m-%d')}"
+        options["output_dir"] = f"diagnose_{study.replace('-', '_')}_{time.strftime('%Y-%m-%d-%H%M%S')}"
+    out_dir = options["output_dir"]
     module = importlib.import_module(f".{STUDIES[study][0]}", __package__)
     start = time.perf_counter()
+    made = not os.path.exists(out_dir)
     try:
+        _check_trainer_args(trainer_args)
+        _check_output_dir(out_dir)
         module.run_study(options, trainer_args)
     except ConfigError as error:
+        if made and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)  # a refused study leaves no folder behind
         print(f"vapo-diagnose: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -211,7 +211,7 @@ def report(results: dict) -> list[str]:
              "step k's share of the tokens (blame spread evenly)."]
     if results.get("mc_samples"):
         lines.append(f"The row {mc_label(results['mc_samples'])} is VinePPO's estimator on the "
-                     f"first {min(results['mc_problems'], results['problems'])} chains of each k: "
+                     f"first {results['mc_problems']} chains of each k: "
                      "every token of step j gets V(after j) - V(before j), each value the mean "
                      f"reward of {results['mc_samples']} continuations sampled from the stage's "
                      "policy (no critic).")
@@ -304,7 +304,7 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
         stages.append(stage)
     results = {"seed": seed, "length": length, "problems": sizes["problems"],
                "rl_stages": sizes["rl_stages"], "mc_samples": sizes["mc_samples"],
-               "mc_problems": sizes["mc_problems"], "stages": stages}
+               "mc_problems": min(sizes["mc_problems"], sizes["problems"]), "stages": stages}
     results["figures"] = plot(results, out_dir)
     write_results(out_dir, "injected-errors", {**options, **sizes}, config, results,
                   time.perf_counter() - start)
