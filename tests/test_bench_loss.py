@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+import vapo_kernels as vk
 from vapo_kernels.bench import harness as H
 from vapo_kernels.bench.suites import logprobs, loss
 
@@ -63,3 +64,20 @@ def test_tiny_cases_pass_every_check():
         for r in rows:
             assert r.status in ("ok", "skipped"), (r.impl, r.task, r.status, r.note)
             assert r.status == "ok" or r.note
+
+
+def test_in_place_rows_run_and_pass_their_checks():
+    """The rows whose backward overwrites the logits get a private non-leaf copy (our ops
+    refuse to overwrite a caller's leaf). The tiny cases above use the reference backend at
+    token / hidden / linear shapes, which have no such row: here every backend of ours at
+    the logits shapes, in-place rows only."""
+    timing = H.Timing(reps=2, budget_s=10, warmup=1, remeasure=0)
+    backends = {f: [b for b in vk.available_backends(f, CPU) if b != "triton"]  # slow here
+                for f in ("loss", "logprobs")}
+    for suite, shape in ((loss.SUITE, ("logits", 16, 64)), (logprobs.SUITE, (16, 64))):
+        c = H.Context(CPU, backends, sets=2, compile_why="not in this test")
+        case = suite.build_case(shape, c)
+        case.impls = [i for i in case.impls if i.prepare is not None and i.kind == "ours"]
+        assert len(case.impls) >= 2, f"no in-place row of ours in {suite.name} {shape}"
+        for r in H.run_case(case, CPU, timing):
+            assert r.status == "ok" and r.check.ok and r.stats.reps == 2, (r.impl, r.task, r.note)

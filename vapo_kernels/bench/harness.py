@@ -199,6 +199,15 @@ class Suite:
                 ctx.peer_missing[name] = f"{why} ({type(e).__name__}: {e})"[:300]
 
 
+def private_activation(leaf: torch.Tensor) -> torch.Tensor:
+    """A private copy of ``leaf`` for an in-place backward to overwrite: the output of an
+    op on the leaf (as a trainer's logits are the output of its LM head), not a leaf, since
+    our in-place ops refuse to overwrite memory the caller owns. Restore it, untimed, with
+    ``copy_`` under no_grad; the gradient taken with respect to it is the logits' gradient."""
+    with torch.enable_grad():
+        return leaf.clone()
+
+
 def parse_shapes(spec: str) -> list[tuple]:
     """``"8x1024,1x4096"`` -> [(8, 1024), (1, 4096)]; a ``kind:`` prefix, for suites with
     several kinds of shape, stays first: ``"logits:1024x32768"`` -> ("logits", 1024, 32768)."""

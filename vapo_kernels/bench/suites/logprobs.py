@@ -39,7 +39,9 @@ from torch import Tensor
 
 import vapo_kernels as vk
 
-from ..harness import Case, Check, Context, Floor, Impl, Peer, Suite, load_from_source
+from ..harness import (
+    Case, Check, Context, Floor, Impl, Peer, Suite, load_from_source, private_activation,
+)
 
 DTYPE = torch.bfloat16
 U = 2.0**-8  # bf16 unit roundoff
@@ -229,14 +231,14 @@ def fwd_bwd(fn, floor: bool = False):
 
 def private_copies(sets: list[Inputs]):
     """For an in-place backward, which overwrites the logits it is given: a private copy
-    of each set, restored (untimed) before each call."""
-    copies = [replace(s, logits=s.logits.detach().clone().requires_grad_()) for s in sets]
+    of each set (a non-leaf, see ``private_activation``), restored (untimed) before each call."""
+    copies = [replace(s, logits=private_activation(s.logits)) for s in sets]
 
     def inputs(i: int) -> Inputs:
         k = i % len(sets)
         with torch.no_grad():
             copies[k].logits.copy_(sets[k].logits.detach())
-        return replace(copies[k], logits=copies[k].logits.view_as(copies[k].logits))
+        return copies[k]
 
     return inputs
 
@@ -266,7 +268,8 @@ def _trl_view(x: Inputs) -> tuple[Tensor, Tensor]:
 
 
 def _z(x: Inputs) -> Tensor:
-    # a view, not the leaf itself: what an in-place backward may write into
+    # a view of the logits (an in-place row's private non-leaf copy: its backward writes
+    # through the view)
     return x.logits.view(x.logits.shape)
 
 

@@ -42,7 +42,10 @@ from torch import Tensor
 
 import vapo_kernels as vk
 
-from ..harness import Case, Check, Context, Floor, Impl, Peer, Suite, load_from_source, shape_label
+from ..harness import (
+    Case, Check, Context, Floor, Impl, Peer, Suite, load_from_source, private_activation,
+    shape_label,
+)
 
 CLIP_LOW, CLIP_HIGH, DUAL_CLIP = 0.2, 0.28, 3.0
 VALUE_CLIP, VF_COEF = 0.5, 0.5
@@ -309,8 +312,9 @@ def train_step(loss_fn, leaves_fn):
 
 
 def restored_copies(sets: list[LogitInputs]):
-    """For an in-place backward: private logits, restored (untimed) before each call."""
-    copies = [replace(s, logits=s.logits.detach().clone().requires_grad_()) for s in sets]
+    """For an in-place backward: private logits (a non-leaf, see ``private_activation``),
+    restored (untimed) before each call."""
+    copies = [replace(s, logits=private_activation(s.logits)) for s in sets]
 
     def inputs(i: int):
         k = i % len(sets)
