@@ -81,3 +81,14 @@ def test_in_place_rows_run_and_pass_their_checks():
         assert len(case.impls) >= 2, f"no in-place row of ours in {suite.name} {shape}"
         for r in H.run_case(case, CPU, timing):
             assert r.status == "ok" and r.check.ok and r.stats.reps == 2, (r.impl, r.task, r.note)
+
+
+def test_logit_loss_check_takes_a_zero_gradient_when_the_true_one_is_zero():
+    """V = 1: every log-prob is 0 and so is the logits' gradient; 0 error, not 0 / 0."""
+    x = loss.make_logit_inputs(4, 1, None, CPU, seed=1)
+    check = loss.LogitCheck(x, CPU)
+    impl = loss.logit_impls("logits", ctx(loss=["reference"]))[0]
+    value, grads = impl.run(x)
+    assert not grads[0].any()
+    assert check(impl, (value, grads)).ok
+    assert not check(impl, (value, (grads[0] + 1e-3,))).ok
