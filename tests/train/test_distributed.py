@@ -165,14 +165,25 @@ RUN = [*tiny_argv(drop=("--steps", "--prompts_per_step")), "--steps", "2",
 NOT_COMPARED = ("elapsed_s", "since_warmup_s", "peak_rss_mb", "peak_cuda_memory_mb")
 
 
-def _torchrun(run_dir, *extra):
+def _torchrun(run_dir, *extra, returncode=0):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
            "--standalone", "-m", "vapo_kernels.train", *RUN, "--output_dir", str(run_dir),
            *extra]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert proc.returncode == returncode, (proc.stdout[-2000:], proc.stderr[-4000:])
     return proc
+
+
+def test_a_refused_run_folder_stops_every_process_with_one_line(tmp_path):
+    # Only rank 0 checked the folder: the other process trained on and died in a traceback.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("")
+    err = _torchrun(run_dir, returncode=1).stderr  # torchrun: 1 when a process failed
+    ours = [line for line in err.splitlines() if "vapo-train: error:" in line]
+    assert len(ours) == 1 and "--output-dir:" in ours[0] and "holds a run already" in ours[0], err
+    assert "[rank1]" not in err and "[rank0]" not in err, err  # no process's traceback
 
 
 def _comparable(rows):

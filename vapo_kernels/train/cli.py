@@ -121,17 +121,32 @@ def _own_run_folder(run_dir: str, resume: str, dp: DataParallel):
     """The run folder, made and held for this run: a new run (no --resume) never starts in
     another run's folder, and a second vapo-train never writes into a folder while one runs
     there (two trainers appending to one metrics.jsonl and pruning each other's checkpoints
-    corrupt both runs). The hold is an OS file lock, so a killed run leaves none behind.
-    Only rank 0 writes the folder, so only it takes the lock."""
-    if not dp.is_main:
+    corrupt both runs). Rank 0 writes the folder, so it checks and holds it; a refusal
+    reaches every process (the others would otherwise run on and fail with tracebacks)."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if dp.is_main:
+            try:
+                held.enter_context(_locked_run_folder(run_dir, resume))
+            except ConfigError as error:
+                refusal = error
+        if dp.distributed:
+            shared = [None if refusal is None else (refusal.option, refusal.message)]
+            torch.distributed.broadcast_object_list(shared, src=0, group=dp.group)
+            refusal = None if shared[0] is None else ConfigError(*shared[0])
+        if refusal is not None:
+            raise refusal
         yield
-        return
+
+
+@contextlib.contextmanager
+def _locked_run_folder(run_dir: str, resume: str):
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError("output-dir", f"{run_dir} is a file, not a folder")
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, _LOCK_FILE), "a+", encoding="utf-8") as lock:
         if fcntl is not None:  # POSIX; elsewhere the folder is not locked
-            try:
+            try:  # an OS lock: it goes with the process, so a killed run leaves none behind
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 lock.seek(0)
@@ -400,7 +415,8 @@ def main(argv: list[str] | None = None) -> int:
         config = parse_config(argv)
         train(config)
     except ConfigError as error:
-        print(f"vapo-train: error: {error}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process refuses: one says so
+            print(f"vapo-train: error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as stop:
         print(f"vapo-train: {stop}", file=sys.stderr)

@@ -31,7 +31,7 @@ class ConfigError(ValueError):
 
     def __init__(self, option: str, message: str):
         super().__init__(f"--{option}: {message}")
-        self.option = option
+        self.option, self.message = option, message
 
 
 def _opt(default: Any, help: str, **kw) -> Any:
