@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from . import _env
+
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 
 # Automatic order per device type. ``cuda`` is after ``triton``: the CUDA C++ kernels
@@ -144,17 +146,17 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
         key += (os.environ.get("TRITON_INTERPRET"),)
     chosen = _selected.get(key)
     if chosen is None:
-        chosen = _selected[key] = _select(op, device, requested)
+        chosen = _selected[key] = _select(op, device, requested, "backend" if backend else "VAPO_BACKEND")
     return chosen
 
 
 _selected: dict[tuple, tuple[str, Callable]] = {}
 
 
-def _select(op: str, device: torch.device, requested: str | None) -> tuple[str, Callable]:
+def _select(op: str, device: torch.device, requested: str | None, source: str) -> tuple[str, Callable]:
     if requested is not None:
-        if requested not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS} or None, got {requested!r}")
+        if requested not in BACKENDS:  # source: the argument, or the environment variable
+            raise ValueError(f"{source} must be one of {BACKENDS} or None, got {requested!r}")
         if (op, requested) in _kernels:
             why = _why_kernel_unavailable(op, requested, device)
             if why:
@@ -201,7 +203,7 @@ def csrc_dir() -> Path:
 def _cuda_wanted() -> bool:
     return (
         torch.version.cuda is not None
-        and os.environ.get("VAPO_NO_CUDA") != "1"
+        and not _env.flag("VAPO_NO_CUDA", False)
         and (shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME"))
     )
 
@@ -352,8 +354,8 @@ def extension(verbose: bool = False):
     global _ext, _ext_error, _ext_tried
     if not _ext_tried:
         _ext_tried = True
-        if os.environ.get("VAPO_NO_EXTENSION") == "1":
-            _ext_error = "disabled by VAPO_NO_EXTENSION=1"
+        if _env.flag("VAPO_NO_EXTENSION", False):
+            _ext_error = "disabled by VAPO_NO_EXTENSION"
         else:
             try:
                 _ext = _build(verbose)

@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import numbers
 import operator
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
-from . import _device_cache
+from . import _device_cache, _env
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_validate_data = os.environ.get("VAPO_VALIDATE", "1") not in ("0", "false", "False")
+_validate_data = _env.flag("VAPO_VALIDATE", True)
 
 
 def set_validation(enabled: bool) -> None:

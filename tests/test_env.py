@@ -1,0 +1,53 @@
+"""The package's environment variables: understood values work, anything else is an error
+naming the variable (``VAPO_VALIDATE=off`` used to leave validation silently on)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vapo_kernels as vk
+from vapo_kernels import _env
+
+
+@pytest.mark.parametrize("value, want", [
+    ("1", True), ("true", True), ("Yes", True), (" on ", True),
+    ("0", False), ("FALSE", False), ("no", False), ("off", False), ("", None), (None, None),
+])
+def test_flag_values(monkeypatch, value, want):
+    if value is None:
+        monkeypatch.delenv("VAPO_TEST_FLAG", raising=False)
+    else:
+        monkeypatch.setenv("VAPO_TEST_FLAG", value)
+    for default in (True, False):
+        assert _env.flag("VAPO_TEST_FLAG", default) is (default if want is None else want)
+
+
+@pytest.mark.parametrize("value", ["maybe", "2", "disabled"])
+def test_a_flag_it_does_not_understand_names_the_variable(monkeypatch, value):
+    monkeypatch.setenv("VAPO_TEST_FLAG", value)
+    with pytest.raises(ValueError, match=f"VAPO_TEST_FLAG='{value}'"):
+        _env.flag("VAPO_TEST_FLAG", True)
+
+
+def test_vapo_validate_is_read_at_import():
+    code = "import vapo_kernels._ragged as r; print(r.validation_enabled())"
+    for value, out in (("off", "False"), ("1", "True")):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={"VAPO_VALIDATE": value, "PATH": ""}, check=False)
+        assert run.stdout.strip() == out, run.stderr
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"VAPO_VALIDATE": "maybe", "PATH": ""}, check=False)
+    assert run.returncode != 0 and "VAPO_VALIDATE='maybe'" in run.stderr
+
+
+def test_an_unknown_vapo_backend_names_the_variable(monkeypatch):
+    rewards, values = torch.rand(2, 4), torch.rand(2, 4)
+    monkeypatch.setenv("VAPO_BACKEND", "nosuch")
+    with pytest.raises(ValueError, match="VAPO_BACKEND must be one of"):
+        vk.gae(rewards, values, gamma=1.0, lam=1.0)
+    with pytest.raises(ValueError, match="^backend must be one of"):  # the argument: named so
+        vk.gae(rewards, values, gamma=1.0, lam=1.0, backend="nosuch")
