@@ -185,6 +185,23 @@ class Suite:
     families: tuple[str, ...]  # our backend families it runs
     peers: dict[str, Peer]
     build_case: Callable[[tuple[int, ...], Context], Case]
+    # the shapes --shapes may name, e.g. ("NxV", "NxVxH") or ("tokens:BxT", "logits:NxV")
+    shape_forms: tuple[str, ...] = ()
+    # bytes one input set of a shape holds at least, to refuse a shape too large up front
+    set_bytes: Callable[[tuple], int] | None = None
+    # what is wrong with a shape of a right form (None: nothing), beyond positive dims
+    shape_problem: Callable[[tuple], str | None] | None = None
+
+    def shape_error(self, shape: tuple) -> str | None:
+        """Why this suite cannot run ``shape`` (None: it can)."""
+        kind = shape[0] if shape and isinstance(shape[0], str) else ""
+        dims = shape[1:] if kind else shape
+        forms = [f.rpartition(":") for f in self.shape_forms]
+        if not any(k == kind and len(d.split("x")) == len(dims) for k, _, d in forms):
+            return f"the {self.name} suite takes {' or '.join(self.shape_forms)}"
+        if any(d < 1 for d in dims):
+            return "every size must be a positive integer"
+        return self.shape_problem(shape) if self.shape_problem else None
 
     def load_peers(self, ctx: Context) -> None:
         for name, peer in self.peers.items():
@@ -216,8 +233,12 @@ def parse_shapes(spec: str) -> list[tuple]:
         kind, _, dims = item.strip().rpartition(":")
         try:
             shape = tuple(int(d) for d in dims.lower().split("x"))
+            if not dims.replace("x", "").replace("X", "").isdigit():  # no "-8", "+8", "1_0"
+                raise ValueError(dims)
         except ValueError:
-            raise ValueError(f"--shapes {spec!r}: expected shapes like 8x1024,1x4096") from None
+            raise ValueError(
+                f"--shapes {item.strip()!r}: expected shapes like 8x1024,1x4096 (positive integers)"
+            ) from None
         shapes.append((kind, *shape) if kind else shape)
     return shapes
 

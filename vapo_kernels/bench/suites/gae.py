@@ -392,4 +392,6 @@ SUITE = Suite(
     families=("gae",),
     peers=PEERS,
     build_case=build_case,
+    shape_forms=("BxT",),
+    set_bytes=lambda shape: BYTES_PER_TOKEN * shape[0] * shape[1],
 )

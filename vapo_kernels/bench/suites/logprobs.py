@@ -40,7 +40,15 @@ from torch import Tensor
 import vapo_kernels as vk
 
 from ..harness import (
-    Case, Check, Context, Floor, Impl, Peer, Suite, load_from_source, private_activation,
+    Case,
+    Check,
+    Context,
+    Floor,
+    Impl,
+    Peer,
+    Suite,
+    load_from_source,
+    private_activation,
 )
 
 DTYPE = torch.bfloat16
@@ -511,4 +519,7 @@ SUITE = Suite(
     families=("logprobs",),
     peers=PEERS,
     build_case=build_case,
+    shape_forms=("NxV", "NxVxH"),
+    # the logits, or the hidden states and the LM head
+    set_bytes=lambda s: 2 * (s[0] * s[1] if len(s) == 2 else (s[0] + s[1]) * s[2]),
 )

@@ -43,7 +43,15 @@ from torch import Tensor
 import vapo_kernels as vk
 
 from ..harness import (
-    Case, Check, Context, Floor, Impl, Peer, Suite, load_from_source, private_activation,
+    Case,
+    Check,
+    Context,
+    Floor,
+    Impl,
+    Peer,
+    Suite,
+    load_from_source,
+    private_activation,
     shape_label,
 )
 
@@ -655,6 +663,23 @@ def build_case(shape: tuple, ctx: Context) -> Case:
     return Case("loss", label, n, sets, logit_impls(kind, ctx), {kind: floor}, LogitCheck(sets[0], ctx.device))
 
 
+def shape_problem(shape: tuple) -> str | None:
+    """Logits / hidden rows are N // LOGIT_SEQLEN sequences of equal length."""
+    kind, n = shape[:2]
+    batch = max(1, n // LOGIT_SEQLEN)
+    if kind != "tokens" and n % batch:
+        return f"N = {n} does not split into N // {LOGIT_SEQLEN} = {batch} equal sequences"
+    return None
+
+
+def set_bytes(shape: tuple) -> int:
+    kind, n, v, *h = shape
+    elt = torch.finfo(DTYPE).bits // 8
+    if kind == "tokens":
+        return TOKEN_BYTES["policy"] * n * v
+    return elt * (n * v if kind == "logits" else (n + v) * h[0])
+
+
 SUITE = Suite(
     name="loss",
     description="PPO / VAPO losses forward + backward: token log-probs, logits, LM head",
@@ -663,4 +688,7 @@ SUITE = Suite(
     families=("loss", "logprobs"),
     peers=PEERS,
     build_case=build_case,
+    shape_forms=("tokens:BxT", "logits:NxV", "hidden:NxVxH"),
+    set_bytes=set_bytes,
+    shape_problem=shape_problem,
 )
