@@ -194,6 +194,7 @@ def test_quick_gae_writes_json_markdown_and_png(quick_gae):
     out, data, proc = quick_gae
     assert (out / "report.md").read_text().count("| gae |") >= 2
     assert (out / "gae.png").stat().st_size > 1000
+    assert data["meta"]["complete"] is True and "progress" not in data["meta"]
     env = data["meta"]["environment"]
     assert {"device", "date", "torch", "triton", "threads"} <= set(env)
     rows = data["rows"]

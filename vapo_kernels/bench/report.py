@@ -108,9 +108,13 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """One table per suite and shape: every row's median, spread, floor, %floor, what it
     achieved, its ratio to the best peer and its check."""
     env = meta["environment"]
-    lines = [
-        f"# vapo-bench report",
-        "",
+    lines = ["# vapo-bench report", ""]
+    if not meta.get("complete", True):
+        progress = meta.get("progress", "")
+        if "interrupted" not in progress:
+            progress += " (the run was still going, or was cut short)"
+        lines += [f"**Incomplete run**: {progress}; the tables hold only those shapes.", ""]
+    lines += [
         f"{env['device_name']} ({env['device']}, {env['threads']} torch threads, "
         f"{env['cpu_count']} cores), torch {env['torch']}, triton {env['triton']}, "
         f"python {env['python']}, {env['date']}. Command: `{meta['command']}`.",
@@ -123,6 +127,13 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         f"a row wider than {meta['timing']['max_spread']:g} was measured again (up to "
         f"{meta['timing']['remeasure']} more times) and is flagged *noisy* if it stayed wide.",
     ]
+    san = meta.get("sanitizer")
+    if san and san.get("ran"):
+        verdict = "no error" if san["exit"] == 0 else f"ERRORS (exit {san['exit']})"
+        lines.append(f"- compute-sanitizer {san['tool']}: {verdict}, log `{san['log']}`")
+    elif san:
+        asked = " although --sanitize was given" if san.get("asked") else ""
+        lines.append(f"- compute-sanitizer not run{asked}: {san['why']}")
     missing = meta.get("peers_missing") or {}
     for suite, why in missing.items():
         for peer, reason in why.items():
