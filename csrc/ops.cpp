@@ -8,6 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vapo_kernels C++ (CPU) and CUDA kernels";
   m.def("gae_scan_cpu", &vapo::gae_scan_cpu, "two-lambda GAE reverse scan (CPU)");
   m.def("valid_counts_cpu", &vapo::valid_counts_cpu, "valid tokens per sequence (CPU)");
+  m.def("adaptive_coefficients_cpu", &vapo::adaptive_coefficients_cpu,
+        "gamma * length-adaptive lambda_policy per sequence (CPU)");
   m.def("masked_whiten_cpu", &vapo::masked_whiten_cpu, "masked whitening (CPU)");
   m.def("token_logprobs_fwd_cpu", &vapo::token_logprobs_fwd_cpu, "token log-probs, entropy, (max logit, log normaliser) (CPU)");
   m.def("token_logprobs_bwd_cpu", &vapo::token_logprobs_bwd_cpu, "token log-probs backward, may be in place (CPU)");

@@ -25,6 +25,11 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
 // Valid (mask = 1) tokens per sequence: (S,) int64.
 at::Tensor valid_counts_cpu(const at::Tensor& mask, const at::Tensor& offsets);
 
+// gamma * VAPO's length-adaptive lambda_policy per sequence: (S,) in dtype (float32/64).
+at::Tensor adaptive_coefficients_cpu(const std::optional<at::Tensor>& mask,
+                                     const at::Tensor& offsets, double alpha, double gamma,
+                                     at::ScalarType dtype);
+
 // Masked whitening over all valid tokens; returns (out, number of valid tokens).
 std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(const at::Tensor& x,
                                                      const std::optional<at::Tensor>& mask,

@@ -351,6 +351,36 @@ def test_length_adaptive_lambda(backend):
     assert torch.equal(adv_m, vk.gae(r, v, m, cu, gamma=1.0, lam=lam_m, backend=backend)[0])
 
 
+@given(lengths=ragged_lengths(max_seqs=8, max_len=300), kind=st.sampled_from(MASK_KINDS),
+       alpha=st.one_of(st.sampled_from([0.05, 1 / 21, 1e-300, 1e300]),
+                       st.floats(1e-4, 10.0, allow_nan=False)),
+       gamma=st.floats(0.0, 1.0), dtype=st.sampled_from([torch.float32, torch.float64]),
+       seed=st.integers(0, 2**16))
+@examples("cpp", "cpu", cpu=60, interpreted=60)
+def test_adaptive_coefficients_kernel_equals_reference_bit_for_bit(lengths, kind, alpha, gamma,
+                                                                  dtype, seed):
+    # The C++ kernel computes gamma * lambda(l) in one call where the reference takes eight
+    # tensor ops; the same float64 arithmetic, so every coefficient is the same float.
+    offs = cu_seqlens(lengths).to(torch.int64)
+    mask = None if kind == "none" else ragged_mask(kind, lengths, torch.Generator().manual_seed(seed))
+    ref = _backends.select("adaptive_coefficients", torch.device("cpu"), "reference")[1]
+    got = kernel_of("adaptive_coefficients", "cpp", "cpu")(mask, offs, alpha, gamma, dtype)
+    want = ref(mask, offs, alpha, gamma, dtype)
+    assert got.dtype == dtype and got.shape == (len(lengths),)
+    assert torch.equal(got, want), (got, want)
+
+
+def test_adaptive_coefficients_kernel_checks_its_offsets():
+    kernel = kernel_of("adaptive_coefficients", "cpp", "cpu")
+    mask = torch.ones(6, dtype=torch.bool)
+    for offs, match in (([0, 4, 2, 6], "non-decreasing"), ([1, 2, 6], "start at 0 and end at N"),
+                        ([0, 2, 7], "start at 0 and end at N")):
+        with pytest.raises(RuntimeError, match=match):
+            kernel(mask, torch.tensor(offs), 0.05, 1.0, torch.float32)
+    with pytest.raises(RuntimeError, match="non-decreasing"):  # no mask: still checked
+        kernel(None, torch.tensor([0, 4, 2, 6]), 0.05, 1.0, torch.float32)
+
+
 def test_lambda_zero_is_one_step_td_and_gamma_lambda_one_is_monte_carlo():
     r = torch.randn(3, 9, dtype=torch.float64)
     v = torch.randn(3, 9, dtype=torch.float64)

@@ -120,7 +120,7 @@ def _why_kernel_unavailable(op: str, backend: str, device: torch.device) -> str 
 # run, and every other op of the family (helpers such as the whitening or counting
 # kernels) resolves the same name to its best kernel that can run (see :func:`select`).
 FAMILIES = {
-    "gae": ("gae", "masked_whiten", "valid_counts"),
+    "gae": ("gae", "masked_whiten", "valid_counts", "adaptive_coefficients"),
     "logprobs": (
         "token_logprobs", "token_logprobs_backward", "linear_logprobs", "linear_logprobs_backward",
     ),

@@ -25,6 +25,7 @@
 
 #include "../ops.h"
 #include "alloc.h"
+#include "offsets.h"
 
 namespace vapo {
 namespace {
@@ -172,9 +173,7 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
   TORCH_CHECK(rewards.is_contiguous() && values.is_contiguous() &&
                   rewards.sizes() == values.sizes() && rewards.dtype() == values.dtype(),
               "gae_scan_cpu: rewards and values must be contiguous tensors of one shape and dtype");
-  TORCH_CHECK(offsets.dtype() == at::kLong && offsets.dim() == 1 && offsets.size(0) >= 1 &&
-                  offsets.is_contiguous(),
-              "gae_scan_cpu: offsets must be a contiguous int64 tensor of S + 1 entries");
+  check_offsets("gae_scan_cpu", offsets, rewards.numel());
   const int64_t num_seqs = offsets.size(0) - 1;
   const auto acc_dtype = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(coef_policy.scalar_type() == acc_dtype && coef_critic.scalar_type() == acc_dtype &&
@@ -187,14 +186,6 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
                     mask->sizes() == rewards.sizes(),
                 "gae_scan_cpu: mask must be a contiguous bool tensor of rewards' shape");
     mask_ptr = mask->data_ptr<bool>();
-  }
-  {
-    const int64_t* off = offsets.data_ptr<int64_t>();
-    TORCH_CHECK(off[0] == 0 && off[num_seqs] == rewards.numel(),
-                "gae_scan_cpu: offsets must start at 0 and end at N");
-    for (int64_t s = 0; s < num_seqs; ++s) {
-      TORCH_CHECK(off[s] <= off[s + 1], "gae_scan_cpu: offsets must be non-decreasing");
-    }
   }
   auto adv = empty_cpu_output(rewards.sizes(), acc_dtype);
   auto ret = empty_cpu_output(rewards.sizes(), acc_dtype);
@@ -224,16 +215,8 @@ at::Tensor valid_counts_cpu(const at::Tensor& mask, const at::Tensor& offsets) {
   TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == at::kBool && mask.dim() == 1 &&
                   mask.is_contiguous(),
               "valid_counts_cpu: mask must be a contiguous 1-D bool CPU tensor");
-  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.size(0) >= 1 &&
-                  offsets.is_contiguous(),
-              "valid_counts_cpu: offsets must be a contiguous int64 tensor of S + 1 entries");
+  const int64_t* off = check_offsets("valid_counts_cpu", offsets, mask.numel());
   const int64_t num_seqs = offsets.size(0) - 1;
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[num_seqs] == mask.numel(),
-              "valid_counts_cpu: offsets must start at 0 and end at N");
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    TORCH_CHECK(off[s] <= off[s + 1], "valid_counts_cpu: offsets must be non-decreasing");
-  }
   auto counts = at::empty({num_seqs}, offsets.options());
   int64_t* out = counts.data_ptr<int64_t>();
   // torch stores bool as one byte holding 0 or 1.
@@ -246,6 +229,48 @@ at::Tensor valid_counts_cpu(const at::Tensor& mask, const at::Tensor& offsets) {
     }
   });
   return counts;
+}
+
+// VAPO's length-adaptive gamma * lambda_policy per sequence, gamma * (1 - 1 / max(alpha l,
+// 1)) with l its valid tokens, in float64 and rounded once to dtype: the reference's
+// arithmetic step for step (so the two agree bit for bit), in one call instead of the
+// eight small tensor ops that cost more than the GAE scan at micro-batch sizes.
+at::Tensor adaptive_coefficients_cpu(const std::optional<at::Tensor>& mask,
+                                     const at::Tensor& offsets, double alpha, double gamma,
+                                     at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble,
+              "adaptive_coefficients_cpu: dtype must be float32 or float64");
+  const uint8_t* m = nullptr;
+  int64_t n = 0;  // tokens: the mask's; without one, any end of the offsets
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool &&
+                    mask->dim() == 1 && mask->is_contiguous(),
+                "adaptive_coefficients_cpu: mask must be a contiguous 1-D bool CPU tensor");
+    m = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
+    n = mask->numel();
+  } else if (offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() >= 1 &&
+             offsets.is_contiguous()) {  // else check_offsets refuses them
+    n = offsets.data_ptr<int64_t>()[offsets.numel() - 1];
+  }
+  const int64_t* off = check_offsets("adaptive_coefficients_cpu", offsets, n);
+  const int64_t num_seqs = offsets.size(0) - 1;
+  auto out = at::empty({num_seqs}, offsets.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES(dtype, "adaptive_coefficients_cpu", [&] {
+    scalar_t* coef = out.data_ptr<scalar_t>();
+    at::parallel_for(0, num_seqs, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t s = lo; s < hi; ++s) {
+        int64_t count = off[s + 1] - off[s];
+        if (m != nullptr) {
+          count = 0;
+          for (int64_t t = off[s]; t < off[s + 1]; ++t) count += m[t];
+        }
+        // As the reference: scaled = l * alpha clamped at 1, then gamma * (1 + -(1 / scaled)).
+        const double scaled = std::max(static_cast<double>(count) * alpha, 1.0);
+        coef[s] = static_cast<scalar_t>(gamma * (1.0 + -(1.0 / scaled)));
+      }
+    });
+  });
+  return out;
 }
 
 }  // namespace vapo

@@ -78,7 +78,7 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
   TORCH_CHECK(kl_kind == 0 || kl_kind == 1 || kl_kind == 2 || kl_kind == 3 || kl_kind == 4, fn,
               ": params[P_KL_KIND] must be 0 (off), 1 (k1), 2 (abs), 3 (k2) or 4 (k3), got ",
               kl_kind);
-  const int64_t* off = check_loss_offsets(fn, offsets, n);
+  const int64_t* off = check_offsets(fn, offsets, n);
   const int64_t num_seqs = offsets.size(0) - 1;
   if (seq_weight.has_value()) check_tokens(fn, "seq_weight", *seq_weight, num_seqs, acc);
   if (lm_weight.has_value()) check_tokens(fn, "lm_weight", *lm_weight, num_seqs, acc);

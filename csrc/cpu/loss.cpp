@@ -836,7 +836,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_los
                 mask->scalar_type());
     mask_ptr = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
   }
-  const int64_t* off = check_loss_offsets(kFn, offsets, n);
+  const int64_t* off = check_offsets(kFn, offsets, n);
   const int64_t num_seqs = offsets.size(0) - 1;
   if (seq_weight.has_value()) check_weights("seq_weight", *seq_weight, num_seqs, out_dtype);
   if (lm_weight.has_value()) check_weights("lm_weight", *lm_weight, num_seqs, out_dtype);
@@ -988,22 +988,6 @@ template std::vector<float> rollout_sequence_weights<float, float>(
     const float*, const float*, const uint8_t*, const int64_t*, int64_t, int);
 template std::vector<double> rollout_sequence_weights<double, double>(
     const double*, const double*, const uint8_t*, const int64_t*, int64_t, int);
-
-const int64_t* check_loss_offsets(const char* fn, const at::Tensor& offsets, int64_t n) {
-  TORCH_CHECK(offsets.device().is_cpu() && offsets.scalar_type() == at::kLong &&
-                  offsets.dim() == 1 && offsets.size(0) >= 1 && offsets.is_contiguous(),
-              fn, ": offsets must be a contiguous int64 CPU tensor of S + 1 entries");
-  const int64_t num_seqs = offsets.size(0) - 1;
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[num_seqs] == n, fn,
-              ": offsets must start at 0 and end at N = ", n, ", got ", off[0], " and ",
-              off[num_seqs]);
-  for (int64_t s = 0; s < num_seqs; ++s) {
-    TORCH_CHECK(off[s] <= off[s + 1], fn, ": offsets must be non-decreasing, but offsets[",
-                s + 1, "] = ", off[s + 1], " < offsets[", s, "] = ", off[s]);
-  }
-  return off;
-}
 
 at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType dtype,
                             bool rollout) {

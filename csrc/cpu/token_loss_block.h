@@ -13,6 +13,7 @@
 // P_* (params) and S_* (sums) slots, NUM_PARAMS and NUM_SUMS: generated from
 // vapo_kernels/_loss_layout.py, the one definition every backend reads.
 #include "loss_layout.h"
+#include "offsets.h"
 
 namespace vapo {
 
@@ -47,10 +48,6 @@ struct LossBlock {
 template <typename T>
 void token_loss_block(const LossBlock<T>& block, const std::vector<double>& params,
                       LossSums& out);
-
-// Checks the (S + 1,) int64 sequence offsets of N tokens (from 0 to N, non-decreasing);
-// returns their pointer.
-const int64_t* check_loss_offsets(const char* fn, const at::Tensor& offsets, int64_t n);
 
 // The (NUM_SUMS,) sums tensor of the kernel contract from the blocks' sums, added in
 // block order (the same bits whatever the number of threads). `rollout`: the rollout

@@ -127,6 +127,20 @@ _backends.register("valid_counts", "reference")(reference_valid_counts)
 _backends.register("valid_counts", "cpp")(_backends.from_extension("valid_counts_cpu"))
 
 
+def reference_adaptive_coefficients(mask: Tensor | None, offsets: Tensor, alpha: float,
+                                    gamma: float, dtype: torch.dtype) -> Tensor:
+    """Kernel contract: flat bool mask (N,) or None (all valid), int64 offsets (S+1,) ->
+    (S,) ``gamma * length_adaptive_lambda(valid tokens, alpha)`` in float64, rounded once
+    to ``dtype``."""
+    counts = offsets[1:] - offsets[:-1] if mask is None else reference_valid_counts(mask, offsets)
+    return (gamma * length_adaptive_lambda(counts, alpha)).to(dtype)
+
+
+_backends.register("adaptive_coefficients", "reference")(reference_adaptive_coefficients)
+_backends.register("adaptive_coefficients", "cpp")(
+    _backends.from_extension("adaptive_coefficients_cpu"))
+
+
 _backends.register("gae", "cpp")(_backends.from_extension("gae_scan_cpu"))
 _backends.register("gae", "cuda")(_backends.from_extension("gae_scan_cuda"))
 _backends.register("gae", "triton")(_backends.from_module("vapo_kernels.triton.gae", "gae_scan"))
@@ -211,11 +225,8 @@ def _impl(a: GaeArgs) -> tuple[Tensor, Tensor]:
     offs = _ragged.offsets(layout, rewards.shape, a.cu_seqlens, device)
     n = layout.num_seqs
     if a.alpha > 0:
-        if mask is None:
-            counts = offs[1:] - offs[:-1]
-        else:
-            counts = _backends.select("valid_counts", device, a.backend)[1](mask.reshape(-1), offs)
-        coef_p = (a.gamma * length_adaptive_lambda(counts, a.alpha)).to(acc).contiguous()
+        coef_p = _backends.select("adaptive_coefficients", device, a.backend)[1](
+            None if mask is None else mask.reshape(-1), offs, a.alpha, a.gamma, acc)
     else:
         coef_p = _coefficients(
             a.lam_policy, a.scalar_lam_policy, a.gamma, "lam_policy", n, acc, device
