@@ -173,6 +173,15 @@ def test_gae_check_refuses_a_wrong_answer():
     assert not check(impl, (adv, ret * (1 + 1e-3))).ok
 
 
+def test_gae_inputs_never_mask_a_whole_row():
+    """Every shape --shapes accepts runs: at T = 1 a masked gap used to hide the only token,
+    and whitening then had nothing to whiten."""
+    for seed in range(3):
+        assert gae_suite.make_inputs(2, 1, CPU, seed=seed).mask.all()
+        assert gae_suite.make_inputs(1, 2, CPU, seed=seed).mask.all()
+    assert "B x T >= 2" in gae_suite.SUITE.shape_error((1, 1))
+
+
 # --------------------------------------------------------------------------------------
 # vapo-bench end to end
 

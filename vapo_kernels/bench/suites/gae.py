@@ -68,6 +68,9 @@ def make_inputs(batch: int, seqlen: int, device: torch.device, seed: int) -> Inp
         start = (torch.rand(batch, generator=g) * lengths).long()
         stop = start + torch.randint(1, max_gap + 1, (batch,), generator=g)
         mask &= ~((pos[None, :] >= start[:, None]) & (pos[None, :] < stop[:, None]))
+    # a gap never takes a row's first two tokens (at T = 1 it always emptied the row), so
+    # whitening, which needs two valid tokens, has them whenever B x T >= 2
+    mask[:, :2] = True
     rewards = 0.01 * torch.randn(batch, seqlen, generator=g)  # KL-penalty-like terms
     last = seqlen - 1 - mask.flip(1).to(torch.int8).argmax(1)
     rewards[torch.arange(batch), last] += torch.randn(batch, generator=g)
@@ -393,5 +396,6 @@ SUITE = Suite(
     peers=PEERS,
     build_case=build_case,
     shape_forms=("BxT",),
+    shape_problem=lambda s: "whitening needs two tokens: B x T >= 2" if s[0] * s[1] < 2 else None,
     set_bytes=lambda shape: BYTES_PER_TOKEN * shape[0] * shape[1],
 )
