@@ -98,6 +98,22 @@ def test_a_second_gradient_transform_raises(data):
         torch.func.grad(torch.func.grad(lambda lp: fn(lp)))(data["logp"]).sum()
     with pytest.raises(RuntimeError, match="no double backward"):
         torch.func.grad(torch.func.grad(lambda z: vk.token_logprobs(z, data["targets"]).sum()))(data["logits"])
+    # A vjp_fn or jacrev's backward runs after its own transform has ended: these came back
+    # as silent all-zero second derivatives (second reviewer) before the check looked at the
+    # tensors rather than the transform stack.
+    z, y, m = data["logits"], data["targets"], data["mask"]
+    f = lambda z: vk.token_logprobs(z, y, m).sum()  # noqa: E731
+    nested = [
+        lambda: torch.func.jacrev(torch.func.jacrev(f))(z),
+        lambda: torch.func.grad(lambda z: (torch.func.vjp(f, z)[1](torch.tensor(1.0))[0] ** 2).sum())(z),
+        lambda: torch.func.vjp(torch.func.jacrev(f), z)[1](torch.ones_like(z)),
+        lambda: torch.func.jacrev(torch.func.jacrev(fn))(data["logp"]),
+        lambda: torch.func.jacrev(torch.func.jacrev(lambda z: vk.policy_loss_from_logits(
+            z, y, data["old_logp"], data["adv"], m)[0]))(z),
+    ]
+    for second_order in nested:
+        with pytest.raises(RuntimeError, match="no double backward"):
+            second_order()
     assert "no double backward" in DOUBLE_BACKWARD
 
 

@@ -89,6 +89,20 @@ FORWARD_MODE = ("vapo ops have reverse-mode gradients only (torch.func.grad, vjp
                 ".backward()); forward mode (jvp, jacfwd, hessian) is not supported")
 
 
+def _tracked_by_outer_transform(t) -> bool:
+    """``t`` (seen in a backward run by a torch.func transform) carries, under the wrapper
+    of the transform running this backward, a gradient-tracking wrapper of another one."""
+    functorch = torch._C._functorch
+    if not isinstance(t, Tensor) or not functorch.is_functorch_wrapped_tensor(t):
+        return False
+    t = functorch.get_unwrapped(t)  # the transform running this backward
+    while isinstance(t, Tensor) and functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_gradtrackingtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
+
+
 def _grad_transform_levels() -> int:
     """How many torch.func gradient transforms (grad, vjp, jacrev) are active."""
     stack = torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters()
@@ -261,8 +275,11 @@ def first_order(backward: Callable) -> Callable:
         if (not torch.compiler.is_compiling()
                 and torch._C._functorch.peek_interpreter_stack() is not None):
             # torch.func.grad runs every backward with a graph; a second gradient transform
-            # around it would differentiate this backward: refused at once.
-            if _grad_transform_levels() > 1:
+            # around it would differentiate this backward: refused at once. (A vjp_fn or
+            # jacrev's backward runs after its own level has ended, so the stack alone does
+            # not show the outer transform: its inputs and gradients do.)
+            if _grad_transform_levels() > 1 or any(
+                    _tracked_by_outer_transform(t) for t in (*ctx.saved_tensors, *grads)):
                 raise RuntimeError(DOUBLE_BACKWARD)
             with torch.no_grad():
                 return backward(ctx, *grads)
