@@ -106,12 +106,18 @@ def test_bad_runs_are_refused_before_they_write(tmp_path, capsys):
     _one_error_line(capsys, [*study, "--output-dir", str(tmp_path / "a_file")], "--output-dir")
     # Trainer options the study sets itself were silently overridden or ignored after '--'.
     for tail, option in ((["--seed", "7"], "--seed"), (["--steps", "5"], "--steps"),
-                         (["--output_dir=elsewhere"], "--output-dir")):
+                         (["--output_dir=elsewhere"], "--output-dir"),
+                         (["--see", "7"], "--seed")):  # argparse's abbreviation of --seed
         _one_error_line(capsys, [*study, "--output-dir", str(tmp_path / "t"), "--", *tail], option)
     # A refused study leaves no folder behind.
     _one_error_line(capsys, [*study, "--length", "9", "--output-dir", str(tmp_path / "x")],
                     "--length")
     assert not (tmp_path / "x").exists() and not (tmp_path / "t").exists()
+    with pytest.raises(SystemExit):  # refused by the trainer's own parser: no folder either
+        main([*study, "--output-dir", str(tmp_path / "p"), "--", "--lr", "-1"])
+    assert not (tmp_path / "p").exists() and "--lr" in capsys.readouterr().err
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    _one_error_line(capsys, [*study, "--output-dir", str(tmp_path / "dangling")], "--output-dir")
     # A repeated seed or length ran twice into one folder and counted twice; an empty list
     # ran nothing and crashed after training.
     for argv, option in ((["ablations", "--seeds", "1,1"], "--seeds"),

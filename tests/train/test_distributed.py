@@ -175,14 +175,20 @@ def _torchrun(run_dir, *extra, returncode=0):
     return proc
 
 
-def test_a_refused_run_folder_stops_every_process_with_one_line(tmp_path):
-    # Only rank 0 checked the folder: the other process trained on and died in a traceback.
+@pytest.mark.parametrize("case", ["holds a run already", "Not a directory"])
+def test_a_refused_run_folder_stops_every_process_with_one_line(tmp_path, case):
+    # Only rank 0 checked the folder: the other process trained on and died in a traceback;
+    # then an OS error there (a file on the path) left both waiting for each other.
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    (run_dir / "metrics.jsonl").write_text("")
+    if case == "holds a run already":
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text("")
+    else:
+        (tmp_path / "a_file").write_text("")
+        run_dir = tmp_path / "a_file" / "run"
     err = _torchrun(run_dir, returncode=1).stderr  # torchrun: 1 when a process failed
     ours = [line for line in err.splitlines() if "vapo-train: error:" in line]
-    assert len(ours) == 1 and "--output-dir:" in ours[0] and "holds a run already" in ours[0], err
+    assert len(ours) == 1 and "--output-dir:" in ours[0] and case in ours[0], err
     assert "[rank1]" not in err and "[rank0]" not in err, err  # no process's traceback
 
 

@@ -78,8 +78,17 @@ _STUDY_OWNED = {"seed": "--seed", "output_dir": "--output-dir", "steps": "the st
 
 
 def _check_trainer_args(trainer_args: list[str]) -> None:
+    from ..train.config import make_parser as trainer_parser
+
+    # What argparse will make of each option, abbreviations included (--see is --seed).
+    actions = trainer_parser()._option_string_actions
     for arg in trainer_args:
-        name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else None
+        if not arg.startswith("--"):
+            continue
+        given = arg.split("=", 1)[0]
+        matches = {actions[o].dest for o in actions if o == given} or {
+            actions[o].dest for o in actions if o.startswith(given)}
+        name = matches.pop() if len(matches) == 1 else None
         if name in _STUDY_OWNED:
             instead = _STUDY_OWNED[name]
             raise ConfigError(name.replace("_", "-"), "set by the study itself, not a trainer "
@@ -89,6 +98,8 @@ def _check_trainer_args(trainer_args: list[str]) -> None:
 def _check_output_dir(path: str) -> None:
     """A study writes a fresh folder: one that holds files (an earlier study's results and
     run folders) would mix two studies' rows in its metrics and its report."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ConfigError("output-dir", f"{path} is a link to {os.readlink(path)}, which does not exist")
     if os.path.exists(path) and not os.path.isdir(path):
         raise ConfigError("output-dir", f"{path} is a file, not a folder")
     if os.path.isdir(path) and os.listdir(path):
@@ -197,9 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         _check_trainer_args(trainer_args)
         _check_output_dir(out_dir)
         module.run_study(options, trainer_args)
-    except ConfigError as error:
+    except (ConfigError, SystemExit) as error:  # SystemExit: the trainer's argparse refused
         if made and os.path.isdir(out_dir) and not os.listdir(out_dir):
             os.rmdir(out_dir)  # a refused study leaves no folder behind
+        if isinstance(error, SystemExit):
+            raise
         print(f"vapo-diagnose: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

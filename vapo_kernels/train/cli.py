@@ -130,6 +130,8 @@ def _own_run_folder(run_dir: str, resume: str, dp: DataParallel):
                 held.enter_context(_locked_run_folder(run_dir, resume))
             except ConfigError as error:
                 refusal = error
+            except OSError as error:  # a file on the path, no permission: said, and broadcast
+                refusal = ConfigError("output-dir", f"{run_dir}: {error.strerror or error}")
         if dp.distributed:
             shared = [None if refusal is None else (refusal.option, refusal.message)]
             torch.distributed.broadcast_object_list(shared, src=0, group=dp.group)
@@ -141,6 +143,9 @@ def _own_run_folder(run_dir: str, resume: str, dp: DataParallel):
 
 @contextlib.contextmanager
 def _locked_run_folder(run_dir: str, resume: str):
+    if os.path.islink(run_dir) and not os.path.exists(run_dir):
+        raise ConfigError("output-dir", f"{run_dir} is a link to {os.readlink(run_dir)}, "
+                          "which does not exist")
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise ConfigError("output-dir", f"{run_dir} is a file, not a folder")
     os.makedirs(run_dir, exist_ok=True)
