@@ -69,20 +69,16 @@ def _tracing() -> bool:
     )
 
 
-def _func_transforms() -> str | None:
-    """Which torch.func transforms the call is under (no compiler or tensor mode): "grad"
-    when only gradient transforms (grad, vjp, jacrev): the dispatcher's autograd for a
-    custom op refuses functorch, so the op runs as an autograd.Function in the style
-    functorch takes (:func:`_grad_transform_function`); "forward" when a forward-mode one
-    (jvp, jacfwd, hessian) is among them; "other" (vmap: the dispatcher's per-sample
-    fallback); None outside torch.func."""
-    level = torch._C._functorch.peek_interpreter_stack()
-    if level is None or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return None
-    kinds = {i.key() for i in torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters()}
-    if torch._C._functorch.TransformType.Jvp in kinds:
-        return "forward"
-    return "grad" if kinds == {torch._C._functorch.TransformType.Grad} else "other"
+def _func_transform_kinds() -> list:
+    """The kinds (``TransformType``) of the torch.func transforms active now; none outside
+    torch.func, and none under a compiler or a tensor mode (those trace the op instead)."""
+    if (torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None
+            or _get_current_dispatch_mode() is not None):
+        return []
+    return [i.key() for i in torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters()]
+
+
+_GRAD, _JVP = torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp
 
 
 FORWARD_MODE = ("vapo ops have reverse-mode gradients only (torch.func.grad, vjp, jacrev, "
@@ -101,12 +97,6 @@ def _tracked_by_outer_transform(t) -> bool:
             return True
         t = functorch.get_unwrapped(t)
     return False
-
-
-def _grad_transform_levels() -> int:
-    """How many torch.func gradient transforms (grad, vjp, jacrev) are active."""
-    stack = torch._functorch.pyfunctorch.retrieve_all_functorch_interpreters()
-    return sum(i.key() == torch._C._functorch.TransformType.Grad for i in stack)
 
 
 def mark_outputs_constant(ctx, a, output) -> None:
@@ -182,11 +172,16 @@ class Op:
             elif isinstance(t, Tensor):  # a subclass (fake, functional, DTensor...) or meta
                 return getattr(torch.ops.vapo, self.name)(*a)
             # anything else (None, or a wrong type the op's checks will name) passes
-        if self.grad_transform_function is not None and torch._C._functorch.peek_interpreter_stack() is not None:
-            transforms = _func_transforms()
-            if transforms == "grad":
+        if (self.grad_transform_function is not None
+                and torch._C._functorch.peek_interpreter_stack() is not None):  # cheap first
+            # Under torch.func gradient transforms only (grad, vjp, jacrev) the op runs as an
+            # autograd.Function in the style functorch takes: the dispatcher's autograd for
+            # a custom op refuses functorch. Forward mode (jvp, jacfwd, hessian) would get a
+            # zero tangent from the dispatcher; vmap alone takes its per-sample fallback.
+            kinds = set(_func_transform_kinds())
+            if kinds == {_GRAD}:
                 return self.grad_transform_function.apply(*a)
-            if transforms == "forward" and self.differentiable:  # else a zero tangent
+            if _JVP in kinds and self.differentiable:
                 raise RuntimeError(FORWARD_MODE)
         if self.differentiable and forward_ad._current_level >= 0 and any(
                 isinstance(t, Tensor) and forward_ad.unpack_dual(t).tangent is not None
@@ -272,13 +267,13 @@ def first_order(backward: Callable) -> Callable:
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
-        if (not torch.compiler.is_compiling()
-                and torch._C._functorch.peek_interpreter_stack() is not None):
+        kinds = _func_transform_kinds()
+        if kinds:
             # torch.func.grad runs every backward with a graph; a second gradient transform
             # around it would differentiate this backward: refused at once. (A vjp_fn or
             # jacrev's backward runs after its own level has ended, so the stack alone does
             # not show the outer transform: its inputs and gradients do.)
-            if _grad_transform_levels() > 1 or any(
+            if kinds.count(_GRAD) > 1 or any(
                     _tracked_by_outer_transform(t) for t in (*ctx.saved_tensors, *grads)):
                 raise RuntimeError(DOUBLE_BACKWARD)
             with torch.no_grad():
