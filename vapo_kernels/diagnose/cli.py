@@ -98,13 +98,13 @@ def _check_trainer_args(trainer_args: list[str]) -> None:
 def _check_output_dir(path: str) -> None:
     """A study writes a fresh folder: one that holds files (an earlier study's results and
     run folders) would mix two studies' rows in its metrics and its report."""
-    if os.path.islink(path) and not os.path.exists(path):
-        raise ConfigError("output-dir", f"{path} is a link to {os.readlink(path)}, which does not exist")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ConfigError("output-dir", f"{path} is a file, not a folder")
-    if os.path.isdir(path) and os.listdir(path):
-        raise ConfigError("output-dir", f"{path} is not empty ({', '.join(sorted(os.listdir(path))[:4])}"
-                          f"{', ...' if len(os.listdir(path)) > 4 else ''}): choose another --output-dir")
+    from ..train.cli import check_folder_path
+
+    check_folder_path(path)
+    found = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    if found:
+        raise ConfigError("output-dir", f"{path} is not empty ({', '.join(found[:4])}"
+                          f"{', ...' if len(found) > 4 else ''}): choose another --output-dir")
 
 
 def make_parser() -> argparse.ArgumentParser:

@@ -141,13 +141,18 @@ def _own_run_folder(run_dir: str, resume: str, dp: DataParallel):
         yield
 
 
+def check_folder_path(path: str) -> None:
+    """``path`` can be made a folder (--output-dir of the trainer and the diagnostics)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ConfigError("output-dir", f"{path} is a link to {os.readlink(path)}, "
+                          "which does not exist")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError("output-dir", f"{path} is a file, not a folder")
+
+
 @contextlib.contextmanager
 def _locked_run_folder(run_dir: str, resume: str):
-    if os.path.islink(run_dir) and not os.path.exists(run_dir):
-        raise ConfigError("output-dir", f"{run_dir} is a link to {os.readlink(run_dir)}, "
-                          "which does not exist")
-    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
-        raise ConfigError("output-dir", f"{run_dir} is a file, not a folder")
+    check_folder_path(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, _LOCK_FILE), "a+", encoding="utf-8") as lock:
         if fcntl is not None:  # POSIX; elsewhere the folder is not locked
