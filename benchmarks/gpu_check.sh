@@ -17,14 +17,22 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-build-isolation --no-deps -e . || exit 1
+# An editable install needs a setuptools that builds wheels (>= 70.1, or the `wheel`
+# package); where it cannot, the checkout itself is put on the path: nothing below needs
+# the console scripts.
+if ! python3 -m pip install -q --no-build-isolation --no-deps -e .; then
+  echo "pip install -e . failed (see above): using the checkout through PYTHONPATH"
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())"
 python3 -m vapo_kernels.build || exit 1
 
 step "GPU tests"
-python3 -m pytest -q -p no:cacheprovider -m gpu tests/ -x
-python3 -m pytest -q -p no:cacheprovider tests/test_gae.py
+# Test modules of the CPU-only parts (the diagnostics need scipy, which the GPU machines
+# lack) must not stop the GPU tests from being collected.
+python3 -m pytest -q -p no:cacheprovider -m gpu --continue-on-collection-errors --maxfail 20 tests/
+python3 -m pytest -q -p no:cacheprovider --maxfail 20 tests/test_gae.py
 
 step "compute-sanitizer"
 for tool in memcheck racecheck; do
@@ -36,5 +44,6 @@ step "benchmarks"
 # every suite, checked then timed; results.json, report.md and PNGs in $OUT/bench (the
 # tables are rewritten after each shape, so a run cut short still leaves them). The
 # sanitizer ran above: not again here. Pass suites / shapes as arguments to fit the time.
-vapo-bench --device cuda --no-sanitize --out "$OUT/bench" "$@" || echo "FAILED: vapo-bench"
+python3 -m vapo_kernels.bench.cli --device cuda --no-sanitize --out "$OUT/bench" "$@" \
+  || echo "FAILED: vapo-bench"
 ls -la "$OUT" "$OUT/bench"

@@ -12,8 +12,10 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/dynamo/compiled_autograd.h>
 
+#include <memory>
 #include <mutex>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -23,6 +25,18 @@ namespace vapo {
 namespace {
 
 using torch::autograd::variable_list;
+
+// An autograd node owned the way this torch owns them: c10::intrusive_ptr in recent
+// releases, std::shared_ptr before (torch 2.11, the GPU machines' version). set_history
+// takes whichever this torch uses.
+template <typename T, typename... Args>
+auto make_node(Args&&... args) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, T>) {
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+  } else {
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  }
+}
 
 constexpr const char* kFreed =
     ": trying to backward through the graph a second time, but its gradients were freed (or "
@@ -122,7 +136,7 @@ struct LossFromGradients : public torch::autograd::Node {
       // second-order term go missing.
       torch::autograd::edge_list edges = next_edges();
       if (grad_loss.requires_grad()) edges.push_back(torch::autograd::impl::gradient_edge(grad_loss));
-      auto error = c10::make_intrusive<torch::autograd::Error>(
+      auto error = make_node<torch::autograd::Error>(
           "vapo " + op_ + ": this gradient is not differentiable (no double backward through it)",
           std::move(edges));
       for (auto& t : out) {
@@ -165,7 +179,7 @@ at::Tensor loss_from_gradients(const at::Tensor& loss, const std::vector<at::Ten
   // not), and the result is a fresh tensor that takes in-place ops (`loss /= steps`).
   at::Tensor out = loss.detach();
   if (!torch::autograd::compute_requires_grad(inputs)) return out;
-  auto node = c10::make_intrusive<LossFromGradients>(
+  auto node = make_node<LossFromGradients>(
       torch::autograd::collect_next_edges(inputs), std::move(held), std::move(dtypes), op,
       donated);
   torch::autograd::set_history(out, node);

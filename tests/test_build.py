@@ -63,3 +63,26 @@ def test_build_progress_is_silent_when_cached(tmp_path):
     with progress:
         pass
     assert progress.out.getvalue() == ""
+
+
+def test_cuda_kernels_need_a_gpu_or_an_architecture_list(monkeypatch):
+    """A CUDA torch with nvcc but no GPU and no TORCH_CUDA_ARCH_LIST (pip's default torch
+    on a CPU box): torch's build would fail on the empty architecture list and take the
+    C++ CPU kernels down with it, so the CUDA kernels are left out instead."""
+    import torch
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/local/cuda/bin/nvcc")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("VAPO_NO_CUDA", raising=False)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    assert not _backends._cuda_wanted()
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    assert _backends._cuda_wanted()
+    assert _backends._cuda_archs() == "9.0"
+    monkeypatch.setenv("VAPO_NO_CUDA", "1")
+    assert not _backends._cuda_wanted()
+    monkeypatch.delenv("VAPO_NO_CUDA")
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _backends._cuda_wanted()

@@ -91,7 +91,8 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
         if err:
             return err
         if not getattr(extension(), "has_cuda", False):
-            return "the C++ extension was built without CUDA kernels (no nvcc or CPU-only torch)"
+            return ("the C++ extension was built without CUDA kernels (no nvcc, a CPU-only "
+                    "torch, or no GPU visible and no TORCH_CUDA_ARCH_LIST at build time)")
         return None
     if backend == "triton":
         try:
@@ -201,11 +202,26 @@ def csrc_dir() -> Path:
 
 
 def _cuda_wanted() -> bool:
+    """CUDA kernels are built with a CUDA torch and nvcc, for the GPUs this machine sees or
+    the architectures TORCH_CUDA_ARCH_LIST names. (A CUDA torch - pip's default - on a
+    machine without a GPU and without that list made torch's build fail on an empty
+    architecture list, losing the C++ CPU kernels too.)"""
     return (
         torch.version.cuda is not None
         and not _env.flag("VAPO_NO_CUDA", False)
-        and (shutil.which("nvcc") is not None or os.environ.get("CUDA_HOME"))
+        and (shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME")))
+        and (bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or torch.cuda.is_available())
     )
+
+
+def _cuda_archs() -> str:
+    """The architectures torch's build compiles the CUDA kernels for: TORCH_CUDA_ARCH_LIST,
+    else those of the visible GPUs."""
+    named = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if named:
+        return named
+    return ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                            for i in range(torch.cuda.device_count())}))
 
 
 def _build_key(sources: list[Path], flags: list[str]) -> str:
@@ -242,7 +258,10 @@ def _build(verbose: bool = False):
     # use (a file including <ATen/ATen.h> or <torch/extension.h> fails to compile), which
     # keeps the first build short.
     cflags = ["-O3", "-fopenmp", "-std=c++17", "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS", *defines]
-    name = f"vapo_kernels_C_{_build_key(sources, cflags)}"
+    # The GPU architectures compiled for belong in the build's name too: a build made for
+    # one GPU, reused on another, would have no kernel image for it.
+    archs = [_cuda_archs()] if defines else []
+    name = f"vapo_kernels_C_{_build_key(sources, [*cflags, *archs])}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose))
     clear_stale_lock(build_dir / "lock")
     with _BuildProgress(build_dir, name, sources, quiet=verbose):
