@@ -26,6 +26,7 @@ from .metrics import MetricsLogger, StepProfiler, plot_run
 from .models import (
     build_char_tokenizer,
     build_tiny_llama,
+    dropout_off,
     load_policy,
     load_tokenizer,
     load_value_model,
@@ -284,9 +285,9 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
     dp.barrier()
 
     policy, tokenizer = build_policy(config, task)
-    policy.to(device).train()
+    policy.to(device)
     params = sum(p.numel() for p in policy.parameters())
-    policy = distributed.prepare_model(policy, config, dp)
+    policy = dropout_off(distributed.prepare_model(policy, config, dp))  # every phase: eval mode
     if dp.distributed:  # same initial weights everywhere (above); own sampling noise from here
         torch.manual_seed(run.seed * 1_000_003 + dp.rank)
     if dp.is_main:

@@ -42,7 +42,9 @@ def _opt(default: Any, help: str, **kw) -> Any:
 class ModelArgs:
     _argument_group_name = "model"
     model: str = _opt("", "Local Hugging Face causal-LM folder (with its tokenizer). Empty: build "
-                      "a tiny Llama from a config (random init) and a character tokenizer.")
+                      "a tiny Llama from a config (random init) and a character tokenizer. "
+                      "Policy, value and reference models run in eval mode in every phase "
+                      "(dropout off, as verl; gradients still flow).")
     value_model: str = _opt("", "Folder of a token-classification value model (num_labels=1). "
                             "Empty: initialise it from the policy after warm-up.")
     tiny_hidden_size: int = _opt(128, "Built-in model: hidden size.")
@@ -216,7 +218,11 @@ class DistributedArgs:
                                 "backward, fp32 gradient reduction (GPU).",
                                 choices=["none", "bf16"])
     activation_checkpointing: bool = _opt(False, "Recompute each decoder layer's activations in "
-                                          "the backward (memory for compute).")
+                                          "the backward (memory for compute). The recomputed "
+                                          "layers keep their training flag (transformers "
+                                          "recomputes only those); their dropout modules stay "
+                                          "off, but a family applying dropout in the layer's own "
+                                          "code (OPT) would keep it.")
 
 
 GROUPS = {

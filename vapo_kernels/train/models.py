@@ -65,6 +65,22 @@ def build_tiny_llama(
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
 
 
+def dropout_off(model: torch.nn.Module | None) -> torch.nn.Module | None:
+    """Eval mode for training, as verl runs its models: every dropout off, so the old
+    log-probs, the values and the loss forward of one PPO step see the same network (the
+    ratio of the first epoch's first mini-batch is exactly 1); gradients still flow in eval
+    mode. With activation checkpointing the modules transformers checkpoints (the decoder
+    layers, and the model body that hands them no KV cache then) keep their own training
+    flag, not their sub-modules': transformers recomputes only a module in training mode."""
+    if model is None:
+        return None
+    model.eval()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.training = True
+    return model
+
+
 def load_tokenizer(folder: str):
     """The folder's tokenizer, left-padding (generation appends on the right)."""
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -244,7 +244,7 @@ def generate(
     encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     encoded = {k: v.to(device) for k, v in encoded.items()}
     recorder = SampledLogprobs(temperature) if record_logprobs else None
-    was_training = policy.training
+    modes = [(module, module.training) for module in policy.modules()]
     policy.eval()
     with _without_folder_defaults(policy):
         out = policy.generate(
@@ -257,7 +257,8 @@ def generate(
             synced_gpus=torch.distributed.is_initialized()
             and torch.distributed.get_world_size() > 1,
         )
-    policy.train(was_training)
+    for module, training in modes:  # each module's own flag (see models.dropout_off)
+        module.training = training
     new_tokens = out[:, encoded["input_ids"].shape[1]:]
     sampled_logp = recorder.per_token(new_tokens).cpu().tolist() if recorder else None
     responses_ids, rollout_logp = [], [] if recorder else None

@@ -33,6 +33,7 @@ import vapo_kernels as vk
 from .config import TrainConfig
 from .distributed import DataParallel
 from .metrics import MetricsLogger, PhaseTimer, our_op, peak_memory_mb
+from .models import dropout_off
 from .mc_advantage import trainer_advantages
 from .rollout import RolloutBatch, demonstration_batch, generate, policy_logprobs, value_estimates
 from .task import Task
@@ -212,6 +213,7 @@ def supervised(
     or ``max_seconds``; returns the last evaluation. ``resume``: continue after the step
     restored from a checkpoint (``state.warmup_optimizer`` restored with it)."""
     w = config.warmup
+    dropout_off(state.policy)  # eval mode in every phase (models.dropout_off)
     if state.warmup_optimizer is None:
         state.warmup_optimizer = warmup_optimizer(state, config)
     optimizer = state.warmup_optimizer
@@ -533,6 +535,7 @@ def value_pretrain(state: TrainState, task: Task, config: TrainConfig, log: Metr
     """Fit the critic to the warmed-up policy's Monte-Carlo returns before any policy update
     (VAPO §3.1: without it the early advantages come from a random critic)."""
     steps = config.algorithm.value_pretrain_steps
+    dropout_off(state.policy), dropout_off(state.value_model)  # eval mode (models.dropout_off)
     log.start_phase("value_pretrain", steps)
     if resume:
         log.advance(state.step)
@@ -594,7 +597,7 @@ def setup_rl(state: TrainState, config: TrainConfig,
     state.warmup_optimizer = None  # the warm-up is over; RL has its own optimizers
     if state.value_model is None:
         state.value_model = make_value_model(state.policy)
-    state.value_model.to(next(state.policy.parameters()).device).train()
+    dropout_off(state.value_model.to(next(state.policy.parameters()).device))
     if config.algorithm.kl_coef > 0:
         state.reference = copy.deepcopy(state.policy).eval().requires_grad_(False)
     state.actor_optimizer = torch.optim.AdamW(state.policy.parameters(), lr=o.actor_lr,
@@ -610,6 +613,7 @@ def rl(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger,
     """The RL steps; held-out accuracy before the first update and every eval_every steps.
     ``profiler`` (a :class:`.profiling.StepProfiler`) is told when each step starts and ends."""
     run = config.run
+    dropout_off(state.policy), dropout_off(state.value_model)  # eval mode (models.dropout_off)
     log.start_phase("rl", run.steps)
     if resume:
         last_eval = state.last_eval
