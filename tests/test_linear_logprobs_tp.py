@@ -53,6 +53,8 @@ _SCRIPT = textwrap.dedent(
                     y[0], y[1], y[2] = 0, vocab - 1, sizes[0]  # first and last id of each shard
                     y[5] = -100
                     mask = torch.rand(n, generator=gen) < 0.85
+                    mask[7] = False
+                    y[7] = 10**6  # garbage id in a masked row: ignored, as without a group
                     w_lp = torch.randn(n, generator=gen, dtype=torch.float64)
                     w_ent = torch.randn(n, generator=gen, dtype=torch.float64)
                     bias = b if with_bias else None

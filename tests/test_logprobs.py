@@ -988,7 +988,9 @@ BAD = [
     ("temperature must lie in", ValueError, lambda b: token_logprobs(Z, Y, temperature=0.0, backend=b)),
     ("temperature must lie in", ValueError, lambda b: token_logprobs(Z, Y, temperature=float("inf"), backend=b)),
     ("at least 1 entry", ValueError, lambda b: token_logprobs(torch.randn(4, 0), Y, backend=b)),
-    ("contiguous along the vocabulary", ValueError, lambda b: token_logprobs(torch.randn(10, 4).t(), Y, backend=b)),
+    # the op itself (the public function copies such logits: see the test below)
+    ("contiguous along the vocabulary", ValueError,
+     lambda b: torch.ops.vapo.token_logprobs(torch.randn(10, 4).t(), Y, None, 1.0, False, b)),
 ]
 
 
@@ -1108,3 +1110,54 @@ def test_torch_compile_fullgraph_forward_and_backward(compile_backend):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(g[0], h.grad)
     torch.testing.assert_close(g[1], w.grad)
+
+
+# --- found by an adversarial review (2026-12-07) ---------------------------------------
+
+
+def _masked_garbage_inputs():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 5, generator=g)
+    targets = torch.randint(0, 5, (2, 3), generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    clean = targets.clone()
+    targets[0, 2], targets[1, 1] = 50_000, -7  # garbage where the caller masked
+    return logits, targets, clean, mask
+
+
+def test_masked_garbage_targets_under_compile_and_vmap():
+    """Garbage ids in masked rows change nothing in eager mode; under torch.compile and
+    vmap (no branch on the values there) they did raise or crash."""
+    logits, targets, clean, mask = _masked_garbage_inputs()
+    want = vk.token_logprobs(logits, clean, mask)
+    torch.testing.assert_close(vk.token_logprobs(logits, targets, mask), want, rtol=0, atol=0)
+    compiled = torch.compile(lambda z: vk.token_logprobs(z, targets, mask), backend="aot_eager")
+    torch.testing.assert_close(compiled(logits), want, rtol=0, atol=0)
+    old, adv = torch.randn(2, 3) - 1.5, torch.randn(2, 3)
+    loss = torch.compile(lambda z: vk.policy_loss_from_logits(z, targets, old, adv, mask)[0],
+                         backend="aot_eager")(logits)
+    torch.testing.assert_close(loss, vk.policy_loss_from_logits(logits, clean, old, adv, mask)[0],
+                               rtol=0, atol=0)
+    batched = torch.func.vmap(lambda z, t, m: vk.token_logprobs(z, t, m))(
+        logits[None].expand(2, -1, -1, -1), targets[None].expand(2, -1, -1), mask[None].expand(2, -1, -1))
+    torch.testing.assert_close(batched, torch.stack([want, want]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_plus_inf_logit_in_a_valid_row_is_refused_by_every_backend(backend):
+    logits = torch.randn(1, 2, 4)
+    logits[0, 0, 1] = math.inf
+    targets = torch.tensor([[2, 0]])
+    old, adv = torch.full((1, 2), -1.0), torch.ones(1, 2)
+    with pytest.raises(ValueError, match=r"\+inf"):
+        vk.policy_loss_from_logits(logits, targets, old, adv, entropy_coef=0.1, backend=backend)
+    logp, entropy = vk.token_logprobs(logits, targets, return_entropy=True, backend=backend)
+    assert math.isnan(logp[0, 0]) and math.isnan(entropy[0, 0])  # the row; not -inf / +inf
+    assert math.isfinite(logp[0, 1]) and math.isfinite(entropy[0, 1])
+
+
+def test_two_d_logits_strided_along_the_vocabulary_are_copied_not_refused():
+    logits = torch.randn(5, 4).t()  # (N=4, V=5), vocabulary stride 4
+    targets = torch.tensor([0, 4, 2, 1])
+    want = torch.log_softmax(logits.double(), -1).gather(1, targets[:, None]).squeeze(1)
+    torch.testing.assert_close(vk.token_logprobs(logits, targets).double(), want)

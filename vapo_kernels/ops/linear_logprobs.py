@@ -486,6 +486,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
 
         _check_linear_static(hidden, weight, bias, targets, mask, temperature)
         vocab_start, vocab = _vocab_shard(weight, group)
+        targets = masked_targets(targets, vocab, mask)  # against the global vocabulary
         _check_targets_in_range(targets, vocab)
         shape = targets.shape
         rows, flat, keep = _linear_rows(hidden, targets, mask)

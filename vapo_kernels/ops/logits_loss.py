@@ -10,6 +10,7 @@ the outputs are the loss, the sums vector and the N x V gradient.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -160,7 +161,8 @@ def _loss_sums(a: LogitsLossArgs, out: Tensor | None) -> tuple[Tensor, Tensor]:
         # A NaN (or +inf) logit makes its row's gradient NaN; in place the logits are
         # gone, but their gradient rows show it just as well.
         rows = lp_ops._rows(a.logits if out is None else out)
-        if bool((rows.isnan().any(-1) & valid).any()):
+        bad = rows.isnan() if out is not None else rows.isnan() | (rows == math.inf)
+        if bool((bad.any(-1) & valid).any()):
             raise ValueError("logits contain NaN or +inf in a valid row")
     return loss, sums
 

@@ -46,13 +46,14 @@ the docstring of :func:`reference_forward` and :func:`reference_backward`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .. import _backends, _ragged
-from .._library import Op, first_order
+from .._library import Op, _tracing, first_order
 
 IGNORE_INDEX = -100
 _ROWS_PER_CHUNK = 1024  # bounds the reference's fp32 working set to 1024 x V
@@ -93,9 +94,10 @@ def reference_forward(
         # t = (z - max z) / tau, not z / tau - max: the subtraction is then exact near the
         # max, and entropy = log_norm - E_p[t] is a difference of small numbers, where
         # lse - E_p[s] cancels catastrophically for large logits (2% off in fp32 at
-        # |s| ~ 600). A max of +-inf shifts by 0 instead (inf - inf is NaN).
+        # |s| ~ 600). A max of -inf (every logit -inf) shifts by 0 instead; a +inf logit
+        # makes the row NaN, as in the C++ and Triton kernels, for the NaN screen to name.
         row_max = z.amax(dim=-1, keepdim=True)
-        shift = torch.where(torch.isfinite(row_max), row_max, 0)
+        shift = torch.where(row_max == -math.inf, 0, row_max)
         t = z.sub_(shift).div_(temperature)
         log_norm = torch.logsumexp(t, dim=-1)
         p = torch.exp(t - log_norm[:, None])
@@ -231,10 +233,13 @@ def masked_targets(targets, vocab: int, mask) -> Tensor:
     the mask already says); an out-of-range id in a valid row is left for the op's check
     to name. One check in the common case, where every id is in range."""
     if (mask is None or not isinstance(targets, Tensor) or not isinstance(mask, Tensor)
-            or not _ragged.validation_enabled() or torch.compiler.is_compiling()
-            or targets.numel() == 0
+            or not _ragged.validation_enabled() or targets.numel() == 0
             or targets.is_floating_point() or mask.shape != targets.shape):
         return targets  # the op's checks name anything odd
+    if _tracing():  # torch.compile, vmap, fake tensors: no branch on the values; every
+        # masked row's id becomes -100, which changes nothing (the kernels skip both).
+        # (mask == 0, not as_bool_mask: the op's own checks look at the mask's values.)
+        return targets.masked_fill(mask == 0, IGNORE_INDEX)
     outside = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
     if not bool(outside.any()):
         return targets
@@ -270,11 +275,13 @@ def rows_viewable(logits: Tensor) -> Tensor:
     (slicing the hidden states before the LM head avoids it)."""
     if not isinstance(logits, Tensor) or logits.dim() < 2 or logits.is_contiguous():
         return logits  # the common case; anything odd goes to the op's checks
-    try:
-        logits.view(-1, logits.shape[-1])
-        return logits
-    except RuntimeError:
-        return logits.contiguous()
+    if logits.stride(-1) == 1:  # the kernels read each row as one run of memory
+        try:
+            logits.view(-1, logits.shape[-1])
+            return logits
+        except RuntimeError:
+            pass
+    return logits.contiguous()
 
 
 def _flat_mask(mask: Tensor | None) -> Tensor | None:
