@@ -2,7 +2,8 @@
 
 A checkpoint is a folder ``RUN/checkpoints/<order>-<phase>-<step>`` holding
 
-* ``dcp/``: policy, value model and their optimizers, written with
+* ``dcp/``: policy, value model, their optimizers and the frozen KL reference (the
+  post-warm-up policy, with ``--kl_coef``), written with
   ``torch.distributed.checkpoint`` (each process writes its own FSDP shards; a single
   process writes the whole tensors, no process group needed);
 * ``rank<r>.pt``: what is private to each process: every random generator in use (the
@@ -62,6 +63,7 @@ class CheckpointInfo:
     world_size: int
     shapes: dict[str, dict[str, list[int]]]
     optimizers: list[str]
+    models: list[str] | None = None  # the models in dcp/ (None: written before this was kept)
 
     @property
     def order(self) -> tuple[int, int]:
@@ -91,7 +93,7 @@ def read_info(path: str) -> CheckpointInfo:
     with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
         meta = json.load(f)
     return CheckpointInfo(path, meta["phase"], meta["step"], meta["world_size"], meta["shapes"],
-                          meta["optimizers"])
+                          meta["optimizers"], meta.get("models"))
 
 
 def find_resume(run_dir: str, resume: str) -> CheckpointInfo | None:
@@ -139,11 +141,15 @@ def _quiet_single_process():
         yield
 
 
-def _models_and_optimizers(state) -> list[tuple[str, torch.nn.Module, Any]]:
-    """(name, model, its optimizer or None) of the models that exist at this point."""
+def _models_and_optimizers(state, reference: bool = True) -> list[tuple[str, torch.nn.Module, Any]]:
+    """(name, model, its optimizer or None) of the models that exist at this point; the
+    frozen KL reference too (``reference``): after RL updates it can no longer be rebuilt
+    from the policy, so it is saved with the rest."""
     pairs = [("policy", state.policy, state.actor_optimizer or state.warmup_optimizer)]
     if state.value_model is not None:
         pairs.append(("value", state.value_model, state.critic_optimizer))
+    if reference and getattr(state, "reference", None) is not None:
+        pairs.append(("reference", state.reference, None))
     return pairs
 
 
@@ -155,9 +161,9 @@ def optimizers_with_state(state) -> list[str]:
             if optimizer is not None and optimizer.state]
 
 
-def _sharded_state(state, with_optimizer: list[str]) -> dict[str, Any]:
+def _sharded_state(state, with_optimizer: list[str], reference: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, model, optimizer in _models_and_optimizers(state):
+    for name, model, optimizer in _models_and_optimizers(state, reference):
         if name in with_optimizer:
             model_sd, optim_sd = get_state_dict(model, [optimizer])
             out[f"{name}_optim"] = optim_sd
@@ -261,6 +267,7 @@ class Checkpointer:
             shutil.copyfile(self.metrics_path, os.path.join(tmp, "metrics.jsonl"))
             meta = {"phase": state.phase, "step": state.step, "world_size": dp.world_size,
                     "optimizers": with_optimizer,
+                    "models": [name for name, _, _ in _models_and_optimizers(state)],
                     "shapes": {"policy": parameter_shapes(state.policy),
                                "value": parameter_shapes(state.value_model)}}
             with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
@@ -288,10 +295,21 @@ def load(info: CheckpointInfo, state, dp) -> None:
     """Restore ``state`` in place from ``info`` (its models and optimizers must exist already,
     built as the run builds them at that point)."""
     check_compatible(info, state, dp.world_size)
-    target = _sharded_state(state, info.optimizers)
+    saved_reference = "reference" in (info.models or ())
+    rebuild_reference = getattr(state, "reference", None) is not None and not saved_reference
+    if rebuild_reference and not (info.phase == "value_pretrain"
+                                  or (info.phase == "rl" and info.step == 0)):
+        raise ConfigError("resume", f"{info.path} holds no KL reference model (it was written "
+                          "with --kl_coef 0 or by an older vapo-train), and after RL updates "
+                          "the post-warm-up policy cannot be rebuilt from the policy: resume "
+                          "from the run's value_pretrain or rl step-0 checkpoint, or with "
+                          "--kl_coef 0")
+    target = _sharded_state(state, info.optimizers, reference=saved_reference)
     with _quiet_single_process():
         dcp.load(target, checkpoint_id=os.path.join(info.path, "dcp"), process_group=dp.group,
                  no_dist=not dp.distributed)
+    if rebuild_reference:  # no RL update yet: the policy still is the post-warm-up one
+        target["reference_model"] = target["policy_model"]
     for name, model, optimizer in _models_and_optimizers(state):
         if name in info.optimizers:
             set_state_dict(model, [optimizer], model_state_dict=target[f"{name}_model"],

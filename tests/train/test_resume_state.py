@@ -1,0 +1,89 @@
+"""What a resume restores besides the policy and value model: the frozen KL reference (the
+post-warm-up policy, saved in the checkpoint) and options changed on the command line
+(learning rates, weight decay) that the loaded optimizers and schedulers must not undo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from vapo_kernels.train import cli, vapo
+from vapo_kernels.train.cli import main, train
+from vapo_kernels.train.config import parse_config
+
+from .conftest import read_rows
+from .test_checkpoint import RUN, comparable
+
+KL = ["--kl_coef", "0.5"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def full_kl_run(tmp_path_factory):
+    """A run with a KL reference and a checkpoint at every step, none pruned."""
+    run_dir = tmp_path_factory.mktemp("full_kl") / "run"
+    threads = torch.get_num_threads()
+    try:
+        train(parse_config([*RUN, *KL, "--output_dir", str(run_dir), "--save_every", "1",
+                            "--keep", "0"]))
+    finally:
+        torch.set_num_threads(threads)
+    return run_dir
+
+
+def resume_copy(full, name: str, dest) -> str:
+    """A run folder holding only checkpoint ``name`` and the run's config and metrics."""
+    os.makedirs(dest / "checkpoints")
+    shutil.copytree(full / "checkpoints" / name, dest / "checkpoints" / name)
+    for f in ("metrics.jsonl", "config.yaml"):
+        shutil.copyfile(full / f, dest / f)
+    return str(dest)
+
+
+def resume_argv(run_dir, *extra):
+    return [*RUN, *KL, "--output_dir", str(run_dir), "--save_every", "1", "--keep", "0",
+            "--resume", "auto", *extra]
+
+
+@pytest.mark.parametrize("name", ["2-rl-00000000", "2-rl-00000002", "1-value_pretrain-00000001"])
+def test_resume_with_a_kl_reference_continues_exactly(tmp_path, full_kl_run, name):
+    # The reference was deep-copied from the freshly built policy before the checkpoint
+    # loaded: a resumed run's KL pulled towards the random initialisation.
+    run_dir = resume_copy(full_kl_run, name, tmp_path / "res")
+    train(parse_config(resume_argv(run_dir)))
+    assert comparable(read_rows(run_dir)) == comparable(read_rows(full_kl_run))
+
+
+def _as_old_checkpoint(path) -> None:
+    """meta.json as vapo-train wrote it before the reference was saved."""
+    meta_path = os.path.join(path, "meta.json")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    del meta["models"]
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+
+
+def test_an_old_checkpoint_without_reference(tmp_path, full_kl_run, capsys):
+    # Before any RL update the policy still is the post-warm-up one: rebuilt from it, exact.
+    run_dir = resume_copy(full_kl_run, "2-rl-00000000", tmp_path / "early")
+    _as_old_checkpoint(os.path.join(run_dir, "checkpoints", "2-rl-00000000"))
+    train(parse_config(resume_argv(run_dir)))
+    assert comparable(read_rows(run_dir)) == comparable(read_rows(full_kl_run))
+    # After RL updates it cannot be: one error line, never a silently wrong reference.
+    run_dir = resume_copy(full_kl_run, "2-rl-00000002", tmp_path / "late")
+    _as_old_checkpoint(os.path.join(run_dir, "checkpoints", "2-rl-00000002"))
+    capsys.readouterr()
+    assert main(resume_argv(run_dir)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no KL reference" in err[0], err
