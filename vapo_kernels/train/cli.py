@@ -240,16 +240,27 @@ def seed_and_device(run) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _check_processes(config: TrainConfig, dp: DataParallel) -> None:
+    """What several data-parallel processes cannot run (yet): one line, before anything is
+    built. --advantage mc would deadlock (each process generates a different number of
+    per-length continuation batches, and FSDP's collectives in generate must pair up)."""
+    unsupported = [("logprobs-from", config.model.logprobs_from == "hidden"),
+                   ("supervised-baseline", config.run.supervised_baseline),
+                   ("kl-coef", config.algorithm.kl_coef > 0),
+                   ("advantage", config.algorithm.advantage == "mc")]
+    for option, used in unsupported:
+        if used:
+            raise ConfigError(option, ("mc " if option == "advantage" else "")
+                              + "not supported with several processes yet")
+
+
 def _train(config: TrainConfig, dp: DataParallel) -> dict:
     run = config.run
     device = seed_and_device(run)
     if dp.distributed and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    if dp.distributed and (config.model.logprobs_from == "hidden" or run.supervised_baseline
-                           or config.algorithm.kl_coef > 0):
-        raise ConfigError("logprobs-from" if config.model.logprobs_from == "hidden" else
-                          "supervised-baseline" if run.supervised_baseline else "kl-coef",
-                          "not supported with several processes yet")
+    if dp.distributed:
+        _check_processes(config, dp)
     task = build_task(config)  # before the run folder: a bad task leaves no folder behind
     run_dir = _run_dir(config, dp)
     with _own_run_folder(run_dir, run.resume, dp):

@@ -152,7 +152,7 @@ class AlgorithmArgs:
     advantage: str = _opt("gae", "Policy advantages: gae (VAPO's decoupled GAE on the value "
                           "model) or mc (VinePPO: a step's advantage is the change of the "
                           "Monte-Carlo value, mc_samples continuations per step boundary; the "
-                          "critic still trains, for its metrics).", choices=["gae", "mc"])
+                          "critic still trains, for its metrics; one process only).", choices=["gae", "mc"])
     mc_samples: int = _opt(4, "--advantage mc: continuations per step boundary (VinePPO: 9).")
 
 
