@@ -30,3 +30,33 @@ def test_mc_advantage_is_refused_with_several_processes(tmp_path):
     with pytest.raises(ConfigError, match="--advantage: mc not supported with several"):
         _train(tiny_config(tmp_path, "--advantage", "mc"), two_processes())
     assert not (tmp_path / "run").exists()
+
+
+def _jsonl(path, rows: int, response: bool) -> str:
+    import json
+
+    with open(path, "w") as f:
+        for i in range(rows):
+            row = {"prompt": f"{i}+1=", "answer": str(i + 1)}
+            if response:
+                row["response"] = str(i + 1)
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def test_a_task_without_demonstrations_refuses_a_warm_up(tmp_path, capsys):
+    # The warm-up drew rows until it had a batch of demonstrations: forever, with none.
+    from vapo_kernels.train.cli import main
+
+    from .conftest import tiny_argv
+
+    task = _jsonl(tmp_path / "t.jsonl", 40, response=False)
+    argv = [*tiny_argv(), "--task", f"jsonl:{task}", "--output_dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vapo-train: error: --warmup-steps: task jsonl:{task} has no demonstrations "
+                   "to warm up on (no row of its training split has a 'response'): pass "
+                   "--warmup_steps 0"], err
+    assert not (tmp_path / "run").exists()
+    assert main([*argv, "--warmup_steps", "0", "--supervised_baseline"]) == 2
+    assert "--supervised-baseline: task" in capsys.readouterr().err

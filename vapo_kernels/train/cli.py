@@ -254,6 +254,21 @@ def _check_processes(config: TrainConfig, dp: DataParallel) -> None:
                               + "not supported with several processes yet")
 
 
+def _check_demonstrations(config: TrainConfig, task: Task) -> None:
+    """The supervised phases draw demonstrations until a batch is full: a task without any
+    would loop forever."""
+    if getattr(task, "has_demonstrations", True):
+        return
+    what = ("no row of its training split has a 'response'" if task.name.startswith("jsonl:")
+            else "it has no reference responses")
+    if config.warmup.warmup_steps > 0:
+        raise ConfigError("warmup-steps", f"task {task.name} has no demonstrations to warm up "
+                          f"on ({what}): pass --warmup_steps 0")
+    if config.run.supervised_baseline:
+        raise ConfigError("supervised-baseline", f"task {task.name} has no demonstrations "
+                          f"({what}) for the supervised baseline")
+
+
 def _train(config: TrainConfig, dp: DataParallel) -> dict:
     run = config.run
     device = seed_and_device(run)
@@ -262,6 +277,7 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
     if dp.distributed:
         _check_processes(config, dp)
     task = build_task(config)  # before the run folder: a bad task leaves no folder behind
+    _check_demonstrations(config, task)
     run_dir = _run_dir(config, dp)
     with _own_run_folder(run_dir, run.resume, dp):
         return _train_in(config, dp, device, task, run_dir)

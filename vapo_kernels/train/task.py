@@ -47,6 +47,7 @@ class Task(Protocol):
     name: str
     alphabet: str  # characters a built-in tokenizer must cover ("" when a model folder brings one)
     max_response_tokens: int
+    has_demonstrations: bool  # demonstration() gives a response for some training problems
 
     def sample(self, rng: random.Random, count: int) -> list[Problem]: ...
 
@@ -61,6 +62,7 @@ class RunningSumTask:
     """Running sum of k digits modulo ``modulus``, k uniform in [min_steps, max_steps]."""
 
     name = "running_sum"
+    has_demonstrations = True
 
     def __init__(
         self,
@@ -214,6 +216,9 @@ class JsonlTask:
         if len(problems) <= heldout_size:
             raise ValueError(f"{path} has {len(problems)} rows, not more than eval_size={heldout_size}")
         self._train, self._heldout = problems[:-heldout_size], problems[-heldout_size:]
+        # The warm-up draws training rows until it has a batch of demonstrations: none
+        # among them would loop forever (the trainer refuses a warm-up then).
+        self.has_demonstrations = any(p.demonstration is not None for p in self._train)
         self._verify = VERIFIERS[verifier]
         self.max_response_tokens = max_response_tokens
 
@@ -234,6 +239,7 @@ class ReasoningGymTask:
     """A ``reasoning-gym`` dataset by name (optional extra): its questions, answers and scorer."""
 
     alphabet = ""
+    has_demonstrations = False  # no reference responses: no supervised warm-up
 
     def __init__(self, name: str, *, heldout_size: int, max_response_tokens: int, seed: int):
         import reasoning_gym  # optional: pip install vapo-kernels[reasoning-gym]
