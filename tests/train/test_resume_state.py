@@ -87,3 +87,32 @@ def test_an_old_checkpoint_without_reference(tmp_path, full_kl_run, capsys):
     assert main(resume_argv(run_dir)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds no KL reference" in err[0], err
+
+
+def test_changed_learning_rates_and_weight_decay_hold_on_resume(tmp_path, full_kl_run,
+                                                                 monkeypatch, capsys):
+    # Announced as "resuming with a changed option", recorded in config.yaml, but the
+    # loaded param_groups and the schedulers' base_lrs put the old values back.
+    seen = []
+    update = vapo.ppo_update
+
+    def spy(state, *args, **kwargs):
+        for name in ("actor", "critic"):
+            optimizer = getattr(state, f"{name}_optimizer")
+            scheduler = getattr(state, f"{name}_scheduler")
+            seen.append((name, state.step, scheduler.last_epoch, list(scheduler.base_lrs),
+                         [(g["lr"], g["weight_decay"]) for g in optimizer.param_groups]))
+        return update(state, *args, **kwargs)
+
+    monkeypatch.setattr(vapo, "ppo_update", spy)
+    run_dir = resume_copy(full_kl_run, "2-rl-00000002", tmp_path / "res")
+    train(parse_config(resume_argv(run_dir, "--actor_lr", "0.01", "--critic_lr", "0.005",
+                                   "--weight_decay", "0.1")))
+    assert "resuming with a changed option: actor_lr" in capsys.readouterr().out
+    assert [s[:2] for s in seen] == [("actor", 3), ("critic", 3), ("actor", 4), ("critic", 4)]
+    for name, _, epoch, base_lrs, groups in seen:
+        base = 0.01 if name == "actor" else 0.005
+        assert base_lrs == [base]
+        # the schedule continues (linear warm-up over 3 optimizer steps) from the new base
+        assert groups == [(base * min(1.0, (epoch + 1) / 4), 0.1)]
+    assert seen[0][2] > 0  # resumed mid-schedule, not restarted

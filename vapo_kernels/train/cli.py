@@ -36,6 +36,7 @@ from .task import JsonlTask, ReasoningGymTask, RunningSumTask, Task
 from .vapo import (
     TrainingStopped,
     TrainState,
+    apply_optimizer_options,
     evaluate,
     rl,
     setup_rl,
@@ -357,6 +358,7 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
             if resumed == "warmup":
                 state.warmup_optimizer = warmup_optimizer(state, config)
                 checkpoint.load(info, state, dp)
+                apply_optimizer_options(state, config)  # a changed lr / weight decay holds
                 save_run_config()
             post_warmup = supervised(state, task, config, log, phase="warmup",
                                      max_steps=w.warmup_steps,
@@ -377,6 +379,7 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
     setup_rl(state, config, _value_model_maker(config, dp))
     if resumed in ("value_pretrain", "rl"):
         checkpoint.load(info, state, dp)
+        apply_optimizer_options(state, config)  # a changed lr / weight decay holds
         save_run_config()
     post_warmup = state.post_warmup_eval
     summary["post_warmup_accuracy"] = post_warmup["heldout_accuracy"]

@@ -608,6 +608,33 @@ def setup_rl(state: TrainState, config: TrainConfig,
     state.critic_scheduler = constant_after_warmup(state.critic_optimizer, o.lr_warmup_steps)
 
 
+def apply_optimizer_options(state: TrainState, config: TrainConfig) -> None:
+    """After a checkpoint has loaded: the learning rates and weight decay of this run's
+    config, not the saved ones (loading the optimizers' param_groups and the schedulers'
+    base_lrs would silently undo a changed --actor_lr / --critic_lr / --warmup_lr /
+    --weight_decay). A learning rate goes in through its scheduler's base_lrs, so the
+    schedule continues from the new base at the step it had reached; an unchanged one is
+    left exactly as loaded."""
+    o = config.optim
+    for optimizer, scheduler, lr in ((state.warmup_optimizer, None, config.warmup.warmup_lr),
+                                     (state.actor_optimizer, state.actor_scheduler, o.actor_lr),
+                                     (state.critic_optimizer, state.critic_scheduler,
+                                      o.critic_lr)):
+        if optimizer is None:
+            continue
+        for group in optimizer.param_groups:
+            group["weight_decay"] = o.weight_decay
+        if scheduler is None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        elif any(base != lr for base in scheduler.base_lrs):
+            scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+            for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+                group["initial_lr"] = lr
+                group["lr"] = lr * factor(scheduler.last_epoch)  # as LambdaLR computes it
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def rl(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger,
        resume: bool = False, profiler: Any = None) -> dict[str, float]:
     """The RL steps; held-out accuracy before the first update and every eval_every steps.
