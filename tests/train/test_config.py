@@ -146,3 +146,13 @@ def test_an_explicit_ablation_none_wins_over_the_yaml_file(tmp_path):
     assert parse_config(["--config", str(path)]).algorithm.lm_coef == 0.0
     config = parse_config(["--config", str(path), "--ablation", "none"])
     assert config.run.ablation == "none" and config.algorithm.lm_coef > 0
+
+
+def test_supervised_baseline_help_says_a_fresh_optimizer_is_made():
+    # The help said the baseline rewound to the post-warm-up policy "and its optimizer";
+    # the code makes a fresh AdamW (published numbers depend on it: the text follows).
+    from vapo_kernels.train.config import RunArgs
+
+    text = next(f.metadata["help"] for f in dataclasses.fields(RunArgs)
+                if f.name == "supervised_baseline")
+    assert "fresh AdamW" in text and "and its optimizer" not in text

@@ -191,9 +191,10 @@ class RunArgs:
                          choices=["none", "no_value_pretrain", "no_decoupled_gae",
                                   "no_length_adaptive", "no_clip_higher", "no_token_level",
                                   "no_lm_loss", "no_group_sampling", "vanilla_ppo"])
-    supervised_baseline: bool = _opt(False, "After RL, rewind to the post-warm-up policy (and its "
-                                     "optimizer) and continue supervised for the same wall time "
-                                     "as value pretraining + RL: the honest baseline.")
+    supervised_baseline: bool = _opt(False, "After RL, rewind to the post-warm-up policy's weights "
+                                     "and continue supervised, with a fresh AdamW at warmup_lr "
+                                     "(not the warm-up's optimizer state), for the same wall "
+                                     "time as value pretraining + RL: the honest baseline.")
     save_checkpoint: bool = _opt(True, "save_pretrained policy, value model and tokenizer at the end.")
     plots: bool = _opt(True, "Write PNG plots at the end.")
     tensorboard: bool = _opt(True, "Also log to TensorBoard when it is installed.")
