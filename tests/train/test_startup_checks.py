@@ -60,3 +60,12 @@ def test_a_task_without_demonstrations_refuses_a_warm_up(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
     assert main([*argv, "--warmup_steps", "0", "--supervised_baseline"]) == 2
     assert "--supervised-baseline: task" in capsys.readouterr().err
+
+
+def test_prompts_that_do_not_split_over_the_processes_are_refused_at_startup(tmp_path):
+    # Refused only when the first rollout sharded them: after the whole warm-up.
+    with pytest.raises(ConfigError, match="--prompts-per-step: 3 prompts do not split evenly "
+                                          "over 2 processes"):
+        _train(tiny_config(tmp_path, "--prompts_per_step", "3", "--group_size", "2",
+                           "--mini_batches", "1"), two_processes())
+    assert not (tmp_path / "run").exists()

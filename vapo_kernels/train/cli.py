@@ -253,6 +253,12 @@ def _check_processes(config: TrainConfig, dp: DataParallel) -> None:
         if used:
             raise ConfigError(option, ("mc " if option == "advantage" else "")
                               + "not supported with several processes yet")
+    n, world = config.prompts_per_step, dp.world_size  # each process samples its share
+    if n % world:
+        what = (f"{n} prompts" if config.rollout.group_sampling else
+                f"{n} prompts (prompts_per_step x group_size without group sampling)")
+        raise ConfigError("prompts-per-step", f"{what} do not split evenly over {world} "
+                          "processes")
 
 
 def _check_demonstrations(config: TrainConfig, task: Task) -> None:
