@@ -69,3 +69,52 @@ def test_prompts_that_do_not_split_over_the_processes_are_refused_at_startup(tmp
         _train(tiny_config(tmp_path, "--prompts_per_step", "3", "--group_size", "2",
                            "--mini_batches", "1"), two_processes())
     assert not (tmp_path / "run").exists()
+
+
+def test_a_warm_up_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--warmup-batch-size: 15 demonstrations do not "
+                                          "split evenly over 2 processes"):
+        _train(tiny_config(tmp_path, "--warmup_batch_size", "15"), two_processes())
+
+
+class _TwoProcessesAlone(DataParallel):
+    """Rank 0 of 2 whose collectives see only itself: enough to run one warm-up step."""
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+    def all_reduce(self, values, op="sum"):
+        return [float(v) for v in values]
+
+    def barrier(self) -> None:
+        pass
+
+    def mean_row(self, row):
+        return row
+
+
+def test_the_warm_up_batch_is_global_and_split_over_the_processes(tmp_path, monkeypatch):
+    # Each process drew warmup_batch_size x world size demonstrations and kept its share:
+    # the global warm-up batch grew with the process count.
+    import random
+
+    from vapo_kernels.train import vapo
+    from vapo_kernels.train.cli import build_policy, build_task
+    from vapo_kernels.train.metrics import MetricsLogger
+
+    config = tiny_config(tmp_path, "--warmup_batch_size", "16", "--eval_size", "4")
+    task = build_task(config)
+    policy, tokenizer = build_policy(config, task)
+    drawn, trained = [], []
+    draw, loss = vapo.demonstration_batch, vapo.supervised_loss
+    monkeypatch.setattr(vapo, "demonstration_batch",
+                        lambda *a: drawn.append(a[-1]) or draw(*a))
+    monkeypatch.setattr(vapo, "supervised_loss",
+                        lambda policy, batch, *a: trained.append(batch.size) or loss(policy, batch, *a))
+    state = vapo.TrainState(policy=policy, tokenizer=tokenizer, task_rng=random.Random(0),
+                            dp=_TwoProcessesAlone(rank=0, world_size=2))
+    log = MetricsLogger(str(tmp_path), progress=False, tensorboard=False)
+    vapo.supervised(state, task, config, log, phase="warmup", max_steps=1, stop_accuracy=None)
+    log.close()
+    assert drawn == [16] and trained == [8]

@@ -259,6 +259,10 @@ def _check_processes(config: TrainConfig, dp: DataParallel) -> None:
                 f"{n} prompts (prompts_per_step x group_size without group sampling)")
         raise ConfigError("prompts-per-step", f"{what} do not split evenly over {world} "
                           "processes")
+    w = config.warmup
+    if (w.warmup_steps or config.run.supervised_baseline) and w.warmup_batch_size % world:
+        raise ConfigError("warmup-batch-size", f"{w.warmup_batch_size} demonstrations do not "
+                          f"split evenly over {world} processes")
 
 
 def _check_demonstrations(config: TrainConfig, task: Task) -> None:

@@ -81,7 +81,9 @@ class WarmupArgs:
                                          "this (leaves room for RL; 1.0: never stop early).")
     warmup_eval_every: int = _opt(10, "Held-out evaluation interval during warm-up.")
     warmup_lr: float = _opt(3e-3, "AdamW learning rate of the warm-up.")
-    warmup_batch_size: int = _opt(64, "Demonstrations per warm-up step.")
+    warmup_batch_size: int = _opt(64, "Demonstrations per warm-up step, over all processes "
+                                  "under torchrun (each trains on its share, as with "
+                                  "prompts_per_step).")
     demo_errors: str = _opt("systematic", "running_sum demonstrator: systematic (a blind spot: "
                             "adds the largest digit as one less, with demo_slip_prob, so imitation "
                             "learns the mistake) or random (one slip at a random step in "

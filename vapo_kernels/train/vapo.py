@@ -232,10 +232,12 @@ def supervised(
             after_step(state, config, None, log)
     for step in range(first, max_steps + 1):
         state.step = step
-        batch = demonstration_batch(state.tokenizer, task, state.task_rng,
-                                    w.warmup_batch_size * state.dp.world_size)
-        if state.dp.distributed:  # every process draws the same; each keeps its share
-            batch = batch.select(torch.tensor(state.dp.shard(list(range(batch.size)))))
+        # warmup_batch_size is the global batch, as prompts_per_step: every process draws
+        # the same demonstrations and keeps its share (the CLI checked that they split)
+        batch = demonstration_batch(state.tokenizer, task, state.task_rng, w.warmup_batch_size)
+        if state.dp.distributed:
+            batch = batch.select(torch.tensor(state.dp.shard(list(range(batch.size)),
+                                                             "warmup_batch_size")))
         loss, _ = supervised_loss(state.policy, batch, config, state.dp)
         loss.backward()
         _, bad = guarded_update(state, [("actor", state.policy, optimizer, None)],
