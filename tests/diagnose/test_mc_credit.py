@@ -96,10 +96,13 @@ def test_mc_blames_the_answer_when_the_policy_always_recovers(tiny_run):
     assert all(v == 0.0 for r in row["credit_map"] for v in r)
 
 
-def test_short_vs_long_mc_estimate_is_exact_for_a_deterministic_policy(tiny_run):
+def test_short_vs_long_scores_every_setting_on_the_step_advantage(tiny_run):
     """A policy that always writes the right chain: every prefix is worth 1, so every true
-    step advantage is 0; Monte-Carlo estimates it exactly, while GAE on the untrained critic
-    (V = 0) with lambda 1 gives each token 1 - 0: the step's error is its token count."""
+    step advantage is 0; Monte-Carlo estimates it exactly. GAE on the untrained critic
+    (V = 0) with lambda 1 estimates a step's advantage as its lambda-return minus V before
+    it, R - 0 = 1 per step (the same quantity as Monte-Carlo's, not the sum of the step's
+    per-token advantages, which was the token count 4); the reference critic (the truth's
+    own values, 1 everywhere) scores 0."""
     from vapo_kernels.diagnose.short_vs_long import advantage_errors, settings
 
     run = tiny_run
@@ -111,5 +114,5 @@ def test_short_vs_long_mc_estimate_is_exact_for_a_deterministic_policy(tiny_run)
     assert errors["position"] == [0, 1, 2, 3, 0, 1, 2, 3]
     assert errors["truth"] == [0.0] * 8
     assert errors["errors"]["Monte-Carlo K=2"] == [0.0] * 8
-    # steps "d>s " are 4 tokens, the answer "=s" + EOS 3
-    assert errors["errors"]["lambda 1"] == pytest.approx([4, 4, 4, 3] * 2)
+    assert errors["errors"]["lambda 1"] == pytest.approx([1.0] * 8, abs=1e-6)
+    assert errors["errors"]["lambda 1 [reference critic]"] == pytest.approx([0.0] * 8, abs=1e-6)

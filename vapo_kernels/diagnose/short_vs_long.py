@@ -4,11 +4,34 @@ Per chain length L (the task with min_steps = max_steps = L): one warm-up and on
 pretraining, then from copies of those models an RL run per lambda_policy setting (fixed
 lambdas, and VAPO's length-adaptive 1 - 1/(alpha l) for several alphas): held-out
 accuracy against RL steps. Before RL, the advantages of each setting on the policy's own
-samples are compared with Monte-Carlo ground truth per step: the true advantage of step j
-is V*(after step j) - V*(before step j), both prefix values from K continuations; the
-estimate is the sum of the setting's GAE advantages (``vk.gae``, unwhitened) over the
-step's tokens, which with a perfect critic has exactly that conditional mean for every
-lambda. Bias and variance of (estimate - truth) are reported per step position.
+samples are compared with Monte-Carlo ground truth per step.
+
+**The quantity scored** (every setting, the same): the advantage of step j taken as one
+action, A*_j = V*(after step j) - V*(before step j), whose truth is the difference of two
+Monte-Carlo prefix values (K continuations each; after the last segment - the answer and
+EOS - the value is the reward itself). A GAE setting's estimate of it is its lambda-return
+of the step minus the critic's value before it:
+
+    A_j = sum_{t in step j} delta_t + gamma * lambda * A^GAE(first token after step j)
+
+(delta_t the critic's TD errors, A^GAE the setting's own ``vk.gae`` advantage, 0 after
+the last token), i.e. the TD errors across the step, which telescope to V(after) -
+V(before), plus lambda times the setting's advantage from the step's end on. With a
+perfect critic its conditional mean given the step is A*_j for every lambda (E[A^GAE | state]
+= 0 on the policy's own samples); its noise is lambda * A^GAE(after), the return's
+spread, which is 0 at lambda = 0 and R - V(after) at lambda = 1. (gamma is 1 by default; the
+truth is undiscounted.) The Monte-Carlo setting's estimate is its own per-token advantage,
+V(after j) - V(before j) from ``mc_samples`` continuations drawn independently of the
+truth's. (The previous version scored GAE on the *sum* of the step's per-token advantages,
+which at lambda > 0 multiplies the return noise by up to the step's token count and is not
+centred on A*_j for 0 < lambda < 1, against one token for Monte-Carlo.)
+
+No GAE quantity is noise-free at lambda > 0, so every lambda setting has a **reference
+row** "... [reference critic]": the same estimate with the critic replaced by the ground
+truth's own Monte-Carlo values (V of a token = the truth's value of the boundary that opens
+its step, so the value changes on a step's last token). Its error is 0 at lambda = 0 and
+otherwise the estimator's own return noise (plus the truth's sampling noise): the learned
+critic's row minus its reference row is what the learned critic adds.
 
 Beside the GAE settings, the setting "Monte-Carlo K=..." trains with the trainer's
 ``--advantage mc`` (VinePPO: every token of step j gets V(after j) - V(before j), each
@@ -72,26 +95,65 @@ def policy_lambda(options: dict, lengths: torch.Tensor) -> float | torch.Tensor:
     return options["lam_policy"]
 
 
+def step_estimates(rewards, values, cu_seqlens, segments, lam, gamma: float) -> list[float]:
+    """A GAE setting's estimate of each step's advantage (the module docstring): the TD
+    errors over the step's tokens plus gamma * lambda times the setting's GAE advantage of
+    the first token after it, i.e. ``sum(delta[start:end - 1]) + A[end - 1]``.
+    ``segments``: (sequence, step index, token start, token end) within each response."""
+    adv = vk.gae(rewards, values, None, cu_seqlens, gamma=gamma,
+                 lam=lam)[0]
+    delta = vk.gae(rewards, values, None, cu_seqlens, gamma=gamma, lam=0.0)[0]
+    out = []
+    for i, _, start, end in segments:
+        base = int(cu_seqlens[i])
+        out.append(float(delta[base + start: base + end - 1].double().sum())
+                   + float(adv[base + end - 1]))
+    return out
+
+
+def reference_values(num_tokens: int, cu_seqlens, segments, boundary_values) -> torch.Tensor:
+    """The reference critic: each token's V is the ground truth's Monte-Carlo value of the
+    boundary that opens its step (so V changes on a step's last token)."""
+    values = torch.zeros(num_tokens, dtype=torch.float32)
+    for (i, _, start, end), v in zip(segments, boundary_values):
+        base = int(cu_seqlens[i])
+        values[base + start: base + end] = float(v)
+    return values
+
+
+def reference_label(label: str) -> str:
+    return f"{label} [reference critic]"
+
+
+def response_segments(tokenizer, batch) -> tuple[list, list, list]:
+    """Step segments of every response of ``batch``: (sequence, step index, token start,
+    token end) between boundaries, the last running to the end (answer + EOS); with the
+    text prefix that opens each segment and its problem."""
+    segments, prefixes, owners = [], [], []
+    for i, text in enumerate(batch.responses):
+        length = int(batch.response_lengths[i])
+        offsets = boundaries(text)
+        cuts = [token_count(tokenizer, text[:b]) for b in offsets]
+        cuts = [c for c in cuts if c < length]
+        for j, start in enumerate(cuts):
+            end = cuts[j + 1] if j + 1 < len(cuts) else length
+            segments.append((i, j, start, end))
+            prefixes.append(text[: offsets[j]])
+            owners.append(batch.problems[i])
+    return segments, prefixes, owners
+
+
 @torch.no_grad()
 def advantage_errors(run, problems, samples: int, setting_options: dict[str, dict]) -> dict:
-    """Per setting and step position: estimate - Monte-Carlo truth of each step's advantage."""
+    """Per setting and step: estimate - Monte-Carlo truth of each step's advantage (the
+    module docstring defines both), and per lambda setting the same with the reference
+    critic (the truth's own values)."""
     state, task, config = run.state, run.task, run.config
     limit = max_new_tokens(config, task)
     batch = generate(state.policy, state.tokenizer, problems, task, max_new_tokens=limit,
                      temperature=config.rollout.temperature)
     values = value_estimates(state.value_model, batch, packed=False).cpu()
-    # Step segments of every response: [token start, token end) between boundaries; the
-    # last segment runs to the end (answer + EOS), where the truth is the reward itself.
-    segments, prefixes, owners = [], [], []
-    for i, text in enumerate(batch.responses):
-        length = int(batch.response_lengths[i])
-        cuts = [token_count(state.tokenizer, text[:b]) for b in boundaries(text)]
-        cuts = [c for c in cuts if c < length]
-        for j, start in enumerate(cuts):
-            end = cuts[j + 1] if j + 1 < len(cuts) else length
-            segments.append((i, j, start, end))
-            prefixes.append(text[: boundaries(text)[j]])
-            owners.append(batch.problems[i])
+    segments, prefixes, owners = response_segments(state.tokenizer, batch)
     mc = prefix_values(state.policy, state.tokenizer, task, owners, prefixes, samples=samples,
                        max_response_tokens=limit, temperature=config.rollout.temperature)
     truth = []
@@ -99,8 +161,12 @@ def advantage_errors(run, problems, samples: int, setting_options: dict[str, dic
         last = n + 1 == len(segments) or segments[n + 1][0] != i
         after = float(batch.scores[i]) if last else float(mc[n + 1])
         truth.append(after - float(mc[n]))
+    reference = reference_values(batch.num_tokens, batch.cu_seqlens, segments, mc.tolist())
     out = {"position": [j for _, j, _, _ in segments], "truth": truth,
+           "quantity": "step advantage: sum of TD errors over the step + gamma * lambda * "
+                       "GAE advantage after it (GAE); V(after) - V(before) (Monte-Carlo)",
            "mc_noise_variance": float((mc * (1 - mc)).mean() / samples), "errors": {}}
+    gamma = config.algorithm.gamma
     for label, options in setting_options.items():
         if is_mc(options):  # the trainer's estimate: one advantage per step, on every token
             adv, _ = mc_advantages(state.policy, state.tokenizer, task, batch,
@@ -110,11 +176,9 @@ def advantage_errors(run, problems, samples: int, setting_options: dict[str, dic
                                     for (i, _, s, _), t in zip(segments, truth)]
             continue
         lam = policy_lambda(options, batch.response_lengths)
-        adv = vk.gae(batch.rewards, values, None, batch.cu_seqlens, gamma=config.algorithm.gamma,
-                     lam=lam)[0]
-        estimate = [float(adv[int(batch.cu_seqlens[i]) + s: int(batch.cu_seqlens[i]) + e].sum())
-                    for i, _, s, e in segments]
-        out["errors"][label] = [e - t for e, t in zip(estimate, truth)]
+        for name, critic in ((label, values), (reference_label(label), reference)):
+            estimate = step_estimates(batch.rewards, critic, batch.cu_seqlens, segments, lam, gamma)
+            out["errors"][name] = [e - t for e, t in zip(estimate, truth)]
     return out
 
 
@@ -174,9 +238,10 @@ def plot(results: dict, out_dir: str) -> list[str]:
         stats = results["per_length"][str(L)]["advantage_stats"]
         for label, rows in stats.items():
             xs = sorted(rows, key=int)
-            axes[0][col].plot([int(x) for x in xs], [rows[x]["bias"] for x in xs], "o-",
+            style = ":" if label.endswith("[reference critic]") else "o-"
+            axes[0][col].plot([int(x) for x in xs], [rows[x]["bias"] for x in xs], style,
                               markersize=3, label=label)
-            axes[1][col].plot([int(x) for x in xs], [rows[x]["variance"] for x in xs], "o-",
+            axes[1][col].plot([int(x) for x in xs], [rows[x]["variance"] for x in xs], style,
                               markersize=3, label=label)
         axes[0][col].axhline(0, color="gray", linewidth=0.5)
         axes[0][col].set_title(f"chains of {L} steps: bias of the step advantage", fontsize=9)
@@ -194,14 +259,24 @@ def report(results: dict) -> list[str]:
              f"value-pretraining steps shared by all settings, then {results['rl_steps']} RL "
              f"steps per setting. Advantage errors: {results['problems']} sampled responses per "
              f"length, Monte-Carlo values from K = {results['samples']} continuations per step "
-             "boundary, measured on the value-pretrained critic before RL."]
+             "boundary, measured on the value-pretrained critic before RL. Every setting is "
+             "scored on the same quantity, the advantage of a step taken as one action, against the same "
+             "truth V(after step) - V(before step): for a GAE setting its TD errors over the "
+             "step plus gamma * lambda times its GAE advantage after the step (centred on the "
+             "truth for a perfect critic at every lambda, noise-free only at lambda 0), for "
+             "Monte-Carlo its own V(after) - V(before) from independent continuations. Rows "
+             "'[reference critic]' use the truth's own values as the critic: their MSE is the "
+             "estimator's own noise at that lambda (0 at lambda 0), so the learned critic's "
+             "row minus its reference row is the learned critic's share."]
     head = "| setting | " + " | ".join(f"L={L}: final acc | L={L}: step-advantage MSE" for L in lengths) + " |"
     table = [head, "|---|" + "---|---|" * len(lengths)]
-    for label in labels:
+    for label in labels + [k for k in results["per_length"][str(lengths[0])]["advantage_mse"]
+                           if k not in labels]:
         cells = []
         for L in lengths:
             data = results["per_length"][str(L)]
-            cells.append(pct(data["runs"][label]["final_accuracy"]))
+            run = data["runs"].get(label)
+            cells.append("-" if run is None else pct(run["final_accuracy"]))
             cells.append(f"{data['advantage_mse'][label]:.3f}")
         table.append(f"| {label} | " + " | ".join(cells) + " |")
     start = " | ".join(f"L={L}: {pct(results['per_length'][str(L)]['post_warmup_accuracy'])}"
@@ -212,7 +287,7 @@ def report(results: dict) -> list[str]:
         finals = {k: v["final_accuracy"] for k, v in data["runs"].items()}
         best = max(finals, key=finals.get)
         spread = max(finals.values()) - min(finals.values())
-        mses = data["advantage_mse"]
+        mses = {k: v for k, v in data["advantage_mse"].items() if not k.endswith("[reference critic]")}
         mse_best = ("all settings alike" if max(mses.values()) - min(mses.values()) < 1e-9
                     else min(mses, key=mses.get))
         noise = 0.5 / results["eval_size"] ** 0.5
@@ -223,6 +298,12 @@ def report(results: dict) -> list[str]:
                      f"evaluation). The most accurate step advantages (lowest MSE against "
                      f"Monte-Carlo truth, which has its own noise variance "
                      f"{data['mc_noise_variance']:.4f} per value): {mse_best}.")
+        excess = [f"{k} {mses[k] - data['advantage_mse'][reference_label(k)]:+.3f}"
+                  for k in mses if reference_label(k) in data["advantage_mse"]]
+        if excess:
+            lines.append(f"Chains of {L} steps, step-advantage MSE of the learned critic minus "
+                         f"that of the reference critic (the learned critic's own share): "
+                         + ", ".join(excess) + ".")
     lines += [mc_sentence(results, L) for L in lengths]
     lines.append("Note: alpha = 0.05 gives alpha * l <= 1, i.e. lambda clamped to 0 (pure TD), "
                  "for every response of at most 20 tokens; chains here are 4L + 3 tokens.")
