@@ -14,6 +14,8 @@ from vapo_kernels.ops import gae as gae_mod
 from vapo_kernels.ops import loss_spec
 from vapo_kernels.ops import token_loss as token_loss_mod
 
+from strategies import backend_params, interpreted
+
 B, T = 3, 7
 
 
@@ -224,6 +226,25 @@ def test_explained_variance_is_verls_formula():
     nothing = torch.zeros(4, 9, dtype=torch.bool)
     _, empty = vk.value_loss(values, None, returns, nothing, value_clip=None)
     assert empty["explained_var"] == 0  # no valid token: 0, not NaN
+
+
+@pytest.mark.parametrize("backend,device", backend_params("loss"))
+@pytest.mark.parametrize("level", [1e3, -3e4])
+def test_explained_variance_is_exact_when_returns_are_far_from_zero(backend, device, level):
+    """fp32 returns at |R| ~ 1e3-1e4 with a spread of ~1: one-pass sums of R^2 put the
+    metric 1e-2 off (or anywhere, at 1e4); the centred sums keep it to fp32's rounding of
+    the inputs, over more than one block of every backend (and across C++ chunks)."""
+    g = torch.Generator().manual_seed(5)
+    shape = (3, 7000) if not interpreted(backend, device) else (2, 1500)
+    returns = level + torch.randn(shape, generator=g)
+    values = returns + 0.5 * torch.randn(shape, generator=g) + level / 3  # a biased critic
+    mask = torch.rand(shape, generator=g) < 0.7
+    r, v = returns.double()[mask], values.double()[mask]
+    want = float(1 - torch.var(r - v) / (torch.var(r) + 1e-5))
+    garbage = torch.where(mask, returns, torch.tensor(float("nan")))
+    _, m = vk.value_loss(values.to(device), None, garbage.to(device), mask.to(device),
+                         value_clip=None, backend=backend)
+    assert abs(float(m["explained_var"]) - want) < 2e-5
 
 
 # --------------------------------------------------------------------------------------

@@ -61,10 +61,13 @@ S_RATIO_SUM = 11
 S_RATIO_MIN = 12
 S_RATIO_MAX = 13
 S_VF_CLIP = 14
+# The two *_SQ slots are centred: sums of squared deviations from the mean over the valid
+# tokens, which a sum of squares loses to rounding when |R| is far above its spread (fp32
+# R^2 of R ~ 1e4 is off by ~6 per token). Each backend merges its partial sums so.
 S_RETURNS = 15  # sum of R
-S_RETURNS_SQ = 16  # sum of R^2
+S_RETURNS_SQ = 16  # sum of (R - mean R)^2
 S_VALUE_ERR = 17  # sum of R - v
-S_VALUE_ERR_SQ = 18  # sum of (R - v)^2
+S_VALUE_ERR_SQ = 18  # sum of (R - v - mean(R - v))^2
 S_ROLLOUT_IS_RAW = 19  # sum of the rollout IS weights before truncation / rejection
 S_ROLLOUT_IS_WEIGHT = 20  # sum of the weights applied (truncated; 0 where rejected)
 S_ROLLOUT_IS_MIN = 21  # min of the weights before truncation / rejection

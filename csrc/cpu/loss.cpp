@@ -54,6 +54,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../ops.h"
@@ -378,23 +379,35 @@ VAPO_INLINE void rollout_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T
   flush_extremes<T, W>(acc.rollout_min, acc.rollout_max, w_min, w_max);
 }
 
+// s_ret .. s_err_sq: the critic's explained variance from this pass, as sums of R and
+// R - v shifted by the chunk's `shift` (its first valid token's values, see
+// chunk_impl): deviations of the size of the spread, whose squares fp32 holds exactly
+// enough even where |R| is far above the spread. Masked and padding tokens add 0.
+template <typename T>
+struct ValueShift {
+  T ret = 0, err = 0;
+};
+
 template <typename T, int W, ValueForm kForm>
-VAPO_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+VAPO_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, const ValueShift<T>& shift,
+                            ChunkAcc<T>& acc) {
   using V = Vec<T, W>;
   const Splats<T, W> k;
   const V eps = splat<T, W>(c.value_eps), neg_eps = -eps, vf_coef = splat<T, W>(c.vf_coef);
-  // s_ret .. s_err_sq: the critic's explained variance from this pass. Masked and
-  // padding tokens hold v = R = 0 in the tile, so they add 0 without a select.
+  const V shift_ret = splat<T, W>(shift.ret), shift_err = splat<T, W>(shift.err);
   V s_vf = k.zero, s_clip = k.zero, s_ret = k.zero, s_ret_sq = k.zero, s_err = k.zero,
     s_err_sq = k.zero;
   for (int i = 0; i < nr; i += W) {
     const V v = load<V>(b.v + i), ret = load<V>(b.ret + i);
+    const auto valid = load<V>(b.valid + i) != k.zero;
     const V err = v - ret;
     const V unclipped = err * err;
-    s_ret += ret;
-    s_ret_sq += ret * ret;
-    s_err -= err;  // the contract sums R - v: exactly -(v - R), and rounding is symmetric
-    s_err_sq += unclipped;
+    // R - v is exactly -(v - R): rounding is symmetric.
+    const V d_ret = valid ? ret - shift_ret : k.zero, d_err = valid ? -err - shift_err : k.zero;
+    s_ret += d_ret;
+    s_ret_sq += d_ret * d_ret;
+    s_err += d_err;
+    s_err_sq += d_err * d_err;
     V vf, grad;
     if constexpr (kForm == ValueForm::kNone) {
       vf = k.half * unclipped;
@@ -418,7 +431,6 @@ VAPO_INLINE void value_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>&
       // d/dv of 0.5 * max(...): the factor 2 of each square cancels the 0.5.
       grad = tie_split(unclipped, clipped, err, err_clipped * d_clip, k.half);
       vf = k.half * t_max(unclipped, clipped);
-      const auto valid = load<V>(b.valid + i) != k.zero;
       s_clip += (valid & (clipped > unclipped)) ? k.one : k.zero;
     }
     const V w = load<V>(b.w + i);
@@ -546,6 +558,17 @@ VAPO_INLINE void store_grad(const T* g, const T* valid, int n, T* out) {
   for (int i = 0; i < n; ++i) out[i] = valid[i] != T(0) ? g[i] : T(0);
 }
 
+// A chunk's sums of d = x - shift and d^2 over its n valid tokens -> the sum of x and the
+// centred sum of squares about the chunk's mean (in double, exact enough: d is small).
+inline void unshift(double& sum, double& sum_sq, double n, double shift) {
+  if (n <= 0) {
+    sum = sum_sq = 0;
+    return;
+  }
+  sum_sq = std::max(0.0, sum_sq - sum * sum / n);
+  sum += n * shift;
+}
+
 template <typename scalar_t, typename T, int kBytes>
 VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t end,
                                  ChunkSums& out) {
@@ -564,6 +587,15 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
 
   // The sequence holding token `begin`: off[s] <= begin < off[s + 1] (empty ones skipped).
   int64_t s = std::upper_bound(a.off, a.off + a.num_seqs + 1, begin) - a.off - 1;
+  ValueShift<T> shift;
+  if (c.value) {  // the chunk's first valid token (none: no shift, nothing is summed)
+    int64_t t = begin;
+    while (t < end && a.mask != nullptr && a.mask[t - a.base] == 0) ++t;
+    if (t < end) {
+      shift.ret = static_cast<T>(a.returns[t - a.base]);
+      shift.err = shift.ret - static_cast<T>(a.values[t - a.base]);
+    }
+  }
 
   for (int64_t t0 = begin; t0 < end; t0 += kN) {
     const int n = static_cast<int>(std::min<int64_t>(kN, end - t0));
@@ -628,15 +660,15 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
       load_clean<scalar_t, T, kBytes>(a.returns + i0, b.valid, n, nr, b.ret);
       switch (c.value_form) {
         case ValueForm::kNone:
-          value_tile<T, W, ValueForm::kNone>(b, nr, c, acc);
+          value_tile<T, W, ValueForm::kNone>(b, nr, c, shift, acc);
           break;
         case ValueForm::kVerl:
           load_clean<scalar_t, T, kBytes>(a.old_values + i0, b.valid, n, nr, b.ov);
-          value_tile<T, W, ValueForm::kVerl>(b, nr, c, acc);
+          value_tile<T, W, ValueForm::kVerl>(b, nr, c, shift, acc);
           break;
         case ValueForm::kOpenRLHF:
           load_clean<scalar_t, T, kBytes>(a.old_values + i0, b.valid, n, nr, b.ov);
-          value_tile<T, W, ValueForm::kOpenRLHF>(b, nr, c, acc);
+          value_tile<T, W, ValueForm::kOpenRLHF>(b, nr, c, shift, acc);
           break;
       }
       if (a.g_values != nullptr) store_grad(b.g_v, b.valid, n, a.g_values + i0);
@@ -663,6 +695,10 @@ VAPO_INLINE void chunk_impl(const Args<scalar_t, T>& a, int64_t begin, int64_t e
     double sum = 0;
     for (int l = 0; l < kMaxW; ++l) sum += acc.lanes[k][l];
     out.sums[k] = sum;
+  }
+  if (c.value) {
+    unshift(out.sums[S_RETURNS], out.sums[S_RETURNS_SQ], out.sums[S_TOKENS], shift.ret);
+    unshift(out.sums[S_VALUE_ERR], out.sums[S_VALUE_ERR_SQ], out.sums[S_TOKENS], shift.err);
   }
   T lo = kInf, hi = -kInf, w_lo = kInf, w_hi = -kInf;
   for (int l = 0; l < kMaxW; ++l) {
@@ -994,7 +1030,19 @@ at::Tensor reduce_loss_sums(const std::vector<LossSums>& parts, at::ScalarType d
   constexpr double kInf = std::numeric_limits<double>::infinity();
   double total[NUM_SUMS] = {};
   double ratio_min = kInf, ratio_max = -kInf, rollout_min = kInf, rollout_max = -kInf;
+  double tokens = 0;
   for (const LossSums& p : parts) {
+    // The centred sums of squares merge by Chan et al.'s rule (each block's is about its
+    // own mean), before the plain sums they read take this block in.
+    const double n = p.sums[S_TOKENS];
+    if (n > 0 && tokens > 0) {
+      for (const auto [sum, sq] : {std::pair{S_RETURNS, S_RETURNS_SQ},
+                                   std::pair{S_VALUE_ERR, S_VALUE_ERR_SQ}}) {
+        const double delta = p.sums[sum] / n - total[sum] / tokens;
+        total[sq] += delta * delta * (tokens * n / (tokens + n));
+      }
+    }
+    tokens += n;
     for (int k = 0; k < NUM_SUMS; ++k) total[k] += p.sums[k];
     ratio_min = t_min(ratio_min, p.ratio_min);
     ratio_max = t_max(ratio_max, p.ratio_max);

@@ -362,8 +362,14 @@ def reference_kernel(
         sums[L.S_VF] = (w * vf).sum()
         sums[L.S_VF_CLIP] = (vf_clipped & valid).sum()
         err = returns - values  # 0 on masked tokens (both were cleaned)
-        sums[L.S_RETURNS], sums[L.S_RETURNS_SQ] = returns.sum(), (returns * returns).sum()
-        sums[L.S_VALUE_ERR], sums[L.S_VALUE_ERR_SQ] = err.sum(), (err * err).sum()
+        for x, s_slot, sq_slot in ((returns, L.S_RETURNS, L.S_RETURNS_SQ),
+                                   (err, L.S_VALUE_ERR, L.S_VALUE_ERR_SQ)):
+            # Centred, in float64: the variance's numerator without the cancellation of
+            # sum(x^2) - sum(x)^2 / n.
+            total = x.double().sum()
+            mean = total / valid.sum().clamp(min=1)
+            sums[s_slot] = total
+            sums[sq_slot] = torch.where(valid, x.double() - mean, 0).square().sum()
         g_values = params[L.P_VF_COEF] * w * grad
     if ref_logp is not None and params[L.P_KL_KIND] > 0:
         kl, grad = _kl_terms(logp, ref_logp, int(params[L.P_KL_KIND]), bool(params[L.P_KL_STRAIGHT]))
@@ -702,8 +708,8 @@ class LossMetrics(Mapping):
         # explained_var
         n = tokens.clamp(min=2)
         unbiased = n / (n - 1)
-        var_err = (mean(L.S_VALUE_ERR_SQ) - mean(L.S_VALUE_ERR).square()) * unbiased
-        var_ret = (mean(L.S_RETURNS_SQ) - mean(L.S_RETURNS).square()) * unbiased
+        var_err = mean(L.S_VALUE_ERR_SQ) * unbiased  # the slots are centred
+        var_ret = mean(L.S_RETURNS_SQ) * unbiased
         return torch.where(tokens > 1, 1.0 - var_err / (var_ret + _EXPLAINED_VAR_EPS), 0.0)
 
 

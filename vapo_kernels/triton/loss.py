@@ -469,13 +469,16 @@ def _token_loss_kernel(
         vf, g_vf, won = _value(v, ov, ret, tl.load(k_ptr + _K_VEPS), VALUE_MODE)
         s_vf = tl.sum(tl.where(valid, w * vf, zero), axis=0)
         s_vf_clip = tl.sum(tl.where(valid & won, 1.0, zero), axis=0)
-        # The critic's explained variance from this pass. v and R are already 0 on
-        # masked and out-of-range tokens (selected above), so no further select.
+        # The critic's explained variance from this pass: sums, and squared deviations
+        # from this block's mean (the host merges the blocks' by Chan's rule). v and R
+        # are already 0 on masked and out-of-range tokens (selected above).
         err = ret - v
         s_ret = tl.sum(ret, axis=0)
-        s_ret_sq = tl.sum(ret * ret, axis=0)
         s_err = tl.sum(err, axis=0)
-        s_err_sq = tl.sum(err * err, axis=0)
+        d_ret = tl.where(valid, ret - s_ret / tl.maximum(s_tokens, 1.0), zero)
+        d_err = tl.where(valid, err - s_err / tl.maximum(s_tokens, 1.0), zero)
+        s_ret_sq = tl.sum(d_ret * d_ret, axis=0)
+        s_err_sq = tl.sum(d_err * d_err, axis=0)
         if NEED_GRAD:
             g_v = tl.where(valid, tl.load(k_ptr + _K_VF) * w * g_vf, zero)
             tl.store(g_v_ptr + idx, g_v, mask=inb)
@@ -747,11 +750,7 @@ def token_loss(
         HAS_LM=has_lm, HAS_MASK=mask is not None, NEED_GRAD=bool(need_grad),
         BLOCK=block, ACC=acc, num_warps=max(1, min(GPU_NUM_WARPS, block // 128)),
     )
-    # Deterministic reduction of the per-block rows: sums in float64, then min / max.
-    totals = part.to(torch.float64).sum(0)
-    sums = totals.to(out_dtype)
-    for slot, reduce in _EXTREMES:
-        sums[slot] = reduce(part[:, slot])
+    sums = _reduce_rows(part)
     return L.loss_total(sums, params), sums, g_logp, g_values, g_entropy
 
 
@@ -761,6 +760,25 @@ _EXTREMES = (
     (L.S_RATIO_MIN, torch.amin), (L.S_RATIO_MAX, torch.amax),
     (L.S_ROLLOUT_IS_MIN, torch.amin), (L.S_ROLLOUT_IS_MAX, torch.amax),
 )
+# (sum slot, centred sum-of-squares slot): each row's squares are about its own mean.
+_CENTRED = ((L.S_RETURNS, L.S_RETURNS_SQ), (L.S_VALUE_ERR, L.S_VALUE_ERR_SQ))
+
+
+def _reduce_rows(part: torch.Tensor) -> torch.Tensor:
+    """The sums vector from the (programs, NUM_SUMS) partial rows, deterministically (torch
+    reductions in a fixed order, no atomics): sums in float64; min / max; the centred
+    squares merged by Chan's rule, sum_b M2_b + sum_b n_b (mean_b - mean)^2."""
+    rows = part.to(torch.float64)
+    totals = rows.sum(0)
+    n = rows[:, L.S_TOKENS]
+    for s_slot, sq_slot in _CENTRED:
+        row_mean = rows[:, s_slot] / n.clamp(min=1)
+        mean = totals[s_slot] / totals[L.S_TOKENS].clamp(min=1)
+        totals[sq_slot] += (n * (row_mean - mean).square()).sum()
+    sums = totals.to(part.dtype)
+    for slot, reduce in _EXTREMES:
+        sums[slot] = reduce(part[:, slot])
+    return sums
 
 
 # --------------------------------------------------------------------------------------
@@ -1059,9 +1077,5 @@ def logits_loss(
         HAS_GH=params[L.P_ENTROPY_COEF] != 0, NEED_GRAD=need_grad, BLOCK_V=block,
         ACC=tl_acc, num_warps=num_warps,
     )
-    # Deterministic: torch's reductions over the per-row partials, in a fixed order.
-    sums = part.sum(0, dtype=torch.float64).to(acc)
-    for slot, reduce in _EXTREMES:
-        sums[slot] = reduce(part[:, slot])
-    return sums
+    return _reduce_rows(part)
 
