@@ -118,3 +118,43 @@ def test_the_warm_up_batch_is_global_and_split_over_the_processes(tmp_path, monk
     vapo.supervised(state, task, config, log, phase="warmup", max_steps=1, stop_accuracy=None)
     log.close()
     assert drawn == [16] and trained == [8]
+
+
+@pytest.mark.parametrize("rows, option, says", [
+    ('{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n', "task",
+     "t.jsonl:2: each row needs 'prompt' and 'answer'"),
+    ('{"prompt": "a", "answer": "1"}\n{"prompt": "b", \n', "task",
+     "t.jsonl:2: not a JSON object"),
+    ('[1, 2]\n', "task", "t.jsonl:1: each row needs 'prompt' and 'answer'"),
+    ('{"prompt": "a", "answer": "1"}\n' * 3, "eval-size",
+     "t.jsonl has 3 rows, not more than eval_size=16"),
+])
+def test_a_bad_jsonl_task_is_one_error_line(tmp_path, capsys, rows, option, says):
+    from vapo_kernels.train.cli import main
+
+    from .conftest import tiny_argv
+
+    (tmp_path / "t.jsonl").write_text(rows)
+    assert main([*tiny_argv(), "--task", f"jsonl:{tmp_path / 't.jsonl'}",
+                 "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vapo-train: error: --{option}: ") \
+        and says in err[0], err
+
+
+def test_a_prompt_and_response_past_the_model_s_positions_is_refused_at_startup(tmp_path,
+                                                                                capsys):
+    # GPT-2's position table ended in an IndexError in the middle of the run.
+    from vapo_kernels.train.cli import build_task, main
+
+    from .conftest import tiny_argv
+    from .test_eval_mode import gpt2_with_dropout
+
+    folder = gpt2_with_dropout(tmp_path / "gpt2", build_task(tiny_config(tmp_path)).alphabet)
+    argv = [*tiny_argv(), "--model", folder, "--output_dir", str(tmp_path / "run")]
+    assert main([*argv, "--max_new_tokens", "61"]) == 2  # prompt: 3 digit slots + ":"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"vapo-train: error: --max-new-tokens: the longest prompt of running_sum "
+                   f"(4 tokens) + 61 new tokens = 65 exceed the 64 positions of {folder}: "
+                   "lower --max_new_tokens (or shorten the prompts)"], err
+    assert not (tmp_path / "run").exists()

@@ -62,30 +62,40 @@ def build_task(config: TrainConfig) -> Task:
         except ValueError as error:  # a task too small for its held-out set
             raise ConfigError("eval-size", str(error)) from None
     if kind == "jsonl":
-        return JsonlTask(arg, verifier=t.verifier, heldout_size=t.eval_size,
-                         max_response_tokens=t.max_new_tokens or 256)
+        try:  # a bad file (rows, JSON, too few rows for the held-out set): one line
+            return JsonlTask(arg, verifier=t.verifier, heldout_size=t.eval_size,
+                             max_response_tokens=t.max_new_tokens or 256)
+        except (ValueError, OSError) as error:
+            option = "eval-size" if "eval_size" in str(error) else "task"
+            raise ConfigError(option, str(error)) from None
     return ReasoningGymTask(arg, heldout_size=t.eval_size,
                             max_response_tokens=t.max_new_tokens or 256, seed=seed)
+
+
+def checked_tokenizer(folder: str):
+    """The model folder's tokenizer, which must have a pad and an EOS token."""
+    tokenizer = load_tokenizer(folder)
+    if tokenizer.pad_token_id is None:
+        raise ConfigError("model", f"the tokenizer in {folder} has no pad token (set "
+                          "pad_token in its tokenizer_config.json)")
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("model", f"the tokenizer in {folder} has no EOS token")
+    return tokenizer
 
 
 def build_policy(config: TrainConfig, task: Task):
     """(policy, tokenizer): a local folder, or the built-in tiny Llama + character tokenizer."""
     m = config.model
     if m.model:
-        tokenizer = load_tokenizer(m.model)
-        if tokenizer.pad_token_id is None:
-            raise ConfigError("model", f"the tokenizer in {m.model} has no pad token (set "
-                              "pad_token in its tokenizer_config.json)")
-        if tokenizer.eos_token_id is None:
-            raise ConfigError("model", f"the tokenizer in {m.model} has no EOS token")
-        return load_policy(m.model, m.attn_implementation), tokenizer
+        return load_policy(m.model, m.attn_implementation), checked_tokenizer(m.model)
     if not task.alphabet:
         raise ConfigError("model", f"task {task.name} needs a model folder with its tokenizer")
     tokenizer = build_char_tokenizer(task.alphabet)
     prompt_tokens = max(len(p.prompt) for p in task.heldout())
     policy = build_tiny_llama(tokenizer, hidden_size=m.tiny_hidden_size, layers=m.tiny_layers,
                               heads=m.tiny_heads,
-                              max_positions=prompt_tokens + task.max_response_tokens + 8,
+                              max_positions=prompt_tokens + 8 + max(
+                                  task.max_response_tokens, config.task.max_new_tokens),
                               attn_implementation=m.attn_implementation)
     return policy, tokenizer
 
@@ -280,6 +290,40 @@ def _check_demonstrations(config: TrainConfig, task: Task) -> None:
                           f"({what}) for the supervised baseline")
 
 
+def _check_positions(config: TrainConfig, task: Task) -> None:
+    """A model folder's positions hold the longest prompt + --max_new_tokens (and, with a
+    warm-up, the longest demonstration): past them GPT-2's position table ends in an
+    IndexError mid-run. The built-in model is sized to fit."""
+    if not config.model.model:
+        return
+    from transformers import AutoConfig
+
+    tokenizer = checked_tokenizer(config.model.model)
+    positions = getattr(AutoConfig.from_pretrained(config.model.model),
+                        "max_position_embeddings", None)
+    if not positions:
+        return
+    problems = list(task.heldout()) + list(getattr(task, "train_problems", list)())
+    lengths = [len(ids) for ids in tokenizer([p.prompt for p in problems],
+                                             add_special_tokens=False).input_ids]
+    longest, new = max(lengths), config.task.max_new_tokens or task.max_response_tokens
+    if longest + new > positions:
+        raise ConfigError("max-new-tokens", f"the longest prompt of {task.name} ({longest} "
+                          f"tokens) + {new} new tokens = {longest + new} exceed the {positions} "
+                          f"positions of {config.model.model}: lower --max_new_tokens (or "
+                          "shorten the prompts)")
+    if config.warmup.warmup_steps or config.run.supervised_baseline:
+        demos = [(p, p.demonstration) for p in problems if p.demonstration is not None]
+        if demos:
+            prompts = tokenizer([p.prompt for p, _ in demos], add_special_tokens=False).input_ids
+            answers = tokenizer([d for _, d in demos], add_special_tokens=False).input_ids
+            worst = max(len(a) + len(b) + 1 for a, b in zip(prompts, answers))  # + EOS
+            if worst > positions:
+                raise ConfigError("task", f"a demonstration of {task.name} with its prompt "
+                                  f"({worst} tokens with EOS) exceeds the {positions} positions "
+                                  f"of {config.model.model}: shorten it, or --warmup_steps 0")
+
+
 def _train(config: TrainConfig, dp: DataParallel) -> dict:
     run = config.run
     device = seed_and_device(run)
@@ -289,6 +333,7 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
         _check_processes(config, dp)
     task = build_task(config)  # before the run folder: a bad task leaves no folder behind
     _check_demonstrations(config, task)
+    _check_positions(config, task)
     run_dir = _run_dir(config, dp)
     with _own_run_folder(run_dir, run.resume, dp):
         return _train_in(config, dp, device, task, run_dir)

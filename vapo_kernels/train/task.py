@@ -204,10 +204,18 @@ class JsonlTask:
 
     def __init__(self, path: str, *, verifier: str, heldout_size: int, max_response_tokens: int):
         self.name = f"jsonl:{path}"
-        rows = [json.loads(line) for line in open(path, encoding="utf-8") if line.strip()]
-        for i, row in enumerate(rows):
-            if "prompt" not in row or "answer" not in row:
-                raise ValueError(f"{path}:{i + 1}: each row needs 'prompt' and 'answer'")
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{i + 1}: not a JSON object ({error.msg})") from None
+                if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
+                    raise ValueError(f"{path}:{i + 1}: each row needs 'prompt' and 'answer'")
+                rows.append(row)
         problems = [
             Problem(str(r["prompt"]), str(r["answer"]), int(r.get("steps", 0)),
                     demonstration=r.get("response"))
@@ -227,6 +235,10 @@ class JsonlTask:
 
     def heldout(self) -> list[Problem]:
         return self._heldout
+
+    def train_problems(self) -> list[Problem]:
+        """The rows RL and the warm-up draw from (all but the held-out ones)."""
+        return self._train
 
     def demonstration(self, problem: Problem, rng: random.Random) -> str | None:
         return problem.demonstration
