@@ -116,3 +116,147 @@ def test_short_vs_long_scores_every_setting_on_the_step_advantage(tiny_run):
     assert errors["errors"]["Monte-Carlo K=2"] == [0.0] * 8
     assert errors["errors"]["lambda 1"] == pytest.approx([1.0] * 8, abs=1e-6)
     assert errors["errors"]["lambda 1 [reference critic]"] == pytest.approx([0.0] * 8, abs=1e-6)
+
+
+# -- the estimators on a known cliff, with a hand-made critic whose V varies by position ----
+class CliffPolicy(ScriptedPolicy):
+    """From the bare prompt it writes the chain with the partial sum of step ``cliff`` off
+    by one (carried on, so the answer is wrong); from any non-empty prefix it carries on
+    (a correct prefix is finished correctly). True prefix values of its own response are
+    therefore 0 (empty), 1 (correct steps before the cliff), 0 (from the cliff on)."""
+
+    def __init__(self, tokenizer, modulus: int, cliff: int):
+        super().__init__(tokenizer, modulus, carry=True)
+        self.cliff = cliff
+
+    def finish(self, text: str) -> str:
+        prompt, written = text.split(":", 1)
+        if written:
+            return super().finish(text)
+        digits = [DIGITS.index(c) for c in prompt if c != "_"]
+        partial, out = 0, ""
+        for j, d in enumerate(digits):
+            partial = (partial + d + (1 if j == self.cliff else 0)) % self.modulus
+            out += f"{DIGITS[d]}>{DIGITS[partial]} "
+        return out + "=" + DIGITS[partial]
+
+
+class HandCritic(torch.nn.Module):
+    """V(state) = 1 if every complete step written so far is right, else 0, plus 0.01 per
+    response token so far: a critic that varies by position, with known values."""
+
+    def __init__(self, tokenizer, modulus: int):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.tokenizer, self.modulus = tokenizer, modulus
+
+    def value(self, ids: list[int]) -> float:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if ":" not in text:  # inside the prompt: not a state of the response
+            return 0.0
+        prompt, written = text.split(":", 1)
+        digits = [DIGITS.index(c) for c in prompt if c != "_"]
+        right, partial = 1.0, 0
+        for j, step in enumerate(written.split("=", 1)[0].split(" ")[:-1]):  # complete steps
+            partial = (partial + digits[j]) % self.modulus if j < len(digits) else partial
+            if j >= len(digits) or step != f"{DIGITS[digits[j]]}>{DIGITS[partial]}":
+                right = 0.0
+        prompt_tokens = len(self.tokenizer(prompt + ":", add_special_tokens=False).input_ids)
+        return right + 0.01 * (len(ids) - prompt_tokens)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        rows = input_ids.tolist()
+        out = torch.tensor([[self.value(r[: c + 1]) for c in range(len(r))] for r in rows])
+        return type("Out", (), {"logits": out[..., None]})()
+
+
+@pytest.fixture
+def cliff_run(tiny_run, monkeypatch):
+    """tiny_run with the cliff policy (error at step 1) and the hand-made critic."""
+    run = tiny_run
+    monkeypatch.setattr(run.state, "policy", CliffPolicy(run.state.tokenizer, run.task.modulus, 1))
+    monkeypatch.setattr(run.state, "value_model", HandCritic(run.state.tokenizer, run.task.modulus))
+    return run
+
+
+def test_hand_made_critic_and_cliff_policy(cliff_run):
+    tok, task = cliff_run.state.tokenizer, cliff_run.task
+    problem = task.problem((3, 5, 7))
+    policy, critic = cliff_run.state.policy, cliff_run.state.value_model
+    assert policy.finish(problem.prompt) == task.response_prefix(problem, 3, error_at=1)  # 3>3 5>9 7>6 =6
+    ids = tok(problem.prompt + "3>3 5>9 ", add_special_tokens=False).input_ids
+    assert critic.value(ids[:-4]) == pytest.approx(1.04) and critic.value(ids) == pytest.approx(0.08)
+
+
+def test_value_probe_reads_v_at_each_boundary_and_offsets_from_the_cliff(cliff_run):
+    from vapo_kernels.diagnose.value_probe import probe_boundaries
+
+    probe = probe_boundaries(cliff_run, [cliff_run.task.problem((3, 5, 7))], samples=2)
+    # "3>3 5>9 7>6 =6": boundaries before tokens 0, 4, 8, 12; the cliff is step 1.
+    assert probe["position"] == [0, 1, 2, 3]
+    assert probe["value"] == pytest.approx([1.0, 1.04, 0.08, 0.12])  # V(s_t) at t = 0, 4, 8, 12
+    assert probe["cliff_offset"] == [-2, -1, 0, 1]  # 0: the boundary right after the wrong step
+    assert probe["mc_value"] == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_rank_alternatives_takes_v_after_each_alternative(cliff_run, monkeypatch):
+    import random
+
+    from vapo_kernels.diagnose.value_probe import rank_alternatives
+
+    monkeypatch.setattr(cliff_run.state, "policy",
+                        ScriptedPolicy(cliff_run.state.tokenizer, cliff_run.task.modulus, carry=True))
+    problems = [cliff_run.task.problem((3, 5, 7)), cliff_run.task.problem((9, 9, 1))]
+    ranked = rank_alternatives(cliff_run, problems, samples=2, alternatives=3, rng=random.Random(0))
+    for vs, ms in zip(ranked["value"], ranked["mc_value"]):
+        n = len(vs)
+        assert n == 3 and ms == [1.0, 0.0, 0.0]  # the correct step first, then wrong sums
+        tokens = round(100 * (vs[0] - 1.0))  # V after the prefix: 1 + 0.01 * its tokens
+        assert tokens % 4 == 0 and tokens >= 4
+        assert vs == pytest.approx([1.0 + tokens / 100, tokens / 100, tokens / 100])
+    assert ranked["top1_agreement"] == 1.0 and ranked["groups_with_unique_best"] == 2
+
+
+def _gae_by_hand(rewards, values, lam, gamma=1.0):
+    """Per-token GAE advantages of one sequence, the textbook recursion."""
+    n, adv, out = len(values), 0.0, [0.0] * len(values)
+    for t in reversed(range(n)):
+        nxt = values[t + 1] if t + 1 < n else 0.0
+        delta = rewards[t] + gamma * nxt - values[t]
+        adv = delta + gamma * lam * adv
+        out[t] = adv
+    return out
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 0.9, 1.0])
+def test_short_vs_long_step_estimate_at_several_lambdas(lam):
+    from vapo_kernels.diagnose.short_vs_long import step_estimates
+
+    values = [0.2, 0.5, 0.4, 0.7, 0.6, 0.9]
+    rewards = [0.0] * 5 + [1.0]
+    segments = [(0, 0, 0, 3), (0, 1, 3, 6)]
+    got = step_estimates(torch.tensor(rewards), torch.tensor(values),
+                         torch.tensor([0, 6], dtype=torch.int32), segments, lam, 1.0)
+    a = _gae_by_hand(rewards, values, lam)
+    # TD errors over the step (telescoping to V(after) - V(before)) + lambda * A(after)
+    assert got[0] == pytest.approx(values[3] - values[0] + lam * a[3], abs=1e-6)
+    assert got[1] == pytest.approx(1.0 - values[3], abs=1e-6)  # the last step: R - V(before)
+    assert got[0] == pytest.approx(0.5 + lam * (-0.1 + 0.3 * lam + 0.1 * lam ** 2), abs=1e-6)
+
+
+def test_short_vs_long_errors_on_a_known_cliff_at_two_lambdas(cliff_run):
+    from vapo_kernels.diagnose.short_vs_long import advantage_errors, settings
+
+    options = settings([0.0, 1.0], [], mc_samples=2)
+    errors = advantage_errors(cliff_run, [cliff_run.task.problem((3, 5, 7))], 2, options)
+    # "3>3 5>9 7>6 =6": true values 0, 1, 0, 0 at the boundaries, reward 0.
+    assert errors["position"] == [0, 1, 2, 3]
+    assert errors["truth"] == [1.0, -1.0, 0.0, 0.0]
+    e = errors["errors"]
+    assert e["Monte-Carlo K=2"] == [0.0] * 4  # a deterministic policy: Monte-Carlo is exact
+    # lambda 0: V(after) - V(before) of the hand-made critic (V = 1.00, 1.04, 0.08, 0.12, R = 0)
+    assert e["lambda 0"] == pytest.approx([0.04 - 1, -0.96 + 1, 0.04, -0.12], abs=1e-6)
+    # lambda 1: R - V(before)
+    assert e["lambda 1"] == pytest.approx([-1.0 - 1, -1.04 + 1, -0.08, -0.12], abs=1e-6)
+    assert e["lambda 0 [reference critic]"] == pytest.approx([0.0] * 4, abs=1e-6)
+    assert e["lambda 1 [reference critic]"] == pytest.approx([-1.0, 0.0, 0.0, 0.0], abs=1e-6)
