@@ -173,6 +173,16 @@ def test_gae_check_refuses_a_wrong_answer():
     assert not check(impl, (adv, ret * (1 + 1e-3))).ok
 
 
+def test_torchrl_twice_is_skipped_where_its_lambda_is_zero():
+    """One sequence of <= 1 / alpha tokens has lambda_policy = 0, where TorchRL's
+    scalar-lambda path raises an IndexError: a skipped row that says so, not an error."""
+    ctx = H.Context(CPU, {"gae": ["reference"]}, sets=1)
+    for shape, skipped in (((1, 16), True), ((1, 64), False), ((4, 16), False)):
+        sets = [gae_suite.make_inputs(*shape, CPU, seed=1)]
+        row = next(i for i in gae_suite.impls(*shape, ctx, sets) if i.name == "torchrl.vec_gae x2")
+        assert ("lambda = 0" in (row.skip_if() or "")) == skipped, shape
+
+
 def test_gae_inputs_never_mask_a_whole_row():
     """Every shape --shapes accepts runs: at T = 1 a masked gap used to hide the only token,
     and whitening then had nothing to whiten."""
