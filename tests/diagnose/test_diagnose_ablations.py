@@ -66,3 +66,51 @@ def test_a_row_continued_from_shared_value_pretraining_matches_its_own(tmp_path)
     with pytest.raises(ValueError, match="same value-pretraining options"):
         continue_run(pre, row_config(options, 0, "no_decoupled_gae", extra,
                                      out_dir=str(tmp_path / "bad")), value_pretrained=True)
+
+
+def _null_results(rng, accuracies, seeds=2, eval_size=128):
+    import statistics
+
+    rows = []
+    for (row, name, paper), p in zip(ROWS, accuracies):
+        finals = [sum(rng.random() < p for _ in range(eval_size)) / eval_size for _ in range(seeds)]
+        rows.append({"row": row, "ablation": name, "paper_aime24": paper, "final_accuracy": finals,
+                     "final_accuracy_mean": statistics.mean(finals),
+                     "final_accuracy_sd": statistics.stdev(finals) if seeds > 1 else None})
+    return rows
+
+
+def test_verdict_makes_few_false_calls_under_the_null():
+    """Nine rows of the same true accuracy, each seed's final accuracy only binomial
+    held-out noise (2 seeds x 128 problems, the quick preset): the old margin (the larger
+    sd at 1 sigma) called 1.8 of 8 rows hurt/helped on average; the 2-se verdict ~0.1."""
+    import random
+
+    from vapo_kernels.diagnose.ablations import compare_to_full
+
+    rng = random.Random(0)
+    calls = [sum(c["call"] != "same" for c in compare_to_full(_null_results(rng, [0.45] * 9), 128))
+             for _ in range(300)]
+    assert sum(calls) / len(calls) < 0.3  # expected false calls per study (of 8 rows)
+    assert sum(c > 0 for c in calls) / len(calls) < 0.2
+
+
+def test_verdict_calls_a_clear_difference_and_renders():
+    import random
+
+    from vapo_kernels.diagnose.ablations import compare_to_full, report
+
+    rows = _null_results(random.Random(1), [0.45, 0.10] + [0.45] * 6 + [0.80], seeds=3)
+    verdict = {c["row"]: c["call"] for c in compare_to_full(rows, 128)}
+    assert verdict["w/o value pretraining"] == "hurt" and verdict["vanilla PPO"] == "helped"
+    assert list(verdict.values()).count("same") >= 5
+    one_seed = _null_results(random.Random(2), [0.45] * 9, seeds=1)  # sd None: binomial only
+    assert all(c["se"] > 0 for c in compare_to_full(one_seed, 128))
+    results = {"rows": [{**r, "steps_to_threshold": [None] * len(r["final_accuracy"]),
+                         "value_pretrain_s_mean": 0, "wall_s_mean": 0} for r in rows],
+               "seeds": [0, 1, 2], "rl_steps": 8, "post_warmup_accuracy_mean": 0.4,
+               "threshold_rule": "x", "eval_noise": 0.5 / 128 ** 0.5,
+               "spearman": {"rho": 0.0, "p_value": 1.0}}  # no eval_size: older results
+    line = next(l for l in report(results) if l.startswith("Against full VAPO"))
+    assert "hurt in 1 row(s): w/o value pretraining" in line and "helped in 1: vanilla PPO" in line
+    assert "8 rows are tested at once" in line and "Bonferroni" in line

@@ -9,7 +9,10 @@ GAE, w/o Clip-Higher and w/o the LM loss pretrain identically) and each row cont
 a copy of that state, with the same numbers as if it had pretrained itself (tested). Per
 row: mean and standard deviation over seeds of the final held-out accuracy and of the RL
 steps to a threshold; then the Spearman rank correlation of the rows' mean accuracy with
-the paper's AIME24 scores.
+the paper's AIME24 scores. Each row is called hurt / same / helped against full VAPO at 2
+standard errors of the difference of means (seed spread plus the held-out evaluation's
+binomial noise of both means, :func:`compare_to_full`); the report states that 8 rows are
+tested at once (the false calls expected by chance, and the rows surviving Bonferroni).
 """
 
 from __future__ import annotations
@@ -169,21 +172,62 @@ def report(results: dict) -> list[str]:
         lines.append(f"Spearman rank correlation between our rows' mean final accuracy and the "
                      f"paper's AIME24 scores: rho = {sp['rho']:.2f} (p = {sp['p_value']:.2f}, 9 "
                      f"rows): at this scale the toy task {strength} the paper's ordering.")
-    noise = full["final_accuracy_sd"]
-    hurt, same, helped = [], [], []
+    verdict = compare_to_full(rows, eval_size(results))
+    calls = lambda key: [f"{c['row']} ({100 * c['delta']:+.1f} ± {100 * c['se']:.1f} points)"  # noqa: E731
+                         for c in verdict if c["call"] == key]
+    hurt, same, helped = calls("hurt"), calls("same"), calls("helped")
+    strict = [c for c in verdict if abs(c["delta"]) > BONFERRONI_Z * c["se"]]
+    lines.append(f"Against full VAPO ({pct(full['final_accuracy_mean'])}), a row counts as hurt or "
+                 f"helped when its mean differs by more than {VERDICT_Z:g} standard errors of the "
+                 f"difference (se = sqrt(sd_row^2/n_row + sd_full^2/n_full + the held-out "
+                 f"evaluation's binomial variance p(1-p)/{eval_size(results)} of both means), "
+                 f"difference ± se given: removing a component hurt in "
+                 f"{len(hurt)} row(s){': ' + ', '.join(hurt) if hurt else ''}; made no "
+                 f"difference beyond {VERDICT_Z:g} se in {len(same)}"
+                 f"{': ' + ', '.join(same) if same else ''}; helped in {len(helped)}"
+                 f"{': ' + ', '.join(helped) if helped else ''}. {len(verdict)} rows are tested "
+                 f"at once: at {VERDICT_Z:g} se a normal difference is called by chance "
+                 f"{100 * NOMINAL_RATE:.1f}% of the time, so ~{len(verdict) * NOMINAL_RATE:.1f} "
+                 f"false call(s) are expected if no row differed; with Bonferroni's correction "
+                 f"for {len(verdict)} tests ({BONFERRONI_Z:g} se) the rows that survive: "
+                 f"{len(strict)}{' (' + ', '.join(c['row'] for c in strict) + ')' if strict else ''}. "
+                 f"With {len(full['final_accuracy'])} seed(s) per row the seed spread is itself "
+                 "uncertain. In the paper every row hurts.")
+    return lines
+
+
+# hurt / same / helped: |difference of means| > VERDICT_Z standard errors of the difference;
+# NOMINAL_RATE is the two-sided normal tail there (false calls per row if none differs);
+# BONFERRONI_Z the same family-wise 5% for the 8 rows compared with full VAPO.
+VERDICT_Z = 2.0
+NOMINAL_RATE = 0.0455
+BONFERRONI_Z = 2.73
+
+
+def eval_size(results: dict) -> int:
+    """Held-out problems per evaluation (older results store only eval_noise = 0.5/sqrt(n))."""
+    return int(results.get("eval_size") or round((0.5 / results["eval_noise"]) ** 2))
+
+
+def compare_to_full(rows: list[dict], eval_size: int) -> list[dict]:
+    """Each row after the first (full VAPO) against it: difference of the seed means, its
+    standard error sqrt(sd_a^2/n_a + sd_b^2/n_b + p_a(1-p_a)/(E n_a) + p_b(1-p_b)/(E n_b)) -
+    the spread over seeds plus the held-out evaluation's binomial noise of each mean (on E
+    problems; it also sets a floor where a handful of seeds happen to agree) - and the call
+    at VERDICT_Z standard errors."""
+    def variance_of_mean(r):
+        n, p = len(r["final_accuracy"]), r["final_accuracy_mean"]
+        sd = r["final_accuracy_sd"] or 0.0
+        return (sd ** 2 + p * (1 - p) / eval_size) / n
+
+    full, out = rows[0], []
     for r in rows[1:]:
         delta = r["final_accuracy_mean"] - full["final_accuracy_mean"]
-        margin = max(noise or 0.0, r["final_accuracy_sd"] or 0.0, results["eval_noise"])
-        (hurt if delta < -margin else helped if delta > margin else same).append(
-            f"{r['row']} ({100 * delta:+.1f} points)")
-    lines.append(f"Against full VAPO ({pct(full['final_accuracy_mean'])}), with the larger of "
-                 f"the seed spread and the held-out sampling noise (±{100 * results['eval_noise']:.1f} "
-                 f"points) as the margin: removing a component hurt in "
-                 f"{len(hurt)} row(s){': ' + ', '.join(hurt) if hurt else ''}; made no "
-                 f"difference beyond the margin in {len(same)}"
-                 f"{': ' + ', '.join(same) if same else ''}; helped in {len(helped)}"
-                 f"{': ' + ', '.join(helped) if helped else ''}. In the paper every row hurts.")
-    return lines
+        se = (variance_of_mean(r) + variance_of_mean(full)) ** 0.5
+        call = "hurt" if delta < -VERDICT_Z * se else "helped" if delta > VERDICT_Z * se else "same"
+        out.append({"row": r["row"], "delta": delta, "se": se, "z": delta / se if se else 0.0,
+                    "call": call})
+    return out
 
 
 def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
@@ -271,7 +315,7 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
                                   if options.get("threshold") is None
                                   else f"{options['threshold']:.2f}"),
                # one standard error of a held-out accuracy near 50% on eval_size problems
-               "eval_noise": 0.5 / eval_size ** 0.5,
+               "eval_noise": 0.5 / eval_size ** 0.5, "eval_size": eval_size,
                "spearman": spearman,
                # the rows sharing each value pretraining (the same grouping for every seed)
                "value_pretraining": {f"value_pretrain_{first}": names
