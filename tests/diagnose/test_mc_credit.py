@@ -260,3 +260,57 @@ def test_short_vs_long_errors_on_a_known_cliff_at_two_lambdas(cliff_run):
     assert e["lambda 1"] == pytest.approx([-1.0 - 1, -1.04 + 1, -0.08, -0.12], abs=1e-6)
     assert e["lambda 0 [reference critic]"] == pytest.approx([0.0] * 4, abs=1e-6)
     assert e["lambda 1 [reference critic]"] == pytest.approx([-1.0, 0.0, 0.0, 0.0], abs=1e-6)
+
+
+def test_injected_errors_gae_rows_on_the_monte_carlo_chains(tiny_run, monkeypatch):
+    """4 chains per k, Monte-Carlo on the first 3: the GAE rows are measured on those 3 as
+    well (the same per-chain masses as the first 3 of the all-chains rows) and the verdict
+    compares rows on the same chains, with a bootstrap interval."""
+    from vapo_kernels.diagnose.injected_errors import lambda_settings, same_chains_label
+
+    monkeypatch.setattr(tiny_run.state, "value_model",
+                        HandCritic(tiny_run.state.tokenizer, tiny_run.task.modulus))
+    monkeypatch.setattr(tiny_run.state, "policy",
+                        ScriptedPolicy(tiny_run.state.tokenizer, tiny_run.task.modulus, True))
+    stage = measure_stage(tiny_run, 3, 4, 0, False, mc_samples=2, mc_problems=3)
+    rows = stage["lambdas"]
+    for label in lambda_settings(tiny_run.config.algorithm.alpha):
+        sub = rows[same_chains_label(label, 3)]["mass_at_k_per_chain"]
+        full = rows[label]["mass_at_k_per_chain"]
+        assert [len(c) for c in sub] == [3, 3, 3] and [len(c) for c in full] == [4, 4, 4]
+        assert sub == [c[:3] for c in full]
+    # The hand-made critic knows the wrong step (V drops from 1 to 0 across it): lambda 0
+    # puts nearly all the negative mass there (the rest: R - V at the end, 0 - 0.01 * 15),
+    # lambda 1 spreads it over every token up to the error.
+    assert all(m > 0.8 for m in rows["lambda 0 (TD)"]["mass_at_k"])
+    assert all(a < b for a, b in zip(rows["lambda 1.0"]["mass_at_k"], rows["lambda 0 (TD)"]["mass_at_k"]))
+    assert rows[mc_label(2)]["mass_at_k"] == [1.0, 1.0, 1.0]
+    boot = stage["bootstrap"]
+    assert set(boot["mc_minus_gae_ci"]) == {same_chains_label(k, 3) for k in
+                                            lambda_settings(tiny_run.config.algorithm.alpha)}
+    lo, hi = boot["mass_at_k_mean_ci"][mc_label(2)]
+    assert lo == hi == 1.0  # every chain puts all the blame on k: no spread to resample
+
+
+def test_injected_errors_verdict_follows_the_bootstrap_interval():
+    from vapo_kernels.diagnose.injected_errors import bootstrap_stage, mc_comparison
+
+    def stage(mc_chains, gae_chains):
+        rows = {"lambda 0 (TD)": gae_chains, mc_label(2): mc_chains}
+        data = {k: {"mass_at_k": [sum(c) / len(c) for c in v], "mass_at_k_per_chain": v}
+                for k, v in rows.items()}
+        out = {"name": "s", "lambdas": data, "uniform_share_of_step_k": [0.1, 0.1]}
+        out["bootstrap"] = bootstrap_stage(out, mc_label(2), len(mc_chains[0]), (0, 0))
+        return out
+
+    results = {"mc_samples": 2, "length": 2, "mc_problems": 16}
+    clear = stage([[0.5] * 16, [0.6] * 15 + [0.4]], [[0.1] * 16, [0.2] * 16])
+    noisy = stage([[0.0, 1.0] * 8, [1.0, 0.0] * 8], [[0.4] * 16, [0.5] * 16])
+    sentence = mc_comparison({**results, "stages": [clear]})
+    assert "more sharply than" in sentence and "95% CI" in sentence
+    assert "not distinguishable" in mc_comparison({**results, "stages": [noisy]})
+    # A 6-point gap (over the old fixed 5-point margin) within chain noise is not a verdict.
+    lo, hi = noisy["bootstrap"]["mc_minus_gae_ci"]["lambda 0 (TD)"]
+    assert lo < 0.05 < hi
+    # Seeded: the same intervals again.
+    assert stage([[0.0, 1.0] * 8, [1.0, 0.0] * 8], [[0.4] * 16, [0.5] * 16])["bootstrap"] == noisy["bootstrap"]

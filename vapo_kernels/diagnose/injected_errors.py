@@ -13,7 +13,13 @@ Beside the lambda rows, the row "Monte-Carlo (K continuations)" takes VinePPO's
 advantages of the same chains (:func:`vapo_kernels.train.mc_advantage.mc_advantages`):
 every token of step j gets V(after step j) - V(before step j), both values the mean
 reward of K of the policy's own continuations, so no critic is involved; it is measured
-with the same mass-at-k and credit-map metrics.
+with the same mass-at-k and credit-map metrics. It costs (L + 1) * K generations per chain,
+so it runs on the first ``mc_problems`` chains of each k; the GAE rows are measured on those
+same chains too (rows "... [first N chains]", beside the rows on all chains), and the
+Monte-Carlo-vs-GAE verdict compares rows on the same chains. Every row's mean mass at k has
+a 95% bootstrap interval over chains (resampled within each k, seeded), and the verdict is
+that of the paired bootstrap interval of the difference (Monte-Carlo minus the best GAE
+row on the same chains): sharper / less sharp when it excludes 0, else not told apart.
 """
 
 from __future__ import annotations
@@ -96,16 +102,18 @@ def mean_credit(adv: torch.Tensor, cu_seqlens: torch.Tensor, spans, k: int, leng
                 ) -> dict[str, float | list[float]]:
     """Mass at, before and after step k and the mean advantage per step (the credit-map
     row), averaged over the sequences that have negative advantage."""
-    credits = []
+    credits, per_chain = [], []  # per_chain: each chain's mass at k (None: no negative A)
     for i in range(len(spans)):
         lo, hi = int(cu_seqlens[i]), int(cu_seqlens[i + 1])
         credit = credit_of_sequence(adv[lo:hi], spans[i], k)
+        per_chain.append(None if credit is None else credit["at"])
         if credit is not None:
             credits.append(credit)
     mean = lambda key: sum(c[key] for c in credits) / len(credits) if credits else float("nan")  # noqa: E731
     return {"at": mean("at"), "before": mean("before"), "after": mean("after"),
             "per_step": [sum(c["per_step"][j] for c in credits) / max(1, len(credits))
-                         for j in range(length)]}
+                         for j in range(length)],
+            "at_per_chain": per_chain}
 
 
 @torch.no_grad()
@@ -115,9 +123,13 @@ def measure_stage(run: Run, length: int, count: int, seed: int, progress: bool,
     (``mc_samples`` > 0) for Monte-Carlo advantages of the first ``mc_problems`` chains."""
     alpha = run.config.algorithm.alpha
     settings = lambda_settings(alpha)
-    labels = [*settings, *([mc_label(mc_samples)] if mc_samples else [])]
+    mc_count = min(mc_problems, count) if mc_samples else 0
+    subset = mc_count < count if mc_samples else False  # GAE rows on the Monte-Carlo chains too
+    labels = [*settings, *([mc_label(mc_samples)] if mc_samples else []),
+              *([same_chains_label(label, mc_count) for label in settings] if subset else [])]
     rng = random.Random(f"injected-{seed}")  # the same chains at every stage
-    out = {label: {"mass_at_k": [], "mass_before_k": [], "mass_after_k": [], "credit_map": []}
+    out = {label: {"mass_at_k": [], "mass_before_k": [], "mass_after_k": [], "credit_map": [],
+                   "mass_at_k_per_chain": []}
            for label in labels}
     uniform = []
     for k in tqdm(range(length), desc="  inject at k", leave=False, disable=not progress):
@@ -127,20 +139,80 @@ def measure_stage(run: Run, length: int, count: int, seed: int, progress: bool,
         values = value_estimates(run.state.value_model, batch, packed=False).cpu()
         lengths = batch.response_lengths.tolist()
         uniform.append(sum((s[k][1] - s[k][0]) / n for s, n in zip(spans, lengths)) / count)
-        credits = {label: mean_credit(advantages(batch.rewards, values, batch.cu_seqlens, lam,
-                                                 alpha), batch.cu_seqlens, spans, k, length)
-                   for label, lam in settings.items()}
+        gae = {label: advantages(batch.rewards, values, batch.cu_seqlens, lam, alpha)
+               for label, lam in settings.items()}
+        credits = {label: mean_credit(adv, batch.cu_seqlens, spans, k, length)
+                   for label, adv in gae.items()}
         if mc_samples:
-            sub = batch.select(torch.arange(min(mc_problems, batch.size)))
-            credits[labels[-1]] = mean_credit(
+            sub = batch.select(torch.arange(mc_count))
+            credits[mc_label(mc_samples)] = mean_credit(
                 mc_chain_advantages(run, sub, mc_samples, (seed, stage_index, k)),
                 sub.cu_seqlens, spans[: sub.size], k, length)
+            if subset:  # the same GAE advantages, on the Monte-Carlo row's chains only
+                end = int(batch.cu_seqlens[mc_count])
+                for label, adv in gae.items():
+                    credits[same_chains_label(label, mc_count)] = mean_credit(
+                        adv[:end], batch.cu_seqlens[: mc_count + 1], spans[:mc_count], k, length)
         for label, credit in credits.items():
+            out[label]["mass_at_k_per_chain"].append(credit["at_per_chain"])
             out[label]["mass_at_k"].append(credit["at"])
             out[label]["mass_before_k"].append(credit["before"])
             out[label]["mass_after_k"].append(credit["after"])
             out[label]["credit_map"].append(credit["per_step"])
-    return {"lambdas": out, "uniform_share_of_step_k": uniform}
+    stage = {"lambdas": out, "uniform_share_of_step_k": uniform}
+    stage["bootstrap"] = bootstrap_stage(stage, mc_label(mc_samples) if mc_samples else None,
+                                         mc_count, (seed, stage_index))
+    return stage
+
+
+def same_chains_label(label: str, chains: int) -> str:
+    return f"{label} [first {chains} chains]"
+
+
+BOOTSTRAP_RESAMPLES = 2000
+
+
+def _resample_means(per_chain: list[list], index: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over k of the mean over chains of the mass at k, for each bootstrap resample
+    (``index[k]``: (R, chains) chain indices drawn with replacement within k)."""
+    per_k = []
+    for chains, idx in zip(per_chain, index):
+        x = torch.tensor([float("nan") if c is None else c for c in chains], dtype=torch.float64)
+        per_k.append(torch.nanmean(x[idx], dim=1))
+    return torch.nanmean(torch.stack(per_k, 1), dim=1)
+
+
+def _ci(samples: torch.Tensor) -> list[float] | None:
+    samples = samples[~samples.isnan()]
+    if len(samples) == 0:
+        return None
+    return [float(torch.quantile(samples, 0.025)), float(torch.quantile(samples, 0.975))]
+
+
+def bootstrap_stage(stage: dict, mc: str | None, mc_count: int, key: tuple) -> dict:
+    """95% bootstrap intervals (chains resampled within each k, seeded by ``key``) of each
+    row's mean over k of the mass at k, and of the Monte-Carlo row minus each GAE row
+    measured on the same chains (paired: the same resampled chains for both)."""
+    rows = stage["lambdas"]
+    gen = torch.Generator().manual_seed(hash_seed((*key, 99)))
+    index_of = {}  # chain count -> per-k resample indices, shared by the rows on those chains
+    for label, data in rows.items():
+        n = len(data["mass_at_k_per_chain"][0]) if data["mass_at_k_per_chain"] else 0
+        if n and n not in index_of:
+            index_of[n] = [torch.randint(n, (BOOTSTRAP_RESAMPLES, n), generator=gen)
+                           for _ in data["mass_at_k_per_chain"]]
+    draws = {label: _resample_means(d["mass_at_k_per_chain"],
+                                    index_of[len(d["mass_at_k_per_chain"][0])])
+             for label, d in rows.items() if d["mass_at_k_per_chain"]}
+    out = {"resamples": BOOTSTRAP_RESAMPLES, "level": 0.95,
+           "mass_at_k_mean_ci": {label: _ci(d) for label, d in draws.items()},
+           "mc_minus_gae_ci": {}}
+    if mc is not None and mc in draws:
+        for label in rows:
+            if label == mc or len(rows[label]["mass_at_k_per_chain"][0]) != mc_count:
+                continue
+            out["mc_minus_gae_ci"][label] = _ci(draws[mc] - draws[label])
+    return out
 
 
 def mc_chain_advantages(run: Run, batch, samples: int, rng_key: tuple) -> torch.Tensor:
@@ -173,7 +245,8 @@ def plot(results: dict, out_dir: str) -> list[str]:
     for ax, stage in zip(axes[0], stages):
         for label, data in stage["lambdas"].items():
             mc = label.startswith("Monte-Carlo")
-            ax.plot(ks, data["mass_at_k"], "s-" if mc else "o-", markersize=4 if mc else 3,
+            style = "s-" if mc else "x:" if label.endswith("chains]") else "o-"
+            ax.plot(ks, data["mass_at_k"], style, markersize=4 if mc else 3,
                     linewidth=2 if mc else 1, color="black" if mc else None, label=label)
         ax.plot(ks, stage["uniform_share_of_step_k"], "k--", linewidth=1,
                 label="step k's share of tokens")
@@ -185,9 +258,9 @@ def plot(results: dict, out_dir: str) -> list[str]:
     names = [save_figure(fig, out_dir, "mass_at_k.png")]
 
     last = stages[-1]
-    fig, axes = plt.subplots(1, len(last["lambdas"]), figsize=(3.6 * len(last["lambdas"]), 3.4),
-                             squeeze=False)
-    for ax, (label, data) in zip(axes[0], last["lambdas"].items()):
+    shown = {k: v for k, v in last["lambdas"].items() if not k.endswith("chains]")}
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
+    for ax, (label, data) in zip(axes[0], shown.items()):
         grid = torch.tensor(data["credit_map"])
         scale = float(grid.abs().max()) or 1.0
         image = ax.imshow(grid.numpy(), cmap="RdBu", vmin=-scale, vmax=scale)
@@ -214,19 +287,33 @@ def report(results: dict) -> list[str]:
                      f"first {results['mc_problems']} chains of each k: "
                      "every token of step j gets V(after j) - V(before j), each value the mean "
                      f"reward of {results['mc_samples']} continuations sampled from the stage's "
-                     "policy (no critic).")
+                     "policy (no critic). The GAE rows '[first "
+                     f"{results['mc_problems']} chains]' are the GAE rows on exactly those chains "
+                     "(the comparison with Monte-Carlo uses them); the unlabelled GAE rows use all "
+                     f"{results['problems']} chains per k.")
+    lines.append("In brackets: 95% bootstrap intervals over chains (resampled within each k, "
+                 f"{stages[0].get('bootstrap', {}).get('resamples', 0)} seeded resamples); "
+                 "for the Monte-Carlo row they include its continuation noise, which differs "
+                 "from chain to chain.")
     table = ["| stage | held-out acc | " + " | ".join(stages[0]["lambdas"]) + " | even spread |",
              "|---|---|" + "---|" * (len(stages[0]["lambdas"]) + 1)]
     for s in stages:
-        mean_mass = [sum(d["mass_at_k"]) / length for d in s["lambdas"].values()]
+        cis = s.get("bootstrap", {}).get("mass_at_k_mean_ci", {})
+        cells = []
+        for label, d in s["lambdas"].items():
+            ci = cis.get(label)
+            cells.append(pct(sum(d["mass_at_k"]) / length)
+                         + ("" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"))
         even = sum(s["uniform_share_of_step_k"]) / length
         table.append(f"| {s['name']} | {pct(s['heldout_accuracy'])} | "
-                     + " | ".join(pct(m) for m in mean_mass) + f" | {pct(even)} |")
+                     + " | ".join(cells) + f" | {pct(even)} |")
     lines.append("Mean over k of the mass at k:\n\n" + "\n".join(table))
     last = stages[-1]
     findings = []
     even = sum(last["uniform_share_of_step_k"]) / length
     for label, data in last["lambdas"].items():
+        if label.endswith("chains]"):
+            continue
         mass = sum(data["mass_at_k"]) / length
         before = sum(data["mass_before_k"]) / length
         after = sum(data["mass_after_k"]) / length
@@ -239,7 +326,8 @@ def report(results: dict) -> list[str]:
                         f"an even spread), {pct(before)} on the correct steps before it, "
                         f"{pct(after)} after it")
     lines.append(f"At the last stage ({last['name']}): " + "; ".join(findings) + ".")
-    gae = {k: d for k, d in last["lambdas"].items() if not k.startswith("Monte-Carlo")}
+    gae = {k: d for k, d in last["lambdas"].items()
+           if not k.startswith("Monte-Carlo") and not k.endswith("chains]")}
     first_k = [d["mass_at_k"][0] for d in gae.values() if d["mass_at_k"][0] == d["mass_at_k"][0]]
     last_k = [d["mass_at_k"][-1] for d in gae.values() if d["mass_at_k"][-1] == d["mass_at_k"][-1]]
     if first_k and last_k and length > 1:
@@ -252,8 +340,9 @@ def report(results: dict) -> list[str]:
 
 
 def mc_comparison(results: dict) -> str:
-    """One sentence per run: the Monte-Carlo row's mean mass at k against the best GAE row,
-    per stage."""
+    """One sentence per run: the Monte-Carlo row's mean mass at k against the best GAE row
+    on the same chains, per stage, with the paired bootstrap interval of the difference;
+    the verdict is the interval's (above 0: sharper; below: less sharp; else not told apart)."""
     if not results.get("mc_samples"):
         return ""
     label, length = mc_label(results["mc_samples"]), results["length"]
@@ -265,20 +354,27 @@ def mc_comparison(results: dict) -> str:
         if label not in masses:
             parts.append(f"{stage['name']}: no Monte-Carlo negative advantage to share out")
             continue
-        gae = {k: m for k, m in masses.items() if k != label}
+        diffs = stage.get("bootstrap", {}).get("mc_minus_gae_ci", {})
+        gae = {k: m for k, m in masses.items() if k in diffs}
         even = mean(stage["uniform_share_of_step_k"])
         if not gae:
-            parts.append(f"{stage['name']}: Monte-Carlo {pct(masses[label])}, no GAE row has "
-                         "negative advantage")
+            parts.append(f"{stage['name']}: Monte-Carlo {pct(masses[label])}, no GAE row on the "
+                         "same chains has negative advantage")
             continue
         best = max(gae, key=gae.get)
-        verdict = ("more sharply than" if masses[label] > gae[best] + 0.05 else
-                   "less sharply than" if masses[label] < gae[best] - 0.05 else "about as sharply as")
+        ci = diffs[best]
+        verdict = ("cannot be compared (no interval)" if ci is None else
+                   "locates the error more sharply than" if ci[0] > 0 else
+                   "locates the error less sharply than" if ci[1] < 0 else
+                   "is not distinguishable from")
+        interval = "" if ci is None else f", difference {100 * (masses[label] - gae[best]):+.1f} points, 95% CI [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
         parts.append(f"{stage['name']}: Monte-Carlo {pct(masses[label])} "
-                     f"({masses[label] / even:.1f}x an even spread) vs the best GAE row, {best}, "
-                     f"{pct(gae[best])}: it locates the error {verdict} GAE")
-    return (f"Monte-Carlo credit beside GAE (mean over k = 0..{length - 1} of the mass at k; "
-            "'sharper' means more than 5 points apart): " + "; ".join(parts) + ".")
+                     f"({masses[label] / even:.1f}x an even spread) vs the best GAE row on the "
+                     f"same chains, {best}, {pct(gae[best])}{interval}: it {verdict} GAE")
+    return (f"Monte-Carlo credit beside GAE (mean over k = 0..{length - 1} of the mass at k, "
+            f"both on the first {results['mc_problems']} chains of each k; the verdict is the "
+            "paired bootstrap interval's, not a fixed margin; the best GAE row is picked on the "
+            "same data, which favours it slightly): " + "; ".join(parts) + ".")
 
 
 def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
