@@ -314,3 +314,63 @@ def test_injected_errors_verdict_follows_the_bootstrap_interval():
     assert lo < 0.05 < hi
     # Seeded: the same intervals again.
     assert stage([[0.0, 1.0] * 8, [1.0, 0.0] * 8], [[0.4] * 16, [0.5] * 16])["bootstrap"] == noisy["bootstrap"]
+
+
+# -- a special token drawn mid-response: step boundaries on the ids as sampled ----------------
+class PadPolicy(CliffPolicy):
+    """CliffPolicy (error at step 1) that, from the bare prompt, also draws a PAD as its
+    third token: "3>" PAD "3 5>9 7>6 =6" EOS. decode(skip_special_tokens=True) drops it
+    from the text, so re-tokenising the text puts every later boundary one token early."""
+
+    def generate(self, input_ids, attention_mask, generation_config, **kwargs):
+        out = super().generate(input_ids, attention_mask, generation_config, **kwargs)
+        pad = generation_config.pad_token_id
+        rows = []
+        for ids, full, mask in zip(input_ids.tolist(), out.tolist(), attention_mask.tolist()):
+            text = self.tokenizer.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=True)
+            new = full[len(ids):]
+            if text.endswith(":"):  # a fresh response
+                new = new[:2] + [pad] + new[2:]
+            rows.append(ids + new)
+        width = max(map(len, rows))
+        return torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+
+
+@pytest.fixture
+def pad_run(cliff_run, monkeypatch):
+    monkeypatch.setattr(cliff_run.state, "policy",
+                        PadPolicy(cliff_run.state.tokenizer, cliff_run.task.modulus, 1))
+    return cliff_run
+
+
+def test_char_offsets_map_onto_the_sampled_ids(tiny_run):
+    from vapo_kernels.diagnose.common import char_offsets_to_tokens
+
+    tok = tiny_run.state.tokenizer
+    ids = tok("3>3 5>9 ", add_special_tokens=False).input_ids
+    ids = ids[:2] + [tok.pad_token_id] + ids[2:] + [tok.eos_token_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "3>3 5>9 "
+    assert char_offsets_to_tokens(tok, ids, [0, 4, 8]) == [0, 5, 9]  # text re-tokenised: 0, 4, 8
+    plain = tok("3>3 5>9 ", add_special_tokens=False).input_ids
+    assert char_offsets_to_tokens(tok, plain, [0, 4, 8]) == [0, 4, 8]
+
+
+def test_value_probe_boundaries_after_a_pad_drawn_mid_response(pad_run):
+    from vapo_kernels.diagnose.value_probe import probe_boundaries
+
+    probe = probe_boundaries(pad_run, [pad_run.task.problem((3, 5, 7))], samples=2)
+    # ids "3 > PAD 3 _ 5 > 9 _ 7 > 6 _ = 6 EOS": boundaries before tokens 0, 5, 9, 13
+    assert probe["value"] == pytest.approx([1.0, 1.05, 0.09, 0.13])
+    assert probe["cliff_offset"] == [-2, -1, 0, 1]
+    assert probe["mc_value"] == [0.0, 1.0, 0.0, 0.0]
+
+
+def test_short_vs_long_segments_after_a_pad_drawn_mid_response(pad_run):
+    from vapo_kernels.diagnose.short_vs_long import advantage_errors, settings
+
+    errors = advantage_errors(pad_run, [pad_run.task.problem((3, 5, 7))], 2,
+                              settings([0.0], [], mc_samples=2))
+    assert errors["truth"] == [1.0, -1.0, 0.0, 0.0]
+    # V(after) - V(before) on the ids as sampled: V = 1.00, 1.05, 0.09, 0.13 at 0, 5, 9, 13
+    assert errors["errors"]["lambda 0"] == pytest.approx([0.05 - 1, -0.96 + 1, 0.04, -0.13], abs=1e-6)
+    assert errors["errors"]["lambda 0 [reference critic]"] == pytest.approx([0.0] * 4, abs=1e-6)

@@ -239,6 +239,29 @@ def token_count(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
 
 
+def response_ids(batch: RolloutBatch, i: int) -> list[int]:
+    """The token ids of response ``i`` of ``batch`` as sampled (special tokens included)."""
+    start = int(batch.prompt_lengths[i])
+    return batch.input_ids[i, start: start + int(batch.response_lengths[i])].tolist()
+
+
+def char_offsets_to_tokens(tokenizer, ids: list[int], offsets: list[int]) -> list[int]:
+    """For each character offset into ``decode(ids, skip_special_tokens=True)`` (the
+    response text the task scores), the index of the first token of ``ids`` whose decoded
+    prefix reaches it. Special tokens the policy drew (a PAD or BOS mid-response) are kept
+    in ``ids`` but vanish from the text: re-tokenising the text would put every later
+    boundary one token early per such token; this maps onto the ids as sampled (a special
+    token right at a boundary opens the next step). A token that straddles an offset (a
+    subword merge) maps to the token after it."""
+    lengths = [len(tokenizer.decode(ids[:t], skip_special_tokens=True)) for t in range(len(ids) + 1)]
+    out, t = [], 0
+    for offset in offsets:
+        while t < len(ids) and lengths[t] < offset:
+            t += 1
+        out.append(t)
+    return out
+
+
 def step_spans(tokenizer, step_texts: list[str]) -> list[tuple[int, int]]:
     """Token ``[start, end)`` of each step within the response, from the token counts of
     growing prefixes (exact for the character tokenizer; at a merge across a step

@@ -37,6 +37,11 @@ Beside the GAE settings, the setting "Monte-Carlo K=..." trains with the trainer
 ``--advantage mc`` (VinePPO: every token of step j gets V(after j) - V(before j), each
 value the mean reward of ``mc_samples`` continuations); its step-advantage estimate is
 that per-token advantage, from continuations drawn independently of the ground truth's.
+Step segments are mapped onto the response ids as sampled (as in value-probe; a special
+token drawn mid-response is in the ids, not in the text). The Monte-Carlo setting's
+estimate is read on each step's first token: ``train/mc_advantage.mc_advantages`` still
+locates its segments by re-tokenising the text, shifted one token early per such token,
+which the first token survives while the shift is shorter than a step.
 Accuracy is reported against RL steps and against training wall time (the trainer's
 per-step phase times summed; evaluations excluded), since Monte-Carlo costs more
 generation per step.
@@ -59,8 +64,9 @@ from ..train.mc_advantage import mc_advantages, prefix_values
 from ..train.metrics import read_rows
 from ..train.rollout import generate, value_estimates
 from ..train.vapo import max_new_tokens, value_pretrain
-from .common import (continue_run, pct, preset_sizes, pyplot, rl_steps, save_figure, start_run,
-                     token_count, trainer_config, with_options, write_report, write_results)
+from .common import (char_offsets_to_tokens, continue_run, pct, preset_sizes, pyplot,
+                     response_ids, rl_steps, save_figure, start_run, trainer_config, with_options,
+                     write_report, write_results)
 from .value_probe import boundaries
 
 # samples: K of the Monte-Carlo ground truth; mc_samples: K of the Monte-Carlo setting's
@@ -133,7 +139,8 @@ def response_segments(tokenizer, batch) -> tuple[list, list, list]:
     for i, text in enumerate(batch.responses):
         length = int(batch.response_lengths[i])
         offsets = boundaries(text)
-        cuts = [token_count(tokenizer, text[:b]) for b in offsets]
+        # on the sampled ids: a special token drawn mid-response is not in the text
+        cuts = char_offsets_to_tokens(tokenizer, response_ids(batch, i), offsets)
         cuts = [c for c in cuts if c < length]
         for j, start in enumerate(cuts):
             end = cuts[j + 1] if j + 1 < len(cuts) else length

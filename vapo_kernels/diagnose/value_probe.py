@@ -7,7 +7,11 @@ VinePPO's protocol). Measured per training stage: error of V by boundary positio
 around the **cliff** (the first step whose partial sum is wrong: from there the chain
 cannot be right), how much of the variance of the true value V explains, and how well V
 ranks alternative next steps (one correct, the others off by 1, 2, ... in the partial sum)
-compared with their Monte-Carlo values.
+compared with their Monte-Carlo values. Step boundaries are found in the response text and
+mapped onto the response's token ids as sampled (:func:`.common.char_offsets_to_tokens`): a
+PAD/BOS the policy drew mid-response stays in the ids but not in the text, and
+re-tokenising the text would read V one token early after it. (The Monte-Carlo
+continuations still start from the text prefix, without that token.)
 
 ``--model-sizes 32,64,...`` repeats the whole run (warm-up, value pretraining, RL stages;
 same seed, task, probed problems and trainer options) for each hidden size of the built-in
@@ -29,9 +33,9 @@ from ..train.mc_advantage import prefix_values
 from ..train.rollout import generate, value_estimates
 from ..train.task import DIGITS
 from ..train.vapo import max_new_tokens
-from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot, response_batch,
-                     save_figure, token_count, train_in_stages, trainer_config, write_report,
-                     write_results)
+from .common import (Run, char_offsets_to_tokens, heldout_accuracy, pct, preset_sizes, pyplot,
+                     response_batch, response_ids, save_figure, train_in_stages, trainer_config,
+                     write_report, write_results)
 
 # model_sizes: hidden sizes of the built-in model, one whole run each ([]: the trainer
 # config's model alone; a preset's sizes give way to the user's --model or
@@ -82,8 +86,10 @@ def probe_boundaries(run: Run, problems, samples: int) -> dict:
     prefixes, owners = [], []
     for i, (problem, text) in enumerate(zip(batch.problems, batch.responses)):
         cliff = cliff_step(problem, text, task.modulus)
-        for j, offset in enumerate(boundaries(text)):
-            tokens = token_count(state.tokenizer, text[:offset])
+        offsets = boundaries(text)
+        # on the sampled ids: a special token drawn mid-response is not in the text
+        cuts = char_offsets_to_tokens(state.tokenizer, response_ids(batch, i), offsets)
+        for j, (offset, tokens) in enumerate(zip(offsets, cuts)):
             if tokens >= int(batch.response_lengths[i]):
                 break
             v = float(values[int(batch.cu_seqlens[i]) + tokens])
