@@ -178,8 +178,9 @@ class Op:
             # autograd.Function in the style functorch takes: the dispatcher's autograd for
             # a custom op refuses functorch. Forward mode (jvp, jacfwd, hessian) would get a
             # zero tangent from the dispatcher; vmap alone takes its per-sample fallback.
-            kinds = set(_func_transform_kinds())
-            if kinds == {_GRAD}:
+            # (A list, not a set: torch 2.11's compiler cannot hash the kinds.)
+            kinds = _func_transform_kinds()
+            if kinds and all(k == _GRAD for k in kinds):
                 return self.grad_transform_function.apply(*a)
             if _JVP in kinds and self.differentiable:
                 raise RuntimeError(FORWARD_MODE)

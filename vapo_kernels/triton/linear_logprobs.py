@@ -91,14 +91,16 @@ def _interpreting() -> bool:
 @triton.jit
 def _mm(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b. UPCAST: the interpreter hands bf16 operands to numpy as raw uint16
-    bits, so there they are widened first (exact: a bf16 value is an fp32 value)."""
+    bits, so there they are widened first (exact: a bf16 value is an fp32 value).
+    out_dtype is acc's (fp64 for fp64 inputs): triton 3.6, the GPU machines' version,
+    asserts that it matches instead of taking it from acc."""
     if UPCAST:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     if IEEE:
-        return tl.dot(a, b, acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision="ieee", out_dtype=acc.dtype)
     else:
-        return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, out_dtype=acc.dtype)
 
 
 @triton.jit
