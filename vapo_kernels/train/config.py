@@ -168,13 +168,16 @@ class OptimArgs:
     ppo_epochs: int = _opt(2, "Passes over each RL batch.")
     mini_batches: int = _opt(2, "Optimizer steps per epoch; the batch must divide into them.")
     micro_batch_size: int = _opt(0, "Sequences per forward/backward (gradient accumulation); "
-                                 "0: the whole mini-batch.")
+                                 "also bounds the no-grad old log-prob / value / reference "
+                                 "forwards and value pretraining's; 0: the whole mini-batch.")
     grad_clip: float = _opt(1.0, "Gradient-norm clip per model (0: off).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_tokens_per_microbatch: int = _opt(0, "Token budget of a micro-batch (prompt + response "
                                           "tokens of its padded rows): sequences are packed "
                                           "greedily into micro-batches under it, so long chains "
-                                          "fit; 0: by micro_batch_size.")
+                                          "fit (every forward: the loss's, the no-grad "
+                                          "old log-prob / value / reference ones, value "
+                                          "pretraining's); 0: by micro_batch_size.")
     max_bad_steps: int = _opt(3, "A NaN/inf loss or gradient skips the update; this many in a "
                               "row stop the run (the last good checkpoint is kept).")
 

@@ -383,20 +383,42 @@ def old_outputs(state: TrainState, batch: RolloutBatch, config: TrainConfig,
     ``--advantage mc`` the policy's advantages come from Monte-Carlo step values instead;
     the critic's targets stay GAE's)."""
     packed, r = uses_packed_forward(config), config.rollout
+    pieces = micro_batches(batch, config, state.dp)  # the loss's memory bound holds here too
+
+    def logprobs(model):
+        return lambda part: policy_logprobs(model, part, temperature=r.temperature,
+                                            logprobs_from=config.model.logprobs_from,
+                                            packed=packed)[0]
+
     with timer("old_logprobs"):
-        logp, _ = policy_logprobs(state.policy, batch, temperature=r.temperature,
-                                  logprobs_from=config.model.logprobs_from, packed=packed)
-        values = value_estimates(state.value_model, batch, packed=packed)
+        logp = in_pieces(batch, pieces, logprobs(state.policy))
+        values = in_pieces(batch, pieces,
+                           lambda part: value_estimates(state.value_model, part, packed=packed))
         ref_logp = None
         if state.reference is not None:
-            ref_logp, _ = policy_logprobs(state.reference, batch, temperature=r.temperature,
-                                          logprobs_from=config.model.logprobs_from, packed=packed)
+            ref_logp = in_pieces(batch, pieces, logprobs(state.reference))
     with timer("gae"):
         advantages, targets, lam_policy = compute_advantages(batch, values, config, state.dp)
     if config.algorithm.advantage == "mc" and task is not None:
         with timer("mc_advantage"):
             advantages = trainer_advantages(state, task, batch, config).to(advantages.device)
     return OldOutputs(logp, values, advantages, targets, ref_logp), lam_policy
+
+
+def in_pieces(batch: RolloutBatch, pieces: list[Tensor],
+              forward: Callable[[RolloutBatch], Tensor]) -> Tensor:
+    """``forward`` (packed (N,) outputs) of ``batch`` run on each index set of ``pieces``
+    (micro-batches) and put back in the batch's packed order; one piece: the whole batch,
+    as is (the same numbers as an unsplit forward)."""
+    if len(pieces) == 1:
+        return forward(batch)
+    out = None
+    for index in pieces:
+        part = forward(batch.select(index))
+        if out is None:
+            out = part.new_empty(batch.num_tokens)
+        out[batch.token_index(index).to(part.device)] = part
+    return out
 
 
 def split(count: int, parts: int, generator: torch.Generator | None) -> list[Tensor]:
@@ -555,31 +577,41 @@ def value_pretrain(state: TrainState, task: Task, config: TrainConfig, log: Metr
         for mini_index in split(batch.size, config.optim.mini_batches, state.shuffle_generator):
             mini = batch.select(mini_index)
             counts = GlobalCounts.of(mini, state.dp)
-            targets = old.targets[batch.token_index(mini_index).to(old.targets.device)]
-            old_values = old.values[batch.token_index(mini_index).to(old.values.device)]
-            with timer("loss_forward"):
-                values = value_estimates(state.value_model, mini, packed=uses_packed_forward(config))
-                a = config.algorithm
-                # Global counts only with several processes: one process keeps the
-                # op's own local normalisation (the same numbers as before DP existed).
-                dp_counts = {} if not state.dp.distributed else dict(
-                    global_tokens=counts.tokens, global_seqs=counts.seqs,
-                    dp_size=counts.dp_size)
-                with our_op("vapo_loss"):
-                    loss, metrics = vk.vapo_loss(
-                        None, values=values, old_values=old_values, returns=targets,
-                        cu_seqlens=mini.cu_seqlens.to(values.device),
-                        value_clip=a.value_clip or None, vf_coef=1.0, agg=a.loss_agg,
-                        **dp_counts)
-            with timer("loss_backward"):
-                loss.backward()
+            micros = micro_batches(mini, config, state.dp)  # --micro_batch_size / token budget
+            bad = None
+            for micro_index in micros:
+                # one micro-batch: the mini-batch as is (the same numbers as before)
+                micro = mini if len(micros) == 1 else mini.select(micro_index)
+                tokens = batch.token_index(mini_index if len(micros) == 1
+                                           else mini_index[micro_index])
+                targets = old.targets[tokens.to(old.targets.device)]
+                old_values = old.values[tokens.to(old.values.device)]
+                with timer("loss_forward"):
+                    values = value_estimates(state.value_model, micro,
+                                             packed=uses_packed_forward(config))
+                    a = config.algorithm
+                    # Global counts with several processes or micro-batches (each one's
+                    # loss is its share of the mini-batch's); else the op's own local
+                    # normalisation (the same numbers as before DP existed).
+                    dp_counts = {} if not (state.dp.distributed or len(micros) > 1) else dict(
+                        global_tokens=counts.tokens, global_seqs=counts.seqs,
+                        dp_size=counts.dp_size)
+                    with our_op("vapo_loss"):
+                        loss, metrics = vk.vapo_loss(
+                            None, values=values, old_values=old_values, returns=targets,
+                            cu_seqlens=micro.cu_seqlens.to(values.device),
+                            value_clip=a.value_clip or None, vf_coef=1.0, agg=a.loss_agg,
+                            **dp_counts)
+                with timer("loss_backward"):
+                    loss.backward()
+                bad = bad or nonfinite({"loss": loss, **metrics})
+                acc.add(metrics)
             with timer("optimizer"):
                 _, bad = guarded_update(
                     state, [("critic", state.value_model, state.critic_optimizer, None)],
-                    config.optim.grad_clip, nonfinite({"loss": loss, **metrics}))
+                    config.optim.grad_clip, bad)
             if bad is not None:
                 skipped.append(bad)
-            acc.add(metrics)
             acc.minibatches += 1
         log.advance()
         row = {**batch_metrics(batch, lam_policy), **acc.row(), **timer.rows(),
