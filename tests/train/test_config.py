@@ -156,3 +156,13 @@ def test_supervised_baseline_help_says_a_fresh_optimizer_is_made():
     text = next(f.metadata["help"] for f in dataclasses.fields(RunArgs)
                 if f.name == "supervised_baseline")
     assert "fresh AdamW" in text and "and its optimizer" not in text
+
+
+def test_plots_without_matplotlib_are_refused_at_startup(monkeypatch, capsys, tmp_path):
+    """The GPU machines have no matplotlib: a run used to train to the end and then die in
+    a traceback writing curves.png."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import raises ImportError
+    assert main(["--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--plots" in err and "--no_plots" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
