@@ -274,7 +274,7 @@ def report(results: dict) -> list[str]:
              "Monte-Carlo its own V(after) - V(before) from independent continuations. Rows "
              "'[reference critic]' use the truth's own values as the critic: their MSE is the "
              "estimator's own noise at that lambda (0 at lambda 0), so the learned critic's "
-             "row minus its reference row is the learned critic's share."]
+             "row minus its reference row is what the learned critic adds."]
     head = "| setting | " + " | ".join(f"L={L}: final acc | L={L}: step-advantage MSE" for L in lengths) + " |"
     table = [head, "|---|" + "---|---|" * len(lengths)]
     for label in labels + [k for k in results["per_length"][str(lengths[0])]["advantage_mse"]
@@ -309,7 +309,10 @@ def report(results: dict) -> list[str]:
                   for k in mses if reference_label(k) in data["advantage_mse"]]
         if excess:
             lines.append(f"Chains of {L} steps, step-advantage MSE of the learned critic minus "
-                         f"that of the reference critic (the learned critic's own share): "
+                         f"that of the reference critic (what the learned critic adds to the "
+                         f"estimator's own noise, cross terms included; the learned rows also "
+                         f"carry the truth's noise, ~{2 * data['mc_noise_variance']:.3f} per step, "
+                         f"which the reference rows share only at lambda > 0): "
                          + ", ".join(excess) + ".")
     lines += [mc_sentence(results, L) for L in lengths]
     lines.append("Note: alpha = 0.05 gives alpha * l <= 1, i.e. lambda clamped to 0 (pure TD), "
