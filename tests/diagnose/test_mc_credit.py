@@ -344,7 +344,7 @@ def pad_run(cliff_run, monkeypatch):
 
 
 def test_char_offsets_map_onto_the_sampled_ids(tiny_run):
-    from vapo_kernels.diagnose.common import char_offsets_to_tokens
+    from vapo_kernels.train.mc_advantage import char_offsets_to_tokens
 
     tok = tiny_run.state.tokenizer
     ids = tok("3>3 5>9 ", add_special_tokens=False).input_ids
@@ -374,3 +374,25 @@ def test_short_vs_long_segments_after_a_pad_drawn_mid_response(pad_run):
     # V(after) - V(before) on the ids as sampled: V = 1.00, 1.05, 0.09, 0.13 at 0, 5, 9, 13
     assert errors["errors"]["lambda 0"] == pytest.approx([0.05 - 1, -0.96 + 1, 0.04, -0.13], abs=1e-6)
     assert errors["errors"]["lambda 0 [reference critic]"] == pytest.approx([0.0] * 4, abs=1e-6)
+
+
+def test_mc_advantages_after_a_pad_drawn_mid_response():
+    """A PAD the policy drew inside step 0 stays in the response ids but not in the decoded
+    text: step boundaries found by re-tokenising the text put step 1's blame one token
+    early (review's pad_misalign.py). Response "3>3 5>9 7>6 =6", wrong partial sum at step
+    1 of a policy that carries errors: the -1 belongs on step 1's tokens, 5..8 here."""
+    from vapo_kernels.train.mc_advantage import mc_advantages
+    from vapo_kernels.train.models import build_char_tokenizer
+    from vapo_kernels.train.rollout import build_batch
+    from vapo_kernels.train.task import RunningSumTask
+
+    task = RunningSumTask(min_steps=3, max_steps=3, modulus=10, heldout_size=4, seed=0)
+    tok = build_char_tokenizer(task.alphabet)
+    problem = task.problem((3, 5, 7))
+    good = tok(task.response_prefix(problem, 3, error_at=1), add_special_tokens=False).input_ids
+    ids = good[:2] + [tok.pad_token_id] + good[2:] + [tok.eos_token_id]
+    batch = build_batch(tok, [problem], [ids], task)
+    adv, _ = mc_advantages(ScriptedPolicy(tok, task.modulus, carry=True), tok, task, batch,
+                           samples=1, max_response_tokens=task.max_response_tokens,
+                           temperature=1.0)
+    assert [t for t, a in enumerate(adv.tolist()) if a < 0] == [5, 6, 7, 8]

@@ -23,7 +23,7 @@ import torch
 from ..train.cli import build_policy, build_task, seed_and_device
 from ..train.config import ConfigError, TrainConfig, parse_config
 from ..train.metrics import MetricsLogger
-from ..train.models import value_model_from_policy
+from ..train.models import dropout_off, value_model_from_policy
 from ..train.rollout import RolloutBatch, build_batch
 from ..train.task import Problem
 from ..train.vapo import TrainState, evaluate, rl, setup_rl, supervised, value_pretrain
@@ -99,7 +99,7 @@ def start_run(config: TrainConfig) -> Run:
     os.makedirs(run.output_dir, exist_ok=True)
     task = build_task(config)
     policy, tokenizer = build_policy(config, task)
-    policy.to(device).train()
+    policy = dropout_off(policy.to(device))  # eval mode, as vapo-train runs it
     state = TrainState(policy=policy, tokenizer=tokenizer, task_rng=random.Random(run.seed))
     state.shuffle_generator.manual_seed(run.seed)
     log = MetricsLogger(run.output_dir, progress=run.progress, tensorboard=False)
@@ -243,23 +243,6 @@ def response_ids(batch: RolloutBatch, i: int) -> list[int]:
     """The token ids of response ``i`` of ``batch`` as sampled (special tokens included)."""
     start = int(batch.prompt_lengths[i])
     return batch.input_ids[i, start: start + int(batch.response_lengths[i])].tolist()
-
-
-def char_offsets_to_tokens(tokenizer, ids: list[int], offsets: list[int]) -> list[int]:
-    """For each character offset into ``decode(ids, skip_special_tokens=True)`` (the
-    response text the task scores), the index of the first token of ``ids`` whose decoded
-    prefix reaches it. Special tokens the policy drew (a PAD or BOS mid-response) are kept
-    in ``ids`` but vanish from the text: re-tokenising the text would put every later
-    boundary one token early per such token; this maps onto the ids as sampled (a special
-    token right at a boundary opens the next step). A token that straddles an offset (a
-    subword merge) maps to the token after it."""
-    lengths = [len(tokenizer.decode(ids[:t], skip_special_tokens=True)) for t in range(len(ids) + 1)]
-    out, t = [], 0
-    for offset in offsets:
-        while t < len(ids) and lengths[t] < offset:
-            t += 1
-        out.append(t)
-    return out
 
 
 def step_spans(tokenizer, step_texts: list[str]) -> list[tuple[int, int]]:

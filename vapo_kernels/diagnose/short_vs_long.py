@@ -60,11 +60,11 @@ from tqdm.auto import tqdm
 import vapo_kernels as vk
 
 from ..train.config import ConfigError, validate
-from ..train.mc_advantage import mc_advantages, prefix_values
+from ..train.mc_advantage import char_offsets_to_tokens, mc_advantages, prefix_values
 from ..train.metrics import read_rows
 from ..train.rollout import generate, value_estimates
 from ..train.vapo import max_new_tokens, value_pretrain
-from .common import (char_offsets_to_tokens, continue_run, pct, preset_sizes, pyplot,
+from .common import (continue_run, pct, preset_sizes, pyplot,
                      response_ids, rl_steps, save_figure, start_run, trainer_config, with_options,
                      write_report, write_results)
 from .value_probe import boundaries

@@ -29,11 +29,11 @@ from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from ..train.config import ConfigError
-from ..train.mc_advantage import prefix_values
+from ..train.mc_advantage import char_offsets_to_tokens, prefix_values
 from ..train.rollout import generate, value_estimates
 from ..train.task import DIGITS
 from ..train.vapo import max_new_tokens
-from .common import (Run, char_offsets_to_tokens, heldout_accuracy, pct, preset_sizes, pyplot,
+from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot,
                      response_batch, response_ids, save_figure, train_in_stages, trainer_config,
                      write_report, write_results)
 

@@ -133,8 +133,9 @@ class AlgorithmArgs:
     length_adaptive: bool = _opt(True, "lambda_policy = 1 - 1/(alpha * l) per sequence. Off: "
                                  "fixed lam_policy.")
     alpha: float = _opt(1.0, "Length-adaptive alpha. Paper: 0.05 for responses of thousands of "
-                        "tokens; our chains are 14-35 tokens, where 0.05 gives lambda = 0, so the "
-                        "CPU preset uses 1.0 (lambda 0.93-0.97).")
+                        "tokens; our chains are 14-35 tokens, where 0.05 gives lambda = 0 up to 20 "
+                        "tokens (alpha * l <= 1) and 0.43 at 35, so the CPU preset uses 1.0 "
+                        "(lambda 0.93-0.97).")
     lam_policy: float = _opt(0.95, "Fixed lambda_policy when length_adaptive is off.")
     whiten_advantages: bool = _opt(True, "Whiten advantages over the batch's valid tokens.")
     clip_low: float = _opt(0.2, "PPO epsilon_low (paper: 0.2).")

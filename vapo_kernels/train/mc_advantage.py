@@ -63,6 +63,22 @@ def prefix_values(
     return totals / samples
 
 
+def char_offsets_to_tokens(tokenizer, ids: list[int], offsets: list[int]) -> list[int]:
+    """For each character offset into ``decode(ids, skip_special_tokens=True)`` (the
+    response text the task scores), the index of the first token of ``ids`` whose decoded
+    prefix reaches it. A special token the policy drew mid-response (PAD, BOS) stays in
+    ``ids`` but not in the text, so re-tokenising the text would put every later boundary
+    one token early; a special token right at a boundary opens the next step, and a token
+    straddling an offset (a subword merge) maps to the token after it."""
+    lengths = [len(tokenizer.decode(ids[:t], skip_special_tokens=True)) for t in range(len(ids) + 1)]
+    out, t = [], 0
+    for offset in offsets:
+        while t < len(ids) and lengths[t] < offset:
+            t += 1
+        out.append(t)
+    return out
+
+
 def step_boundaries(response: str) -> list[int]:
     """Character offsets where a new step starts: 0 and after every newline; a response
     without newlines (the built-in running sum) is split after every space instead. Only
@@ -95,8 +111,10 @@ def mc_advantages(
     segments, prefixes, owners = [], [], []  # (sequence, first token, end token)
     for i, text in enumerate(batch.responses):
         cuts = []
-        for offset in step_boundaries(text):
-            tokens = len(tokenizer(text[:offset], add_special_tokens=False).input_ids) if offset else 0
+        offsets = step_boundaries(text)
+        first = int(batch.prompt_lengths[i])
+        ids = batch.input_ids[i, first: first + lengths[i]].tolist()  # as sampled
+        for offset, tokens in zip(offsets, char_offsets_to_tokens(tokenizer, ids, offsets)):
             if tokens < lengths[i] and (not cuts or tokens > cuts[-1]):
                 cuts.append(tokens)
                 prefixes.append(text[:offset])
