@@ -116,3 +116,22 @@ def test_changed_learning_rates_and_weight_decay_hold_on_resume(tmp_path, full_k
         # the schedule continues (linear warm-up over 3 optimizer steps) from the new base
         assert groups == [(base * min(1.0, (epoch + 1) / 4), 0.1)]
     assert seen[0][2] > 0  # resumed mid-schedule, not restarted
+
+
+def test_a_changed_lr_warmup_holds_from_the_first_resumed_step(tmp_path, full_kl_run,
+                                                               monkeypatch):
+    # Only the schedule changes: the loaded rate was the old schedule's for one step.
+    seen = []
+    update = vapo.ppo_update
+
+    def spy(state, *args, **kwargs):
+        scheduler = state.actor_scheduler
+        seen.append((scheduler.last_epoch, scheduler.base_lrs[0],
+                     state.actor_optimizer.param_groups[0]["lr"]))
+        return update(state, *args, **kwargs)
+
+    monkeypatch.setattr(vapo, "ppo_update", spy)
+    run_dir = resume_copy(full_kl_run, "2-rl-00000002", tmp_path / "res")
+    train(parse_config(resume_argv(run_dir, "--lr_warmup_steps", "10")))
+    epoch, base, lr = seen[0]
+    assert epoch > 0 and lr == base * min(1.0, (epoch + 1) / 11)

@@ -38,10 +38,9 @@ Beside the GAE settings, the setting "Monte-Carlo K=..." trains with the trainer
 value the mean reward of ``mc_samples`` continuations); its step-advantage estimate is
 that per-token advantage, from continuations drawn independently of the ground truth's.
 Step segments are mapped onto the response ids as sampled (as in value-probe; a special
-token drawn mid-response is in the ids, not in the text). The Monte-Carlo setting's
-estimate is read on each step's first token: ``train/mc_advantage.mc_advantages`` still
-locates its segments by re-tokenising the text, shifted one token early per such token,
-which the first token survives while the shift is shorter than a step.
+token drawn mid-response is in the ids, not in the text), as
+``train/mc_advantage.mc_advantages`` maps its own; the Monte-Carlo setting's estimate is
+read on each step's first token.
 Accuracy is reported against RL steps and against training wall time (the trainer's
 per-step phase times summed; evaluations excluded), since Monte-Carlo costs more
 generation per step.

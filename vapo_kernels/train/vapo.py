@@ -647,8 +647,10 @@ def apply_optimizer_options(state: TrainState, config: TrainConfig) -> None:
     config, not the saved ones (loading the optimizers' param_groups and the schedulers'
     base_lrs would silently undo a changed --actor_lr / --critic_lr / --warmup_lr /
     --weight_decay). A learning rate goes in through its scheduler's base_lrs, so the
-    schedule continues from the new base at the step it had reached; an unchanged one is
-    left exactly as loaded."""
+    schedule continues from the new base at the step it had reached. The rate is always
+    recomputed from this run's schedule (the same expression LambdaLR uses, so an unchanged
+    run gets the loaded bits): a changed --lr_warmup_steps alone left the first resumed
+    step on the old schedule's rate."""
     o = config.optim
     for optimizer, scheduler, lr in ((state.warmup_optimizer, None, config.warmup.warmup_lr),
                                      (state.actor_optimizer, state.actor_scheduler, o.actor_lr),
@@ -661,7 +663,7 @@ def apply_optimizer_options(state: TrainState, config: TrainConfig) -> None:
         if scheduler is None:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-        elif any(base != lr for base in scheduler.base_lrs):
+        else:
             scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
             for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
                 group["initial_lr"] = lr
