@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from vapo_kernels.train.config import parse_config
 
@@ -54,6 +55,14 @@ def tiny_policy(tmp_path, *extra: str):
 def read_rows(run_dir) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """Runs here set torch's thread count (--threads 1): give later tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

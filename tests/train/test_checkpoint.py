@@ -40,13 +40,6 @@ def command(run_dir, *extra):
     return [sys.executable, "-m", "vapo_kernels.train", *RUN, "--output_dir", str(run_dir), *extra]
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     """The reference: one run with a checkpoint at every step, none pruned (in this process:

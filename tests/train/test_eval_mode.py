@@ -13,7 +13,7 @@ from vapo_kernels.train.models import build_char_tokenizer, dropout_off
 from vapo_kernels.train.rollout import demonstration_batch, value_estimates
 from vapo_kernels.train.vapo import TrainState, setup_rl
 
-from .conftest import read_rows, tiny_argv, tiny_config
+from .conftest import read_rows, tiny_config
 
 
 def gpt2_with_dropout(folder, alphabet: str, dropout: float = 0.1) -> str:

@@ -32,13 +32,6 @@ from vapo_kernels.train.distributed import DataParallel
 
 from .conftest import read_rows, tiny_argv, tiny_config
 
-@pytest.fixture(autouse=True)
-def _keep_threads():  # the runs here use one thread (--threads 1); give the others theirs back
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 RUN = [*tiny_argv(drop=("--steps",)), "--steps", "3", "--no_save_checkpoint", "--threads", "1"]
 
 

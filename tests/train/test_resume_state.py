@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from vapo_kernels.train import cli, vapo
+from vapo_kernels.train import vapo
 from vapo_kernels.train.cli import main, train
 from vapo_kernels.train.config import parse_config
 
@@ -19,13 +19,6 @@ from .conftest import read_rows
 from .test_checkpoint import RUN, comparable
 
 KL = ["--kl_coef", "0.5"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ hang, a traceback or a late error after the warm-up."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from vapo_kernels.train.cli import _train
 from vapo_kernels.train.config import ConfigError
@@ -16,13 +15,6 @@ from .conftest import tiny_config
 def two_processes() -> DataParallel:
     """Rank 0 of 2 with no real process group: the checks run before any collective."""
     return DataParallel(rank=0, world_size=2, group=object())
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_mc_advantage_is_refused_with_several_processes(tmp_path):
