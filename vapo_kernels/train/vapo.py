@@ -213,7 +213,6 @@ def supervised(
     or ``max_seconds``; returns the last evaluation. ``resume``: continue after the step
     restored from a checkpoint (``state.warmup_optimizer`` restored with it)."""
     w = config.warmup
-    dropout_off(state.policy)  # eval mode in every phase (models.dropout_off)
     if state.warmup_optimizer is None:
         state.warmup_optimizer = warmup_optimizer(state, config)
     optimizer = state.warmup_optimizer
@@ -559,7 +558,6 @@ def value_pretrain(state: TrainState, task: Task, config: TrainConfig, log: Metr
     """Fit the critic to the warmed-up policy's Monte-Carlo returns before any policy update
     (VAPO §3.1: without it the early advantages come from a random critic)."""
     steps = config.algorithm.value_pretrain_steps
-    dropout_off(state.policy), dropout_off(state.value_model)  # eval mode (models.dropout_off)
     log.start_phase("value_pretrain", steps)
     if resume:
         log.advance(state.step)
@@ -580,10 +578,8 @@ def value_pretrain(state: TrainState, task: Task, config: TrainConfig, log: Metr
             micros = micro_batches(mini, config, state.dp)  # --micro_batch_size / token budget
             bad = None
             for micro_index in micros:
-                # one micro-batch: the mini-batch as is (the same numbers as before)
-                micro = mini if len(micros) == 1 else mini.select(micro_index)
-                tokens = batch.token_index(mini_index if len(micros) == 1
-                                           else mini_index[micro_index])
+                micro = mini.select(micro_index)
+                tokens = batch.token_index(mini_index[micro_index])
                 targets = old.targets[tokens.to(old.targets.device)]
                 old_values = old.values[tokens.to(old.values.device)]
                 with timer("loss_forward"):
@@ -676,7 +672,6 @@ def rl(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger,
     """The RL steps; held-out accuracy before the first update and every eval_every steps.
     ``profiler`` (a :class:`.profiling.StepProfiler`) is told when each step starts and ends."""
     run = config.run
-    dropout_off(state.policy), dropout_off(state.value_model)  # eval mode (models.dropout_off)
     log.start_phase("rl", run.steps)
     if resume:
         last_eval = state.last_eval
