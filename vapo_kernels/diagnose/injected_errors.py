@@ -169,6 +169,11 @@ def same_chains_label(label: str, chains: int) -> str:
     return f"{label} [first {chains} chains]"
 
 
+def on_mc_chains(label: str) -> bool:
+    """A GAE row measured on the Monte-Carlo row's chains only (:func:`same_chains_label`)."""
+    return label.endswith(" chains]")
+
+
 BOOTSTRAP_RESAMPLES = 2000
 
 
@@ -245,7 +250,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
     for ax, stage in zip(axes[0], stages):
         for label, data in stage["lambdas"].items():
             mc = label.startswith("Monte-Carlo")
-            style = "s-" if mc else "x:" if label.endswith("chains]") else "o-"
+            style = "s-" if mc else "x:" if on_mc_chains(label) else "o-"
             ax.plot(ks, data["mass_at_k"], style, markersize=4 if mc else 3,
                     linewidth=2 if mc else 1, color="black" if mc else None, label=label)
         ax.plot(ks, stage["uniform_share_of_step_k"], "k--", linewidth=1,
@@ -258,7 +263,7 @@ def plot(results: dict, out_dir: str) -> list[str]:
     names = [save_figure(fig, out_dir, "mass_at_k.png")]
 
     last = stages[-1]
-    shown = {k: v for k, v in last["lambdas"].items() if not k.endswith("chains]")}
+    shown = {k: v for k, v in last["lambdas"].items() if not on_mc_chains(k)}
     fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.4), squeeze=False)
     for ax, (label, data) in zip(axes[0], shown.items()):
         grid = torch.tensor(data["credit_map"])
@@ -312,7 +317,7 @@ def report(results: dict) -> list[str]:
     findings = []
     even = sum(last["uniform_share_of_step_k"]) / length
     for label, data in last["lambdas"].items():
-        if label.endswith("chains]"):
+        if on_mc_chains(label):
             continue
         mass = sum(data["mass_at_k"]) / length
         before = sum(data["mass_before_k"]) / length
@@ -327,7 +332,7 @@ def report(results: dict) -> list[str]:
                         f"{pct(after)} after it")
     lines.append(f"At the last stage ({last['name']}): " + "; ".join(findings) + ".")
     gae = {k: d for k, d in last["lambdas"].items()
-           if not k.startswith("Monte-Carlo") and not k.endswith("chains]")}
+           if not k.startswith("Monte-Carlo") and not on_mc_chains(k)}
     first_k = [d["mass_at_k"][0] for d in gae.values() if d["mass_at_k"][0] == d["mass_at_k"][0]]
     last_k = [d["mass_at_k"][-1] for d in gae.values() if d["mass_at_k"][-1] == d["mass_at_k"][-1]]
     if first_k and last_k and length > 1:
