@@ -406,3 +406,135 @@ def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path):
         assert _backends.clear_stale_lock(lock)
     assert not lock.exists()
     assert not _backends.clear_stale_lock(lock)  # nothing there: nothing to do
+
+
+# --------------------------------------------------------------------------------------
+# The common call's one-pass checks (_ragged.plain_layout) against the full ones.
+
+_LIKE = [
+    lambda t: t,
+    lambda t: t.double(),
+    lambda t: t.bfloat16(),
+    lambda t: t.long(),
+    lambda t: t.t().contiguous().t() if t.dim() == 2 else t,  # strided when 2-D
+    lambda t: t.unsqueeze(-1),
+    lambda t: t[..., :1],
+    lambda t: torch.nn.Parameter(t.clone()),  # a subclass
+]
+_MASKS = [
+    lambda m: None,
+    lambda m: m,
+    lambda m: m.to(torch.uint8),
+    lambda m: m.float(),
+    lambda m: m.t().contiguous().t() if m.dim() == 2 else m,
+    lambda m: m[..., :1],
+    lambda m: [1, 0],
+]
+_OFFSETS = [
+    lambda n: None,
+    lambda n: torch.tensor([0, n], dtype=torch.int64),
+    lambda n: torch.tensor([0, n], dtype=torch.int32),
+    lambda n: torch.tensor([0, n, n], dtype=torch.int64),  # an empty sequence at the end
+    lambda n: torch.tensor([0, n + 1], dtype=torch.int64),  # does not end at N
+    lambda n: torch.tensor([1, n], dtype=torch.int64),
+    lambda n: torch.tensor([0, n], dtype=torch.float32),
+    lambda n: torch.tensor([[0, n]], dtype=torch.int64),
+    lambda n: torch.tensor([0, 0, n], dtype=torch.int64)[::2],  # strided
+]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_plain_layout_accepts_only_what_the_full_checks_pass_unconverted(packed):
+    # The one-pass acceptance of the common call must never accept what check_layout
+    # (or the offsets' values check) refuses, nor inputs the general path would convert:
+    # every combination of argument kinds, each judged both ways.
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from vapo_kernels import _ragged
+
+    shape = (5,) if packed else (2, 5)
+    base = torch.randn(shape)
+    mask = torch.rand(shape) < 0.5
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        kinds=st.lists(st.sampled_from(range(len(_LIKE))), min_size=1, max_size=3),
+        nones=st.lists(st.booleans(), min_size=3, max_size=3),
+        mask_kind=st.sampled_from(range(len(_MASKS))),
+        offsets_kind=st.sampled_from(range(len(_OFFSETS))),
+    )
+    def check(kinds, nones, mask_kind, offsets_kind):
+        tensors = tuple(None if none else _LIKE[k](base) for k, none in zip(kinds, nones))
+        m = _MASKS[mask_kind](mask)
+        cu = _OFFSETS[offsets_kind](shape[0])
+        given_tensors = {f"t{i}": t for i, t in enumerate(tensors) if t is not None}
+        try:
+            layout = _ragged.plain_layout(tensors, m, cu)
+        except ValueError:  # only the offsets' values check raises, as the full path's
+            full = _ragged.check_layout(given_tensors, m, cu)
+            with pytest.raises(ValueError, match="cu_seqlens"):
+                _ragged.check_cu_seqlens_values(cu, full.num_tokens)
+            return
+        if layout is None:
+            return  # the full checks decide
+        assert _ragged.check_layout(given_tensors, m, cu) == layout
+        if cu is not None:
+            _ragged.check_cu_seqlens_values(cu, layout.num_tokens)
+        assert _ragged.as_bool_mask(m) is m
+        dtype = next(iter(given_tensors.values())).dtype
+        assert all(_ragged.dense(t, dtype) is t for t in given_tensors.values())
+
+    check()
+
+
+def test_the_common_loss_call_equals_the_general_path(monkeypatch):
+    # The one-pass acceptance hands the kernel what the general checks and conversions
+    # would: every term on, padded and packed (int32 offsets, an empty sequence), the
+    # same loss, metrics and gradients bit for bit with the one-pass path switched off.
+    g = torch.Generator().manual_seed(3)
+    lengths = [4, 0, 1, 7]
+    n = sum(lengths)
+    cu = torch.tensor([0, 4, 4, 5, 12], dtype=torch.int32)
+    mask = torch.rand(n, generator=g) < 0.7
+
+    def run():
+        x = {k: torch.randn(n, generator=torch.Generator().manual_seed(i))
+             for i, k in enumerate(("logp", "old_logp", "advantages", "values", "old_values",
+                                    "returns", "ref_logp", "entropy", "is_weights"))}
+        x["logp"] = (-x["logp"].abs()).requires_grad_()
+        x["values"].requires_grad_()
+        x["entropy"] = x["entropy"].abs().requires_grad_()
+        x["is_weights"] = x["is_weights"].abs()
+        out = []
+        for layout in ("packed", "padded"):
+            if layout == "packed":
+                args, m, offsets = x, mask, cu
+            else:
+                from strategies import to_padded
+
+                args = {k: to_padded(v.detach(), cu).requires_grad_(v.requires_grad)
+                        for k, v in x.items()}
+                m, offsets = to_padded(mask, cu, False), None
+            loss, metrics = vk.vapo_loss(
+                args["logp"], args["old_logp"], args["advantages"], m, offsets,
+                **{k: args[k] for k in ("values", "old_values", "returns", "ref_logp",
+                                        "entropy", "is_weights")},
+                kl_coef=0.1, entropy_coef=0.01,
+            )
+            loss.backward()
+            out += [loss, *dict(metrics).values()]
+            out += [args[k].grad for k in ("logp", "values", "entropy")]
+        return out
+
+    calls = []
+    plain = token_loss_mod._plain_token_mean
+    monkeypatch.setattr(token_loss_mod, "_plain_token_mean",
+                        lambda a: calls.append(plain(a)) or calls[-1])
+    one_pass = run()
+    assert len(calls) == 2 and all(c is not None for c in calls)  # the one-pass path ran
+    monkeypatch.setattr(token_loss_mod, "_plain_token_mean", lambda a: None)
+    general = run()
+    assert len(one_pass) == len(general)
+    for a, b in zip(one_pass, general):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -124,6 +124,50 @@ def check_layout(
     return Layout(packed=True, num_seqs=cu_seqlens.shape[0] - 1, num_tokens=first.shape[0])
 
 
+def plain_layout(
+    tensors: tuple, mask: torch.Tensor | None, cu_seqlens: torch.Tensor | None
+) -> Layout | None:
+    """The layout of the common call, checked in one pass, or None to send the call
+    through :func:`check_layout` and the conversions. Common: the token tensors (``None``
+    entries skipped, at least one given) are plain contiguous ``torch.Tensor`` of one
+    float dtype, shape and device; the mask is None or a contiguous bool tensor like
+    them; padded 2-D, or packed 1-D with contiguous int32 / int64 ``cu_seqlens`` whose
+    values check. A layout returned here is one :func:`check_layout` and
+    :func:`check_cu_seqlens_values` would accept, for inputs that :func:`as_bool_mask`
+    and :func:`dense` leave as they are - the same kernel call follows. (At micro-batch
+    sizes the general checks, one function per question, cost more than the kernel.)"""
+    first = None
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or not t.is_contiguous():
+            return None
+        if first is None:
+            first, dtype, shape, device = t, t.dtype, t.shape, t.device
+            if dtype not in _FLOAT_DTYPES:
+                return None
+        elif t.dtype != dtype or t.shape != shape or t.device != device:
+            return None
+    if first is None:
+        return None
+    if mask is not None and (
+        type(mask) is not torch.Tensor or mask.dtype != torch.bool or mask.shape != shape
+        or mask.device != device or not mask.is_contiguous()
+    ):
+        return None
+    if cu_seqlens is None:
+        if len(shape) != 2:
+            return None
+        return Layout(False, shape[0], shape[0] * shape[1])
+    if (type(cu_seqlens) is not torch.Tensor
+            or (cu_seqlens.dtype != torch.int64 and cu_seqlens.dtype != torch.int32)
+            or cu_seqlens.dim() != 1 or len(shape) != 1 or cu_seqlens.shape[0] < 1
+            or cu_seqlens.device != device or not cu_seqlens.is_contiguous()):
+        return None
+    check_cu_seqlens_values(cu_seqlens, shape[0])
+    return Layout(True, cu_seqlens.shape[0] - 1, shape[0])
+
+
 def check_mask(mask: torch.Tensor | None, like_name: str, like: torch.Tensor) -> None:
     """A mask is None or a bool/int/float tensor with the shape and device of ``like``."""
     if mask is None:

@@ -494,22 +494,28 @@ def aggregation_scalars(
     )
 
 
-def loss_params(**options) -> tuple[float, ...]:
-    """The ``params`` vector (``P_*`` slots) of the loss kernels from the options (the
-    keywords of :func:`_loss_params`), each checked and named in the error. Cached: a
-    trainer passes the same options every call (under ``torch.compile`` dynamo traces
-    the uncached function instead of warning about the cache)."""
-    if torch.compiler.is_compiling():
-        return _loss_params.__wrapped__(**options)
-    try:
-        return _loss_params(**options)
-    except TypeError:  # an unhashable option (a list): the uncached checks name it
-        return _loss_params.__wrapped__(**options)
+def options_cache(fn):
+    """``fn``, a function of options that checks them and returns something immutable,
+    cached: a trainer passes the same options on every call. ``typed``: 1 and True (or
+    0.5 and np.float32(0.5)) are equal keys, but only one may be valid. Under
+    ``torch.compile`` dynamo traces the uncached function (instead of warning about the
+    cache); an unhashable option (a list) takes it too, whose checks name it."""
+    cached = functools.lru_cache(maxsize=256, typed=True)(fn)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return fn(*args, **kwargs)
+        try:
+            return cached(*args, **kwargs)
+        except TypeError:  # unhashable, or the checks' own TypeError (raised again)
+            return fn(*args, **kwargs)
+
+    return call
 
 
-# typed: 1 and True (or 0.5 and np.float32(0.5)) are equal keys, but only one is valid.
-@functools.lru_cache(maxsize=256, typed=True)
-def _loss_params(
+@options_cache
+def loss_params(
     *,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
@@ -527,7 +533,8 @@ def _loss_params(
     rollout_is_threshold: float | None = None,
     rollout_is_threshold_lower: float | None = None,
 ) -> tuple[float, ...]:
-    """See :func:`loss_params`."""
+    """The ``params`` vector (``P_*`` slots) of the loss kernels from the options, each
+    checked and named in the error."""
     for name, eps in (("clip_low", clip_low), ("clip_high", clip_high)):
         check_number(name, eps, lambda v: v >= 0, "a float >= 0")
     if clip_low > 1.0:
@@ -656,21 +663,7 @@ class LossMetrics(Mapping):
                  lm: bool, rollout: str | None = None):
         self._sums = sums
         self._cache: dict[str, Tensor] = {}
-        self._keys = ["tokens"]
-        if policy:
-            self._keys += [
-                "pg_loss", "clipfrac_low", "clipfrac_high", "clipfrac", "dual_clipfrac",
-                "approx_kl", "approx_kl_k3", "ratio_mean", "ratio_min", "ratio_max",
-            ]
-        if value:
-            self._keys += ["vf_loss", "vf_clipfrac", "explained_var"]
-        self._keys += [k for k, on in (("kl_loss", kl), ("entropy", entropy), ("lm_loss", lm)) if on]
-        if rollout is not None:
-            self._keys += [
-                "rollout_is_mean", "rollout_is_min", "rollout_is_max", "rollout_is_weight_mean",
-                "rollout_is_masked_frac" if rollout == "mask" else "rollout_is_truncated_frac",
-                "rollout_kl", "rollout_k3",
-            ]
+        self._keys = _metric_keys(policy, value, kl, entropy, lm, rollout)
 
     def __iter__(self):
         return iter(self._keys)
@@ -711,6 +704,28 @@ class LossMetrics(Mapping):
         var_err = mean(L.S_VALUE_ERR_SQ) * unbiased  # the slots are centred
         var_ret = mean(L.S_RETURNS_SQ) * unbiased
         return torch.where(tokens > 1, 1.0 - var_err / (var_ret + _EXPLAINED_VAR_EPS), 0.0)
+
+
+@options_cache
+def _metric_keys(policy, value, kl, entropy, lm, rollout) -> tuple[str, ...]:
+    """The names of :class:`LossMetrics` for the terms that are on (one tuple per set:
+    made on every loss call)."""
+    keys = ["tokens"]
+    if policy:
+        keys += [
+            "pg_loss", "clipfrac_low", "clipfrac_high", "clipfrac", "dual_clipfrac",
+            "approx_kl", "approx_kl_k3", "ratio_mean", "ratio_min", "ratio_max",
+        ]
+    if value:
+        keys += ["vf_loss", "vf_clipfrac", "explained_var"]
+    keys += [k for k, on in (("kl_loss", kl), ("entropy", entropy), ("lm_loss", lm)) if on]
+    if rollout is not None:
+        keys += [
+            "rollout_is_mean", "rollout_is_min", "rollout_is_max", "rollout_is_weight_mean",
+            "rollout_is_masked_frac" if rollout == "mask" else "rollout_is_truncated_frac",
+            "rollout_kl", "rollout_k3",
+        ]
+    return tuple(keys)
 
 
 _TOTALS = {

@@ -244,17 +244,32 @@ def screen_nan(loss: Tensor, named_inputs, mask: Tensor | None) -> None:
                 _ragged.check_no_nan_where_valid(arg, t, mask)
 
 
+def _plain_token_mean(a: TokenLossArgs) -> _ragged.Layout | None:
+    """The layout of the common call (VAPO's token mean on one process, inputs that need
+    no conversion; see :func:`_ragged.plain_layout`), or None for the full checks."""
+    if (a.agg != "token-mean" or a.positive is not None or a.global_tokens is not None
+            or a.dp_size != 1.0 or len(a.params) != L.NUM_PARAMS or a.params[L.P_ROLLOUT_IS]):
+        return None
+    return _ragged.plain_layout(a[:9], a.mask, a.cu_seqlens)
+
+
 def _impl(a: TokenLossArgs):
-    layout = _check_static(a)
     tensors = a[:9]
-    first = next(t for t in tensors if t is not None)
-    shape, device = first.shape, first.device
-    mask = _ragged.dense(_ragged.as_bool_mask(a.mask), torch.bool)
-    dtype = _input_dtype(tensors)
-    acc = _ragged.acc_dtype(dtype)
-    dense = [_ragged.dense(t, dtype) for t in tensors]
+    layout = _plain_token_mean(a)
+    if layout is not None:  # what the general path below would pass to the kernel
+        first = next(t for t in tensors if t is not None)
+        device, mask, dense, seq_w, lm_w = first.device, a.mask, tensors, None, None
+        offs = _ragged.offsets(layout, first.shape, a.cu_seqlens, device)
+    else:
+        layout = _check_static(a)
+        first = next(t for t in tensors if t is not None)
+        shape, device = first.shape, first.device
+        mask = _ragged.dense(_ragged.as_bool_mask(a.mask), torch.bool)
+        dtype = _input_dtype(tensors)
+        dense = [_ragged.dense(t, dtype) for t in tensors]
+        offs, seq_w, lm_w = aggregation_weights(
+            a, layout, shape, device, mask, _ragged.acc_dtype(dtype))
     _, kernel = _backends.select("token_loss", device, a.backend)
-    offs, seq_w, lm_w = aggregation_weights(a, layout, shape, device, mask, acc)
     loss, sums, *grads = kernel(*dense, mask, offs, seq_w, lm_w, a.params, a.need_grad)
     screen_nan(loss, zip(_input_names(a), tensors), mask)
     return loss, sums, *grads
@@ -326,6 +341,43 @@ def _need_grad(logp, values, entropy) -> bool:
         (isinstance(logp, Tensor) and logp.requires_grad)
         or (isinstance(values, Tensor) and values.requires_grad)
         or (isinstance(entropy, Tensor) and entropy.requires_grad)
+    )
+
+
+@loss_spec.options_cache
+def _vapo_params(
+    value, kl, entropy, positive, clip_low, clip_high, dual_clip, ratio_log_clamp, value_clip,
+    value_clip_form, vf_coef, kl_kind, kl_coef, entropy_coef, lm_coef, rollout_is,
+    rollout_is_mode, rollout_is_threshold, rollout_is_threshold_lower,
+) -> tuple[float, ...]:
+    """:func:`vapo_loss`'s ``params`` from its options and which terms are on (their
+    inputs given): a coefficient left at None takes its default when its term is on and
+    is 0 when it is off; one set for a term that is off raises (it would be ignored)."""
+    coefs = {}
+    for name, given, default, term, needs in (
+        ("vf_coef", vf_coef, 1.0, value, "values and returns"),
+        ("kl_coef", kl_coef, 0.0, kl, "ref_logp"),
+        ("entropy_coef", entropy_coef, 0.0, entropy, "entropy"),
+        ("lm_coef", lm_coef, 0.1, positive, "positive"),
+    ):
+        if not term and given:  # an explicit 0 ignores nothing
+            raise ValueError(f"{name}={given!r} is set but its term is off: pass {needs}")
+        coefs[name] = (default if given is None else given) if term else 0.0
+    if kl_kind != "k3":  # checked with or without the KL term: None would turn it off
+        loss_spec.kl_codes(kl_kind)
+    return loss_params(
+        clip_low=clip_low,
+        clip_high=clip_high,
+        dual_clip=dual_clip,
+        ratio_log_clamp=ratio_log_clamp,
+        value_clip=value_clip if value else None,
+        value_clip_form=value_clip_form,
+        kl_kind=kl_kind if kl else None,
+        **coefs,
+        rollout_is=rollout_is,
+        rollout_is_mode=rollout_is_mode,
+        rollout_is_threshold=rollout_is_threshold,
+        rollout_is_threshold_lower=rollout_is_threshold_lower,
     )
 
 
@@ -406,18 +458,6 @@ def vapo_loss(
         raise ValueError(
             "the value term needs values and returns (and old_values when value_clip is set)"
         )
-    coefs = {}  # the effective coefficient of each term: its default when on, 0 when off
-    for name, given, default, term, needs in (
-        ("vf_coef", vf_coef, 1.0, value, "values and returns"),
-        ("kl_coef", kl_coef, 0.0, ref_logp is not None, "ref_logp"),
-        ("entropy_coef", entropy_coef, 0.0, entropy is not None, "entropy"),
-        ("lm_coef", lm_coef, 0.1, positive is not None, "positive"),
-    ):
-        if not term and given:  # an explicit 0 ignores nothing
-            raise ValueError(f"{name}={given!r} is set but its term is off: pass {needs}")
-        coefs[name] = (default if given is None else given) if term else 0.0
-    if kl_kind != "k3":  # checked with or without the KL term: None would turn it off
-        loss_spec.kl_codes(kl_kind)
     if ref_logp is not None and logp is None:
         raise ValueError("the KL term needs logp")
     if positive is not None and logp is None:
@@ -430,16 +470,11 @@ def vapo_loss(
         rollout_logp, is_weights, policy, rollout_is, rollout_is_mode, rollout_is_threshold,
         rollout_is_threshold_lower,
     )
-    params = loss_params(
-        clip_low=clip_low,
-        clip_high=clip_high,
-        dual_clip=dual_clip,
-        ratio_log_clamp=ratio_log_clamp,
-        value_clip=value_clip if value else None,
-        value_clip_form=value_clip_form,
-        kl_kind=kl_kind if ref_logp is not None else None,
-        **coefs,
-        **rollout,
+    params = _vapo_params(
+        value, ref_logp is not None, entropy is not None, positive is not None, clip_low,
+        clip_high, dual_clip, ratio_log_clamp, value_clip, value_clip_form, vf_coef, kl_kind,
+        kl_coef, entropy_coef, lm_coef, rollout_is, rollout_is_mode, rollout_is_threshold,
+        rollout_is_threshold_lower,
     )
     if value and value_clip is None:
         old_values = None
