@@ -623,7 +623,10 @@ def test_opcheck_masked_whiten():
 
 
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
-def test_torch_compile_fullgraph(compile_backend):
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+def test_torch_compile_fullgraph(compile_backend, mask_dtype):
+    # Int and float 0/1 masks too: their 0/1 check reads values, so it must not run in the
+    # traced wrapper (a review found gae failing there with a dynamo error naming nothing).
     torch._dynamo.reset()
 
     def step(r, v, m, cu):
@@ -634,8 +637,18 @@ def test_torch_compile_fullgraph(compile_backend):
     r, v = torch.randn(10), torch.randn(10)
     m = torch.rand(10) < 0.8
     m[0] = m[1] = True
+    m = m.to(mask_dtype)
     cu = torch.tensor([0, 3, 10], dtype=torch.int32)
     torch.testing.assert_close(compiled(r, v, m, cu), step(r, v, m, cu))
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.int64, torch.float32])
+def test_vmap_over_a_batch_of_int_or_float_masks(mask_dtype):
+    r, v = torch.randn(3, 2, 6), torch.randn(3, 2, 6)
+    m = (torch.rand(3, 2, 6) < 0.7).to(mask_dtype)
+    got = torch.vmap(lambda r, v, m: vk.gae(r, v, m, whiten=False)[0])(r, v, m)
+    want = torch.stack([vk.gae(r[i], v[i], m[i])[0] for i in range(3)])
+    torch.testing.assert_close(got, want)
 
 
 # --------------------------------------------------------------------------------------

@@ -167,11 +167,13 @@ class Op:
         wants_grad = False
         for i in self.tensor_fields:
             t = a[i]
+            if t is None:  # most optional inputs, most calls: the cheapest test first
+                continue
             if type(t) is Tensor and not t.is_meta:
                 wants_grad = wants_grad or t.requires_grad
             elif isinstance(t, Tensor):  # a subclass (fake, functional, DTensor...) or meta
                 return getattr(torch.ops.vapo, self.name)(*a)
-            # anything else (None, or a wrong type the op's checks will name) passes
+            # anything else (a wrong type the op's checks will name) passes
         if (self.grad_transform_function is not None
                 and torch._C._functorch.peek_interpreter_stack() is not None):  # cheap first
             # Under torch.func gradient transforms only (grad, vjp, jacrev) the op runs as an

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _device_cache, _ragged
-from .._library import Op, mark_outputs_constant, no_gradient
+from .._library import Op, _tracing, mark_outputs_constant, no_gradient
 from .whiten import masked_whiten
 
 MASK_MODES = ("skip", "zero")
@@ -312,8 +312,10 @@ def decoupled_gae(
         lam_policy = 0.0  # placeholder: the op derives lambda_policy from alpha
     lam_p, scalar_p = _lambda(lam_policy)
     lam_c, scalar_c = _lambda(lam_critic)
-    if isinstance(mask, Tensor) and mask.dtype != torch.bool:
-        mask = _ragged.as_bool_mask(mask)  # once here, not again in the whitening op
+    if isinstance(mask, Tensor) and mask.dtype != torch.bool and not _tracing():
+        # Once here, not again in the whitening op. Not while traced (torch.compile, vmap):
+        # the 0/1 check reads the mask's values, which the ops do inside themselves.
+        mask = _ragged.as_bool_mask(mask)
     adv, targets = gae_op(GaeArgs(
         rewards, values, mask, cu_seqlens, lam_p, lam_c, scalar_p, scalar_c, gamma,
         float(alpha or 0.0), mask_mode, backend or "",
