@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -544,6 +545,30 @@ def test_nan_in_masked_slot_is_not_an_error():
     m = torch.ones(2, 5, dtype=torch.bool)
     m[0, 0] = False
     vk.gae(R, v, m)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("where, value", [
+    ("values", math.inf), ("values", -math.inf), ("rewards", math.inf), ("rewards", -math.inf),
+    ("values", math.nan),
+])
+def test_a_non_finite_valid_input_is_named(backend, device, where, value):
+    # +-inf in a valid slot gave NaN / inf advantages without an error (kernel review).
+    r, v = R.clone().to(device), V.clone().to(device)
+    (v if where == "values" else r)[1, 2] = value
+    with pytest.raises(ValueError, match=f"^{where} contains"):
+        vk.gae(r, v, backend=backend)
+    m = torch.ones(2, 5, dtype=torch.bool, device=device)
+    m[1, 2] = False  # masked: ignored, as any garbage there
+    assert torch.isfinite(vk.gae(r, v, m, backend=backend)[0]).all()
+
+
+def test_advantages_overflowing_from_finite_inputs_is_an_error_not_inf():
+    r = torch.full((1, 4), 3e38)
+    with pytest.raises(ValueError, match="overflowed although every valid reward and value"):
+        vk.gae(r, torch.zeros(1, 4), lam=1.0)
+    # A sum over finite advantages that overflows is not an error.
+    vk.gae(torch.full((1, 4), 2e38), torch.zeros(1, 4), gamma=0.0, lam=0.0)
 
 
 def test_validation_can_be_switched_off():

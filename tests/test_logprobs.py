@@ -1151,9 +1151,33 @@ def test_plus_inf_logit_in_a_valid_row_is_refused_by_every_backend(backend):
     old, adv = torch.full((1, 2), -1.0), torch.ones(1, 2)
     with pytest.raises(ValueError, match=r"\+inf"):
         vk.policy_loss_from_logits(logits, targets, old, adv, entropy_coef=0.1, backend=backend)
-    logp, entropy = vk.token_logprobs(logits, targets, return_entropy=True, backend=backend)
-    assert math.isnan(logp[0, 0]) and math.isnan(entropy[0, 0])  # the row; not -inf / +inf
-    assert math.isfinite(logp[0, 1]) and math.isfinite(entropy[0, 1])
+    # token_logprobs too (it returned a NaN row, a review found): named, with the row.
+    with pytest.raises(ValueError, match=r"logits contain NaN or \+inf.*row 0"):
+        vk.token_logprobs(logits, targets, return_entropy=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, "all -inf"])
+def test_token_logprobs_names_a_non_finite_valid_row_and_ignores_a_masked_one(backend, bad):
+    logits = torch.randn(2, 3, 5)
+    if bad == "all -inf":
+        logits[1, 2] = -math.inf
+    else:
+        logits[1, 2, 3] = bad
+    targets = torch.randint(0, 5, (2, 3))
+    with pytest.raises(ValueError, match=r"logits contain NaN or \+inf \(or only -inf\).*row 5"):
+        vk.token_logprobs(logits, targets, backend=backend)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[1, 2] = False
+    clean = logits.clone()
+    clean[1, 2] = 0.0
+    assert torch.equal(vk.token_logprobs(logits, targets, mask, backend=backend),
+                       vk.token_logprobs(clean, targets, mask, backend=backend))
+    vk.set_validation(False)
+    try:  # validation off: no check, no sync; the row is NaN as log_softmax gives it
+        assert math.isnan(vk.token_logprobs(logits, targets, backend=backend)[1, 2])
+    finally:
+        vk.set_validation(True)
 
 
 def test_two_d_logits_strided_along_the_vocabulary_are_copied_not_refused():

@@ -462,6 +462,30 @@ def packed_equals_padded(backend, case, agg, dual):
         assert packed == 0 and mp["tokens"] == 0 and mp["ratio_min"] == 1
 
 
+@pytest.mark.parametrize("backend", ON_CPU)
+def test_a_non_finite_loss_from_finite_inputs_says_what_overflowed(backend):
+    # ratio_log_clamp=inf (TRL's no-clamp) and a log-ratio of 100: the fp32 ratio is inf
+    # and a zero advantage times it NaN - the loss came back NaN without an error
+    # (kernel review); every valid input is finite, so the error says what overflowed.
+    logp, old = torch.tensor([[100.0, 0.0]]), torch.zeros(1, 2)
+    adv = torch.tensor([[0.0, 1.0]])
+    with pytest.raises(ValueError, match="every valid input is finite.*ratio_log_clamp"):
+        vk.policy_loss(logp, old, adv, ratio_log_clamp=math.inf, backend=backend)
+    loss, _ = vk.policy_loss(logp, old, adv, backend=backend)  # the default clamp: finite
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", ON_CPU)
+@pytest.mark.parametrize("value", [math.inf, -math.inf])
+def test_an_infinite_valid_input_that_makes_the_loss_infinite_is_named(backend, value):
+    logp, old, adv, mask, g = random_batch(8)
+    adv = adv.clone()
+    first = tuple(int(i) for i in torch.nonzero(mask)[0])  # a valid token
+    adv[first] = value
+    with pytest.raises(ValueError, match="^advantages contains ±inf"):
+        vk.policy_loss(logp, old, adv, mask, backend=backend)
+
+
 @pytest.mark.parametrize("garbage", [float("nan"), 1e30, -float("inf")])
 @pytest.mark.parametrize("backend", ON_CPU)
 def test_garbage_in_masked_slots_changes_nothing(backend, garbage):

@@ -224,6 +224,23 @@ def check_no_nan_where_valid(name: str, t: torch.Tensor, mask: torch.Tensor | No
         raise ValueError(f"{name} contains NaN at valid (unmasked) positions")
 
 
+def name_nonfinite_input(named_inputs, mask: torch.Tensor | None, output: str) -> None:
+    """For an ``output`` that came out NaN (or infinite) with validation on: raise naming
+    the first of ``named_inputs`` ((name, tensor or None) pairs of the mask's shape) with
+    a NaN, else one with an infinity, at a valid position. Returns when every valid input
+    is finite: the caller then says what overflowed."""
+    named_inputs = [(name, t) for name, t in named_inputs if t is not None]
+    for name, t in named_inputs:
+        check_no_nan_where_valid(name, t, mask)
+    for name, t in named_inputs:
+        bad = torch.isinf(t)
+        if mask is not None:
+            bad &= mask
+        if bool(bad.any()):
+            raise ValueError(f"{name} contains ±inf at valid (unmasked) positions, which "
+                             f"makes {output} NaN or infinite")
+
+
 def is_callers_leaf(t: torch.Tensor) -> bool:
     """``t`` is a leaf tensor or a view of one: memory the caller owns, which an
     ``inplace_backward`` must not overwrite."""

@@ -234,12 +234,18 @@ def _impl(a: GaeArgs) -> tuple[Tensor, Tensor]:
     coef_c = _coefficients(a.lam_critic, a.scalar_lam_critic, a.gamma, "lam_critic", n, acc, device)
     _, kernel = _backends.select("gae", device, a.backend)
     adv, ret = kernel(*tokens, mask, offs, coef_p, coef_c, float(a.gamma), a.mask_mode == "skip")
-    # A NaN in a valid reward or value always reaches that token's advantage, and masked
-    # slots never produce one, so one reduction over the output screens both inputs; the
-    # per-argument check (several passes) runs only when something is wrong.
-    if _ragged.validation_enabled() and math.isnan(adv.sum().item()):
-        _ragged.check_no_nan_where_valid("values", a.values, mask)
-        _ragged.check_no_nan_where_valid("rewards", rewards, mask)
+    # A NaN or an infinity in a valid reward or value always reaches that token's
+    # advantage, and masked slots never produce one, so one reduction over the output
+    # screens both inputs; the per-argument checks (several passes) run only when
+    # something is wrong.
+    if _ragged.validation_enabled() and not math.isfinite(adv.sum().item()):
+        _ragged.name_nonfinite_input((("values", a.values), ("rewards", rewards)), mask,
+                                     "the advantages")
+        if not bool(torch.isfinite(adv).all()):  # not just the sum overflowing
+            raise ValueError(
+                "the advantages overflowed although every valid reward and value is "
+                "finite: rewards or values near the dtype's largest number"
+            )
     return adv, ret
 
 

@@ -23,11 +23,11 @@ from .._library import Op, loss_from_gradients
 from . import loss_spec
 from . import token_logprobs as lp_ops
 from .token_loss import (
+    LOSS_OVERFLOW,
     aggregation_weights,
     check_aggregation,
     rollout_mode,
     rollout_options,
-    screen_nan,
 )
 
 
@@ -155,15 +155,19 @@ def _loss_sums(a: LogitsLossArgs, out: Tensor | None) -> tuple[Tensor, Tensor]:
         None if out is None else lp_ops._rows(out, writable=True),
     )
     loss = L.loss_total(sums, a.params)
-    if _ragged.validation_enabled() and bool(torch.isnan(loss)):
+    if _ragged.validation_enabled() and not math.isfinite(loss.item()):
         names = _ROLLOUT_INPUTS if a.params[L.P_ROLLOUT_IS] else _TOKEN_INPUTS
-        screen_nan(loss, zip(names, flat), valid)
+        named = [(name, t) for name, t in zip(names, flat) if t is not None]
+        for name, t in named:  # a NaN input first: it also makes its row's gradient NaN
+            _ragged.check_no_nan_where_valid(name, t, valid)
         # A NaN (or +inf) logit makes its row's gradient NaN; in place the logits are
         # gone, but their gradient rows show it just as well.
         rows = lp_ops._rows(a.logits if out is None else out)
         bad = rows.isnan() if out is not None else rows.isnan() | (rows == math.inf)
         if bool((bad.any(-1) & valid).any()):
             raise ValueError("logits contain NaN or +inf in a valid row")
+        _ragged.name_nonfinite_input(named, valid, "the loss")
+        raise ValueError(LOSS_OVERFLOW)
     return loss, sums
 
 

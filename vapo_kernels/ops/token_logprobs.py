@@ -336,6 +336,14 @@ def _forward(a: TokenLogprobsArgs):
         _rows(a.logits), a.targets.reshape(-1).long().contiguous(), _flat_mask(a.mask),
         float(a.temperature),
     )
+    # A valid row's log-prob is NaN exactly when its logits hold a NaN or a +inf (or are
+    # all -inf); skipped rows give 0. One reduction screens them all.
+    if _ragged.validation_enabled() and math.isnan(logp.sum().item()):
+        row = int(torch.nonzero(logp.isnan())[0, 0])
+        raise ValueError(
+            f"logits contain NaN or +inf (or only -inf) in a valid row: row {row} of the "
+            "(N, V) rows"
+        )
     return logp.view(shape), entropy.view(shape), stats.view(*shape, 2)
 
 

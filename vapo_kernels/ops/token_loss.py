@@ -234,14 +234,23 @@ def aggregation_weights(a, layout, shape, device, mask, acc):
 def screen_nan(loss: Tensor, named_inputs, mask: Tensor | None) -> None:
     """A NaN in a valid input always reaches its term's sum and so the loss (a zero
     coefficient too: 0 * NaN), and masked slots never produce one: one check of the loss
-    screens every input; per-input checks run only when something is wrong, to name the
-    argument."""
+    screens every input; the per-input checks run only when the loss is NaN or infinite
+    (useless to an optimizer either way), to name the argument - or, every valid input
+    finite, to say what overflowed."""
     # .item(): one read of the 0-d loss (on a GPU the same one sync as bool(isnan(loss)));
     # on a CPU ~3 us less than building a bool tensor first.
-    if _ragged.validation_enabled() and math.isnan(loss.item()):
-        for arg, t in named_inputs:
-            if t is not None:
-                _ragged.check_no_nan_where_valid(arg, t, mask)
+    if _ragged.validation_enabled() and not math.isfinite(loss.item()):
+        _ragged.name_nonfinite_input(named_inputs, mask, "the loss")
+        raise ValueError(LOSS_OVERFLOW)
+
+
+LOSS_OVERFLOW = (
+    "the loss is NaN or infinite although every valid input is finite: an overflow in the "
+    "input dtype "
+    "(a log-ratio above ~88 in fp32 makes the ratio inf - with ratio_log_clamp=inf, or "
+    "above 88 - and a zero advantage times it NaN; or values / returns near the dtype's "
+    "largest number)"
+)
 
 
 def _plain_token_mean(a: TokenLossArgs) -> _ragged.Layout | None:
