@@ -299,8 +299,9 @@ def policy_loss_from_logits(
     rollout_is_mode, rollout_is_threshold, rollout_is_threshold_lower, ref_logp, kl_kind,
     kl_coef, entropy_coef, positive, lm_coef``), computed by one
     kernel (``vapo::logits_loss``) that also writes the gradient of the logits during the
-    forward; ``inplace_backward=True`` writes it over the logits, which must then not be
-    used again (leaf logits are refused). Targets -100 are left out. Computed in float32
+    forward; ``inplace_backward=True`` writes it over the logits during this call (not
+    at the backward, as :func:`token_logprobs` does), so they hold the gradient once it
+    returns and must not be read again (leaf logits are refused). Targets -100 are left out. Computed in float32
     (float64 for float64 logits). Metrics include the aggregated entropy.
     """
     temperature = lp_ops.check_temperature(temperature)
