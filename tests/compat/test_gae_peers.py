@@ -177,8 +177,8 @@ def test_verl_patch_swaps_and_restores(verl_core, monkeypatch):
         calls.append(1)
         return adapter_gae(*args, **kwargs)
 
-    adapter_gae = adapter.gae
-    monkeypatch.setattr(adapter, "gae", counting_gae)
+    adapter_gae = adapter._gae  # vapo_kernels.gae under verl's argument names
+    monkeypatch.setattr(adapter, "_gae", counting_gae)
 
     rewards, values, mask = multi_turn_batch(7, 4, 16, garbage=10.0)
     mask[0, :3] = 1  # at least two valid tokens

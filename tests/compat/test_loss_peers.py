@@ -497,13 +497,13 @@ def test_verl_patch_swaps_and_restores(verl_core, monkeypatch):
     assert original_vanilla is originals["compute_policy_loss_vanilla"]
 
     calls = []
-    real = adapter._agg_loss
+    real = adapter._agg_loss_named  # vapo_kernels.agg_loss under verl's argument names
 
     def counted(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(adapter, "_agg_loss", counted)
+    monkeypatch.setattr(adapter, "_agg_loss_named", counted)
     logp, old, adv, mask = policy_inputs(23, torch.float32)
     cfg = actor_config(0.2, 0.28, 3.0, {})
     want_gpg = verl_core.get_policy_loss_fn("gpg")(old, logp, adv, mask, "token-mean", cfg)[0]

@@ -19,6 +19,10 @@ and numerics:
   :func:`vapo_kernels.agg_loss`). Where a peer divides 0 by 0 (no valid token) these
   give 0; the other differences are listed per module.
 
+An error names the argument as the peer's signature does: the checks of our functions
+report under the adapter's names (a NaN in verl's ``vpreds`` is reported as ``vpreds``,
+not as the ``values`` of :func:`vapo_kernels.value_loss` it is passed to).
+
 Nothing here imports a peer at import time. ``patch()`` / ``unpatch()`` of the verl,
 OpenRLHF and TRL modules import the peer and swap the adapters into it (and back).
 
@@ -30,6 +34,7 @@ environment variable, which applies when no backend is set here).
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -37,6 +42,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .._backends import BACKENDS
 from .._ragged import validation_enabled
 from .. import token_logprobs
 
@@ -44,8 +50,14 @@ _backend: str | None = None
 
 
 def set_backend(name: str | None) -> None:
-    """Kernel backend for every compat adapter (``None``: automatic / ``VAPO_BACKEND``)."""
+    """Kernel backend for every compat adapter (``None``: automatic / ``VAPO_BACKEND``).
+
+    Checked here: the adapters' signatures have no ``backend`` argument that a later error
+    could name.
+    """
     global _backend
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"set_backend: name must be one of {BACKENDS} or None, got {name!r}")
     _backend = name
 
 
@@ -73,7 +85,48 @@ def _scalar(name: str, x) -> float:
                 f"{tuple(x.shape)} is not supported by the fused scan"
             )
         return float(x.item())
-    return float(x)
+    try:
+        return float(x)
+    except (TypeError, ValueError):  # float()'s own message names no argument
+        raise TypeError(
+            f"{name} must be a number or a one-element tensor, got {type(x).__name__}"
+        ) from None
+
+
+def _peer_names(fn: Callable, **names: str) -> Callable:
+    """``fn``, one of our functions an adapter calls, whose ValueError / TypeError names
+    the arguments as the user passed them: ``names`` maps ``fn``'s argument names to the
+    peer signature's (verl's ``compute_value_loss`` passes ``vpreds`` as our ``values``).
+
+    Only the message changes (the exception keeps its type, traceback and cause). Every
+    name is replaced in one pass - ``values -> vpreds`` with ``old_values -> values``
+    must not turn the new ``values`` into ``vpreds`` - and only as a whole word
+    (``mask``, not the one in ``masked_whiten`` or ``response_mask``).
+    """
+
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError) as e:
+            # Dynamo cannot rewrite an exception while it traces; without fullgraph it
+            # runs the call again eagerly, which renames.
+            if e.args and isinstance(e.args[0], str) and not torch.compiler.is_compiling():
+                pattern = r"\b(" + "|".join(map(re.escape, names)) + r")\b"
+                message = re.sub(pattern, lambda m: names[m.group(1)], e.args[0])
+                e.args = (message, *e.args[1:])
+            raise
+
+    return call
+
+
+def _at_most_one(clip_low):
+    """A lower clip range capped at 1: 1 - clip_low <= 0 clips nothing (the ratio is
+    positive), as 1 - 1 = 0 does. What cannot be compared (None, a list) goes to the op
+    as it is, which refuses it by name; ``min``'s TypeError would name nothing."""
+    try:
+        return min(clip_low, 1.0)
+    except TypeError:
+        return clip_low
 
 
 def _entropy(logits: Tensor) -> Tensor:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..ops.gae import decoupled_gae, masked_whiten
-from . import _check_binary_mask, _peer_dtype, get_backend
+from . import _check_binary_mask, _peer_dtype, _peer_names, _scalar, get_backend
 
 __all__ = ["build_token_level_rewards", "compute_gae"]
 
@@ -71,17 +71,24 @@ def compute_gae(
     with torch.no_grad():
         _check_binary_mask("mask", mask)
         backend = get_backend()
+        # Each lambda under the GAEConfig field it comes from, for the errors.
+        value_name = "gae_lambda" if gae_lambda_value is None else "gae_lambda_value"
+        policy_name = "gae_lambda" if gae_lambda_policy is None else "gae_lambda_policy"
         lam_value = gae_lambda if gae_lambda_value is None else gae_lambda_value
         lam_policy = gae_lambda if gae_lambda_policy is None else gae_lambda_policy
-        alpha = float(length_adaptive_alpha) if length_adaptive_alpha > 0 else None
-        adv, returns = decoupled_gae(
+        alpha = _scalar("length_adaptive_alpha", length_adaptive_alpha)
+        named = _peer_names(
+            decoupled_gae, rewards="token_level_rewards", gamma="gae_gamma",
+            lam_critic=value_name, lam_policy=policy_name, alpha="length_adaptive_alpha",
+        )
+        adv, returns = named(
             token_level_rewards,
             values,
             mask,
-            gamma=float(gae_gamma),
-            lam_critic=float(lam_value),
-            lam_policy=float(lam_policy),
-            alpha=alpha,
+            gamma=_scalar("gae_gamma", gae_gamma),
+            lam_critic=_scalar(value_name, lam_value),
+            lam_policy=_scalar(policy_name, lam_policy),
+            alpha=alpha if alpha > 0 else None,
             mask_mode="skip",
             backend=backend,
         )

@@ -81,10 +81,13 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.gae import gae
-from .. import token_logprobs
+from .. import _ragged, token_logprobs
 from .. import agg_loss as _agg_loss
 from .. import policy_loss, value_loss
-from . import _check_binary_mask, _entropy, _peer_dtype, _scalar, _Swap, get_backend
+from . import (
+    _at_most_one, _check_binary_mask, _entropy, _peer_dtype, _peer_names, _scalar, _Swap,
+    get_backend,
+)
 
 __all__ = [
     "PolicyLoss",
@@ -98,6 +101,17 @@ __all__ = [
     "patch",
     "unpatch",
 ]
+
+# Our functions under OpenRLHF's argument names: their errors name what the user passed.
+_gae = _peer_names(gae, mask="action_mask", lam_policy="lambd", lam_critic="lambd")
+_token_logprobs = _peer_names(token_logprobs, targets="labels")
+_COUNTS = {"global_tokens": "batch_num_tokens", "global_seqs": "global_batch_size"}
+_agg_loss_named = _peer_names(_agg_loss, loss_mat="loss", mask="loss_mask", **_COUNTS)
+_policy_loss = _peer_names(
+    policy_loss, logp="log_probs", old_logp="old_log_probs", mask="action_mask",
+    clip_low="clip_eps_low", clip_high="clip_eps_high", **_COUNTS,
+)
+_value_loss = _peer_names(value_loss, mask="action_mask", value_clip="clip_eps", **_COUNTS)
 
 
 def get_advantages_and_returns(
@@ -120,7 +134,7 @@ def get_advantages_and_returns(
     """
     with torch.no_grad():
         _check_binary_mask("action_mask", action_mask)
-        adv, returns = gae(
+        adv, returns = _gae(
             rewards,
             values,
             action_mask,
@@ -148,7 +162,9 @@ def normalize_advantages(
         out  = (A - mean) * rsqrt(max(var, 1e-8))   or  A - mean  when no_std_norm
 
     applied to every token, masked ones included. Returns the same structure it was
-    given; each output keeps its input's dtype, as in OpenRLHF.
+    given; each output keeps its input's dtype, as in OpenRLHF. A mask value other than
+    0 / 1 raises ``ValueError`` (OpenRLHF weights tokens by it; the statistics here count
+    tokens).
     """
     single = isinstance(advantages, Tensor)
     advs = [advantages] if single else list(advantages)
@@ -158,7 +174,8 @@ def normalize_advantages(
     with torch.no_grad():
         # Statistics in float32 whatever the advantage dtype, as OpenRLHF's ``.float()``.
         flat = torch.cat([a.reshape(-1) for a in advs]).float()
-        valid = torch.cat([m.reshape(-1) for m in masks]) != 0
+        # OpenRLHF weights tokens by the mask: a fractional one is refused, not binarised
+        valid = _ragged.as_bool_mask(torch.cat([m.reshape(-1) for m in masks]), "action_masks")
         count = valid.sum()
         zero = flat.new_zeros(())
         mean = torch.where(valid, flat, zero).sum() / count
@@ -187,7 +204,7 @@ def log_probs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1
     float32 (float64 for float64 logits). Unlike OpenRLHF, ``logits`` is left unchanged
     (no in-place division by the temperature).
     """
-    return token_logprobs(logits, labels, temperature=temperature, backend=get_backend())
+    return _token_logprobs(logits, labels, temperature=temperature, backend=get_backend())
 
 
 def compute_entropy(logits: Tensor) -> Tensor:
@@ -260,7 +277,7 @@ def aggregate_loss(
     """
     _check_binary_mask("loss_mask", loss_mask)
     kwargs = _agg_kwargs(token_level_loss, dp_size, batch_num_tokens, global_batch_size)
-    out, _ = _agg_loss(_as_rows(loss), _as_rows(loss_mask), **kwargs)
+    out, _ = _agg_loss_named(_as_rows(loss), _as_rows(loss_mask), **kwargs)
     return _in_peer_dtype(out, loss, loss_mask)
 
 
@@ -343,11 +360,10 @@ class PolicyLoss(nn.Module):
     ) -> tuple[Tensor, Tensor, Tensor, None, None]:
         _check_binary_mask("action_mask", action_mask)
         kwargs = _agg_kwargs(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
-        loss, m = policy_loss(
+        loss, m = _policy_loss(
             _as_rows(log_probs), _as_rows(old_log_probs), _as_rows(advantages),
             _as_rows(action_mask),
-            # 1 - eps_low <= 0 clips nothing (the ratio is positive), as 1 - 1 = 0 does
-            clip_low=min(self.clip_eps_low, 1.0), clip_high=self.clip_eps_high,
+            clip_low=_at_most_one(self.clip_eps_low), clip_high=self.clip_eps_high,
             dual_clip=self.dual_clip, ratio_log_clamp=20.0, **kwargs,
         )
         loss = _in_peer_dtype(loss, log_probs, old_log_probs, advantages, action_mask)
@@ -426,7 +442,7 @@ class ValueLoss(nn.Module):
         _check_binary_mask("action_mask", action_mask)
         kwargs = _agg_kwargs(self.token_level_loss, dp_size, batch_num_tokens, global_batch_size)
         clip = self.clip_eps
-        loss, _ = value_loss(
+        loss, _ = _value_loss(
             _as_rows(values), None if clip is None else _as_rows(old_values), _as_rows(returns),
             _as_rows(action_mask), value_clip=None if clip is None else _scalar("clip_eps", clip),
             value_clip_form="openrlhf", **kwargs,

@@ -27,12 +27,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _ragged
 from ..ops.gae import gae
-from . import _scalar, get_backend
+from . import _peer_names, _scalar, get_backend
 
 __all__ = ["generalized_advantage_estimate"]
 
 _SHAPE_ERR = "All input tensors (value, reward and done states) must share a unique shape."
+
+# The scan's rewards are the TD errors: a NaN there comes from one of these inputs.
+_gae = _peer_names(gae, rewards="reward + gamma * next_state_value - state_value")
 
 
 def _time_axis(ndim: int, numel: int, time_dim: int) -> int:
@@ -90,6 +94,9 @@ def generalized_advantage_estimate(
             raise TypeError(f"{name} must be a bool tensor, got {flag.dtype}")
     gamma = _scalar("gamma", gamma)
     lmbda = _scalar("lmbda", lmbda)
+    # checked here: the scan sees only their product
+    _ragged.check_unit_interval("gamma", gamma)
+    _ragged.check_unit_interval("lmbda", lmbda)
     axis = _time_axis(state_value.ndim, state_value.numel(), time_dim)
     with torch.no_grad():
         # TorchRL multiplies gamma by an int32 flag tensor: the product is float32.
@@ -113,7 +120,7 @@ def generalized_advantage_estimate(
         # passed as lam with gamma=1 so the scan's coefficient is exactly that number.
         coef = float(torch.tensor(lmbda * gamma, dtype=torch.float32))
         flat = rows.reshape(-1)
-        adv, _ = gae(
+        adv, _ = _gae(
             flat,
             torch.zeros_like(flat),
             None,

@@ -56,7 +56,7 @@ from torch import Tensor
 from ..ops.gae import gae, masked_whiten
 from .. import token_logprobs
 from .. import policy_loss, value_loss
-from . import _entropy, _peer_dtype, _scalar, _Swap, get_backend
+from . import _at_most_one, _entropy, _peer_dtype, _peer_names, _scalar, _Swap, get_backend
 
 __all__ = [
     "compute_advantages_and_returns",
@@ -67,6 +67,21 @@ __all__ = [
     "selective_log_softmax",
     "unpatch",
 ]
+
+# Our functions under TRL's argument names: their errors name what the user passed. The
+# masks TRL derives from sequence_lengths are named by it.
+_whiten_rewards = _peer_names(masked_whiten, x="rewards", mask="sequence_lengths")
+_gae = _peer_names(gae, lam_policy="lam", lam_critic="lam")
+_whiten_advantages = _peer_names(masked_whiten, mask="sequence_lengths")
+_policy_loss = _peer_names(
+    policy_loss, logp="new_logprobs", old_logp="mb_logprobs", advantages="mb_advantage",
+    mask="padding_mask", clip_low="cliprange", clip_high="cliprange",
+)
+_value_loss = _peer_names(
+    value_loss, values="vpred", old_values="mb_values", returns="mb_return",
+    mask="padding_mask_p1", value_clip="cliprange_value",
+)
+_token_logprobs = _peer_names(token_logprobs, targets="index")
 
 
 def compute_advantages_and_returns(
@@ -105,12 +120,12 @@ def compute_advantages_and_returns(
         padding_mask_p1 = positions > lengths + 1
         values = values.masked_fill(padding_mask_p1, 0)
         if whiten_rewards:
-            rewards = masked_whiten(
+            rewards = _whiten_rewards(
                 rewards, ~padding_mask_p1, unbiased=True, eps=1e-8, shift_mean=False,
                 backend=backend,
             )
             rewards = rewards.masked_fill(padding_mask_p1, 0)
-        adv, returns = gae(
+        adv, returns = _gae(
             rewards,
             values,
             None,  # TRL's loop has no mask: every slot, padding included, is a step
@@ -118,7 +133,7 @@ def compute_advantages_and_returns(
             lam=_scalar("lam", lam),
             backend=backend,
         )
-        adv = masked_whiten(adv, ~padding_mask, unbiased=True, eps=1e-8, backend=backend)
+        adv = _whiten_advantages(adv, ~padding_mask, unbiased=True, eps=1e-8, backend=backend)
         adv = adv.masked_fill(padding_mask, 0)
         return adv.to(dtype), returns.to(dtype)
 
@@ -168,12 +183,11 @@ def ppo_loss(
     half-precision inputs give float32 results.
     """
     eps = _scalar("cliprange", cliprange)
-    pg_loss, pm = policy_loss(
+    pg_loss, pm = _policy_loss(
         new_logprobs, mb_logprobs, mb_advantage, ~padding_mask.bool(),
-        # 1 - eps <= 0 clips nothing (the ratio is positive), as 1 - 1 = 0 does
-        clip_low=min(eps, 1.0), clip_high=eps, ratio_log_clamp=math.inf, backend=get_backend(),
+        clip_low=_at_most_one(eps), clip_high=eps, ratio_log_clamp=math.inf, backend=get_backend(),
     )
-    vf_loss, vm = value_loss(
+    vf_loss, vm = _value_loss(
         vpred, mb_values, mb_return, ~padding_mask_p1.bool(),
         value_clip=_scalar("cliprange_value", cliprange_value), value_clip_form="verl", backend=get_backend(),
     )
@@ -207,7 +221,7 @@ def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
     a ``(..., V)`` buffer.
     """
     if index.dim() == logits.dim() - 1:
-        return token_logprobs(logits, index, backend=get_backend())
+        return _token_logprobs(logits, index, backend=get_backend())
     if index.dim() != logits.dim() or index.shape[:-1] != logits.shape[:-1]:
         raise ValueError(
             f"index must have shape {tuple(logits.shape[:-1])} or "

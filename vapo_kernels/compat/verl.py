@@ -110,7 +110,10 @@ from .. import agg_loss as _agg_loss
 from .. import kl_penalty as _kl_penalty
 from .. import policy_loss, value_loss
 from .._loss_layout import KL_CODES as KL_KINDS
-from . import _check_binary_mask, _entropy, _peer_dtype, _scalar, _Swap, get_backend
+from . import (
+    _at_most_one, _check_binary_mask, _entropy, _peer_dtype, _peer_names, _scalar, _Swap,
+    get_backend,
+)
 
 __all__ = [
     "agg_loss",
@@ -127,6 +130,39 @@ __all__ = [
     "patch",
     "unpatch",
 ]
+
+
+# Our functions under verl's argument names: their errors name what the user passed.
+_gae = _peer_names(
+    gae, rewards="token_level_rewards", mask="response_mask", lam_policy="lam", lam_critic="lam"
+)
+_masked_whiten = _peer_names(masked_whiten, mask="response_mask")
+_token_logprobs = _peer_names(token_logprobs, targets="labels")
+_linear_logprobs = _peer_names(
+    linear_logprobs, targets="labels", process_group="dist_process_group"
+)
+_kl_penalty_named = _peer_names(
+    _kl_penalty, logp="logprob", ref_logp="ref_logprob", kl_kind="kl_penalty"
+)
+_COUNTS = {  # agg_loss' arguments, which every loss takes
+    "agg": "loss_agg_mode", "global_tokens": "batch_num_tokens",
+    "global_seqs": "global_batch_size",
+}
+_agg_loss_named = _peer_names(_agg_loss, mask="loss_mask", **_COUNTS)
+_value_loss = _peer_names(
+    value_loss, values="vpreds", old_values="values", mask="response_mask",
+    value_clip="cliprange_value", **_COUNTS,
+)
+_POLICY = {"logp": "log_prob", "old_logp": "old_log_prob", "mask": "response_mask", **_COUNTS}
+_policy_loss_vanilla = _peer_names(  # the clip ranges come from the config
+    policy_loss, is_weights="rollout_is_weights", **_POLICY,
+    clip_low="config.clip_ratio_low (or config.clip_ratio)",
+    clip_high="config.clip_ratio_high (or config.clip_ratio)", dual_clip="config.clip_ratio_c",
+)
+_policy_loss_deprecated = _peer_names(
+    policy_loss, **_POLICY, clip_low="cliprange_low (or cliprange)",
+    clip_high="cliprange_high (or cliprange)", dual_clip="clip_ratio_c",
+)
 
 
 def _lam_arg(lam, batch: int) -> float | Tensor:
@@ -163,7 +199,7 @@ def compute_gae_advantage_return(
     with torch.no_grad():
         _check_binary_mask("response_mask", response_mask)
         backend = get_backend()
-        adv, returns = gae(
+        adv, returns = _gae(
             token_level_rewards,
             values,
             response_mask,
@@ -172,7 +208,7 @@ def compute_gae_advantage_return(
             mask_mode="skip",
             backend=backend,
         )
-        adv = masked_whiten(adv, response_mask, unbiased=True, eps=1e-8, backend=backend)
+        adv = _masked_whiten(adv, response_mask, unbiased=True, eps=1e-8, backend=backend)
         dtype = _peer_dtype(token_level_rewards, values, response_mask)
         return adv.to(dtype), returns.to(dtype)
 
@@ -194,7 +230,7 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, inplace_backward: bool 
     """
     inplace = (bool(inplace_backward) and logits.requires_grad
                and not _ragged.is_callers_leaf(logits))
-    return token_logprobs(logits, labels, inplace_backward=inplace, backend=get_backend())
+    return _token_logprobs(logits, labels, inplace_backward=inplace, backend=get_backend())
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:
@@ -306,7 +342,7 @@ def linear_cross_entropy(
         world = dist.get_world_size(dist_process_group)
         if world > 1:
             hidden_rows = _PartialHiddenGrad.apply(hidden_rows, world)
-    logp, entropy = linear_logprobs(
+    logp, entropy = _linear_logprobs(
         hidden_rows, weight, labels.reshape(-1), temperature=temperature, return_entropy=True,
         process_group=dist_process_group, backend=get_backend(),
     )
@@ -375,18 +411,20 @@ def _verl_masked_mean(
 
 
 def _policy(old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c,
-            loss_agg_mode, rollout_is_weights, global_batch_info):
-    """verl's vanilla PPO policy loss: (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower)."""
+            loss_agg_mode, rollout_is_weights, global_batch_info, named_policy_loss):
+    """verl's vanilla PPO policy loss: (pg_loss, pg_clipfrac, ppo_kl, pg_clipfrac_lower).
+
+    ``named_policy_loss``: :func:`vapo_kernels.policy_loss` under the caller's names.
+    """
     assert clip_ratio_c > 1.0, (
         "The lower bound of the clip_ratio_c for dual-clip PPO should be greater than 1.0,"
         + f" but get the value: {clip_ratio_c}."
     )
     _check_binary_mask("response_mask", response_mask)
     kwargs = _agg_kwargs(loss_agg_mode, **global_batch_info)
-    loss, m = policy_loss(
+    loss, m = named_policy_loss(
         _as_rows(log_prob), _as_rows(old_log_prob), _as_rows(advantages), _as_rows(response_mask),
-        # 1 - clip_low <= 0 clips nothing (the ratio is positive), as 1 - 1 = 0 does
-        clip_low=min(clip_low, 1.0), clip_high=clip_high, dual_clip=clip_ratio_c,
+        clip_low=_at_most_one(clip_low), clip_high=clip_high, dual_clip=clip_ratio_c,
         ratio_log_clamp=20.0, is_weights=_as_rows(rollout_is_weights), **kwargs,
     )
     loss = _in_peer_dtype(
@@ -435,7 +473,7 @@ def compute_policy_loss_vanilla(
     clip_ratio_c = config.get("clip_ratio_c", 3.0)
     loss, clipfrac, ppo_kl, clipfrac_lower = _policy(
         old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c,
-        loss_agg_mode, rollout_is_weights, config.global_batch_info,
+        loss_agg_mode, rollout_is_weights, config.global_batch_info, _policy_loss_vanilla,
     )
     metrics = {
         "actor/pg_clipfrac": clipfrac.item(),
@@ -473,7 +511,7 @@ def compute_policy_loss(
     clip_high = cliprange if cliprange_high is None else cliprange_high
     return _policy(
         old_log_prob, log_prob, advantages, response_mask, clip_low, clip_high, clip_ratio_c,
-        loss_agg_mode, None, {},
+        loss_agg_mode, None, {}, _policy_loss_deprecated,
     )
 
 
@@ -504,7 +542,7 @@ def agg_loss(
     kwargs = _agg_kwargs(
         loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
     )
-    loss, _ = _agg_loss(_as_rows(loss_mat), _as_rows(loss_mask), **kwargs)
+    loss, _ = _agg_loss_named(_as_rows(loss_mat), _as_rows(loss_mask), **kwargs)
     return _in_peer_dtype(loss, loss_mat, loss_mask)
 
 
@@ -537,7 +575,7 @@ def compute_value_loss(
         loss_agg_mode, dp_size, batch_num_tokens, global_batch_size, loss_scale_factor
     )
     clip = None if cliprange_value is None else _scalar("cliprange_value", cliprange_value)
-    loss, m = value_loss(
+    loss, m = _value_loss(
         _as_rows(vpreds), _as_rows(values), _as_rows(returns), _as_rows(response_mask),
         value_clip=clip, value_clip_form="verl", **kwargs,
     )
@@ -561,7 +599,7 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     if base not in KL_KINDS:
         raise NotImplementedError(f"kl_penalty {kl_penalty!r} is not implemented")
     if KL_KINDS[base] != KL_KINDS["k3"]:
-        return _kl_penalty(logprob, ref_logprob, kl_penalty)
+        return _kl_penalty_named(logprob, ref_logprob, kl_penalty)
     log_ratio = torch.clamp(ref_logprob - logprob, min=-20.0, max=20.0)
     value = torch.clamp(torch.exp(log_ratio) - log_ratio - 1, min=-10.0, max=10.0)
     if not straight:
