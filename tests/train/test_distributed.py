@@ -1,6 +1,8 @@
 """Data parallelism on CPU with gloo: 2 processes (FSDP2) compute the same whitening, loss,
-gradient norm and updated parameters as 1 process on the same data; a 2-process run
-resumes from a 2-process checkpoint."""
+gradient norm, metrics and updated parameters as 1 process on the same data; metric rows
+combine over the processes as each metric means; every process acts on rank 0's
+evaluation; a 2-process run resumes from a 2-process checkpoint; an error on one process
+ends the job with its traceback instead of hanging."""
 
 from __future__ import annotations
 
@@ -9,7 +11,9 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vapo_kernels as vk
-from vapo_kernels.train import distributed
+from vapo_kernels.train import distributed, vapo
 from vapo_kernels.train.cli import _value_model_maker, build_policy, build_task
 from vapo_kernels.train.distributed import DataParallel
 from vapo_kernels.train.metrics import PhaseTimer
@@ -49,6 +53,8 @@ def _worker(rank, store, out_dir):
     dp = _join(rank, store)
     try:
         _whiten_share(rank, dp, out_dir)
+        _reduce_rows(rank, dp, out_dir)
+        _evaluate(rank, dp, out_dir)
         for agg in AGGS:
             result = ppo_update_result(Path(out_dir) / f"r{rank}-{agg}", agg, dp)
             torch.save(result, os.path.join(out_dir, f"update-{agg}-{rank}.pt"))
@@ -89,6 +95,52 @@ def test_masked_whiten_over_processes_equals_whole_batch(two_processes):
         torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-6)
 
 
+# -- metric rows over the processes ------------------------------------------------------------
+def _reduce_rows(rank, dp, out_dir):
+    row = {"phase": "rl", "reward": [0.25, 0.75][rank], "response_length_max": [20, 28][rank],
+           "lam_policy_min": [0.9, 0.95][rank], "ratio_max": [1.5, 1.2][rank],
+           "peak_rss_mb": [300.0, 400.0][rank], "verifier_errors": [1, 2][rank],
+           "approx_kl": [0.1, 0.4][rank], "actor_grad_norm": 2.0}
+    out = dp.reduce_row(row, weights={"approx_kl": [10.0, 30.0][rank]},
+                        combined=("actor_grad_norm",))
+    torch.save(out, os.path.join(out_dir, f"row-{rank}.pt"))
+
+
+def test_metric_rows_combine_over_processes_as_each_metric_means(two_processes):
+    # A mean of everything logged a maximum length of 24 (of 20 and 28), a peak memory of
+    # 350 MB, and a token-weighted rate as the plain mean of the processes' rates.
+    for rank in range(WORLD):
+        row = torch.load(two_processes / f"row-{rank}.pt")
+        assert row == {"phase": "rl", "reward": 0.5, "response_length_max": 28,
+                       "lam_policy_min": 0.9, "ratio_max": 1.5, "peak_rss_mb": 400.0,
+                       "verifier_errors": 3,
+                       "approx_kl": pytest.approx((0.1 * 10 + 0.4 * 30) / 40),
+                       "actor_grad_norm": 2.0}, rank
+
+
+# -- the evaluation every process acts on -----------------------------------------------------
+def _evaluate(rank, dp, out_dir):
+    """Rank 1's held-out scores differ from rank 0's (as GPU non-determinism could make them)."""
+    scores = torch.tensor([[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]][rank])
+    task = SimpleNamespace(heldout=lambda: [SimpleNamespace(steps=s) for s in (2, 2, 3, 3)])
+    real = vapo.sample
+    vapo.sample = lambda *a, **k: SimpleNamespace(scores=scores, response_lengths=torch.ones(4))
+    try:
+        result = vapo.evaluate(SimpleNamespace(dp=dp), task, None)
+    finally:
+        vapo.sample = real
+    torch.save(result, os.path.join(out_dir, f"eval-{rank}.pt"))
+
+
+def test_every_process_acts_on_rank_0_s_evaluation(two_processes):
+    # Each process decided from its own evaluation whether the warm-up reached its target
+    # accuracy: one stopping alone would leave the other in a collective, forever.
+    for rank in range(WORLD):
+        result = torch.load(two_processes / f"eval-{rank}.pt")
+        assert result["heldout_accuracy"] == 0.25, rank
+        assert result["heldout_accuracy_long"] == 0.0, rank
+
+
 # -- one PPO update: 2 processes == 1 process ------------------------------------------------
 def _update_argv(agg: str) -> list[str]:
     return ["--mini_batches", "1", "--ppo_epochs", "2", "--loss_agg", agg, "--threads", "1",
@@ -110,7 +162,7 @@ def ppo_update_result(tmp_path, agg: str, dp: DataParallel, *extra: str) -> dict
     share = torch.tensor(dp.shard(list(range(batch.size))))
     batch = batch.select(share)
     old, _ = old_outputs(state, batch, config, PhaseTimer())
-    row = dp.mean_row(ppo_update(state, batch, old, config, PhaseTimer()))
+    row = ppo_update(state, batch, old, config, PhaseTimer())  # over both processes
     params = {}
     for name, model in (("policy", state.policy), ("value", state.value_model)):
         for key, p in model.named_parameters():
@@ -135,9 +187,18 @@ def test_two_processes_make_the_same_update_as_one(tmp_path, two_processes, agg)
     # token-sum adds ~100 float32 terms that nearly cancel (whitened advantages): its error
     # is absolute, ~tokens x eps of each term, not relative.
     absolute = 1e-6 * one["tokens"] if agg == "token-sum" else 1e-7
-    for key in ("pg_loss", "vf_loss", "lm_loss", "actor_grad_norm", "critic_grad_norm"):
-        assert two[0]["row"][key] == pytest.approx(one["row"][key], rel=1e-5, abs=absolute), key
-    assert one["row"]["actor_grad_norm"] > 0
+    # Every metric, not only the loss terms: the rates (clip fractions, approx_kl, ratio
+    # mean) are token-weighted over both processes, the ratio range is the range over both.
+    # explained_var is not additive over tokens: each micro-batch's own, token-weighted,
+    # so it depends on how the batch is cut (here into other micro-batches than on one).
+    assert two[0]["row"].keys() == one["row"].keys()
+    for key in one["row"]:
+        if key == "explained_var":
+            continue
+        for r in range(WORLD):
+            assert two[r]["row"][key] == pytest.approx(one["row"][key], rel=1e-5,
+                                                       abs=absolute), (key, r)
+    assert one["row"]["actor_grad_norm"] > 0 and one["row"]["ratio_max"] > 1
     for key, want in one["params"].items():
         torch.testing.assert_close(two[0]["params"][key], want, rtol=1e-5, atol=1e-6)
 
@@ -190,6 +251,46 @@ def test_a_refused_run_folder_stops_every_process_with_one_line(tmp_path, case):
     ours = [line for line in err.splitlines() if "vapo-train: error:" in line]
     assert len(ours) == 1 and "--output-dir:" in ours[0] and case in ours[0], err
     assert "[rank1]" not in err and "[rank0]" not in err, err  # no process's traceback
+
+
+FAIL_ON_RANK_1 = """
+import os, signal, sys
+from vapo_kernels.train import vapo
+from vapo_kernels.train.cli import main
+
+signal.alarm(90)  # a regression fails the test rather than leaving hung processes behind
+real = vapo.batch_metrics
+
+def failing(*args):  # a rank-local error (an OOM, a full disk), mid-step
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("injected failure on rank 1")
+    return real(*args)
+
+vapo.batch_metrics = failing
+sys.exit(main())
+"""
+
+
+def test_an_error_on_one_process_ends_the_job_at_once_with_its_traceback(tmp_path):
+    # The failing process waited in shutdown's barrier while the other waited in the step's
+    # collective: nothing happened until gloo's 30-min timeout, and no traceback was printed.
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(WORLD),
+           "--standalone", str(script), *RUN, "--warmup_steps", "0",
+           "--output_dir", str(tmp_path / "run")]
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun stops its workers on SIGTERM
+        _, err = proc.communicate()
+    seconds = time.perf_counter() - start
+    assert proc.returncode != 0, err[-4000:]
+    assert "RuntimeError: injected failure on rank 1" in err, err[-4000:]
+    assert seconds < 60, (seconds, err[-4000:])  # ~11 s on 2 cores; hung: the 90-s alarm
 
 
 def _comparable(rows):

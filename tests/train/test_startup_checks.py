@@ -4,6 +4,7 @@ hang, a traceback or a late error after the warm-up."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from vapo_kernels.train.cli import _train
 from vapo_kernels.train.config import ConfigError
@@ -63,6 +64,38 @@ def test_prompts_that_do_not_split_over_the_processes_are_refused_at_startup(tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_share_that_does_not_split_into_the_mini_batches_is_refused(tmp_path):
+    # 12 sequences over 2 processes: each cut its 6 into torch.chunk's 3 pieces, not the 4
+    # mini-batches asked for (fewer optimizer steps, silently; value pretraining too).
+    config = tiny_config(tmp_path, "--prompts_per_step", "6", "--group_size", "2",
+                         "--mini_batches", "4")  # fine on one process: 4 x 3 sequences
+    with pytest.raises(ConfigError, match="--mini-batches: each of the 2 processes trains on "
+                                          "6 of the 12 sequences of a step, which do not "
+                                          "divide into 4 mini-batches"):
+        _train(config, two_processes())
+    assert not (tmp_path / "run").exists()
+
+
+def test_micro_batches_keep_their_bound_on_a_share_it_does_not_divide(tmp_path):
+    # A process's 6-sequence share with --micro_batch_size 4 went through whole (6 // 4 = 1
+    # piece): above the documented memory bound. The old log-prob forwards of a whole
+    # share (mini-batches x a share smaller than the bound) did the same.
+    import random
+
+    from vapo_kernels.train.cli import build_policy, build_task
+    from vapo_kernels.train.rollout import demonstration_batch
+    from vapo_kernels.train.vapo import micro_batches
+
+    config = tiny_config(tmp_path, "--micro_batch_size", "4")
+    task = build_task(config)
+    _, tokenizer = build_policy(config, task)
+    for size, pieces in ((6, [3, 3]), (8, [4, 4]), (3, [3]), (9, [3, 3, 3])):
+        batch = demonstration_batch(tokenizer, task, random.Random(0), size)
+        plan = micro_batches(batch, config, DataParallel())
+        assert sorted(torch.cat(plan).tolist()) == list(range(size))
+        assert [len(p) for p in plan] == pieces, size
+
+
 def test_a_warm_up_batch_that_does_not_split_over_the_processes_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--warmup-batch-size: 15 demonstrations do not "
                                           "split evenly over 2 processes"):
@@ -82,8 +115,11 @@ class _TwoProcessesAlone(DataParallel):
     def barrier(self) -> None:
         pass
 
-    def mean_row(self, row):
+    def reduce_row(self, row, weights=None, combined=()):
         return row
+
+    def from_main(self, value):
+        return value
 
 
 def test_the_warm_up_batch_is_global_and_split_over_the_processes(tmp_path, monkeypatch):

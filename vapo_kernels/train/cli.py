@@ -233,10 +233,12 @@ def train(config: TrainConfig) -> dict:
     """The whole run; returns the summary (also written to RUN/summary.json). Under torchrun
     every process runs this and joins the process group first."""
     dp = distributed.from_environment(config)
-    try:
-        return _train(config, dp)
-    finally:
-        distributed.shutdown(dp)
+    summary = _train(config, dp)
+    # Only after a normal end: an error leaves the group as it is and propagates, so this
+    # process exits with its traceback at once (shutdown's barrier would wait for the
+    # others, which may sit in a collective this process never joins: a silent hang).
+    distributed.shutdown(dp)
+    return summary
 
 
 def seed_and_device(run) -> torch.device:
@@ -269,6 +271,15 @@ def _check_processes(config: TrainConfig, dp: DataParallel) -> None:
                 f"{n} prompts (prompts_per_step x group_size without group sampling)")
         raise ConfigError("prompts-per-step", f"{what} do not split evenly over {world} "
                           "processes")
+    # Each process cuts its own share into the mini-batches: a share that does not divide
+    # gave torch.chunk fewer pieces, so fewer optimizer steps than --mini_batches, silently.
+    # (--micro_batch_size needs no check: micro_batches() keeps each forward within it.)
+    share, minis = config.batch_size // world, config.optim.mini_batches
+    if share % minis:
+        raise ConfigError("mini-batches", f"each of the {world} processes trains on {share} of "
+                          f"the {config.batch_size} sequences of a step, which do not divide "
+                          f"into {minis} mini-batches: the batch (prompts_per_step x "
+                          f"group_size) must divide by {minis} x {world} processes")
     w = config.warmup
     if (w.warmup_steps or config.run.supervised_baseline) and w.warmup_batch_size % world:
         raise ConfigError("warmup-batch-size", f"{w.warmup_batch_size} demonstrations do not "

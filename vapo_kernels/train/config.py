@@ -171,7 +171,9 @@ class OptimArgs:
     mini_batches: int = _opt(2, "Optimizer steps per epoch; the batch must divide into them.")
     micro_batch_size: int = _opt(0, "Sequences per forward/backward (gradient accumulation); "
                                  "also bounds the no-grad old log-prob / value / reference "
-                                 "forwards and value pretraining's; 0: the whole mini-batch.")
+                                 "forwards and value pretraining's; 0: the whole mini-batch. "
+                                 "Under torchrun a bound on each process's forwards (its "
+                                 "share is cut into as few micro-batches as stay within it).")
     grad_clip: float = _opt(1.0, "Gradient-norm clip per model (0: off).")
     weight_decay: float = _opt(0.0, "AdamW weight decay.")
     max_tokens_per_microbatch: int = _opt(0, "Token budget of a micro-batch (prompt + response "

@@ -7,7 +7,9 @@ process would train on. The loss op gets the *global* token / sequence counts of
 mini-batch and ``dp_size = N``: each process's loss is then N times its share of the global
 loss, and FSDP's gradient average (a mean over the N processes) is exactly the gradient of
 the global loss, in every aggregation mode. Advantage whitening takes its mean and variance
-over all processes (``vk.masked_whiten(..., process_group=)``).
+over all processes (``vk.masked_whiten(..., process_group=)``). Each process draws its own
+sampling noise (seeded ``seed * 1_000_003 + rank``), so a run's numbers depend on the
+process count from the first rollout on; one update on the same batch does not.
 
 Without torchrun (no ``WORLD_SIZE`` in the environment) everything here is a no-op on one
 process and no process group is created.
@@ -16,16 +18,30 @@ process and no process group is created.
 from __future__ import annotations
 
 import os
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .config import ConfigError, TrainConfig
-
+from .metrics import MEMORY_KEYS
 
 SUMMED_METRICS = ("verifier_errors",)  # counts over all processes, not means
+
+
+def reduction(key: str) -> str:
+    """How a metric combines over the processes: counts add up; ranges (``*_min``,
+    ``*_max``) and memory peaks are the extreme over the processes (a mean of maxima is
+    no maximum); everything else is a mean (see :meth:`DataParallel.reduce_row`)."""
+    if key in SUMMED_METRICS:
+        return "sum"
+    if key.endswith("_min"):
+        return "min"
+    if key.endswith("_max") or key in MEMORY_KEYS:
+        return "max"
+    return "mean"
 
 
 @dataclass
@@ -57,6 +73,25 @@ class DataParallel:
                         group=self.group)
         return t.tolist()
 
+    def gather(self, values: Sequence[float]) -> list[list[float]]:
+        """Every process's ``values`` (the same length everywhere), in rank order, in float64
+        (one collective)."""
+        if not self.distributed:
+            return [[float(v) for v in values]]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t, group=self.group)
+        return [p.tolist() for p in parts]
+
+    def from_main(self, value: Any) -> Any:
+        """Rank 0's ``value`` (any picklable object) on every process: for decisions every
+        process must take alike, from numbers that could differ between them."""
+        if not self.distributed:
+            return value
+        shared = [value]
+        dist.broadcast_object_list(shared, src=0, group=self.group)
+        return shared[0]
+
     @property
     def device(self) -> torch.device:
         if self.distributed and dist.get_backend(self.group) == "nccl":
@@ -71,20 +106,35 @@ class DataParallel:
         per = len(items) // self.world_size
         return items[self.rank * per:(self.rank + 1) * per]
 
-    def mean_row(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A metrics row averaged over the processes (numeric entries; one collective).
+    def reduce_row(self, row: dict[str, Any], weights: dict[str, float] | None = None,
+                   combined: Container[str] = ()) -> dict[str, Any]:
+        """A metrics row over every process (its numeric entries; one collective).
 
-        Exact for the loss terms (each process reports N x its share of the global loss)
-        and for means over equal-sized shards (reward, lengths); token-weighted rates become
-        a mean of per-process rates. Counts (SUMMED_METRICS) are summed."""
+        Each key combines as :func:`reduction` says: counts are summed, ``*_min`` /
+        ``*_max`` and memory peaks are the min / max over the processes, the rest a mean,
+        which is exact for the loss terms (each process reports N x its share of the global
+        loss) and for means over equal shares (reward, response length). A key in
+        ``weights`` (this process's weight of it, e.g. the tokens a token-weighted rate
+        was taken over) is the weighted mean instead, the rate over every process's
+        tokens. Keys in ``combined`` are global already and left as they are."""
         if not self.distributed:
             return row
-        keys = sorted(k for k, v in row.items() if isinstance(v, (int, float))
-                      and not isinstance(v, bool) and v is not None)
-        totals = self.all_reduce([row[k] for k in keys])
+        keys = sorted(k for k, v in row.items() if k not in combined
+                      and isinstance(v, (int, float)) and not isinstance(v, bool))
+        weights = weights or {}
+        weighted = [k for k in keys if k in weights and reduction(k) == "mean"]
+        table = self.gather([row[k] for k in keys] + [weights[k] for k in weighted])
+        column = {k: [r[i] for r in table] for i, k in enumerate(keys)}
+        weight = {k: [r[len(keys) + i] for r in table] for i, k in enumerate(weighted)}
         out = dict(row)
-        for key, total in zip(keys, totals):
-            out[key] = total if key in SUMMED_METRICS else total / self.world_size
+        for key, values in column.items():
+            how = reduction(key)
+            if key in weight:
+                out[key] = sum(v * w for v, w in zip(values, weight[key])) / sum(weight[key])
+            elif how == "mean":
+                out[key] = sum(values) / len(values)
+            else:
+                out[key] = {"sum": sum, "min": min, "max": max}[how](values)
         return out
 
 
@@ -105,7 +155,12 @@ def from_environment(config: TrainConfig) -> DataParallel:
 
 
 def shutdown(dp: DataParallel) -> None:
-    """Leave the process group; the barrier first (gloo teardown without it aborted ~1 in 6)."""
+    """Leave the process group after a run that ended normally on every process: the
+    barrier first (gloo teardown without it aborted ~1 in 6). Never call this while an
+    exception propagates: the other processes may be waiting in a collective this one
+    will not join, so the barrier (or a teardown waiting for their work) would hang until
+    the collective timeout (30 min) with the error unprinted. Exiting with the traceback
+    closes this process's connections and torchrun stops the others."""
     if dp.distributed and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

@@ -132,7 +132,11 @@ def evaluate(state: TrainState, task: Task, config: TrainConfig) -> dict[str, fl
         middle = (steps.min() + steps.max()) / 2
         out["heldout_accuracy_short"] = batch.scores[steps <= middle].mean().item()
         out["heldout_accuracy_long"] = batch.scores[steps > middle].mean().item()
-    return out
+    # Every process evaluates the same held-out set, but its numbers could still differ
+    # (GPU non-determinism): rank 0's are the ones logged and the ones every process acts
+    # on (the warm-up stops at a target accuracy: one process stopping alone would leave
+    # the others waiting in a collective).
+    return state.dp.from_main(out)
 
 
 def nonfinite(values: dict[str, Any]) -> str | None:
@@ -242,7 +246,7 @@ def supervised(
         _, bad = guarded_update(state, [("actor", state.policy, optimizer, None)],
                                 config.optim.grad_clip, nonfinite({"lm_loss": loss}))
         log.advance()
-        row: dict[str, Any] = state.dp.mean_row({"lm_loss": loss.item()})
+        row: dict[str, Any] = state.dp.reduce_row({"lm_loss": loss.item()})
         done = time.perf_counter() - start >= max_seconds or step == max_steps
         if step % w.warmup_eval_every == 0 or done:
             last_eval = state.last_eval = evaluate(state, task, config)
@@ -426,13 +430,16 @@ def split(count: int, parts: int, generator: torch.Generator | None) -> list[Ten
 
 
 def micro_batches(mini: RolloutBatch, config: TrainConfig, dp: DataParallel) -> list[Tensor]:
-    """Index sets of the micro-batches of a mini-batch: ``micro_batch_size`` sequences each,
-    or packed under ``max_tokens_per_microbatch`` (rows x padded width; a longer sequence
-    goes alone). With several processes every one runs the same number of micro-batches
-    (FSDP's collectives pair up), the largest count over the processes."""
+    """Index sets of the micro-batches of a mini-batch: at most ``micro_batch_size``
+    sequences each (exactly that many when it divides the mini-batch), or packed under
+    ``max_tokens_per_microbatch`` (rows x padded width; a longer sequence goes alone). With
+    several processes every one runs the same number of micro-batches (FSDP's collectives
+    pair up): with micro_batch_size their shares are equal, with the token budget it is
+    the largest count over the processes."""
     o = config.optim
     if not o.max_tokens_per_microbatch:
-        return split(mini.size, max(1, mini.size // (o.micro_batch_size or mini.size)), None)
+        per = o.micro_batch_size or mini.size  # a bound: rounding the count up keeps it
+        return split(mini.size, max(1, -(-mini.size // per)), None)
     widths = (mini.prompt_lengths + mini.response_lengths).tolist()
     plan: list[list[int]] = []
     for i in sorted(range(mini.size), key=lambda i: widths[i]):  # similar lengths together
@@ -450,11 +457,12 @@ def micro_batches(mini: RolloutBatch, config: TrainConfig, dp: DataParallel) -> 
 
 
 class MetricAccumulator:
-    """Combines vapo_loss metrics over micro-batches and mini-batches into one row.
+    """Combines vapo_loss metrics over micro-batches, mini-batches and processes into one row.
 
     Loss terms computed with global counts are shares of their mini-batch loss (summed per
-    mini-batch, then averaged over mini-batches); rates are token-weighted means; ranges
-    (``*_min`` / ``*_max``: the ratio, the rollout weights) are min / max.
+    mini-batch, then averaged over mini-batches); rates are token-weighted means (over
+    every process's tokens); ranges (``*_min`` / ``*_max``: the ratio, the rollout
+    weights) are min / max.
     """
 
     ADDITIVE = ("pg_loss", "vf_loss", "kl_loss", "entropy", "lm_loss")
@@ -481,11 +489,12 @@ class MetricAccumulator:
                 self.sums[key] = self.sums.get(key, 0.0) + v * tokens
                 self.weights[key] = self.weights.get(key, 0.0) + tokens
 
-    def row(self) -> dict[str, float]:
+    def row(self, dp: DataParallel | None = None) -> dict[str, float]:
+        """The row of this process, or with ``dp`` of all processes (one collective)."""
         out = dict(self.extremes)
         for key, total in self.sums.items():
             out[key] = total / self.weights[key] if key in self.weights else total / max(1, self.minibatches)
-        return out
+        return out if dp is None else dp.reduce_row(out, weights=self.weights)
 
 
 def ppo_update(state: TrainState, batch: RolloutBatch, old: OldOutputs, config: TrainConfig,
@@ -518,7 +527,7 @@ def ppo_update(state: TrainState, batch: RolloutBatch, old: OldOutputs, config: 
             grad_norms.append(tuple(norms))
             if bad is not None:
                 skipped.append(bad)
-    row = acc.row()
+    row = acc.row(state.dp)  # over every process; the norms and the skips are global already
     row["actor_grad_norm"] = sum(a for a, _ in grad_norms) / len(grad_norms)
     row["critic_grad_norm"] = sum(c for _, c in grad_norms) / len(grad_norms)
     row["skipped_updates"] = len(skipped)
@@ -610,9 +619,9 @@ def value_pretrain(state: TrainState, task: Task, config: TrainConfig, log: Metr
                 skipped.append(bad)
             acc.minibatches += 1
         log.advance()
-        row = {**batch_metrics(batch, lam_policy), **acc.row(), **timer.rows(),
-               "skipped_updates": len(skipped), **peak_memory_mb()}
-        row = state.dp.mean_row(row)
+        update = {**acc.row(state.dp), "skipped_updates": len(skipped)}  # global already
+        row = {**batch_metrics(batch, lam_policy), **update, **timer.rows(), **peak_memory_mb()}
+        row = state.dp.reduce_row(row, combined=update)
         row["since_warmup_s"] = round(time.perf_counter() - state.warmup_end_time, 3)
         log.log("value_pretrain", step, **row)
         after_step(state, config, skipped[0] if skipped else None, log)
@@ -690,12 +699,12 @@ def rl(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger,
         with timer("rollout"):                                   # 1. sample groups
             batch = rollout(state, task, config)                 # 2. rewards (verifier)
         old, lam_policy = old_outputs(state, batch, config, timer, task)  # 3. values, 4. GAE
-        row = {**batch_metrics(batch, lam_policy),
-               **ppo_update(state, batch, old, config, timer)}   # 5. PPO epochs of vapo_loss
+        update = ppo_update(state, batch, old, config, timer)   # 5. PPO epochs of vapo_loss
+        bad = update.pop("nonfinite", None)
+        row = {**batch_metrics(batch, lam_policy), **update}
         row.update(timer.rows())
         row.update(peak_memory_mb())
-        bad = row.pop("nonfinite", None)
-        row = state.dp.mean_row(row)
+        row = state.dp.reduce_row(row, combined=update)  # the update's row is global already
         if profiler is not None:
             profiler.step_end(step)
         if step % run.eval_every == 0 or step == run.steps:
