@@ -51,3 +51,12 @@ def test_an_unknown_vapo_backend_names_the_variable(monkeypatch):
         vk.gae(rewards, values, gamma=1.0, lam=1.0)
     with pytest.raises(ValueError, match="^backend must be one of"):  # the argument: named so
         vk.gae(rewards, values, gamma=1.0, lam=1.0, backend="nosuch")
+
+
+@pytest.mark.parametrize("value", ["off", "0", 0, None])
+def test_set_validation_takes_only_a_bool(value):
+    # bool("off") is True: set_validation("off") turned the checks on (README review).
+    was = vk._ragged.validation_enabled()
+    with pytest.raises(TypeError, match=r"set_validation: enabled must be True or False"):
+        vk.set_validation(value)
+    assert vk._ragged.validation_enabled() == was

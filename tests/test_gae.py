@@ -502,11 +502,11 @@ BAD_CALLS = [
     ("must start at 0", ValueError, lambda b: vk.gae(PR, PV, None, torch.tensor([1, *[6] * 600]), backend=b)),
     ("gamma must lie in", ValueError, lambda b: vk.gae(R, V, gamma=1.5, backend=b)),
     ("gamma must lie in", ValueError, lambda b: vk.gae(R, V, gamma=float("nan"), backend=b)),
-    ("lam_policy must lie in", ValueError, lambda b: vk.gae(R, V, lam=-0.1, backend=b)),
+    ("^lam must lie in", ValueError, lambda b: vk.gae(R, V, lam=-0.1, backend=b)),
     ("lam_critic must lie in", ValueError, lambda b: vk.decoupled_gae(R, V, lam_critic=1.01, backend=b)),
-    ("lam_policy must lie in", ValueError, lambda b: vk.gae(R, V, lam=torch.tensor([0.5, 1.5]), backend=b)),
-    ("lam_policy must have one entry per sequence", ValueError, lambda b: vk.gae(R, V, lam=torch.tensor([0.5, 0.5, 0.5]), backend=b)),
-    ("lam_policy must be float", TypeError, lambda b: vk.gae(R, V, lam=torch.tensor([1, 0]), backend=b)),
+    ("^lam must lie in", ValueError, lambda b: vk.gae(R, V, lam=torch.tensor([0.5, 1.5]), backend=b)),
+    ("^lam must have one entry per sequence", ValueError, lambda b: vk.gae(R, V, lam=torch.tensor([0.5, 0.5, 0.5]), backend=b)),
+    ("^lam must be float", TypeError, lambda b: vk.gae(R, V, lam=torch.tensor([1, 0]), backend=b)),
     ("alpha must be a finite float > 0", ValueError, lambda b: vk.decoupled_gae(R, V, alpha=0.0, backend=b)),
     ("values contains NaN", ValueError, lambda b: vk.gae(R, torch.where(torch.eye(2, 5).bool(), float("nan"), V), backend=b)),
     ("rewards contains NaN", ValueError, lambda b: vk.gae(torch.full_like(R, float("nan")), V, backend=b)),
@@ -923,3 +923,12 @@ def test_triton_gpu_indices_beyond_int32():
             for g, x in zip((adv, ret), exp):
                 torch.testing.assert_close(g[sl].cpu().double(), x, rtol=1e-5, atol=1e-5)
         del adv, ret
+
+
+@pytest.mark.parametrize("lam", [1.5, torch.tensor([0.5]), torch.tensor([0.5, 2.0]), "0.9"])
+def test_gae_names_its_lam_not_decoupled_gaes_lambdas(lam):
+    # gae has one lam; its errors said lam_policy, an argument gae does not take.
+    with pytest.raises((ValueError, TypeError)) as info:
+        vk.gae(R, V, lam=lam)
+    assert "lam" in str(info.value) and "lam_policy" not in str(info.value)
+    assert "lam_critic" not in str(info.value)

@@ -1075,6 +1075,35 @@ def test_meta_tensors_go_to_the_fake_kernels():
     assert adv.shape == (2, 5) and adv.device.type == "meta"
 
 
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32])
+def test_every_public_function_runs_on_meta_tensors_with_a_mask(mask_dtype):
+    # With a mask and validation on, the wrappers' data checks (masked target ids, the
+    # mask's 0/1 check) called .item() on meta tensors (README review): they skip now.
+    def meta(*shape, dtype=torch.float32):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    B, T, V, H = 2, 4, 5, 3
+    mask, ids = meta(B, T, dtype=mask_dtype), meta(B, T, dtype=torch.long)
+    x = meta(B, T)
+    calls = {
+        "gae": lambda: vk.gae(x, x, mask, whiten=True),
+        "decoupled_gae": lambda: vk.decoupled_gae(x, x, mask, alpha=0.5, whiten=True),
+        "masked_whiten": lambda: vk.masked_whiten(x, mask),
+        "token_logprobs": lambda: vk.token_logprobs(meta(B, T, V), ids, mask, return_entropy=True),
+        "linear_logprobs": lambda: vk.linear_logprobs(meta(B, T, H), meta(V, H), ids, mask),
+        "vapo_loss": lambda: vk.vapo_loss(
+            x, x, x, mask, values=x, old_values=x, returns=x,
+            positive=meta(B, dtype=torch.bool)),
+        "agg_loss": lambda: vk.agg_loss(x, mask),
+        "from_logits": lambda: vk.policy_loss_from_logits(meta(B, T, V), ids, x, x, mask),
+        "from_hidden": lambda: vk.policy_loss_from_hidden(meta(B, T, H), meta(V, H), ids, x, x, mask),
+    }
+    for name, call in calls.items():
+        out = call()
+        first = out[0] if isinstance(out, tuple) else out
+        assert first.device.type == "meta", name
+
+
 # --------------------------------------------------------------------------------------
 # torch.library
 

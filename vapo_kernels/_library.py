@@ -69,6 +69,13 @@ def _tracing() -> bool:
     )
 
 
+def no_values(*tensors) -> bool:
+    """The wrappers' data checks must not run: something traces the call (see
+    :func:`_tracing`), or an input is a ``meta`` tensor (shapes only; the op then runs
+    its fake kernel). The ops check the values inside themselves."""
+    return _tracing() or any(isinstance(t, Tensor) and t.is_meta for t in tensors)
+
+
 def _func_transform_kinds() -> list:
     """The kinds (``TransformType``) of the torch.func transforms active now; none outside
     torch.func, and none under a compiler or a tensor mode (those trace the op instead)."""

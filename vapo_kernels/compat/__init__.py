@@ -34,7 +34,6 @@ environment variable, which applies when no backend is set here).
 from __future__ import annotations
 
 import importlib
-import re
 import sys
 from collections.abc import Callable, Iterator
 from types import ModuleType
@@ -43,6 +42,7 @@ import torch
 from torch import Tensor
 
 from .._backends import BACKENDS
+from .._ragged import named_as as _peer_names  # our functions, errors in the peer's names
 from .._ragged import validation_enabled
 from .. import token_logprobs
 
@@ -91,32 +91,6 @@ def _scalar(name: str, x) -> float:
         raise TypeError(
             f"{name} must be a number or a one-element tensor, got {type(x).__name__}"
         ) from None
-
-
-def _peer_names(fn: Callable, **names: str) -> Callable:
-    """``fn``, one of our functions an adapter calls, whose ValueError / TypeError names
-    the arguments as the user passed them: ``names`` maps ``fn``'s argument names to the
-    peer signature's (verl's ``compute_value_loss`` passes ``vpreds`` as our ``values``).
-
-    Only the message changes (the exception keeps its type, traceback and cause). Every
-    name is replaced in one pass - ``values -> vpreds`` with ``old_values -> values``
-    must not turn the new ``values`` into ``vpreds`` - and only as a whole word
-    (``mask``, not the one in ``masked_whiten`` or ``response_mask``).
-    """
-
-    def call(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, TypeError) as e:
-            # Dynamo cannot rewrite an exception while it traces; without fullgraph it
-            # runs the call again eagerly, which renames.
-            if e.args and isinstance(e.args[0], str) and not torch.compiler.is_compiling():
-                pattern = r"\b(" + "|".join(map(re.escape, names)) + r")\b"
-                message = re.sub(pattern, lambda m: names[m.group(1)], e.args[0])
-                e.args = (message, *e.args[1:])
-            raise
-
-    return call
 
 
 def _at_most_one(clip_low):

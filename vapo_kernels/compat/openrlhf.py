@@ -103,7 +103,7 @@ __all__ = [
 ]
 
 # Our functions under OpenRLHF's argument names: their errors name what the user passed.
-_gae = _peer_names(gae, mask="action_mask", lam_policy="lambd", lam_critic="lambd")
+_gae = _peer_names(gae, mask="action_mask", lam="lambd")
 _token_logprobs = _peer_names(token_logprobs, targets="labels")
 _COUNTS = {"global_tokens": "batch_num_tokens", "global_seqs": "global_batch_size"}
 _agg_loss_named = _peer_names(_agg_loss, loss_mat="loss", mask="loss_mask", **_COUNTS)

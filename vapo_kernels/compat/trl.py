@@ -71,7 +71,6 @@ __all__ = [
 # Our functions under TRL's argument names: their errors name what the user passed. The
 # masks TRL derives from sequence_lengths are named by it.
 _whiten_rewards = _peer_names(masked_whiten, x="rewards", mask="sequence_lengths")
-_gae = _peer_names(gae, lam_policy="lam", lam_critic="lam")
 _whiten_advantages = _peer_names(masked_whiten, mask="sequence_lengths")
 _policy_loss = _peer_names(
     policy_loss, logp="new_logprobs", old_logp="mb_logprobs", advantages="mb_advantage",
@@ -125,7 +124,7 @@ def compute_advantages_and_returns(
                 backend=backend,
             )
             rewards = rewards.masked_fill(padding_mask_p1, 0)
-        adv, returns = _gae(
+        adv, returns = gae(
             rewards,
             values,
             None,  # TRL's loop has no mask: every slot, padding included, is a step

@@ -133,9 +133,7 @@ __all__ = [
 
 
 # Our functions under verl's argument names: their errors name what the user passed.
-_gae = _peer_names(
-    gae, rewards="token_level_rewards", mask="response_mask", lam_policy="lam", lam_critic="lam"
-)
+_gae = _peer_names(gae, rewards="token_level_rewards", mask="response_mask")
 _masked_whiten = _peer_names(masked_whiten, mask="response_mask")
 _token_logprobs = _peer_names(token_logprobs, targets="labels")
 _linear_logprobs = _peer_names(

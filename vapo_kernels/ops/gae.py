@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _device_cache, _ragged
-from .._library import Op, _tracing, mark_outputs_constant, no_gradient
+from .._library import Op, mark_outputs_constant, no_gradient, no_values
 from .whiten import masked_whiten
 
 MASK_MODES = ("skip", "zero")
@@ -318,9 +318,9 @@ def decoupled_gae(
         lam_policy = 0.0  # placeholder: the op derives lambda_policy from alpha
     lam_p, scalar_p = _lambda(lam_policy)
     lam_c, scalar_c = _lambda(lam_critic)
-    if isinstance(mask, Tensor) and mask.dtype != torch.bool and not _tracing():
-        # Once here, not again in the whitening op. Not while traced (torch.compile, vmap):
-        # the 0/1 check reads the mask's values, which the ops do inside themselves.
+    if isinstance(mask, Tensor) and mask.dtype != torch.bool and not no_values(mask):
+        # Once here, not again in the whitening op. Not while traced (torch.compile, vmap)
+        # or on meta tensors: the 0/1 check reads the mask's values (the ops check inside).
         mask = _ragged.as_bool_mask(mask)
     adv, targets = gae_op(GaeArgs(
         rewards, values, mask, cu_seqlens, lam_p, lam_c, scalar_p, scalar_c, gamma,
@@ -350,8 +350,12 @@ def gae(
     One lambda (float or per-sequence tensor) for both outputs; returns are computed
     before any whitening. See the module docstring for ``mask_mode``.
     """
-    return decoupled_gae(
+    return _decoupled_as_gae(
         rewards, values, mask, cu_seqlens, gamma=gamma, lam_critic=lam, lam_policy=lam,
         mask_mode=mask_mode, whiten=whiten, backend=backend,
     )
+
+
+# gae's one lambda is both of decoupled_gae's: its errors name it as gae's caller passed it.
+_decoupled_as_gae = _ragged.named_as(decoupled_gae, lam_policy="lam", lam_critic="lam")
 

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from .. import _backends, _ragged
-from .._library import Op, _tracing, first_order
+from .._library import Op, first_order, no_values
 
 IGNORE_INDEX = -100
 _ROWS_PER_CHUNK = 1024  # bounds the reference's fp32 working set to 1024 x V
@@ -236,9 +236,10 @@ def masked_targets(targets, vocab: int, mask) -> Tensor:
             or not _ragged.validation_enabled() or targets.numel() == 0
             or targets.is_floating_point() or mask.shape != targets.shape):
         return targets  # the op's checks name anything odd
-    if _tracing():  # torch.compile, vmap, fake tensors: no branch on the values; every
-        # masked row's id becomes -100, which changes nothing (the kernels skip both).
-        # (mask == 0, not as_bool_mask: the op's own checks look at the mask's values.)
+    if no_values(targets, mask):  # torch.compile, vmap, fake or meta tensors: no branch on
+        # the values; every masked row's id becomes -100, which changes nothing (the
+        # kernels skip both). (mask == 0, not as_bool_mask: the op's own checks look at
+        # the mask's values.)
         return targets.masked_fill(mask == 0, IGNORE_INDEX)
     outside = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab))
     if not bool(outside.any()):
