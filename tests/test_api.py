@@ -538,3 +538,19 @@ def test_the_common_loss_call_equals_the_general_path(monkeypatch):
     assert len(one_pass) == len(general)
     for a, b in zip(one_pass, general):
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_kl_penalty_checks_its_kind_and_defaults_to_k3_like_the_losses():
+    # kl_penalty defaulted to k1 while kl_loss / vapo_loss default to k3, and
+    # kl_kind=None crashed with an AttributeError (README review).
+    lp, ref = torch.randn(5), torch.randn(5)
+    assert torch.equal(vk.kl_penalty(lp, ref), vk.kl_penalty(lp, ref, "k3"))
+    for bad in (None, "k4", 3):
+        with pytest.raises(ValueError, match="kl_kind must be one of"):
+            vk.kl_penalty(lp, ref, bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_no_backend_is_available_for_cuda_tensors_without_a_gpu():
+    for family in ("gae", "logprobs", "loss"):
+        assert vk.available_backends(family, "cuda") == []

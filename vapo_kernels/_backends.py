@@ -30,12 +30,13 @@ from . import _env
 
 BACKENDS = ("reference", "cpp", "triton", "cuda")
 
-# Automatic order per device type. ``cuda`` is after ``triton``: the CUDA C++ kernels
-# are compiled in CI but have not yet run on a GPU in this project's history, so they
-# are used only when asked for by name (see README "Backends").
+# Automatic order per device type. ``cuda`` is not in it: the CUDA C++ kernels are
+# compiled in CI but have not yet run on a GPU in this project's history, so they are
+# used only when asked for by name (see README "Backends"); without Triton a CUDA tensor
+# falls back to the reference.
 _AUTO_ORDER = {
     "cpu": ("cpp", "reference"),
-    "cuda": ("triton", "cuda", "reference"),
+    "cuda": ("triton", "reference"),
 }
 
 _kernels: dict[tuple[str, str], Callable] = {}
@@ -78,6 +79,8 @@ def from_module(module: str, name: str) -> Callable:
 
 def _why_unavailable(backend: str, device: torch.device) -> str | None:
     """None if ``backend`` can run on ``device``, else the reason it cannot."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device is visible to torch"
     if backend == "reference":
         return None
     if backend == "cpp":

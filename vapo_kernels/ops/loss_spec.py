@@ -103,22 +103,17 @@ ROLLOUT_LOG_CLAMP = 20.0
 # gradients follow torch's rules), gradients by autograd, all in the compute dtype.
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_kind: str = "k1") -> Tensor:
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_kind: str = "k3") -> Tensor:
     """Per-token KL estimator of ``logp`` against ``ref_logp`` (verl's ``kl_penalty``).
 
     ``k1``/``kl``: logp - ref; ``abs``: |logp - ref|; ``k2``/``mse``: 0.5 (logp - ref)^2;
-    ``k3``/``low_var_kl``: expm1(ref - logp) - (ref - logp) with the log-ratio clamped
-    to [-20, 20] and the result to [-10, 10]. A trailing ``+`` keeps the value and takes
-    the gradient of k2 (an unbiased gradient of KL; straight-through).
+    ``k3``/``low_var_kl`` (the default, as in :func:`kl_loss` and :func:`vapo_loss`):
+    expm1(ref - logp) - (ref - logp) with the log-ratio clamped to [-20, 20] and the
+    result to [-10, 10]. A trailing ``+`` keeps the value and takes the gradient of k2
+    (an unbiased gradient of KL; straight-through).
     """
-    straight = kl_kind.endswith("+")
-    base = kl_kind[:-1] if straight else kl_kind
-    if base not in KL_KINDS:
-        raise ValueError(
-            f"kl_kind must be one of {sorted(KL_KINDS)} (optionally with '+'), got {kl_kind!r}"
-        )
+    code, straight = kl_codes(kl_kind)
     diff = logp - ref_logp
-    code = KL_KINDS[base]
     if code == 1:
         value = diff
     elif code == 2:
