@@ -942,8 +942,12 @@ def test_inplace_backward_equals_out_of_place(backend):
 
 @pytest.mark.parametrize("backend", ON_CPU)
 def test_inplace_backward_refuses_leaf_logits(backend):
+    # At the call (as policy_loss_from_logits does), not at the backward.
     z = torch.randn(3, 5, requires_grad=True)
-    logp = token_logprobs(z, torch.tensor([0, 1, 2]), inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="leaf tensor"):
+        token_logprobs(z, torch.tensor([0, 1, 2]), inplace_backward=True, backend=backend)
+    # The op itself (a direct caller) still refuses at the backward.
+    logp, _, _ = torch.ops.vapo.token_logprobs(z, torch.tensor([0, 1, 2]), None, 1.0, True, backend)
     with pytest.raises(RuntimeError, match="leaf tensor"):
         logp.sum().backward()
     assert z.grad is None
@@ -1032,9 +1036,8 @@ def test_inplace_backward_refuses_memory_the_caller_owns_or_that_overlaps(backen
     leaf = torch.randn(4, 9, requires_grad=True)
     y = torch.randint(0, 9, (4,))
     for view in (leaf[:, :], leaf.view(1, 4, 9)):  # views of a leaf: still the caller's
-        logp = token_logprobs(view, y.view(view.shape[:-1]), inplace_backward=True, backend=backend)
         with pytest.raises(RuntimeError, match="leaf tensor \\(or a view of one\\)"):
-            logp.sum().backward()
+            token_logprobs(view, y.view(view.shape[:-1]), inplace_backward=True, backend=backend)
         with pytest.raises(RuntimeError, match="leaf tensor \\(or a view of one\\)"):
             vk.policy_loss_from_logits(view, y.view(view.shape[:-1]), -torch.ones(y.shape),
                                        torch.ones(y.shape), cu_seqlens=torch.tensor([0, 4])

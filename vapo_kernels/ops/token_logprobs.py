@@ -454,6 +454,12 @@ def token_logprobs(
     ``inplace_backward``.
     """
     logits = rows_viewable(logits)
+    if (inplace_backward and isinstance(logits, Tensor) and logits.requires_grad
+            and _ragged.is_callers_leaf(logits)):  # refused now, not at the backward
+        raise RuntimeError(
+            "token_logprobs(inplace_backward=True) would overwrite logits that are a leaf "
+            "tensor (or a view of one) the caller owns; pass inplace_backward=False"
+        )
     if isinstance(logits, Tensor) and logits.dim() >= 1:
         targets = masked_targets(targets, logits.shape[-1], mask)
     logp, entropy, _ = token_logprobs_op(TokenLogprobsArgs(
