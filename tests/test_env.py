@@ -60,3 +60,12 @@ def test_set_validation_takes_only_a_bool(value):
     with pytest.raises(TypeError, match=r"set_validation: enabled must be True or False"):
         vk.set_validation(value)
     assert vk._ragged.validation_enabled() == was
+
+
+def test_vapo_no_cuda_is_checked_on_any_torch(monkeypatch):
+    # With a CPU torch the value was never read, so VAPO_NO_CUDA=sure passed silently.
+    from vapo_kernels import _backends
+
+    monkeypatch.setenv("VAPO_NO_CUDA", "sure")
+    with pytest.raises(ValueError, match="VAPO_NO_CUDA"):
+        _backends._cuda_wanted()

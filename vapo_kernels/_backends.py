@@ -209,9 +209,10 @@ def _cuda_wanted() -> bool:
     the architectures TORCH_CUDA_ARCH_LIST names. (A CUDA torch - pip's default - on a
     machine without a GPU and without that list made torch's build fail on an empty
     architecture list, losing the C++ CPU kernels too.)"""
+    no_cuda = _env.flag("VAPO_NO_CUDA", False)  # read first: a bad value is an error anywhere
     return (
         torch.version.cuda is not None
-        and not _env.flag("VAPO_NO_CUDA", False)
+        and not no_cuda
         and (shutil.which("nvcc") is not None or bool(os.environ.get("CUDA_HOME")))
         and (bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or torch.cuda.is_available())
     )
