@@ -92,3 +92,65 @@ def test_logit_loss_check_takes_a_zero_gradient_when_the_true_one_is_zero():
     assert not grads[0].any()
     assert check(impl, (value, grads)).ok
     assert not check(impl, (value, (grads[0] + 1e-3,))).ok
+
+
+def _zero_biggest_row(g: torch.Tensor) -> torch.Tensor:
+    """The gradient with its largest row (last dim) set to zero: one dropped row."""
+    flat = g.detach().clone().reshape(-1, g.shape[-1])
+    flat[flat.float().norm(dim=-1).argmax()] = 0
+    return flat.reshape(g.shape)
+
+
+def test_one_dropped_row_fails_the_loss_checks_at_thousands_of_rows():
+    """The whole gradient's relative L2 norm moves by ~1/sqrt(N) when one row is lost; the
+    per-row check fails it at any N (logits rows, hidden rows and the weight's vocab rows)."""
+    x = loss.make_logit_inputs(4096, 64, None, CPU, seed=2)
+    check = loss.LogitCheck(x, CPU)
+    impl = loss.logit_impls("logits", ctx(loss=["reference"]))[0]
+    value, grads = impl.run(x)
+    assert check(impl, (value, grads)).ok
+    bad = check(impl, (value, (_zero_biggest_row(grads[0]),)))
+    assert not bad.ok and "worst row 1" in bad.detail, bad.detail
+
+    x = loss.make_logit_inputs(4096, 64, 8, CPU, seed=2)
+    check = loss.LogitCheck(x, CPU)
+    impl = loss.logit_impls("hidden", ctx(loss=["reference"]))[0]
+    value, (gh, gw) = impl.run(x)
+    assert check(impl, (value, (gh, gw))).ok
+    for grads in ((_zero_biggest_row(gh), gw), (gh, _zero_biggest_row(gw))):
+        bad = check(impl, (value, grads))
+        assert not bad.ok and "worst row 1" in bad.detail, bad.detail
+
+
+def test_one_dropped_row_fails_the_logprobs_checks_at_thousands_of_rows():
+    """Every row of the timed call is checked (it was 32 rows, and the fused rows' weight
+    gradient came from a second call on those rows)."""
+    for shape in ((4096, 64), (4096, 64, 8)):
+        case = logprobs.build_case(shape, ctx(logprobs=["reference"]))
+        task = "linear fwd+bwd" if len(shape) == 3 else "logp fwd+bwd"
+        impl = next(i for i in case.impls if i.kind == "ours" and i.task == task)
+        outs, grads = impl.run(case.sets[0])
+        assert case.check(impl, (outs, grads)).ok
+        for k in range(len(grads)):
+            bad = list(grads)
+            bad[k] = _zero_biggest_row(grads[k])
+            res = case.check(impl, (outs, tuple(bad)))
+            assert not res.ok and "worst row 1" in res.detail, (shape, k, res.detail)
+        wrong = outs[0].clone()
+        wrong[1234] -= 1.0
+        assert not case.check(impl, ([wrong], grads)).ok  # a value off in one row of 4096
+
+
+def test_fused_lm_head_tasks_have_an_fp32_matmul_peer():
+    """Ours upcasts the bf16 weight to fp32; torch's bf16 matmul on a CPU without bf16
+    units is several times slower than its fp32 one, so each fused task has a peer that
+    upcasts too, checked like every other peer."""
+    c = ctx(loss=["reference"], logprobs=["reference"])
+    loss.SUITE.load_peers(c)
+    names = {i.name for i in loss.logit_impls("hidden", c) if i.kind == "peer"}
+    assert "matmul (fp32) + torch log_softmax.gather + verl" in names
+    case = logprobs.build_case((32, 128, 8), c)
+    for task in ("linear", "linear+ent"):
+        for mode in logprobs.MODES:
+            assert any(i.name == "torch eager (fp32 matmul)" and i.task == f"{task} {mode}"
+                       for i in case.impls)

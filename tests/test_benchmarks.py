@@ -183,6 +183,22 @@ def test_torchrl_twice_is_skipped_where_its_lambda_is_zero():
         assert ("lambda = 0" in (row.skip_if() or "")) == skipped, shape
 
 
+def test_gae_rows_that_whiten_are_only_ranked_against_rows_that_whiten():
+    """The summary ranks rows within a task: a row that whitens its advantages (ours with
+    whiten=True, verl, NeMo's two-pass method with whitening) has a "+whiten" task, every
+    other row not, so our un-whitened decoupled GAE is never set against NeMo's whitening."""
+    ctx = H.Context(CPU, {"gae": ["reference"]}, sets=1)
+    impls = gae_suite.impls(2, 64, ctx)
+    for impl in impls:
+        assert impl.task.endswith("+whiten") == ("whiten" in impl.expect), (impl.name, impl.task)
+    peers = {i.task: [] for i in impls}
+    for i in impls:
+        if i.kind == "peer":
+            peers[i.task].append(i.name)
+    assert peers["decoupled"] and peers["decoupled+whiten"] and peers["gae"] and peers["gae+whiten"]
+    assert "nemo.two_pass (transcription)" in peers["decoupled"]
+
+
 def test_gae_inputs_never_mask_a_whole_row():
     """Every shape --shapes accepts runs: at T = 1 a masked gap used to hide the only token,
     and whitening then had nothing to whiten."""
@@ -260,6 +276,7 @@ def test_summary_picks_our_fastest_checked_row_and_the_fastest_checked_peer():
     def row(impl, kind, median, status="ok", check="ok"):
         return {"suite": "gae", "shape": "8x128", "task": "gae", "impl": impl, "kind": kind,
                 "status": status, "check": check, "median_s": median, "noisy": False,
+                "estimated": False, "under_load": False,
                 "floor_s": 1e-6, "fraction_of_floor": 1e-6 / median}
 
     rows = [
@@ -272,6 +289,48 @@ def test_summary_picks_our_fastest_checked_row_and_the_fastest_checked_peer():
     assert len(table) == 1
     cells = [c.strip() for c in table[0].strip("|").split("|")]
     assert "ours-fast" in cells[4] and cells[7] == "`peer-b`" and cells[8] == "3×"
+
+
+def test_summary_flags_an_uncertain_peer_time_and_its_ratio():
+    """A peer timed once (47 s a call: an estimate), a noisy peer or one measured under load
+    is flagged in the summary like ours, and the ratio says it is uncertain."""
+    from vapo_kernels.bench.report import summary
+
+    def row(impl, kind, median, **flags):
+        return {"suite": "logprobs", "shape": "1x1", "task": "t", "impl": impl, "kind": kind,
+                "status": "ok", "check": "ok", "median_s": median, "noisy": False,
+                "estimated": False, "under_load": False, "floor_s": None,
+                "fraction_of_floor": None, **flags}
+
+    for flags, word in (({"estimated": True}, "estimate"), ({"noisy": True}, "noisy"),
+                        ({"under_load": True}, "under load")):
+        table = [line for line in summary([row("ours", "ours", 1.0), row("peer", "peer", 47.0, **flags)])
+                 if line.startswith("| logprobs")]
+        cells = [c.strip() for c in table[0].strip("|").split("|")]
+        assert cells[6] == f"47.00 s ({word})" and cells[8] == f"47× (uncertain: peer {word})"
+    table = [line for line in summary([row("ours", "ours", 1.0, noisy=True, estimated=True),
+                                       row("peer", "peer", 2.0)]) if line.startswith("| logprobs")]
+    cells = [c.strip() for c in table[0].strip("|").split("|")]
+    assert "(noisy, estimate)" in cells[4] and cells[8] == "2× (uncertain: ours noisy, estimate)"
+
+
+def test_under_load_discounts_the_rows_own_threads(monkeypatch):
+    """Load above half the cores, beyond the run's own torch threads, flags a CPU row."""
+    monkeypatch.setattr(H.os, "cpu_count", lambda: 4)
+    own = torch.get_num_threads()
+    assert not H.under_load((own + 1.9, own), CPU)
+    assert H.under_load((own, own + 2.1), CPU)
+
+
+def test_each_row_records_the_load_average(monkeypatch):
+    loads = iter([0.5, 9.0])
+    monkeypatch.setattr(H, "load_average", lambda: next(loads))
+    monkeypatch.setattr(H.os, "cpu_count", lambda: 2)
+    row = H.run_case(tiny_case([H.Impl("ours", "double", "ours", double)]), CPU, H.Timing(),
+                     timer=FakeTimer([1.0]))[0]
+    assert row.load_avg == (0.5, 9.0) and row.under_load
+    d = row_dicts([row])[0]
+    assert d["load_avg"] == (0.5, 9.0) and d["under_load"]
 
 
 def test_flop_floor_takes_the_fastest_matmul_dtype(monkeypatch):

@@ -327,8 +327,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     bad = [r for r in rows if r.kind == "ours" and r.status in ("FAIL", "error", "oom")]
     for r in rows:
-        if r.status in ("FAIL", "error") or r.noisy:
-            what = "noisy" if r.status == "ok" else r.status
+        if r.status in ("FAIL", "error") or r.noisy or r.under_load:
+            what = ("noisy" if r.noisy else "under load") if r.status == "ok" else r.status
             print(f"  {what}: {r.suite} {r.shape} {r.task} {r.impl}: {r.note}", file=sys.stderr)
     san = meta.get("sanitizer", {})
     return 1 if bad or (san.get("ran") and san.get("exit")) else 0

@@ -29,6 +29,7 @@ import datetime as _dt
 import gc
 import importlib.metadata
 import importlib.util
+import math
 import os
 import platform
 import statistics
@@ -223,6 +224,22 @@ def private_activation(leaf: torch.Tensor) -> torch.Tensor:
     ``copy_`` under no_grad; the gradient taken with respect to it is the logits' gradient."""
     with torch.enable_grad():
         return leaf.clone()
+
+
+def row_rel_error(num: torch.Tensor, den: torch.Tensor, floor: float) -> float:
+    """The largest per-row error of a gradient, ||got_r - want_r|| / max(||want_r||,
+    ``floor`` x the RMS row norm), from per-row squared errors ``num`` and squared norms
+    ``den``. A check by the whole tensor's relative norm lets one wrong row through at
+    large N; this one does not: a dropped or misplaced row of typical size scores ~1. The
+    floor: a row whose true gradient is near zero (a peaked row, 1 - p ~ u) comes out of
+    a bf16 computation with an error of order u times a typical row, several times its
+    own norm; that is rounding, not a wrong row."""
+    if not num.numel():
+        return 0.0
+    lo = floor * float(den.mean()) ** 0.5
+    if not lo > 0:  # the true gradient is all zeros (or not finite): exact, or wrong
+        return 0.0 if float(num.sum()) == 0 else math.inf
+    return float((num.sqrt() / den.sqrt().clamp(min=lo)).nan_to_num(nan=math.inf).max())
 
 
 def parse_shapes(spec: str) -> list[tuple]:
@@ -499,6 +516,10 @@ class Row:
     spreads: list[float] = field(default_factory=list)
     noisy: bool = False
     estimated: bool = False
+    # the host's 1-minute load average at the row's start and end, and whether, less the
+    # row's own threads, it was above half the cores (another job shared the CPU)
+    load_avg: tuple[float, float] | None = None
+    under_load: bool = False
     check: Check | None = None
     first_call_s: float | None = None
     floor_s: float | None = None
@@ -509,6 +530,23 @@ class Row:
     @property
     def median_s(self) -> float | None:
         return self.stats.median_s if self.stats else None
+
+
+def load_average() -> float | None:
+    """The host's 1-minute load average (None where the OS has none)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def under_load(loads: tuple[float, float], device: torch.device) -> bool:
+    """Other work shared the CPU while a row was timed: the load average, less the threads
+    of this run (a CPU row's torch threads; one for a GPU row's host thread), above half
+    the cores at the row's start or end. Rows are timed one after another, so such load
+    skews the ratio between two rows, and the report flags it."""
+    own = torch.get_num_threads() if device.type == "cpu" else 1
+    return max(loads) - own > 0.5 * (os.cpu_count() or 1)
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -546,11 +584,15 @@ def run_case(
                 progress(f"{case.suite} {case.shape} {impl.task}: {impl.name}")
             row = Row(case.suite, case.shape, impl.task, impl.name, impl.kind, case.tokens, case.per_call, note=impl.note)
             rows.append(row)
+            load0 = load_average()
             try:
                 _run_impl(row, impl, case, device, timing, timer, flush)
             except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
                 row.status = "oom" if _is_oom(e) else "error"
                 row.note = f"{type(e).__name__}: {e}"[:300]
+            if load0 is not None and row.stats is not None:
+                row.load_avg = (load0, load_average())
+                row.under_load = under_load(row.load_avg, device)
             _free(device)
     add_floors(rows, case, device)
     return rows

@@ -41,6 +41,8 @@ def row_dicts(rows: list[Row]) -> list[dict[str, Any]]:
             "attempt_spreads": r.spreads,
             "noisy": r.noisy,
             "estimated": r.estimated,
+            "load_avg": r.load_avg,
+            "under_load": r.under_load,
             "tokens_per_s": r.tokens / med if med else None,
             "floor_s": r.floor_s,
             "floor_formula": r.floor_formula,
@@ -97,9 +99,15 @@ def _num(x: float | None, spec: str = ".3g", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
+def _flags(r: dict[str, Any]) -> list[str]:
+    """Why a row's time is less sure: wide spread, too few calls, a busy host."""
+    return [f for f, key in (("noisy", "noisy"), ("estimate", "estimated"), ("under load", "under_load"))
+            if r.get(key)]
+
+
 def _status(r: dict[str, Any]) -> str:
     if r["status"] == "ok":
-        flags = [f for f, on in (("noisy", r["noisy"]), ("estimate", r["estimated"])) if on]
+        flags = _flags(r)
         return "ok" + (f" ({', '.join(flags)})" if flags else "")
     return {"FAIL": "**FAIL**"}.get(r["status"], r["status"])
 
@@ -125,7 +133,10 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "float32); *%floor*: floor / median; *vs best peer*: the fastest peer's median over "
         "the row's (> 1: faster). *spread*: IQR / median; "
         f"a row wider than {meta['timing']['max_spread']:g} was measured again (up to "
-        f"{meta['timing']['remeasure']} more times) and is flagged *noisy* if it stayed wide.",
+        f"{meta['timing']['remeasure']} more times) and is flagged *noisy* if it stayed wide; "
+        f"a row of fewer than {meta['timing']['min_reps']} timed calls is an *estimate*; a row "
+        "whose 1-minute load average, less its own threads, was above half the cores at its "
+        "start or end was measured *under load* (load averages in results.json).",
     ]
     san = meta.get("sanitizer")
     if san and san.get("ran"):
@@ -181,7 +192,8 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         "## Summary",
         "",
         "Per shape and task: our fastest implementation and the fastest peer, both checked "
-        "against float64 first.",
+        "against float64 first. A time flagged *noisy*, *estimate* or *under load* (ours or "
+        "the peer's) makes its ratio uncertain, and the ratio says so.",
         "",
         "| suite | shape | task | floor | ours (fastest) | %floor | best peer | peer | ours × peer |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -190,16 +202,25 @@ def summary(rows: list[dict[str, Any]]) -> list[str]:
         ours, peer = slot.get("ours"), slot.get("peer")
         if ours is None:
             continue
-        flag = " (noisy)" if ours["noisy"] else ""
+        ours_flags, peer_flags = _flags(ours), _flags(peer) if peer else []
+        uncertain = [f"{who} {', '.join(fl)}" for who, fl in (("ours", ours_flags), ("peer", peer_flags)) if fl]
+        ratio = "-"
+        if peer:
+            ratio = f"{peer['median_s'] / ours['median_s']:.3g}×"
+            ratio += f" (uncertain: {'; '.join(uncertain)})" if uncertain else ""
         lines.append("| " + " | ".join([
             suite, shape, task, fmt_time(ours["floor_s"]),
-            f"{fmt_time(ours['median_s'])}{flag} `{ours['impl']}`",
+            f"{fmt_time(ours['median_s'])}{_flag_text(ours_flags)} `{ours['impl']}`",
             _num(ours["fraction_of_floor"] and 100 * ours["fraction_of_floor"], ".3g", "%"),
-            fmt_time(peer["median_s"]) if peer else "-",
+            f"{fmt_time(peer['median_s'])}{_flag_text(peer_flags)}" if peer else "-",
             f"`{peer['impl']}`" if peer else "no peer",
-            f"{peer['median_s'] / ours['median_s']:.3g}×" if peer else "-",
+            ratio,
         ]) + " |")
     return lines
+
+
+def _flag_text(flags: list[str]) -> str:
+    return f" ({', '.join(flags)})" if flags else ""
 
 
 def plot_suite(rows: list[dict[str, Any]], path: Path, title: str) -> bool:

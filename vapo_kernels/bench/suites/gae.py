@@ -3,13 +3,20 @@
 Padded (B, T) fp32 batches, ragged lengths in [T/2, T], three masked gaps per row
 (tool tokens in a multi-turn response), garbage in every masked slot.
 
-* ``gae`` (gamma 1, lambda 0.95): ours (with and without whitening) vs verl's
-  ``compute_gae_advantage_return`` (loop + masked whitening), OpenRLHF's
-  ``get_advantages_and_returns`` (loop; the mask zeroes r and V), TorchRL's
-  ``vec_generalized_advantage_estimate`` (conv1d, done flags only) and slime's chunked
-  method (a transcription: slime is not on PyPI).
+* ``gae`` (gamma 1, lambda 0.95): ours vs OpenRLHF's ``get_advantages_and_returns`` (loop;
+  the mask zeroes r and V), TorchRL's ``vec_generalized_advantage_estimate`` (conv1d, done
+  flags only) and slime's chunked method (a transcription: slime is not on PyPI).
+* ``gae+whiten``: the same plus masked whitening of the advantages: ours (``whiten=True``)
+  vs verl's ``compute_gae_advantage_return`` (loop + ``masked_whiten``).
 * ``decoupled`` (VAPO: lambda_critic 1, length-adaptive lambda_policy, alpha 0.05): ours vs
-  NeMo-RL's two-pass method (a transcription: not installable) and TorchRL called twice.
+  NeMo-RL's two-pass method without its whitening (a transcription: not installable) and
+  TorchRL called twice.
+* ``decoupled+whiten``: ours (``whiten=True``) vs NeMo-RL's two-pass method with its
+  whitening.
+
+Whitening is a task of its own so that a row which whitens is only ranked against rows
+that whiten: the summary once paired our un-whitened decoupled GAE with NeMo's whitening
+two-pass method.
 
 Each row is checked against our reference in float64 on the same inputs, for the variant
 the implementation computes (a peer without gap skipping against our "zero" mode, a peer
@@ -196,18 +203,22 @@ def _nemo_gae_pass(rewards, values, mask, gamma: float, lam):
     return adv, adv + values
 
 
-def nemo_decoupled_gae_transcription(rewards, values, mask, gamma, lam_value, alpha):
+def nemo_decoupled_gae_transcription(rewards, values, mask, gamma, lam_value, alpha, whiten=True):
     """TRANSCRIPTION (not NeMo's code) of NeMo-RL's VAPO GAE, the two-pass method.
 
     Source read: NVIDIA-NeMo/RL ``nemo_rl/algorithms/advantage_estimator.py`` (commit
     00925dd): lambda_policy = clamp(1 - 1/clamp(alpha len, min=1), 0, 1); one pass for the
     returns with lambda_value, a second (masked loop) for the advantages; whitening with
     the masked mean of squares (biased variance, +1e-8); masked positions zero-filled.
+    ``whiten=False``: the two passes alone (the advantages' normalization left out, as
+    NeMo's ``normalize_advantages`` off leaves them).
     """
     resp_lens = mask.sum(dim=1).float()
     lam_policy = (1.0 - 1.0 / (alpha * resp_lens).clamp(min=1.0)).clamp(min=0.0, max=1.0)
     _, returns = _nemo_gae_pass(rewards, values, mask, gamma, lam_value)
     adv, _ = _nemo_gae_pass(rewards, values, mask, gamma, lam_policy)
+    if not whiten:
+        return torch.masked_fill(adv, ~(mask.bool()), 0), returns
     count = mask.sum() + 1e-8
     mean = (adv * mask).sum() / count
     var = ((adv - mean) ** 2 * mask).sum() / count
@@ -288,7 +299,7 @@ def impls(batch: int, seqlen: int, ctx: Context, sets: list | None = None) -> li
         for whiten in (False, True):
             w = "+whiten" if whiten else ""
             out.append(Impl(
-                f"vapo.gae{w}[{b}]", "gae", "ours",
+                f"vapo.gae{w}[{b}]", f"gae{w}", "ours",
                 lambda x, b=b, whiten=whiten: vk.gae(
                     x.rewards, x.values, x.mask, gamma=GAMMA, lam=LAM, whiten=whiten, backend=b
                 ),
@@ -296,7 +307,7 @@ def impls(batch: int, seqlen: int, ctx: Context, sets: list | None = None) -> li
                 expect=f"gae{w}",
             ))
             out.append(Impl(
-                f"vapo.decoupled_gae{w}[{b}]", "decoupled", "ours",
+                f"vapo.decoupled_gae{w}[{b}]", f"decoupled{w}", "ours",
                 lambda x, b=b, whiten=whiten: vk.decoupled_gae(
                     x.rewards, x.values, x.mask, gamma=GAMMA, lam_critic=LAM_CRITIC,
                     alpha=ALPHA, whiten=whiten, backend=b,
@@ -306,7 +317,7 @@ def impls(batch: int, seqlen: int, ctx: Context, sets: list | None = None) -> li
             ))
     p = ctx.peers
     out.append(Impl(
-        "verl", "gae", "peer",
+        "verl", "gae+whiten", "peer",
         lambda x: p["verl"](x.rewards, x.values, x.maskf, GAMMA, LAM),
         "compute_gae_advantage_return: Python loop over T + masked_whiten",
         unavailable=ctx.missing("verl"), expect="gae+whiten",
@@ -338,6 +349,14 @@ def impls(batch: int, seqlen: int, ctx: Context, sets: list | None = None) -> li
     ))
     out.append(Impl(
         "nemo.two_pass (transcription)", "decoupled", "peer",
+        lambda x: nemo_decoupled_gae_transcription(
+            x.rewards, x.values, x.maskf, GAMMA, LAM_CRITIC, ALPHA, whiten=False
+        ),
+        "TRANSCRIBED NeMo-RL method (not installable): cumsum pass + masked loop",
+        expect="decoupled",  # checked on valid tokens only: its zero-filled slots are not read
+    ))
+    out.append(Impl(
+        "nemo.two_pass+whiten (transcription)", "decoupled+whiten", "peer",
         lambda x: nemo_decoupled_gae_transcription(
             x.rewards, x.values, x.maskf, GAMMA, LAM_CRITIC, ALPHA
         ),
@@ -390,7 +409,8 @@ def build_case(shape: tuple[int, ...], ctx: Context) -> Case:
     )
     return Case(
         "gae", f"{batch}x{seqlen}", tokens, sets, rows,
-        {"gae": floor, "decoupled": floor}, make_check(sets[0]), per_call=per_call,
+        {t: floor for t in ("gae", "gae+whiten", "decoupled", "decoupled+whiten")},
+        make_check(sets[0]), per_call=per_call,
     )
 
 
