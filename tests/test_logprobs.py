@@ -946,6 +946,8 @@ def test_inplace_backward_refuses_leaf_logits(backend):
     z = torch.randn(3, 5, requires_grad=True)
     with pytest.raises(RuntimeError, match="leaf tensor"):
         token_logprobs(z, torch.tensor([0, 1, 2]), inplace_backward=True, backend=backend)
+    with torch.no_grad():  # no backward, nothing overwritten: nothing to refuse
+        token_logprobs(z, torch.tensor([0, 1, 2]), inplace_backward=True, backend=backend)
     # The op itself (a direct caller) still refuses at the backward.
     logp, _, _ = torch.ops.vapo.token_logprobs(z, torch.tensor([0, 1, 2]), None, 1.0, True, backend)
     with pytest.raises(RuntimeError, match="leaf tensor"):

@@ -455,6 +455,7 @@ def token_logprobs(
     """
     logits = rows_viewable(logits)
     if (inplace_backward and isinstance(logits, Tensor) and logits.requires_grad
+            and torch.is_grad_enabled()  # without a backward nothing is overwritten
             and _ragged.is_callers_leaf(logits)):  # refused now, not at the backward
         raise RuntimeError(
             "token_logprobs(inplace_backward=True) would overwrite logits that are a leaf "
