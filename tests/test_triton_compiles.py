@@ -1,4 +1,4 @@
-"""The Triton loss kernels compile for a real GPU (sm_90) on a machine without one.
+"""The Triton kernels compile for a real GPU (sm_90) on a machine without one.
 
 The interpreter (TRITON_INTERPRET=1, how the other tests run on CPU) executes the kernels
 as Python, so it never runs Triton's code generator: a construct it rejects - a global
@@ -31,18 +31,20 @@ PRELUDE = textwrap.dedent(
     POINTERS = {"m_ptr": "*i1", "valid_ptr": "*i1", "offs_ptr": "*i64", "span_ptr": "*i64",
                 "y_ptr": "*i64"}
 
-    def compile_for_sm90(kernel, constexprs, acc, num_warps):
+    def compile_for_sm90(kernel, constexprs, acc, num_warps, pointers=None, num_stages=3):
         signature, values = {}, {}
         for i, p in enumerate(kernel.params):
             if p.is_constexpr:
                 signature[p.name] = "constexpr"
                 values[(i,)] = acc if p.name == "ACC" else constexprs[p.name]
             elif p.name.endswith("_ptr"):
-                signature[p.name] = POINTERS.get(p.name, "*fp64" if acc == tl.float64 else "*fp32")
+                signature[p.name] = {**POINTERS, **(pointers or {})}.get(
+                    p.name, "*fp64" if acc == tl.float64 else "*fp32")
             else:
                 signature[p.name] = "i64"
         src = ASTSource(kernel, signature, constexprs=values)
-        out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                             options={"num_warps": num_warps, "num_stages": num_stages})
         assert "st.global" in out.asm["ptx"], kernel
         return out
 
@@ -76,6 +78,46 @@ for acc, token_codes, logits_codes, geometric in (
 print("compiled")
 """
 
+# The fused LM head in every dtype, with its launch settings (run under gpu_preflight.sh,
+# also on the GPU machines' triton 3.6): triton 3.6 refused every fp64 kernel while the row
+# mask was bool, and fp64 bwd_weight asked for 336 KiB of shared memory (a GPU review).
+# An H100 / H200 block may use at most 227 KiB.
+LINEAR_KERNELS = """
+import torch
+from vapo_kernels.triton import linear_logprobs as LL
+
+SHARED_LIMIT = 232448
+for dtype, elt, acc in ((torch.bfloat16, "*bf16", tl.float32), (torch.float32, "*fp32", tl.float32),
+                        (torch.float64, "*fp64", tl.float64)):
+    for name, kernel in (("fwd", LL._fwd_kernel), ("bwd_hidden", LL._bwd_hidden_kernel),
+                         ("bwd_weight", LL._bwd_weight_kernel)):
+        meta = LL._meta(dtype, None, None, None, name)
+        num_warps, num_stages = meta.pop("num_warps"), meta.pop("num_stages")
+        meta.update(HAS_BIAS=True, HAS_GENT=True)
+        pointers = {"h_ptr": elt, "w_ptr": elt, "b_ptr": elt, "valid_ptr": "*i32"}
+        out = compile_for_sm90(kernel, meta, acc, num_warps, pointers, num_stages)
+        assert out.metadata.shared <= SHARED_LIMIT, (name, dtype, out.metadata.shared)
+print("compiled")
+"""
+
+# GAE (each launch plan) and the log-prob rows, fp32 and fp64.
+SCAN_AND_ROW_KERNELS = """
+from vapo_kernels.triton import gae as G, logprobs as LP
+
+for acc, elt in ((tl.float32, "*fp32"), (tl.float64, "*fp64")):
+    flags = dict(HAS_MASK=True, SKIP=True, BLOCK=G.GPU_BLOCK, ACC=acc)
+    compile_for_sm90(G._gae_seq_kernel, flags, acc, G.GPU_NUM_WARPS)
+    compile_for_sm90(G._gae_summary_kernel, dict(flags, NSEG=G.MAX_SEGMENTS), acc, G.GPU_NUM_WARPS)
+    compile_for_sm90(G._gae_segment_kernel, dict(flags, NSEG=G.MAX_SEGMENTS), acc, G.GPU_NUM_WARPS)
+    block, warps = LP._launch_params(152064, None)
+    rows = {"z_ptr": elt, "out_ptr": elt}
+    compile_for_sm90(LP._token_logprobs_fwd_kernel, dict(HAS_VALID=True, BLOCK_V=block, ACC=acc),
+                     acc, warps, rows)
+    compile_for_sm90(LP._token_logprobs_bwd_kernel,
+                     dict(HAS_VALID=True, HAS_GH=True, BLOCK_V=block, ACC=acc), acc, warps, rows)
+print("compiled")
+"""
+
 needs_cuda_backend = pytest.mark.skipif(
     importlib.util.find_spec("triton.backends.nvidia") is None,
     reason="this Triton has no CUDA backend",
@@ -101,3 +143,13 @@ def test_loss_kernels_compile_for_sm90(tmp_path):
 @needs_cuda_backend
 def test_rollout_variants_compile_for_sm90(tmp_path):
     _compile(tmp_path, ROLLOUT_VARIANTS)
+
+
+@needs_cuda_backend
+def test_fused_lm_head_kernels_compile_for_sm90_within_its_shared_memory(tmp_path):
+    _compile(tmp_path, LINEAR_KERNELS)
+
+
+@needs_cuda_backend
+def test_gae_and_logprob_kernels_compile_for_sm90(tmp_path):
+    _compile(tmp_path, SCAN_AND_ROW_KERNELS)

@@ -330,9 +330,12 @@ def _meta(dtype: torch.dtype, block_n, block_v, block_k, kernel: str = "fwd") ->
     gpu_n, gpu_v = {
         "bwd_hidden": GPU_BWD_HIDDEN_BLOCKS, "bwd_weight": GPU_BWD_WEIGHT_BLOCKS
     }.get(kernel, (GPU_BLOCK_N, GPU_BLOCK_V))
+    if fp64:  # 8-byte tiles: halved to stay within an H100 block's 227 KiB of shared memory
+        gpu_v //= 2  # (bwd_weight's pipelined 256-row hidden tile alone took 3 x 128 KiB)
+        gpu_n //= 2 if kernel == "bwd_weight" else 1
     meta = {
         "BLOCK_N": block_n or (INTERPRET_BLOCK if interp else gpu_n),
-        "BLOCK_V": block_v or (INTERPRET_BLOCK if interp else gpu_v // (2 if fp64 else 1)),
+        "BLOCK_V": block_v or (INTERPRET_BLOCK if interp else gpu_v),
         "BLOCK_K": block_k or (INTERPRET_BLOCK if interp else GPU_BLOCK_K),
         "ACC": tl.float64 if fp64 else tl.float32,
         "IEEE": dtype in (torch.float32, torch.float64),
@@ -356,7 +359,9 @@ def _operands(hidden, weight, bias, targets, valid, temperature):
     # A tensor, not a Python float: a float argument is passed as fp32, which would round
     # the temperature for fp64 inputs.
     tau = torch.full((1,), float(temperature), dtype=_acc_dtype(hidden.dtype), device=hidden.device)
-    return hidden, weight, bias, targets.contiguous(), valid.contiguous(), tau
+    # The row mask as int32, not bool: a bool mask in the dot operands' load masks made
+    # triton 3.6 refuse every fp64 kernel for sm_90 (fp64 MMA "largeK" assertion).
+    return hidden, weight, bias, targets.contiguous(), valid.to(torch.int32), tau
 
 
 def linear_logprobs_fwd(
