@@ -10,13 +10,14 @@ Public API (everything else is internal):
   :func:`kl_penalty`, :func:`agg_loss`, :func:`positive_lm_loss` - PPO/VAPO losses in one
   fused pass with metrics (``torch.ops.vapo.token_loss``); :func:`policy_loss_from_logits`
   and :func:`policy_loss_from_hidden` go from logits / hidden states to the loss;
-* :func:`available_backends`, :func:`set_validation` - backend and input-check control.
+* :func:`available_backends`, :func:`set_validation`, :func:`validation_enabled` - backend
+  and input-check control.
 
 Peer-compatible drop-ins live in :mod:`vapo_kernels.compat`.
 """
 
 from . import _backends
-from ._ragged import set_validation
+from ._ragged import set_validation, validation_enabled
 from .ops.gae import decoupled_gae, gae, length_adaptive_lambda
 from .ops.linear_logprobs import linear_logprobs
 from .ops.token_logprobs import token_logprobs
@@ -57,6 +58,7 @@ __all__ = [
     "positive_lm_loss",
     "set_validation",
     "token_logprobs",
+    "validation_enabled",
     "value_loss",
     "vapo_loss",
 ]

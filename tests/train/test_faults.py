@@ -67,6 +67,37 @@ def test_a_nan_loss_skips_that_update_with_a_warning(tmp_path, monkeypatch, caps
     assert [snapshots[s][1:] for s in (1, 2, 3)] == [(0, 0), (4, 4), (4, 4)]
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_a_non_finite_model_output_skips_the_update_instead_of_raising(
+        tmp_path, monkeypatch, capsys, poison):
+    # A diverging policy's log-probs reach vk.vapo_loss as NaN / inf inputs; with vk's data
+    # checks on, the loss raised (naming logp) and the run died with a traceback instead of
+    # taking the guard's path (review): the trainer calls vk with its screens off.
+    real = vapo_module.policy_logprobs
+    state_of = {}
+
+    def diverging(policy, batch, **kwargs):
+        logp, entropy = real(policy, batch, **kwargs)
+        if torch.is_grad_enabled() and state_of.get("step") == 2:  # the loss's forward
+            logp = logp + poison
+        return logp, entropy
+
+    real_loss = vapo_module.micro_batch_loss
+
+    def tracking(state, *args, **kwargs):
+        state_of["step"] = state.step if state.phase == "rl" else None
+        return real_loss(state, *args, **kwargs)
+
+    monkeypatch.setattr(vapo_module, "policy_logprobs", diverging)
+    monkeypatch.setattr(vapo_module, "micro_batch_loss", tracking)
+    summary = train(tiny_config(tmp_path, "--threads", "1", "--steps", "3", "--no_save_checkpoint"))
+    out = capsys.readouterr().out
+    assert "warning: rl step 2: non-finite loss" in out and "update skipped" in out
+    rows = {r["step"]: r for r in read_rows(summary["run_dir"]) if r["phase"] == "rl"}
+    assert rows[2]["skipped_updates"] == 4 and rows[3]["skipped_updates"] == 0
+    assert vapo_module.vk.validation_enabled()  # given back after each call
+
+
 def test_an_infinite_gradient_is_named(tmp_path, monkeypatch, capsys):
     real = vapo_module.setup_rl
 

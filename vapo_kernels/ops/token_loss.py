@@ -81,7 +81,7 @@ def rollout_options(
 ) -> dict:
     """The rollout-correction keywords of :func:`.loss_spec.loss_params` from the public
     ones, after the checks that need the inputs (the options' own checks are there);
-    ``{}`` when nothing of it is given (the common path: no key added to the cache)."""
+    ``{}`` when nothing of it is given (the common path, checked first)."""
     if (rollout_logp is None and rollout_is is None and rollout_is_mode is None
             and rollout_is_threshold is None and rollout_is_threshold_lower is None):
         return {}  # the common path, first: no key added to the options cache
@@ -231,7 +231,7 @@ def aggregation_weights(a, layout, shape, device, mask, acc):
     return offs, seq_w.to(acc).contiguous(), lm_w
 
 
-def screen_nan(loss: Tensor, named_inputs, mask: Tensor | None) -> None:
+def screen_nonfinite(loss: Tensor, named_inputs, mask: Tensor | None) -> None:
     """A NaN in a valid input always reaches its term's sum and so the loss (a zero
     coefficient too: 0 * NaN), and masked slots never produce one: one check of the loss
     screens every input; the per-input checks run only when the loss is NaN or infinite
@@ -246,10 +246,9 @@ def screen_nan(loss: Tensor, named_inputs, mask: Tensor | None) -> None:
 
 LOSS_OVERFLOW = (
     "the loss is NaN or infinite although every valid input is finite: an overflow in the "
-    "input dtype "
-    "(a log-ratio above ~88 in fp32 makes the ratio inf - with ratio_log_clamp=inf, or "
-    "above 88 - and a zero advantage times it NaN; or values / returns near the dtype's "
-    "largest number)"
+    "input dtype (a log-ratio above ~88 in fp32 makes the ratio inf - with "
+    "ratio_log_clamp=inf, or above 88 - and a zero advantage times it NaN; or |values - "
+    "returns| above ~1.8e19 in fp32, whose square overflows)"
 )
 
 
@@ -280,7 +279,7 @@ def _impl(a: TokenLossArgs):
             a, layout, shape, device, mask, _ragged.acc_dtype(dtype))
     _, kernel = _backends.select("token_loss", device, a.backend)
     loss, sums, *grads = kernel(*dense, mask, offs, seq_w, lm_w, a.params, a.need_grad)
-    screen_nan(loss, zip(_input_names(a), tensors), mask)
+    screen_nonfinite(loss, zip(_input_names(a), tensors), mask)
     return loss, sums, *grads
 
 

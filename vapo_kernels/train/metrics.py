@@ -19,6 +19,8 @@ from typing import Any, Iterator
 
 import torch
 
+import vapo_kernels as vk
+
 LIVE_KEYS = ("reward", "heldout_accuracy", "vf_loss", "explained_var", "entropy", "clipfrac",
              "response_length")
 
@@ -204,10 +206,22 @@ def plot_run(metrics_path: str, out_path: str, title: str = "") -> str:
     return out_path
 
 
-def our_op(name: str):
-    """A profiler range around one vapo_kernels call (its backward shows up on its own as
-    ``<op>_functionBackward``), so a profile can tell our ops from the model's."""
-    return torch.profiler.record_function(f"vapo_kernels.{name}")
+@contextmanager
+def our_op(name: str) -> Iterator[None]:
+    """Around each vapo_kernels call of the trainer: a profiler range (its backward shows
+    up on its own as ``<op>_functionBackward``), so a profile can tell our ops from the
+    model's; and vk's data checks off for the call. The trainer makes the masks and offsets
+    itself, and a NaN or infinity from a diverging model must reach the guard (the update
+    skipped, the run stopped after ``--max_bad_steps``) instead of raising out of the op -
+    with the checks on, vk names a non-finite input and raises. (Also no host sync per
+    call on a GPU.)"""
+    was = vk.validation_enabled()
+    vk.set_validation(False)
+    try:
+        with torch.profiler.record_function(f"vapo_kernels.{name}"):
+            yield
+    finally:
+        vk.set_validation(was)
 
 
 class StepProfiler:
