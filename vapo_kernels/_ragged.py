@@ -263,12 +263,21 @@ def name_nonfinite_input(named_inputs, mask: torch.Tensor | None, output: str) -
     for name, t in named_inputs:
         check_no_nan_where_valid(name, t, mask)
     for name, t in named_inputs:
-        bad = torch.isinf(t)
-        if mask is not None:
-            bad &= mask
-        if bool(bad.any()):
-            raise ValueError(f"{name} contains ±inf at valid (unmasked) positions, which "
-                             f"makes {output} NaN or infinite")
+        check_no_inf_where_valid(name, t, mask, output)
+
+
+def check_no_inf_where_valid(name: str, t: torch.Tensor, mask: torch.Tensor | None,
+                             output: str) -> None:
+    """Data check, for an ``output`` that came out NaN or infinite: ``t`` holds an
+    infinity at a valid position (the likely cause)."""
+    if not _validate_data:
+        return
+    bad = torch.isinf(t)
+    if mask is not None:
+        bad &= mask
+    if bool(bad.any()):
+        raise ValueError(f"{name} contains ±inf at valid (unmasked) positions, which makes "
+                         f"{output} NaN or infinite")
 
 
 def is_callers_leaf(t: torch.Tensor) -> bool:

@@ -42,8 +42,8 @@ import torch
 from torch import Tensor
 
 from .._backends import BACKENDS
-from .._ragged import named_as as _peer_names  # our functions, errors in the peer's names
-from .._ragged import validation_enabled
+# _peer_names(fn, ...): one of our functions, its errors in the peer's argument names
+from .._ragged import named_as as _peer_names, validation_enabled
 from .. import token_logprobs
 
 _backend: str | None = None

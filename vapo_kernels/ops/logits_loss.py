@@ -166,7 +166,8 @@ def _loss_sums(a: LogitsLossArgs, out: Tensor | None) -> tuple[Tensor, Tensor]:
         bad = rows.isnan() if out is not None else rows.isnan() | (rows == math.inf)
         if bool((bad.any(-1) & valid).any()):
             raise ValueError("logits contain NaN or +inf in a valid row")
-        _ragged.name_nonfinite_input(named, valid, "the loss")
+        for name, t in named:
+            _ragged.check_no_inf_where_valid(name, t, valid, "the loss")
         raise ValueError(LOSS_OVERFLOW)
     return loss, sums
 

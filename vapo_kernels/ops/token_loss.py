@@ -84,7 +84,7 @@ def rollout_options(
     ``{}`` when nothing of it is given (the common path, checked first)."""
     if (rollout_logp is None and rollout_is is None and rollout_is_mode is None
             and rollout_is_threshold is None and rollout_is_threshold_lower is None):
-        return {}  # the common path, first: no key added to the options cache
+        return {}  # the common path, first
     options = {
         "rollout_is": rollout_is,
         "rollout_is_mode": rollout_is_mode,
@@ -474,7 +474,7 @@ def vapo_loss(
         raise ValueError(
             "is_weights applies to the policy term, which needs old_logp and advantages"
         )
-    rollout = rollout_options(
+    rollout_options(  # the checks that need the inputs; the options go to _vapo_params
         rollout_logp, is_weights, policy, rollout_is, rollout_is_mode, rollout_is_threshold,
         rollout_is_threshold_lower,
     )
@@ -515,7 +515,7 @@ def vapo_loss(
         kl=ref_logp is not None,
         entropy=entropy is not None,
         lm=positive is not None,
-        rollout=rollout_mode(params) if rollout else None,
+        rollout=rollout_mode(params),
     )
     return loss, metrics
 
