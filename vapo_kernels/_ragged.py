@@ -245,13 +245,25 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, num_tokens: int) -> None:
 
 def check_no_nan_where_valid(name: str, t: torch.Tensor, mask: torch.Tensor | None) -> None:
     """Data check: NaN in a valid slot is an error; garbage in masked slots is ignored."""
+    _refuse_where_valid(torch.isnan, t, mask, f"{name} contains NaN at valid (unmasked) positions")
+
+
+def check_no_inf_where_valid(name: str, t: torch.Tensor, mask: torch.Tensor | None,
+                             output: str) -> None:
+    """Data check, for an ``output`` that came out NaN or infinite: ``t`` holds an
+    infinity at a valid position (the likely cause)."""
+    _refuse_where_valid(torch.isinf, t, mask, f"{name} contains ±inf at valid (unmasked) "
+                        f"positions, which makes {output} NaN or infinite")
+
+
+def _refuse_where_valid(test, t: torch.Tensor, mask: torch.Tensor | None, message: str) -> None:
     if not _validate_data:
         return
-    bad = torch.isnan(t)
+    bad = test(t)
     if mask is not None:
         bad &= mask
     if bool(bad.any()):
-        raise ValueError(f"{name} contains NaN at valid (unmasked) positions")
+        raise ValueError(message)
 
 
 def name_nonfinite_input(named_inputs, mask: torch.Tensor | None, output: str) -> None:
@@ -264,20 +276,6 @@ def name_nonfinite_input(named_inputs, mask: torch.Tensor | None, output: str) -
         check_no_nan_where_valid(name, t, mask)
     for name, t in named_inputs:
         check_no_inf_where_valid(name, t, mask, output)
-
-
-def check_no_inf_where_valid(name: str, t: torch.Tensor, mask: torch.Tensor | None,
-                             output: str) -> None:
-    """Data check, for an ``output`` that came out NaN or infinite: ``t`` holds an
-    infinity at a valid position (the likely cause)."""
-    if not _validate_data:
-        return
-    bad = torch.isinf(t)
-    if mask is not None:
-        bad &= mask
-    if bool(bad.any()):
-        raise ValueError(f"{name} contains ±inf at valid (unmasked) positions, which makes "
-                         f"{output} NaN or infinite")
 
 
 def is_callers_leaf(t: torch.Tensor) -> bool:
