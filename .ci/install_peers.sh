@@ -14,6 +14,8 @@
 #
 # Usage: .ci/install_peers.sh            (PYTHON=/path/to/python to pick the interpreter)
 set -euo pipefail
+# shellcheck source=.ci/retry.sh
+. "$(dirname "$0")/retry.sh"
 
 PYTHON="${PYTHON:-python}"
 TORCH_VERSION="$("$PYTHON" -c 'import torch; print(torch.__version__.split("+")[0])')"
@@ -28,14 +30,14 @@ pip_install=("$PYTHON" -m pip install --disable-pip-version-check)
 #    OpenRLHF's experience_maker: ray; trl.trainer.utils: pandas and accelerate). Without
 #    pandas and datasets, 22 peer tests skipped in CI.
 echo "installing the peer packages (TorchRL, verl, OpenRLHF, TRL and what they import)"
-"${pip_install[@]}" -c "$constraints" \
+retry "${pip_install[@]}" -c "$constraints" \
     torchrl==0.14.1 tensordict==0.14.3 \
     transformers==5.24.0 accelerate==1.15.0 \
     ray==2.60.0 omegaconf==2.4.0 codetiming==1.4.0 dill==0.4.1 \
     pandas==3.1.1 datasets==5.2.0
 
 # 2. Without their dependency lists (see above).
-"${pip_install[@]}" --no-deps verl==0.9.1 openrlhf==0.11.2 trl==1.12.0
+retry "${pip_install[@]}" --no-deps verl==0.9.1 openrlhf==0.11.2 trl==1.12.0
 
 # torch must be the one we started with.
 "$PYTHON" -c "import torch, sys; v = torch.__version__.split('+')[0]; \
