@@ -69,3 +69,28 @@ def test_vapo_no_cuda_is_checked_on_any_torch(monkeypatch):
     monkeypatch.setenv("VAPO_NO_CUDA", "sure")
     with pytest.raises(ValueError, match="VAPO_NO_CUDA"):
         _backends._cuda_wanted()
+
+
+@pytest.mark.parametrize("value", [None, "", "triton", "caf\u00e9", "a=b c"])
+def test_value_reads_what_os_environ_holds_now(monkeypatch, value):
+    # _env.value reads the bytes dict under os.environ (per op call, ~1 us cheaper than
+    # os.environ.get): a change made at run time, as monkeypatch makes it, must show.
+    if value is None:
+        monkeypatch.delenv("VAPO_TEST_VALUE", raising=False)
+    else:
+        monkeypatch.setenv("VAPO_TEST_VALUE", value)
+    assert _env.value("VAPO_TEST_VALUE") == value
+    monkeypatch.setenv("VAPO_TEST_VALUE", "changed")
+    assert _env.value("VAPO_TEST_VALUE") == "changed"
+
+
+def test_vapo_backend_set_at_run_time_is_honoured(monkeypatch):
+    # select caches its answer per (op, device, requested name): the name read from the
+    # environment on each call is part of that key.
+    x = torch.randn(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    monkeypatch.delenv("VAPO_BACKEND", raising=False)
+    vk.gae(x, x, m, gamma=1.0, lam=0.95)
+    monkeypatch.setenv("VAPO_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="VAPO_BACKEND"):
+        vk.gae(x, x, m, gamma=1.0, lam=0.95)

@@ -102,7 +102,7 @@ def _why_unavailable(backend: str, device: torch.device) -> str | None:
             import triton  # noqa: F401
         except ImportError as e:  # pragma: no cover - triton is a test dependency
             return f"triton is not installed ({e})"
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if device.type == "cpu" and _env.value("TRITON_INTERPRET") != "1":
             return "Triton runs on CPU tensors only under TRITON_INTERPRET=1"
         if device.type not in ("cpu", "cuda"):
             return f"Triton does not run on {device.type} tensors"
@@ -142,15 +142,20 @@ def select(op: str, device: torch.device, backend: str | None = None) -> tuple[s
     the automatic order; an automatic choice that cannot run falls back with a one-time
     warning that says why.
     """
-    requested = backend or os.environ.get("VAPO_BACKEND") or None
+    requested = backend or _env.value("VAPO_BACKEND") or None
     # Called on every op call: the answer depends only on these (and, for Triton asked for
-    # on CPU tensors, on the interpreter switch), so it is worked out once per key.
-    key = (op, device.type, requested)
+    # on CPU tensors, on the interpreter switch), so it is worked out once per key. (The
+    # device itself, not device.type: that makes a new string per call.)
+    key = (op, device, requested)
     if requested == "triton" and device.type == "cpu":
-        key += (os.environ.get("TRITON_INTERPRET"),)
+        key += (_env.value("TRITON_INTERPRET"),)
     chosen = _selected.get(key)
     if chosen is None:
-        chosen = _selected[key] = _select(op, device, requested, "backend" if backend else "VAPO_BACKEND")
+        name, kernel = _select(op, device, requested, "backend" if backend else "VAPO_BACKEND")
+        symbol = getattr(kernel, "extension_symbol", None)
+        if symbol is not None:  # _select built the extension: call its function directly
+            kernel = getattr(extension(), symbol)
+        chosen = _selected[key] = (name, kernel)
     return chosen
 
 

@@ -17,9 +17,13 @@ import functools
 import torch
 
 
+_CPU = torch.device("cpu")
+
+
 def capturing(device: torch.device) -> bool:
-    """A CUDA graph is being captured on ``device``'s current stream."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    """A CUDA graph is being captured on ``device``'s current stream. (CPU first: reading
+    ``device.type`` makes a new string, ~0.3 us, on every op call.)"""
+    return device != _CPU and device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def full(size: int, value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

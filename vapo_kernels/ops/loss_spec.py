@@ -474,6 +474,9 @@ def aggregation_scalars(
 ) -> tuple:
     """The loss ops' scalar aggregation arguments (consecutive fields of their args, in
     this order) from the public keywords, checked: global counts as Python floats."""
+    if (global_tokens is None and global_seqs is None and global_positive_tokens is None
+            and type(dp_size) is int and dp_size == 1 and loss_scale_factor is None):
+        return _DEFAULT_AGGREGATION  # the common call, first
     if type(dp_size) is not int or dp_size != 1:  # the common value passes at once
         check_number("dp_size", dp_size, lambda v: v >= 1 and v == int(v),
                       "a whole number >= 1 (the data-parallel group's size)")
@@ -487,6 +490,9 @@ def aggregation_scalars(
         float(dp_size),
         None if loss_scale_factor is None else float(loss_scale_factor),
     )
+
+
+_DEFAULT_AGGREGATION = (None, None, None, 1.0, None)
 
 
 def options_cache(fn):
@@ -625,7 +631,7 @@ _EXPLAINED_VAR_EPS = 1e-5
 
 
 def loss_metrics(
-    sums: Tensor, *, policy: bool, value: bool, kl: bool, entropy: bool, lm: bool,
+    sums: Tensor, policy: bool, value: bool, kl: bool, entropy: bool, lm: bool,
     rollout: str | None = None,
 ) -> Mapping[str, Tensor]:
     """The metrics of a loss call from its sums (see :class:`LossMetrics`); a plain dict
