@@ -42,6 +42,31 @@ constexpr const char* kFreed =
     ": trying to backward through the graph a second time, but its gradients were freed (or "
     "scaled in place) by the first backward; pass retain_graph=True to the first";
 
+// `t` in `dtype`: itself where it already is (Tensor::to would still go through the
+// dispatcher, ~0.5 us a call on the per-micro-batch backward).
+at::Tensor same_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
+// `t` is a plain dense CPU tensor holding the one number 1 (the gradient `loss.backward()`
+// passes): scaling by it changes no bit (x * 1 is x, NaN and -0 included), so the
+// product is skipped. Read only on the CPU (on a GPU the read would sync) and only from
+// an ordinary tensor with storage (not a subclass, a functorch wrapper or a zero tensor).
+bool is_cpu_one(const at::Tensor& t) {
+  if (!t.defined() || !t.is_cpu() || t.layout() != at::kStrided || t.numel() != 1 ||
+      !t.has_storage() || t._is_zerotensor() || t.is_conj() || t.is_neg() ||
+      t.unsafeGetTensorImpl()->is_python_dispatch() ||
+      t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::FuncTorchGradWrapper,
+                                               c10::DispatchKey::FuncTorchBatched}))) {
+    return false;
+  }
+  switch (t.scalar_type()) {
+    case at::kFloat: return *t.const_data_ptr<float>() == 1.0f;
+    case at::kDouble: return *t.const_data_ptr<double>() == 1.0;
+    default: return false;
+  }
+}
+
 struct LossFromGradients : public torch::autograd::Node {
   // grads[i]: d loss / d inputs[i] as the kernel wrote it (undefined when the forward ran
   // without gradients); dtypes[i]: the input's dtype, the gradient's dtype on the way out.
@@ -108,22 +133,23 @@ struct LossFromGradients : public torch::autograd::Node {
     if (!grad_loss.defined()) return out;
     TORCH_CHECK(!consumed_, "vapo ", op_, kFreed);
     const bool create_graph = torch::autograd::GradMode::is_enabled();
+    const bool unit = !create_graph && is_cpu_one(grad_loss);
     bool scaled_in_place = false;
     for (size_t i = 0; i < n; ++i) {
       if (!task_should_compute_output(i)) continue;
       at::Tensor& g = grads_[i];
       TORCH_CHECK(g.defined(), "vapo ", op_, ": a gradient was requested but the forward ran "
                   "with need_grad=False; call the loss with grad mode on");
-      const at::Tensor factor = grad_loss.to(g.scalar_type());
       // Scaled where it lies on the graph's last backward (the engine frees the node's
       // variables next, and no post-hook can fail the backward after it): no second copy
       // of a logits- or weight-sized gradient. Under retain_graph=True it is kept as it
-      // is, for the next backward.
+      // is, for the next backward. A unit gradient (`loss.backward()`) needs no product.
       if (last && !create_graph && owned(g)) {
-        out[i] = g.mul_(factor).to(dtypes_[i]);
+        if (!unit) g.mul_(same_dtype(grad_loss, g.scalar_type()));
+        out[i] = same_dtype(g, dtypes_[i]);
         scaled_in_place = true;
       } else {
-        out[i] = g.mul(factor).to(dtypes_[i]);
+        out[i] = same_dtype(g.mul(same_dtype(grad_loss, g.scalar_type())), dtypes_[i]);
       }
     }
     // A backward retried after a failure further down the graph must not scale twice.

@@ -102,6 +102,26 @@ def test_retain_graph_gives_the_same_gradients_again(path, loss_fn):
 
 
 @pytest.mark.parametrize("loss_fn", LOSSES)
+@pytest.mark.parametrize("incoming", [None, 1.0, 2.5, -1.0])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_last_backward_scales_in_place_to_the_same_bits(path, loss_fn, incoming, dtype):
+    # On the graph's last backward the node scales its gradients where they lie, and by a
+    # unit gradient (loss.backward()) not at all: the same bits as the out-of-place product
+    # that a retained graph takes.
+    x = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _inputs(3).items()}
+    loss, leaves = LOSSES[loss_fn](x)
+    grad = None if incoming is None else torch.tensor(incoming, dtype=loss.dtype)
+    kept = torch.autograd.grad(loss, leaves, grad, retain_graph=True)
+    last = torch.autograd.grad(loss, leaves, grad)
+    for k, g in zip(kept, last):
+        assert torch.equal(k, g)
+    if incoming not in (None, 1.0):
+        unit = torch.autograd.grad(*LOSSES[loss_fn](x))
+        for g, u in zip(last, unit):
+            torch.testing.assert_close(g, incoming * u, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES)
 @pytest.mark.parametrize("incoming", ["constant", "differentiable"])
 def test_double_backward_raises_instead_of_missing_a_term(path, loss_fn, incoming):
     # With create_graph=True the first backward is right, but the gradients' dependence on

@@ -200,8 +200,8 @@ class Op:
         if _tracing():
             return getattr(torch.ops.vapo, self.name)(*a)
         if wants_grad and torch.is_grad_enabled():
-            if self.gradient_outputs and _loss_node() is not None:
-                return self._call_with_loss_node(a)
+            if self.gradient_outputs and (node := _loss_node()) is not None:
+                return self._call_with_loss_node(a, node)
             if self.function is not None:
                 return self.function.apply(*a)
         out = self.impl(a)
@@ -209,10 +209,16 @@ class Op:
             torch.autograd.graph.increment_version(a[i])
         return out
 
-    def _call_with_loss_node(self, a: NamedTuple):
-        wanted = [(a[field], output) for field, output in self.gradient_outputs
-                  if a[field] is not None and a[field].requires_grad]
-        if not wanted:  # only inputs without a gradient require grad: as the Function does
+    def _call_with_loss_node(self, a: NamedTuple, node):
+        # Loops, not comprehensions: each comprehension is a function call (Python 3.11),
+        # and this runs on every loss call.
+        inputs, outputs = [], []
+        for field, output in self.gradient_outputs:
+            t = a[field]
+            if t is not None and t.requires_grad:
+                inputs.append(t)
+                outputs.append(output)
+        if not inputs:  # only inputs without a gradient require grad: as the Function does
             return self.function.apply(*a)
         # The kernels' own gradients are the backward: no graph here. (The guard itself,
         # not torch.no_grad(): that context manager costs ~4 us per call.)
@@ -221,9 +227,10 @@ class Op:
             out = self.impl(a)
         finally:
             torch._C._set_grad_enabled(True)  # only reached with grad mode on
-        inputs = [t for t, _ in wanted]
-        grads = [out[output] for _, output in wanted]
-        return (_loss_node()(out[0], inputs, grads, self.name, False), *out[1:])
+        grads = []
+        for i in outputs:
+            grads.append(out[i])
+        return (node(out[0], inputs, grads, self.name, False), *out[1:])
 
     def grads(self, **by_name) -> tuple:
         """A backward's return value: the named gradients, None for every other field."""
