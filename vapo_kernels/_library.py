@@ -199,17 +199,24 @@ class Op:
             raise RuntimeError(FORWARD_MODE)
         if _tracing():
             return getattr(torch.ops.vapo, self.name)(*a)
+        return self.eager(a, wants_grad, self.impl)
+
+    def eager(self, a: NamedTuple, wants_grad: bool, impl: Callable):
+        """The op's eager call once its arguments are vetted (plain ``torch.Tensor``s,
+        nothing tracing or transforming the call; ``wants_grad``: one of them requires
+        grad): ``impl(a)``, made differentiable where a gradient is wanted. ``impl`` is
+        the op's implementation, or the part of it that an op's own vetting selected."""
         if wants_grad and torch.is_grad_enabled():
             if self.gradient_outputs and (node := _loss_node()) is not None:
-                return self._call_with_loss_node(a, node)
+                return self._call_with_loss_node(a, node, impl)
             if self.function is not None:
                 return self.function.apply(*a)
-        out = self.impl(a)
+        out = impl(a)
         for i in self.mutates:  # what the dispatcher does for a mutating op
             torch.autograd.graph.increment_version(a[i])
         return out
 
-    def _call_with_loss_node(self, a: NamedTuple, node):
+    def _call_with_loss_node(self, a: NamedTuple, node, impl: Callable):
         # Loops, not comprehensions: each comprehension is a function call (Python 3.11),
         # and this runs on every loss call.
         inputs, outputs = [], []
@@ -224,7 +231,7 @@ class Op:
         # not torch.no_grad(): that context manager costs ~4 us per call.)
         torch._C._set_grad_enabled(False)
         try:
-            out = self.impl(a)
+            out = impl(a)
         finally:
             torch._C._set_grad_enabled(True)  # only reached with grad mode on
         grads = []
