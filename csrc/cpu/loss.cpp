@@ -132,6 +132,8 @@ struct Tile {
   alignas(64) T g_e[kN];
   // Last: the buffers above keep the offsets they had before the correction came.
   alignas(64) T rsw[kN];  // rollout correction, sequence levels: the sequence's weight
+  alignas(64) T lr[kN];     // the policy term's clamped log-ratios and ratios, for its
+  alignas(64) T ratio[kN];  // metrics loops
 };
 
 // A chunk's running sums: double lanes (lane = token index mod W within each tile).
@@ -271,62 +273,85 @@ struct Splats {
 
 template <typename T, int W, bool kDual, bool kIsw>
 VAPO_INLINE void policy_tile(Tile<T>& b, int nr, const Config<T>& c, ChunkAcc<T>& acc) {
+  // Three loops over the tile: the loss and its gradient (storing the clamped log-ratios
+  // and the ratios), then the clip counts with the ratio's sum and extremes, then the
+  // approx-KL sums. In one loop the nine running sums and the constants need more vector
+  // registers than AVX2 has (16): GCC spilled them to the stack on every iteration, and
+  // the split measured 15-20% faster per token (fp32, 64 x 4k, one thread, old and new
+  // builds timed in turn). Each sum runs over the same lanes in the same order: the same
+  // bits (checked against the one-loop build on policy, dual-clip, value and KL calls).
   using V = Vec<T, W>;
   const Splats<T, W> k;
   const V clamp = splat<T, W>(c.clamp), neg_clamp = -clamp;
   const V lo = splat<T, W>(c.lo), hi = splat<T, W>(c.hi);
-  const V dual_clip = splat<T, W>(c.dual_clip);
-  V s_pg = k.zero, s_low = k.zero, s_high = k.zero, s_dual = k.zero, s_nlr = k.zero,
-    s_k3 = k.zero, s_ratio = k.zero, r_min = k.inf, r_max = -k.inf;
-  for (int i = 0; i < nr; i += W) {
-    const V adv = load<V>(b.adv + i);
-    const V na = -adv;
-    const V raw = load<V>(b.lp + i) - load<V>(b.old + i);
-    const V log_ratio = t_clamp(raw, neg_clamp, clamp);
-    const V ratio = vexp<W>(log_ratio);
-    const V unclipped = na * ratio;
-    const V clipped = na * t_clamp(ratio, lo, hi);
-    V pg = t_max(unclipped, clipped);
-    V d_ratio =
-        tie_split(unclipped, clipped, na, na * in_range(ratio, lo, hi, k.one, k.zero), k.half);
-    const auto was_clipped = clipped > unclipped;
-    const auto valid = load<V>(b.valid + i) != k.zero;
-    if constexpr (kDual) {
-      // min(pg, floor), floor constant in logp: full gradient below, half at a tie.
-      const V floor = na * dual_clip;
-      const auto negative = adv < k.zero;
-      const auto dual = negative & (pg > floor);
-      const V half = k.half * d_ratio;
-      const V below = pg < floor ? d_ratio : (pg > floor ? k.zero : half);
-      d_ratio = negative ? below : d_ratio;
-      pg = negative ? t_min(pg, floor) : pg;
-      s_dual += (valid & dual) ? k.one : k.zero;
+  {
+    const V dual_clip = splat<T, W>(c.dual_clip);
+    V s_pg = k.zero, s_dual = k.zero;
+    for (int i = 0; i < nr; i += W) {
+      const V adv = load<V>(b.adv + i);
+      const V na = -adv;
+      const V raw = load<V>(b.lp + i) - load<V>(b.old + i);
+      const V log_ratio = t_clamp(raw, neg_clamp, clamp);
+      const V ratio = vexp<W>(log_ratio);
+      store(b.lr + i, log_ratio);
+      store(b.ratio + i, ratio);
+      const V unclipped = na * ratio;
+      const V clipped = na * t_clamp(ratio, lo, hi);
+      V pg = t_max(unclipped, clipped);
+      V d_ratio =
+          tie_split(unclipped, clipped, na, na * in_range(ratio, lo, hi, k.one, k.zero), k.half);
+      if constexpr (kDual) {
+        // min(pg, floor), floor constant in logp: full gradient below, half at a tie.
+        const auto valid = load<V>(b.valid + i) != k.zero;
+        const V floor = na * dual_clip;
+        const auto negative = adv < k.zero;
+        const auto dual = negative & (pg > floor);
+        const V half = k.half * d_ratio;
+        const V below = pg < floor ? d_ratio : (pg > floor ? k.zero : half);
+        d_ratio = negative ? below : d_ratio;
+        pg = negative ? t_min(pg, floor) : pg;
+        s_dual += (valid & dual) ? k.one : k.zero;
+      }
+      V grad = d_ratio * ratio * in_range(raw, neg_clamp, clamp, k.one, k.zero);
+      if constexpr (kIsw) {
+        const V isw = load<V>(b.isw + i);
+        pg = pg * isw;
+        grad = grad * isw;
+      }
+      const V w = load<V>(b.w + i);
+      s_pg += w * pg;
+      store(b.g_lp + i, load<V>(b.g_lp + i) + w * grad);
     }
-    V grad = d_ratio * ratio * in_range(raw, neg_clamp, clamp, k.one, k.zero);
-    if constexpr (kIsw) {
-      const V isw = load<V>(b.isw + i);
-      pg = pg * isw;
-      grad = grad * isw;
-    }
-    const V w = load<V>(b.w + i);
-    s_pg += w * pg;
-    store(b.g_lp + i, load<V>(b.g_lp + i) + w * grad);
-    s_low += (valid & was_clipped & (ratio < lo)) ? k.one : k.zero;
-    s_high += (valid & was_clipped & (ratio > hi)) ? k.one : k.zero;
-    s_nlr += valid ? -log_ratio : k.zero;
-    s_k3 += valid ? expm1_minus_x<W>(log_ratio, ratio) : k.zero;
-    s_ratio += valid ? ratio : k.zero;
-    r_min = t_min(r_min, valid ? ratio : k.inf);
-    r_max = t_max(r_max, valid ? ratio : -k.inf);
+    flush<T, W>(acc.lanes[S_PG], s_pg);
+    if constexpr (kDual) flush<T, W>(acc.lanes[S_DUAL_CLIP], s_dual);
   }
-  flush<T, W>(acc.lanes[S_PG], s_pg);
-  flush<T, W>(acc.lanes[S_CLIP_LOW], s_low);
-  flush<T, W>(acc.lanes[S_CLIP_HIGH], s_high);
-  if constexpr (kDual) flush<T, W>(acc.lanes[S_DUAL_CLIP], s_dual);
+  {
+    V s_low = k.zero, s_high = k.zero, s_ratio = k.zero, r_min = k.inf, r_max = -k.inf;
+    for (int i = 0; i < nr; i += W) {
+      const V na = -load<V>(b.adv + i);
+      const V ratio = load<V>(b.ratio + i);
+      const auto valid = load<V>(b.valid + i) != k.zero;
+      const auto was_clipped = na * t_clamp(ratio, lo, hi) > na * ratio;
+      s_low += (valid & was_clipped & (ratio < lo)) ? k.one : k.zero;
+      s_high += (valid & was_clipped & (ratio > hi)) ? k.one : k.zero;
+      s_ratio += valid ? ratio : k.zero;
+      r_min = t_min(r_min, valid ? ratio : k.inf);
+      r_max = t_max(r_max, valid ? ratio : -k.inf);
+    }
+    flush<T, W>(acc.lanes[S_CLIP_LOW], s_low);
+    flush<T, W>(acc.lanes[S_CLIP_HIGH], s_high);
+    flush<T, W>(acc.lanes[S_RATIO_SUM], s_ratio);
+    flush_extremes<T, W>(acc.ratio_min, acc.ratio_max, r_min, r_max);
+  }
+  V s_nlr = k.zero, s_k3 = k.zero;
+  for (int i = 0; i < nr; i += W) {
+    const V log_ratio = load<V>(b.lr + i);
+    const auto valid = load<V>(b.valid + i) != k.zero;
+    s_nlr += valid ? -log_ratio : k.zero;
+    s_k3 += valid ? expm1_minus_x<W>(log_ratio, load<V>(b.ratio + i)) : k.zero;
+  }
   flush<T, W>(acc.lanes[S_NEG_LOG_RATIO], s_nlr);
   flush<T, W>(acc.lanes[S_K3], s_k3);
-  flush<T, W>(acc.lanes[S_RATIO_SUM], s_ratio);
-  flush_extremes<T, W>(acc.ratio_min, acc.ratio_max, r_min, r_max);
 }
 
 // The rollout correction: b.isw holds the rollout log-probs on entry and the weights the
