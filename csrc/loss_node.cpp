@@ -189,6 +189,7 @@ at::Tensor loss_from_gradients(const at::Tensor& loss, const std::vector<at::Ten
                                bool donated) {
   TORCH_CHECK(inputs.size() == grads.size(), op, ": ", inputs.size(), " inputs but ",
               grads.size(), " gradients");
+  TORCH_CHECK(loss.dim() == 0, op, ": the loss must be a 0-d tensor, got shape ", loss.sizes());
   std::vector<at::Tensor> held;
   std::vector<at::ScalarType> dtypes;
   held.reserve(grads.size());

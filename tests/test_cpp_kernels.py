@@ -230,3 +230,106 @@ def test_logits_loss_threads_give_the_same_bits(dtype, vocab):
         torch.set_num_threads(threads)
     (s1, g1), (s2, g2) = out
     assert torch.equal(s1, s2) and torch.equal(g1, g2)
+
+
+# ---- found under ASan / UBSan (2026-12-07 review) ---------------------------------------
+
+def _odd_bool_mask(bytes_):
+    """A bool mask holding bytes other than 0 / 1, as `uint8.view(torch.bool)` makes it
+    (torch's own ops take any nonzero byte as true)."""
+    return torch.tensor(bytes_, dtype=torch.uint8).view(torch.bool)
+
+
+def test_a_bool_mask_holding_other_bytes_than_one_counts_them_once():
+    # valid_counts added the raw bytes and the loss kernels' token count read only 1s,
+    # so a mask byte of 2 doubled policy_loss against the reference backend.
+    import vapo_kernels as vk
+
+    g = torch.Generator().manual_seed(0)
+    raw = [1, 2, 2, 0, 1, 255, 0, 1]
+    odd, plain = _odd_bool_mask(raw), torch.tensor(raw) != 0
+    cu = torch.tensor([0, 3, 8])
+    lp = -torch.rand(8, generator=g)
+    old, adv = lp + 0.1 * torch.randn(8, generator=g), torch.randn(8, generator=g)
+    rewards, values = torch.randn(8, generator=g), torch.randn(8, generator=g)
+    logits = torch.randn(8, 11, generator=g)
+    targets = torch.randint(0, 11, (8,), generator=g)
+    assert torch.equal(ext().valid_counts_cpu(odd, cu), ext().valid_counts_cpu(plain, cu))
+    calls = {
+        "policy_loss": lambda m: vk.policy_loss(lp, old, adv, m, cu, backend="cpp")[0],
+        "vapo_loss": lambda m: vk.vapo_loss(lp, old, adv, m, cu, values=values,
+                                            old_values=values, returns=rewards,
+                                            backend="cpp")[0],
+        "gae": lambda m: vk.gae(rewards, values, m, cu, gamma=1.0, lam=0.9, whiten=True,
+                                backend="cpp")[0],
+        "decoupled_gae": lambda m: vk.decoupled_gae(rewards, values, m, cu, alpha=0.05,
+                                                    backend="cpp")[0],
+        "masked_whiten": lambda m: vk.masked_whiten(rewards, m, backend="cpp"),
+        "token_logprobs": lambda m: vk.token_logprobs(logits, targets, m, backend="cpp"),
+        "policy_loss_from_logits": lambda m: vk.policy_loss_from_logits(
+            logits, targets, old, adv, m, cu, backend="cpp")[0],
+    }
+    for name, call in calls.items():
+        torch.testing.assert_close(call(odd), call(plain), rtol=0, atol=0, msg=name)
+
+
+def test_empty_output_of_an_overflowing_size_is_refused():
+    # The byte count wrapped around: a "contiguous" 2^62-element tensor on 8 MiB, which
+    # the GAE kernel then read out of bounds.
+    huge = torch.empty(1).expand(2**62 + 2**21)
+    with pytest.raises(RuntimeError, match="overflow"):
+        ext().empty_like_cpu(huge)
+
+
+def test_whitening_with_no_valid_element_is_nan_like_the_reference():
+    # With validation off the C++ kernel returned x / sqrt(eps), a finite ~1e4 * x.
+    import vapo_kernels as vk
+
+    x, none = torch.randn(10), torch.zeros(10, dtype=torch.bool)
+    previous = vk.validation_enabled()
+    vk.set_validation(False)
+    try:
+        assert vk.masked_whiten(x, none, backend="cpp").isnan().all()
+        assert vk.masked_whiten(x, none, backend="reference").isnan().all()
+    finally:
+        vk.set_validation(previous)
+
+
+@pytest.mark.parametrize("vocab", [100, 2048, 70_000])
+def test_a_nan_logit_among_minus_infinities_reaches_the_outputs(vocab):
+    # The max pass skips NaN; a block whose other logits were all -inf was skipped whole,
+    # and the row's outputs came out finite (the NaN screen never fired).
+    import vapo_kernels as vk
+
+    z = torch.randn(2, vocab)
+    z[0, : min(1024, vocab)] = float("-inf")
+    z[0, 5] = float("nan")
+    z[1] = float("nan")
+    targets = torch.tensor([vocab - 1, 3])
+    previous = vk.validation_enabled()
+    vk.set_validation(False)
+    try:
+        logp, entropy = vk.token_logprobs(z, targets, return_entropy=True, backend="cpp")
+    finally:
+        vk.set_validation(previous)
+    assert logp.isnan().all() and entropy.isnan().all()
+    with pytest.raises(ValueError, match="NaN"):
+        vk.token_logprobs(z, targets, backend="cpp")
+
+
+def test_the_kernels_temperature_range_is_the_python_ops():
+    from vapo_kernels.ops.token_logprobs import TEMPERATURE_RANGE
+
+    z, y = torch.randn(2, 100), torch.tensor([1, 2])
+    low, high = TEMPERATURE_RANGE
+    for ok in (low, high):
+        ext().token_logprobs_fwd_cpu(z, y, None, ok)
+    for bad in (low / 2, high * 2, 1e300, 1e-45):  # 1 / t in float: inf or 0, then NaN
+        with pytest.raises(RuntimeError, match="temperature must lie in"):
+            ext().token_logprobs_fwd_cpu(z, y, None, bad)
+
+
+def test_the_loss_node_takes_only_a_0d_loss():
+    leaf = torch.ones(3, requires_grad=True)
+    with pytest.raises(RuntimeError, match="0-d"):
+        ext().loss_from_gradients(torch.ones(3), [leaf], [torch.ones(3)], "x", False)

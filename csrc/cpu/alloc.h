@@ -12,6 +12,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/accumulate.h>
+#include <c10/util/safe_numerics.h>
 
 #include <cstdlib>
 #include <limits>
@@ -25,7 +26,15 @@ namespace vapo {
 inline at::Tensor empty_cpu_output(at::IntArrayRef sizes, at::ScalarType dtype) {
   constexpr size_t kHugePage = size_t(2) << 20;
   const auto options = at::TensorOptions().dtype(dtype).device(at::kCPU);
-  const size_t bytes = c10::multiply_integers(sizes) * at::elementSize(dtype);
+  // The byte count, unless it overflows (then at::empty, which refuses such sizes: a
+  // wrapped count would hand a kernel a tensor larger than its memory).
+  uint64_t numel = 0, bytes64 = 0;
+  if (c10::safe_multiplies_u64(sizes, &numel) ||
+      c10::mul_overflows(numel, static_cast<uint64_t>(at::elementSize(dtype)), &bytes64) ||
+      bytes64 > std::numeric_limits<size_t>::max() - kHugePage) {
+    return at::empty(sizes, options);
+  }
+  const size_t bytes = static_cast<size_t>(bytes64);
   if (bytes < 2 * kHugePage) return at::empty(sizes, options);
   const size_t rounded = (bytes + kHugePage - 1) / kHugePage * kHugePage;
   void* ptr = std::aligned_alloc(kHugePage, rounded);

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "mask.h"
 #include "alloc.h"
 #include "offsets.h"
 
@@ -43,7 +44,7 @@ struct Carry {
 // otherwise only returns the carry-out. `weight_p`/`weight_c` receive c^(valid-1), the
 // sensitivity of the first valid token's advantage to the carry-in term.
 template <typename scalar_t, typename acc_t, bool kHasMask, bool kSkip>
-Carry<acc_t> scan_chunk(const scalar_t* rewards, const scalar_t* values, const bool* mask,
+Carry<acc_t> scan_chunk(const scalar_t* rewards, const scalar_t* values, const uint8_t* mask,
                         int64_t begin, int64_t end, acc_t coef_p, acc_t coef_c, acc_t gamma,
                         Carry<acc_t> carry, acc_t* out_adv, acc_t* out_ret, acc_t* weight_p,
                         acc_t* weight_c, bool* any_valid) {
@@ -51,7 +52,7 @@ Carry<acc_t> scan_chunk(const scalar_t* rewards, const scalar_t* values, const b
   acc_t wp = 1, wc = 1;
   bool seen = false;
   for (int64_t t = end - 1; t >= begin; --t) {
-    const bool valid = kHasMask ? mask[t] : true;
+    const bool valid = kHasMask ? mask[t] != 0 : true;
     acc_t r = static_cast<acc_t>(rewards[t]);
     acc_t v = static_cast<acc_t>(values[t]);
     if (!kSkip) {  // OpenRLHF: masked tokens count as r = V = 0
@@ -88,7 +89,7 @@ struct Chunk {
 };
 
 template <typename scalar_t, bool kHasMask, bool kSkip>
-void run(const at::Tensor& rewards, const at::Tensor& values, const bool* mask,
+void run(const at::Tensor& rewards, const at::Tensor& values, const uint8_t* mask,
          const at::Tensor& offsets, const at::Tensor& coef_policy,
          const at::Tensor& coef_critic, double gamma_d, at::Tensor& adv, at::Tensor& ret) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -112,7 +113,11 @@ void run(const at::Tensor& rewards, const at::Tensor& values, const bool* mask,
     const int64_t len = off[s + 1] - off[s];
     const int64_t pieces = std::max<int64_t>(1, std::min(splits_wanted, len / kMinChunk));
     for (int64_t p = 0; p < pieces; ++p) {
-      chunks.push_back({s, off[s] + len * p / pieces, off[s] + len * (p + 1) / pieces});
+      // len * p in 128 bits: a length near 2^63 must not wrap (the same cut otherwise).
+      const auto cut = [&](int64_t q) {
+        return off[s] + static_cast<int64_t>(static_cast<__int128>(len) * q / pieces);
+      };
+      chunks.push_back({s, cut(p), cut(p + 1)});
     }
   }
   first_chunk[num_seqs] = static_cast<int64_t>(chunks.size());
@@ -176,16 +181,17 @@ std::tuple<at::Tensor, at::Tensor> gae_scan_cpu(
   check_offsets("gae_scan_cpu", offsets, rewards.numel());
   const int64_t num_seqs = offsets.size(0) - 1;
   const auto acc_dtype = rewards.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coef_policy.scalar_type() == acc_dtype && coef_critic.scalar_type() == acc_dtype &&
+  TORCH_CHECK(coef_policy.device().is_cpu() && coef_critic.device().is_cpu() &&
+                  coef_policy.scalar_type() == acc_dtype && coef_critic.scalar_type() == acc_dtype &&
                   coef_policy.numel() == num_seqs && coef_critic.numel() == num_seqs &&
                   coef_policy.is_contiguous() && coef_critic.is_contiguous(),
-              "gae_scan_cpu: coefficients must be contiguous (S,) tensors in the output dtype");
-  const bool* mask_ptr = nullptr;
+              "gae_scan_cpu: coefficients must be contiguous (S,) CPU tensors in the output dtype");
+  const uint8_t* mask_ptr = nullptr;
   if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() &&
-                    mask->sizes() == rewards.sizes(),
-                "gae_scan_cpu: mask must be a contiguous bool tensor of rewards' shape");
-    mask_ptr = mask->data_ptr<bool>();
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool &&
+                    mask->is_contiguous() && mask->sizes() == rewards.sizes(),
+                "gae_scan_cpu: mask must be a contiguous bool CPU tensor of rewards' shape");
+    mask_ptr = mask_bytes(*mask);
   }
   auto adv = empty_cpu_output(rewards.sizes(), acc_dtype);
   auto ret = empty_cpu_output(rewards.sizes(), acc_dtype);
@@ -219,12 +225,11 @@ at::Tensor valid_counts_cpu(const at::Tensor& mask, const at::Tensor& offsets) {
   const int64_t num_seqs = offsets.size(0) - 1;
   auto counts = at::empty({num_seqs}, offsets.options());
   int64_t* out = counts.data_ptr<int64_t>();
-  // torch stores bool as one byte holding 0 or 1.
-  const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  const uint8_t* m = mask_bytes(mask);
   at::parallel_for(0, num_seqs, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t s = lo; s < hi; ++s) {
       int64_t count = 0;
-      for (int64_t t = off[s]; t < off[s + 1]; ++t) count += m[t];
+      for (int64_t t = off[s]; t < off[s + 1]; ++t) count += m[t] != 0;
       out[s] = count;
     }
   });
@@ -246,9 +251,10 @@ at::Tensor adaptive_coefficients_cpu(const std::optional<at::Tensor>& mask,
     TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool &&
                     mask->dim() == 1 && mask->is_contiguous(),
                 "adaptive_coefficients_cpu: mask must be a contiguous 1-D bool CPU tensor");
-    m = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
+    m = mask_bytes(*mask);
     n = mask->numel();
-  } else if (offsets.scalar_type() == at::kLong && offsets.dim() == 1 && offsets.numel() >= 1 &&
+  } else if (offsets.device().is_cpu() && offsets.scalar_type() == at::kLong &&
+             offsets.dim() == 1 && offsets.numel() >= 1 &&
              offsets.is_contiguous()) {  // else check_offsets refuses them
     n = offsets.data_ptr<int64_t>()[offsets.numel() - 1];
   }
@@ -262,7 +268,7 @@ at::Tensor adaptive_coefficients_cpu(const std::optional<at::Tensor>& mask,
         int64_t count = off[s + 1] - off[s];
         if (m != nullptr) {
           count = 0;
-          for (int64_t t = off[s]; t < off[s + 1]; ++t) count += m[t];
+          for (int64_t t = off[s]; t < off[s + 1]; ++t) count += m[t] != 0;
         }
         // As the reference: scaled = l * alpha clamped at 1, then gamma * (1 + -(1 / scaled)).
         const double scaled = std::max(static_cast<double>(count) * alpha, 1.0);

@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "mask.h"
 #include "logprobs_rows.h"
 #include "token_loss_block.h"
 
@@ -88,7 +89,7 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
   const int64_t rows_per_block = std::clamp<int64_t>(kCacheBytes / row_bytes, 1, kMaxRows);
   const int64_t num_blocks = (n + rows_per_block - 1) / rows_per_block;
   std::vector<LossSums> parts(static_cast<size_t>(num_blocks));
-  const bool* keep = valid.data_ptr<bool>();
+  const uint8_t* keep = mask_bytes(valid);
   const double entropy_coef = params[P_ENTROPY_COEF];
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "logits_loss_cpu", [&] {
@@ -105,7 +106,7 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
     shared.offsets = off;
     shared.num_seqs = num_seqs;
     std::vector<T> token_mean;
-    shared.seq_weight = sequence_weights<T>(seq_weight, reinterpret_cast<const uint8_t*>(keep),
+    shared.seq_weight = sequence_weights<T>(seq_weight, keep,
                                             n, num_seqs, token_mean);
     shared.lm_weight = opt_ptr<T>(lm_weight);
     // The rollout correction's sequence levels: the per-sequence weights first (they
@@ -113,7 +114,7 @@ at::Tensor logits_loss_cpu(const at::Tensor& logits, const at::Tensor& targets,
     std::vector<T> seq_rollout_weight;
     if (rollout > 1) {
       seq_rollout_weight = rollout_sequence_weights<T, T>(
-          shared.old_logp, shared.isw, reinterpret_cast<const uint8_t*>(keep), off, num_seqs,
+          shared.old_logp, shared.isw, keep, off, num_seqs,
           rollout);
       shared.seq_rollout_weight = seq_rollout_weight.data();
     }

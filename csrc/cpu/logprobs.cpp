@@ -31,7 +31,8 @@
 //
 // -inf logits give exp = 0 and, since x is clamped to a finite floor before it multiplies
 // exp(x), never 0 * inf = NaN. NaN logits give NaN outputs (+inf ones too, like
-// torch.logsumexp), except that a NaN in a block whose other logits are all -inf is lost.
+// torch.logsumexp): the exp pass carries a NaN into the sums, and a block the max pass
+// would skip (its other logits all -inf) makes the row's partial NaN.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -49,6 +50,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "mask.h"
 #include "logprobs_rows.h"
 #include "simd.h"
 
@@ -238,7 +240,15 @@ inline void rebase(Partial& p, double m, double tau) {
   p.m = m;
 }
 
+// A segment that held a NaN logit: the row's outputs are NaN (see forward_segment).
+inline Partial nan_partial() {
+  constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+  return {kNaN, kNaN, kNaN};
+}
+
 inline Partial merge(Partial a, const Partial& b, double tau) {
+  if (std::isnan(b.m)) return b;  // NaN wins, before the -inf tests below drop it
+  if (std::isnan(a.m)) return a;
   if (!(b.m > -std::numeric_limits<double>::infinity())) return a;
   if (!(a.m > -std::numeric_limits<double>::infinity())) return b;
   Partial c = b;
@@ -254,7 +264,7 @@ inline Partial merge(Partial a, const Partial& b, double tau) {
 // reference gives (m = log_norm = -inf, entropy 0, logp NaN).
 inline RowStats row_stats(const Partial& p, double z_y, double tau) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
-  if (!(p.m > -kInf)) return {-kInf, -kInf, 0.0, std::numeric_limits<double>::quiet_NaN()};
+  if (p.m == -kInf) return {-kInf, -kInf, 0.0, std::numeric_limits<double>::quiet_NaN()};
   const double log_s = std::log(p.s);
   return {p.m, log_s, std::max(log_s - p.w / p.s, 0.0), std::min((z_y - p.m) / tau - log_s, 0.0)};
 }
@@ -322,8 +332,13 @@ VAPO_INLINE Partial forward_segment(const scalar_t* z, int64_t n, double tau) {
   for (int64_t lo = 0; lo < n; lo += kBlock) {
     const int64_t len = std::min(kBlock, n - lo);
     const T* blk = as_acc<scalar_t, T, kBytes>(z + lo, len, tile);
-    const T bm = block_max<T, W>(blk, len);
-    if (!(bm > -std::numeric_limits<T>::infinity())) continue;  // all -inf: adds nothing
+    const T bm = block_max<T, W>(blk, len);  // NaN skipped: the exp pass carries it
+    if (!(bm > -std::numeric_limits<T>::infinity())) {  // all -inf: adds nothing - unless
+      for (int64_t i = 0; i < len; ++i) {                // a NaN is there, which no pass
+        if (blk[i] != blk[i]) return nan_partial();      // would read
+      }
+      continue;
+    }
     if (bm > acc.m) rebase(acc, bm, tau);
     block_exp_sums<T, W>(blk, len, static_cast<T>(acc.m), inv_tau, acc.s, acc.w);
   }
@@ -491,7 +506,7 @@ at::ScalarType acc_dtype(const at::Tensor& logits) {
 }
 
 // Shared checks of both directions; returns the validity mask pointer (or nullptr).
-const bool* check_inputs(const char* fn, const at::Tensor& logits, const at::Tensor& targets,
+const uint8_t* check_inputs(const char* fn, const at::Tensor& logits, const at::Tensor& targets,
                          const std::optional<at::Tensor>& valid, double temperature) {
   check_logits_and_targets(fn, logits, targets, temperature);
   const int64_t n = logits.size(0);
@@ -499,7 +514,7 @@ const bool* check_inputs(const char* fn, const at::Tensor& logits, const at::Ten
   TORCH_CHECK(valid->device().is_cpu() && valid->scalar_type() == at::kBool &&
                   valid->dim() == 1 && valid->size(0) == n && valid->is_contiguous(),
               fn, ": valid must be a contiguous bool (N,) tensor, N = ", n);
-  return valid->data_ptr<bool>();
+  return mask_bytes(*valid);
 }
 
 void check_row_vector(const char* fn, const char* name, const at::Tensor& t, int64_t n,
@@ -525,8 +540,11 @@ const int64_t* check_logits_and_targets(const char* fn, const at::Tensor& logits
   TORCH_CHECK(targets.scalar_type() == at::kLong && targets.dim() == 1 && targets.size(0) == n &&
                   targets.is_contiguous(),
               fn, ": targets must be a contiguous int64 (N,) tensor, N = ", n);
-  TORCH_CHECK(temperature > 0 && std::isfinite(temperature), fn,
-              ": temperature must be positive and finite, got ", temperature);
+  // The Python ops' TEMPERATURE_RANGE (token_logprobs.py; a test checks they agree):
+  // outside it 1 / temperature in float is 0 or inf, and -inf padding times it NaN.
+  TORCH_CHECK(temperature >= kMinTemperature && temperature <= kMaxTemperature, fn,
+              ": temperature must lie in [", kMinTemperature, ", ", kMaxTemperature, "], got ",
+              temperature);
   const int64_t* y = targets.data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r) {
     TORCH_CHECK(y[r] == kIgnoreIndex || (y[r] >= 0 && y[r] < vocab), fn,
@@ -583,7 +601,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logprobs_fwd_cpu(
     const at::Tensor& logits, const at::Tensor& targets, const std::optional<at::Tensor>& valid,
     double temperature) {
   const char* fn = "token_logprobs_fwd_cpu";
-  const bool* keep = check_inputs(fn, logits, targets, valid, temperature);
+  const uint8_t* keep = check_inputs(fn, logits, targets, valid, temperature);
   const int64_t n = logits.size(0), vocab = logits.size(1), row_stride = logits.stride(0);
   const auto opts = logits.options().dtype(acc_dtype(logits));
   auto logp = at::empty({n}, opts), entropy = at::empty({n}, opts);
@@ -645,7 +663,7 @@ void token_logprobs_bwd_cpu(const at::Tensor& grad_logp,
                             const std::optional<at::Tensor>& valid, const at::Tensor& stats,
                             const at::Tensor& entropy, double temperature, at::Tensor out) {
   const char* fn = "token_logprobs_bwd_cpu";
-  const bool* keep = check_inputs(fn, logits, targets, valid, temperature);
+  const uint8_t* keep = check_inputs(fn, logits, targets, valid, temperature);
   const int64_t n = logits.size(0), vocab = logits.size(1);
   const auto acc = acc_dtype(logits);
   check_row_vector(fn, "grad_logp", grad_logp, n, acc);

@@ -10,6 +10,9 @@
 namespace vapo {
 
 constexpr int64_t kIgnoreIndex = -100;
+// The temperatures the kernels take: vapo_kernels/ops/token_logprobs.py's
+// TEMPERATURE_RANGE (tests/test_cpp_kernels.py checks they agree).
+constexpr double kMinTemperature = 1e-6, kMaxTemperature = 1e6;
 
 // A valid row summarised, exactly as token_logprobs_fwd_cpu writes it: the max logit m,
 // log_norm = log sum exp((z - m) / tau) (so lse = m / tau + log_norm), the entropy and

@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "mask.h"
 #include "alloc.h"
 
 #include "simd.h"
@@ -895,7 +896,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> token_los
                 kFn, ": mask must be a contiguous bool CPU tensor of shape ", first->sizes(),
                 " (", first_name, "'s); got shape ", mask->sizes(), " and dtype ",
                 mask->scalar_type());
-    mask_ptr = reinterpret_cast<const uint8_t*>(mask->data_ptr<bool>());
+    mask_ptr = mask_bytes(*mask);
   }
   const int64_t* off = check_offsets(kFn, offsets, n);
   const int64_t num_seqs = offsets.size(0) - 1;
@@ -1102,7 +1103,7 @@ void token_loss_block(const LossBlock<T>& block, const std::vector<double>& para
   a.ref_logp = block.ref_logp;
   a.entropy = block.entropy;
   a.isw = block.isw;
-  a.mask = reinterpret_cast<const uint8_t*>(block.valid);
+  a.mask = block.valid;
   a.base = block.begin;
   a.off = block.offsets;
   a.num_seqs = block.num_seqs;

@@ -36,7 +36,7 @@ struct LossBlock {
   int64_t begin = 0, end = 0;
   const T *logp = nullptr, *old_logp = nullptr, *adv = nullptr, *ref_logp = nullptr,
           *entropy = nullptr, *isw = nullptr;
-  const bool* valid = nullptr;
+  const uint8_t* valid = nullptr;  // mask bytes (mask_bytes): nonzero = valid
   const int64_t* offsets = nullptr;
   int64_t num_seqs = 0;
   const T* seq_weight = nullptr;
@@ -63,7 +63,7 @@ template <typename T>
 const T* sequence_weights(const std::optional<at::Tensor>& seq_weight, const uint8_t* valid,
                           int64_t n, int64_t num_seqs, std::vector<T>& uniform) {
   if (seq_weight.has_value()) return seq_weight->data_ptr<T>();
-  const int64_t count = valid == nullptr ? n : std::count(valid, valid + n, uint8_t{1});
+  const int64_t count = valid == nullptr ? n : n - std::count(valid, valid + n, uint8_t{0});
   const double mean = 1.0 / static_cast<double>(std::max<int64_t>(count, 1));
   uniform.assign(static_cast<size_t>(num_seqs), static_cast<T>(mean));
   return uniform.data();

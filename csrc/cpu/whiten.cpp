@@ -10,9 +10,11 @@
 #include <ATen/ops/scalar_tensor.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "../ops.h"
+#include "mask.h"
 #include "alloc.h"
 
 namespace vapo {
@@ -33,10 +35,10 @@ Stats merge(const Stats& a, const Stats& b) {
 }
 
 template <typename scalar_t>
-Stats block_stats(const scalar_t* x, const bool* mask, int64_t lo, int64_t hi) {
+Stats block_stats(const scalar_t* x, const uint8_t* mask, int64_t lo, int64_t hi) {
   double sum = 0, count = 0;
   for (int64_t i = lo; i < hi; ++i) {
-    const bool valid = mask == nullptr || mask[i];
+    const bool valid = mask == nullptr || mask[i] != 0;
     sum += valid ? static_cast<double>(x[i]) : 0.0;  // select: NaN in masked slots stays out
     count += valid ? 1.0 : 0.0;
   }
@@ -45,7 +47,7 @@ Stats block_stats(const scalar_t* x, const bool* mask, int64_t lo, int64_t hi) {
   double m2 = 0;
   for (int64_t i = lo; i < hi; ++i) {
     const double d = static_cast<double>(x[i]) - mean;
-    m2 += (mask == nullptr || mask[i]) ? d * d : 0.0;
+    m2 += (mask == nullptr || mask[i] != 0) ? d * d : 0.0;
   }
   return {count, mean, m2};
 }
@@ -57,12 +59,12 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(const at::Tensor& x,
                                                      bool unbiased, double eps, bool shift_mean) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 1 && x.is_contiguous(),
               "masked_whiten_cpu: x must be a contiguous 1-D CPU tensor");
-  const bool* mask_ptr = nullptr;
+  const uint8_t* mask_ptr = nullptr;
   if (mask.has_value()) {
-    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->is_contiguous() &&
-                    mask->numel() == x.numel(),
-                "masked_whiten_cpu: mask must be a contiguous bool tensor like x");
-    mask_ptr = mask->data_ptr<bool>();
+    TORCH_CHECK(mask->device().is_cpu() && mask->scalar_type() == at::kBool &&
+                    mask->is_contiguous() && mask->numel() == x.numel(),
+                "masked_whiten_cpu: mask must be a contiguous bool CPU tensor like x");
+    mask_ptr = mask_bytes(*mask);
   }
   const auto out_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = empty_cpu_output(x.sizes(), out_dtype);
@@ -82,7 +84,9 @@ std::tuple<at::Tensor, at::Tensor> masked_whiten_cpu(const at::Tensor& x,
     Stats total;
     for (const Stats& s : per_block) total = merge(total, s);
     count = total.count;
-    const double var = total.m2 / (unbiased ? total.count - 1 : total.count);
+    // No valid element: NaN, as the reference (0 / 0); not x / sqrt(eps), a finite ~1e4 x.
+    const double var = total.count == 0 ? std::numeric_limits<double>::quiet_NaN()
+                                        : total.m2 / (unbiased ? total.count - 1 : total.count);
     const acc_t mean = static_cast<acc_t>(total.mean);
     const acc_t scale = static_cast<acc_t>(1.0 / std::sqrt(var + eps));
     const acc_t shift = shift_mean ? acc_t(0) : mean;
