@@ -182,3 +182,28 @@ def test_short_vs_long_tiny_run(tmp_path):
             tmp_path / "out" / "runs" / f"L{L}" / "lambda_1" / "metrics.jsonl").read_text()
     assert "alpha = 0.05" in report
     assert "Monte-Carlo K=2 at chains of 2 steps" in report
+
+
+def test_without_matplotlib_a_study_is_refused_at_once(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    _one_error_line(capsys, ["ablations", "--preset", "tiny", "--no-progress", "--rows", "none",
+                             "--output-dir", str(tmp_path / "out")], "pip install matplotlib")
+    assert not (tmp_path / "out").exists()
+
+
+def test_results_and_report_are_written_before_the_figures(tmp_path, monkeypatch):
+    from vapo_kernels.diagnose import ablations
+
+    def broken(results, out_dir):
+        raise RuntimeError("a figure failed")
+
+    monkeypatch.setattr(ablations, "plot", broken)
+    with pytest.raises(RuntimeError, match="a figure failed"):
+        main(["ablations", "--preset", "tiny", "--no-progress", "--rows", "none",
+              "--output-dir", str(tmp_path / "out")])
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [row["ablation"] for row in results["results"]["rows"]] == ["none"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert report.startswith("# ablations") and "Figures:" not in report

@@ -28,8 +28,7 @@ from ..train.config import ABLATIONS, ConfigError, validate
 from ..train.metrics import read_rows
 from ..train.vapo import evaluate
 from .common import (continue_run, pct, pretrain_value, pyplot, rl_steps, save_figure,
-                     start_run, trainer_config, value_pretrain_key, with_options, write_report,
-                     write_results)
+                     start_run, trainer_config, value_pretrain_key, with_options, write_outputs)
 
 # (row, --ablation name, AIME24 avg@32 in the VAPO paper's Table 1)
 ROWS = [
@@ -320,9 +319,6 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
                # the rows sharing each value pretraining (the same grouping for every seed)
                "value_pretraining": {f"value_pretrain_{first}": names
                                      for first, names in sharing.items()}}
-    results["figures"] = plot(results, out_dir)
-    write_results(out_dir, "ablations", {**options, **sizes, "seeds": seeds}, config, results,
-                  time.perf_counter() - start)
-    write_report(out_dir, "ablations: VAPO's Table 1 at toy scale",
-                 report(results) + [f"Figures: {', '.join(results['figures'])}."])
+    write_outputs(out_dir, "ablations", "ablations: VAPO's Table 1 at toy scale",
+                  {**options, **sizes, "seeds": seeds}, config, results, start, report, plot)
     return results

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import os
 import sys
 import time
@@ -201,6 +202,10 @@ def main(argv: list[str] | None = None) -> int:
     if not options["output_dir"]:
         options["output_dir"] = f"diagnose_{study.replace('-', '_')}_{time.strftime('%Y-%m-%d-%H%M%S')}"
     out_dir = options["output_dir"]
+    if importlib.util.find_spec("matplotlib") is None:  # said now, not after the training
+        print("vapo-diagnose: error: the studies draw their figures with matplotlib, which is "
+              "not installed (pip install matplotlib)", file=sys.stderr)
+        return 2
     module = importlib.import_module(f".{STUDIES[study][0]}", __package__)
     start = time.perf_counter()
     made = not os.path.exists(out_dir)

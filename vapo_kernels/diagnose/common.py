@@ -299,6 +299,24 @@ def write_report(out_dir: str, title: str, paragraphs: list[str]) -> str:
     return path
 
 
+def write_outputs(out_dir: str, study: str, title: str, options: dict, config: TrainConfig,
+                  results: dict, start: float, report, plot) -> None:
+    """results.json and report.md (``report(results)``: its paragraphs), then the figures
+    (``plot(results, out_dir)``: their file names), then both files again naming them: a
+    figure that fails to draw never costs the numbers."""
+    wall_s = time.perf_counter() - start
+
+    def write() -> None:
+        figures = results.get("figures")
+        write_results(out_dir, study, options, config, results, wall_s)
+        write_report(out_dir, title, report(results)
+                     + ([f"Figures: {', '.join(figures)}."] if figures else []))
+
+    write()
+    results["figures"] = plot(results, out_dir)
+    write()
+
+
 def pyplot():
     import matplotlib
 

@@ -38,8 +38,7 @@ from ..train.mc_advantage import mc_advantages
 from ..train.rollout import value_estimates
 from ..train.vapo import max_new_tokens
 from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot, response_batch,
-                     save_figure, step_spans, train_in_stages, trainer_config, write_report,
-                     write_results)
+                     save_figure, step_spans, train_in_stages, trainer_config, write_outputs)
 
 # chains of `length` steps, `problems` chains per injected step, RL stages (cumulative
 # steps), K continuations per step boundary of the Monte-Carlo row (mc_samples), measured
@@ -406,10 +405,7 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     results = {"seed": seed, "length": length, "problems": sizes["problems"],
                "rl_stages": sizes["rl_stages"], "mc_samples": sizes["mc_samples"],
                "mc_problems": min(sizes["mc_problems"], sizes["problems"]), "stages": stages}
-    results["figures"] = plot(results, out_dir)
-    write_results(out_dir, "injected-errors", {**options, **sizes}, config, results,
-                  time.perf_counter() - start)
-    write_report(out_dir, "injected-errors: where GAE and Monte-Carlo credit put the blame "
-                 "for one wrong step",
-                 report(results) + [f"Figures: {', '.join(results['figures'])}."])
+    write_outputs(out_dir, "injected-errors", "injected-errors: where GAE and Monte-Carlo "
+                  "credit put the blame for one wrong step", {**options, **sizes}, config,
+                  results, start, report, plot)
     return results

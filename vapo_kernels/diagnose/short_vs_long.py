@@ -65,7 +65,7 @@ from ..train.rollout import generate, value_estimates
 from ..train.vapo import max_new_tokens, value_pretrain
 from .common import (continue_run, pct, preset_sizes, pyplot,
                      response_ids, rl_steps, save_figure, start_run, trainer_config, with_options,
-                     write_report, write_results)
+                     write_outputs)
 from .value_probe import boundaries
 
 # samples: K of the Monte-Carlo ground truth; mc_samples: K of the Monte-Carlo setting's
@@ -411,9 +411,6 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     results = {"seed": seed, **sizes, "value_pretrain_steps": config.algorithm.value_pretrain_steps,
                "eval_size": config.task.eval_size, "settings": setting_options,
                "per_length": per_length}
-    results["figures"] = plot(results, out_dir)
-    write_results(out_dir, "short-vs-long", {**options, **sizes}, config, results,
-                  time.perf_counter() - start)
-    write_report(out_dir, "short-vs-long: lambda_policy on short and long chains",
-                 report(results) + [f"Figures: {', '.join(results['figures'])}."])
+    write_outputs(out_dir, "short-vs-long", "short-vs-long: lambda_policy on short and long "
+                  "chains", {**options, **sizes}, config, results, start, report, plot)
     return results

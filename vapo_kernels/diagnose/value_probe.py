@@ -35,7 +35,7 @@ from ..train.task import DIGITS
 from ..train.vapo import max_new_tokens
 from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot,
                      response_batch, response_ids, save_figure, train_in_stages, trainer_config,
-                     write_report, write_results)
+                     write_outputs)
 
 # model_sizes: hidden sizes of the built-in model, one whole run each ([]: the trainer
 # config's model alone; a preset's sizes give way to the user's --model or
@@ -434,9 +434,6 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
                        "layers": m.tiny_layers if built_in else None, "parameters": parameters,
                        "wall_s": time.perf_counter() - model_start})
     results = {"seed": seed, **sizes, "models": models, "stages": stages}
-    results["figures"] = plot(results, out_dir)
-    write_results(out_dir, "value-probe", {**options, **sizes}, config, results,
-                  time.perf_counter() - start)
-    write_report(out_dir, "value-probe: V(s_t) against the true value of prefixes",
-                 report(results) + [f"Figures: {', '.join(results['figures'])}."])
+    write_outputs(out_dir, "value-probe", "value-probe: V(s_t) against the true value of prefixes",
+                  {**options, **sizes}, config, results, start, report, plot)
     return results
