@@ -207,3 +207,25 @@ def test_results_and_report_are_written_before_the_figures(tmp_path, monkeypatch
     assert [row["ablation"] for row in results["results"]["rows"]] == ["none"]
     report = (tmp_path / "out" / "report.md").read_text()
     assert report.startswith("# ablations") and "Figures:" not in report
+
+
+def test_an_output_dir_that_cannot_be_made_is_named(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    for path in (tmp_path / "a_file" / "sub", "/proc/no_such_folder"):  # a traceback before
+        _one_error_line(capsys, ["ablations", "--preset", "tiny", "--output-dir", str(path)],
+                        "--output-dir")
+
+
+def test_a_refusal_inside_the_run_leaves_nothing_behind(tmp_path, capsys):
+    """The trainer refuses the task file after making the run's folder (out/runs/...):
+    what the study made goes; a folder the user made stays, empty as it was."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    argv = ["ablations", "--preset", "tiny", "--no-progress", "--rows", "none"]
+    _one_error_line(capsys, [*argv, "--output-dir", str(tmp_path / "new" / "out"), "--", "--task",
+                             f"jsonl:{empty}"], "--eval-size")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    _one_error_line(capsys, [*argv, "--output-dir", str(tmp_path / "mine"), "--", "--task",
+                             f"jsonl:{empty}"], "--eval-size")
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import importlib.util
 import os
+import shutil
 import sys
 import time
 
@@ -106,6 +107,35 @@ def _check_output_dir(path: str) -> None:
     if found:
         raise ConfigError("output-dir", f"{path} is not empty ({', '.join(found[:4])}"
                           f"{', ...' if len(found) > 4 else ''}): choose another --output-dir")
+    try:  # made now: a parent that is a file, or a place no one can write, is said here
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ConfigError("output-dir", f"cannot make {path}: {error.strerror or error}") from None
+
+
+def _first_missing(path: str) -> str | None:
+    """The outermost folder of ``path`` that does not exist yet (None: ``path`` exists):
+    what making ``path`` creates."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        return None
+    while not os.path.lexists(os.path.dirname(path)):
+        path = os.path.dirname(path)
+    return path
+
+
+def _remove_made(out_dir: str, made: str | None) -> None:
+    """Undo a refused study's writes: the folders it made, or, in an output folder that
+    was empty before it (checked), what it put there."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+    elif os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -208,14 +238,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f".{STUDIES[study][0]}", __package__)
     start = time.perf_counter()
-    made = not os.path.exists(out_dir)
+    made, checked = _first_missing(out_dir), False
     try:
         _check_trainer_args(trainer_args)
         _check_output_dir(out_dir)
+        checked = True
         module.run_study(options, trainer_args)
     except (ConfigError, SystemExit) as error:  # SystemExit: the trainer's argparse refused
-        if made and os.path.isdir(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)  # a refused study leaves no folder behind
+        if made is not None or checked:
+            _remove_made(out_dir, made)  # a refused study leaves no folder behind
         if isinstance(error, SystemExit):
             raise
         print(f"vapo-diagnose: error: {error}", file=sys.stderr)
