@@ -229,3 +229,23 @@ def test_a_refusal_inside_the_run_leaves_nothing_behind(tmp_path, capsys):
     _one_error_line(capsys, [*argv, "--output-dir", str(tmp_path / "mine"), "--", "--task",
                              f"jsonl:{empty}"], "--eval-size")
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def _refused(capsys, tmp_path, argv, option):
+    """``argv`` (study, its options, maybe '--' and trainer options) on the tiny preset is
+    refused with one line naming ``option``, and leaves no output folder."""
+    out = tmp_path / "out"
+    study, rest = argv[0], argv[1:]
+    cut = rest.index("--") if "--" in rest else len(rest)
+    _one_error_line(capsys, [study, "--preset", "tiny", "--no-progress", *rest[:cut],
+                             "--output-dir", str(out), *rest[cut:]], option)
+    assert not out.exists(), argv
+
+
+def test_running_sum_studies_check_the_task_before_training(tmp_path, capsys):
+    # injected-errors and value-probe checked it after warm-up (a traceback), short-vs-long
+    # never did.
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"prompt": "1+1=", "answer": "2"}\n' * 40)
+    for study in ("injected-errors", "value-probe", "short-vs-long"):
+        _refused(capsys, tmp_path, [study, "--", "--task", f"jsonl:{tasks}"], "--task")

@@ -254,13 +254,14 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
         config = trainer_config(preset, seed, os.path.join(out_dir, "runs", f"seed{seed}", "warmup"),
                                 [*TRAINER_DEFAULTS, *extra_trainer_args],
                                 progress=options["progress"])
+        # Each row's config (validated) before the warm-up trains.
+        configs = {name: row_config(options, seed, name, extra_trainer_args) for _, name, _ in rows}
         base = start_run(config)
         base.log.close()
         warm = evaluate(base.state, base.task, config)["heldout_accuracy"]
         post_warmup.append(warm)
         threshold = options.get("threshold")
         thresholds.append(warm + 0.1 if threshold is None else threshold)
-        configs = {name: row_config(options, seed, name, extra_trainer_args) for _, name, _ in rows}
         sharing = shared_value_pretraining(configs)
         source_of = {name: first for first, names in sharing.items() for name in names}
         pretrained: dict = {}  # first row of a group -> (its pretraining run, wall s)

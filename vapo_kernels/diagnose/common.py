@@ -73,6 +73,14 @@ def with_options(config: TrainConfig, **changes: Any) -> TrainConfig:
     return TrainConfig(**groups)
 
 
+def require_running_sum(config: TrainConfig, study: str) -> None:
+    """Refuse, before anything trains, a task other than running_sum for a study that reads
+    its steps, partial sums and cliffs."""
+    if config.task.task != "running_sum":
+        raise ConfigError("task", f"{study} needs the running_sum task (it reads its steps and "
+                          f"partial sums), got {config.task.task!r}: drop -- --task")
+
+
 # -- the trainer, in stages ---------------------------------------------------------------
 @dataclass
 class Run:

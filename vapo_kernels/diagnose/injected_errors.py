@@ -37,8 +37,9 @@ from ..train.config import ConfigError
 from ..train.mc_advantage import mc_advantages
 from ..train.rollout import value_estimates
 from ..train.vapo import max_new_tokens
-from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot, response_batch,
-                     save_figure, step_spans, train_in_stages, trainer_config, write_outputs)
+from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot, require_running_sum,
+                     response_batch, save_figure, step_spans, train_in_stages, trainer_config,
+                     write_outputs)
 
 # chains of `length` steps, `problems` chains per injected step, RL stages (cumulative
 # steps), K continuations per step boundary of the Monte-Carlo row (mc_samples), measured
@@ -389,14 +390,13 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     config = trainer_config(preset, seed, os.path.join(out_dir, "train"), extra_trainer_args,
                             progress=options["progress"])
+    require_running_sum(config, "injected-errors")
     length = sizes["length"]
     if not 1 <= length <= config.task.max_steps:
         raise ConfigError("length", f"must be in [1, max_steps={config.task.max_steps}] (the "
                           f"task's longest chain; raise it with -- --max_steps N), got {length}")
     stages = []
     for index, (name, run) in enumerate(train_in_stages(config, sizes["rl_stages"])):
-        if run.task.name != "running_sum":
-            raise ValueError("injected-errors needs the running_sum task (--task running_sum)")
         stage = measure_stage(run, length, sizes["problems"], seed, options["progress"],
                               mc_samples=sizes["mc_samples"], mc_problems=sizes["mc_problems"],
                               stage_index=index)

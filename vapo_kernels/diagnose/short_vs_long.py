@@ -63,7 +63,7 @@ from ..train.mc_advantage import char_offsets_to_tokens, mc_advantages, prefix_v
 from ..train.metrics import read_rows
 from ..train.rollout import generate, value_estimates
 from ..train.vapo import max_new_tokens, value_pretrain
-from .common import (continue_run, pct, preset_sizes, pyplot,
+from .common import (continue_run, pct, preset_sizes, pyplot, require_running_sum,
                      response_ids, rl_steps, save_figure, start_run, trainer_config, with_options,
                      write_outputs)
 from .value_probe import boundaries
@@ -373,14 +373,23 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
         raise ConfigError("lengths", f"each must be >= 1, got {sizes['lengths']}")
     os.makedirs(out_dir, exist_ok=True)
     setting_options = settings(sizes["lambdas"], sizes["alphas"], sizes["mc_samples"])
-    per_length, config = {}, None
-    bar = tqdm(total=len(sizes["lengths"]) * len(setting_options), desc="short-vs-long runs",
-               disable=not options["progress"])
+    # Every length's and setting's trainer config, validated before anything trains.
+    configs = {}
     for L in sizes["lengths"]:
         folder = os.path.join(out_dir, "runs", f"L{L}")
         config = trainer_config(preset, seed, os.path.join(folder, "base"),
                                 [*extra_trainer_args, "--min_steps", str(L), "--max_steps", str(L)],
                                 progress=options["progress"])
+        require_running_sum(config, "short-vs-long")
+        configs[L] = (config, {label: with_options(config, **changes, output_dir=os.path.join(
+            folder, label.replace(" ", "_"))) for label, changes in setting_options.items()})
+        for cfg in configs[L][1].values():
+            validate(cfg)
+    per_length = {}
+    bar = tqdm(total=len(sizes["lengths"]) * len(setting_options), desc="short-vs-long runs",
+               disable=not options["progress"])
+    for L in sizes["lengths"]:
+        config, setting_configs = configs[L]
         base = start_run(config)
         if config.algorithm.value_pretrain_steps:
             value_pretrain(base.state, base.task, config, base.log)
@@ -392,10 +401,7 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
         stats = {label: by_position(errors["position"], e) for label, e in errors["errors"].items()}
         mse = {label: statistics.mean(x * x for x in e) for label, e in errors["errors"].items()}
         runs = {}
-        for label, changes in setting_options.items():
-            cfg = with_options(config, **changes,
-                               output_dir=os.path.join(folder, label.replace(" ", "_")))
-            validate(cfg)
+        for label, cfg in setting_configs.items():
             run = continue_run(base, cfg)
             rl_steps(run, sizes["rl_steps"])
             run.log.close()

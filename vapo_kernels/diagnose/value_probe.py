@@ -33,7 +33,7 @@ from ..train.mc_advantage import char_offsets_to_tokens, prefix_values
 from ..train.rollout import generate, value_estimates
 from ..train.task import DIGITS
 from ..train.vapo import max_new_tokens
-from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot,
+from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot, require_running_sum,
                      response_batch, response_ids, save_figure, train_in_stages, trainer_config,
                      write_outputs)
 
@@ -371,8 +371,6 @@ def probe_stages(config, sizes: dict, seed: int, label: str, progress: bool) -> 
     stages, parameters = [], 0
     bar = tqdm(desc=f"value-probe stages ({label})", disable=not progress)
     for name, run in train_in_stages(config, sizes["rl_stages"]):
-        if run.task.name != "running_sum":
-            raise ConfigError("task", "value-probe needs the running_sum task (its steps and cliffs)")
         parameters = sum(p.numel() for p in run.state.policy.parameters())
         # The study's own sampling must not shift the trainer's random stream.
         with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
@@ -397,6 +395,7 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     extra_trainer_args = [*TRAINER_DEFAULTS, *extra_trainer_args]
     config = trainer_config(preset, seed, os.path.join(out_dir, "train"), extra_trainer_args,
                             progress=options["progress"])
+    require_running_sum(config, "value-probe")
     if sizes["alternatives"] < 2:
         raise ConfigError("alternatives", f"need >= 2 candidate steps to rank, got {sizes['alternatives']}")
     if sizes["alternatives"] > config.task.modulus:
