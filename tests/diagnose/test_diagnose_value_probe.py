@@ -40,7 +40,8 @@ def test_model_sizes_sweep(tmp_path):
 def test_preset_sizes_give_way_to_the_users_model(tmp_path, monkeypatch):
     monkeypatch.setitem(value_probe.PRESETS, "tiny", {**value_probe.PRESETS["tiny"],
                                                       "model_sizes": [16, 32]})
-    results, _ = _run(tmp_path, "mine", "--", "--tiny_hidden_size", "16")
+    # As the trainer reads it: an abbreviation (argparse's prefix) sets the size as well.
+    results, _ = _run(tmp_path, "mine", "--", "--tiny_hidden", "16")
     assert [m["label"] for m in results["models"]] == ["hidden 16"]
 
 

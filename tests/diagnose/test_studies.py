@@ -249,3 +249,18 @@ def test_running_sum_studies_check_the_task_before_training(tmp_path, capsys):
     tasks.write_text('{"prompt": "1+1=", "answer": "2"}\n' * 40)
     for study in ("injected-errors", "value-probe", "short-vs-long"):
         _refused(capsys, tmp_path, [study, "--", "--task", f"jsonl:{tasks}"], "--task")
+
+
+def test_trainer_options_a_study_sets_are_refused_after_the_dashes(tmp_path, capsys):
+    # ablations applied a user's --ablation under every row's own switches, full VAPO's
+    # included; short-vs-long set these per length and setting, over the user's value.
+    for argv, option in ((["ablations", "--", "--ablation", "vanilla_ppo"], "--ablation"),
+                         (["ablations", "--", "--abl=none"], "--ablation"),
+                         (["short-vs-long", "--", "--max_steps", "5"], "--max-steps"),
+                         (["short-vs-long", "--", "--min_st", "1"], "--min-steps"),
+                         (["short-vs-long", "--", "--lam_policy", "0.9"], "--lam-policy"),
+                         (["short-vs-long", "--", "--alpha", "1"], "--alpha"),
+                         (["short-vs-long", "--", "--no_length_adaptive"], "--length-adaptive"),
+                         (["short-vs-long", "--", "--advantage", "mc"], "--advantage"),
+                         (["short-vs-long", "--", "--mc_samples", "3"], "--mc-samples")):
+        _refused(capsys, tmp_path, argv, option)

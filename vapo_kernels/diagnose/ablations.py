@@ -57,6 +57,9 @@ EVAL_EVERY = {"tiny": 1, "quick": 2, "full": 5}
 # loaded 2-core machine, where the second thread waits more than it computes). A user's
 # ``-- --threads N`` wins.
 TRAINER_DEFAULTS = ["--threads", "1"]
+# Trainer options the study sets per row (cli refuses them after '--'): a user's --ablation
+# was applied under every row's own switches, full VAPO's included.
+TRAINER_OWNED = {"ablation": "--rows"}
 
 
 def steps_to(curve: list[tuple[int, float]], threshold: float) -> int | None:

@@ -74,25 +74,17 @@ def _float_list(text: str) -> list[float]:
 
 # Trainer options each study sets itself: one given after '--' would silently override it
 # (the run's seed or folder) or be ignored (the study's RL steps), and results.json would
-# record the study's own value.
+# record the study's own value. A study adds its own in its module's TRAINER_OWNED.
 _STUDY_OWNED = {"seed": "--seed", "output_dir": "--output-dir", "steps": "the study's RL-step option",
                 "resume": None, "save_every": None}
 
 
-def _check_trainer_args(trainer_args: list[str]) -> None:
-    from ..train.config import make_parser as trainer_parser
+def _check_trainer_args(trainer_args: list[str], owned: dict) -> None:
+    from .common import trainer_option_names
 
-    # What argparse will make of each option, abbreviations included (--see is --seed).
-    actions = trainer_parser()._option_string_actions
-    for arg in trainer_args:
-        if not arg.startswith("--"):
-            continue
-        given = arg.split("=", 1)[0]
-        matches = {actions[o].dest for o in actions if o == given} or {
-            actions[o].dest for o in actions if o.startswith(given)}
-        name = matches.pop() if len(matches) == 1 else None
-        if name in _STUDY_OWNED:
-            instead = _STUDY_OWNED[name]
+    for name in trainer_option_names(trainer_args):
+        if name in owned:
+            instead = owned[name]
             raise ConfigError(name.replace("_", "-"), "set by the study itself, not a trainer "
                               "option after '--'" + (f"; use vapo-diagnose's {instead}" if instead else ""))
 
@@ -240,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     made, checked = _first_missing(out_dir), False
     try:
-        _check_trainer_args(trainer_args)
+        _check_trainer_args(trainer_args, {**_STUDY_OWNED, **getattr(module, "TRAINER_OWNED", {})})
         _check_output_dir(out_dir)
         checked = True
         module.run_study(options, trainer_args)

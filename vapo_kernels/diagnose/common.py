@@ -62,6 +62,25 @@ def trainer_config(preset: str, seed: int, run_dir: str, extra: list[str] = (),
     return parse_config(argv, prog="vapo-diagnose")
 
 
+def trainer_option_names(trainer_args: list[str]) -> list[str]:
+    """The trainer options (their dest names, in order) that ``trainer_args`` sets, as the
+    trainer's parser reads them: abbreviations (``--see`` is ``--seed``) and dashed
+    spellings included; an unknown or ambiguous one is left to the parser to refuse."""
+    from ..train.config import make_parser
+
+    actions = make_parser()._option_string_actions
+    names = []
+    for arg in trainer_args:
+        if not arg.startswith("--"):
+            continue
+        given = arg.split("=", 1)[0]
+        matches = {actions[o].dest for o in actions if o == given} or {
+            actions[o].dest for o in actions if o.startswith(given)}
+        if len(matches) == 1:
+            names.append(matches.pop())
+    return names
+
+
 def with_options(config: TrainConfig, **changes: Any) -> TrainConfig:
     """A copy of ``config`` with options changed by name, whatever group they are in."""
     groups = {name: dataclasses.replace(getattr(config, name)) for name in config.to_dict()}

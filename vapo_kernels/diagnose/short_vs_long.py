@@ -81,6 +81,13 @@ PRESETS = {
 }
 
 
+# Trainer options each setting or length sets (cli refuses them after '--': they were
+# silently overridden) and the vapo-diagnose option to use instead.
+TRAINER_OWNED = {"min_steps": "--lengths", "max_steps": "--lengths",
+                 "lam_policy": "--lambdas", "length_adaptive": "--lambdas or --alphas",
+                 "alpha": "--alphas", "advantage": "--mc-samples", "mc_samples": "--mc-samples"}
+
+
 def settings(lambdas: list[float], alphas: list[float], mc_samples: int = 0) -> dict[str, dict]:
     """Label -> trainer options of each setting: the lambda_policy ones, then Monte-Carlo."""
     out = {f"lambda {lam:g}": {"length_adaptive": False, "lam_policy": lam} for lam in lambdas}

@@ -35,7 +35,7 @@ from ..train.task import DIGITS
 from ..train.vapo import max_new_tokens
 from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot, require_running_sum,
                      response_batch, response_ids, save_figure, train_in_stages, trainer_config,
-                     write_outputs)
+                     trainer_option_names, write_outputs)
 
 # model_sizes: hidden sizes of the built-in model, one whole run each ([]: the trainer
 # config's model alone; a preset's sizes give way to the user's --model or
@@ -405,8 +405,8 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     hidden_sizes = list(dict.fromkeys(sizes["model_sizes"]))  # in order, once each
     if m.model and options.get("model_sizes"):
         raise ConfigError("model-sizes", "sizes the built-in model; not with --model FOLDER")
-    if not options.get("model_sizes") and (m.model or any(
-            a.split("=")[0].replace("-", "_") == "__tiny_hidden_size" for a in extra_trainer_args)):
+    if not options.get("model_sizes") and (
+            m.model or "tiny_hidden_size" in trainer_option_names(extra_trainer_args)):
         hidden_sizes = []  # the preset's sweep gives way to the model the user chose
     sizes["model_sizes"] = hidden_sizes
     for n in hidden_sizes:
