@@ -113,4 +113,38 @@ def test_verdict_calls_a_clear_difference_and_renders():
                "spearman": {"rho": 0.0, "p_value": 1.0}}  # no eval_size: older results
     line = next(l for l in report(results) if l.startswith("Against full VAPO"))
     assert "hurt in 1 row(s): w/o value pretraining" in line and "helped in 1: vanilla PPO" in line
-    assert "8 rows are tested at once" in line and "Bonferroni" in line
+    assert "8 rows are tested at once" in line and "Bonferroni's correction for 8 tests (2.73 se)" in line
+
+
+def test_rows_always_include_full_vapo_and_names_may_have_spaces():
+    from vapo_kernels.diagnose.ablations import selected_rows
+    from vapo_kernels.train.config import ConfigError
+
+    names = lambda text: [name for _, name, _ in selected_rows(text)]  # noqa: E731
+    assert names("vanilla_ppo") == ["none", "vanilla_ppo"]  # full VAPO first: the reference
+    assert names(" vanilla_ppo ,  no_lm_loss") == ["none", "no_lm_loss", "vanilla_ppo"]
+    assert names("") == [name for _, name, _ in ROWS]
+    with pytest.raises(ConfigError, match="--rows"):
+        selected_rows("none,no_such_row")
+
+
+def test_bonferroni_and_row_counts_follow_the_rows_run():
+    import random
+    from statistics import NormalDist
+
+    from vapo_kernels.diagnose.ablations import bonferroni_z, report
+
+    assert bonferroni_z(8) == pytest.approx(2.734, abs=1e-3)  # the old constant 2.73
+    assert bonferroni_z(2) == pytest.approx(2.241, abs=1e-3)
+    # family-wise 5%: two-sided tail of each test times the tests
+    assert 2 * (1 - NormalDist().cdf(bonferroni_z(5))) * 5 == pytest.approx(0.05)
+    rows = [{**r, "steps_to_threshold": [None], "value_pretrain_s_mean": 0, "wall_s_mean": 0}
+            for r in _null_results(random.Random(1), [0.45, 0.10, 0.80], seeds=1)]
+    results = {"rows": [rows[0], rows[1], rows[-1]], "seeds": [0], "rl_steps": 8,
+               "post_warmup_accuracy_mean": 0.4, "threshold_rule": "x", "eval_size": 128,
+               "spearman": {"rho": 0.5, "p_value": 0.67}}
+    text = "\n".join(report(results))
+    assert "rho = 0.50 (p = 0.67, 3 rows)" in text
+    assert "2 rows are tested at once" in text and "for 2 tests (2.24 se)" in text
+    only_full = "\n".join(report({**results, "rows": [rows[0]], "spearman": {"rho": None}}))
+    assert "needs at least 3 rows, got 1" in only_full and "Only full VAPO ran" in only_full

@@ -129,17 +129,26 @@ def test_bad_runs_are_refused_before_they_write(tmp_path, capsys):
 
 
 def test_ablations_tiny_run(tmp_path):
-    results, report = _run(tmp_path, "ablations", "--rows", "none,no_value_pretrain,vanilla_ppo")
+    # --rows without full VAPO ("none"), with a space after the comma: full VAPO is added,
+    # first (every row is compared with it), and the names are read without their spaces.
+    results, report = _run(tmp_path, "ablations", "--rows", "no_value_pretrain, vanilla_ppo",
+                           "--seeds", "3")
     r = results["results"]
     assert [row["ablation"] for row in r["rows"]] == ["none", "no_value_pretrain", "vanilla_ppo"]
     assert [row["paper_aime24"] for row in r["rows"]] == [60, 11, 5]
+    # What ran is recorded: the seeds given (--seed's default did not run), the rows.
+    assert results["seed"] == 3 and results["options"]["seeds"] == r["seeds"] == [3]
+    assert results["options"]["rows"] == "none,no_value_pretrain,vanilla_ppo"
     for row in r["rows"]:
         assert len(row["final_accuracy"]) == 1 and 0 <= row["final_accuracy"][0] <= 1
         assert row["curves"][0][0][0] == 0  # evaluated before the first RL update
-    assert "Spearman" in report or "undefined" in report
+    sp = r["spearman"]
+    assert (f"rho = {sp['rho']:.2f} (p = {sp['p_value']:.2f}, 3 rows)" if sp["rho"] is not None
+            else "every row ended at the same accuracy") in report
+    assert "Bonferroni's correction for 2 tests (2.24 se)" in report
     # Rows without value pretraining never enter that phase; full VAPO's ran once for the
     # seed, in its own folder, and the row continued from it.
-    runs = tmp_path / "out" / "runs" / "seed0"
+    runs = tmp_path / "out" / "runs" / "seed3"
     assert '"value_pretrain"' not in (runs / "vanilla_ppo" / "metrics.jsonl").read_text()
     assert '"value_pretrain"' in (runs / "value_pretrain_none" / "metrics.jsonl").read_text()
     assert [row["value_pretrain_runs"] for row in r["rows"]] == [["value_pretrain_none"], [None], [None]]
@@ -263,4 +272,12 @@ def test_trainer_options_a_study_sets_are_refused_after_the_dashes(tmp_path, cap
                          (["short-vs-long", "--", "--no_length_adaptive"], "--length-adaptive"),
                          (["short-vs-long", "--", "--advantage", "mc"], "--advantage"),
                          (["short-vs-long", "--", "--mc_samples", "3"], "--mc-samples")):
+        _refused(capsys, tmp_path, argv, option)
+
+
+def test_ablations_values_that_mean_nothing_are_refused(tmp_path, capsys):
+    for argv, option in ((["ablations", "--rows", "none", "--threshold", "60"], "--threshold"),
+                         (["ablations", "--rows", "none", "--threshold", "nan"], "--threshold"),
+                         # --seeds replaced --seed without a word
+                         (["ablations", "--rows", "none", "--seeds", "1,2", "--seed", "5"], "--seed")):
         _refused(capsys, tmp_path, argv, option)

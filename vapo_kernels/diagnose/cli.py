@@ -141,7 +141,11 @@ def make_parser() -> argparse.ArgumentParser:
         p.add_argument("--output-dir", default="",
                        help="Folder for results.json, figures and report.md "
                        "(default: diagnose_<study>_<date>).")
-        p.add_argument("--seed", type=int, default=0, help="Seed of everything.")
+        if name == "ablations":  # None: not given (refused beside --seeds, which replaces it)
+            p.add_argument("--seed", type=int, default=None, help="First seed (default 0): the "
+                           "preset's seeds are SEED, SEED + 1, ...; or give --seeds.")
+        else:
+            p.add_argument("--seed", type=int, default=0, help="Seed of everything.")
         size = p.add_mutually_exclusive_group()
         size.add_argument("--quick", dest="preset", action="store_const", const="quick",
                           help="The CPU preset (minutes on 2 cores); the default.")
@@ -199,10 +203,11 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--rl-steps", dest="rl_steps", type=_positive_int, default=None,
                            help="RL steps per row.")
             p.add_argument("--threshold", type=float, default=None,
-                           help="Held-out accuracy for 'steps to threshold' (default: post-"
-                           "warm-up accuracy + 0.1 of each seed).")
+                           help="Held-out accuracy in (0, 1] for 'steps to threshold' "
+                           "(default: post-warm-up accuracy + 0.1 of each seed).")
             p.add_argument("--rows", default="", help="Comma-separated subset of the rows "
-                           "(ablation names; default: all nine).")
+                           "(ablation names; default: all nine). Full VAPO (none) is always "
+                           "run, added when not listed: every other row is compared with it.")
     return parser
 
 
