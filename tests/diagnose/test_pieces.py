@@ -136,3 +136,32 @@ def test_length_adaptive_lambda_uses_each_sequence_length():
 def test_top1_credit_breaks_ties_at_random(v, mc, expected):
     got = top1_credit(torch.tensor(v), torch.tensor(mc))
     assert got == expected
+
+
+def test_mass_at_k_averages_over_the_k_with_negative_advantage():
+    """One k without negative advantage (NaN) made the row's point estimate NaN ("n/a")
+    while its bootstrap averaged over the other k, and the report said "no negative
+    advantage at all"; that sentence is for a row without any."""
+    from vapo_kernels.diagnose.injected_errors import mc_label, mc_comparison, report
+
+    nan = float("nan")
+
+    def row(at):
+        return {"mass_at_k": at, "mass_before_k": [0.0 if a == a else nan for a in at],
+                "mass_after_k": [1 - a if a == a else nan for a in at]}
+
+    stage = {"name": "RL step 1", "heldout_accuracy": 0.5, "uniform_share_of_step_k": [0.2] * 3,
+             "lambdas": {"lambda 0 (TD)": row([0.5, nan, 0.3]), "lambda 1.0": row([nan] * 3),
+                         mc_label(2): row([0.9, 0.6, nan])},
+             "bootstrap": {"resamples": 10, "mass_at_k_mean_ci": {},
+                           "mc_minus_gae_ci": {"lambda 0 (TD)": [0.1, 0.5]}}}
+    results = {"length": 3, "problems": 4, "seed": 0, "mc_samples": 2, "mc_problems": 4,
+               "stages": [stage]}
+    text = "\n".join(report(results))
+    table_row = next(line for line in text.splitlines() if line.startswith("| RL step 1 |"))
+    assert table_row.split(" | ")[2:5] == ["40.0% (2/3 k)", "n/a", "75.0% (2/3 k)"]
+    assert "lambda 0 (TD): 40.0% of the blame on the wrong step (2.0x an even spread)" in text
+    assert "lambda 1.0: no negative advantage at all" in text
+    assert "lambda 0 (TD): no negative advantage" not in text
+    assert "no Monte-Carlo negative advantage" not in mc_comparison(results)
+    assert "Monte-Carlo 75.0% (over 2 of 3 k)" in mc_comparison(results)

@@ -24,6 +24,7 @@ row on the same chains): sharper / less sharp when it excludes 0, else not told 
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import time
@@ -187,6 +188,18 @@ def _resample_means(per_chain: list[list], index: list[torch.Tensor]) -> torch.T
     return torch.nanmean(torch.stack(per_k, 1), dim=1)
 
 
+def mean_over_k(values: list) -> tuple[float, int]:
+    """Mean over the k that have a value (NaN, or None in results.json: no chain of that k
+    had negative advantage), as the bootstrap's nanmean; and how many k that is (0: NaN)."""
+    kept = [v for v in values if v is not None and not math.isnan(v)]
+    return (sum(kept) / len(kept) if kept else float("nan")), len(kept)
+
+
+def _of_k(count: int, length: int) -> str:
+    """' (over 2 of 3 k)' when some k had no negative advantage."""
+    return "" if count == length else f" (over {count} of {length} k)"
+
+
 def _ci(samples: torch.Tensor) -> list[float] | None:
     samples = samples[~samples.isnan()]
     if len(samples) == 0:
@@ -307,29 +320,31 @@ def report(results: dict) -> list[str]:
         cells = []
         for label, d in s["lambdas"].items():
             ci = cis.get(label)
-            cells.append(pct(sum(d["mass_at_k"]) / length)
-                         + ("" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"))
+            mass, count = mean_over_k(d["mass_at_k"])
+            cells.append(pct(mass) + ("" if ci is None else f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]")
+                         + ("" if count in (0, length) else f" ({count}/{length} k)"))
         even = sum(s["uniform_share_of_step_k"]) / length
         table.append(f"| {s['name']} | {pct(s['heldout_accuracy'])} | "
                      + " | ".join(cells) + f" | {pct(even)} |")
-    lines.append("Mean over k of the mass at k:\n\n" + "\n".join(table))
+    lines.append("Mean over k of the mass at k, over the k where some chain has negative "
+                 "advantage ('(2/3 k)': one k had none; n/a: no k had any):\n\n" + "\n".join(table))
     last = stages[-1]
     findings = []
     even = sum(last["uniform_share_of_step_k"]) / length
     for label, data in last["lambdas"].items():
         if on_mc_chains(label):
             continue
-        mass = sum(data["mass_at_k"]) / length
-        before = sum(data["mass_before_k"]) / length
-        after = sum(data["mass_after_k"]) / length
-        if mass != mass:  # no chain had negative advantage: every value is 0, as the reward
+        mass, count = mean_over_k(data["mass_at_k"])
+        if not count:  # no chain had negative advantage: every value is 0, as the reward
             why = ("every continuation failed: V = 0 = reward everywhere"
                    if label.startswith("Monte-Carlo") else "V = 0 = reward everywhere")
             findings.append(f"{label}: no negative advantage at all ({why})")
             continue
+        before, _ = mean_over_k(data["mass_before_k"])  # the same k: all three or none
+        after, _ = mean_over_k(data["mass_after_k"])
         findings.append(f"{label}: {pct(mass)} of the blame on the wrong step ({mass / even:.1f}x "
                         f"an even spread), {pct(before)} on the correct steps before it, "
-                        f"{pct(after)} after it")
+                        f"{pct(after)} after it{_of_k(count, length)}")
     lines.append(f"At the last stage ({last['name']}): " + "; ".join(findings) + ".")
     gae = {k: d for k, d in last["lambdas"].items()
            if not k.startswith("Monte-Carlo") and not on_mc_chains(k)}
@@ -354,8 +369,8 @@ def mc_comparison(results: dict) -> str:
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     parts = []
     for stage in results["stages"]:
-        masses = {k: mean(d["mass_at_k"]) for k, d in stage["lambdas"].items()
-                  if all(m == m for m in d["mass_at_k"])}
+        over_k = {k: mean_over_k(d["mass_at_k"]) for k, d in stage["lambdas"].items()}
+        masses = {k: m for k, (m, count) in over_k.items() if count}
         if label not in masses:
             parts.append(f"{stage['name']}: no Monte-Carlo negative advantage to share out")
             continue
@@ -373,9 +388,11 @@ def mc_comparison(results: dict) -> str:
                    "locates the error less sharply than" if ci[1] < 0 else
                    "is not distinguishable from")
         interval = "" if ci is None else f", difference {100 * (masses[label] - gae[best]):+.1f} points, 95% CI [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
-        parts.append(f"{stage['name']}: Monte-Carlo {pct(masses[label])} "
+        parts.append(f"{stage['name']}: Monte-Carlo {pct(masses[label])}"
+                     f"{_of_k(over_k[label][1], length)} "
                      f"({masses[label] / even:.1f}x an even spread) vs the best GAE row on the "
-                     f"same chains, {best}, {pct(gae[best])}{interval}: it {verdict} GAE")
+                     f"same chains, {best}, {pct(gae[best])}{_of_k(over_k[best][1], length)}"
+                     f"{interval}: it {verdict} GAE")
     return (f"Monte-Carlo credit beside GAE (mean over k = 0..{length - 1} of the mass at k, "
             f"both on the first {results['mc_problems']} chains of each k; the verdict is the "
             "paired bootstrap interval's, not a fixed margin; the best GAE row is picked on the "
