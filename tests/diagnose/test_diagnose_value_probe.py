@@ -50,3 +50,17 @@ def test_bad_model_sizes_name_the_option(tmp_path, capsys):
     code = main(["value-probe", *ARGS, "--output-dir", str(tmp_path / "x"), "--model-sizes", "16,33"])
     assert code == 2
     assert "--model-sizes" in capsys.readouterr().err
+
+
+def test_every_model_size_is_checked_before_any_trains(tmp_path, capsys, monkeypatch):
+    def trained(*_, **__):
+        raise AssertionError("a size trained before every size was checked")
+
+    monkeypatch.setattr(value_probe, "probe_stages", trained)
+    # 30 / 2 heads = 15 dims per head: odd, refused by the trainer (rotary embeddings), after
+    # hidden 16 had run.
+    code = main(["value-probe", *ARGS, "--output-dir", str(tmp_path / "x"), "--model-sizes", "16,30"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model-sizes: hidden size 30" in err[0], err
+    assert not (tmp_path / "x").exists()

@@ -409,10 +409,18 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
             m.model or "tiny_hidden_size" in trainer_option_names(extra_trainer_args)):
         hidden_sizes = []  # the preset's sweep gives way to the model the user chose
     sizes["model_sizes"] = hidden_sizes
+    # Every size's trainer config, validated before any size trains (the size last on the
+    # trainer's command line wins over the user's).
+    run_configs = {}
     for n in hidden_sizes:
-        if n < 1 or n % m.tiny_heads:
-            raise ConfigError("model-sizes", f"hidden size {n} must be a positive multiple of "
-                              f"tiny_heads={m.tiny_heads} (set it with -- --tiny_heads H)")
+        try:
+            run_configs[n] = trainer_config(preset, seed, os.path.join(out_dir, f"train_h{n}"),
+                                            [*extra_trainer_args, "--tiny_hidden_size", str(n)],
+                                            progress=options["progress"])
+        except ConfigError as error:
+            raise ConfigError("model-sizes", f"hidden size {n} is refused by the trainer "
+                              f"({error}; tiny_heads={m.tiny_heads}, set with -- --tiny_heads H)"
+                              ) from None
     models, stages = [], []
     for n in hidden_sizes or [None]:
         model_start = time.perf_counter()
@@ -420,10 +428,8 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
             run_config = config
             label = (os.path.basename(m.model.rstrip("/")) if m.model
                      else f"hidden {m.tiny_hidden_size}")
-        else:  # the size last on the trainer's command line wins over the user's
-            run_config = trainer_config(preset, seed, os.path.join(out_dir, f"train_h{n}"),
-                                        [*extra_trainer_args, "--tiny_hidden_size", str(n)],
-                                        progress=options["progress"])
+        else:
+            run_config = run_configs[n]
             label = f"hidden {n}"
         probed, parameters = probe_stages(run_config, sizes, seed, label, options["progress"])
         stages += probed
