@@ -165,3 +165,11 @@ def test_mass_at_k_averages_over_the_k_with_negative_advantage():
     assert "lambda 0 (TD): no negative advantage" not in text
     assert "no Monte-Carlo negative advantage" not in mc_comparison(results)
     assert "Monte-Carlo 75.0% (over 2 of 3 k)" in mc_comparison(results)
+
+
+def test_short_vs_long_labels_keep_every_setting_apart():
+    from vapo_kernels.diagnose.short_vs_long import settings
+
+    labels = settings([1.0, 0.9999999, 0.95], [0.05, 1.0])
+    assert list(labels) == ["lambda 1", "lambda 0.9999999", "lambda 0.95",
+                            "adaptive alpha 0.05", "adaptive alpha 1"]

@@ -281,3 +281,12 @@ def test_ablations_values_that_mean_nothing_are_refused(tmp_path, capsys):
                          # --seeds replaced --seed without a word
                          (["ablations", "--rows", "none", "--seeds", "1,2", "--seed", "5"], "--seed")):
         _refused(capsys, tmp_path, argv, option)
+
+
+def test_values_that_mean_nothing_are_refused(tmp_path, capsys):
+    _refused(capsys, tmp_path, ["short-vs-long", "--alphas", "nan"], "--alphas")
+    # A stage at 0 RL steps measured nothing and was dropped without a word.
+    with pytest.raises(SystemExit):
+        main(["injected-errors", "--preset", "tiny", "--rl-stages", "0,1",
+              "--output-dir", str(tmp_path / "out")])
+    assert "--rl-stages" in capsys.readouterr().err and not (tmp_path / "out").exists()

@@ -64,6 +64,16 @@ def _int_list(text: str) -> list[int]:
     return _distinct(values, text)
 
 
+def _positive_int_list(text: str) -> list[int]:
+    """RL stages: a stage at 0 RL steps is the value-pretrained one, always measured (a 0
+    measured nothing and was dropped without a word)."""
+    values = _int_list(text)
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 (the stages before RL are "
+                                         f"always measured), got {text!r}")
+    return values
+
+
 def _float_list(text: str) -> list[float]:
     try:
         values = [float(x) for x in text.split(",") if x.strip()]
@@ -158,7 +168,7 @@ def make_parser() -> argparse.ArgumentParser:
         if name in ("injected-errors", "value-probe", "short-vs-long"):
             p.add_argument("--rl-stages" if name != "short-vs-long" else "--rl-steps",
                            dest="rl_stages" if name != "short-vs-long" else "rl_steps",
-                           type=_int_list if name != "short-vs-long" else _positive_int,
+                           type=_positive_int_list if name != "short-vs-long" else _positive_int,
                            default=None, help="RL steps (cumulative stages, comma-separated "
                            "for the stage studies); default: the preset's.")
         if name == "injected-errors":

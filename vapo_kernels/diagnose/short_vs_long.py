@@ -88,10 +88,16 @@ TRAINER_OWNED = {"min_steps": "--lengths", "max_steps": "--lengths",
                  "alpha": "--alphas", "advantage": "--mc-samples", "mc_samples": "--mc-samples"}
 
 
+def number(x: float) -> str:
+    """A setting's number in its label: every digit it has (1.0 -> '1', 0.9999999 stays),
+    so two settings never share a label (with :g both of these were 'lambda 1')."""
+    return repr(float(x)).removesuffix(".0")
+
+
 def settings(lambdas: list[float], alphas: list[float], mc_samples: int = 0) -> dict[str, dict]:
     """Label -> trainer options of each setting: the lambda_policy ones, then Monte-Carlo."""
-    out = {f"lambda {lam:g}": {"length_adaptive": False, "lam_policy": lam} for lam in lambdas}
-    out.update({f"adaptive alpha {a:g}": {"length_adaptive": True, "alpha": a} for a in alphas})
+    out = {f"lambda {number(lam)}": {"length_adaptive": False, "lam_policy": lam} for lam in lambdas}
+    out.update({f"adaptive alpha {number(a)}": {"length_adaptive": True, "alpha": a} for a in alphas})
     if mc_samples:
         out[f"Monte-Carlo K={mc_samples}"] = {"advantage": "mc", "mc_samples": mc_samples}
     return out
@@ -374,8 +380,8 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     sizes = preset_sizes(PRESETS, options)
     if any(not 0 <= lam <= 1 for lam in sizes["lambdas"]):
         raise ConfigError("lambdas", f"each must be in [0, 1], got {sizes['lambdas']}")
-    if any(a <= 0 for a in sizes["alphas"]):
-        raise ConfigError("alphas", f"each must be > 0, got {sizes['alphas']}")
+    if any(not 0 < a < float("inf") for a in sizes["alphas"]):  # NaN included
+        raise ConfigError("alphas", f"each must be a finite number > 0, got {sizes['alphas']}")
     if any(L < 1 for L in sizes["lengths"]):
         raise ConfigError("lengths", f"each must be >= 1, got {sizes['lengths']}")
     os.makedirs(out_dir, exist_ok=True)
