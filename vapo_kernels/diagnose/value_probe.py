@@ -5,7 +5,9 @@ of the prefix under the current policy is estimated as the mean final reward of 
 continuations sampled from it (:func:`vapo_kernels.train.mc_advantage.prefix_values`,
 VinePPO's protocol). Measured per training stage: error of V by boundary position and
 around the **cliff** (the first step whose partial sum is wrong: from there the chain
-cannot be right), how much of the variance of the true value V explains, and how well V
+cannot be right), R^2 = 1 - MSE/Var of V against the true value (how much of the true
+value's variance V explains; not the trainer's explained_var, 1 - Var(error)/Var, which
+ignores a constant offset), and how well V
 ranks alternative next steps (one correct, the others off by 1, 2, ... in the partial sum)
 compared with their Monte-Carlo values. Step boundaries are found in the response text and
 mapped onto the response's token ids as sampled (:func:`.common.char_offsets_to_tokens`): a
@@ -152,7 +154,7 @@ def rank_alternatives(run: Run, problems, samples: int, alternatives: int, rng: 
 
 
 def summarize(probe: dict, samples: int) -> dict:
-    """Errors by position and by cliff offset; explained variance; pooled rank correlation."""
+    """Errors by position and by cliff offset; R^2 = 1 - MSE/Var; pooled rank correlation."""
     v, mc = torch.tensor(probe["value"]), torch.tensor(probe["mc_value"])
     err = v - mc
 
@@ -172,7 +174,7 @@ def summarize(probe: dict, samples: int) -> dict:
             "by_cliff_offset": grouped([o if o is not None and abs(o) <= CLIFF_WINDOW else None
                                         for o in probe["cliff_offset"]]),
             "mse": float((err ** 2).mean()), "mc_variance": variance, "mc_noise_variance": mc_noise,
-            "explained_variance": 1 - float((err ** 2).mean()) / variance if variance > 0 else None,
+            "r_squared": 1 - float((err ** 2).mean()) / variance if variance > 0 else None,
             "spearman": None if rank is None else float(rank), "boundaries": len(v)}
 
 
@@ -247,8 +249,8 @@ def plot_stages(stages: list[dict], out_dir: str, suffix: str = "") -> list[str]
     for ax, stage in zip(axes[0], stages):
         ax.scatter(stage["probe"]["mc_value"], stage["probe"]["value"], s=6, alpha=0.5)
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
-        ev = stage["summary"]["explained_variance"]
-        ax.set_title(f"{stage['name']}\nexplained var {ev if ev is None else round(ev, 2)}",
+        r2 = stage["summary"]["r_squared"]
+        ax.set_title(f"{stage['name']}\nR^2 (1 - MSE/Var) {r2 if r2 is None else round(r2, 2)}",
                      fontsize=8)
         ax.set_xlabel("Monte-Carlo value")
     axes[0][0].set_ylabel("V(s)")
@@ -278,7 +280,7 @@ def report(results: dict) -> list[str]:
                          for m in models) + ".")
     sweep = len(models) > 1
     table = [f"| {'model | ' if sweep else ''}stage | held-out acc | boundaries | mean abs error | "
-             "explained variance of the true value | Spearman(V, MC) | MC noise variance | "
+             "R^2 (1 - MSE/Var) against the true value | Spearman(V, MC) | MC noise variance | "
              "ranking: Spearman | ranking: V picks the best step | random pick |",
              "|---" * (10 + sweep) + "|"]
     for s in results["stages"]:
@@ -286,7 +288,7 @@ def report(results: dict) -> list[str]:
         abs_err = mean_abs_error(sm)
         table.append(f"| {s['model'] + ' | ' if sweep else ''}{s['name']} | "
                      f"{pct(s['heldout_accuracy'])} | {sm['boundaries']} | "
-                     f"{abs_err:.3f} | {_num(sm['explained_variance'])} | {_num(sm['spearman'])} | "
+                     f"{abs_err:.3f} | {_num(sm['r_squared'])} | {_num(sm['spearman'])} | "
                      f"{sm['mc_noise_variance']:.4f} | {_num(rk['spearman_mean'])} "
                      f"({rk['groups_ranked']} groups) | {pct(rk['top1_agreement'])} "
                      f"({rk['groups_with_unique_best']}) | {pct(rk['random_top1'])} |")
@@ -304,7 +306,7 @@ def report(results: dict) -> list[str]:
 def size_comparison(results: dict) -> list[str]:
     """How the value error changes with model size, at each training stage. Each size's
     critic is scored against its own policy, whose accuracy (and so the spread of the true
-    values) differs by size: explained variance and rank correlation are the comparable
+    values) differs by size: R^2 and rank correlation are the comparable
     numbers, the absolute error is put beside the true values' spread."""
     models = results["models"]
     per_stage: dict[str, list] = {}
@@ -313,20 +315,20 @@ def size_comparison(results: dict) -> list[str]:
             per_stage.setdefault(s["name"], []).append((m, s))
     lines = []
     for name, entries in per_stage.items():
-        cells = [f"{m['label']}: explained variance {_num(s['summary']['explained_variance'])}, "
+        cells = [f"{m['label']}: R^2 {_num(s['summary']['r_squared'])}, "
                  f"Spearman {_num(s['summary']['spearman'])}, mean |V - MC| "
                  f"{mean_abs_error(s['summary']):.3f} (true values' sd "
                  f"{s['summary']['mc_variance'] ** 0.5:.2f}, held-out accuracy "
                  f"{pct(s['heldout_accuracy'])})" for m, s in entries]
         lines.append(f"{name}: " + "; ".join(cells) + ".")
-    last = [(m, s["summary"]["explained_variance"]) for m, s in list(per_stage.values())[-1]]
+    last = [(m, s["summary"]["r_squared"]) for m, s in list(per_stage.values())[-1]]
     by_size = [ev for _, ev in sorted(last, key=lambda e: e[0]["parameters"])]
     if None not in by_size and len(by_size) > 1:
         pairs = list(zip(by_size, by_size[1:]))
         trend = ("rises with model size" if all(b > a for a, b in pairs) else
                  "falls with model size" if all(b < a for a, b in pairs) else
                  "is not monotone in model size")
-        lines.append(f"At the last stage the explained variance {trend} ("
+        lines.append(f"At the last stage R^2 (1 - MSE/Var) {trend} ("
                      + ", ".join(f"{m['label']} {_num(ev)}" for m, ev in
                                  sorted(last, key=lambda e: e[0]["parameters"])) + ").")
     return ["By model size (value_error_by_size.png: error by position per size and stage; "
@@ -339,13 +341,13 @@ def stage_findings(stages: list[dict], label: str) -> list[str]:
     lines = []
     of = f", {label}" if label else ""
     first, last = stages[0]["summary"], stages[-1]["summary"]
-    if last["explained_variance"] is not None:
-        verdict = ("explains part of" if last["explained_variance"] > 0.1 else
-                   "explains almost none of" if last["explained_variance"] > -0.1 else
+    if last["r_squared"] is not None:
+        verdict = ("explains part of" if last["r_squared"] > 0.1 else
+                   "explains almost none of" if last["r_squared"] > -0.1 else
                    "is worse than a constant at predicting")
         lines.append(f"At the last stage ({stages[-1]['name']}{of}) V {verdict} the variance of the "
-                     f"true prefix value (explained variance {last['explained_variance']:.2f}; "
-                     f"at {stages[0]['name']}: {_num(first['explained_variance'])}).")
+                     f"true prefix value (R^2 = 1 - MSE/Var {last['r_squared']:.2f}; "
+                     f"at {stages[0]['name']}: {_num(first['r_squared'])}).")
     cliff = last["by_cliff_offset"]
     before = [d for k, d in cliff.items() if int(k) < 0]
     after = [d for k, d in cliff.items() if int(k) >= 0]
