@@ -8,6 +8,7 @@ import json
 import pytest
 
 from vapo_kernels.diagnose.cli import main
+from vapo_kernels.diagnose.value_probe import _num
 
 
 def _run(tmp_path, study, *args, name="out"):
@@ -18,18 +19,25 @@ def _run(tmp_path, study, *args, name="out"):
     for figure in results["results"]["figures"]:
         assert (out / figure).stat().st_size > 1000, figure
     report = (out / "report.md").read_text()
-    assert report.startswith("# ") and "n/a" not in report.split("\n")[2], report
+    assert report.startswith("# ") and f"Figures: {', '.join(results['results']['figures'])}." in report
     for key in ("seed", "options", "trainer_config", "versions", "wall_s"):
         assert key in results, key
     assert results["versions"]["torch"]
     return results, report
 
 
+# Trainer options under which the tiny preset's policy solves some chains (the preset
+# alone solves none: every reward and so every value is 0, and no advantage is negative).
+SOLVING = ["--min_steps", "1", "--warmup_steps", "40", "--warmup_lr", "1e-2",
+           "--value_pretrain_steps", "2"]
+
+
 def test_injected_errors_tiny_run(tmp_path):
-    results, report = _run(tmp_path, "injected-errors", "--rl-stages", "1")
+    results, report = _run(tmp_path, "injected-errors", "--rl-stages", "1", "--", *SOLVING)
     r = results["results"]
     assert [s["name"] for s in r["stages"]] == [
-        "warm-up (critic untrained)", "value-pretrained (1 steps)", "RL step 1"]
+        "warm-up (critic untrained)", "value-pretrained (2 steps)", "RL step 1"]
+    partitions = 0
     for stage in r["stages"]:
         assert len(stage["uniform_share_of_step_k"]) == r["length"] == 3
         for data in stage["lambdas"].values():
@@ -39,8 +47,14 @@ def test_injected_errors_tiny_run(tmp_path):
             for at, before, after in zip(data["mass_at_k"], data["mass_before_k"],
                                          data["mass_after_k"]):
                 if at is not None:
-                    assert at + before + after == pytest.approx(1.0)
-    assert "| stage |" in report
+                    assert 0 <= at <= 1 and at + before + after == pytest.approx(1.0)
+                    partitions += 1
+    # The trained critic gives every GAE row negative advantage at every k (the untrained
+    # one, V = 0 = reward, none): the checks above ran on them.
+    last = r["stages"][-1]["lambdas"]
+    assert all(None not in d["mass_at_k"] for d in last.values()) and partitions >= 2 * 3 * len(last)
+    row = next(line for line in report.splitlines() if line.startswith("| RL step 1 |"))
+    assert "n/a" not in row and "no negative advantage" not in report.split("At the last stage")[1]
     # The Monte-Carlo row (K = 2 continuations on the tiny preset) is measured beside the
     # lambda rows on the same chains, and its sampling leaves the training run alone: the
     # same run without it has the same lambda rows at every stage.
@@ -48,14 +62,15 @@ def test_injected_errors_tiny_run(tmp_path):
     assert all(mc in stage["lambdas"] for stage in r["stages"])
     assert mc in report and "Monte-Carlo credit beside GAE" in report
     without, _ = _run(tmp_path, "injected-errors", "--rl-stages", "1", "--mc-samples", "0",
-                      name="no_mc")
+                      "--", *SOLVING, name="no_mc")
     for a, b in zip(r["stages"], without["results"]["stages"]):
         assert {k: v for k, v in a["lambdas"].items() if k != mc} == b["lambdas"]
         assert a["heldout_accuracy"] == b["heldout_accuracy"]
 
 
 def test_value_probe_tiny_run_is_reproducible(tmp_path):
-    first, report = _run(tmp_path, "value-probe", "--rl-stages", "1", "--samples", "3", name="a")
+    args = ["value-probe", "--rl-stages", "1", "--samples", "3", "--", *SOLVING]
+    first, report = _run(tmp_path, *args, name="a")
     stages = first["results"]["stages"]
     assert len(stages) == 3
     for stage in stages:
@@ -64,9 +79,15 @@ def test_value_probe_tiny_run_is_reproducible(tmp_path):
         # A mean of 3 rewards in {0, 1}: a multiple of 1/3 in [0, 1].
         assert all(abs(3 * v - round(3 * v)) < 1e-9 and 0 <= v <= 1 for v in probe["mc_value"])
         assert len(stage["ranking"]["mc_value"]) == 4 and len(stage["ranking"]["mc_value"][0]) == 3
-    # The critic is untrained (zero head) before value pretraining: V = 0 everywhere.
+    # The critic is untrained (zero head) before value pretraining: V = 0 everywhere;
+    # trained, it varies, and the true values vary: the runs compare numbers, not zeros.
     assert all(v == 0.0 for v in stages[0]["probe"]["value"])
-    second, _ = _run(tmp_path, "value-probe", "--rl-stages", "1", "--samples", "3", name="b")
+    for stage in stages[1:]:
+        assert len(set(stage["probe"]["value"])) > 2 and len(set(stage["probe"]["mc_value"])) > 1
+        assert stage["summary"]["r_squared"] is not None
+        assert f"| {_num(stage['summary']['r_squared'])} |" in report
+    assert "R^2 (1 - MSE/Var)" in report and "explained variance" not in report
+    second, _ = _run(tmp_path, *args, name="b")
     assert second["results"]["stages"] == stages
 
 
