@@ -51,13 +51,15 @@ at::Tensor same_dtype(const at::Tensor& t, at::ScalarType dtype) {
 // `t` is a plain dense CPU tensor holding the one number 1 (the gradient `loss.backward()`
 // passes): scaling by it changes no bit (x * 1 is x, NaN and -0 included), so the
 // product is skipped. Read only on the CPU (on a GPU the read would sync) and only from
-// an ordinary tensor with storage (not a subclass, a functorch wrapper or a zero tensor).
+// an ordinary tensor with storage (not a subclass, a functorch or functionalization wrapper,
+// or a zero tensor).
 bool is_cpu_one(const at::Tensor& t) {
   if (!t.defined() || !t.is_cpu() || t.layout() != at::kStrided || t.numel() != 1 ||
       !t.has_storage() || t._is_zerotensor() || t.is_conj() || t.is_neg() ||
       t.unsafeGetTensorImpl()->is_python_dispatch() ||
       t.key_set().has_any(c10::DispatchKeySet({c10::DispatchKey::FuncTorchGradWrapper,
-                                               c10::DispatchKey::FuncTorchBatched}))) {
+                                               c10::DispatchKey::FuncTorchBatched,
+                                               c10::DispatchKey::Functionalize}))) {
     return false;
   }
   switch (t.scalar_type()) {

@@ -554,3 +554,31 @@ def test_kl_penalty_checks_its_kind_and_defaults_to_k3_like_the_losses():
 def test_no_backend_is_available_for_cuda_tensors_without_a_gpu():
     for family in ("gae", "logprobs", "loss"):
         assert vk.available_backends(family, "cuda") == []
+
+
+def _packed_policy_inputs():
+    g = torch.Generator().manual_seed(11)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    lp = -torch.rand(7, generator=g)
+    return lp, lp + 0.1 * torch.randn(7, generator=g), torch.randn(7, generator=g), cu
+
+
+def test_packed_loss_compiles_fullgraph_without_reading_cu_seqlens():
+    # The common call's one-pass check reads cu_seqlens' values: it must come after the
+    # tracing checks, or torch.compile hits a data-dependent guard (second review).
+    lp, old, adv, cu = _packed_policy_inputs()
+    want = vk.policy_loss(lp, old, adv, None, cu)[0]
+    fn = torch.compile(lambda *x: vk.policy_loss(*x)[0], fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(fn(lp, old, adv, None, cu), want)
+
+
+def test_packed_loss_on_meta_tensors_and_under_vmap():
+    lp, old, adv, cu = _packed_policy_inputs()
+    meta = vk.policy_loss(*(t.to("meta") for t in (lp, old, adv)), None, cu.to("meta"))[0]
+    assert meta.is_meta and meta.shape == ()
+    stack = [torch.stack([t, t.flip(0), t * 0.5]) for t in (lp, old, adv)]
+    batched = torch.func.vmap(lambda a, b, c, o: vk.policy_loss(a, b, c, None, o)[0])(
+        *stack, torch.stack([cu, cu, cu]))
+    for i in range(3):
+        torch.testing.assert_close(
+            batched[i], vk.policy_loss(stack[0][i], stack[1][i], stack[2][i], None, cu)[0])

@@ -270,3 +270,18 @@ def test_the_last_backward_scales_the_kernel_s_gradient_where_it_lies():
     del g_logp  # now only the node holds it
     (loss * 2.0).backward()
     assert logp.grad.data_ptr() == written
+
+
+@pytest.mark.parametrize("incoming", [1.0, 2.0])
+def test_a_functionalized_incoming_gradient_is_never_read_as_data(incoming):
+    # The unit-gradient shortcut reads the gradient's value: a functionalization wrapper
+    # has storage but no data, and the read threw where the product works (second review).
+    x = _inputs(6)
+    logp = x["logp"].clone().requires_grad_()
+    loss, _ = vk.policy_loss(logp, x["old"], x["adv"], x["mask"])
+    want = torch.autograd.grad(loss, logp, torch.tensor(incoming, dtype=loss.dtype),
+                               retain_graph=True)[0]
+    got = torch.func.functionalize(
+        lambda gl: torch.autograd.grad(loss, logp, gl, retain_graph=True)[0]
+    )(torch.tensor(incoming, dtype=loss.dtype))
+    assert torch.equal(got, want)

@@ -27,13 +27,14 @@ def flag(name: str, default: bool) -> bool:
 
 # os.environ.get encodes the name and decodes the value on every call (~1 us, read on
 # every op call for VAPO_BACKEND); on POSIX the bytes dict under os.environ holds the same
-# data (os.environ writes go through to it) and answers in ~0.05 us.
-_POSIX_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+# data (os.environ writes go through to it) and answers in ~0.05 us. Looked up on each
+# call: a test may replace os.environ itself.
 
 
 def value(name: str) -> str | None:
     """``os.environ.get(name)``, cheaply (called per op call)."""
-    if _POSIX_ENVIRON is None:
+    data = getattr(os.environ, "_data", None) if os.name == "posix" else None
+    if type(data) is not dict:
         return os.environ.get(name)
-    raw = _POSIX_ENVIRON.get(name.encode())
+    raw = data.get(name.encode())
     return None if raw is None else os.fsdecode(raw)

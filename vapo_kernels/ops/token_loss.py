@@ -301,12 +301,17 @@ def _run(a: TokenLossArgs):
     in two more passes over the arguments: ~4 us of a ~105 us loss forward + backward at
     8 x 128 tokens."""
     tensors = a[:9]
+    # Tracing, forward AD and meta tensors first: the layout check reads cu_seqlens'
+    # values, which none of them have. (One device for all: one tensor tells if it is meta.)
+    first = a.logp if a.logp is not None else next((t for t in tensors if t is not None), None)
+    if first is None or forward_ad._current_level >= 0 or _library.no_values(first):
+        return token_loss_op(a)
     layout = _plain_token_mean(a, tensors)
-    if layout is None or forward_ad._current_level >= 0 or _library.no_values(
-            a.logp if a.logp is not None else next(t for t in tensors if t is not None)):
-        return token_loss_op(a)  # (one device for all: one tensor tells if it is meta)
-    # Any input that requires grad, as the Op counts them (mask and cu_seqlens cannot).
-    wants_grad = a.need_grad or any(t is not None and t.requires_grad for t in tensors)
+    if layout is None:
+        return token_loss_op(a)
+    # Any input that requires grad, as the Op counts them (mask and cu_seqlens cannot);
+    # the common training call answers at its first test.
+    wants_grad = first.requires_grad or any(t is not None and t.requires_grad for t in tensors)
     return token_loss_op.eager(a, wants_grad, lambda a: _plain_impl(a, tensors, layout))
 
 
