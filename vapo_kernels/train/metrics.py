@@ -72,10 +72,13 @@ class MetricsLogger:
     """Appends the rows to RUN/metrics.jsonl (``truncate``: empties it first, a fresh run).
 
     ``main=False`` (data-parallel processes other than rank 0): nothing is written or shown.
-    ``elapsed_offset`` continues ``elapsed_s`` of a resumed run."""
+    ``elapsed_offset`` continues ``elapsed_s`` of a resumed run; ``rows_before`` (a resumed
+    run: the number of rows restored) continues the TensorBoard step axis (one step per row)
+    and drops the events the killed run logged after it (``purge_step``)."""
 
     def __init__(self, run_dir: str, *, progress: bool, tensorboard: bool, truncate: bool = False,
-                 main: bool = True, elapsed_offset: float = 0.0) -> None:
+                 main: bool = True, elapsed_offset: float = 0.0,
+                 rows_before: int | None = None) -> None:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.main = main
         self._file = open(self.path, "w" if truncate else "a", encoding="utf-8") if main else None
@@ -84,12 +87,13 @@ class MetricsLogger:
         self._progress = progress and main
         self._last: dict[str, Any] = {}
         self._tb = None
-        self._tb_step = 0
+        self._tb_step = rows_before or 0
         if tensorboard and main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=(
+                    None if rows_before is None else rows_before + 1))
             except ImportError:  # tensorboard is optional
                 self._tb = None
 
