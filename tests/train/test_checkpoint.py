@@ -124,6 +124,12 @@ def test_keep_prunes_and_a_half_written_checkpoint_is_ignored(tmp_path, uninterr
     assert names == ["2-rl-00000000", "2-rl-00000002"]
 
 
+def _files(folder) -> dict:
+    """Every file's bytes, but the lock file (which says who holds the folder, and since when)."""
+    return {p: p.read_bytes() for p in folder.rglob("*")
+            if p.is_file() and p.name != ".vapo-train.lock"}
+
+
 def _one_error_line(capsys, argv) -> str:
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -148,16 +154,128 @@ def test_a_checkpoint_of_another_world_size_is_one_error_line(tmp_path, uninterr
     assert "2 process(es)" in line and "this run has 1" in line
 
 
-def test_resume_auto_without_a_checkpoint_starts_fresh(tmp_path, capsys):
+def test_resume_auto_without_a_checkpoint_starts_fresh_only_in_an_empty_folder(tmp_path, capsys):
     run_dir = tmp_path / "run"
     os.makedirs(run_dir)
-    (run_dir / "metrics.jsonl").write_text('{"phase": "warmup", "step": 99}\n')  # stale rows
-    # The bare flag means auto.
-    train(parse_config([*RUN, "--output_dir", str(run_dir), "--steps", "1", "--resume",
-                        "--value_pretrain_steps", "0", "--warmup_steps", "1"]))
+    argv = [*RUN, "--output_dir", str(run_dir), "--steps", "1", "--resume",  # bare flag: auto
+            "--value_pretrain_steps", "0", "--warmup_steps", "1"]
+    # Stale rows of a run without a checkpoint: --resume used to wipe them ("starting fresh").
+    (run_dir / "metrics.jsonl").write_text('{"phase": "warmup", "step": 99}\n')
+    line = _one_error_line(capsys, argv)
+    assert "holds a run (metrics.jsonl) but no complete checkpoint" in line
+    assert (run_dir / "metrics.jsonl").read_text() == '{"phase": "warmup", "step": 99}\n'
+    os.remove(run_dir / "metrics.jsonl")
+    train(parse_config(argv))
     assert "starting fresh" in capsys.readouterr().out
     assert [(r["phase"], r["step"]) for r in read_rows(run_dir)] == [
         ("warmup", 0), ("warmup", 1), ("rl", 0), ("rl", 1)]
+
+
+def test_resume_auto_never_wipes_a_finished_run_without_checkpoints(tmp_path, uninterrupted,
+                                                                    capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(uninterrupted, copy)
+    shutil.rmtree(copy / "checkpoints")
+    before = _files(copy)
+    line = _one_error_line(capsys, [*RUN, "--output_dir", str(copy), "--resume"])
+    assert "holds a run (config.yaml, metrics.jsonl, summary.json) but no complete" in line
+    assert _files(copy) == before
+    # checkpoints/ a file: one line (was a NotADirectoryError traceback at the first save)
+    (copy / "checkpoints").write_text("")
+    for extra in (["--resume"], ["--resume", str(uninterrupted / "checkpoints" / "2-rl-00000004")]):
+        assert main([*RUN, "--output_dir", str(copy), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "checkpoints is a file" in err[0], err
+        assert err[0].startswith("vapo-train: error: --output-dir:")
+
+
+def test_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path, uninterrupted,
+                                                                     capsys):
+    """Resuming from a checkpoint that is not the latest (trying a change from an earlier
+    point): the abandoned later ones used to count as newest, so --keep pruned the resumed
+    run's own saves as soon as written and the next --resume auto went back to them."""
+    copy = tmp_path / "run"
+    shutil.copytree(uninterrupted, copy)
+    abandoned = {n: (copy / "checkpoints" / n / "meta.json").read_bytes()
+                 for n in ("2-rl-00000002", "2-rl-00000003", "2-rl-00000004")}
+    train(parse_config([*RUN, "--output_dir", str(copy), "--save_every", "1", "--keep", "2",
+                        "--steps", "2", "--resume", str(copy / "checkpoints" / "2-rl-00000001")]))
+    out = capsys.readouterr().out
+    assert "moved the 3 later one(s) (2-rl-00000002, 2-rl-00000003, 2-rl-00000004)" in out
+    names = [os.path.basename(p) for p in checkpoint.complete_checkpoints(copy)]
+    assert names == ["2-rl-00000001", "2-rl-00000002"]  # the run's own, newest last
+    assert checkpoint.find_resume(str(copy), "auto").path.endswith("2-rl-00000002")
+    aside = [d for d in os.listdir(copy) if d.startswith("checkpoints-set-aside-")]
+    assert len(aside) == 1  # kept, whole, where --resume auto does not look
+    assert {n: (copy / aside[0] / n / "meta.json").read_bytes() for n in abandoned} == abandoned
+    rows = comparable(read_rows(uninterrupted))
+    assert comparable(read_rows(copy)) == rows[:len(rows) - 2]  # up to rl step 2
+
+
+def _damage(path, how):
+    path = str(path)
+    if how == "meta.json missing":
+        os.remove(os.path.join(path, "meta.json"))
+    elif how == "meta.json truncated":
+        with open(os.path.join(path, "meta.json"), "r+") as f:
+            f.truncate(40)
+    elif how == "rank0.pt truncated":
+        with open(os.path.join(path, "rank0.pt"), "r+") as f:
+            f.truncate(100)
+    elif how == ".distcp truncated":
+        name = next(n for n in os.listdir(os.path.join(path, "dcp")) if n.endswith(".distcp"))
+        with open(os.path.join(path, "dcp", name), "r+") as f:
+            f.truncate(100)
+    elif how == "dcp/.metadata emptied":
+        open(os.path.join(path, "dcp", ".metadata"), "w").close()
+    elif how == "metrics.jsonl missing":
+        os.remove(os.path.join(path, "metrics.jsonl"))
+    elif how == "dcp/ truncated, no sizes kept":  # as written before meta.json kept sizes
+        meta = json.loads(open(os.path.join(path, "meta.json")).read())
+        del meta["files"]
+        with open(os.path.join(path, "meta.json"), "w") as f:
+            json.dump(meta, f)
+        _damage(path, ".distcp truncated")
+    elif how == "rank0.pt garbled":  # same size: only the load can tell
+        size = os.path.getsize(os.path.join(path, "rank0.pt"))
+        with open(os.path.join(path, "rank0.pt"), "wb") as f:
+            f.write(b"\0" * size)
+
+
+@pytest.mark.parametrize("how", ["meta.json missing", "meta.json truncated", "rank0.pt truncated",
+                                 ".distcp truncated", "dcp/.metadata emptied",
+                                 "metrics.jsonl missing", "rank0.pt garbled",
+                                 "dcp/ truncated, no sizes kept"])
+def test_a_damaged_checkpoint_is_one_error_line_naming_it(tmp_path, uninterrupted, capsys, how):
+    damaged = tmp_path / "ckpt"
+    shutil.copytree(uninterrupted / "checkpoints" / "2-rl-00000002", damaged)
+    _damage(damaged, how)
+    line = _one_error_line(capsys, [*RUN, "--output_dir", str(tmp_path / "a"),
+                                    "--resume", str(damaged)])
+    said = {".distcp truncated": "dcp/__0_0.distcp has 100 bytes",
+            "rank0.pt garbled": "rank0.pt cannot be read",
+            "dcp/ truncated, no sizes kept": "dcp/ cannot be read"}.get(how, how.split()[0])
+    assert f"checkpoint {damaged} is damaged: {said}" in line, line
+    assert not os.path.exists(tmp_path / "a" / "metrics.jsonl")
+
+
+def test_resume_auto_falls_back_from_a_damaged_latest_checkpoint(tmp_path, uninterrupted, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(uninterrupted, copy)
+    _damage(copy / "checkpoints" / "2-rl-00000004", ".distcp truncated")
+    train(parse_config([*RUN, "--output_dir", str(copy), "--save_every", "1", "--keep", "0",
+                        "--resume"]))
+    out = capsys.readouterr().out
+    assert "2-rl-00000004 is damaged: dcp/" in out and "falling back" in out
+    assert f"resuming from {copy / 'checkpoints' / '2-rl-00000003'}" in out
+    assert comparable(read_rows(copy)) == comparable(read_rows(uninterrupted))
+    # the damaged one went aside with the abandoned continuation; rl-4 is the new run's own
+    assert checkpoint.find_resume(str(copy), "auto").path.endswith("2-rl-00000004")
+    # every checkpoint damaged: one line, not a fresh start
+    for path in checkpoint.complete_checkpoints(copy):
+        _damage(path, "metrics.jsonl missing")
+    line = _one_error_line(capsys, [*RUN, "--output_dir", str(copy), "--resume"])
+    assert "no intact checkpoint" in line
 
 
 def test_a_new_run_never_starts_in_another_run_s_folder(tmp_path, uninterrupted, capsys):
@@ -205,10 +323,51 @@ def test_a_refused_resume_leaves_the_run_s_config_and_a_changed_option_is_said(
     copy = tmp_path / "run"
     shutil.copytree(uninterrupted, copy)
     config = (copy / "config.yaml").read_text()
+    before = _files(copy)
     assert main([*RUN, "--output_dir", str(copy), "--tiny_hidden_size", "64",
                  "--resume", "auto"]) == 2
     assert "another shape" in capsys.readouterr().err
     assert (copy / "config.yaml").read_text() == config  # its advice still works
+    # Refused from an earlier checkpoint: metrics.jsonl used to be rewritten with its rows.
+    assert main([*RUN, "--output_dir", str(copy), "--tiny_hidden_size", "64",
+                 "--resume", str(copy / "checkpoints" / "2-rl-00000002")]) == 2
+    assert "another shape" in capsys.readouterr().err
+    assert _files(copy) == before
     assert main([*RUN, "--output_dir", str(copy), "--clip_high", "0.3", "--resume", "auto"]) == 0
     assert "resuming with a changed option: clip_high: 0.28 -> 0.3" in capsys.readouterr().out
     assert "clip_high: 0.3" in (copy / "config.yaml").read_text()
+
+
+def test_a_changed_option_is_said_resuming_into_another_folder(tmp_path, uninterrupted, capsys):
+    # The comparison used to be with the new folder's config.yaml: none, so nothing was said.
+    path = str(uninterrupted / "checkpoints" / "2-rl-00000004")
+    assert main([*RUN, "--output_dir", str(tmp_path / "b"), "--clip_high", "0.3",
+                 "--resume", path]) == 0
+    assert "resuming with a changed option: clip_high: 0.28 -> 0.3" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("option", [("--seed", "5"), ("--modulus", "7"), ("--eval_size", "8")])
+def test_the_seed_and_the_task_cannot_change_on_resume(tmp_path, uninterrupted, capsys, option):
+    copy = tmp_path / "run"
+    shutil.copytree(uninterrupted, copy)
+    before = _files(copy)
+    name = option[0][2:].replace("_", "-")
+    for target, resume in ((copy, ["--resume"]),
+                           (tmp_path / "b", ["--resume", str(copy / "checkpoints" / "2-rl-00000002")])):
+        assert main([*RUN, "--output_dir", str(target), *option, *resume]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"vapo-train: error: --{name}:"), err
+        assert "cannot change on resume" in err[0]
+    assert _files(copy) == before
+
+
+def test_an_old_checkpoint_without_its_config_is_compared_with_config_yaml(tmp_path, uninterrupted):
+    from vapo_kernels.train.cli import _config_changes
+
+    info = checkpoint.read_info(str(uninterrupted / "checkpoints" / "2-rl-00000002"))
+    assert info.config is not None and info.config["run"]["seed"] == 0
+    info.config = None  # as written before the config was kept
+    config = parse_config([*RUN, "--output_dir", str(tmp_path), "--clip_high", "0.3"])
+    changes = _config_changes(str(uninterrupted / "config.yaml"), config, info)
+    assert [c for c in changes if c[1] == "clip_high"] == [("algorithm", "clip_high", 0.28, 0.3)]
+    assert _config_changes(str(tmp_path / "none.yaml"), config, info) == []

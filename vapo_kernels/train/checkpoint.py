@@ -13,10 +13,21 @@ A checkpoint is a folder ``RUN/checkpoints/<order>-<phase>-<step>`` holding
 * ``metrics.jsonl``: the metric rows logged up to this point (resuming rewrites the run's
   metrics file with them, so rows continue with no step duplicated or missing);
 * ``hf/policy`` and ``hf/value``: ``save_pretrained`` exports with the tokenizer;
-* ``meta.json`` (phase, step, world size, parameter shapes) and last the ``COMPLETE`` marker.
+* ``meta.json`` (phase, step, world size, parameter shapes, the run's resolved config, the
+  size of every other file) and last the ``COMPLETE`` marker.
 
-Everything is written into a hidden ``.tmp-`` folder that is renamed into place only when
-complete, so a process killed while saving leaves the previous checkpoint the latest.
+Everything is written into a hidden ``.tmp-`` folder, fsynced, marked ``COMPLETE`` and only
+then renamed into place (the checkpoints folder fsynced after the rename), so a process
+killed (or a machine losing power) while saving leaves the previous checkpoint the latest.
+At resume every file is checked against the sizes in ``meta.json`` (a size check, no
+hashing: cheap for multi-GB checkpoints, and it catches the truncation a crash or a full
+disk leaves); ``--resume auto`` falls back to the previous complete checkpoint when the
+latest is damaged.
+
+A run resumed from a checkpoint that is not the folder's latest moves the later ones (the
+abandoned continuation) into ``checkpoints-set-aside-<time>/``: they are never picked by a
+later ``--resume auto`` nor pruned, and never deleted. ``--keep`` prunes by the run's own
+history (the checkpoints before the resume point, then its own saves).
 
 Checkpoints are taken at the start of each phase after its setup (``<phase>-0``), every
 ``save_every`` steps of a phase, and after the last RL step; a resumed run continues after
@@ -30,6 +41,7 @@ import json
 import os
 import random
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -51,6 +64,12 @@ PHASES = ("warmup", "value_pretrain", "rl")
 COMPLETE = "COMPLETE"
 SUBDIR = "checkpoints"
 SCHEDULERS = ("actor_scheduler", "critic_scheduler")
+SET_ASIDE = "checkpoints-set-aside-"  # + time: later checkpoints of an abandoned continuation
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, permissions): the message names the
+    file, the reason and the last good checkpoint; the CLI prints it as one line (exit 3)."""
 
 
 @dataclass
@@ -64,6 +83,8 @@ class CheckpointInfo:
     shapes: dict[str, dict[str, list[int]]]
     optimizers: list[str]
     models: list[str] | None = None  # the models in dcp/ (None: written before this was kept)
+    config: dict | None = None  # the run's resolved config (None: written before it was kept)
+    files: dict[str, int] | None = None  # relative path -> size (None: likewise)
 
     @property
     def order(self) -> tuple[int, int]:
@@ -87,24 +108,112 @@ def complete_checkpoints(run_dir: str) -> list[str]:
     return [os.path.join(root, n) for n in names if is_complete(os.path.join(root, n))]
 
 
+def _damaged(path: str, what: str) -> ConfigError:
+    return ConfigError("resume", f"checkpoint {path} is damaged: {what}")
+
+
 def read_info(path: str) -> CheckpointInfo:
     if not is_complete(path):
         raise ConfigError("resume", f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
-        meta = json.load(f)
-    return CheckpointInfo(path, meta["phase"], meta["step"], meta["world_size"], meta["shapes"],
-                          meta["optimizers"], meta.get("models"))
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+        return CheckpointInfo(path, meta["phase"], int(meta["step"]), int(meta["world_size"]),
+                              meta["shapes"], meta["optimizers"], meta.get("models"),
+                              meta.get("config"), meta.get("files"))
+    except FileNotFoundError:
+        raise _damaged(path, "meta.json is missing") from None
+    except OSError as error:
+        raise _damaged(path, f"meta.json cannot be read ({error.strerror or error})") from None
+    except (ValueError, KeyError, TypeError) as error:  # truncated JSON, a missing field
+        raise _damaged(path, f"meta.json is truncated or invalid ({type(error).__name__}: "
+                       f"{error})") from None
 
 
-def find_resume(run_dir: str, resume: str) -> CheckpointInfo | None:
+def verify(info: CheckpointInfo) -> None:
+    """Every file the checkpoint needs is there, with the size it was written with (the
+    sizes in meta.json; a checkpoint written before they were kept: present and not empty).
+    Cheap: no file is read."""
+    expected = info.files
+    if expected is None:
+        expected = {os.path.join("dcp", ".metadata"): -1, "metrics.jsonl": -1,
+                    **{f"rank{r}.pt": -1 for r in range(info.world_size)}}
+    for rel, size in expected.items():
+        full = os.path.join(info.path, rel)
+        try:
+            actual = os.path.getsize(full)
+        except OSError:
+            raise _damaged(info.path, f"{rel} is missing") from None
+        if size >= 0 and actual != size:
+            raise _damaged(info.path, f"{rel} has {actual} bytes, {size} were written "
+                           "(truncated or overwritten)")
+        if size < 0 and actual == 0 and rel != "metrics.jsonl":
+            raise _damaged(info.path, f"{rel} is empty")
+
+
+def checkpoints_folder(run_dir: str) -> str:
+    """RUN/checkpoints, which must be a folder when it exists."""
+    root = os.path.join(run_dir, SUBDIR)
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError("output-dir", f"{root} is a file, not the run's checkpoints folder: "
+                          "move it away or choose another --output_dir")
+    return root
+
+
+def find_resume(run_dir: str, resume: str, warn=None) -> CheckpointInfo | None:
     """The checkpoint ``--resume`` names: 'auto' -> the latest complete one in the run folder
-    (None when there is none), else the given folder (which must be complete)."""
+    (None when there is none; a damaged one is skipped for the one before it, said through
+    ``warn``), else the given folder (which must be complete and intact)."""
     if not resume:
         return None
-    if resume == "auto":
-        found = complete_checkpoints(run_dir)
-        return read_info(found[-1]) if found else None
-    return read_info(resume)
+    recover(checkpoints_folder(run_dir))
+    if resume != "auto":
+        info = read_info(resume)
+        verify(info)
+        return info
+    found = complete_checkpoints(run_dir)
+    first_error = None
+    for path in reversed(found):
+        try:
+            info = read_info(path)
+            verify(info)
+        except ConfigError as error:
+            first_error = first_error or error
+            if warn is not None:
+                warn(f"{error.message}; falling back to the checkpoint before it")
+            continue
+        return info
+    if first_error is not None:
+        raise ConfigError("resume", f"no intact checkpoint in {os.path.join(run_dir, SUBDIR)} "
+                          f"(the latest: {first_error.message})")
+    return None
+
+
+def set_aside_later(run_dir: str, info: CheckpointInfo) -> tuple[str | None, list[str]]:
+    """Move what would be newer than the resume point out of RUN/checkpoints: the later
+    checkpoints of the run being resumed (an abandoned continuation), or all of them when
+    the resumed checkpoint is another folder's. Returns (where they went, their names)."""
+    root = os.path.join(run_dir, SUBDIR)
+    if not os.path.isdir(root):
+        return None, []
+    inside = os.path.realpath(os.path.dirname(info.path)) == os.path.realpath(root)
+    own = os.path.basename(info.path)
+    later = [n for n in sorted(os.listdir(root))
+             if not n.startswith(".") and not (inside and n <= own)]
+    if not later:
+        return None, []
+    aside = os.path.join(run_dir, SET_ASIDE + time.strftime("%Y%m%d-%H%M%S"))
+    base, n = aside, 1
+    while os.path.exists(aside):
+        n += 1
+        aside = f"{base}-{n}"
+    os.makedirs(aside)
+    for name in later:
+        os.rename(os.path.join(root, name), os.path.join(aside, name))
+    _fsync_dir(aside)
+    _fsync_dir(root)
+    _fsync_dir(run_dir)
+    return aside, later
 
 
 def parameter_shapes(model: torch.nn.Module | None) -> dict[str, list[int]]:
@@ -228,13 +337,95 @@ def export_pretrained(folder: str, model: torch.nn.Module, tokenizer, dp) -> Non
         tokenizer.save_pretrained(folder)
 
 
-class Checkpointer:
-    """Saves a run's checkpoints (every process calls :meth:`save`; rank 0 does the renames)."""
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    def __init__(self, run_dir: str, *, save_every: int, keep: int, metrics_path: str, dp):
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(top: str) -> None:
+    """fsync every file under ``top``, then every folder (deepest first)."""
+    for folder, _, files in os.walk(top, topdown=False):
+        for name in files:
+            _fsync_file(os.path.join(folder, name))
+        _fsync_dir(folder)
+
+
+def _file_sizes(top: str) -> dict[str, int]:
+    return {os.path.relpath(os.path.join(folder, name), top):
+            os.path.getsize(os.path.join(folder, name))
+            for folder, _, files in os.walk(top) for name in files}
+
+
+def _first_failure(error: CheckpointException) -> BaseException:
+    """The exception DCP wrapped (a KeyboardInterrupt, an OSError, ...)."""
+    for failure in error.failures.values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, BaseException):
+            return inner
+    return error
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, OSError):
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{error.strerror or error}{where}"
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def publish(tmp: str, final: str) -> None:
+    """Rename the complete ``tmp`` to ``final``. An existing ``final`` (an earlier save at the
+    same point) is renamed aside to ``.old-<name>`` first and deleted only after: a crash in
+    between leaves it there, whole, and :func:`recover` puts it back."""
+    root = os.path.dirname(final)
+    old = None
+    if os.path.lexists(final):
+        old = os.path.join(root, f".old-{os.path.basename(final)}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def recover(root: str) -> None:
+    """Put back a ``.old-<name>`` checkpoint whose replacement never arrived (a crash between
+    the two renames of :func:`publish`)."""
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.startswith(".old-"):
+            final = os.path.join(root, name[len(".old-"):])
+            if not os.path.lexists(final) and is_complete(os.path.join(root, name)):
+                os.replace(os.path.join(root, name), final)
+
+
+class Checkpointer:
+    """Saves a run's checkpoints (every process calls :meth:`save`; rank 0 does the renames).
+
+    ``history``: the run's complete checkpoints before this process's first save (a resumed
+    run: those up to the resume point); :meth:`_prune` keeps the last ``keep`` of the history
+    and this process's saves, in that order, and deletes nothing else."""
+
+    def __init__(self, run_dir: str, *, save_every: int, keep: int, metrics_path: str, dp,
+                 config: dict | None = None, history: list[str] | None = None):
+        self.run_dir = run_dir
         self.root = os.path.join(run_dir, SUBDIR)
         self.save_every, self.keep = save_every, keep
         self.metrics_path, self.dp = metrics_path, dp
+        self.config = config
+        self.history: list[str] = list(history or [])
         self.last_saved: str | None = None
 
     @property
@@ -244,11 +435,46 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return self.enabled and (step == 0 or step % self.save_every == 0)
 
+    def last_good(self) -> str:
+        good = self.last_saved or (self.history[-1] if self.history else None)
+        return good or "none"
+
     def save(self, state) -> str:
         dp = self.dp
         name = folder_name(state.phase, state.step)
         final = os.path.join(self.root, name)
         tmp = os.path.join(self.root, f".tmp-{name}")
+        try:
+            self._write(state, tmp, final)
+        except KeyboardInterrupt:
+            self._discard(tmp)
+            raise
+        except CheckpointException as error:  # DCP wraps whatever its writers raised
+            self._discard(tmp)
+            inner = _first_failure(error)
+            if isinstance(inner, KeyboardInterrupt):
+                raise KeyboardInterrupt from None
+            raise CheckpointWriteError(f"could not write checkpoint {final}: {_reason(inner)}; "
+                                       f"last good checkpoint: {self.last_good()}") from None
+        except OSError as error:  # disk full, no permission, a file where a folder goes
+            self._discard(tmp)
+            raise CheckpointWriteError(f"could not write checkpoint {final}: {_reason(error)}; "
+                                       f"last good checkpoint: {self.last_good()}") from None
+        if dp.is_main:
+            if final in self.history:
+                self.history.remove(final)
+            self.history.append(final)
+            self._prune()
+        dp.barrier()
+        self.last_saved = final
+        return final
+
+    def _discard(self, tmp: str) -> None:
+        if self.dp.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _write(self, state, tmp: str, final: str) -> None:
+        dp = self.dp
         if dp.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
@@ -263,37 +489,43 @@ class Checkpointer:
             if model is not None:
                 export_pretrained(os.path.join(tmp, "hf", sub), model, state.tokenizer, dp)
         dp.barrier()
-        if dp.is_main:
-            shutil.copyfile(self.metrics_path, os.path.join(tmp, "metrics.jsonl"))
-            meta = {"phase": state.phase, "step": state.step, "world_size": dp.world_size,
-                    "optimizers": with_optimizer,
-                    "models": [name for name, _, _ in _models_and_optimizers(state)],
-                    "shapes": {"policy": parameter_shapes(state.policy),
-                               "value": parameter_shapes(state.value_model)}}
-            with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
-                json.dump(meta, f)
-            with open(os.path.join(tmp, COMPLETE), "w", encoding="utf-8") as f:
-                f.write("complete\n")
-            if os.path.isdir(final):  # an older run's checkpoint at the same point (--resume PATH)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune()
-        dp.barrier()
-        self.last_saved = final
-        return final
+        if not dp.is_main:
+            return
+        shutil.copyfile(self.metrics_path, os.path.join(tmp, "metrics.jsonl"))
+        meta = {"phase": state.phase, "step": state.step, "world_size": dp.world_size,
+                "optimizers": with_optimizer,
+                "models": [name for name, _, _ in _models_and_optimizers(state)],
+                "shapes": {"policy": parameter_shapes(state.policy),
+                           "value": parameter_shapes(state.value_model)},
+                "config": self.config, "files": _file_sizes(tmp)}
+        with open(os.path.join(tmp, "meta.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+        # Durable before it is marked complete: every file and folder, then the marker, then
+        # the rename, then the folder holding the rename.
+        _fsync_tree(tmp)
+        marker = os.path.join(tmp, COMPLETE)
+        with open(marker, "w", encoding="utf-8") as f:
+            f.write("complete\n")
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        publish(tmp, final)
 
     def _prune(self) -> None:
+        recover(self.root)
         for name in os.listdir(self.root):
-            if name.startswith(".tmp-"):  # left by a process killed while saving
+            if name.startswith((".tmp-", ".old-")):  # left by a process killed while saving
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         if self.keep:
-            for old in complete_checkpoints(os.path.dirname(self.root))[: -self.keep]:
+            for old in self.history[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
+            self.history = self.history[-self.keep:]
 
 
 def load(info: CheckpointInfo, state, dp) -> None:
     """Restore ``state`` in place from ``info`` (its models and optimizers must exist already,
-    built as the run builds them at that point)."""
+    built as the run builds them at that point). A file that cannot be read is one error
+    naming the checkpoint and the file."""
     check_compatible(info, state, dp.world_size)
     saved_reference = "reference" in (info.models or ())
     rebuild_reference = getattr(state, "reference", None) is not None and not saved_reference
@@ -305,9 +537,19 @@ def load(info: CheckpointInfo, state, dp) -> None:
                           "from the run's value_pretrain or rl step-0 checkpoint, or with "
                           "--kl_coef 0")
     target = _sharded_state(state, info.optimizers, reference=saved_reference)
-    with _quiet_single_process():
-        dcp.load(target, checkpoint_id=os.path.join(info.path, "dcp"), process_group=dp.group,
-                 no_dist=not dp.distributed)
+    try:
+        with _quiet_single_process():
+            dcp.load(target, checkpoint_id=os.path.join(info.path, "dcp"),
+                     process_group=dp.group, no_dist=not dp.distributed)
+    except CheckpointException as error:
+        inner = _first_failure(error)
+        if isinstance(inner, KeyboardInterrupt):
+            raise KeyboardInterrupt from None
+        raise _damaged(info.path, f"dcp/ cannot be read ({_reason(inner)})") from None
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:  # an emptied .metadata: EOFError / UnpicklingError, ...
+        raise _damaged(info.path, f"dcp/ cannot be read ({_reason(error)})") from None
     if rebuild_reference:  # no RL update yet: the policy still is the post-warm-up one
         target["reference_model"] = target["policy_model"]
     for name, model, optimizer in _models_and_optimizers(state):
@@ -316,15 +558,33 @@ def load(info: CheckpointInfo, state, dp) -> None:
                            optim_state_dict=target[f"{name}_optim"])
         else:
             set_model_state_dict(model, target[f"{name}_model"])
-    private = os.path.join(info.path, f"rank{dp.rank}.pt")
-    _restore_private(state, torch.load(private, weights_only=False))
+    private = f"rank{dp.rank}.pt"
+    try:
+        saved = torch.load(os.path.join(info.path, private), weights_only=False)
+    except KeyboardInterrupt:
+        raise
+    except Exception as error:
+        raise _damaged(info.path, f"{private} cannot be read ({_reason(error)})") from None
+    _restore_private(state, saved)
 
 
-def restore_metrics(info: CheckpointInfo, metrics_path: str, dp) -> int:
-    """Rewrite the run's metrics file with the checkpoint's rows; returns their count."""
+def restore_metrics(info: CheckpointInfo, metrics_path: str, dp) -> list[dict]:
+    """Replace the run's metrics file with the checkpoint's rows (atomically: a temporary file
+    renamed over it); returns the rows."""
     saved = os.path.join(info.path, "metrics.jsonl")
+    try:
+        with open(saved, encoding="utf-8") as f:
+            text = f.read()
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (OSError, ValueError) as error:
+        raise _damaged(info.path, f"metrics.jsonl cannot be read ({_reason(error)})") from None
     if dp.is_main:
-        shutil.copyfile(saved, metrics_path)
+        tmp = f"{metrics_path}.tmp-resume"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, metrics_path)
+        _fsync_dir(os.path.dirname(os.path.abspath(metrics_path)))
     dp.barrier()
-    with open(saved, encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+    return rows

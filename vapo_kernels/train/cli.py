@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 
+import numpy as np
 import torch
 import yaml
 
@@ -190,24 +191,50 @@ def _locked_run_folder(run_dir: str, resume: str):
         yield  # closing the file releases the lock
 
 
-def _config_changes(path: str, config: TrainConfig) -> list[str]:
-    """'option: old -> new' for each option that differs from the run's saved config.yaml."""
+def _resumed_config(path: str, info: checkpoint.CheckpointInfo | None) -> dict:
+    """The config the checkpoint was written with (kept in its meta.json), else (a checkpoint
+    written before it was kept) the run folder's config.yaml; {} when neither exists."""
+    if info is not None and isinstance(info.config, dict):
+        return info.config
     if not os.path.isfile(path):
-        return []
+        return {}
     with open(path, encoding="utf-8") as f:
-        old = yaml.safe_load(f) or {}
-    new = config.to_dict()
+        return yaml.safe_load(f) or {}
+
+
+def _config_changes(path: str, config: TrainConfig,
+                    info: checkpoint.CheckpointInfo | None = None) -> list[tuple[str, str, object, object]]:
+    """(group, option, old, new) for each option that differs from the resumed config."""
+    old = _resumed_config(path, info)
     changes = []
-    for group, options in new.items():
+    for group, options in config.to_dict().items():
         before = old.get(group, {}) if isinstance(old.get(group), dict) else {}
         for key, value in options.items():
             if key in before and before[key] != value and key not in ("resume", "config"):
-                changes.append(f"{key}: {before[key]!r} -> {value!r}")
+                changes.append((group, key, before[key], value))
     return changes
 
 
-def _check_resume(config: TrainConfig, info: checkpoint.CheckpointInfo) -> None:
-    """A checkpoint whose phase this config would not run cannot be continued."""
+# Options a resumed run cannot change: the task (its held-out set, its demonstrator) is
+# rebuilt from them while the generators continue from the checkpoint, so a change would
+# only half take effect.
+_FIXED_ON_RESUME = {("run", "seed"), ("task", "task"), ("task", "min_steps"),
+                    ("task", "max_steps"), ("task", "modulus"), ("task", "verifier"),
+                    ("task", "eval_size"), ("warmup", "demo_errors"),
+                    ("warmup", "demo_slip_prob")}
+
+
+def _check_resume(config: TrainConfig, info: checkpoint.CheckpointInfo,
+                  config_path: str = "") -> None:
+    """A checkpoint whose phase this config would not run cannot be continued, nor one
+    written with another seed or task."""
+    for group, key, old, new in _config_changes(config_path, config, info):
+        if (group, key) in _FIXED_ON_RESUME:
+            raise ConfigError(key.replace("_", "-"), f"{info.path} was written with --{key} "
+                              f"{old!r}, this run has {new!r}: the seed and the task options "
+                              "cannot change on resume (the task and its held-out set would "
+                              f"change, the generators not); pass --{key} {old} or start a "
+                              "new run")
     runs_phase = {"warmup": config.warmup.warmup_steps > 0,
                   "value_pretrain": config.algorithm.value_pretrain_steps > 0, "rl": True}
     if not runs_phase[info.phase]:
@@ -245,6 +272,7 @@ def seed_and_device(run) -> torch.device:
     """The run's seeding, thread count and device, as every entry point into the trainer
     (this one, the diagnostics) must set them for the same seed to give the same run."""
     random.seed(run.seed)
+    np.random.seed([run.seed & 0xFFFFFFFF, run.seed >> 32])  # NumPy takes 32-bit words
     torch.manual_seed(run.seed)
     if run.threads:
         torch.set_num_threads(run.threads)
@@ -353,10 +381,17 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
 def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task: Task,
               run_dir: str) -> dict:
     run = config.run
-    info = checkpoint.find_resume(run_dir, run.resume)
-    if info is not None:
-        _check_resume(config, info)
+    info = checkpoint.find_resume(run_dir, run.resume, warn=say if dp.is_main else None)
     config_path = os.path.join(run_dir, "config.yaml")
+    if info is not None:
+        _check_resume(config, info, config_path)
+    elif run.resume:  # auto, and no complete checkpoint: only an empty folder starts afresh
+        found = [f for f in _RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+        if found:
+            raise ConfigError("resume", f"{run_dir} holds a run ({', '.join(found)}) but no "
+                              "complete checkpoint to continue it from; nothing was changed: "
+                              "choose another --output_dir (or move those files away to "
+                              "start afresh there)")
 
     def save_run_config() -> None:
         if dp.is_main:
@@ -366,8 +401,8 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
         if info is None:
             save_run_config()
         else:  # written once the checkpoint has loaded: a refused resume leaves the run's own
-            for change in _config_changes(config_path, config):
-                say(f"resuming with a changed option: {change}")
+            for _, key, old, new in _config_changes(config_path, config, info):
+                say(f"resuming with a changed option: {key}: {old!r} -> {new!r}")
         cut = config.task.max_new_tokens
         if cut and cut < task.max_response_tokens:  # legal (a length study), rarely meant
             say(f"--max_new_tokens {cut} cuts responses shorter than {task.name}'s longest "
@@ -400,16 +435,38 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
         state.engine = VllmEngine(policy, tokenizer, gpu_memory=r.vllm_gpu_memory,
                                   dtype=r.vllm_dtype, seed=run.seed)
     state.shuffle_generator.manual_seed(run.seed)
-    elapsed = 0.0
-    if info is not None:
-        if dp.is_main:
-            say(f"resuming from {info.path} ({info.phase} step {info.step})")
-        checkpoint.restore_metrics(info, os.path.join(run_dir, "metrics.jsonl"), dp)
-        elapsed = _last_elapsed(os.path.join(run_dir, "metrics.jsonl"))
-    log = MetricsLogger(run_dir, progress=run.progress, tensorboard=run.tensorboard,
-                        truncate=info is None, main=dp.is_main, elapsed_offset=elapsed)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     state.checkpointer = checkpoint.Checkpointer(run_dir, save_every=run.save_every, keep=run.keep,
-                                                 metrics_path=log.path, dp=dp)
+                                                 metrics_path=metrics_path, dp=dp,
+                                                 config=config.to_dict())
+
+    def open_log(rows: list[dict] | None = None) -> MetricsLogger:
+        return MetricsLogger(run_dir, progress=run.progress, tensorboard=run.tensorboard,
+                             truncate=rows is None, main=dp.is_main,
+                             elapsed_offset=_last_elapsed(rows or []),
+                             rows_before=None if rows is None else len(rows))
+
+    def continue_run() -> MetricsLogger:
+        """The checkpoint has loaded (every check passed): only now the run folder changes.
+        Later checkpoints (an abandoned continuation) move aside, the metric rows are the
+        checkpoint's, config.yaml this run's."""
+        if dp.is_main:
+            aside, moved = checkpoint.set_aside_later(run_dir, info)
+            if moved:
+                say(f"{info.path} is not the latest checkpoint: moved the {len(moved)} later "
+                    f"one(s) ({', '.join(moved)}) to {aside}; they are kept there, never "
+                    "resumed from or pruned")
+        dp.barrier()
+        rows = checkpoint.restore_metrics(info, metrics_path, dp)
+        state.checkpointer.history = checkpoint.complete_checkpoints(run_dir)
+        save_run_config()
+        return open_log(rows)
+
+    log = None
+    if info is None:
+        log = open_log()
+    elif dp.is_main:
+        say(f"resuming from {info.path} ({info.phase} step {info.step})")
     resumed = info.phase if info is not None else None
     summary: dict = {"run_dir": run_dir, "seed": run.seed, "task": task.name,
                      "policy_parameters": params, "threads": torch.get_num_threads(),
@@ -425,7 +482,7 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
                 state.warmup_optimizer = warmup_optimizer(state, config)
                 checkpoint.load(info, state, dp)
                 apply_optimizer_options(state, config)  # a changed lr / weight decay holds
-                save_run_config()
+                log = continue_run()
             post_warmup = supervised(state, task, config, log, phase="warmup",
                                      max_steps=w.warmup_steps,
                                      stop_accuracy=w.warmup_target_accuracy,
@@ -446,7 +503,7 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
     if resumed in ("value_pretrain", "rl"):
         checkpoint.load(info, state, dp)
         apply_optimizer_options(state, config)  # a changed lr / weight decay holds
-        save_run_config()
+        log = continue_run()
     post_warmup = state.post_warmup_eval
     summary["post_warmup_accuracy"] = post_warmup["heldout_accuracy"]
     a = config.algorithm
@@ -507,11 +564,9 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
     return summary
 
 
-def _last_elapsed(metrics_path: str) -> float:
+def _last_elapsed(rows: list[dict]) -> float:
     """``elapsed_s`` of the last row (a resumed run's clock continues from it)."""
-    with open(metrics_path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return float(rows[-1]["elapsed_s"]) if rows else 0.0
+    return float(rows[-1].get("elapsed_s") or 0.0) if rows else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -525,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every process refuses: one says so
             print(f"vapo-train: error: {error}", file=sys.stderr)
         return 2
-    except TrainingStopped as stop:
+    except (TrainingStopped, checkpoint.CheckpointWriteError) as stop:
         print(f"vapo-train: {stop}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
