@@ -213,7 +213,9 @@ class RunArgs:
                            "at the end, into RUN/checkpoints (0: off).")
     keep: int = _opt(2, "Complete checkpoints kept (older ones are pruned; 0: keep all).")
     resume: str = _opt("", "Continue a run: 'auto' (or the bare flag) takes the latest complete "
-                       "checkpoint in --output_dir (none: start fresh), or a checkpoint folder.",
+                       "checkpoint in --output_dir (none: start fresh, only in a folder "
+                       "holding no run), or a checkpoint folder (later checkpoints of the run "
+                       "move to checkpoints-set-aside-<time>/).",
                        nargs="?", const="auto")
     profile: str = _opt("", "RL steps to profile with torch.profiler, e.g. '3' or '3-4': a "
                         "Chrome trace in RUN/profile and the share of step time in our ops.")
