@@ -210,9 +210,9 @@ def set_aside_later(run_dir: str, info: CheckpointInfo) -> tuple[str | None, lis
     os.makedirs(aside)
     for name in later:
         os.rename(os.path.join(root, name), os.path.join(aside, name))
-    _fsync_dir(aside)
-    _fsync_dir(root)
-    _fsync_dir(run_dir)
+    _fsync(aside)
+    _fsync(root)
+    _fsync(run_dir)
     return aside, later
 
 
@@ -337,15 +337,8 @@ def export_pretrained(folder: str, model: torch.nn.Module, tokenizer, dp) -> Non
         tokenizer.save_pretrained(folder)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: str) -> None:
+def _fsync(path: str) -> None:
+    """fsync a file or a folder (a folder's: its entries, so a rename in it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -357,8 +350,8 @@ def _fsync_tree(top: str) -> None:
     """fsync every file under ``top``, then every folder (deepest first)."""
     for folder, _, files in os.walk(top, topdown=False):
         for name in files:
-            _fsync_file(os.path.join(folder, name))
-        _fsync_dir(folder)
+            _fsync(os.path.join(folder, name))
+        _fsync(folder)
 
 
 def _file_sizes(top: str) -> dict[str, int]:
@@ -394,7 +387,7 @@ def publish(tmp: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    _fsync(root)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -508,7 +501,7 @@ class Checkpointer:
             f.write("complete\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        _fsync(tmp)
         publish(tmp, final)
 
     def _prune(self) -> None:
@@ -585,6 +578,6 @@ def restore_metrics(info: CheckpointInfo, metrics_path: str, dp) -> list[dict]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, metrics_path)
-        _fsync_dir(os.path.dirname(os.path.abspath(metrics_path)))
+        _fsync(os.path.dirname(os.path.abspath(metrics_path)))
     dp.barrier()
     return rows
