@@ -11,7 +11,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <c10/util/accumulate.h>
 #include <c10/util/safe_numerics.h>
 
 #include <cstdlib>

@@ -310,12 +310,8 @@ def policy_loss_from_logits(
     logits = lp_ops.rows_viewable(logits)  # logits[:, :-1] is copied once
     if isinstance(logits, Tensor) and logits.dim() >= 1:
         targets = lp_ops.masked_targets(targets, logits.shape[-1], mask)
-    if (inplace_backward and logits.requires_grad and torch.is_grad_enabled()
-            and _ragged.is_callers_leaf(logits)):  # no gradient, nothing written
-        raise RuntimeError(
-            "policy_loss_from_logits(inplace_backward=True) would overwrite logits that are "
-            "a leaf tensor (or a view of one) the caller owns; pass inplace_backward=False"
-        )
+    if inplace_backward:
+        lp_ops.refuse_overwriting_callers_leaf("policy_loss_from_logits", logits)
     o = logp_loss_options(kw)
     grad = torch.is_grad_enabled() and logits.requires_grad
     a = LogitsLossArgs(

@@ -227,6 +227,18 @@ def _check_targets_in_range(targets: Tensor, vocab: int) -> None:
         )
 
 
+def refuse_overwriting_callers_leaf(fn: str, logits) -> None:
+    """``inplace_backward`` writes the gradient over ``logits``: refused at the call, not
+    at the backward, for a leaf (or a view of one) the caller owns - only when a backward
+    can come (requires grad, grad mode on)."""
+    if (isinstance(logits, Tensor) and logits.requires_grad and torch.is_grad_enabled()
+            and _ragged.is_callers_leaf(logits)):
+        raise RuntimeError(
+            f"{fn}(inplace_backward=True) would overwrite logits that are a leaf tensor (or "
+            "a view of one) the caller owns; pass inplace_backward=False"
+        )
+
+
 def masked_targets(targets, vocab: int, mask) -> Tensor:
     """``targets`` as the kernels take them: when a masked row holds an id out of
     [0, V) (garbage where the caller masked), those rows' ids become -100 (ignored, as
@@ -454,13 +466,8 @@ def token_logprobs(
     ``inplace_backward``.
     """
     logits = rows_viewable(logits)
-    if (inplace_backward and isinstance(logits, Tensor) and logits.requires_grad
-            and torch.is_grad_enabled()  # without a backward nothing is overwritten
-            and _ragged.is_callers_leaf(logits)):  # refused now, not at the backward
-        raise RuntimeError(
-            "token_logprobs(inplace_backward=True) would overwrite logits that are a leaf "
-            "tensor (or a view of one) the caller owns; pass inplace_backward=False"
-        )
+    if inplace_backward:
+        refuse_overwriting_callers_leaf("token_logprobs", logits)
     if isinstance(logits, Tensor) and logits.dim() >= 1:
         targets = masked_targets(targets, logits.shape[-1], mask)
     logp, entropy, _ = token_logprobs_op(TokenLogprobsArgs(
