@@ -71,7 +71,7 @@ def test_replacing_a_checkpoint_never_leaves_the_point_without_one(tmp_path, mon
     with pytest.raises(KeyboardInterrupt):
         checkpoint.publish(str(tmp), str(final))
     monkeypatch.setattr(os, "replace", real_replace)
-    checkpoint.recover(str(root))  # find_resume and the next save do this
+    checkpoint.recover(str(root))  # a --resume (rank 0, on taking the folder) and the next save do this
     assert (final / "data").read_text() == "old"  # the earlier save, whole
     checkpoint.publish(str(tmp), str(final))
     assert (final / "data").read_text() == "new"

@@ -166,7 +166,6 @@ def find_resume(run_dir: str, resume: str, warn=None) -> CheckpointInfo | None:
     ``warn``), else the given folder (which must be complete and intact)."""
     if not resume:
         return None
-    recover(checkpoints_folder(run_dir))
     if resume != "auto":
         info = read_info(resume)
         verify(info)
@@ -360,13 +359,19 @@ def _file_sizes(top: str) -> dict[str, int]:
             for folder, _, files in os.walk(top) for name in files}
 
 
-def _first_failure(error: CheckpointException) -> BaseException:
-    """The exception DCP wrapped (a KeyboardInterrupt, an OSError, ...)."""
-    for failure in error.failures.values():
-        inner = failure[0] if isinstance(failure, tuple) else failure
-        if isinstance(inner, BaseException):
-            return inner
-    return error
+def _unwrapped(error: BaseException) -> BaseException:
+    """The exception DCP wrapped in a CheckpointException (an OSError, ...; else ``error``
+    itself); a KeyboardInterrupt it wrapped (Ctrl-C mid-write) is raised as one."""
+    inner = error
+    if isinstance(error, CheckpointException):
+        for failure in error.failures.values():
+            candidate = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(candidate, BaseException):
+                inner = candidate
+                break
+    if isinstance(inner, KeyboardInterrupt):
+        raise KeyboardInterrupt from None
+    return inner
 
 
 def _reason(error: BaseException) -> str:
@@ -412,13 +417,12 @@ class Checkpointer:
     and this process's saves, in that order, and deletes nothing else."""
 
     def __init__(self, run_dir: str, *, save_every: int, keep: int, metrics_path: str, dp,
-                 config: dict | None = None, history: list[str] | None = None):
-        self.run_dir = run_dir
+                 config: dict | None = None):
         self.root = os.path.join(run_dir, SUBDIR)
         self.save_every, self.keep = save_every, keep
         self.metrics_path, self.dp = metrics_path, dp
         self.config = config
-        self.history: list[str] = list(history or [])
+        self.history: list[str] = []  # a resumed run's: set by the trainer (continue_run)
         self.last_saved: str | None = None
 
     @property
@@ -442,17 +446,13 @@ class Checkpointer:
         except KeyboardInterrupt:
             self._discard(tmp)
             raise
-        except CheckpointException as error:  # DCP wraps whatever its writers raised
+        # DCP wraps whatever its writers raised; OSError: disk full, no permission, a file
+        # where a folder goes.
+        except (CheckpointException, OSError) as error:
             self._discard(tmp)
-            inner = _first_failure(error)
-            if isinstance(inner, KeyboardInterrupt):
-                raise KeyboardInterrupt from None
-            raise CheckpointWriteError(f"could not write checkpoint {final}: {_reason(inner)}; "
-                                       f"last good checkpoint: {self.last_good()}") from None
-        except OSError as error:  # disk full, no permission, a file where a folder goes
-            self._discard(tmp)
-            raise CheckpointWriteError(f"could not write checkpoint {final}: {_reason(error)}; "
-                                       f"last good checkpoint: {self.last_good()}") from None
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final}: {_reason(_unwrapped(error))}; last good "
+                f"checkpoint: {self.last_good()}") from None
         if dp.is_main:
             if final in self.history:
                 self.history.remove(final)
@@ -535,10 +535,7 @@ def load(info: CheckpointInfo, state, dp) -> None:
             dcp.load(target, checkpoint_id=os.path.join(info.path, "dcp"),
                      process_group=dp.group, no_dist=not dp.distributed)
     except CheckpointException as error:
-        inner = _first_failure(error)
-        if isinstance(inner, KeyboardInterrupt):
-            raise KeyboardInterrupt from None
-        raise _damaged(info.path, f"dcp/ cannot be read ({_reason(inner)})") from None
+        raise _damaged(info.path, f"dcp/ cannot be read ({_reason(_unwrapped(error))})") from None
     except KeyboardInterrupt:
         raise
     except Exception as error:  # an emptied .metadata: EOFError / UnpicklingError, ...

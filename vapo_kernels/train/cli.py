@@ -163,6 +163,11 @@ def check_folder_path(path: str) -> None:
         raise ConfigError("output-dir", f"{path} is a file, not a folder")
 
 
+def _run_files_in(run_dir: str) -> list[str]:
+    """The files of a run that ``run_dir`` holds (none: a new run may start there)."""
+    return [f for f in _RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+
+
 @contextlib.contextmanager
 def _locked_run_folder(run_dir: str, resume: str):
     check_folder_path(run_dir)
@@ -178,11 +183,13 @@ def _locked_run_folder(run_dir: str, resume: str):
                                   f"({holder}): wait for it to end, or choose another "
                                   "--output_dir") from None
         if not resume:
-            found = [f for f in _RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+            found = _run_files_in(run_dir)
             if found:
                 raise ConfigError("output-dir", f"{run_dir} holds a run already "
                                   f"({', '.join(found)}): pass --resume to continue it, or "
                                   "choose another --output_dir")
+        else:  # here, by rank 0 alone while the others wait: renames must not race
+            checkpoint.recover(checkpoint.checkpoints_folder(run_dir))
         lock.seek(0)
         lock.truncate()
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
@@ -386,7 +393,7 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
     if info is not None:
         _check_resume(config, info, config_path)
     elif run.resume:  # auto, and no complete checkpoint: only an empty folder starts afresh
-        found = [f for f in _RUN_FILES if os.path.exists(os.path.join(run_dir, f))]
+        found = _run_files_in(run_dir)
         if found:
             raise ConfigError("resume", f"{run_dir} holds a run ({', '.join(found)}) but no "
                               "complete checkpoint to continue it from; nothing was changed: "
