@@ -138,6 +138,7 @@ def trainer_advantages(state, task: Task, batch, config) -> Tensor:
     the rollouts' sampling settings, whitened over the batch when the config says so."""
     import vapo_kernels as vk
 
+    from .metrics import our_op
     from .vapo import max_new_tokens
 
     advantages, _ = mc_advantages(state.policy, state.tokenizer, task, batch,
@@ -145,5 +146,6 @@ def trainer_advantages(state, task: Task, batch, config) -> Tensor:
                                   max_response_tokens=max_new_tokens(config, task),
                                   temperature=config.rollout.temperature)
     if config.algorithm.whiten_advantages:
-        advantages = vk.masked_whiten(advantages, None, batch.cu_seqlens)
+        with our_op("masked_whiten"):  # like every vk call of the trainer
+            advantages = vk.masked_whiten(advantages, None, batch.cu_seqlens)
     return advantages
