@@ -110,6 +110,7 @@ from .. import agg_loss as _agg_loss
 from .. import kl_penalty as _kl_penalty
 from .. import policy_loss, value_loss
 from .._loss_layout import KL_CODES as KL_KINDS
+from ..ops.loss_spec import kl_codes
 from . import (
     _at_most_one, _check_binary_mask, _entropy, _peer_dtype, _peer_names, _scalar, _Swap,
     get_backend,
@@ -592,11 +593,11 @@ def kl_penalty(logprob: Tensor, ref_logprob: Tensor, kl_penalty: str) -> Tensor:
     k3, which keeps verl's rounding here (elementwise drop-in); the loss op computes it
     as expm1(x) - x, exact to float32 rounding where exp(x) - 1 - x cancels.
     """
-    straight = kl_penalty.endswith("+")
-    base = kl_penalty[:-1] if straight else kl_penalty
-    if base not in KL_KINDS:
-        raise NotImplementedError(f"kl_penalty {kl_penalty!r} is not implemented")
-    if KL_KINDS[base] != KL_KINDS["k3"]:
+    try:
+        code, straight = kl_codes(kl_penalty)
+    except ValueError:  # verl's exception for a name it does not know
+        raise NotImplementedError(f"kl_penalty {kl_penalty!r} is not implemented") from None
+    if code != KL_KINDS["k3"]:
         return _kl_penalty_named(logprob, ref_logprob, kl_penalty)
     log_ratio = torch.clamp(ref_logprob - logprob, min=-20.0, max=20.0)
     value = torch.clamp(torch.exp(log_ratio) - log_ratio - 1, min=-10.0, max=10.0)
