@@ -571,6 +571,25 @@ def test_advantages_overflowing_from_finite_inputs_is_an_error_not_inf():
     vk.gae(torch.full((1, 4), 2e38), torch.zeros(1, 4), gamma=0.0, lam=0.0)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_value_targets_overflowing_from_finite_inputs_is_an_error_not_inf(backend, device):
+    # lambda_policy 0 keeps each advantage at one reward (finite); lambda_critic 1 sums
+    # two of them into the first target: inf, which was returned without a word.
+    r = torch.full((1, 2), 3e38, device=device)
+    with pytest.raises(ValueError, match="^the value targets overflowed"):
+        vk.decoupled_gae(r, torch.zeros(1, 2, device=device), lam_policy=0.0,
+                         lam_critic=1.0, backend=backend)
+    # Garbage in a masked slot of the values lands in that slot's target (skip mode adds
+    # the slot's value): not an error, and the valid outputs stay as they were.
+    v = torch.zeros(1, 3, device=device)
+    m = torch.tensor([[True, False, True]], device=device)
+    clean = vk.gae(torch.ones(1, 3, device=device), v, m, backend=backend)
+    v[0, 1] = math.nan
+    dirty = vk.gae(torch.ones(1, 3, device=device), v, m, backend=backend)
+    for a, b in zip(clean, dirty):
+        assert torch.equal(a[m], b[m])
+
+
 def test_validation_can_be_switched_off():
     bad = torch.tensor([0, 2, 7], dtype=torch.int32)
     vk.set_validation(False)

@@ -235,17 +235,19 @@ def _impl(a: GaeArgs) -> tuple[Tensor, Tensor]:
     _, kernel = _backends.select("gae", device, a.backend)
     adv, ret = kernel(*tokens, mask, offs, coef_p, coef_c, float(a.gamma), a.mask_mode == "skip")
     # A NaN or an infinity in a valid reward or value always reaches that token's
-    # advantage, and masked slots never produce one, so one reduction over the output
-    # screens both inputs; the per-argument checks (several passes) run only when
-    # something is wrong.
-    if _ragged.validation_enabled() and not math.isfinite(adv.sum().item()):
+    # advantage and value target, so one sum of each screens both inputs (two .item()s
+    # cost less than adding the sums as tensors); the precise checks (several passes) run
+    # only when a sum is not finite - something is wrong, or garbage sits in a masked
+    # slot of the targets (skip mode adds the slot's value there), which they tell apart.
+    if _ragged.validation_enabled() and not math.isfinite(adv.sum().item() + ret.sum().item()):
         _ragged.name_nonfinite_input((("values", a.values), ("rewards", rewards)), mask,
                                      "the advantages")
-        if not bool(torch.isfinite(adv).all()):  # not just the sum overflowing
-            raise ValueError(
-                "the advantages overflowed although every valid reward and value is "
-                "finite: rewards or values near the dtype's largest number"
-            )
+        for name, out in (("advantages", adv), ("value targets", ret)):
+            if not bool(torch.isfinite(out if mask is None else out[mask]).all()):
+                raise ValueError(
+                    f"the {name} overflowed although every valid reward and value is "
+                    "finite: rewards or values near the dtype's largest number"
+                )
     return adv, ret
 
 
