@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -32,16 +34,21 @@ CPU = torch.device("cpu")
 
 
 class FakeTimer:
-    """Stands for ``time_calls``: returns the next prepared list of times, and records
-    which functions it was asked to time."""
+    """Stands for ``time_interleaved``: gives each runner it is asked to time the next
+    prepared list of times (the last one again once they run out), and records which
+    functions it was asked to time."""
 
     def __init__(self, *measurements: list[float]):
         self.measurements = list(measurements)
         self.timed: list = []
 
-    def __call__(self, fn, inputs, device, **kw):
-        self.timed.append(fn)
-        return self.measurements.pop(0) if len(self.measurements) > 1 else self.measurements[0]
+    def __call__(self, runners, device, **kw):
+        out = []
+        for r in runners:
+            self.timed.append(r.fn)
+            times = self.measurements.pop(0) if len(self.measurements) > 1 else self.measurements[0]
+            out.append(H.Timed(list(times), rounds=1))
+        return out
 
 
 def double(x):
@@ -136,7 +143,8 @@ def test_a_wide_row_is_remeasured_and_kept_quiet_if_a_retry_is():
     assert row.median_s == pytest.approx(1.01)
 
 
-def test_a_row_wide_every_time_is_flagged_noisy_after_the_retries():
+def test_a_row_wide_every_time_is_flagged_noisy_after_the_retries(monkeypatch):
+    monkeypatch.setattr(H, "load_average", lambda: 0.0)  # a busy test machine: not "under load"
     timer = FakeTimer(WIDE)
     rows = H.run_case(
         tiny_case([H.Impl("ours", "double", "ours", double)]), CPU,
@@ -154,8 +162,228 @@ def test_a_row_wide_every_time_is_flagged_noisy_after_the_retries():
 
 def test_measure_stable_keeps_the_quietest_attempt():
     attempts = iter([WIDE, [1.0, 1.0, 1.5, 2.0, 2.0], WIDE])
-    st, spreads, noisy = H.measure_stable(lambda: next(attempts), 0.1, 2)
-    assert noisy and len(spreads) == 3 and st.spread == min(spreads)
+    m = H.measure_stable(lambda keys, a: [H.Timed(next(attempts))], [0], 0.1, 2)[0]
+    assert m.noisy and len(m.spreads) == 3 and m.stats.spread == min(m.spreads)
+    assert m.attempt == 1 and m.beside == 1
+
+
+def test_measure_stable_times_only_the_wide_rows_again_together():
+    asked = []
+
+    def timer(keys, attempt):
+        asked.append(list(keys))
+        return [H.Timed(WIDE if k in (1, 2) and attempt == 0 else NARROW) for k in keys]
+
+    res = H.measure_stable(timer, [0, 1, 2, 3], 0.2, 2)
+    assert asked == [[0, 1, 2, 3], [1, 2]]
+    assert all(not m.noisy and m.stats.spread < 0.05 for m in res.values())
+    assert (res[0].attempt, res[0].beside) == (0, 4) and (res[1].attempt, res[1].beside) == (1, 2)
+
+
+# --------------------------------------------------------------------------------------
+# Interleaved timing, on a fake clock
+
+
+class FakeClock:
+    """A clock that only the fake implementations move: a call of cost c takes c seconds,
+    ``slow_factor`` times longer if it is one of the calls numbered in ``slow`` (every
+    call counts, checks and warm-ups included: a slow period of the host). ``log`` holds
+    the name of each call, in order."""
+
+    def __init__(self, slow: range = range(0), slow_factor: float = 3.0):
+        self.now = 0.0
+        self.log: list[str] = []
+        self.slow, self.slow_factor = slow, slow_factor
+
+    def __call__(self) -> float:
+        return self.now
+
+    def impl(self, name: str, cost: float, kind: str = "peer", fail_at: int | None = None,
+             task: str = "double") -> H.Impl:
+        """A right implementation (it doubles its input) whose call costs ``cost`` s and
+        that raises at its ``fail_at``-th call (counting from 0)."""
+
+        def run(x):
+            if fail_at is not None and self.log.count(name) == fail_at:
+                raise RuntimeError(f"{name} broke")
+            factor = self.slow_factor if len(self.log) in self.slow else 1.0
+            self.log.append(name)
+            self.now += cost * factor
+            return x * 2
+
+        return H.Impl(name, task, kind, run)
+
+    def timed_calls(self, skip: int) -> list[str]:
+        return self.log[skip:]
+
+
+def clocked(clock: FakeClock):
+    """``time_interleaved`` on the fake clock, as run_case's timer."""
+    return functools.partial(H.time_interleaved, clock=clock)
+
+
+FAKE_TIMING = H.Timing(reps=30, budget_s=100.0, warmup=1, remeasure=0, max_spread=10.0)
+
+
+def test_rows_of_a_shape_are_timed_in_interleaved_rounds(monkeypatch):
+    """Every implementation makes its calls in short turns, spread over all the rounds, in
+    an order that changes from round to round; turn_s = inf is the old block design."""
+    monkeypatch.setattr(H, "load_average", lambda: None)
+    clock = FakeClock()
+    impls = [clock.impl("a", 1e-3, "ours"), clock.impl("b", 2e-3), clock.impl("c", 4e-3)]
+    timing = H.Timing(**{**vars(FAKE_TIMING), "turn_s": 4e-3})
+    rows = H.run_case(tiny_case(impls), CPU, timing, timer=clocked(clock))
+    assert clock.log[:6] == ["a", "b", "c", "a", "b", "c"]  # checks, then warm-ups
+    timed = clock.timed_calls(6)
+    assert sorted(set(timed)) == ["a", "b", "c"] and all(timed.count(n) == 30 for n in "abc")
+    # c (4 ms) makes one call a turn, so 30 rounds; a and b spread theirs over all of them
+    assert all(r.rounds == 30 and r.interleaved == 3 and r.stats.reps == 30 for r in rows)
+    turns = [n for i, n in enumerate(timed) if i == 0 or timed[i - 1] != n]
+    assert len(turns) >= 60  # never one block per implementation
+    for name in "abc":
+        first, last = timed.index(name), len(timed) - 1 - timed[::-1].index(name)
+        assert first < 8 and last > len(timed) - 9, name  # from the first round to the last
+    rounds = [tuple(dict.fromkeys(timed[i:i + 10])) for i in range(0, len(timed), 30)]
+    assert len(set(rounds)) > 1  # the order of the turns is shuffled per round
+    assert [r.median_s for r in rows] == pytest.approx([1e-3, 2e-3, 4e-3])
+
+    clock = FakeClock()
+    impls = [clock.impl("a", 1e-3, "ours"), clock.impl("b", 2e-3), clock.impl("c", 4e-3)]
+    block = H.Timing(**{**vars(FAKE_TIMING), "turn_s": math.inf})
+    rows = H.run_case(tiny_case(impls), CPU, block, timer=clocked(clock))
+    timed = clock.timed_calls(6)
+    assert len([n for i, n in enumerate(timed) if i == 0 or timed[i - 1] != n]) == 3
+    assert all(r.rounds == 1 for r in rows)
+
+
+def test_the_turn_order_follows_the_seed():
+    def order(seed):
+        clock = FakeClock()
+        runners = [H.Runner(clock.impl(n, 1e-3).run, lambda i: torch.ones(1)) for n in "abcd"]
+        H.time_interleaved(runners, CPU, reps=20, turn_s=1e-3, seed=seed, clock=clock)
+        return clock.log
+
+    assert order(1) == order(1) and order(1) != order(2)
+
+
+@pytest.mark.parametrize("slow", [range(36, 66), range(20, 75)])
+def test_a_slow_period_slows_every_row_alike(slow, monkeypatch):
+    """A slow period (3x) over a span of calls: interleaved, every row gets its share of
+    slow calls and the medians keep their true ratios (1 : 2 : 4); in one block per row
+    (the old design) the period hits the row timed then, and the ratio is off."""
+    monkeypatch.setattr(H, "load_average", lambda: None)
+
+    def medians(turn_s):
+        clock = FakeClock(slow=slow)
+        impls = [clock.impl("a", 1e-3, "ours"), clock.impl("b", 2e-3), clock.impl("c", 4e-3)]
+        timing = H.Timing(**{**vars(FAKE_TIMING), "turn_s": turn_s})
+        rows = H.run_case(tiny_case(impls), CPU, timing, timer=clocked(clock))
+        return [r.median_s for r in rows]
+
+    a, b, c = medians(4e-3)
+    assert (b / a, c / a) == pytest.approx((2.0, 4.0))
+    a, b, c = medians(math.inf)
+    assert (b / a, c / a) != pytest.approx((2.0, 4.0), rel=0.2)  # the old design's bias
+
+
+def test_a_failing_or_skipped_row_leaves_the_others_timed(monkeypatch):
+    """A peer that raises in the middle of the rounds (or in its warm-up) is an error row
+    with its message, one that fails its check is FAIL and never called again, one not
+    installed is skipped; the rounds go on and the others get every call they planned."""
+    monkeypatch.setattr(H, "load_average", lambda: None)
+    clock = FakeClock()
+    wrong = clock.impl("wrong", 1e-3)
+    wrong.run = lambda x, run=wrong.run: run(x) + 1
+    impls = [
+        clock.impl("a", 1e-3, "ours"),
+        clock.impl("breaks", 1e-3, fail_at=10),  # check 0, warm-up 1, timed calls 0-7
+        clock.impl("warm-up breaks", 1e-3, fail_at=1),
+        wrong,
+        H.Impl("absent", "double", "peer", double, unavailable="absent not installed"),
+        clock.impl("b", 2e-3),
+        clock.impl("bare", 1e-3, "bare"),
+    ]
+    timing = H.Timing(**{**vars(FAKE_TIMING), "turn_s": 2e-3})
+    rows = {r.impl: r for r in H.run_case(tiny_case(impls), CPU, timing, timer=clocked(clock))}
+    assert rows["breaks"].status == "error" and "breaks broke" in rows["breaks"].note
+    assert rows["breaks"].stats is None and clock.log.count("breaks") == 10
+    assert rows["warm-up breaks"].status == "error" and "warm-up breaks broke" in rows["warm-up breaks"].note
+    assert rows["wrong"].status == "FAIL" and clock.log.count("wrong") == 1
+    assert rows["absent"].status == "skipped" and rows["absent"].note == "absent not installed"
+    for name, cost in (("a", 1e-3), ("b", 2e-3), ("bare", 1e-3)):
+        r = rows[name]
+        assert r.status == "ok" and r.stats.reps == 30 and r.median_s == pytest.approx(cost)
+        assert r.interleaved == 4 and r.rounds == 30  # b: 1 call a turn; a, bare: 2 every other
+    timed = clock.timed_calls(clock.log.index("bare") + 1)  # past the last warm-up
+    assert "breaks" in timed[timed.index("b"):]  # it broke after the rounds began
+
+
+def test_a_large_shape_keeps_its_time_budget(monkeypatch):
+    """Calls of seconds: each row makes about budget_s of calls (at least one), as when
+    timed alone, planned from its warm-up (or its first call when it has none) and
+    re-planned when a call comes in faster than that estimate."""
+    monkeypatch.setattr(H, "load_average", lambda: None)
+    clock = FakeClock()
+    timing = H.Timing(reps=50, budget_s=5.0, warmup=1, remeasure=0, max_spread=10.0)
+    impls = [clock.impl("a", 2.0, "ours"), clock.impl("b", 0.7), clock.impl("c", 9.0)]
+    t0 = clock.now
+    rows = H.run_case(tiny_case(impls), CPU, timing, timer=clocked(clock))
+    assert [r.stats.reps for r in rows] == [3, 8, 1]  # ceil(5 / t), at least one
+    timed = clock.now - t0 - 2 * (2.0 + 0.7 + 9.0)  # less the checks and the warm-ups
+    assert timed == pytest.approx(3 * 2.0 + 8 * 0.7 + 9.0)  # no more than each alone
+
+    # no estimate (no warm-up): its first timed call plans the rest; a faster call re-plans
+    costs = iter([4.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    clock = FakeClock()
+
+    def varying(x):
+        clock.now += next(costs)
+
+    (t,) = H.time_interleaved([H.Runner(varying, lambda i: None)], CPU, reps=50, budget_s=5.0,
+                              turn_s=1e-3, clock=clock)
+    assert t.times == [4.0, 1.0] and t.error is None  # 5 s: the budget is spent
+
+
+def test_results_json_keeps_its_keys_and_adds_the_rounds(tmp_path, monkeypatch):
+    """Every key a results.json row had before interleaving is still there; the new ones
+    (kept_attempt, rounds, interleaved) are added, and the timing settings name turn_s
+    and seed."""
+    monkeypatch.setattr(H, "load_average", lambda: 0.25)
+    monkeypatch.setattr(H, "copy_bandwidth", lambda device, nbytes: 1e10)
+    from vapo_kernels.bench.report import write_report
+
+    clock = FakeClock()
+    impls = [clock.impl("a", 1e-3, "ours"), clock.impl("b", 2e-3), clock.impl("bare", 1e-3, "bare")]
+    rows = H.run_case(tiny_case(impls, per_call=True), CPU, FAKE_TIMING, timer=clocked(clock))
+    meta = {"environment": H.environment(CPU), "command": "t", "copy_GB_s": 10.0,
+            "timing": dict(vars(FAKE_TIMING)), "complete": True}
+    write_report(tmp_path, meta, rows, plots=False)
+    data = json.loads((tmp_path / "results.json").read_text())
+    before = {
+        "suite", "shape", "task", "impl", "kind", "status", "tokens", "per_call", "median_s",
+        "q1_s", "q3_s", "spread", "reps", "attempts", "attempt_spreads", "noisy", "estimated",
+        "load_avg", "under_load", "tokens_per_s", "floor_s", "floor_formula",
+        "fraction_of_floor", "achieved", "achieved_unit", "best_peer", "vs_best_peer",
+        "over_bare_op", "check", "check_error", "checked_against", "first_call_s", "note",
+    }
+    for r in data["rows"]:
+        assert before <= set(r), before - set(r)
+        assert (r["kept_attempt"], r["rounds"], r["interleaved"]) == (0, 250, 3)  # b: 2 a turn
+        assert r["load_avg"] == [0.25, 0.25]
+    assert {"turn_s", "seed", "reps", "budget_s", "per_call_reps"} <= set(data["meta"]["timing"])
+    a = data["rows"][0]
+    assert a["vs_best_peer"] == pytest.approx(2.0) and a["over_bare_op"] == pytest.approx(1.0)
+    assert "interleaved" in (tmp_path / "report.md").read_text()
+
+
+def test_progress_says_what_is_checked_then_timed(monkeypatch):
+    monkeypatch.setattr(H, "load_average", lambda: None)
+    clock = FakeClock()
+    said: list[str] = []
+    impls = [clock.impl("a", 1e-3, "ours"), clock.impl("b", 2e-3)]
+    H.run_case(tiny_case(impls), CPU, FAKE_TIMING, timer=clocked(clock), progress=said.append)
+    assert said == ["tiny 1x8 double: checking a", "tiny 1x8 double: checking b",
+                    "tiny 1x8: timing 2 rows interleaved"]
 
 
 # --------------------------------------------------------------------------------------

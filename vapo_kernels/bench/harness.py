@@ -11,11 +11,15 @@ suite:
    ``skipped`` row with the reason;
 2. its first call runs untimed and its outputs are checked; a wrong answer is a ``FAIL``
    row and is never timed; a first call slower than ``max_call_s`` is not timed either;
-3. it is timed (warm-up, then up to ``reps`` calls or ``budget_s`` seconds, rotating the
-   input sets; CUDA events and an L2 flush on a GPU); the row keeps median and quartiles;
+3. the rows that passed are timed together, interleaved (:func:`time_interleaved`):
+   warm-up, then rounds in which each row makes a short turn of calls (about ``turn_s``
+   seconds) in an order shuffled per round, each row up to ``reps`` calls or ``budget_s``
+   seconds spread over all the rounds, rotating the input sets (CUDA events and an L2
+   flush on a GPU); a slow period of the host hits every row alike, so the ratios between
+   rows of the same run are fair; each row keeps the median and quartiles of its calls;
 4. a row whose spread (IQR / median) is above ``max_spread`` is measured again, up to
-   ``remeasure`` more times; the quietest attempt is kept and, if it is still wide, the
-   row is flagged ``noisy``.
+   ``remeasure`` more times, interleaved with the other wide rows; the quietest attempt
+   is kept and, if it is still wide, the row is flagged ``noisy``.
 
 Method (see /work/.library/device/METHOD.md): median of repetitions after warm-up, several
 input sets so the cache does not flatter, and every time beside its floor at the copy
@@ -32,8 +36,10 @@ import importlib.util
 import math
 import os
 import platform
+import random
 import statistics
 import time
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -128,6 +134,10 @@ class Timing:
     per_call_reps: int = 500
     per_call_warmup: int = 20
     per_call_budget_s: float = 5.0
+    # the rows of one shape are timed in rounds, each row making about turn_s seconds of
+    # calls in its turn (inf: one round, each row in one block); seed: the turn order
+    turn_s: float = 0.005
+    seed: int = 0
 
     def for_case(self, case: Case) -> Timing:
         if not case.per_call:
@@ -382,6 +392,146 @@ class CacheFlusher:
 # Timing
 
 
+@dataclass
+class Runner:
+    """One implementation in the timing rounds: its call i is ``fn(inputs(i))``, after
+    ``warmup`` untimed calls. ``estimate_s``: a call's time known beforehand (its checked
+    first call; None if unknown or not telling, as a first call that compiles)."""
+
+    fn: Callable[[Any], Any]
+    inputs: Callable[[int], Any]
+    warmup: int = 0
+    estimate_s: float | None = None
+
+
+@dataclass
+class Timed:
+    """What one measurement got of one runner: seconds per timed call, in how many rounds
+    it made calls, and the exception that stopped it (None: it ran to its end)."""
+
+    times: list[float] = field(default_factory=list)
+    rounds: int = 0
+    error: BaseException | None = None
+
+
+def time_interleaved(
+    runners: Sequence[Runner],
+    device: torch.device,
+    *,
+    reps: int,
+    budget_s: float | None = None,
+    turn_s: float | None = None,
+    seed: int = 0,
+    before_each: Callable[[], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Timed]:
+    """Time several implementations of one shape in interleaved rounds, so that a slow
+    period of the host (steal, a noisy neighbour) hits each of them alike.
+
+    1. Warm-up: each runner's ``warmup`` calls, untimed by the result but clocked: the
+       fastest of them (or its ``estimate_s``) is its estimated call time ``e``.
+    2. Plan: runner k gets ``n = min(reps, ceil(budget_s / e))`` timed calls (``reps``
+       without a budget or an estimate; at least one), in turns of about ``turn_s``
+       seconds (``b = turn_s / e`` calls, at least one). There are ``R = max ceil(n / b)``
+       rounds, and each runner's calls are spread over all of them: after round j it
+       has made ``round(n j / R)``. ``turn_s`` None or inf: one round, each runner's calls
+       in one block (the design before the rounds).
+    3. Rounds: in each, every runner makes its calls in turn, in an order shuffled per
+       round (``random.Random(seed)``). A runner stops early once its timed calls add
+       up to ``budget_s`` (as a row timed alone did), and is dropped from the rounds if
+       a call raises (``Timed.error``; the others go on). A timed call faster than the
+       estimate (or the first, where there was none) plans that runner's calls again.
+
+    Each timed call: ``inputs(i)`` and ``before_each`` (a cache flush) untimed, then
+    ``fn`` alone, by ``clock`` (CPU) or CUDA events. ``progress(j, R)`` is called at most
+    once a second, between rounds.
+    """
+    cuda = device.type == "cuda"
+    if cuda:
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+    out = [Timed() for _ in runners]
+    live = list(range(len(runners)))
+
+    def drop(k: int, e: BaseException) -> None:
+        out[k].error = e
+        live.remove(k)
+        _free(device)
+
+    def timed_call(r: Runner, i: int) -> float:
+        x = r.inputs(i)
+        if before_each is not None:
+            before_each()
+        sync(device)
+        if cuda:
+            start.record()
+            r.fn(x)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = clock()
+        r.fn(x)
+        return clock() - t0
+
+    est: list[float | None] = []
+    for k, r in enumerate(runners):
+        best = r.estimate_s
+        try:
+            for i in range(r.warmup):
+                x = r.inputs(i)
+                sync(device)
+                t0 = clock()
+                r.fn(x)
+                sync(device)
+                t = clock() - t0
+                best = t if best is None else min(best, t)
+        except Exception as e:  # noqa: BLE001 - one broken runner must not stop the others
+            drop(k, e)
+        est.append(best if best is None or best > 0 else None)
+
+    def calls(e: float | None) -> int:
+        if budget_s is None or e is None:
+            return reps
+        return max(1, min(reps, math.ceil(budget_s / e)))
+
+    n = {k: calls(est[k]) for k in live}
+    per_turn = {k: n[k] if turn_s is None or not math.isfinite(turn_s)
+                else 1 if est[k] is None else max(1, min(n[k], int(turn_s / est[k])))
+                for k in live}
+    rounds = max((math.ceil(n[k] / per_turn[k]) for k in live), default=0)
+    rng = random.Random(seed)
+    spent = [0.0] * len(runners)
+    shown = time.monotonic()
+    for j in range(1, rounds + 1):
+        if progress is not None and time.monotonic() - shown >= 1.0:
+            progress(j, rounds)
+            shown = time.monotonic()
+        order = list(live)
+        rng.shuffle(order)
+        for k in order:
+            r, t = runners[k], out[k]
+            ran = False
+            while k in live and len(t.times) < (2 * n[k] * j + rounds) // (2 * rounds):
+                try:
+                    dt = timed_call(r, len(t.times))
+                except Exception as e:  # noqa: BLE001 - see above
+                    drop(k, e)
+                    break
+                t.times.append(dt)
+                ran = True
+                spent[k] += dt
+                if dt > 0 and (est[k] is None or dt < est[k]):  # faster than planned for
+                    est[k] = dt
+                    n[k] = calls(dt)
+                if budget_s is not None and spent[k] >= budget_s:
+                    live.remove(k)
+            t.rounds += ran
+        if not live:
+            break
+    return out
+
+
 def time_calls(
     fn: Callable[[Any], Any],
     inputs: Callable[[int], Any],
@@ -392,35 +542,13 @@ def time_calls(
     budget_s: float | None = None,
     before_each: Callable[[], None] | None = None,
 ) -> list[float]:
-    """Seconds per call of ``fn(inputs(i))`` for call i: at most ``reps`` timed calls, or
-    until they add up to ``budget_s`` (always at least one). ``before_each`` runs untimed
-    before every timed call (a cache flush)."""
-    for i in range(warmup):
-        fn(inputs(i))
-    sync(device)
-    times: list[float] = []
-    cuda = device.type == "cuda"
-    if cuda:
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-    for i in range(reps):
-        x = inputs(i)
-        if before_each is not None:
-            before_each()
-        sync(device)
-        if cuda:
-            start.record()
-            fn(x)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - t0)
-        if budget_s is not None and sum(times) >= budget_s:
-            break
-    return times
+    """Seconds per call of ``fn(inputs(i))`` timed on its own (the copy bandwidth, the
+    matmul rate): :func:`time_interleaved` with one runner, in one block."""
+    (timed,) = time_interleaved([Runner(fn, inputs, warmup)], device, reps=reps,
+                                budget_s=budget_s, before_each=before_each)
+    if timed.error is not None:
+        raise timed.error
+    return timed.times
 
 
 @dataclass
@@ -448,22 +576,57 @@ def summarize(times: Sequence[float]) -> Stats:
     return Stats(med, q1, q3, len(ts))
 
 
+@dataclass
+class Measured:
+    """One runner's result over the attempts of :func:`measure_stable`: the quietest
+    attempt's stats, its index (``attempt``), its rounds and how many runners made calls
+    in those rounds (``beside``, itself included), every attempt's spread, whether even the
+    quietest was wide (``noisy``), and the error that stopped it, if one did."""
+
+    stats: Stats | None = None
+    attempt: int = 0
+    rounds: int = 0
+    beside: int = 0
+    spreads: list[float] = field(default_factory=list)
+    noisy: bool = False
+    error: BaseException | None = None
+
+
 def measure_stable(
-    timer: Callable[[], list[float]], max_spread: float, remeasure: int
-) -> tuple[Stats, list[float], bool]:
-    """Time with ``timer`` until a measurement's spread is at most ``max_spread``, at most
-    ``1 + remeasure`` times. Returns the quietest measurement, every attempt's spread, and
-    whether even the quietest was wide (noisy)."""
-    best: Stats | None = None
-    spreads: list[float] = []
-    for _ in range(1 + remeasure):
-        st = summarize(timer())
-        spreads.append(st.spread)
-        if best is None or st.spread < best.spread:
-            best = st
-        if st.spread <= max_spread:
-            return best, spreads, False
-    return best, spreads, True
+    timer: Callable[[list[int], int], list[Timed]],
+    keys: Sequence[int],
+    max_spread: float,
+    remeasure: int,
+) -> dict[int, Measured]:
+    """Time the runners ``keys`` together with ``timer(keys, attempt)``, then again those
+    whose spread was above ``max_spread`` (interleaved among themselves), at most
+    ``1 + remeasure`` attempts in all. Each keeps its quietest attempt and is ``noisy`` if
+    even that was wide; a runner that raised is dropped from later attempts and keeps
+    only its error."""
+    res = {k: Measured() for k in keys}
+    pending = list(keys)
+    for attempt in range(1 + remeasure):
+        if not pending:
+            break
+        wide = []
+        timed = timer(pending, attempt)
+        beside = sum(1 for t in timed if t.times)  # the runners the rounds had calls of
+        for k, t in zip(pending, timed):
+            m = res[k]
+            if t.error is not None or not t.times:
+                m.error = t.error or RuntimeError("no timed call")
+                m.stats = None
+                continue
+            st = summarize(t.times)
+            m.spreads.append(st.spread)
+            if m.stats is None or st.spread < m.stats.spread:
+                m.stats, m.attempt, m.rounds, m.beside = st, attempt, t.rounds, beside
+            if st.spread > max_spread:
+                wide.append(k)
+        pending = wide
+    for k in pending:
+        res[k].noisy = True
+    return res
 
 
 _BANDWIDTH: dict[tuple[str, int], float] = {}
@@ -516,8 +679,14 @@ class Row:
     spreads: list[float] = field(default_factory=list)
     noisy: bool = False
     estimated: bool = False
-    # the host's 1-minute load average at the row's start and end, and whether, less the
-    # row's own threads, it was above half the cores (another job shared the CPU)
+    # the kept attempt (0: the rounds every row of the shape shared; > 0: a re-measure of
+    # the wide rows), the rounds it made calls in, and how many rows those rounds timed
+    attempt: int = 0
+    rounds: int = 0
+    interleaved: int = 0
+    # the host's 1-minute load average when the shape's rounds began and when the row's
+    # last attempt ended, and whether, less the run's own threads, it was above half the
+    # cores (another job shared the CPU)
     load_avg: tuple[float, float] | None = None
     under_load: bool = False
     check: Check | None = None
@@ -543,8 +712,9 @@ def load_average() -> float | None:
 def under_load(loads: tuple[float, float], device: torch.device) -> bool:
     """Other work shared the CPU while a row was timed: the load average, less the threads
     of this run (a CPU row's torch threads; one for a GPU row's host thread), above half
-    the cores at the row's start or end. Rows are timed one after another, so such load
-    skews the ratio between two rows, and the report flags it."""
+    the cores at the row's start or end. The rows of a shape share their rounds, so such
+    load slows them alike, but it moves the run's times against another run's (and a row
+    re-measured after the others was timed in another span), so the report flags it."""
     own = torch.get_num_threads() if device.type == "cpu" else 1
     return max(loads) - own > 0.5 * (os.cpu_count() or 1)
 
@@ -559,7 +729,7 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-TimerFactory = Callable[..., list[float]]
+TimerFactory = Callable[..., list[Timed]]
 
 
 def run_case(
@@ -567,46 +737,99 @@ def run_case(
     device: torch.device,
     timing: Timing,
     *,
-    timer: TimerFactory = time_calls,
+    timer: TimerFactory = time_interleaved,
     progress: Callable[[str], None] | None = None,
 ) -> list[Row]:
-    """Check and time every implementation of ``case``; the rows in the case's order.
+    """Check every implementation of ``case``, then time those that passed together in
+    interleaved rounds (:func:`time_interleaved`); the rows in the case's order.
 
-    ``timer`` has :func:`time_calls`' signature (tests inject a fake one); ``progress``
-    is called with each row's name before it runs.
+    Every row of one shape (each task's rows, its bare and floor rows) shares the rounds,
+    so a slow period of the host hits them alike and the ratios between them stay fair;
+    wide rows are then measured again among themselves (:func:`measure_stable`). ``timer``
+    has :func:`time_interleaved`'s signature (tests inject a fake clock); ``progress`` is
+    called with what is being checked or timed.
     """
     timing = timing.for_case(case)
     flush = CacheFlusher(device) if timing.flush else None
-    rows = []
+    rows = [Row(case.suite, case.shape, impl.task, impl.name, impl.kind, case.tokens,
+                case.per_call, note=impl.note) for impl in case.impls]
+    runners: dict[int, Runner] = {}
+    prepared: dict[Any, Callable[[int], Any]] = {}
     with num_threads(timing.per_call_threads if case.per_call else None):
-        for impl in case.impls:
+        for k, (impl, row) in enumerate(zip(case.impls, rows)):
             if progress:
-                progress(f"{case.suite} {case.shape} {impl.task}: {impl.name}")
-            row = Row(case.suite, case.shape, impl.task, impl.name, impl.kind, case.tokens, case.per_call, note=impl.note)
-            rows.append(row)
-            load0 = load_average()
+                progress(f"{case.suite} {case.shape} {impl.task}: checking {impl.name}")
             try:
-                _run_impl(row, impl, case, device, timing, timer, flush)
+                runner = _check_impl(row, impl, case, device, timing, prepared)
             except Exception as e:  # noqa: BLE001 - one broken row must not lose the others
-                row.status = "oom" if _is_oom(e) else "error"
-                row.note = f"{type(e).__name__}: {e}"[:300]
-            if load0 is not None and row.stats is not None:
-                row.load_avg = (load0, load_average())
-                row.under_load = under_load(row.load_avg, device)
+                _failed(row, e)
+                runner = None
+            if runner is not None:
+                runners[k] = runner
             _free(device)
+        load0 = load_average()
+        load1: dict[int, float | None] = {}
+
+        def one_attempt(keys: list[int], attempt: int) -> list[Timed]:
+            what = (f"timing {len(keys)} rows interleaved" if attempt == 0 else
+                    f"re-timing {len(keys)} wide: " + ", ".join(rows[k].impl for k in keys))
+            label = f"{case.suite} {case.shape}: {what}"
+            if progress:
+                progress(label)
+            seed = zlib.crc32(f"{timing.seed}:{case.suite}:{case.shape}:{attempt}".encode())
+            timed = timer(
+                [runners[k] for k in keys], device, reps=timing.reps, budget_s=timing.budget_s,
+                turn_s=timing.turn_s, seed=seed, before_each=flush,
+                progress=(lambda j, n: progress(f"{label} (round {j}/{n})")) if progress else None,
+            )
+            load = load_average()
+            load1.update((k, load) for k in keys)
+            return timed
+
+        measured = measure_stable(one_attempt, list(runners), timing.max_spread, timing.remeasure)
+        for k, m in measured.items():
+            row = rows[k]
+            if m.error is not None:
+                _failed(row, m.error)
+                continue
+            row.stats, row.spreads, row.noisy = m.stats, m.spreads, m.noisy
+            row.attempts, row.attempt = len(m.spreads), m.attempt
+            row.rounds, row.interleaved = m.rounds, m.beside
+            row.estimated = m.stats.reps < timing.min_reps
+            if load0 is not None and load1.get(k) is not None:
+                row.load_avg = (load0, load1[k])
+                row.under_load = under_load(row.load_avg, device)  # inside: its threads
+    runners.clear()
+    prepared.clear()
+    _free(device)
     add_floors(rows, case, device)
     return rows
 
 
-def _run_impl(row, impl, case, device, timing, timer, flush) -> None:
+def _failed(row: Row, e: BaseException) -> None:
+    row.status = "oom" if _is_oom(e) else "error"
+    row.note = f"{type(e).__name__}: {e}"[:300]
+    row.stats = None
+
+
+def _check_impl(row, impl, case, device, timing, prepared) -> Runner | None:
+    """Check ``impl`` (its first call, untimed, against the float64 reference): the
+    :class:`Runner` that times it, or None with the row saying why it is not timed.
+    Implementations with the same ``prepare`` share its inputs (it restores them before
+    every call), so an in-place row's private copy of the inputs exists once per shape."""
     if impl.unavailable:
         row.status, row.note = "skipped", impl.unavailable
-        return
+        return None
     why = impl.skip_if() if impl.skip_if else None
     if why:
         row.status, row.note = "skipped", why
-        return
-    inputs = impl.prepare(case.sets) if impl.prepare else (lambda i: case.sets[i % len(case.sets)])
+        return None
+    if impl.prepare is None:
+        inputs = lambda i: case.sets[i % len(case.sets)]  # noqa: E731
+    else:
+        if impl.prepare not in prepared:
+            prepared[impl.prepare] = impl.prepare(case.sets)
+        inputs = prepared[impl.prepare]
     if impl.kind in ("ours", "peer"):
         sync(device)
         t0 = time.perf_counter()
@@ -620,24 +843,18 @@ def _run_impl(row, impl, case, device, timing, timer, flush) -> None:
             row.note = f"differs from {row.check.against} (error {row.check.error:.3g}"
             row.note += f", {row.check.detail})" if row.check.detail else ")"
             row.note += ": NOT TIMED"
-            return
+            return None
         if row.first_call_s > timing.max_call_s and not impl.slow_first_call:
             row.status = "skipped"
             row.note = f"one call took {row.first_call_s:.1f} s > max_call_s {timing.max_call_s:g}: not timed"
-            return
+            return None
     warm = timing.warmup
     if row.first_call_s is not None and row.first_call_s > 1.0 and not case.per_call:
         warm = 0  # a slow call has no first-call effect left that a warm-up would remove
-
-    def one_measurement() -> list[float]:
-        return timer(
-            impl.run, inputs, device, warmup=warm, reps=timing.reps,
-            budget_s=timing.budget_s, before_each=flush,
-        )
-
-    row.stats, row.spreads, row.noisy = measure_stable(one_measurement, timing.max_spread, timing.remeasure)
-    row.attempts = len(row.spreads)
-    row.estimated = row.stats.reps < timing.min_reps
+    # the warm-up calls tell a call's time better than a first call (one-time costs); a
+    # slow call has none, and its first call is the estimate, unless that call compiled
+    estimate = row.first_call_s if warm == 0 and not impl.slow_first_call else None
+    return Runner(impl.run, inputs, warm, estimate)
 
 
 def add_floors(rows: list[Row], case: Case, device: torch.device) -> None:

@@ -39,6 +39,9 @@ def row_dicts(rows: list[Row]) -> list[dict[str, Any]]:
             "reps": r.stats.reps if r.stats else 0,
             "attempts": r.attempts,
             "attempt_spreads": r.spreads,
+            "kept_attempt": r.attempt if r.stats else None,
+            "rounds": r.rounds,
+            "interleaved": r.interleaved,
             "noisy": r.noisy,
             "estimated": r.estimated,
             "load_avg": r.load_avg,
@@ -99,6 +102,16 @@ def _num(x: float | None, spec: str = ".3g", suffix: str = "") -> str:
     return "-" if x is None else f"{x:{spec}}{suffix}"
 
 
+def _rounds_text(timing: dict[str, Any]) -> str:
+    """How the rows of a shape were timed, for the report's preamble."""
+    turn = timing.get("turn_s")
+    if turn is None or not math.isfinite(turn):  # null in results.json: inf
+        return "Each row was timed in one block, one row after another."
+    return (f"The rows of a shape were timed together, interleaved: rounds in which each row "
+            f"made about {turn * 1e3:g} ms of calls in turn, in an order shuffled per round, "
+            "so a slow period of the host slowed them alike.")
+
+
 def _flags(r: dict[str, Any]) -> list[str]:
     """Why a row's time is less sure: wide spread, too few calls, a busy host."""
     return [f for f, key in (("noisy", "noisy"), ("estimate", "estimated"), ("under load", "under_load"))
@@ -131,9 +144,11 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         "(read + write). *floor*: the time the task's bytes (or FLOP) take at that bandwidth "
         "(or at the fastest rate of a bare matmul of the same dims, in the task's dtype or "
         "float32); *%floor*: floor / median; *vs best peer*: the fastest peer's median over "
-        "the row's (> 1: faster). *spread*: IQR / median; "
-        f"a row wider than {meta['timing']['max_spread']:g} was measured again (up to "
-        f"{meta['timing']['remeasure']} more times) and is flagged *noisy* if it stayed wide; "
+        "the row's (> 1: faster). *spread*: IQR / median. "
+        f"{_rounds_text(meta['timing'])} "
+        f"A row wider than {meta['timing']['max_spread']:g} was measured again (up to "
+        f"{meta['timing']['remeasure']} more times, among the wide rows: `kept_attempt` > 0 "
+        "in results.json when a later attempt was kept) and is flagged *noisy* if it stayed wide; "
         f"a row of fewer than {meta['timing']['min_reps']} timed calls is an *estimate*; a row "
         "whose 1-minute load average, less its own threads, was above half the cores at its "
         "start or end was measured *under load* (load averages in results.json).",
