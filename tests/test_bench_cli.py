@@ -53,6 +53,9 @@ def test_shapes_are_checked_per_suite_at_parse_time(suite, shapes, words, capsys
     (["--max-spread", "-1"], "--max-spread"),
     (["--per-call-threads", "0"], "--per-call-threads"),
     (["--per-call-threads", "-3"], "--per-call-threads"),
+    (["--turn-s", "0"], "--turn-s"),
+    (["--turn-s", "-1"], "--turn-s"),
+    (["--turn-s", "nan"], "--turn-s"),
     (["--backends", "nosuch"], "'nosuch' (known: reference, cpp, triton, cuda)"),
     (["--backends", ""], "--backends"),
 ])
@@ -145,3 +148,23 @@ def test_sanitize_asked_for_where_it_cannot_run_says_so(tmp_path, no_timing, cap
     err = capsys.readouterr().err
     assert "vapo-bench: --sanitize: not run: it checks CUDA kernels; this run is on cpu" in err
     assert "compute-sanitizer not run although --sanitize was given" in (out / "report.md").read_text()
+
+
+def test_turn_s_and_seed_reach_the_timing_settings(tmp_path, monkeypatch):
+    """--turn-s and --seed set how the rows of a shape are interleaved; inf (one block per
+    row, the design before the rounds) is written as null in results.json."""
+    seen = []
+
+    def run_case(case, device, timing, **kw):
+        seen.append(timing)
+        return []
+
+    monkeypatch.setattr(H, "run_case", run_case)
+    monkeypatch.setattr(H, "copy_bandwidth", lambda device, nbytes: 1e10)
+    for argv, turn in ((["--seed", "7"], 0.005), (["--seed", "7", "--turn-s", "inf"], None)):
+        out = tmp_path / str(turn)
+        assert cli.main(["--suite", "gae", "--shapes", "2x16", "--quick", "--device", "cpu",
+                         "--no-sanitize", "--out", str(out), *argv]) == 0
+        assert seen[-1].seed == 7
+        timing = json.loads((out / "results.json").read_text())["meta"]["timing"]
+        assert timing["turn_s"] == turn and timing["seed"] == 7

@@ -69,6 +69,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--remeasure", type=int,
                    help="extra measurements of a wide row before it is flagged noisy "
                    "(default 2, quick 1)")
+    p.add_argument("--turn-s", type=float, default=0.005,
+                   help="the rows of a shape are timed together in rounds, each row making "
+                   "about this many seconds of calls in its turn, in an order shuffled per "
+                   "round (--seed), so that a slow period of the host hits every row alike "
+                   "(default 0.005; inf: each row in one block, one after another)")
     p.add_argument("--flush", action=argparse.BooleanOptionalAction, default=None,
                    help="overwrite a cache-sized buffer before each timed call "
                    "(default: on for CUDA, off for CPU)")
@@ -127,6 +132,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and (v > 0 if low == "> 0" else v >= 0)):
             p.error(f"--{name.replace('_', '-')}: must be a finite number {low}, got {v:g}")
+    if not args.turn_s > 0:  # inf is allowed: one block per row
+        p.error(f"--turn-s: must be a number > 0 (or inf), got {args.turn_s:g}")
     if args.backends is not None:
         args.backends = parse_backends(p, args.backends, args.suites, device)
     args.out = prepare_out(p, args.out, device, args.force)
@@ -254,6 +261,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
         per_call_reps=pick(args.per_call_reps, 30, 500),
         per_call_warmup=5 if q else 20,
         per_call_budget_s=0.2 if q else 5.0,
+        turn_s=args.turn_s,
+        seed=args.seed,
     )
     env = H.environment(device)
     out = args.out
