@@ -376,6 +376,34 @@ def test_short_vs_long_segments_after_a_pad_drawn_mid_response(pad_run):
     assert errors["errors"]["lambda 0 [reference critic]"] == pytest.approx([0.0] * 4, abs=1e-6)
 
 
+def test_diagnostics_continue_from_the_sampled_ids(pad_run, monkeypatch):
+    """value-probe's and short-vs-long's Monte-Carlo continuations (and the Monte-Carlo
+    setting's) start from the response's ids as sampled, the PAD included: the state whose
+    V they read, not its text re-tokenised (which loses the PAD)."""
+    from vapo_kernels.diagnose.short_vs_long import advantage_errors, settings
+    from vapo_kernels.diagnose.value_probe import probe_boundaries
+
+    task, tok, policy = pad_run.task, pad_run.state.tokenizer, pad_run.state.policy
+    problem = task.problem((3, 5, 7))
+    good = tok(task.response_prefix(problem, 3, error_at=1), add_special_tokens=False).input_ids
+    sampled = good[:2] + [tok.pad_token_id] + good[2:] + [tok.eos_token_id]
+    prompt = tok(problem.prompt, add_special_tokens=False).input_ids
+    seen, generate = [], policy.generate
+
+    def recording(input_ids, attention_mask, generation_config, **kwargs):
+        seen.extend(tuple(i for i, m in zip(ids, mask) if m)
+                    for ids, mask in zip(input_ids.tolist(), attention_mask.tolist()))
+        return generate(input_ids, attention_mask, generation_config, **kwargs)
+
+    monkeypatch.setattr(policy, "generate", recording)
+    expected = {tuple(prompt + sampled[:cut]) for cut in (0, 5, 9, 13)}
+    probe_boundaries(pad_run, [problem], samples=2)
+    assert set(seen) == expected
+    seen.clear()
+    advantage_errors(pad_run, [problem], 2, settings([0.0], [], mc_samples=2))
+    assert set(seen) == expected and len(seen) > len(expected)
+
+
 def test_mc_advantages_after_a_pad_drawn_mid_response():
     """A PAD the policy drew inside step 0 stays in the response ids but not in the decoded
     text: step boundaries found by re-tokenising the text put step 1's blame one token

@@ -34,10 +34,14 @@ def test_prefix_value_matches_the_exact_value_of_a_uniform_policy(uniform_policy
     problem = task.problem((3, 5, 7))
     answered = task.response_prefix(problem, 3)              # "3>3 5>8 7>5 =5"
     up_to_equals = answered[:-1]                              # "... =": one token decides
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False).input_ids
+
     torch.manual_seed(0)
     samples = 2000
     # The bound leaves room for exactly one token after the prefix.
-    values = prefix_values(policy, tokenizer, task, [problem, problem], [up_to_equals, up_to_equals],
+    values = prefix_values(policy, tokenizer, task, [problem, problem], [ids(up_to_equals)] * 2,
                            samples=samples, max_response_tokens=len(up_to_equals) + 1,
                            temperature=1.0, chunk_size=700)
     # One uniform token over the vocabulary: reward 1 only if it is the answer digit "5"
@@ -49,18 +53,18 @@ def test_prefix_value_matches_the_exact_value_of_a_uniform_policy(uniform_policy
     assert float(values[0]) != float(values[1])  # two prefixes, independent samples
     # After a wrong answer one more token cannot make it right ("4x", or "" after "=").
     wrong = up_to_equals + "4"
-    zero = prefix_values(policy, tokenizer, task, [problem], [wrong], samples=200,
+    zero = prefix_values(policy, tokenizer, task, [problem], [ids(wrong)], samples=200,
                          max_response_tokens=len(wrong) + 1, temperature=1.0)
     assert float(zero[0]) == 0.0
     with pytest.raises(ValueError, match="no room"):
-        prefix_values(policy, tokenizer, task, [problem], [wrong], samples=1,
+        prefix_values(policy, tokenizer, task, [problem], [ids(wrong)], samples=1,
                       max_response_tokens=len(wrong), temperature=1.0)
 
 
 def test_prefix_value_rejects_mismatched_inputs(uniform_policy):
     task, tokenizer, policy = uniform_policy
     with pytest.raises(ValueError, match="samples"):
-        prefix_values(policy, tokenizer, task, [task.problem((1,))], [""], samples=0,
+        prefix_values(policy, tokenizer, task, [task.problem((1,))], [[]], samples=0,
                       max_response_tokens=4, temperature=1.0)
     with pytest.raises(ValueError, match="differ in length"):
         prefix_values(policy, tokenizer, task, [task.problem((1,))], [], samples=1,

@@ -72,7 +72,8 @@ def test_record_logprobs_refuses_prefixes(tmp_path):
     problems = task.sample(random.Random(0), 2)
     with pytest.raises(ValueError, match="response_prefixes"):
         generate(policy, tokenizer, problems, task, max_new_tokens=4, temperature=1.0,
-                 response_prefixes=["1", "2"], record_logprobs=True)
+                 response_prefixes=[tokenizer(t, add_special_tokens=False).input_ids
+                                    for t in ("1", "2")], record_logprobs=True)
 
 
 @pytest.mark.parametrize("level, mode", [("token", "truncate"), ("sequence", "mask"),

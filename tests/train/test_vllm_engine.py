@@ -164,7 +164,8 @@ def test_engine_refuses_old_vllm_and_prefixes(tmp_path, stand_in):
     engine = vllm_engine.VllmEngine(policy, tokenizer, gpu_memory=0.3, dtype="bfloat16", seed=0)
     with pytest.raises(ValueError, match="prefixes"):
         engine(policy, tokenizer, task.sample(random.Random(0), 1), task, max_new_tokens=4,
-               temperature=1.0, response_prefixes=["1"])
+               temperature=1.0,
+               response_prefixes=[tokenizer("1", add_special_tokens=False).input_ids])
 
 
 def test_trainer_runs_on_the_engine_with_the_rollout_correction(tmp_path, stand_in):

@@ -38,9 +38,9 @@ Beside the GAE settings, the setting "Monte-Carlo K=..." trains with the trainer
 value the mean reward of ``mc_samples`` continuations); its step-advantage estimate is
 that per-token advantage, from continuations drawn independently of the ground truth's.
 Step segments are mapped onto the response ids as sampled (as in value-probe; a special
-token drawn mid-response is in the ids, not in the text), as
-``train/mc_advantage.mc_advantages`` maps its own; the Monte-Carlo setting's estimate is
-read on each step's first token.
+token drawn mid-response is in the ids, not in the text) and the truth's continuations
+start from those ids, as ``train/mc_advantage.mc_advantages`` maps and continues its own;
+the Monte-Carlo setting's estimate is read on each step's first token.
 Accuracy is reported against RL steps and against training wall time (the trainer's
 per-step phase times summed; evaluations excluded), since Monte-Carlo costs more
 generation per step.
@@ -146,18 +146,20 @@ def reference_label(label: str) -> str:
 def response_segments(tokenizer, batch) -> tuple[list, list, list]:
     """Step segments of every response of ``batch``: (sequence, step index, token start,
     token end) between boundaries, the last running to the end (answer + EOS); with the
-    text prefix that opens each segment and its problem."""
+    prefix that opens each segment, as the response's token ids up to the segment's start
+    (the state the Monte-Carlo truth continues from), and its problem."""
     segments, prefixes, owners = [], [], []
     for i, text in enumerate(batch.responses):
         length = int(batch.response_lengths[i])
         offsets = boundaries(text)
         # on the sampled ids: a special token drawn mid-response is not in the text
-        cuts = char_offsets_to_tokens(tokenizer, response_ids(batch, i), offsets)
+        ids = response_ids(batch, i)
+        cuts = char_offsets_to_tokens(tokenizer, ids, offsets)
         cuts = [c for c in cuts if c < length]
         for j, start in enumerate(cuts):
             end = cuts[j + 1] if j + 1 < len(cuts) else length
             segments.append((i, j, start, end))
-            prefixes.append(text[: offsets[j]])
+            prefixes.append(ids[:start])
             owners.append(batch.problems[i])
     return segments, prefixes, owners
 

@@ -12,8 +12,9 @@ ranks alternative next steps (one correct, the others off by 1, 2, ... in the pa
 compared with their Monte-Carlo values. Step boundaries are found in the response text and
 mapped onto the response's token ids as sampled (:func:`.common.char_offsets_to_tokens`): a
 PAD/BOS the policy drew mid-response stays in the ids but not in the text, and
-re-tokenising the text would read V one token early after it. (The Monte-Carlo
-continuations still start from the text prefix, without that token.)
+re-tokenising the text would read V one token early after it. The Monte-Carlo
+continuations start from those same ids (the prompt's + the response's up to the
+boundary), so V and the Monte-Carlo value are read for the same state.
 
 ``--model-sizes 32,64,...`` repeats the whole run (warm-up, value pretraining, RL stages;
 same seed, task, probed problems and trainer options) for each hidden size of the built-in
@@ -90,13 +91,14 @@ def probe_boundaries(run: Run, problems, samples: int) -> dict:
         cliff = cliff_step(problem, text, task.modulus)
         offsets = boundaries(text)
         # on the sampled ids: a special token drawn mid-response is not in the text
-        cuts = char_offsets_to_tokens(state.tokenizer, response_ids(batch, i), offsets)
-        for j, (offset, tokens) in enumerate(zip(offsets, cuts)):
+        ids = response_ids(batch, i)
+        cuts = char_offsets_to_tokens(state.tokenizer, ids, offsets)
+        for j, tokens in enumerate(cuts):
             if tokens >= int(batch.response_lengths[i]):
                 break
             v = float(values[int(batch.cu_seqlens[i]) + tokens])
             rows.append((i, j, None if cliff is None else j - (cliff + 1), v))
-            prefixes.append(text[:offset])
+            prefixes.append(ids[:tokens])  # continued from the ids V was read on
             owners.append(problem)
     mc = prefix_values(state.policy, state.tokenizer, task, owners, prefixes, samples=samples,
                        max_response_tokens=limit, temperature=config.rollout.temperature)
@@ -124,18 +126,20 @@ def rank_alternatives(run: Run, problems, samples: int, alternatives: int, rng: 
     """At a random boundary of each problem's correct chain, V and the Monte-Carlo value of
     ``alternatives`` next steps (the correct one first, then partial sums off by 1, 2, ...)."""
     state, task, config = run.state, run.task, run.config
-    owners, prefixes = [], []
+    owners, texts = [], []
     for problem in problems:
         j = rng.randrange(problem.steps)
         correct = task.steps(problem)
         for shift in range(alternatives):
             steps = correct if shift == 0 else task.steps(problem, error_at=j, error_shift=shift)
             owners.append(problem)
-            prefixes.append("".join(steps[: j + 1]))
-    batch = response_batch(run, owners, prefixes)
+            texts.append("".join(steps[: j + 1]))
+    batch = response_batch(run, owners, texts)
     values = value_estimates(state.value_model, batch, packed=False).cpu().double()
     # V of the state right after the prefix: the critic's output at the appended EOS.
     v = values[batch.cu_seqlens[1:].long() - 1].view(len(problems), alternatives)
+    # continued from the ids V was read on (the batch's, EOS left off)
+    prefixes = [response_ids(batch, i)[:-1] for i in range(batch.size)]
     mc = prefix_values(state.policy, state.tokenizer, task, owners, prefixes, samples=samples,
                        max_response_tokens=max_new_tokens(config, task),
                        temperature=config.rollout.temperature).view(len(problems), alternatives)

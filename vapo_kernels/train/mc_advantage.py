@@ -22,7 +22,7 @@ def prefix_values(
     tokenizer,
     task: Task,
     problems: list[Problem],
-    prefixes: list[str],
+    prefixes: list[list[int]],
     *,
     samples: int,
     max_response_tokens: int,
@@ -30,7 +30,14 @@ def prefix_values(
     chunk_size: int = 1024,
 ) -> Tensor:
     """``(len(prefixes),)`` float64: mean verifier score of ``samples`` sampled
-    continuations of each ``problems[i].prompt + prefixes[i]``.
+    continuations of each ``problems[i]``'s prompt followed by ``prefixes[i]``.
+
+    ``prefixes[i]``: the **token ids** of the response's beginning as sampled (special
+    tokens the policy drew included), not its text: a continuation starts from the
+    prompt's ids + exactly these ids, the state whose value is wanted. Its decoded text
+    re-tokenised could be another state (a PAD drawn mid-response vanishes from the text;
+    ``"3" ">"`` sampled as two tokens re-tokenises to one ``"3>"``). A hand-written text
+    prefix is ``tokenizer(text, add_special_tokens=False).input_ids``.
 
     A continuation may take the response (prefix included) to ``max_response_tokens``,
     the bound the rollouts have, so the value is that of the policy the trainer samples.
@@ -46,8 +53,10 @@ def prefix_values(
     totals = torch.zeros(len(problems), dtype=torch.float64)
     by_length: dict[int, list[int]] = {}
     for i, prefix in enumerate(prefixes):
-        tokens = len(tokenizer(prefix, add_special_tokens=False).input_ids) if prefix else 0
-        by_length.setdefault(tokens, []).append(i)
+        if isinstance(prefix, str):
+            raise TypeError("prefix_values takes token ids, not text: pass the response's ids "
+                            "as sampled (or tokenizer(text, add_special_tokens=False).input_ids)")
+        by_length.setdefault(len(prefix), []).append(i)
     for tokens, members in sorted(by_length.items()):
         new_tokens = max_response_tokens - tokens
         if new_tokens < 1:
@@ -102,14 +111,16 @@ def mc_advantages(
     ``(advantages, step_values)``, both packed ``(N,)``.
 
     The value of every step boundary is the mean score of ``samples`` continuations
-    (:func:`prefix_values`); each token of step j gets V(after step j) - V(before step j),
+    (:func:`prefix_values`) of the response's token ids as sampled up to the boundary
+    (found in the text by :func:`step_boundaries`, mapped onto the ids by
+    :func:`char_offsets_to_tokens`); each token of step j gets V(after step j) - V(before step j),
     the last step's tokens the sequence's score - V(before it). ``step_values`` holds, per
     token, the Monte-Carlo value of the boundary that opens its step.
     """
     lengths = batch.response_lengths.tolist()
     starts = batch.cu_seqlens[:-1].tolist()
     segments, prefixes, owners = [], [], []  # (sequence, first token, end token)
-    for i, text in enumerate(batch.responses):
+    for i, text in enumerate(batch.responses):  # boundaries in the text, cuts on the ids
         cuts = []
         offsets = step_boundaries(text)
         first = int(batch.prompt_lengths[i])
@@ -117,7 +128,7 @@ def mc_advantages(
         for offset, tokens in zip(offsets, char_offsets_to_tokens(tokenizer, ids, offsets)):
             if tokens < lengths[i] and (not cuts or tokens > cuts[-1]):
                 cuts.append(tokens)
-                prefixes.append(text[:offset])
+                prefixes.append(ids[:tokens])  # continued from the state as sampled
                 owners.append(batch.problems[i])
         for j, cut in enumerate(cuts):
             segments.append((i, cut, cuts[j + 1] if j + 1 < len(cuts) else lengths[i]))

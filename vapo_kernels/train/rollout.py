@@ -215,6 +215,29 @@ def _without_folder_defaults(policy):
         policy.generation_config = saved
 
 
+def _prompt_inputs(tokenizer, problems: list[Problem],
+                   response_prefixes: list[list[int]] | None) -> dict[str, Tensor]:
+    """``input_ids`` and ``attention_mask`` of each problem's prompt (tokenised as
+    :func:`build_batch` lays it out) + its response prefix ids, padded on the tokenizer's
+    padding side (left for generation) with its PAD. The mask is 1 on every given id, a PAD
+    inside a prefix included: the policy drew it, so it attends to it as it did then."""
+    if response_prefixes is not None and len(response_prefixes) != len(problems):
+        raise ValueError(f"problems ({len(problems)}) and response_prefixes "
+                         f"({len(response_prefixes)}) differ in length")
+    rows = [tokenizer(p.prompt, add_special_tokens=False).input_ids
+            + (list(response_prefixes[i]) if response_prefixes else [])
+            for i, p in enumerate(problems)]
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    left = tokenizer.padding_side == "left"
+    for i, row in enumerate(rows):
+        at = slice(width - len(row), width) if left else slice(0, len(row))
+        input_ids[i, at] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, at] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 @torch.no_grad()
 def generate(
     policy,
@@ -225,24 +248,25 @@ def generate(
     max_new_tokens: int,
     temperature: float,
     greedy: bool = False,
-    response_prefixes: list[str] | None = None,
+    response_prefixes: list[list[int]] | None = None,
     record_logprobs: bool = False,
 ) -> RolloutBatch:
     """Sample (or greedily decode) one response per problem with ``generate`` + KV cache.
 
-    ``response_prefixes`` continue given partial responses (the diagnostics' prefix
-    continuation); the prefix is then part of the returned response and of its score.
-    ``record_logprobs``: also return the log-prob of each sampled token as generate drew
-    it (``batch.rollout_logp``), for the loss's rollout correction.
+    ``response_prefixes`` continue given partial responses, as **token ids** (Monte-Carlo
+    prefix values): generation starts from the prompt's ids + exactly these ids, so a
+    prefix cut from a sampled response continues from the state the policy was in, special
+    tokens it drew (a PAD mid-response) and token splits (``"3" ">"`` where the text
+    re-tokenises to ``"3>"``) included; the prefix is then part of the returned response
+    and of its score. ``record_logprobs``: also return the log-prob of each sampled token
+    as generate drew it (``batch.rollout_logp``), for the loss's rollout correction.
     """
     if record_logprobs and response_prefixes:
         raise ValueError("record_logprobs with response_prefixes: the prefix tokens were not "
                          "sampled, so they have no rollout log-probs")
     device = next(policy.parameters()).device
-    prompts = [p.prompt + (response_prefixes[i] if response_prefixes else "")
-               for i, p in enumerate(problems)]
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    encoded = {k: v.to(device) for k, v in encoded.items()}
+    encoded = {k: v.to(device) for k, v in _prompt_inputs(tokenizer, problems,
+                                                          response_prefixes).items()}
     recorder = SampledLogprobs(temperature) if record_logprobs else None
     modes = [(module, module.training) for module in policy.modules()]
     policy.eval()
@@ -268,8 +292,7 @@ def generate(
         # dropping it would train on a sequence the policy never produced).
         end = tokens.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in tokens \
             else len(tokens)
-        prefix = response_prefixes[i] if response_prefixes else ""
-        prefix_ids = tokenizer(prefix, add_special_tokens=False).input_ids if prefix else []
+        prefix_ids = list(response_prefixes[i]) if response_prefixes else []
         responses_ids.append(prefix_ids + tokens[:end])
         if recorder:
             rollout_logp.append(sampled_logp[i][:end])

@@ -93,11 +93,14 @@ class VllmEngine:
         return True
 
     def __call__(self, policy, tokenizer, problems, task, *, max_new_tokens: int,
-                 temperature: float, greedy: bool = False, response_prefixes=None,
+                 temperature: float, greedy: bool = False,
+                 response_prefixes: list[list[int]] | None = None,
                  record_logprobs: bool = False) -> RolloutBatch:
+        # Prefix continuations (Monte-Carlo values: --advantage mc, the diagnostics) always
+        # run on transformers generate (mc_advantage.prefix_values calls it directly).
         if response_prefixes:
-            raise ValueError("the vllm engine does not continue response prefixes (the "
-                             "diagnostics use transformers generate for that)")
+            raise ValueError("the vllm engine does not continue response prefixes (Monte-"
+                             "Carlo prefix values use transformers generate for that)")
         self.push_weights(policy)
         # Every call starts without cached prefixes (stale after a push; and a resumed run
         # starts without them too). Sampling is seeded, not bit-exact: vLLM's numbers also
