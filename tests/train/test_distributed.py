@@ -22,9 +22,9 @@ import torch.multiprocessing as mp
 
 import vapo_kernels as vk
 from vapo_kernels.train import distributed, vapo
-from vapo_kernels.train.cli import _value_model_maker, build_policy, build_task
+from vapo_kernels.train.cli import _train, _value_model_maker, build_policy, build_task
 from vapo_kernels.train.distributed import DataParallel
-from vapo_kernels.train.metrics import PhaseTimer
+from vapo_kernels.train.metrics import MetricsLogger, PhaseTimer
 from vapo_kernels.train.rollout import demonstration_batch
 from vapo_kernels.train.vapo import TrainState, old_outputs, ppo_update, setup_rl
 
@@ -118,6 +118,101 @@ def test_metric_rows_combine_over_processes_as_each_metric_means(two_processes):
                        "actor_grad_norm": 2.0}, rank
 
 
+# -- a whole run: one collective per step for its metrics row ----------------------------------
+ROW_RUN = ("--threads", "1", "--warmup_steps", "2", "--value_pretrain_steps", "1", "--steps",
+           "2", "--prompts_per_step", "4")
+
+
+def _record_row_collectives(rank, store, out_dir):
+    """A short run on both processes, recording in order every gather (reduce_row's
+    collective), every row reduce_row was given (this process's numbers) and every row
+    logged."""
+    dp = _join(rank, store)
+    events = []
+    gather, reduce_row, log = DataParallel.gather, DataParallel.reduce_row, MetricsLogger.log
+
+    def counted_gather(self, values):
+        events.append(("gather",))
+        return gather(self, values)
+
+    def recorded_reduce_row(self, row, weights=None, combined=()):
+        events.append(("reduce", dict(row), dict(weights or {}), tuple(combined)))
+        return reduce_row(self, row, weights, combined)
+
+    def recorded_log(self, phase, step, **metrics):
+        events.append(("log", phase, step))
+        return log(self, phase, step, **metrics)
+
+    DataParallel.gather, DataParallel.reduce_row = counted_gather, recorded_reduce_row
+    MetricsLogger.log = recorded_log
+    try:
+        _train(tiny_config(Path(out_dir), *ROW_RUN), dp)
+    finally:
+        distributed.shutdown(dp)
+    torch.save(events, os.path.join(out_dir, f"events-{rank}.pt"))
+
+
+def _combined_over_processes(rows: list[dict], weights: list[dict], combined) -> dict:
+    """What a step's row over the processes must be, key by key, computed here from each
+    process's own row: what the two collectives of a step (the update's row, then the rest)
+    gave before they were one."""
+    out = {}
+    for key, value in rows[0].items():
+        values = [row[key] for row in rows]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or key in combined:
+            assert all(v == value for v in values), key  # global already: the same everywhere
+            out[key] = value
+        elif key == "verifier_errors":
+            out[key] = sum(values)
+        elif key.endswith("_min"):
+            out[key] = min(values)
+        elif key.endswith("_max") or key.startswith("peak_"):
+            out[key] = max(values)
+        elif key in weights[0]:  # a rate: over every process's tokens
+            w = [weight[key] for weight in weights]
+            out[key] = sum(v * t for v, t in zip(values, w)) / sum(w)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+def test_each_step_s_metrics_row_is_one_collective_and_combines_as_before(tmp_path):
+    # The PPO update's row was reduced over the processes, then the step's row again with
+    # the update's keys left out: two collectives a step where one does.
+    _spawn(_record_row_collectives, tmp_path, str(tmp_path))
+    events = [torch.load(tmp_path / f"events-{r}.pt") for r in range(WORLD)]
+    logged = read_rows(tmp_path / "run")
+    for rank in range(WORLD):
+        gathers, seen = 0, []
+        for event in events[rank]:
+            if event[0] == "gather":
+                gathers += 1
+            elif event[0] == "log":
+                seen.append((event[1], event[2], gathers))
+                gathers = 0
+        # every step's row one collective (the warm-up's too); a phase's step 0 (an
+        # evaluation) none
+        assert seen == [(r["phase"], r["step"], int(r["step"] > 0)) for r in logged], rank
+    phases = set()
+    reduced = [[e for e in events[r] if e[0] == "reduce"] for r in range(WORLD)]
+    steps = [r for r in logged if r["step"] > 0]
+    assert len(reduced[0]) == len(reduced[1]) == len(steps)
+    weighted_differs = False
+    for row, *calls in zip(steps, *reduced):
+        rows, weights, combined = [c[1] for c in calls], [c[2] for c in calls], calls[0][3]
+        want = _combined_over_processes(rows, weights, combined)
+        for key, value in want.items():
+            assert row[key] == pytest.approx(value, rel=1e-12, abs=0), (row["phase"], key)
+        weighted_differs |= any(
+            want[k] != pytest.approx(sum(r[k] for r in rows) / WORLD, rel=1e-9)
+            for k in weights[0])
+        phases.add(row["phase"])
+        if row["phase"] != "warmup":
+            assert set(combined) >= {"skipped_updates"} and row["skipped_updates"] == 0
+    assert phases == {"warmup", "value_pretrain", "rl"}
+    assert weighted_differs  # the token weights changed a rate: not a plain mean
+
+
 # -- the evaluation every process acts on -----------------------------------------------------
 def _evaluate(rank, dp, out_dir):
     """Rank 1's held-out scores differ from rank 0's (as GPU non-determinism could make them)."""
@@ -162,7 +257,8 @@ def ppo_update_result(tmp_path, agg: str, dp: DataParallel, *extra: str) -> dict
     share = torch.tensor(dp.shard(list(range(batch.size))))
     batch = batch.select(share)
     old, _ = old_outputs(state, batch, config, PhaseTimer())
-    row = ppo_update(state, batch, old, config, PhaseTimer())  # over both processes
+    row, weights = ppo_update(state, batch, old, config, PhaseTimer())
+    row = dp.reduce_row(row, weights=weights, combined=vapo.GLOBAL_METRICS)  # over both processes
     params = {}
     for name, model in (("policy", state.policy), ("value", state.value_model)):
         for key, p in model.named_parameters():

@@ -196,7 +196,7 @@ def test_token_budget_micro_batches_give_the_same_update(tmp_path):
     results = []
     for extra in ((), ("--max_tokens_per_microbatch", "40")):
         config, state, batch, old = _prepared(tmp_path / str(len(extra)), *extra)
-        row = ppo_update(state, batch, old, config, PhaseTimer())
+        row, _ = ppo_update(state, batch, old, config, PhaseTimer())
         results.append((row, {k: v.clone() for k, v in state.policy.state_dict().items()}))
     (row_a, params_a), (row_b, params_b) = results
     for key in params_a:

@@ -157,8 +157,8 @@ def test_ppo_update_moves_both_models_and_reports_metrics(tmp_path):
     config, state, batch, logp, values = recorded(tmp_path)
     adv, targets, _ = compute_advantages(batch, values, config)
     before = [p.clone() for p in (*state.policy.parameters(), *state.value_model.parameters())]
-    row = ppo_update(state, batch, OldOutputs(logp, values, adv, targets, None), config,
-                     PhaseTimer())
+    row, _ = ppo_update(state, batch, OldOutputs(logp, values, adv, targets, None), config,
+                        PhaseTimer())
     after = list((*state.policy.parameters(), *state.value_model.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
     for key in ("pg_loss", "vf_loss", "clipfrac_low", "clipfrac_high", "approx_kl", "ratio_min",

@@ -457,12 +457,12 @@ def micro_batches(mini: RolloutBatch, config: TrainConfig, dp: DataParallel) -> 
 
 
 class MetricAccumulator:
-    """Combines vapo_loss metrics over micro-batches, mini-batches and processes into one row.
+    """Combines vapo_loss metrics over micro-batches and mini-batches into one row.
 
     Loss terms computed with global counts are shares of their mini-batch loss (summed per
-    mini-batch, then averaged over mini-batches); rates are token-weighted means (over
-    every process's tokens); ranges (``*_min`` / ``*_max``: the ratio, the rollout
-    weights) are min / max.
+    mini-batch, then averaged over mini-batches); rates are token-weighted means (``weights``:
+    the tokens of each, so that over the processes they are means over every process's
+    tokens); ranges (``*_min`` / ``*_max``: the ratio, the rollout weights) are min / max.
     """
 
     ADDITIVE = ("pg_loss", "vf_loss", "kl_loss", "entropy", "lm_loss")
@@ -489,17 +489,28 @@ class MetricAccumulator:
                 self.sums[key] = self.sums.get(key, 0.0) + v * tokens
                 self.weights[key] = self.weights.get(key, 0.0) + tokens
 
-    def row(self, dp: DataParallel | None = None) -> dict[str, float]:
-        """The row of this process, or with ``dp`` of all processes (one collective)."""
+    def row(self) -> dict[str, float]:
+        """This process's row; :meth:`DataParallel.reduce_row` with ``weights=self.weights``
+        combines it over the processes (done once per step, with the step's other metrics)."""
         out = dict(self.extremes)
         for key, total in self.sums.items():
             out[key] = total / self.weights[key] if key in self.weights else total / max(1, self.minibatches)
-        return out if dp is None else dp.reduce_row(out, weights=self.weights)
+        return out
+
+
+# Update metrics that are the same on every process already: the gradient norms (FSDP's
+# are over the whole model) and the count of skipped updates (each skip is decided over
+# all processes). A step's collective leaves them as they are.
+GLOBAL_METRICS = ("actor_grad_norm", "critic_grad_norm", "skipped_updates")
 
 
 def ppo_update(state: TrainState, batch: RolloutBatch, old: OldOutputs, config: TrainConfig,
-               timer: PhaseTimer) -> dict[str, float]:
-    """PPO epochs over mini-batches; micro-batches accumulate gradients; both models step."""
+               timer: PhaseTimer) -> tuple[dict[str, Any], dict[str, float]]:
+    """PPO epochs over mini-batches; micro-batches accumulate gradients; both models step.
+
+    Returns this process's metrics row and the token weights of its rates; the caller
+    combines them over the processes together with the step's other metrics, in one
+    collective (``reduce_row(row, weights=, combined=GLOBAL_METRICS)``)."""
     o = config.optim
     acc = MetricAccumulator()
     grad_norms: list[tuple[float, float]] = []
@@ -527,13 +538,13 @@ def ppo_update(state: TrainState, batch: RolloutBatch, old: OldOutputs, config: 
             grad_norms.append(tuple(norms))
             if bad is not None:
                 skipped.append(bad)
-    row = acc.row(state.dp)  # over every process; the norms and the skips are global already
+    row: dict[str, Any] = acc.row()
     row["actor_grad_norm"] = sum(a for a, _ in grad_norms) / len(grad_norms)
     row["critic_grad_norm"] = sum(c for _, c in grad_norms) / len(grad_norms)
     row["skipped_updates"] = len(skipped)
     if skipped:
         row["nonfinite"] = skipped[0]
-    return row
+    return row, acc.weights
 
 
 def sample(state: TrainState, problems: list, task: Task, config: TrainConfig,
@@ -619,9 +630,9 @@ def value_pretrain(state: TrainState, task: Task, config: TrainConfig, log: Metr
                 skipped.append(bad)
             acc.minibatches += 1
         log.advance()
-        update = {**acc.row(state.dp), "skipped_updates": len(skipped)}  # global already
-        row = {**batch_metrics(batch, lam_policy), **update, **timer.rows(), **peak_memory_mb()}
-        row = state.dp.reduce_row(row, combined=update)
+        row = {**batch_metrics(batch, lam_policy), **acc.row(), "skipped_updates": len(skipped),
+               **timer.rows(), **peak_memory_mb()}
+        row = state.dp.reduce_row(row, weights=acc.weights, combined=GLOBAL_METRICS)
         row["since_warmup_s"] = round(time.perf_counter() - state.warmup_end_time, 3)
         log.log("value_pretrain", step, **row)
         after_step(state, config, skipped[0] if skipped else None, log)
@@ -699,12 +710,10 @@ def rl(state: TrainState, task: Task, config: TrainConfig, log: MetricsLogger,
         with timer("rollout"):                                   # 1. sample groups
             batch = rollout(state, task, config)                 # 2. rewards (verifier)
         old, lam_policy = old_outputs(state, batch, config, timer, task)  # 3. values, 4. GAE
-        update = ppo_update(state, batch, old, config, timer)   # 5. PPO epochs of vapo_loss
+        update, weights = ppo_update(state, batch, old, config, timer)  # 5. PPO epochs
         bad = update.pop("nonfinite", None)
-        row = {**batch_metrics(batch, lam_policy), **update}
-        row.update(timer.rows())
-        row.update(peak_memory_mb())
-        row = state.dp.reduce_row(row, combined=update)  # the update's row is global already
+        row = {**batch_metrics(batch, lam_policy), **update, **timer.rows(), **peak_memory_mb()}
+        row = state.dp.reduce_row(row, weights=weights, combined=GLOBAL_METRICS)  # one collective
         if profiler is not None:
             profiler.step_end(step)
         if step % run.eval_every == 0 or step == run.steps:
