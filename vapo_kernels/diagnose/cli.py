@@ -159,8 +159,11 @@ def make_parser() -> argparse.ArgumentParser:
         size = p.add_mutually_exclusive_group()
         size.add_argument("--quick", dest="preset", action="store_const", const="quick",
                           help="The CPU preset (minutes on 2 cores); the default.")
-        size.add_argument("--preset", choices=["tiny", "quick", "full"], default="quick",
+        size.add_argument("--preset", choices=["tiny", "quick", "full"],
                           help="tiny: seconds (tests); quick: CPU minutes; full: bigger, for a GPU.")
+        # Both options write dest 'preset': argparse takes the first action's default (--quick
+        # had None), so a study run without either crashed with KeyError: None.
+        p.set_defaults(preset="quick")
         p.add_argument("--model", default="", help="Hugging Face causal-LM folder (passed to "
                        "the trainer as --model).")
         p.add_argument("--no-progress", dest="progress", action="store_false",
