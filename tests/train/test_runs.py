@@ -114,6 +114,17 @@ def test_trains_a_local_model_folder(tmp_path, family):
         assert json.load(f)["final_accuracy"] >= 0.0
 
 
+def test_a_model_folder_s_tokenizer_is_loaded_once(tmp_path, monkeypatch):
+    # The startup check of the prompt lengths loaded it, then the policy's build again.
+    folder = str(_save_family(tmp_path / "llama", "llama"))
+    loads, load = [], AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained",
+                        lambda *args, **kwargs: loads.append(args[0]) or load(*args, **kwargs))
+    train(tiny_config(tmp_path, "--model", folder, "--warmup_steps", "0",
+                      "--value_pretrain_steps", "0", "--steps", "1", "--no_save_checkpoint"))
+    assert loads == [folder]
+
+
 def test_jsonl_task_through_a_model_folder(tmp_path):
     folder = _save_family(tmp_path / "m", "llama")
     path = tmp_path / "task.jsonl"

@@ -84,11 +84,15 @@ def checked_tokenizer(folder: str):
     return tokenizer
 
 
-def build_policy(config: TrainConfig, task: Task):
-    """(policy, tokenizer): a local folder, or the built-in tiny Llama + character tokenizer."""
+def build_policy(config: TrainConfig, task: Task, tokenizer=None):
+    """(policy, tokenizer): a local folder, or the built-in tiny Llama + character tokenizer.
+    ``tokenizer``: the folder's, when the caller has loaded it already (the trainer loads
+    it once, for its startup checks)."""
     m = config.model
     if m.model:
-        return load_policy(m.model, m.attn_implementation), checked_tokenizer(m.model)
+        if tokenizer is None:
+            tokenizer = checked_tokenizer(m.model)
+        return load_policy(m.model, m.attn_implementation), tokenizer
     if not task.alphabet:
         raise ConfigError("model", f"task {task.name} needs a model folder with its tokenizer")
     tokenizer = build_char_tokenizer(task.alphabet)
@@ -336,15 +340,14 @@ def _check_demonstrations(config: TrainConfig, task: Task) -> None:
                           f"({what}) for the supervised baseline")
 
 
-def _check_positions(config: TrainConfig, task: Task) -> None:
+def _check_positions(config: TrainConfig, task: Task, tokenizer) -> None:
     """A model folder's positions hold the longest prompt + --max_new_tokens (and, with a
     warm-up, the longest demonstration): past them GPT-2's position table ends in an
-    IndexError mid-run. The built-in model is sized to fit."""
+    IndexError mid-run. The built-in model is sized to fit. ``tokenizer``: the folder's."""
     if not config.model.model:
         return
     from transformers import AutoConfig
 
-    tokenizer = checked_tokenizer(config.model.model)
     positions = getattr(AutoConfig.from_pretrained(config.model.model),
                         "max_position_embeddings", None)
     if not positions:
@@ -379,14 +382,16 @@ def _train(config: TrainConfig, dp: DataParallel) -> dict:
         _check_processes(config, dp)
     task = build_task(config)  # before the run folder: a bad task leaves no folder behind
     _check_demonstrations(config, task)
-    _check_positions(config, task)
+    # A model folder's tokenizer: loaded once, checked here, then the policy's.
+    tokenizer = checked_tokenizer(config.model.model) if config.model.model else None
+    _check_positions(config, task, tokenizer)
     run_dir = _run_dir(config, dp)
     with _own_run_folder(run_dir, run.resume, dp):
-        return _train_in(config, dp, device, task, run_dir)
+        return _train_in(config, dp, device, task, run_dir, tokenizer)
 
 
 def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task: Task,
-              run_dir: str) -> dict:
+              run_dir: str, tokenizer=None) -> dict:
     run = config.run
     info = checkpoint.find_resume(run_dir, run.resume, warn=say if dp.is_main else None)
     config_path = os.path.join(run_dir, "config.yaml")
@@ -420,7 +425,7 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
             say(f"--resume auto: no complete checkpoint in {run_dir}; starting fresh")
     dp.barrier()
 
-    policy, tokenizer = build_policy(config, task)
+    policy, tokenizer = build_policy(config, task, tokenizer)
     policy.to(device)
     params = sum(p.numel() for p in policy.parameters())
     policy = dropout_off(distributed.prepare_model(policy, config, dp))  # every phase: eval mode
