@@ -294,6 +294,68 @@ def test_extreme_logits_and_forbidden_tokens(backend):
         assert torch.isfinite(leaf.grad).all()
 
 
+def _lm_head(seed=18, rows=3):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 16, generator=gen), torch.randn(20, 16, generator=gen), torch.zeros(20)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("poison, match", [
+    ("bias+inf", r"^bias contains NaN or \+inf"),
+    ("weight-nan", "^weight contains NaN or inf"),
+    ("hidden-nan", "^hidden contains NaN or inf in a valid token's row"),
+    ("bias-all-inf", r"only -inf in a valid row: row 0"),
+    ("overflow", r"hold \+inf \(an overflow: every input is finite\)"),
+])
+def test_a_nan_log_prob_is_an_error_naming_its_input(backend, poison, match):
+    # Both backends returned NaN (or, the reference for a +inf logit, -inf) without a
+    # word, where token_logprobs on the same logits raises (Triton review, 12-07).
+    hidden, weight, bias = _lm_head()
+    if poison == "bias+inf":
+        bias[4] = math.inf
+    elif poison == "weight-nan":
+        weight[7, 3] = math.nan
+    elif poison == "hidden-nan":
+        hidden[1, 5] = math.nan
+    elif poison == "bias-all-inf":
+        bias[:] = -math.inf
+    else:
+        hidden[0], weight[2] = 1e20, 1e20  # one logit 16e40: inf in fp32
+    y = torch.tensor([0, 4, 7])
+    args = [t.to(DEVICE) for t in (hidden, weight, y)]
+    with pytest.raises(ValueError, match=match):
+        linear_logprobs(*args, bias=bias.to(DEVICE), backend=backend)
+    # With data checks off the row is NaN in every backend - as token_logprobs' spec says
+    # of a +inf logit (the reference gave -inf for it) - and the other rows are untouched.
+    vk.set_validation(False)
+    try:
+        logp, ent = linear_logprobs(*args, bias=bias.to(DEVICE), return_entropy=True,
+                                    backend=backend)
+    finally:
+        vk.set_validation(True)
+    bad = {"weight-nan": [0, 1, 2], "hidden-nan": [1]}.get(poison, [0, 1, 2])
+    if poison == "overflow":
+        bad = [0]
+    assert logp[bad].isnan().all() and ent[bad].isnan().all()
+    good = [r for r in range(3) if r not in bad]
+    if good:
+        clean = linear_logprobs(*[t.to(DEVICE) for t in (_lm_head()[0], weight, y)],
+                                bias=bias.to(DEVICE), backend=backend)
+        assert torch.equal(logp[good], clean[good])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_poisoned_row_that_is_masked_is_not_an_error(backend):
+    hidden, weight, bias = _lm_head()
+    clean = linear_logprobs(hidden.to(DEVICE), weight.to(DEVICE), torch.tensor([0, 4, 7], device=DEVICE),
+                            bias=bias.to(DEVICE), backend=backend)
+    hidden[1] = math.nan
+    mask = torch.tensor([True, False, True], device=DEVICE)
+    logp = linear_logprobs(hidden.to(DEVICE), weight.to(DEVICE), torch.tensor([0, 4, 7], device=DEVICE),
+                           mask, bias=bias.to(DEVICE), backend=backend)
+    assert torch.equal(logp[mask], clean[mask]) and logp[1] == 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("temperature", [1.3, 0.7])

@@ -24,6 +24,7 @@ from .linear_logprobs import (
     LinearLogprobsBackwardArgs,
     linear_logprobs_backward_op,
     linear_logprobs_op,
+    name_nonfinite_input,
 )
 from .logits_loss import (
     check_flat_input,
@@ -51,7 +52,7 @@ def _loss_and_grads(hidden, weight, bias, targets, old_logp, advantages, mask, c
     try:
         loss, sums, g_logp, _, g_entropy = token_loss_op(a)
     except ValueError:
-        _name_the_non_finite_input(hidden, weight, bias, a.mask)
+        name_nonfinite_input(hidden, weight, bias, a.mask)
         raise
     if not need_grad:
         return loss, sums, None, None, None
@@ -62,21 +63,6 @@ def _loss_and_grads(hidden, weight, bias, targets, old_logp, advantages, mask, c
     return loss, sums, gh if need_h else None, gw if need_w else None, (
         gb if (bias is not None and need_w) else None
     )
-
-
-def _name_the_non_finite_input(hidden, weight, bias, valid) -> None:
-    """A NaN log-prob or entropy at a valid token comes from the LM head's inputs, which
-    the token-loss check cannot name: find the one that holds a NaN or inf, and say so."""
-    if not _ragged.validation_enabled():
-        return
-    rows = ~torch.isfinite(hidden).all(-1)
-    if valid is not None:
-        rows &= valid.reshape(rows.shape)
-    if bool(rows.any()):
-        raise ValueError("hidden contains NaN or inf in a valid token's row")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or inf")
 
 
 def policy_loss_from_hidden(

@@ -50,6 +50,7 @@ C++ kernel for this op, a CPU GEMM is already the right tool) and "triton".
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -74,8 +75,11 @@ _LINEAR_VOCAB_PER_CHUNK = 8192
 
 
 def _shift(m: Tensor) -> Tensor:
-    """The row max to measure from: 0 where it is +-inf (inf - inf would be NaN)."""
-    return torch.where(torch.isfinite(m), m, 0)
+    """The row max to measure from: 0 where it is -inf (a row of only -inf logits so far:
+    -inf - -inf would be NaN). A +inf max stays, so its row comes out NaN as the spec (and
+    token_logprobs, and the Triton kernel) says a +inf logit makes it; shifting it to 0
+    gave a -inf log-prob instead."""
+    return torch.where(m == float("-inf"), 0, m)
 
 
 def _rescale_state(
@@ -274,6 +278,41 @@ def _finalise_state(m, den, mom, t, keep, temperature):
     return torch.where(keep, logp, 0), torch.where(keep, entropy, 0), stats
 
 
+def screen_nonfinite(logp: Tensor, hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                     valid: Tensor) -> None:
+    """A valid row's log-prob is NaN exactly when its logits hold a NaN or a +inf, or are
+    all -inf (skipped rows give 0): one sum screens them, as in token_logprobs. The
+    precise checks run only then, to name the input that holds the NaN or inf - or, all
+    finite, to say the logits overflowed. ``valid``: the rows computed, flat bool."""
+    if not _ragged.validation_enabled() or not math.isnan(logp.sum().item()):
+        return
+    name_nonfinite_input(hidden, weight, bias, valid)
+    row = int(torch.nonzero(logp.reshape(-1).isnan())[0, 0])
+    raise ValueError(
+        "the logits hidden @ weight.T (+ bias) hold +inf (an overflow: every input is "
+        f"finite) or only -inf in a valid row: row {row} of the (N, H) rows"
+    )
+
+
+def name_nonfinite_input(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                         valid: Tensor | None) -> None:
+    """For a NaN log-prob or entropy at a valid token, with data checks on: raise naming
+    the LM-head input that holds a NaN or inf (``hidden`` in a ``valid`` row, ``weight``,
+    ``bias`` - where -inf is allowed); return when none does."""
+    if not _ragged.validation_enabled():
+        return
+    rows = ~torch.isfinite(hidden).all(-1)
+    if valid is not None:
+        rows &= valid.reshape(rows.shape)
+    if bool(rows.any()):
+        raise ValueError("hidden contains NaN or inf in a valid token's row")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError("weight contains NaN or inf")
+    # A -inf bias is a forbidden token, not an error.
+    if bias is not None and bool((torch.isnan(bias) | (bias == math.inf)).any()):
+        raise ValueError("bias contains NaN or +inf")
+
+
 # --------------------------------------------------------------------------------------
 # Validation
 
@@ -368,6 +407,7 @@ def _forward(a: LinearLogprobsArgs):
     _, kernel = _backends.select("linear_logprobs", a.hidden.device, a.backend)
     state = kernel(rows, a.weight, a.bias, flat, keep, float(a.temperature))
     logp, entropy, stats = _finalise_state(*state, keep, float(a.temperature))
+    screen_nonfinite(logp, a.hidden, a.weight, a.bias, keep)
     return logp.view(shape), entropy.view(shape), stats.view(*shape, 2)
 
 
@@ -502,6 +542,8 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         logp, entropy, stats = _finalise_state(
             m_all, sums[0], sums[1], sums[2], keep, float(temperature)
         )
+        # Every rank sees the same NaN (the sums are global): all raise, none waits.
+        screen_nonfinite(logp, hidden, weight, bias, keep)
         ctx.save_for_backward(hidden, weight, bias, targets, mask, stats, entropy)
         ctx.temperature, ctx.backend = temperature, backend
         ctx.group, ctx.vocab_start = group, vocab_start
