@@ -78,14 +78,99 @@ def char_offsets_to_tokens(tokenizer, ids: list[int], offsets: list[int]) -> lis
     prefix reaches it. A special token the policy drew mid-response (PAD, BOS) stays in
     ``ids`` but not in the text, so re-tokenising the text would put every later boundary
     one token early; a special token right at a boundary opens the next step, and a token
-    straddling an offset (a subword merge) maps to the token after it."""
-    lengths = [len(tokenizer.decode(ids[:t], skip_special_tokens=True)) for t in range(len(ids) + 1)]
-    out, t = [], 0
+    straddling an offset (a subword merge) maps to the token after it.
+
+    Precisely: with ``L(t) = len(decode(ids[:t], skip_special_tokens=True))``, offset k
+    maps to the first ``t >=`` (offset k-1's token) with ``L(t) >= offset``, or to
+    ``len(ids)`` when there is none. Where the tokenizer's decode provably keeps ``L``
+    non-decreasing (:func:`_decoded_length_never_decreases`) that ``t`` is found by a
+    search from the previous offset's token (a first guess of the previous step's token
+    count, galloping past it, then bisection): O(log gap) decodes per offset, 2 when
+    steps keep their length, each decode done once. Otherwise ``L`` is read token by
+    token up to the last offset's token (one decode per token, each of a whole prefix:
+    quadratic in the response length, as it was for every tokenizer). Both give the same
+    tokens wherever ``L`` never decreases, i.e. always on the searched tokenizers."""
+    n = len(ids)
+    decoded: dict[int, int] = {}
+
+    def length(t: int) -> int:
+        if t not in decoded:
+            decoded[t] = len(tokenizer.decode(ids[:t], skip_special_tokens=True))
+        return decoded[t]
+
+    search = _decoded_length_never_decreases(tokenizer)
+    out, t, gap = [], 0, 1
     for offset in offsets:
-        while t < len(ids) and lengths[t] < offset:
-            t += 1
+        if not search:
+            while t < n and length(t) < offset:
+                t += 1
+        elif t < n and length(t) < offset:
+            # Invariant: L(lo) < offset, and hi == n or L(hi) >= offset. First guess: this
+            # step is as long as the last one; then gallop (doubling) past it.
+            lo, step = t, gap
+            hi = min(n, lo + step)
+            while hi < n and length(hi) < offset:
+                lo, step = hi, 2 * step
+                hi = min(n, lo + step)
+            if hi - lo > 1:  # the guess exactly right costs one decode more, not log(gap)
+                if length(hi - 1) < offset:
+                    lo = hi - 1
+                else:
+                    hi -= 1
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                if length(mid) < offset:
+                    lo = mid
+                else:
+                    hi = mid
+            gap, t = hi - t, hi
         out.append(t)
     return out
+
+
+# Backend decoders under which the decoded text of ids[:t + 1] is that of ids[:t] with
+# characters added (Fuse joins the token strings; Metaspace maps each token on its own,
+# dropping the first token's "▁"), or, for ByteLevel, from_utf8_lossy of the
+# concatenated bytes of the tokens, whose character count never decreases as bytes are
+# appended: the valid characters before the last incomplete UTF-8 sequence stay as they
+# are, and that sequence (one U+FFFD) either completes into one character, stays one
+# U+FFFD, or stays one U+FFFD with the new bytes' characters after it.
+_APPEND_ONLY_DECODERS = frozenset({"Fuse", "Metaspace", "ByteLevel"})
+_FORCED_CLEAN_UP = "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"
+
+
+def _decoded_length_never_decreases(tokenizer) -> bool:
+    """True when ``len(tokenizer.decode(ids[:t], skip_special_tokens=True))`` provably never
+    decreases in t, for any ids: a fast tokenizer whose ``decode`` is transformers' own
+    (the backend's decode of the non-special tokens, then the optional clean-up), whose
+    backend decoder is one of :data:`_APPEND_ONLY_DECODERS` (skipping special tokens just
+    drops them from the token list the decoder sees) and whose decode applies no
+    ``clean_up_tokenization_spaces`` (``"a '"`` then ``"a ' "`` cleans up to ``"a'"``:
+    shorter). Not: SentencePiece byte fallback (``<0xE2><0x82>`` decodes to two U+FFFD,
+    ``<0xE2><0x82><0xAC>`` to one "€"), Sequence decoders, slow tokenizers."""
+    import json
+
+    from transformers import PreTrainedTokenizerFast
+
+    kind = type(tokenizer)
+    if not (isinstance(tokenizer, PreTrainedTokenizerFast)
+            and kind.decode is PreTrainedTokenizerFast.decode
+            and kind._decode is PreTrainedTokenizerFast._decode):
+        return False
+    backend = tokenizer.backend_tokenizer
+    if backend.decoder is None:
+        return False
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False):
+        # transformers >= 5 skips the clean-up for a BPE model unless forced; older
+        # versions (no such flag) apply it
+        forced = getattr(tokenizer, _FORCED_CLEAN_UP, None)
+        if forced is None or forced or type(backend.model).__name__ != "BPE":
+            return False
+    try:
+        kind_of_decoder = json.loads(backend.decoder.__getstate__())["type"]
+    except (AttributeError, TypeError, ValueError, KeyError):
+        return False
+    return kind_of_decoder in _APPEND_ONLY_DECODERS
 
 
 def step_boundaries(response: str) -> list[int]:
