@@ -82,21 +82,33 @@ def _float_list(text: str) -> list[float]:
     return _distinct(values, text)
 
 
-# Trainer options each study sets itself: one given after '--' would silently override it
-# (the run's seed or folder) or be ignored (the study's RL steps), and results.json would
-# record the study's own value. A study adds its own in its module's TRAINER_OWNED.
+# Trainer options each study sets itself: one given after '--' or in a trainer --config
+# file would silently override it (the run's seed or folder) or be ignored (the study's RL
+# steps; the study's own value wins over a file's), and results.json would record the
+# study's own value. A study adds its own in its module's TRAINER_OWNED.
 _STUDY_OWNED = {"seed": "--seed", "output_dir": "--output-dir", "steps": "the study's RL-step option",
                 "resume": None, "save_every": None}
 
 
 def _check_trainer_args(trainer_args: list[str], owned: dict) -> None:
-    from .common import trainer_option_names
+    """Refuse a study-owned trainer option on the trainer's command line (after '--') or in
+    its --config file (read by the trainer's own reader): one line naming the option, and
+    the file with every owned option it sets."""
+    from .common import trainer_option_sources
 
-    for name in trainer_option_names(trainer_args):
-        if name in owned:
-            instead = owned[name]
-            raise ConfigError(name.replace("_", "-"), "set by the study itself, not a trainer "
-                              "option after '--'" + (f"; use vapo-diagnose's {instead}" if instead else ""))
+    sources = trainer_option_sources(trainer_args)
+    for name, where in sources:
+        if name not in owned:
+            continue
+        instead = owned[name]
+        if where is None:
+            place = "a trainer option after '--'"
+        else:
+            others = [n for n, w in sources if w == where and n in owned and n != name]
+            place = (f"in the trainer --config file {where}: remove it"
+                     + (f" (and {', '.join(others)})" if others else "") + " from the file")
+        raise ConfigError(name.replace("_", "-"), f"set by the study itself, not {place}"
+                          + (f"; use vapo-diagnose's {instead}" if instead else ""))
 
 
 def _check_output_dir(path: str) -> None:

@@ -16,7 +16,7 @@ import platform
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -62,10 +62,10 @@ def trainer_config(preset: str, seed: int, run_dir: str, extra: list[str] = (),
     return parse_config(argv, prog="vapo-diagnose")
 
 
-def trainer_option_names(trainer_args: list[str]) -> list[str]:
-    """The trainer options (their dest names, in order) that ``trainer_args`` sets, as the
-    trainer's parser reads them: abbreviations (``--see`` is ``--seed``) and dashed
-    spellings included; an unknown or ambiguous one is left to the parser to refuse."""
+def _command_line_names(trainer_args: Sequence[str]) -> list[str]:
+    """The trainer options (their dest names, in order) given on ``trainer_args``'s command
+    line, as the trainer's parser reads them: abbreviations (``--see`` is ``--seed``) and
+    dashed spellings included; an unknown or ambiguous one is left to the parser to refuse."""
     from ..train.config import make_parser
 
     actions = make_parser()._option_string_actions
@@ -79,6 +79,48 @@ def trainer_option_names(trainer_args: list[str]) -> list[str]:
         if len(matches) == 1:
             names.append(matches.pop())
     return names
+
+
+def trainer_config_file(trainer_args: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """The trainer's ``--config FILE`` in ``trainer_args`` ("" when none), found by the
+    trainer's own parser (the last one given, an abbreviation, ``--config=FILE``), and the
+    options the file sets, read by the trainer's own reader (flat or grouped); a missing
+    file, a folder, an unreadable file or one that is not YAML is a ConfigError naming it."""
+    import yaml
+
+    from ..train.config import _flatten_yaml, make_parser
+
+    *groups, _ = make_parser("vapo-diagnose").parse_args_into_dataclasses(
+        args=list(trainer_args), return_remaining_strings=True)
+    path = TrainConfig(*groups).run.config
+    if not path:
+        return "", {}
+    if os.path.isdir(path):
+        raise ConfigError("config", f"{path} is a folder, not a YAML file of trainer options")
+    try:
+        return path, _flatten_yaml(path)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise ConfigError("config", f"{path} is not valid YAML"
+                          + (f" (line {mark.line + 1}: {error.problem})" if mark else "")) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError("config", f"cannot read {path}: "
+                          f"{getattr(error, 'strerror', None) or error}") from None
+
+
+def trainer_option_sources(trainer_args: Sequence[str]) -> list[tuple[str, str | None]]:
+    """``(name, where)`` of each trainer option ``trainer_args`` sets: on its command line
+    (``where`` None, in order) or in its ``--config`` file (``where``: the file)."""
+    path, from_file = trainer_config_file(trainer_args)
+    return ([(name, None) for name in _command_line_names(trainer_args)]
+            + [(name, path) for name in from_file])
+
+
+def trainer_option_names(trainer_args: Sequence[str]) -> list[str]:
+    """The trainer options (their dest names) that ``trainer_args`` sets, on the command
+    line as the trainer's parser reads it or in its ``--config`` file
+    (:func:`trainer_option_sources`)."""
+    return [name for name, _ in trainer_option_sources(trainer_args)]
 
 
 def with_options(config: TrainConfig, **changes: Any) -> TrainConfig:
