@@ -94,11 +94,49 @@ def test_a_config_file_option_the_study_does_not_own_is_passed_through(tmp_path)
     from vapo_kernels.diagnose.cli import main
 
     path = tmp_path / "trainer.yaml"
-    path.write_text("algorithm:\n  clip_high: 0.3\n")
+    # eval_size and eval_every are the tiny preset's too (on the trainer's command line, where
+    # they won over the file's values without a word).
+    path.write_text("algorithm:\n  clip_high: 0.3\ntask: {eval_size: 8}\neval_every: 3\n")
     out = tmp_path / "out"
     assert main(_tiny("ablations", out, "--rows", "none", "--", "--config", str(path))) == 0
-    config = json.loads((out / "results.json").read_text())["trainer_config"]
+    results = json.loads((out / "results.json").read_text())
+    config = results["trainer_config"]
     assert config["algorithm"]["clip_high"] == 0.3 and config["run"]["config"] == str(path)
+    assert config["task"]["eval_size"] == 8 and results["results"]["eval_size"] == 8
+
+
+def test_a_file_or_an_ablation_wins_over_the_preset(tmp_path):
+    """The preset's options are defaults under the user's: a --config file's value and an
+    --ablation's switches win over them (they sat on the trainer's command line, which wins
+    over both), the user's command line still wins over the file."""
+    from vapo_kernels.diagnose.ablations import row_config
+    from vapo_kernels.diagnose.common import trainer_config
+
+    path = tmp_path / "trainer.yaml"
+    path.write_text("eval_size: 40\nthreads: 2\neval_every: 3\n")
+    run = str(tmp_path / "run")
+    config = trainer_config("tiny", 0, run, ["--config", str(path)])
+    assert (config.task.eval_size, config.run.threads, config.run.eval_every) == (40, 2, 3)
+    config = trainer_config("tiny", 0, run, ["--config", str(path), "--eval_size", "24"])
+    assert config.task.eval_size == 24
+    assert trainer_config("tiny", 0, run, ["--eval_size", "24"]).task.eval_size == 24
+    # The tiny preset's --value_pretrain_steps 1 replaced the ablation's 0.
+    for extra in (["--ablation", "no_value_pretrain"], ["--abl=vanilla_ppo"]):
+        assert trainer_config("tiny", 0, run, extra).algorithm.value_pretrain_steps == 0
+    path.write_text("ablation: no_value_pretrain\n")
+    assert trainer_config("tiny", 0, run, ["--config", str(path)]).algorithm.value_pretrain_steps == 0
+    # The command line's ablation (an explicit none too) wins over the file's, as in vapo-train.
+    config = trainer_config("tiny", 0, run, ["--config", str(path), "--ablation", "none"])
+    assert config.algorithm.value_pretrain_steps == 1
+    assert trainer_config("tiny", 0, run).algorithm.value_pretrain_steps == 1
+    # An ablations row: the study's defaults (--threads 1, --eval_every) give way to the file.
+    path.write_text("threads: 2\neval_every: 3\nlm_coef: 0.5\n")
+    options = {"preset": "tiny", "output_dir": str(tmp_path / "out"), "progress": False}
+    config = row_config(options, 0, "none", ["--config", str(path)])
+    assert (config.run.threads, config.run.eval_every, config.algorithm.lm_coef) == (2, 3, 0.5)
+    assert row_config(options, 0, "no_lm_loss", ["--config", str(path)]).algorithm.lm_coef == 0
+    config = row_config(options, 0, "none", [])
+    assert (config.run.threads, config.run.eval_every) == (1, 1)
 
 
 def test_option_names_include_the_config_file(tmp_path):

@@ -57,10 +57,11 @@ EVAL_EVERY = {"tiny": 1, "quick": 2, "full": 5}
 # One torch thread, as the quick preset's wall estimate was measured (a row is ~12 s of
 # small sequential steps there; the 2,573 s run used torch's default of two threads on a
 # loaded 2-core machine, where the second thread waits more than it computes). A user's
-# ``-- --threads N`` wins.
+# ``-- --threads N`` (or ``threads: N`` in a trainer --config file) wins.
 TRAINER_DEFAULTS = ["--threads", "1"]
-# Trainer options the study sets per row (cli refuses them after '--'): a user's --ablation
-# was applied under every row's own switches, full VAPO's included.
+# Trainer options the study sets per row (cli refuses them after '--' and in a trainer
+# --config file): a user's --ablation was applied under every row's own switches, full
+# VAPO's included.
 TRAINER_OWNED = {"ablation": "--rows"}
 
 
@@ -87,9 +88,9 @@ def selected_rows(text: str) -> list[tuple]:
 def row_config(options, seed, ablation, extra, out_dir=None):
     """The trainer config of a row (``out_dir``: its run folder, by default runs/seedS/NAME)."""
     out_dir = out_dir or os.path.join(options["output_dir"], "runs", f"seed{seed}", ablation)
-    config = trainer_config(options["preset"], seed, out_dir,
-                            [*TRAINER_DEFAULTS, "--eval_every", str(EVAL_EVERY[options["preset"]]),
-                             *extra], progress=options["progress"])
+    config = trainer_config(options["preset"], seed, out_dir, extra, progress=options["progress"],
+                            defaults=[*TRAINER_DEFAULTS, "--eval_every",
+                                      str(EVAL_EVERY[options["preset"]])])
     # The row's switches win over the preset's and the user's options (on the trainer's
     # command line, an option given explicitly would win over --ablation).
     config = with_options(config, ablation=ablation, **ABLATIONS[ablation])
@@ -282,8 +283,8 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     sharing = {}
     for seed in seeds:
         config = trainer_config(preset, seed, os.path.join(out_dir, "runs", f"seed{seed}", "warmup"),
-                                [*TRAINER_DEFAULTS, *extra_trainer_args],
-                                progress=options["progress"])
+                                extra_trainer_args, progress=options["progress"],
+                                defaults=TRAINER_DEFAULTS)
         # Each row's config (validated) before the warm-up trains.
         configs = {name: row_config(options, seed, name, extra_trainer_args) for _, name, _ in rows}
         base = start_run(config)

@@ -53,22 +53,61 @@ def preset_sizes(presets: dict[str, dict], options: dict) -> dict:
     return {**sizes, **{k: v for k, v in options.items() if k in sizes and v is not None}}
 
 
-def trainer_config(preset: str, seed: int, run_dir: str, extra: list[str] = (),
-                   progress: bool = True) -> TrainConfig:
-    """The trainer config of a preset; ``extra`` trainer options override it (the user's
-    ``-- --option value`` tail); bad options raise the trainer's ConfigError naming them."""
-    argv = [*TRAINER_PRESETS[preset], *COMMON_TRAINER_FLAGS, "--seed", str(seed),
-            "--output_dir", run_dir, *([] if progress else ["--no_progress"]), *extra]
+def trainer_config(preset: str, seed: int, run_dir: str, extra: Sequence[str] = (),
+                   progress: bool = True, defaults: Sequence[str] = ()) -> TrainConfig:
+    """The trainer config of a preset; bad options raise the trainer's ConfigError naming them.
+
+    Layers, later wins: the trainer's defaults; the preset's options with the study's
+    ``defaults``; then ``extra`` (the user's ``-- --option value`` tail, and options a study
+    sets after it) as the trainer reads it: its ``--config`` file, its ``--ablation``, its
+    command line. The preset and ``defaults`` are the trainer's command line too, where they
+    would win over the file and the ablation: an option either sets is dropped from them."""
+    from ..train.config import ABLATIONS
+
+    _, from_file = trainer_config_file(extra)
+    ablation = from_file.get("ablation", "none")
+    if "ablation" in _command_line_names(extra):  # the command line wins over the file
+        ablation = _command_line(extra).run.ablation
+    # An unknown name (or a file's non-string) is the trainer's to refuse.
+    above = {*from_file, *(ABLATIONS.get(ablation, {}) if isinstance(ablation, str) else {})}
+    under = _without_options([*TRAINER_PRESETS[preset], *COMMON_TRAINER_FLAGS, *defaults], above)
+    argv = [*under, "--seed", str(seed), "--output_dir", run_dir,
+            *([] if progress else ["--no_progress"]), *extra]
     return parse_config(argv, prog="vapo-diagnose")
+
+
+def _trainer_parser(prog: str = "vapo-train"):
+    from ..train.config import make_parser
+
+    return make_parser(prog)
+
+
+def _command_line(trainer_args: Sequence[str]) -> TrainConfig:
+    """``trainer_args`` as the trainer's parser reads them (its first pass: no file, no
+    ablation, no checks; unknown options are left to the trainer to refuse)."""
+    *groups, _ = _trainer_parser("vapo-diagnose").parse_args_into_dataclasses(
+        args=list(trainer_args), return_remaining_strings=True)
+    return TrainConfig(*groups)
+
+
+def _without_options(argv: Sequence[str], names: set[str]) -> list[str]:
+    """``argv`` (exact option spellings, each followed by its values) less the options
+    whose dest is in ``names``, with their values."""
+    actions = _trainer_parser()._option_string_actions
+    out, keep = [], True
+    for token in argv:
+        if token.startswith("--"):
+            keep = actions[token.split("=", 1)[0]].dest not in names
+        if keep:
+            out.append(token)
+    return out
 
 
 def _command_line_names(trainer_args: Sequence[str]) -> list[str]:
     """The trainer options (their dest names, in order) given on ``trainer_args``'s command
     line, as the trainer's parser reads them: abbreviations (``--see`` is ``--seed``) and
     dashed spellings included; an unknown or ambiguous one is left to the parser to refuse."""
-    from ..train.config import make_parser
-
-    actions = make_parser()._option_string_actions
+    actions = _trainer_parser()._option_string_actions
     names = []
     for arg in trainer_args:
         if not arg.startswith("--"):
@@ -88,11 +127,9 @@ def trainer_config_file(trainer_args: Sequence[str]) -> tuple[str, dict[str, Any
     file, a folder, an unreadable file or one that is not YAML is a ConfigError naming it."""
     import yaml
 
-    from ..train.config import _flatten_yaml, make_parser
+    from ..train.config import _flatten_yaml
 
-    *groups, _ = make_parser("vapo-diagnose").parse_args_into_dataclasses(
-        args=list(trainer_args), return_remaining_strings=True)
-    path = TrainConfig(*groups).run.config
+    path = _command_line(trainer_args).run.config
     if not path:
         return "", {}
     if os.path.isdir(path):
