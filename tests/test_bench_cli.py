@@ -161,7 +161,7 @@ def test_turn_s_and_seed_reach_the_timing_settings(tmp_path, monkeypatch):
 
     monkeypatch.setattr(H, "run_case", run_case)
     monkeypatch.setattr(H, "copy_bandwidth", lambda device, nbytes: 1e10)
-    for argv, turn in ((["--seed", "7"], 0.005), (["--seed", "7", "--turn-s", "inf"], None)):
+    for argv, turn in ((["--seed", "7"], 0.02), (["--seed", "7", "--turn-s", "inf"], None)):
         out = tmp_path / str(turn)
         assert cli.main(["--suite", "gae", "--shapes", "2x16", "--quick", "--device", "cpu",
                          "--no-sanitize", "--out", str(out), *argv]) == 0

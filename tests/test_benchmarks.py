@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import shutil
@@ -256,6 +257,26 @@ def test_rows_of_a_shape_are_timed_in_interleaved_rounds(monkeypatch):
     assert all(r.rounds == 1 for r in rows)
 
 
+def test_a_turn_after_another_rows_starts_with_untimed_calls():
+    """A call of a few microseconds is slower for some ten calls after another row's
+    calls: a turn of ten calls starts with two untimed ones (a fifth, at most the row's
+    warm-up); a turn of one call has none, and neither does a turn right after its own."""
+    clock = FakeClock()
+    runners = [H.Runner(clock.impl(n, c).run, lambda i: torch.ones(1), warmup=3)
+               for n, c in (("fast", 1e-3), ("slow", 10e-3))]
+    fast, slow = H.time_interleaved(runners, CPU, reps=40, budget_s=0.0395, turn_s=10e-3,
+                                    seed=0, clock=clock)
+    assert (len(fast.times), len(slow.times), fast.rounds, slow.rounds) == (40, 4, 4, 4)
+    assert fast.times == pytest.approx([1e-3] * 40)  # the untimed calls are not among them
+    assert clock.log[:6] == ["fast"] * 3 + ["slow"] * 3  # warm-ups
+    runs = [(name, len(list(g))) for name, g in itertools.groupby(clock.log[6:])]
+    assert {n for name, n in runs if name == "slow"} <= {1, 2}  # 1 a turn, no untimed
+    assert {n for name, n in runs if name == "fast"} <= {12, 22}  # 2 untimed + 10 (+ 10)
+    assert clock.log.count("fast") == 3 + 40 + 2 * sum(1 for name, _ in runs if name == "fast")
+    H.time_interleaved(runners, CPU, reps=40, budget_s=0.0395, turn_s=10e-3, rewarm=0, clock=clock)
+    assert clock.log.count("fast") == 2 * (3 + 40) + 2 * sum(1 for name, _ in runs if name == "fast")
+
+
 def test_the_turn_order_follows_the_seed():
     def order(seed):
         clock = FakeClock()
@@ -368,7 +389,7 @@ def test_results_json_keeps_its_keys_and_adds_the_rounds(tmp_path, monkeypatch):
     }
     for r in data["rows"]:
         assert before <= set(r), before - set(r)
-        assert (r["kept_attempt"], r["rounds"], r["interleaved"]) == (0, 250, 3)  # b: 2 a turn
+        assert (r["kept_attempt"], r["rounds"], r["interleaved"]) == (0, 50, 3)  # b: 10 a turn
         assert r["load_avg"] == [0.25, 0.25]
     assert {"turn_s", "seed", "reps", "budget_s", "per_call_reps"} <= set(data["meta"]["timing"])
     a = data["rows"][0]

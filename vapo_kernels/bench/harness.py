@@ -136,7 +136,7 @@ class Timing:
     per_call_budget_s: float = 5.0
     # the rows of one shape are timed in rounds, each row making about turn_s seconds of
     # calls in its turn (inf: one round, each row in one block); seed: the turn order
-    turn_s: float = 0.005
+    turn_s: float = 0.02
     seed: int = 0
 
     def for_case(self, case: Case) -> Timing:
@@ -421,6 +421,7 @@ def time_interleaved(
     reps: int,
     budget_s: float | None = None,
     turn_s: float | None = None,
+    rewarm: float = 0.2,
     seed: int = 0,
     before_each: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
@@ -438,7 +439,12 @@ def time_interleaved(
        has made ``round(n j / R)``. ``turn_s`` None or inf: one round, each runner's calls
        in one block (the design before the rounds).
     3. Rounds: in each, every runner makes its calls in turn, in an order shuffled per
-       round (``random.Random(seed)``). A runner stops early once its timed calls add
+       round (``random.Random(seed)``). A turn that follows another runner's starts with
+       untimed calls, a ``rewarm`` share of the turn's calls and at most ``warmup``: the
+       other runner's calls left the caches cold, and a call of a few microseconds takes
+       some ten calls to get back to its speed in a loop (measured: 2.6x, then 1.4x, 1.2x,
+       ... on the per-call loss after verl's calls), while a call that fills a turn has
+       none. A runner stops early once its timed calls add
        up to ``budget_s`` (as a row timed alone did), and is dropped from the rounds if
        a call raises (``Timed.error``; the others go on). A timed call faster than the
        estimate (or the first, where there was none) plans that runner's calls again.
@@ -502,6 +508,7 @@ def time_interleaved(
     rounds = max((math.ceil(n[k] / per_turn[k]) for k in live), default=0)
     rng = random.Random(seed)
     spent = [0.0] * len(runners)
+    last = None
     shown = time.monotonic()
     for j in range(1, rounds + 1):
         if progress is not None and time.monotonic() - shown >= 1.0:
@@ -512,6 +519,14 @@ def time_interleaved(
         for k in order:
             r, t = runners[k], out[k]
             ran = False
+            due = (2 * n[k] * j + rounds) // (2 * rounds) - len(t.times)
+            if k != last and due > 0 and k in live:  # another runner's calls cooled the caches
+                try:
+                    for _ in range(min(r.warmup, int(due * rewarm))):
+                        r.fn(r.inputs(len(t.times)))
+                except Exception as e:  # noqa: BLE001 - see above
+                    drop(k, e)
+                last = k
             while k in live and len(t.times) < (2 * n[k] * j + rounds) // (2 * rounds):
                 try:
                     dt = timed_call(r, len(t.times))
