@@ -150,3 +150,13 @@ def test_option_names_include_the_config_file(tmp_path):
     assert trainer_option_sources(["--see", "1", f"--config={path}"]) == [
         ("seed", None), ("config", None), ("tiny_hidden_size", str(path))]
     assert trainer_option_names(["--threads", "1"]) == ["threads"]
+
+
+def test_ablations_refuse_before_the_progress_bar(tmp_path, capsys):
+    # The bar was drawn before the rows' configs were checked: the error line sat between
+    # two bar lines on stderr.
+    for tail, option in ((["--threads", "-1"], "--threads"), (["--eval_every", "0"], "--eval-every")):
+        out = tmp_path / "out"
+        _one_error_line(capsys, ["ablations", "--preset", "tiny", "--rows", "none", "--seeds",
+                                 "0,1", "--output-dir", str(out), "--", *tail], option)
+        assert not out.exists()

@@ -278,15 +278,20 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     per_row = {name: [] for _, name, _ in rows}
     post_warmup, thresholds = [], []
+    # Every seed's warm-up and row configs (validated) before anything trains, and before the
+    # progress bar: a refused option is one line, not one inside the bar's output.
+    plans = {seed: (trainer_config(preset, seed, os.path.join(out_dir, "runs", f"seed{seed}",
+                                                              "warmup"),
+                                   extra_trainer_args, progress=options["progress"],
+                                   defaults=TRAINER_DEFAULTS),
+                    {name: row_config(options, seed, name, extra_trainer_args)
+                     for _, name, _ in rows})
+             for seed in seeds}
     bar = tqdm(total=len(seeds) * len(rows), desc="ablation runs", disable=not options["progress"])
     config = None
     sharing = {}
     for seed in seeds:
-        config = trainer_config(preset, seed, os.path.join(out_dir, "runs", f"seed{seed}", "warmup"),
-                                extra_trainer_args, progress=options["progress"],
-                                defaults=TRAINER_DEFAULTS)
-        # Each row's config (validated) before the warm-up trains.
-        configs = {name: row_config(options, seed, name, extra_trainer_args) for _, name, _ in rows}
+        config, configs = plans[seed]
         base = start_run(config)
         base.log.close()
         warm = evaluate(base.state, base.task, config)["heldout_accuracy"]
