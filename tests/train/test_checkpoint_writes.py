@@ -117,6 +117,34 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_one_line(tmp_path, monkeyp
     assert [n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".")] == []
 
 
+def test_a_full_disk_under_torch_save_is_one_line_too(tmp_path, monkeypatch, capsys):
+    # torch.save reports a full disk as a RuntimeError (its zip writer), not an OSError:
+    # rank0.pt's write ended the run in a traceback.
+    import torch
+
+    saves, real_save, real_torch_save = [], checkpoint.Checkpointer.save, torch.save
+
+    def save(self, state):
+        saves.append(state.step)
+        return real_save(self, state)
+
+    def torch_save(obj, f, *args, **kwargs):
+        if len(saves) >= 3 and str(f).endswith("rank0.pt"):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                               "704 vs 598")  # what torch.save to /dev/full raises
+        return real_torch_save(obj, f, *args, **kwargs)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+    monkeypatch.setattr(torch, "save", torch_save)
+    run_dir = tmp_path / "run"
+    assert main([*SHORT, "--output_dir", str(run_dir)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    kept = checkpoint.complete_checkpoints(run_dir)
+    assert len(kept) == 2 and len(err) == 1, err
+    assert err[0].endswith(": rank0.pt: RuntimeError: [enforce fail at inline_container.cc:672] "
+                           f". unexpected pos 704 vs 598; last good checkpoint: {kept[-1]}"), err
+    assert [n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".")] == []
+
+
 def test_the_tensorboard_step_continues_after_a_resume(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -6,9 +6,14 @@ ends the job with its traceback instead of hanging."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
+import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,8 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import vapo_kernels as vk
-from vapo_kernels.train import distributed, vapo
-from vapo_kernels.train.cli import _train, _value_model_maker, build_policy, build_task
+from vapo_kernels.train import checkpoint, distributed, vapo
+from vapo_kernels.train.cli import _train, _value_model_maker, build_policy, build_task, main
 from vapo_kernels.train.distributed import DataParallel
 from vapo_kernels.train.metrics import MetricsLogger, PhaseTimer
 from vapo_kernels.train.rollout import demonstration_batch
@@ -387,6 +392,92 @@ def test_an_error_on_one_process_ends_the_job_at_once_with_its_traceback(tmp_pat
     assert proc.returncode != 0, err[-4000:]
     assert "RuntimeError: injected failure on rank 1" in err, err[-4000:]
     assert seconds < 60, (seconds, err[-4000:])  # ~11 s on 2 cores; hung: the 90-s alarm
+
+
+# -- a checkpoint write error on one process ------------------------------------------------
+SAVE_RUN = [*tiny_argv(drop=("--steps", "--warmup_steps", "--value_pretrain_steps")),
+            "--warmup_steps", "2", "--value_pretrain_steps", "0", "--steps", "1",
+            "--threads", "1", "--no_save_checkpoint", "--save_every", "1", "--keep", "0"]
+
+
+def _fail_writes(rank: int, failing_rank: int, name: str) -> dict:
+    """From the third checkpoint on, process ``failing_rank`` cannot write ``name`` (a full
+    disk): torch.save's rank<r>.pt or rank 0's copy of metrics.jsonl. Returns a dict that
+    gets the time of the failure."""
+    saves, failed = [], {}
+    save, torch_save, copyfile = checkpoint.Checkpointer.save, torch.save, shutil.copyfile
+
+    def fail(path):
+        if rank == failing_rank and len(saves) >= 3 and str(path).endswith(name):
+            failed["failed_at"] = time.time()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    def counted_save(self, state):
+        saves.append(state.step)
+        return save(self, state)
+
+    def failing_torch_save(obj, f, *args, **kwargs):
+        fail(f)
+        return torch_save(obj, f, *args, **kwargs)
+
+    def failing_copyfile(src, dst, *args, **kwargs):
+        fail(dst)
+        return copyfile(src, dst, *args, **kwargs)
+
+    checkpoint.Checkpointer.save = counted_save
+    torch.save, shutil.copyfile = failing_torch_save, failing_copyfile
+    return failed
+
+
+def _main(rank, store, out_dir, argv, fault):
+    """vapo-train's main() as this process of torchrun's group would run it; its exit code,
+    what it printed and when it ended go to out_dir. ``fault``: (rank, file) or None."""
+    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
+    signal.alarm(90)  # a hang kills this process (the test fails) rather than the session
+    _join(rank, store)  # the trainer finds the group joined
+    result = _fail_writes(rank, *fault) if fault else {}
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        result["code"] = main(argv)
+    result.update(out=out.getvalue(), err=err.getvalue(), ended_at=time.time())
+    with open(os.path.join(out_dir, f"main-{rank}.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f)
+
+
+def _main_on_both(folder: Path, argv, fault=None) -> list[dict]:
+    folder.mkdir(exist_ok=True)
+    _spawn(_main, folder, str(folder), argv, fault)
+    return [json.loads((folder / f"main-{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("rank, name, then_resume", [(1, "rank1.pt", True),
+                                                     (0, "metrics.jsonl", False)])
+def test_a_checkpoint_write_error_on_one_process_stops_every_process_with_one_line(
+        tmp_path, rank, name, then_resume):
+    # The failing process stopped with the error; the other went on into the save's next
+    # collective (FSDP's gather of the weights, a barrier) and waited there for it: with
+    # gloo it died of the closed connection with a traceback, with NCCL it waited.
+    run_dir = tmp_path / "run"
+    argv = [*SAVE_RUN, "--output_dir", str(run_dir)]
+    results = _main_on_both(tmp_path / "failing", argv, (rank, name))
+    kept = checkpoint.complete_checkpoints(run_dir)
+    assert [os.path.basename(k) for k in kept] == ["0-warmup-00000000", "0-warmup-00000001"]
+    third = run_dir / "checkpoints" / "2-rl-00000000"  # the warm-up's last step is not saved
+    line = (f"vapo-train: could not write checkpoint {third}: No space left on device "
+            f"({third.parent / ('.tmp-' + third.name) / name}); last good checkpoint: "
+            f"{kept[-1]}")
+    for r, result in enumerate(results):
+        assert result["code"] == 3 and result["err"].splitlines() == [line], (r, result["err"])
+    assert max(r["ended_at"] for r in results) - results[rank]["failed_at"] < 10  # at once
+    assert [n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".")] == []
+    if not then_resume:  # the same checkpoints are left whichever process failed
+        return
+    # The last good checkpoint is whole: the run continues from it.
+    results = _main_on_both(tmp_path / "resumed", [*argv, "--resume", "auto"])
+    assert [r["code"] for r in results] == [0, 0], results[0]["err"][-2000:]
+    assert f"resuming from {kept[-1]}" in results[0]["out"]
+    assert [(r["phase"], r["step"]) for r in read_rows(run_dir)] == [
+        ("warmup", 0), ("warmup", 1), ("warmup", 2), ("rl", 0), ("rl", 1)]
 
 
 def _comparable(rows):

@@ -326,14 +326,26 @@ def _restore_private(state, saved: dict[str, Any]) -> None:
         getattr(state, name).load_state_dict(scheduler_state)
 
 
+def full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's whole (unsharded) state dict on rank 0, empty on the others; every
+    process calls this (a collective under FSDP2)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
+
+
+def save_pretrained(folder: str, model: torch.nn.Module, weights: dict, tokenizer) -> None:
+    """``save_pretrained`` of the model with ``weights`` (:func:`full_weights`) and of its
+    tokenizer (rank 0)."""
+    os.makedirs(folder, exist_ok=True)
+    model.save_pretrained(folder, state_dict=weights)
+    tokenizer.save_pretrained(folder)
+
+
 def export_pretrained(folder: str, model: torch.nn.Module, tokenizer, dp) -> None:
     """``save_pretrained`` of the full (unsharded) model with its tokenizer, by rank 0."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
+    weights = full_weights(model)
     if dp.is_main:
-        os.makedirs(folder, exist_ok=True)
-        model.save_pretrained(folder, state_dict=full)
-        tokenizer.save_pretrained(folder)
+        save_pretrained(folder, model, weights, tokenizer)
 
 
 def _fsync(path: str) -> None:
@@ -379,6 +391,31 @@ def _reason(error: BaseException) -> str:
         where = f" ({error.filename})" if error.filename else ""
         return f"{error.strerror or error}{where}"
     return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+class _WriteFailed(Exception):
+    """A part of a save failed on some process; the message is that process's reason."""
+
+
+@contextlib.contextmanager
+def _on_every_process(dp, what: str):
+    """Around a part of a save that only writes files (no collective inside), then a
+    barrier that carries failures: an error in it on any process raises the same
+    :class:`_WriteFailed` (the failing process's reason) on every process. A process
+    failing alone left the others waiting for it in the save's next collective (a barrier,
+    FSDP's gather of the full weights) until it exited, or until the collective's timeout.
+    ``what``: the file(s) the part writes, named in the reason when the error names no file
+    (torch.save reports a full disk as a RuntimeError)."""
+    failure = None
+    try:
+        yield
+    except Exception as error:  # only file writes inside: whatever they raise, the write failed
+        failure = _reason(error)
+        if not getattr(error, "filename", None):
+            failure = f"{what}: {failure}"
+    failure = dp.first_failure(failure)
+    if failure is not None:
+        raise _WriteFailed(failure)
 
 
 def publish(tmp: str, final: str) -> None:
@@ -446,19 +483,19 @@ class Checkpointer:
         except KeyboardInterrupt:
             self._discard(tmp)
             raise
-        # DCP wraps whatever its writers raised; OSError: disk full, no permission, a file
-        # where a folder goes.
-        except (CheckpointException, OSError) as error:
+        # A write failed on some process, raised on every process (_WriteFailed; DCP's
+        # CheckpointException wraps its writers' errors); OSError: disk full, no
+        # permission, a file where a folder goes.
+        except (_WriteFailed, CheckpointException, OSError) as error:
             self._discard(tmp)
-            raise CheckpointWriteError(
-                f"could not write checkpoint {final}: {_reason(_unwrapped(error))}; last good "
-                f"checkpoint: {self.last_good()}") from None
-        if dp.is_main:
+            reason = str(error) if isinstance(error, _WriteFailed) else _reason(_unwrapped(error))
+            raise CheckpointWriteError(f"could not write checkpoint {final}: {reason}; last "
+                                       f"good checkpoint: {self.last_good()}") from None
+        if dp.is_main:  # the others go on: they have passed the save's last barrier
             if final in self.history:
                 self.history.remove(final)
             self.history.append(final)
             self._prune()
-        dp.barrier()
         self.last_saved = final
         return final
 
@@ -467,23 +504,39 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
 
     def _write(self, state, tmp: str, final: str) -> None:
+        """Every process writes its part into ``tmp``, then rank 0 completes it and renames
+        it to ``final``. Each part that writes files ends in a barrier that carries failures
+        (:func:`_on_every_process`), so no process goes on into a collective while another
+        has failed."""
         dp = self.dp
-        if dp.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        dp.barrier()
+        with _on_every_process(dp, tmp):
+            if dp.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
         with_optimizer = optimizers_with_state(state)
         with _quiet_single_process():
+            # DCP gathers its writers' results: a failure on one process raises on all.
             # no_dist on one process: vLLM in this process makes a process group of its own
             dcp.save(_sharded_state(state, with_optimizer), checkpoint_id=os.path.join(tmp, "dcp"),
                      process_group=dp.group, no_dist=not dp.distributed)
-        torch.save(_private_state(state), os.path.join(tmp, f"rank{dp.rank}.pt"))
+        private = _private_state(state)
+        with _on_every_process(dp, f"rank{dp.rank}.pt"):
+            torch.save(private, os.path.join(tmp, f"rank{dp.rank}.pt"))
         for sub, model in (("policy", state.policy), ("value", state.value_model)):
             if model is not None:
-                export_pretrained(os.path.join(tmp, "hf", sub), model, state.tokenizer, dp)
-        dp.barrier()
-        if not dp.is_main:
-            return
+                weights = full_weights(model)  # a collective: outside the parts that write
+                with _on_every_process(dp, f"hf/{sub}"):
+                    if dp.is_main:
+                        save_pretrained(os.path.join(tmp, "hf", sub), model, weights,
+                                        state.tokenizer)
+        with _on_every_process(dp, "meta.json, COMPLETE"):
+            if dp.is_main:
+                self._complete(state, tmp, final, with_optimizer)
+
+    def _complete(self, state, tmp: str, final: str, with_optimizer: list[str]) -> None:
+        """Rank 0, once every process has written its part: the metric rows, meta.json, the
+        COMPLETE marker, then the rename into place."""
+        dp = self.dp
         shutil.copyfile(self.metrics_path, os.path.join(tmp, "metrics.jsonl"))
         meta = {"phase": state.phase, "step": state.step, "world_size": dp.world_size,
                 "optimizers": with_optimizer,

@@ -83,6 +83,17 @@ class DataParallel:
         dist.all_gather(parts, t, group=self.group)
         return [p.tolist() for p in parts]
 
+    def first_failure(self, failure: str | None) -> str | None:
+        """The first (in rank order) of the processes' ``failure`` messages (None: that
+        process's part went well) on every process, None when none failed; a barrier too
+        (one all_gather_object). A process whose own part failed meets the others here
+        instead of raising alone while they wait for it in their next collective."""
+        if not self.distributed:
+            return failure
+        failures: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(failures, failure, group=self.group)
+        return next((f for f in failures if f is not None), None)
+
     def from_main(self, value: Any) -> Any:
         """Rank 0's ``value`` (any picklable object) on every process: for decisions every
         process must take alike, from numbers that could differ between them."""
