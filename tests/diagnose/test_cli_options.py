@@ -160,3 +160,26 @@ def test_ablations_refuse_before_the_progress_bar(tmp_path, capsys):
         _one_error_line(capsys, ["ablations", "--preset", "tiny", "--rows", "none", "--seeds",
                                  "0,1", "--output-dir", str(out), "--", *tail], option)
         assert not out.exists()
+
+
+def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    from vapo_kernels.diagnose import ablations, cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # While the study's module imports (seconds on a loaded machine): a traceback before.
+    monkeypatch.setattr(cli.importlib, "import_module", interrupted)  # importlib's own
+    assert cli.main(_tiny("ablations", tmp_path / "a")) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["vapo-diagnose: interrupted"]
+    monkeypatch.undo()
+
+    def interrupted_run(options, trainer_args):
+        (tmp_path / "b" / "runs").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablations, "run_study", interrupted_run)
+    assert cli.main(_tiny("ablations", tmp_path / "b")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vapo-diagnose: interrupted; ") and \
+        str(tmp_path / "b") in err[0], err

@@ -8,6 +8,7 @@ e.g. ``-- --tiny_hidden_size 64``) and writes results.json, PNG figures and repo
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import importlib.util
 import os
@@ -237,6 +238,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # Ctrl-C while the study's modules import (seconds) gave a traceback
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("vapo-diagnose: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -260,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(f".{STUDIES[study][0]}", __package__)
     start = time.perf_counter()
-    made, checked = _first_missing(out_dir), False
+    made, checked, interrupted = _first_missing(out_dir), False, False
     try:
         _check_trainer_args(trainer_args, {**_STUDY_OWNED, **getattr(module, "TRAINER_OWNED", {})})
         _check_output_dir(out_dir)
@@ -274,7 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vapo-diagnose: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vapo-diagnose: interrupted", file=sys.stderr)
+        interrupted = True
+    if interrupted:
+        # Said once the study's frames are gone: their progress bars close (and draw their
+        # last line) as they go. What the study wrote stays (a run's metrics.jsonl).
+        gc.collect()
+        kept = os.path.isdir(out_dir) and os.listdir(out_dir)
+        print("vapo-diagnose: interrupted" + (f"; the unfinished study's files are in {out_dir}"
+                                              if kept else ""), file=sys.stderr)
         return 130
     print(f"[vapo-diagnose] {study}: results.json, report.md and figures in "
           f"{options['output_dir']} ({time.perf_counter() - start:.0f} s)", flush=True)
