@@ -183,3 +183,26 @@ def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vapo-diagnose: interrupted; ") and \
         str(tmp_path / "b") in err[0], err
+
+
+@pytest.mark.parametrize("study", list(STUDIES))
+def test_help_says_each_default_and_the_owned_trainer_options(study, capsys):
+    import importlib
+
+    from vapo_kernels.diagnose import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main([study, "--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    # argparse's defaults: "(default: None)" on every size, "(default: True)" on --no-progress
+    assert "(default: None)" not in text and "(default: True)" not in text
+    module = importlib.import_module(f"vapo_kernels.diagnose.{cli.STUDIES[study][0]}")
+    sizes = {k for k in module.PRESETS["quick"] if f"--{k.replace('_', '-')}" in text}
+    assert sizes and text.count("Preset tiny / quick / full:") == len(sizes)  # each lists them
+    owned = {**cli._STUDY_OWNED, **getattr(module, "TRAINER_OWNED", {})}
+    said = text.split("refuses them there and in the file:")[1]
+    for name in owned:
+        assert f"--{name.replace('_', '-')}".replace("-", "") in said.replace("-", ""), name
+    if study == "short-vs-long":  # its --rl-steps is one number, not stages
+        assert "comma-separated for the stage studies" not in text

@@ -158,35 +158,40 @@ def make_parser() -> argparse.ArgumentParser:
         prog="vapo-diagnose", description="Diagnostics of VAPO's credit assignment, built on "
         "vapo-train. Options after '--' are passed to the trainer (vapo-train --help).")
     sub = parser.add_subparsers(dest="study", required=True, metavar="STUDY")
-    for name, (_, help_text) in STUDIES.items():
+    for name, (module_name, help_text) in STUDIES.items():
+        module = importlib.import_module(f".{module_name}", __package__)
+        # Each help line says its own default (argparse's "(default: None)" said nothing,
+        # and "(default: True)" on --no-progress the opposite of what it does).
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           epilog=_trainer_options_epilog(module))
         p.add_argument("--output-dir", default="",
-                       help="Folder for results.json, figures and report.md "
-                       "(default: diagnose_<study>_<date>).")
+                       help="Folder for results.json, figures and report.md, new or empty "
+                       "(default: diagnose_<study>_<date>-<time>).")
         if name == "ablations":  # None: not given (refused beside --seeds, which replaces it)
             p.add_argument("--seed", type=int, default=None, help="First seed (default 0): the "
                            "preset's seeds are SEED, SEED + 1, ...; or give --seeds.")
         else:
-            p.add_argument("--seed", type=int, default=0, help="Seed of everything.")
+            p.add_argument("--seed", type=int, default=0, help="Seed of everything (default 0).")
         size = p.add_mutually_exclusive_group()
         size.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                          help="The CPU preset (minutes on 2 cores); the default.")
+                          help="The CPU preset (minutes on 2 cores): the default.")
         size.add_argument("--preset", choices=["tiny", "quick", "full"],
-                          help="tiny: seconds (tests); quick: CPU minutes; full: bigger, for a GPU.")
+                          help="tiny: seconds (tests); quick: CPU minutes (the default); full: "
+                          "bigger, for a GPU. Each size option below gives its preset values.")
         # Both options write dest 'preset': argparse takes the first action's default (--quick
         # had None), so a study run without either crashed with KeyError: None.
         p.set_defaults(preset="quick")
         p.add_argument("--model", default="", help="Hugging Face causal-LM folder (passed to "
                        "the trainer as --model).")
         p.add_argument("--no-progress", dest="progress", action="store_false",
-                       help="No progress bars.")
-        if name in ("injected-errors", "value-probe", "short-vs-long"):
-            p.add_argument("--rl-stages" if name != "short-vs-long" else "--rl-steps",
-                           dest="rl_stages" if name != "short-vs-long" else "rl_steps",
-                           type=_positive_int_list if name != "short-vs-long" else _positive_int,
-                           default=None, help="RL steps (cumulative stages, comma-separated "
-                           "for the stage studies); default: the preset's.")
+                       help="No progress bars (they are on by default).")
+        if name in ("injected-errors", "value-probe"):
+            p.add_argument("--rl-stages", dest="rl_stages", type=_positive_int_list,
+                           default=None, help="RL steps after which to measure, cumulative, "
+                           "comma-separated (the stages before RL are always measured).")
+        if name == "short-vs-long":
+            p.add_argument("--rl-steps", dest="rl_steps", type=_positive_int, default=None,
+                           help="RL steps of each length's and setting's run.")
         if name == "injected-errors":
             p.add_argument("--length", type=_positive_int, default=None,
                            help="Steps per chain (<= the task's max_steps).")
@@ -210,8 +215,7 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--model-sizes", dest="model_sizes", type=_int_list, default=None,
                            help="Hidden sizes of the built-in model, comma-separated (e.g. "
                            "32,64,128): the whole run once per size, the value error compared "
-                           "across sizes; default: the preset's (tiny: none, quick: 32,64,128, "
-                           "full: 64,128,256), none with --model or -- --tiny_hidden_size N.")
+                           "across sizes; none with --model or a trainer --tiny_hidden_size N.")
         if name == "short-vs-long":
             p.add_argument("--lengths", type=_int_list, default=None,
                            help="Chain lengths (steps), comma-separated.")
@@ -225,7 +229,8 @@ def make_parser() -> argparse.ArgumentParser:
                            "was 9); 0: no Monte-Carlo setting.")
         if name == "ablations":
             p.add_argument("--seeds", type=_int_list, default=None,
-                           help="Seeds per row (default: the preset's, from --seed on).")
+                           help="Seeds per row, comma-separated (default: the preset's number "
+                           "of seeds, from --seed on).")
             p.add_argument("--rl-steps", dest="rl_steps", type=_positive_int, default=None,
                            help="RL steps per row.")
             p.add_argument("--threshold", type=float, default=None,
@@ -234,7 +239,29 @@ def make_parser() -> argparse.ArgumentParser:
             p.add_argument("--rows", default="", help="Comma-separated subset of the rows "
                            "(ablation names; default: all nine). Full VAPO (none) is always "
                            "run, added when not listed: every other row is compared with it.")
+        for action in p._actions:
+            action.help = (action.help or "") + _preset_values(module, action.dest)
     return parser
+
+
+def _preset_values(module, key: str) -> str:
+    """' Preset tiny / quick / full: a / b / c.' for a size the study's PRESETS give."""
+    presets = getattr(module, "PRESETS", {})
+    if not presets or any(key not in sizes for sizes in presets.values()):
+        return ""
+    shown = [",".join(map(str, v)) or "none" if isinstance(v, list) else str(v)
+             for v in (presets[p][key] for p in presets)]
+    return f" Preset {' / '.join(presets)}: {' / '.join(shown)}."
+
+
+def _trainer_options_epilog(module) -> str:
+    """What a study's help says of trainer options, from the one list the CLI refuses."""
+    owned = {**_STUDY_OWNED, **getattr(module, "TRAINER_OWNED", {})}
+    said = [f"--{name.replace('_', '-')}" + (f" (vapo-diagnose's {instead})" if instead else "")
+            for name, instead in owned.items()]
+    return ("Trainer options go after '--' (vapo-train --help lists them), a trainer --config "
+            "FILE.yaml among them; they override the preset's. The study sets these itself and "
+            "refuses them there and in the file: " + ", ".join(said) + ".")
 
 
 def main(argv: list[str] | None = None) -> int:
