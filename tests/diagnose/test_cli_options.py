@@ -206,3 +206,24 @@ def test_help_says_each_default_and_the_owned_trainer_options(study, capsys):
         assert f"--{name.replace('_', '-')}".replace("-", "") in said.replace("-", ""), name
     if study == "short-vs-long":  # its --rl-steps is one number, not stages
         assert "comma-separated for the stage studies" not in text
+
+
+def test_options_that_were_ignored_without_a_word_are_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    for argv, option, said in (
+            # the trainer's --model after '--' replaced vapo-diagnose's --model
+            (["value-probe", "--model", "a", "--", "--model", "b"], "--model", "given twice"),
+            # no Monte-Carlo row to size
+            (["injected-errors", "--mc-samples", "0", "--mc-problems", "2"], "--mc-problems",
+             "turns off"),
+            # cut to the tiny preset's 4 problems, and to --problems
+            (["injected-errors", "--mc-problems", "5"], "--mc-problems", "4 --problems"),
+            (["injected-errors", "--problems", "2", "--mc-problems", "3"], "--mc-problems",
+             "2 --problems")):
+        assert said in _one_error_line(capsys, _tiny(argv[0], out, *argv[1:]), option)
+        assert not out.exists()
+    from vapo_kernels.diagnose.cli import _check_sizes
+    from vapo_kernels.diagnose import injected_errors
+
+    _check_sizes(injected_errors, {"preset": "tiny", "mc_problems": 4, "mc_samples": None,
+                                   "problems": None})

@@ -112,6 +112,33 @@ def _check_trainer_args(trainer_args: list[str], owned: dict) -> None:
                           + (f"; use vapo-diagnose's {instead}" if instead else ""))
 
 
+def _check_given_once(model: str, trainer_args: list[str]) -> None:
+    """vapo-diagnose's --model beside the trainer's after '--': the later one won without a
+    word (a --config file's model gives way to the command line's, as in vapo-train)."""
+    from .common import trainer_option_sources
+
+    if model and any(name == "model" and where is None
+                     for name, where in trainer_option_sources(trainer_args)):
+        raise ConfigError("model", "given twice, as vapo-diagnose's --model and as a trainer "
+                          "option after '--': give one")
+
+
+def _check_sizes(module, options: dict) -> None:
+    """Sizes that mean nothing together, refused before anything runs: injected-errors'
+    --mc-problems was ignored without a word under --mc-samples 0 and cut to --problems."""
+    from .common import preset_sizes
+
+    if options.get("mc_problems") is None:
+        return
+    if options.get("mc_samples") == 0:
+        raise ConfigError("mc-problems", "sizes the Monte-Carlo row, which --mc-samples 0 "
+                          "turns off: drop one of them")
+    problems = preset_sizes(module.PRESETS, options)["problems"]
+    if options["mc_problems"] > problems:
+        raise ConfigError("mc-problems", f"the Monte-Carlo row runs on the first of the "
+                          f"{problems} --problems chains per step, got {options['mc_problems']}")
+
+
 def _check_output_dir(path: str) -> None:
     """A study writes a fresh folder: one that holds files (an earlier study's results and
     run folders) would mix two studies' rows in its metrics and its report."""
@@ -285,6 +312,7 @@ def _main(argv: list[str] | None) -> int:
     options = vars(args)  # the namespace's own dict: read args before popping from it
     study = options.pop("study")
     model = options.pop("model")
+    user_trainer_args = trainer_args
     if model:
         trainer_args = ["--model", model, *trainer_args]
     if not options["output_dir"]:
@@ -299,6 +327,8 @@ def _main(argv: list[str] | None) -> int:
     made, checked, interrupted = _first_missing(out_dir), False, False
     try:
         _check_trainer_args(trainer_args, {**_STUDY_OWNED, **getattr(module, "TRAINER_OWNED", {})})
+        _check_given_once(model, user_trainer_args)
+        _check_sizes(module, options)
         _check_output_dir(out_dir)
         checked = True
         module.run_study(options, trainer_args)
