@@ -222,8 +222,8 @@ def test_options_that_were_ignored_without_a_word_are_refused(tmp_path, capsys):
              "2 --problems")):
         assert said in _one_error_line(capsys, _tiny(argv[0], out, *argv[1:]), option)
         assert not out.exists()
-    from vapo_kernels.diagnose.cli import _check_sizes
     from vapo_kernels.diagnose import injected_errors
+    from vapo_kernels.diagnose.cli import _check_sizes
 
     _check_sizes(injected_errors, {"preset": "tiny", "mc_problems": 4, "mc_samples": None,
                                    "problems": None})
