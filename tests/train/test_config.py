@@ -166,3 +166,46 @@ def test_plots_without_matplotlib_are_refused_at_startup(monkeypatch, capsys, tm
     err = capsys.readouterr().err
     assert "--plots" in err and "--no_plots" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def _one_error_line(capsys, argv):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("vapo-train: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("make", ["missing", "folder", "not_yaml", "not_utf8", "nul_byte",
+                                  "unreadable", "a_list"])
+def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(make, tmp_path, capsys,
+                                                                  monkeypatch):
+    # A folder said "no such file"; a file that is not YAML or not UTF-8 (or that cannot be
+    # read) ended in a traceback.
+    path = tmp_path / "c.yaml"
+    if make == "folder":
+        path.mkdir()
+    elif make == "not_yaml":
+        path.write_text("steps: [1\n")
+    elif make == "not_utf8":
+        path.write_bytes(b"steps: 1\n# caf\xe9\n")
+    elif make == "nul_byte":
+        path.write_bytes(b"steps: 1\x00\n")
+    elif make == "a_list":
+        path.write_text("- 1\n- 2\n")
+    elif make == "unreadable":  # chmod 000 does not stop root: the error open() gives then
+        path.write_text("steps: 1\n")
+        from vapo_kernels.train import config
+
+        def refused(*args, **kwargs):
+            raise PermissionError(13, "Permission denied", str(path))
+
+        monkeypatch.setattr(config, "open", refused, raising=False)
+    err = _one_error_line(capsys, ["--config", str(path), "--output_dir", str(tmp_path / "run")])
+    assert err.startswith("vapo-train: error: --config: ") and str(path) in err, err
+    expected = {"missing": "no such file", "folder": "is a folder", "not_yaml": "line 2",
+                "not_utf8": "not UTF-8", "nul_byte": "#x0000", "unreadable": "Permission denied",
+                "a_list": "mapping"}[make]
+    assert expected in err, err
+    assert not (tmp_path / "run").exists()

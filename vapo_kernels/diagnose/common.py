@@ -123,26 +123,13 @@ def _command_line_names(trainer_args: Sequence[str]) -> list[str]:
 def trainer_config_file(trainer_args: Sequence[str]) -> tuple[str, dict[str, Any]]:
     """The trainer's ``--config FILE`` in ``trainer_args`` ("" when none), found by the
     trainer's own parser (the last one given, an abbreviation, ``--config=FILE``), and the
-    options the file sets, read by the trainer's own reader (flat or grouped); a missing
-    file, a folder, an unreadable file or one that is not YAML is a ConfigError naming it."""
-    import yaml
-
+    options the file sets, read by the trainer's own reader (flat or grouped; a missing
+    file, a folder, an unreadable file or one that is not YAML is its ConfigError naming
+    the file)."""
     from ..train.config import _flatten_yaml
 
     path = _command_line(trainer_args).run.config
-    if not path:
-        return "", {}
-    if os.path.isdir(path):
-        raise ConfigError("config", f"{path} is a folder, not a YAML file of trainer options")
-    try:
-        return path, _flatten_yaml(path)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        raise ConfigError("config", f"{path} is not valid YAML"
-                          + (f" (line {mark.line + 1}: {error.problem})" if mark else "")) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError("config", f"cannot read {path}: "
-                          f"{getattr(error, 'strerror', None) or error}") from None
+    return (path, _flatten_yaml(path)) if path else ("", {})
 
 
 def trainer_option_sources(trainer_args: Sequence[str]) -> list[tuple[str, str | None]]:

@@ -315,11 +315,37 @@ def _option_names() -> dict[str, str]:
     return {f.name: group for group, cls in GROUPS.items() for f in dataclasses.fields(cls)}
 
 
+def _read_yaml(path: str) -> Any:
+    """The YAML document in ``path``; a file that cannot be read (missing, a folder, no
+    permission, not UTF-8) or is not YAML is a ConfigError naming the file, one line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError("config", f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError("config", f"{path} is a folder, not a YAML file of trainer "
+                          "options") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError("config", f"{path} is not UTF-8 text (byte {error.start}: "
+                          f"{error.reason})") from None
+    except yaml.reader.ReaderError as error:  # a control character, e.g. a NUL byte
+        raise ConfigError("config", f"{path} is not YAML text (character "
+                          f"#x{error.character:04x} at position {error.position}: "
+                          f"{error.reason})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        problem = getattr(error, "problem", None)
+        raise ConfigError("config", f"{path} is not valid YAML" + (
+            f" (line {mark.line + 1}: {problem})" if mark and problem else "")) from None
+    except OSError as error:
+        raise ConfigError("config", f"cannot read {path}: {error.strerror or error}") from None
+
+
 def _flatten_yaml(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError("config", f"no such file: {path}")
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    """The options a ``--config`` file sets, flat (its groups opened), each checked to be a
+    trainer option (of the group it sits in); errors are ConfigErrors naming the file."""
+    data = _read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError("config", f"{path} must hold a mapping of options")
     flat: dict[str, Any] = {}
