@@ -209,3 +209,34 @@ def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(make, tmp_path,
                 "a_list": "mapping"}[make]
     assert expected in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_error_in_a_value_from_the_config_file_names_the_file(tmp_path, capsys):
+    # "--model: no such model folder" sent the user looking at a command line that has no
+    # --model: the value came from the file.
+    path = tmp_path / "c.yaml"
+    path.write_text("model: /nonexistent/model\nrun: {steps: 1.5}\n")
+    err = _one_error_line(capsys, ["--config", str(path), "--steps", "2"])
+    assert err.startswith("vapo-train: error: --model: no such model folder") and \
+        err.endswith(f"(set in the --config file {path})"), err
+    err = _one_error_line(capsys, ["--config", str(path), "--model", "/nonexistent/model"])
+    assert err.startswith("vapo-train: error: --steps: ") and str(path) in err, err
+    # The command line's value (in any spelling) wins: its error does not blame the file.
+    for argv in (["--model", "/elsewhere"], ["--model=/elsewhere"]):
+        err = _one_error_line(capsys, ["--config", str(path), "--steps", "2", *argv])
+        assert "/elsewhere" in err and str(path) not in err, err
+    path.write_text("steps: -1\n")
+    for argv in (["--ste", "-1"], ["--steps=-1"], ["--steps", "-1"]):
+        err = _one_error_line(capsys, ["--config", str(path), *argv])
+        assert err.startswith("vapo-train: error: --steps: ") and str(path) not in err, err
+    path.write_text("ablation: no_such_ablation\n")
+    err = _one_error_line(capsys, ["--config", str(path)])
+    assert err.startswith("vapo-train: error: --ablation: ") and str(path) in err, err
+
+
+def test_an_abbreviated_ablation_none_wins_over_the_yaml_file(tmp_path):
+    # Only the exact spellings --ablation / --ablation= counted as given on the command line.
+    path = tmp_path / "c.yaml"
+    path.write_text("ablation: no_lm_loss\n")
+    config = parse_config(["--config", str(path), "--abl", "none"])
+    assert config.run.ablation == "none" and config.algorithm.lm_coef > 0

@@ -3,7 +3,8 @@
 Parsed by ``transformers.HfArgumentParser`` (each field's ``help`` is its documentation and
 ``vapo-train --help`` prints it with the default). Sources, later wins: the defaults below
 (the CPU preset), ``--config FILE.yaml`` (flat ``option: value`` or grouped
-``group: {option: value}``), ``--ablation NAME``, then the command line.
+``group: {option: value}``), ``--ablation NAME``, then the command line. A bad value that
+came from the file is refused naming the file too.
 
 The defaults are a CPU-sized VAPO: every component of the paper is on; sizes and learning
 rates are scaled to a 0.3M-parameter model (the paper's values are in each help line).
@@ -374,21 +375,41 @@ def parse_config(argv: list[str] | None = None, prog: str = "vapo-train") -> Tra
     if unknown:
         raise ConfigError(unknown[0].lstrip("-"), "unknown option (vapo-train --help lists them)")
     first = TrainConfig(*groups)
-    overrides: dict[str, Any] = {}
-    if first.run.config:
-        overrides.update(_flatten_yaml(first.run.config))
-    ablation = overrides.get("ablation", first.run.ablation)
-    if any(a == "--ablation" or a.startswith("--ablation=") for a in argv):
-        ablation = first.run.ablation  # the command line wins, an explicit "none" too
-    if ablation not in ABLATIONS:
-        raise ConfigError("ablation", f"unknown ablation {ablation!r}")
-    overrides.update(ABLATIONS[ablation])
-    # Re-parse with the file's and the ablation's values as defaults, so the command line
-    # still wins over both.
-    parser.set_defaults(**overrides)
-    config = TrainConfig(*parser.parse_args_into_dataclasses(args=argv))
-    validate(config)
+    given = _command_line_options(argv, prog)
+    from_file = _flatten_yaml(first.run.config) if first.run.config else {}
+    overrides: dict[str, Any] = dict(from_file)
+    # The command line wins, an explicit "none" too (in any spelling argparse accepts).
+    ablation = first.run.ablation if "ablation" in given else overrides.get("ablation", "none")
+    # Options whose value is the file's: an error in one says so (the file is not on the
+    # command line the user is looking at).
+    switched = ABLATIONS.get(ablation, {}) if isinstance(ablation, str) else {}
+    file_values = set(from_file) - given - set(switched)
+    try:
+        if not isinstance(ablation, str) or ablation not in ABLATIONS:  # a file's [1] too
+            raise ConfigError("ablation", f"unknown ablation {ablation!r}")
+        overrides.update(ABLATIONS[ablation])
+        # Re-parse with the file's and the ablation's values as defaults, so the command
+        # line still wins over both.
+        parser.set_defaults(**overrides)
+        config = TrainConfig(*parser.parse_args_into_dataclasses(args=argv))
+        validate(config)
+    except ConfigError as error:
+        if error.option.replace("-", "_") not in file_values:
+            raise
+        raise ConfigError(error.option, f"{error.message} (set in the --config file "
+                          f"{first.run.config})") from None
     return config
+
+
+def _command_line_options(argv: list[str], prog: str = "vapo-train") -> set[str]:
+    """The options (dest names) ``argv`` gives, as the trainer's parser reads it:
+    abbreviations, dashed spellings and ``--no_X`` included (a value equal to the default
+    too)."""
+    parser = make_parser(prog)
+    unset = object()
+    parser.set_defaults(**{name: unset for name in _option_names()})
+    namespace, _ = parser.parse_known_args(argv)
+    return {name for name, value in vars(namespace).items() if value is not unset}
 
 
 def validate(config: TrainConfig) -> None:
