@@ -64,3 +64,35 @@ def test_every_model_size_is_checked_before_any_trains(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--model-sizes: hidden size 30" in err[0], err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_config_files_threads_reach_every_run(tmp_path, monkeypatch):
+    # The study's --threads 1 sat on the trainer's command line, where it won over a trainer
+    # --config file's threads without a word (the file's other options did reach the runs).
+    seen = []
+
+    def recorded(*args, **kwargs):
+        seen.append(trainer_config(*args, **kwargs))
+        return seen[-1]
+
+    trainer_config = value_probe.trainer_config
+    monkeypatch.setattr(value_probe, "trainer_config", recorded)
+    path = tmp_path / "trainer.yaml"
+    path.write_text("run: {threads: 2}\ntask: {eval_size: 8}\n")
+    out = tmp_path / "out"
+    assert main(["value-probe", *ARGS, "--output-dir", str(out), "--model-sizes", "16",
+                 "--", "--config", str(path)]) == 0
+    config = json.loads((out / "results.json").read_text())["trainer_config"]
+    assert (config["run"]["threads"], config["task"]["eval_size"]) == (2, 8)
+    # the base config and the size's
+    assert [(c.run.threads, c.model.tiny_hidden_size) for c in seen] == [(2, 32), (2, 16)]
+    # Without the file (or the trainer's --threads) the study's one thread stays (stopped
+    # before training: Ctrl-C).
+    seen.clear()
+    monkeypatch.setattr(value_probe, "probe_stages", _interrupted)
+    assert main(["value-probe", *ARGS, "--output-dir", str(tmp_path / "b")]) == 130
+    assert [c.run.threads for c in seen] == [1]
+
+
+def _interrupted(*_, **__):
+    raise KeyboardInterrupt

@@ -52,7 +52,8 @@ PRESETS = {
 }
 CLIFF_WINDOW = 3  # boundaries shown on each side of the cliff
 # One torch thread, as the quick preset's wall was measured (small sequential steps; on a
-# 2-core machine the second thread waits more than it computes). ``-- --threads N`` wins.
+# 2-core machine the second thread waits more than it computes). ``-- --threads N`` (or
+# ``threads: N`` in a trainer --config file) wins: passed as trainer_config's defaults.
 TRAINER_DEFAULTS = ["--threads", "1"]
 
 
@@ -398,9 +399,8 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
     out_dir, preset, seed = options["output_dir"], options["preset"], options["seed"]
     sizes = preset_sizes(PRESETS, options)
     os.makedirs(out_dir, exist_ok=True)
-    extra_trainer_args = [*TRAINER_DEFAULTS, *extra_trainer_args]
     config = trainer_config(preset, seed, os.path.join(out_dir, "train"), extra_trainer_args,
-                            progress=options["progress"])
+                            progress=options["progress"], defaults=TRAINER_DEFAULTS)
     require_running_sum(config, "value-probe")
     if sizes["alternatives"] < 2:
         raise ConfigError("alternatives", f"need >= 2 candidate steps to rank, got {sizes['alternatives']}")
@@ -422,7 +422,8 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
         try:
             run_configs[n] = trainer_config(preset, seed, os.path.join(out_dir, f"train_h{n}"),
                                             [*extra_trainer_args, "--tiny_hidden_size", str(n)],
-                                            progress=options["progress"])
+                                            progress=options["progress"],
+                                            defaults=TRAINER_DEFAULTS)
         except ConfigError as error:
             raise ConfigError("model-sizes", f"hidden size {n} is refused by the trainer "
                               f"({error}; tiny_heads={m.tiny_heads}, set with -- --tiny_heads H)"
