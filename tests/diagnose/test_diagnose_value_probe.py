@@ -96,3 +96,43 @@ def test_a_config_files_threads_reach_every_run(tmp_path, monkeypatch):
 
 def _interrupted(*_, **__):
     raise KeyboardInterrupt
+
+
+def test_model_sizes_beside_the_users_hidden_size_are_refused(tmp_path, capsys):
+    # The sweep's --tiny_hidden_size, last on the trainer's command line, replaced the user's
+    # (after '--' or in a trainer --config file) without a word.
+    path = tmp_path / "trainer.yaml"
+    path.write_text("model: {tiny_hidden_size: 48}\n")
+    for tail, names in ((["--tiny_hidden_size", "48"], ["-- --tiny_hidden_size"]),
+                        (["--tiny-hidden", "48"], ["-- --tiny_hidden_size"]),
+                        (["--config", str(path)], ["tiny_hidden_size", str(path)])):
+        out = tmp_path / "x"
+        code = main(["value-probe", *ARGS, "--output-dir", str(out), "--model-sizes", "16,32",
+                     "--", *tail])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1, err
+        assert err[0].startswith("vapo-diagnose: error: --model-sizes: ") and \
+            all(name in err[0] for name in names), err
+        assert not out.exists()
+
+
+def test_the_preset_sweep_gives_way_to_a_config_files_hidden_size(tmp_path, monkeypatch):
+    seen = []
+
+    def recorded(*args, **kwargs):
+        seen.append(trainer_config(*args, **kwargs))
+        return seen[-1]
+
+    trainer_config = value_probe.trainer_config
+    monkeypatch.setattr(value_probe, "trainer_config", recorded)
+    monkeypatch.setattr(value_probe, "probe_stages", _interrupted)  # stop before training
+    monkeypatch.setitem(value_probe.PRESETS, "tiny", {**value_probe.PRESETS["tiny"],
+                                                      "model_sizes": [16, 32]})
+    path = tmp_path / "trainer.yaml"
+    path.write_text("tiny_hidden_size: 48\n")
+    assert main(["value-probe", *ARGS, "--output-dir", str(tmp_path / "a"), "--",
+                 "--config", str(path)]) == 130
+    assert [c.model.tiny_hidden_size for c in seen] == [48]  # no sweep
+    seen.clear()
+    assert main(["value-probe", *ARGS, "--output-dir", str(tmp_path / "b")]) == 130
+    assert [c.model.tiny_hidden_size for c in seen] == [32, 16, 32]  # base, then each size

@@ -18,7 +18,9 @@ boundary), so V and the Monte-Carlo value are read for the same state.
 
 ``--model-sizes 32,64,...`` repeats the whole run (warm-up, value pretraining, RL stages;
 same seed, task, probed problems and trainer options) for each hidden size of the built-in
-model and compares the error by position across sizes (``value_error_by_size.png``).
+model and compares the error by position across sizes (``value_error_by_size.png``). It
+is refused beside a model the user chose (``--model``, or ``tiny_hidden_size`` after
+``--`` or in a trainer ``--config`` file), which the preset's sweep gives way to.
 """
 
 from __future__ import annotations
@@ -38,11 +40,12 @@ from ..train.task import DIGITS
 from ..train.vapo import max_new_tokens
 from .common import (Run, heldout_accuracy, pct, preset_sizes, pyplot, require_running_sum,
                      response_batch, response_ids, save_figure, train_in_stages, trainer_config,
-                     trainer_option_names, write_outputs)
+                     trainer_option_sources, write_outputs)
 
 # model_sizes: hidden sizes of the built-in model, one whole run each ([]: the trainer
-# config's model alone; a preset's sizes give way to the user's --model or
-# --tiny_hidden_size). Quick: 76 s + 83 s + 148 s for 32, 64 and 128 (one thread).
+# config's model alone). A preset's sizes give way to the model the user chose (--model, or
+# tiny_hidden_size after '--' or in a trainer --config file); an explicit --model-sizes
+# beside either is refused. Quick: 76 s + 83 s + 148 s for 32, 64 and 128 (one thread).
 PRESETS = {
     "tiny": {"problems": 4, "samples": 4, "alternatives": 3, "rl_stages": [1], "model_sizes": []},
     "quick": {"problems": 48, "samples": 32, "alternatives": 4, "rl_stages": [10, 20],
@@ -409,14 +412,22 @@ def run_study(options: dict, extra_trainer_args: list[str]) -> dict:
                           f"partial sums, got {sizes['alternatives']}")
     m = config.model
     hidden_sizes = list(dict.fromkeys(sizes["model_sizes"]))  # in order, once each
-    if m.model and options.get("model_sizes"):
-        raise ConfigError("model-sizes", "sizes the built-in model; not with --model FOLDER")
-    if not options.get("model_sizes") and (
-            m.model or "tiny_hidden_size" in trainer_option_names(extra_trainer_args)):
+    # Where the user set the built-in model's hidden size: after '--' (None) or in a file.
+    hidden_given = [where for name, where in trainer_option_sources(extra_trainer_args)
+                    if name == "tiny_hidden_size"]
+    if options.get("model_sizes"):
+        if m.model:
+            raise ConfigError("model-sizes", "sizes the built-in model; not with --model FOLDER")
+        if hidden_given:  # the sweep's size would replace it without a word
+            place = ("-- --tiny_hidden_size" if None in hidden_given else
+                     f"tiny_hidden_size in the trainer --config file {hidden_given[0]}")
+            raise ConfigError("model-sizes", f"sets the built-in model's hidden size, which "
+                              f"{place} sets too: give one")
+    elif m.model or hidden_given:
         hidden_sizes = []  # the preset's sweep gives way to the model the user chose
     sizes["model_sizes"] = hidden_sizes
-    # Every size's trainer config, validated before any size trains (the size last on the
-    # trainer's command line wins over the user's).
+    # Every size's trainer config, validated before any size trains (the user set no hidden
+    # size: the sweep's is the only one).
     run_configs = {}
     for n in hidden_sizes:
         try:
