@@ -430,8 +430,8 @@ def time_interleaved(
     """Time several implementations of one shape in interleaved rounds, so that a slow
     period of the host (steal, a noisy neighbour) hits each of them alike.
 
-    1. Warm-up: each runner's ``warmup`` calls, untimed by the result but clocked: the
-       fastest of them (or its ``estimate_s``) is its estimated call time ``e``.
+    1. Warm-up: each runner's ``warmup`` calls, back to back; they are not in the result,
+       but the fastest of them (or its ``estimate_s``) is its estimated call time ``e``.
     2. Plan: runner k gets ``n = min(reps, ceil(budget_s / e))`` timed calls (``reps``
        without a budget or an estimate; at least one), in turns of about ``turn_s``
        seconds (``b = turn_s / e`` calls, at least one). There are ``R = max ceil(n / b)``
@@ -444,10 +444,10 @@ def time_interleaved(
        other runner's calls left the caches cold, and a call of a few microseconds takes
        some ten calls to get back to its speed in a loop (measured: 2.6x, then 1.4x, 1.2x,
        ... on the per-call loss after verl's calls), while a call that fills a turn has
-       none. A runner stops early once its timed calls add
-       up to ``budget_s`` (as a row timed alone did), and is dropped from the rounds if
-       a call raises (``Timed.error``; the others go on). A timed call faster than the
-       estimate (or the first, where there was none) plans that runner's calls again.
+       none. A runner stops early once its timed calls add up to ``budget_s`` (as a row
+       timed alone did), and is dropped from the rounds if a call raises
+       (``Timed.error``; the others go on). A timed call faster than the estimate (or
+       the first, where there was none) plans that runner's calls again.
 
     Each timed call: ``inputs(i)`` and ``before_each`` (a cache flush) untimed, then
     ``fn`` alone, by ``clock`` (CPU) or CUDA events. ``progress(j, R)`` is called at most
