@@ -227,3 +227,18 @@ def test_options_that_were_ignored_without_a_word_are_refused(tmp_path, capsys):
 
     _check_sizes(injected_errors, {"preset": "tiny", "mc_problems": 4, "mc_samples": None,
                                    "problems": None})
+
+
+@pytest.mark.parametrize("study", list(STUDIES))
+def test_a_file_value_of_the_wrong_type_is_one_line_naming_the_file(tmp_path, capsys, study):
+    # The trainer's argparse read the file's string: "argument --clip_high/--clip-high:
+    # invalid float value: 'abc'" (a SystemExit), the file not named.
+    path = tmp_path / "trainer.yaml"
+    out = tmp_path / "out"
+    for text, option, said in (("clip_high: abc\n", "--clip-high", "invalid float value"),
+                               ("kl_kind: k9\n", "--kl-kind", "invalid choice: 'k9'")):
+        path.write_text(text)
+        line = _one_error_line(capsys, _tiny(study, out, "--", "--config", str(path)),
+                               f"error: {option}: {said}")
+        assert line.endswith(f"(set in the --config file {path})"), line
+        assert not out.exists()

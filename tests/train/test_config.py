@@ -240,3 +240,35 @@ def test_an_abbreviated_ablation_none_wins_over_the_yaml_file(tmp_path):
     path.write_text("ablation: no_lm_loss\n")
     config = parse_config(["--config", str(path), "--abl", "none"])
     assert config.run.ablation == "none" and config.algorithm.lm_coef > 0
+
+
+@pytest.mark.parametrize("text, option, said", [
+    ("clip_high: abc\n", "--clip-high", "invalid float value: 'abc'"),
+    ("algorithm: {clip_high: abc}\n", "--clip-high", "invalid float value: 'abc'"),
+    ("steps: '3.5'\n", "--steps", "invalid int value: '3.5'"),
+    ("group_sampling: maybe\n", "--group-sampling", "Truthy value expected: got maybe"),
+    ("kl_kind: k9\n", "--kl-kind", "invalid choice: 'k9' (choose from k1, k2, k3"),
+    ("kl_kind: 3\n", "--kl-kind", "must be a str, got 3"),  # no option takes a list:
+    ("rollout: {rollout_engine: [hf]}\n", "--rollout-engine", "must be a str, got ['hf']"),
+])
+def test_a_file_value_of_the_wrong_type_or_choice_is_one_line_naming_the_file(
+        tmp_path, capsys, text, option, said):
+    # argparse converted a file's string with the option's type outside parse_config's
+    # check ("argument --clip_high/--clip-high: invalid float value: 'abc'", no file named)
+    # and never checked a file value's choices (kl_kind: k9 ran).
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    err = _one_error_line(capsys, ["--config", str(path), "--output_dir", str(tmp_path / "run")])
+    assert err.startswith(f"vapo-train: error: {option}: {said}"), err
+    assert err.endswith(f" (set in the --config file {path})"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_file_values_are_read_as_the_command_line_reads_them(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: '3'\ngroup_sampling: 'no'\nwarmup_lr: '1e-3'\nkl_kind: k1\n"
+                    "clip_high: abc\n")
+    # The command line wins over the file's bad value (never read, as before).
+    config = parse_config(["--config", str(path), "--clip-high", "0.3"])
+    assert (config.run.steps, config.rollout.group_sampling, config.warmup.warmup_lr,
+            config.algorithm.kl_kind, config.algorithm.clip_high) == (3, False, 1e-3, "k1", 0.3)

@@ -387,6 +387,10 @@ def parse_config(argv: list[str] | None = None, prog: str = "vapo-train") -> Tra
     try:
         if not isinstance(ablation, str) or ablation not in ABLATIONS:  # a file's [1] too
             raise ConfigError("ablation", f"unknown ablation {ablation!r}")
+        # The file's values as the command line's would be read (argparse converts a
+        # string default with the option's type, outside this try, and never checks a
+        # default's choices): a wrong type or an unknown choice is one line naming the file.
+        overrides.update(_as_parsed(parser, {name: from_file[name] for name in file_values}))
         overrides.update(ABLATIONS[ablation])
         # Re-parse with the file's and the ablation's values as defaults, so the command
         # line still wins over both.
@@ -399,6 +403,33 @@ def parse_config(argv: list[str] | None = None, prog: str = "vapo-train") -> Tra
         raise ConfigError(error.option, f"{error.message} (set in the --config file "
                           f"{first.run.config})") from None
     return config
+
+
+def _as_parsed(parser: argparse.ArgumentParser, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (option dest: a --config file's value) as ``parser`` reads them on the
+    command line: a string through the option's ``type`` (int, float, the bools' yes/no
+    reader), then each string checked against the option's ``choices``; a value it refuses
+    is a ConfigError naming the option. Values of another type (``steps: 1.5``, a list)
+    are left to validate's type check."""
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        actions.setdefault(action.dest, action)  # --X, not the store_false --no_X
+    out = {}
+    for name, value in values.items():
+        action, option = actions[name], name.replace("_", "-")
+        if isinstance(value, str) and callable(action.type):
+            try:
+                value = action.type(value)
+            except argparse.ArgumentTypeError as error:
+                raise ConfigError(option, str(error).rstrip(".")) from None
+            except (TypeError, ValueError):
+                kind = getattr(action.type, "__name__", repr(action.type))
+                raise ConfigError(option, f"invalid {kind} value: {value!r}") from None
+        if isinstance(value, str) and action.choices and value not in action.choices:
+            raise ConfigError(option, f"invalid choice: {value!r} (choose from "
+                              f"{', '.join(map(str, action.choices))})")
+        out[name] = value
+    return out
 
 
 def _command_line_options(argv: list[str], prog: str = "vapo-train") -> set[str]:
