@@ -177,3 +177,44 @@ def test_numpy_s_global_generator_is_seeded_from_the_run_seed():
     run = parse_config(["--seed", str(2**40 + 7), "--threads", "1"]).run
     seed_and_device(run)  # a seed over 32 bits is fine
     assert not np.array_equal(np.random.random(3), first)
+
+
+@pytest.mark.parametrize("bug", [True, False])
+def test_a_bug_in_a_checkpoint_write_shows_its_traceback(tmp_path, monkeypatch, capsys, bug):
+    # Any Exception in a part of a save became the one-line write error (exit 3): a
+    # TypeError from json.dump lost its traceback. A full disk stays one line.
+    import json
+
+    saves, real_save, real_dump = [], checkpoint.Checkpointer.save, json.dump
+
+    def save(self, state):
+        saves.append(state.step)
+        return real_save(self, state)
+
+    def dump(obj, f, *args, **kwargs):
+        if len(saves) >= 3 and str(getattr(f, "name", "")).endswith("meta.json"):
+            if bug:
+                raise TypeError("Object of type Tensor is not JSON serializable")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_dump(obj, f, *args, **kwargs)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save)
+    monkeypatch.setattr(checkpoint.json, "dump", dump)
+    run_dir = tmp_path / "run"
+    assert main([*SHORT, "--output_dir", str(run_dir)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    kept = checkpoint.complete_checkpoints(run_dir)
+    assert len(kept) == 2, err
+    reason = ("TypeError: Object of type Tensor is not JSON serializable" if bug
+              else "No space left on device")
+    assert err[-1].startswith(f"vapo-train: could not write checkpoint {run_dir / 'checkpoints'}")
+    assert err[-1].endswith(f": meta.json, COMPLETE: {reason}; last good checkpoint: "
+                            f"{kept[-1]}"), err
+    if bug:  # the traceback first: the error and the frame that raised it
+        text = "\n".join(err)
+        assert err[0].startswith("vapo-train: unexpected error while writing meta.json"), err
+        assert "Traceback (most recent call last)" in text, text
+        assert "in _complete" in text and "json.dump(meta, f)" in text, text
+        assert f"\n{reason}\n" in text, text
+    else:
+        assert len(err) == 1 and "Traceback" not in err[0], err
+    assert [n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".")] == []

@@ -400,16 +400,18 @@ SAVE_RUN = [*tiny_argv(drop=("--steps", "--warmup_steps", "--value_pretrain_step
             "--threads", "1", "--no_save_checkpoint", "--save_every", "1", "--keep", "0"]
 
 
-def _fail_writes(rank: int, failing_rank: int, name: str) -> dict:
+def _fail_writes(rank: int, failing_rank: int, name: str, bug: bool = False) -> dict:
     """From the third checkpoint on, process ``failing_rank`` cannot write ``name`` (a full
-    disk): torch.save's rank<r>.pt or rank 0's copy of metrics.jsonl. Returns a dict that
-    gets the time of the failure."""
+    disk; ``bug``: a TypeError, a bug in the code writing it): torch.save's rank<r>.pt or
+    rank 0's copy of metrics.jsonl. Returns a dict that gets the time of the failure."""
     saves, failed = [], {}
     save, torch_save, copyfile = checkpoint.Checkpointer.save, torch.save, shutil.copyfile
 
     def fail(path):
         if rank == failing_rank and len(saves) >= 3 and str(path).endswith(name):
             failed["failed_at"] = time.time()
+            if bug:
+                raise TypeError("cannot pickle 'generator' object")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     def counted_save(self, state):
@@ -470,6 +472,21 @@ def test_a_checkpoint_write_error_on_one_process_stops_every_process_with_one_li
         assert result["code"] == 3 and result["err"].splitlines() == [line], (r, result["err"])
     assert max(r["ended_at"] for r in results) - results[rank]["failed_at"] < 10  # at once
     assert [n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".")] == []
+    if then_resume:  # a bug in the write on that process: its traceback there, and none waits
+        shutil.rmtree(run_dir)
+        results = _main_on_both(tmp_path / "bug", argv, (rank, name, True))
+        line = (f"vapo-train: could not write checkpoint {third}: {name}: TypeError: cannot "
+                f"pickle 'generator' object; last good checkpoint: {kept[-1]}")
+        for r, result in enumerate(results):
+            err = result["err"].splitlines()
+            assert result["code"] == 3 and err[-1] == line, (r, result["err"])
+            if r == rank:
+                assert err[0].startswith(f"vapo-train: rank {rank}: unexpected error while "
+                                         f"writing {name}") and "Traceback" in err[1], err
+                assert "TypeError: cannot pickle 'generator' object" in err[:-1], err
+            else:
+                assert err == [line], err
+        assert max(r["ended_at"] for r in results) - results[rank]["failed_at"] < 10
     if not then_resume:  # the same checkpoints are left whichever process failed
         return
     # The last good checkpoint is whole: the run continues from it.

@@ -41,7 +41,9 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -405,7 +407,12 @@ def _on_every_process(dp, what: str):
     failing alone left the others waiting for it in the save's next collective (a barrier,
     FSDP's gather of the full weights) until it exited, or until the collective's timeout.
     ``what``: the file(s) the part writes, named in the reason when the error names no file
-    (torch.save reports a full disk as a RuntimeError)."""
+    (torch.save reports a full disk as a RuntimeError).
+
+    An error other than an OSError or a RuntimeError (what a failed write raises) is a bug
+    in the code writing (a TypeError from json.dump, an AttributeError): the failing process
+    prints its traceback first, then stops with the others as for a failed write (it still
+    meets them here, so none waits)."""
     failure = None
     try:
         yield
@@ -413,6 +420,12 @@ def _on_every_process(dp, what: str):
         failure = _reason(error)
         if not getattr(error, "filename", None):
             failure = f"{what}: {failure}"
+        if not isinstance(error, (OSError, RuntimeError)):
+            where = f"rank {dp.rank}: " if dp.distributed else ""
+            print(f"vapo-train: {where}unexpected error while writing {what} (a bug, not a "
+                  "failed write: please report it with this traceback):", file=sys.stderr)
+            traceback.print_exception(error, file=sys.stderr)
+            sys.stderr.flush()
     failure = dp.first_failure(failure)
     if failure is not None:
         raise _WriteFailed(failure)
