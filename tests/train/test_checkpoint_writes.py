@@ -218,3 +218,22 @@ def test_a_bug_in_a_checkpoint_write_shows_its_traceback(tmp_path, monkeypatch, 
     else:
         assert len(err) == 1 and "Traceback" not in err[0], err
     assert [n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".")] == []
+
+
+@pytest.mark.parametrize("rank, on_every_process, said", [
+    ("0", True, True), ("1", True, False), ("1", False, True), ("0", False, True)])
+def test_a_write_error_every_process_raised_is_said_by_rank_0_only(
+        tmp_path, monkeypatch, capsys, rank, on_every_process, said):
+    # Under torchrun every process printed the same line (8 processes: 8 lines); one only
+    # this process raised (not carried to the others) is still said where it was raised.
+    from vapo_kernels.train import cli
+
+    def train(config):
+        raise checkpoint.CheckpointWriteError("could not write checkpoint X: reason; last "
+                                              "good checkpoint: Y", on_every_process)
+    monkeypatch.setattr(cli, "train", train)
+    monkeypatch.setenv("RANK", rank)
+    assert main([*SHORT, "--output_dir", str(tmp_path / "run")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["vapo-train: could not write checkpoint X: reason; last good checkpoint: "
+                   "Y"][:said], err

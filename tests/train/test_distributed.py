@@ -468,8 +468,10 @@ def test_a_checkpoint_write_error_on_one_process_stops_every_process_with_one_li
     line = (f"vapo-train: could not write checkpoint {third}: No space left on device "
             f"({third.parent / ('.tmp-' + third.name) / name}); last good checkpoint: "
             f"{kept[-1]}")
+    # Every process exits 3; the line, the same on each, is said once (rank 0's).
     for r, result in enumerate(results):
-        assert result["code"] == 3 and result["err"].splitlines() == [line], (r, result["err"])
+        assert result["code"] == 3 and result["err"].splitlines() == [line][:r == 0], \
+            (r, result["err"])
     assert max(r["ended_at"] for r in results) - results[rank]["failed_at"] < 10  # at once
     assert [n for n in os.listdir(run_dir / "checkpoints") if n.startswith(".")] == []
     if then_resume:  # a bug in the write on that process: its traceback there, and none waits
@@ -479,11 +481,11 @@ def test_a_checkpoint_write_error_on_one_process_stops_every_process_with_one_li
                 f"pickle 'generator' object; last good checkpoint: {kept[-1]}")
         for r, result in enumerate(results):
             err = result["err"].splitlines()
-            assert result["code"] == 3 and err[-1] == line, (r, result["err"])
+            assert result["code"] == 3 and (err[-1] == line) == (r == 0), (r, result["err"])
             if r == rank:
                 assert err[0].startswith(f"vapo-train: rank {rank}: unexpected error while "
                                          f"writing {name}") and "Traceback" in err[1], err
-                assert "TypeError: cannot pickle 'generator' object" in err[:-1], err
+                assert err[-1] == "TypeError: cannot pickle 'generator' object", err
             else:
                 assert err == [line], err
         assert max(r["ended_at"] for r in results) - results[rank]["failed_at"] < 10

@@ -71,7 +71,15 @@ SET_ASIDE = "checkpoints-set-aside-"  # + time: later checkpoints of an abandone
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, permissions): the message names the
-    file, the reason and the last good checkpoint; the CLI prints it as one line (exit 3)."""
+    file, the reason and the last good checkpoint; the CLI prints it as one line (exit 3).
+
+    ``on_every_process``: every process of the group raised this same message (a failure
+    carried by :func:`_on_every_process` or gathered by DCP), so under torchrun one of them
+    (rank 0) says it; False: this process's own, said where it was raised."""
+
+    def __init__(self, message: str, on_every_process: bool = False):
+        super().__init__(message)
+        self.on_every_process = on_every_process
 
 
 @dataclass
@@ -502,8 +510,12 @@ class Checkpointer:
         except (_WriteFailed, CheckpointException, OSError) as error:
             self._discard(tmp)
             reason = str(error) if isinstance(error, _WriteFailed) else _reason(_unwrapped(error))
-            raise CheckpointWriteError(f"could not write checkpoint {final}: {reason}; last "
-                                       f"good checkpoint: {self.last_good()}") from None
+            # The same on every process: the failing one's reason, the run folder and the
+            # last good checkpoint (every process sets last_saved and the history alike).
+            raise CheckpointWriteError(
+                f"could not write checkpoint {final}: {reason}; last good checkpoint: "
+                f"{self.last_good()}", on_every_process=dp.distributed and isinstance(
+                    error, (_WriteFailed, CheckpointException))) from None
         if dp.is_main:  # the others go on: they have passed the save's last barrier
             if final in self.history:
                 self.history.remove(final)

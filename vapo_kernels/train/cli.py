@@ -593,7 +593,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"vapo-train: error: {error}", file=sys.stderr)
         return 2
     except (TrainingStopped, checkpoint.CheckpointWriteError) as stop:
-        print(f"vapo-train: {stop}", file=sys.stderr)
+        # A write error every process raised alike is said once (8 processes: 8 lines);
+        # one only this process raised is said here.
+        if (os.environ.get("RANK", "0") == "0"
+                or not getattr(stop, "on_every_process", False)):
+            print(f"vapo-train: {stop}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("vapo-train: interrupted", file=sys.stderr)
