@@ -242,3 +242,43 @@ def test_a_file_value_of_the_wrong_type_is_one_line_naming_the_file(tmp_path, ca
                                f"error: {option}: {said}")
         assert line.endswith(f"(set in the --config file {path})"), line
         assert not out.exists()
+
+
+@pytest.mark.parametrize("in_file", [False, True])
+def test_a_refused_task_or_engine_names_where_it_was_set(tmp_path, capsys, monkeypatch,
+                                                         in_file):
+    # "drop -- --task" / "drop --rollout_engine" sent the user to a command line that did not
+    # have it when the value came from the trainer --config file.
+    from vapo_kernels.train import vllm_engine
+
+    path, tasks = tmp_path / "trainer.yaml", tmp_path / "tasks.jsonl"
+    tasks.write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    out = tmp_path / "out"
+
+    def tail(option, value):
+        if in_file:
+            path.write_text(f"{option}: {value}\n")
+            return ["--", "--config", str(path)]
+        return ["--", f"--{option}", value]
+    said = (f"set in the trainer --config file {path}: remove {{}} from the file" if in_file
+            else "drop -- --{}")
+    line = _one_error_line(capsys, _tiny("injected-errors", out, *tail("task", f"jsonl:{tasks}")),
+                           "--task", "needs the running_sum task")
+    assert line.endswith(f"got 'jsonl:{tasks}': " + said.format("task")), line
+    assert not out.exists()
+    monkeypatch.setattr(vllm_engine, "unavailable", lambda device: None)  # as on a GPU
+    line = _one_error_line(capsys, _tiny("ablations", out, "--rows", "none",
+                                         *tail("rollout_engine", "vllm")), "--rollout-engine")
+    assert line.endswith("got 'vllm': " + said.format("rollout_engine")), line
+    assert not out.exists()
+
+
+def test_with_options_keeps_where_the_file_s_options_were_set(tmp_path):
+    from vapo_kernels.diagnose.common import with_options
+    from vapo_kernels.train.config import parse_config
+
+    path = tmp_path / "trainer.yaml"
+    path.write_text("task: running_sum\nlam_policy: 0.9\n")
+    config = parse_config(["--config", str(path)])
+    assert with_options(config, steps=2).file_options == {"task", "lam_policy"}
+    assert with_options(config, lam_policy=0.5).file_options == {"task"}  # the study's now

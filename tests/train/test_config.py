@@ -272,3 +272,14 @@ def test_file_values_are_read_as_the_command_line_reads_them(tmp_path):
     config = parse_config(["--config", str(path), "--clip-high", "0.3"])
     assert (config.run.steps, config.rollout.group_sampling, config.warmup.warmup_lr,
             config.algorithm.kl_kind, config.algorithm.clip_high) == (3, False, 1e-3, "k1", 0.3)
+
+
+def test_the_config_says_which_options_hold_the_file_s_values(tmp_path):
+    # vapo-diagnose's refusals name where a value was set: the file's, not the command line's
+    # (in any spelling) nor the ablation's.
+    path = tmp_path / "c.yaml"
+    path.write_text("task: {eval_size: 8}\nsteps: 3\nablation: no_lm_loss\nlm_coef: 0.5\n")
+    config = parse_config(["--config", str(path), "--ste", "4"])
+    assert config.file_options == {"eval_size", "ablation"}
+    assert parse_config([]).file_options == frozenset()
+    assert "file_options" not in str(config.to_dict())  # not saved in config.yaml

@@ -155,7 +155,18 @@ def with_options(config: TrainConfig, **changes: Any) -> TrainConfig:
         if not owner:
             raise KeyError(f"no trainer option {key!r}")
         setattr(owner[0], key, value)
-    return TrainConfig(**groups)
+    copy = TrainConfig(**groups)
+    copy.file_options = config.file_options - set(changes)
+    return copy
+
+
+def _drop(config: TrainConfig, name: str) -> str:
+    """How the user takes back trainer option ``name`` of ``config``: from the trainer
+    --config file that set it, or from the trainer options after '--'."""
+    if name in config.file_options:
+        return (f"set in the trainer --config file {config.run.config}: remove {name} from "
+                "the file")
+    return f"drop -- --{name}"
 
 
 def require_running_sum(config: TrainConfig, study: str) -> None:
@@ -163,7 +174,7 @@ def require_running_sum(config: TrainConfig, study: str) -> None:
     its steps, partial sums and cliffs."""
     if config.task.task != "running_sum":
         raise ConfigError("task", f"{study} needs the running_sum task (it reads its steps and "
-                          f"partial sums), got {config.task.task!r}: drop -- --task")
+                          f"partial sums), got {config.task.task!r}: {_drop(config, 'task')}")
 
 
 # -- the trainer, in stages ---------------------------------------------------------------
@@ -187,7 +198,8 @@ def start_run(config: TrainConfig) -> Run:
     run = config.run
     if config.rollout.rollout_engine != "hf":
         raise ConfigError("rollout-engine", "the diagnostics sample with transformers "
-                          "generate (prefix continuations); drop --rollout_engine")
+                          "generate (prefix continuations), got "
+                          f"{config.rollout.rollout_engine!r}: {_drop(config, 'rollout_engine')}")
     device = seed_and_device(run)
     os.makedirs(run.output_dir, exist_ok=True)
     task = build_task(config)

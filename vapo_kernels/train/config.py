@@ -275,6 +275,10 @@ class TrainConfig:
     optim: OptimArgs = field(default_factory=OptimArgs)
     run: RunArgs = field(default_factory=RunArgs)
     distributed: DistributedArgs = field(default_factory=DistributedArgs)
+    # The options whose value is run.config's file's (the file sets them, neither the command
+    # line nor the ablation): set by parse_config on the config it returns, so a later
+    # refusal of one (vapo-diagnose's) can say where it was set. Not a field: not saved.
+    file_options: typing.ClassVar[frozenset[str]] = frozenset()
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in GROUPS}
@@ -402,6 +406,7 @@ def parse_config(argv: list[str] | None = None, prog: str = "vapo-train") -> Tra
             raise
         raise ConfigError(error.option, f"{error.message} (set in the --config file "
                           f"{first.run.config})") from None
+    config.file_options = frozenset(file_values)
     return config
 
 
