@@ -147,7 +147,17 @@ class _Swap:
                 yield mod
 
     def apply(self) -> None:
-        home = importlib.import_module(self.module)
+        try:
+            home = importlib.import_module(self.module)
+        except ModuleNotFoundError as error:
+            if error.name is None or error.name.split(".")[0] == self.package:
+                raise
+            # The peer is there but one of its own dependencies is not (a peer installed
+            # with --no-deps): say which, not a traceback from deep inside the peer.
+            raise ImportError(
+                f"patch(): importing {self.module} needs {error.name!r}, a dependency of "
+                f"{self.package} that is not installed (pip install {error.name.split('.')[0]})"
+            ) from error
         if self.name not in vars(home):
             raise AttributeError(
                 f"{self.module} has no {self.name}: not the peer version this adapter targets"
