@@ -1,12 +1,14 @@
 """The README's measurement: the default ``vapo-train`` over several seeds, each beside its
 supervised baseline (the post-warm-up policy continued supervised for the same wall time).
 
-    python -m vapo_kernels.train.measure --seeds 0 1 2 --out benchmarks/results/train_cpu_DATE
+    python -m vapo_kernels.train.measure --seeds 0 1 2 --out runs/measure/train_cpu
 
 writes ``OUT_summary.json`` (per seed: accuracy after warm-up, after RL, of the baseline,
-wall times; machine load before and after) and ``OUT_curves.png`` (held-out accuracy
+wall times; machine load before and after; the CPU's instruction set, torch's and
+transformers' versions, which decide the exact numbers) and ``OUT_curves.png`` (held-out accuracy
 against wall time since the end of warm-up, RL and baseline, every seed). Extra options
-after ``--`` go to every run.
+after ``--`` go to every run. Output files or run folders that exist already are refused
+before anything trains.
 """
 
 from __future__ import annotations
@@ -15,12 +17,13 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import torch
 
 from .cli import train
-from .config import parse_config
+from .config import ConfigError, parse_config
 from .metrics import read_rows
 
 
@@ -68,17 +71,42 @@ def main() -> None:
                         "(seeds measured in parallel processes)")
     parser.add_argument("extra", nargs="*", help="options for every run (after --)")
     args = parser.parse_args()
+    try:
+        result = _measure(args)
+    except ConfigError as error:
+        print(f"measure: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("measure: interrupted", file=sys.stderr)
+        sys.exit(130)
+    for r in result["runs"]:
+        print(f"seed {r['seed']}: warm-up {r['post_warmup_accuracy']:.3f} -> RL "
+              f"{r['final_accuracy']:.3f} (baseline {r['baseline_accuracy']:.3f}); total "
+              f"{r['total_s']:.0f} s, RL part {r['value_pretrain_and_rl_s']:.0f} s")
+
+
+def _measure(args) -> dict:
+    # Everything that could be refused, before ~3 minutes per seed of training.
+    for path in (f"{args.out}_summary.json", f"{args.out}_curves.png"):
+        if os.path.exists(path):
+            raise ConfigError("out", f"{path} exists already: pass another --out")
+    configs = [parse_config([
+        "--seed", str(seed), "--supervised_baseline", "--no_progress",
+        "--output_dir", os.path.join(args.runs_dir, f"seed{seed}"), *args.extra])
+        for seed in (args.seeds if not args.combine else [])]
+    for config in configs:
+        if os.path.exists(config.run.output_dir) and os.listdir(config.run.output_dir):
+            raise ConfigError("runs-dir", f"{config.run.output_dir} holds files already: "
+                              "pass another --runs-dir")
     runs = []
     for path in args.combine:
         with open(path, encoding="utf-8") as f:
             earlier = json.load(f)
         runs += earlier["runs"]
         args.extra = earlier["extra_options"]
-    for seed in args.seeds if not args.combine else []:
+    for config in configs:
         load_before = _load()
-        summary = train(parse_config([
-            "--seed", str(seed), "--supervised_baseline", "--no_progress",
-            "--output_dir", os.path.join(args.runs_dir, f"seed{seed}"), *args.extra]))
+        summary = train(config)
         summary["load_before"], summary["load_after"] = load_before, _load()
         runs.append(summary)
     gains = [r["final_accuracy"] - r["post_warmup_accuracy"] for r in runs]
@@ -86,6 +114,9 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
         "extra_options": args.extra,
         "runs": runs,
         "mean_gain_points": round(100 * sum(gains) / len(gains), 1),
@@ -97,10 +128,16 @@ def main() -> None:
         json.dump(result, f, indent=1)
     plot_seeds(runs, f"{args.out}_curves.png")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
-    for r in runs:
-        print(f"seed {r['seed']}: warm-up {r['post_warmup_accuracy']:.3f} -> RL "
-              f"{r['final_accuracy']:.3f} (baseline {r['baseline_accuracy']:.3f}); total "
-              f"{r['total_s']:.0f} s, RL part {r['value_pretrain_and_rl_s']:.0f} s")
+    return result
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 if __name__ == "__main__":
