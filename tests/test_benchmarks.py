@@ -218,9 +218,10 @@ class FakeClock:
         return self.log[skip:]
 
 
-def clocked(clock: FakeClock):
-    """``time_interleaved`` on the fake clock, as run_case's timer."""
-    return functools.partial(H.time_interleaved, clock=clock)
+def clocked(clock: FakeClock, rewarm: float = 0.0):
+    """``time_interleaved`` on the fake clock, as run_case's timer (by default without
+    untimed calls at the start of a turn, so that the log holds the timed calls only)."""
+    return functools.partial(H.time_interleaved, clock=clock, rewarm=rewarm)
 
 
 FAKE_TIMING = H.Timing(reps=30, budget_s=100.0, warmup=1, remeasure=0, max_spread=10.0)
@@ -258,23 +259,34 @@ def test_rows_of_a_shape_are_timed_in_interleaved_rounds(monkeypatch):
 
 
 def test_a_turn_after_another_rows_starts_with_untimed_calls():
-    """A call of a few microseconds is slower for some ten calls after another row's
-    calls: a turn of ten calls starts with two untimed ones (a fifth, at most the row's
-    warm-up); a turn of one call has none, and neither does a turn right after its own."""
+    """A call of tens of microseconds is slower for some fifteen calls after another row's
+    calls: a turn starts with untimed calls lasting about a quarter of turn_s (at most the
+    row's warm-up); a call that long gets none, and a turn right after its own none."""
     clock = FakeClock()
-    runners = [H.Runner(clock.impl(n, c).run, lambda i: torch.ones(1), warmup=3)
-               for n, c in (("fast", 1e-3), ("slow", 10e-3))]
-    fast, slow = H.time_interleaved(runners, CPU, reps=40, budget_s=0.0395, turn_s=10e-3,
-                                    seed=0, clock=clock)
-    assert (len(fast.times), len(slow.times), fast.rounds, slow.rounds) == (40, 4, 4, 4)
+    runners = [H.Runner(clock.impl(n, c).run, lambda i: torch.ones(1), warmup=w)
+               for n, c, w in (("fast", 1e-3, 3), ("faster", 0.5e-3, 30), ("slow", 10e-3, 3))]
+    fast, faster, slow = H.time_interleaved(runners, CPU, reps=40, budget_s=0.0395,
+                                            turn_s=10e-3, seed=0, clock=clock)
+    assert [len(t.times) for t in (fast, faster, slow)] == [40, 40, 4]
+    assert fast.rounds == faster.rounds == slow.rounds == 4  # slow: 1 call a turn, 4 turns
     assert fast.times == pytest.approx([1e-3] * 40)  # the untimed calls are not among them
-    assert clock.log[:6] == ["fast"] * 3 + ["slow"] * 3  # warm-ups
-    runs = [(name, len(list(g))) for name, g in itertools.groupby(clock.log[6:])]
-    assert {n for name, n in runs if name == "slow"} <= {1, 2}  # 1 a turn, no untimed
-    assert {n for name, n in runs if name == "fast"} <= {12, 22}  # 2 untimed + 10 (+ 10)
-    assert clock.log.count("fast") == 3 + 40 + 2 * sum(1 for name, _ in runs if name == "fast")
+    assert clock.log[:36] == ["fast"] * 3 + ["faster"] * 30 + ["slow"] * 3  # warm-ups
+    runs = [(name, len(list(g))) for name, g in itertools.groupby(clock.log[36:])]
+    # fast: 2 untimed calls (2.5 ms, 3 at most) + 10; faster: 5 (2.5 ms) + 10; slow: 1
+    sizes = {name: {n for m, n in runs if m == name} for name in ("fast", "faster", "slow")}
+    assert sizes["fast"] <= {12, 22} and sizes["faster"] <= {15, 25} and sizes["slow"] <= {1, 2}
+    # a turn right after its own gets none (the last warmed up, "slow", starts without)
+    turns = {name: sum(1 for m, _ in runs if m == name) for name in ("fast", "faster")}
+    assert clock.log.count("fast") == 3 + 40 + 2 * turns["fast"]
+    assert clock.log.count("faster") == 30 + 40 + 5 * turns["faster"]
+    n = len(clock.log)
     H.time_interleaved(runners, CPU, reps=40, budget_s=0.0395, turn_s=10e-3, rewarm=0, clock=clock)
-    assert clock.log.count("fast") == 2 * (3 + 40) + 2 * sum(1 for name, _ in runs if name == "fast")
+    assert len(clock.log) - n == 3 + 30 + 3 + 40 + 40 + 4  # rewarm=0: warm-ups and timed calls
+    n = len(clock.log)
+    H.time_interleaved(runners, CPU, reps=40, budget_s=0.0395, turn_s=math.inf, clock=clock)
+    # one block each, after all the warm-ups: the blocks not right after their own warm-up
+    # start with the whole warm-up again, as a row timed on its own had it just before
+    assert len(clock.log) - n in (2 * 36 + 84, 2 * 36 + 84 - 3)  # "slow" may come first
 
 
 def test_the_turn_order_follows_the_seed():

@@ -421,7 +421,7 @@ def time_interleaved(
     reps: int,
     budget_s: float | None = None,
     turn_s: float | None = None,
-    rewarm: float = 0.2,
+    rewarm: float = 0.25,
     seed: int = 0,
     before_each: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
@@ -440,11 +440,12 @@ def time_interleaved(
        in one block (the design before the rounds).
     3. Rounds: in each, every runner makes its calls in turn, in an order shuffled per
        round (``random.Random(seed)``). A turn that follows another runner's starts with
-       untimed calls, a ``rewarm`` share of the turn's calls and at most ``warmup``: the
-       other runner's calls left the caches cold, and a call of a few microseconds takes
-       some ten calls to get back to its speed in a loop (measured: 2.6x, then 1.4x, 1.2x,
-       ... on the per-call loss after verl's calls), while a call that fills a turn has
-       none. A runner stops early once its timed calls add up to ``budget_s`` (as a row
+       untimed calls, about a ``rewarm`` share of ``turn_s`` and at most ``warmup`` (all
+       ``warmup`` in one block, as right after a warm-up): the other runner's calls left
+       the caches cold, and a call of tens of microseconds takes some fifteen calls to
+       get back to its speed in a loop (measured: 2.6x, then 1.4x, 1.2x, ... 1.01x on the
+       per-call loss after verl's calls, ~0.15 ms lost in all), while a call of
+       milliseconds barely notices and gets none. A runner stops early once its timed calls add up to ``budget_s`` (as a row
        timed alone did), and is dropped from the rounds if a call raises
        (``Timed.error``; the others go on). A timed call faster than the estimate (or
        the first, where there was none) plans that runner's calls again.
@@ -506,9 +507,12 @@ def time_interleaved(
                 else 1 if est[k] is None else max(1, min(n[k], int(turn_s / est[k])))
                 for k in live}
     rounds = max((math.ceil(n[k] / per_turn[k]) for k in live), default=0)
+    rewarm_calls = {k: runners[k].warmup if turn_s is None or not math.isfinite(turn_s)
+                    else 0 if est[k] is None else min(runners[k].warmup, int(rewarm * turn_s / est[k]))
+                    for k in live}
     rng = random.Random(seed)
     spent = [0.0] * len(runners)
-    last = None
+    last = live[-1] if live else None  # the last one warmed up
     shown = time.monotonic()
     for j in range(1, rounds + 1):
         if progress is not None and time.monotonic() - shown >= 1.0:
@@ -522,7 +526,7 @@ def time_interleaved(
             due = (2 * n[k] * j + rounds) // (2 * rounds) - len(t.times)
             if k != last and due > 0 and k in live:  # another runner's calls cooled the caches
                 try:
-                    for _ in range(min(r.warmup, int(due * rewarm))):
+                    for _ in range(rewarm_calls[k]):
                         r.fn(r.inputs(len(t.times)))
                 except Exception as e:  # noqa: BLE001 - see above
                     drop(k, e)
