@@ -371,3 +371,17 @@ def test_an_old_checkpoint_without_its_config_is_compared_with_config_yaml(tmp_p
     changes = _config_changes(str(uninterrupted / "config.yaml"), config, info)
     assert [c for c in changes if c[1] == "clip_high"] == [("algorithm", "clip_high", 0.28, 0.3)]
     assert _config_changes(str(tmp_path / "none.yaml"), config, info) == []
+
+
+def test_resuming_in_the_folder_the_run_chose_is_no_changed_option(tmp_path, monkeypatch, capsys):
+    # A run without --output_dir picks runs/<task>-seed<seed>-<time>; resuming it with that
+    # folder named said "resuming with a changed option: output_dir: '' -> 'runs/...'".
+    monkeypatch.chdir(tmp_path)
+    short = [*RUN[:RUN.index("--steps")], "--steps", "2", *RUN[RUN.index("--steps") + 2:]]
+    assert main([*short, "--save_every", "1"]) == 0
+    (folder,) = (tmp_path / "runs").iterdir()
+    capsys.readouterr()
+    assert main([*RUN, "--output_dir", str(folder), "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming with a changed option: steps: 2 -> 4" in out  # a real change is said
+    assert "output_dir" not in out

@@ -222,6 +222,8 @@ def _config_changes(path: str, config: TrainConfig,
         before = old.get(group, {}) if isinstance(old.get(group), dict) else {}
         for key, value in options.items():
             if key in before and before[key] != value and key not in ("resume", "config"):
+                if key == "output_dir" and not before[key]:
+                    continue  # the run chose its folder itself: resuming in it changes nothing
                 changes.append((group, key, before[key], value))
     return changes
 
@@ -524,7 +526,7 @@ def _train_in(config: TrainConfig, dp: DataParallel, device: torch.device, task:
             say(f"value pretraining: {a.value_pretrain_steps} steps on Monte-Carlo returns")
         value_pretrain(state, task, config, log, resume=resumed == "value_pretrain")
     if dp.is_main:
-        say(f"VAPO: {run.steps} RL steps")
+        say(f"VAPO: {run.steps} RL step{'s' if run.steps != 1 else ''}")
     profiler = None
     if run.profile and dp.is_main:
         first, last = parse_profile_steps(run.profile)
