@@ -71,6 +71,9 @@ def main() -> None:
                         "(seeds measured in parallel processes)")
     parser.add_argument("extra", nargs="*", help="options for every run (after --)")
     args = parser.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # as vapo-train's main: save_pretrained's shard bars
     try:
         result = _measure(args)
     except ConfigError as error:
