@@ -258,35 +258,51 @@ def test_rows_of_a_shape_are_timed_in_interleaved_rounds(monkeypatch):
     assert all(r.rounds == 1 for r in rows)
 
 
-def test_a_turn_after_another_rows_starts_with_untimed_calls():
-    """A call of tens of microseconds is slower for some fifteen calls after another row's
-    calls: a turn starts with untimed calls lasting about a quarter of turn_s (at most the
-    row's warm-up); a call that long gets none, and a turn right after its own none."""
+def test_turns_last_turn_s_in_at_least_min_turns_and_start_with_untimed_calls():
+    """A row's turn is about turn_s of calls, but its calls take at least min_turns turns;
+    a turn after another row's starts with untimed calls lasting rewarm x turn_s (none
+    for a call longer than that, none right after its own turn)."""
+
+    def run(clock, **kw):
+        runners = [H.Runner(clock.impl(n, c).run, lambda i: torch.ones(1), warmup=w)
+                   for n, c, w in (("fast", 1e-3, 3), ("faster", 0.5e-3, 30), ("slow", 10e-3, 3))]
+        return H.time_interleaved(runners, CPU, reps=40, budget_s=0.0395, turn_s=10e-3,
+                                  rewarm=0.25, seed=0, clock=clock, **kw)
+
     clock = FakeClock()
-    runners = [H.Runner(clock.impl(n, c).run, lambda i: torch.ones(1), warmup=w)
-               for n, c, w in (("fast", 1e-3, 3), ("faster", 0.5e-3, 30), ("slow", 10e-3, 3))]
-    fast, faster, slow = H.time_interleaved(runners, CPU, reps=40, budget_s=0.0395,
-                                            turn_s=10e-3, seed=0, clock=clock)
-    assert [len(t.times) for t in (fast, faster, slow)] == [40, 40, 4]
-    assert fast.rounds == faster.rounds == slow.rounds == 4  # slow: 1 call a turn, 4 turns
+    fast, faster, slow = run(clock, min_turns=4)
+    assert [len(t.times) for t in (fast, faster, slow)] == [40, 40, 4]  # budget: 4 slow calls
+    assert fast.rounds == faster.rounds == slow.rounds == 4  # 10 ms turns: 10, 20 -> 10, 1
     assert fast.times == pytest.approx([1e-3] * 40)  # the untimed calls are not among them
     assert clock.log[:36] == ["fast"] * 3 + ["faster"] * 30 + ["slow"] * 3  # warm-ups
     runs = [(name, len(list(g))) for name, g in itertools.groupby(clock.log[36:])]
-    # fast: 2 untimed calls (2.5 ms, 3 at most) + 10; faster: 5 (2.5 ms) + 10; slow: 1
+    # untimed: fast 2 (2.5 ms), faster 5, slow none (one call is longer than 2.5 ms)
     sizes = {name: {n for m, n in runs if m == name} for name in ("fast", "faster", "slow")}
     assert sizes["fast"] <= {12, 22} and sizes["faster"] <= {15, 25} and sizes["slow"] <= {1, 2}
-    # a turn right after its own gets none (the last warmed up, "slow", starts without)
     turns = {name: sum(1 for m, _ in runs if m == name) for name in ("fast", "faster")}
-    assert clock.log.count("fast") == 3 + 40 + 2 * turns["fast"]
+    assert clock.log.count("fast") == 3 + 40 + 2 * turns["fast"]  # none after its own turn
     assert clock.log.count("faster") == 30 + 40 + 5 * turns["faster"]
+
+    clock = FakeClock()
+    fast, faster, slow = run(clock)  # min_turns 20: 20 turns of 2 calls for fast and faster
+    assert (fast.rounds, faster.rounds, slow.rounds) == (20, 20, 4)
+    assert [len(t.times) for t in (fast, faster, slow)] == [40, 40, 4]
+
+    clock = FakeClock()
+    run(clock, min_turns=4)
     n = len(clock.log)
-    H.time_interleaved(runners, CPU, reps=40, budget_s=0.0395, turn_s=10e-3, rewarm=0, clock=clock)
-    assert len(clock.log) - n == 3 + 30 + 3 + 40 + 40 + 4  # rewarm=0: warm-ups and timed calls
+    H.time_interleaved([H.Runner(clock.impl(n, c).run, lambda i: torch.ones(1), warmup=3)
+                        for n, c in (("a", 1e-3), ("b", 1e-3))], CPU, reps=40, turn_s=10e-3,
+                       rewarm=0, clock=clock)
+    assert len(clock.log) - n == 2 * (3 + 40)  # rewarm=0: warm-ups and timed calls only
     n = len(clock.log)
-    H.time_interleaved(runners, CPU, reps=40, budget_s=0.0395, turn_s=math.inf, clock=clock)
-    # one block each, after all the warm-ups: the blocks not right after their own warm-up
-    # start with the whole warm-up again, as a row timed on its own had it just before
-    assert len(clock.log) - n in (2 * 36 + 84, 2 * 36 + 84 - 3)  # "slow" may come first
+    H.time_interleaved([H.Runner(clock.impl(n, c).run, lambda i: torch.ones(1), warmup=3)
+                        for n, c in (("a", 1e-3), ("b", 1e-3))], CPU, reps=40, turn_s=math.inf,
+                       clock=clock)
+    # one block each after both warm-ups: a block not right after its own warm-up starts
+    # with the whole warm-up again, as a row timed on its own had it just before ("b",
+    # warmed up last, skips it if it goes first)
+    assert len(clock.log) - n in (2 * (3 + 40) + 3, 2 * (3 + 40) + 6)
 
 
 def test_the_turn_order_follows_the_seed():
@@ -386,7 +402,8 @@ def test_results_json_keeps_its_keys_and_adds_the_rounds(tmp_path, monkeypatch):
     from vapo_kernels.bench.report import write_report
 
     clock = FakeClock()
-    impls = [clock.impl("a", 1e-3, "ours"), clock.impl("b", 2e-3), clock.impl("bare", 1e-3, "bare")]
+    ms = 2.0 ** -10  # about a millisecond, exact in binary: the fake clock adds it up exactly
+    impls = [clock.impl("a", ms, "ours"), clock.impl("b", 2 * ms), clock.impl("bare", ms, "bare")]
     rows = H.run_case(tiny_case(impls, per_call=True), CPU, FAKE_TIMING, timer=clocked(clock))
     meta = {"environment": H.environment(CPU), "command": "t", "copy_GB_s": 10.0,
             "timing": dict(vars(FAKE_TIMING)), "complete": True}
@@ -401,7 +418,8 @@ def test_results_json_keeps_its_keys_and_adds_the_rounds(tmp_path, monkeypatch):
     }
     for r in data["rows"]:
         assert before <= set(r), before - set(r)
-        assert (r["kept_attempt"], r["rounds"], r["interleaved"]) == (0, 50, 3)  # b: 10 a turn
+        # 20 ms turns of 20 calls (a, bare) or 10 (b), 500 calls: 25 or 50 turns
+        assert (r["kept_attempt"], r["rounds"], r["interleaved"]) == (0, 50 if r["impl"] == "b" else 25, 3)
         assert r["load_avg"] == [0.25, 0.25]
     assert {"turn_s", "seed", "reps", "budget_s", "per_call_reps"} <= set(data["meta"]["timing"])
     a = data["rows"][0]

@@ -421,7 +421,8 @@ def time_interleaved(
     reps: int,
     budget_s: float | None = None,
     turn_s: float | None = None,
-    rewarm: float = 0.25,
+    min_turns: int = 20,
+    rewarm: float = 0.05,
     seed: int = 0,
     before_each: Callable[[], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
@@ -433,22 +434,24 @@ def time_interleaved(
     1. Warm-up: each runner's ``warmup`` calls, back to back; they are not in the result,
        but the fastest of them (or its ``estimate_s``) is its estimated call time ``e``.
     2. Plan: runner k gets ``n = min(reps, ceil(budget_s / e))`` timed calls (``reps``
-       without a budget or an estimate; at least one), in turns of about ``turn_s``
-       seconds (``b = turn_s / e`` calls, at least one). There are ``R = max ceil(n / b)``
-       rounds, and each runner's calls are spread over all of them: after round j it
-       has made ``round(n j / R)``. ``turn_s`` None or inf: one round, each runner's calls
-       in one block (the design before the rounds).
-    3. Rounds: in each, every runner makes its calls in turn, in an order shuffled per
+       without a budget or an estimate; at least one), in turns of ``c`` calls: about
+       ``turn_s`` of them (``turn_s / e``, at least one), but few enough that its calls
+       take at least ``min_turns`` turns where it has that many (a row of microseconds
+       makes 500 calls in 20 turns of 25, not in two of 20 ms). The runner with the most
+       turns sets the number of rounds R; each runner's turns are spread evenly over the
+       R rounds. ``turn_s`` None or inf: one round, each runner's calls in one block
+       (the design before the rounds).
+    3. Rounds: in each, the runners due a turn make their calls in an order shuffled per
        round (``random.Random(seed)``). A turn that follows another runner's starts with
-       untimed calls, about a ``rewarm`` share of ``turn_s`` and at most ``warmup`` (all
-       ``warmup`` in one block, as right after a warm-up): the other runner's calls left
-       the caches cold, and a call of tens of microseconds takes some fifteen calls to
-       get back to its speed in a loop (measured: 2.6x, then 1.4x, 1.2x, ... 1.01x on the
-       per-call loss after verl's calls, ~0.15 ms lost in all), while a call of
-       milliseconds barely notices and gets none. A runner stops early once its timed calls add up to ``budget_s`` (as a row
-       timed alone did), and is dropped from the rounds if a call raises
-       (``Timed.error``; the others go on). A timed call faster than the estimate (or
-       the first, where there was none) plans that runner's calls again.
+       untimed calls lasting about ``rewarm`` x ``turn_s`` (1 ms; none for a call longer
+       than that; the whole ``warmup`` in block mode): the other runners' calls left the
+       caches cold, and the next calls of a row of microseconds are slow for about a
+       millisecond (measured after the other per-call GAE rows: vk.gae 140, 34, 26, 22,
+       21, 20 ... 19.0 us at the 20th call, 18.8 at the 70th, against 18.6 in a loop). A
+       runner stops early once its timed calls add up to ``budget_s`` (as a row timed
+       alone did), and leaves the rounds if a call raises (``Timed.error``; the others
+       go on). A timed call faster than the estimate (or the first, where there was
+       none) plans that runner's number of calls again.
 
     Each timed call: ``inputs(i)`` and ``before_each`` (a cache flush) untimed, then
     ``fn`` alone, by ``clock`` (CPU) or CUDA events. ``progress(j, R)`` is called at most
@@ -503,13 +506,20 @@ def time_interleaved(
         return max(1, min(reps, math.ceil(budget_s / e)))
 
     n = {k: calls(est[k]) for k in live}
-    per_turn = {k: n[k] if turn_s is None or not math.isfinite(turn_s)
-                else 1 if est[k] is None else max(1, min(n[k], int(turn_s / est[k])))
+    block = turn_s is None or not math.isfinite(turn_s)
+    per_turn = {k: n[k] if block else max(1, min(n[k] // min_turns,
+                                                  int(turn_s / est[k]) if est[k] else 1))
                 for k in live}
-    rounds = max((math.ceil(n[k] / per_turn[k]) for k in live), default=0)
-    rewarm_calls = {k: runners[k].warmup if turn_s is None or not math.isfinite(turn_s)
-                    else 0 if est[k] is None else min(runners[k].warmup, int(rewarm * turn_s / est[k]))
+    turns = {k: math.ceil(n[k] / per_turn[k]) for k in live}
+    rounds = max(turns.values(), default=0)
+    rewarm_calls = {k: runners[k].warmup if block else int(rewarm * turn_s / est[k]) if est[k] else 0
                     for k in live}
+
+    def target(k: int, j: int) -> int:
+        """Runner k's timed calls after round j: its turns spread evenly over the rounds."""
+        done = (2 * turns[k] * j + rounds) // (2 * rounds)
+        return (2 * n[k] * done + turns[k]) // (2 * turns[k])
+
     rng = random.Random(seed)
     spent = [0.0] * len(runners)
     last = live[-1] if live else None  # the last one warmed up
@@ -522,16 +532,18 @@ def time_interleaved(
         rng.shuffle(order)
         for k in order:
             r, t = runners[k], out[k]
-            ran = False
-            due = (2 * n[k] * j + rounds) // (2 * rounds) - len(t.times)
-            if k != last and due > 0 and k in live:  # another runner's calls cooled the caches
+            if k not in live or len(t.times) >= target(k, j):
+                continue
+            if k != last:  # another runner's calls left the caches cold
                 try:
-                    for _ in range(rewarm_calls[k]):
-                        r.fn(r.inputs(len(t.times)))
+                    for i in range(rewarm_calls[k]):  # every input set, as the warm-up
+                        r.fn(r.inputs(i))
                 except Exception as e:  # noqa: BLE001 - see above
                     drop(k, e)
+                    continue
                 last = k
-            while k in live and len(t.times) < (2 * n[k] * j + rounds) // (2 * rounds):
+            ran = False
+            while k in live and len(t.times) < target(k, j):
                 try:
                     dt = timed_call(r, len(t.times))
                 except Exception as e:  # noqa: BLE001 - see above
