@@ -107,9 +107,10 @@ def _rounds_text(timing: dict[str, Any]) -> str:
     turn = timing.get("turn_s")
     if turn is None or not math.isfinite(turn):  # null in results.json: inf
         return "Each row was timed in one block, one row after another."
-    return (f"The rows of a shape were timed together, interleaved: rounds in which each row "
-            f"made about {turn * 1e3:g} ms of calls in turn, in an order shuffled per round, "
-            "so a slow period of the host slowed them alike.")
+    return (f"The rows of a shape were timed together, interleaved: each row's calls in turns "
+            f"of about {turn * 1e3:g} ms (at least 20 turns where it had the calls), spread over "
+            "the same rounds in an order shuffled per round, so a slow period of the host "
+            "slowed them alike.")
 
 
 def _flags(r: dict[str, Any]) -> list[str]:
