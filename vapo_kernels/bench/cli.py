@@ -71,9 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default 2, quick 1)")
     p.add_argument("--turn-s", type=float, default=0.02,
                    help="the rows of a shape are timed together in rounds, each row making "
-                   "about this many seconds of calls in its turn, in an order shuffled per "
-                   "round (--seed), so that a slow period of the host hits every row alike "
-                   "(default 0.02; inf: each row in one block, one after another)")
+                   "about this many seconds of calls in its turn (in at least 20 turns), in an "
+                   "order shuffled per round (--seed), so that a slow period of the host hits "
+                   "every row alike (default 0.02; inf: each row in one block, one after another)")
     p.add_argument("--flush", action=argparse.BooleanOptionalAction, default=None,
                    help="overwrite a cache-sized buffer before each timed call "
                    "(default: on for CUDA, off for CPU)")
