@@ -856,7 +856,8 @@ def _check_impl(row, impl, case, device, timing, prepared) -> Runner | None:
         row.status, row.note = "skipped", why
         return None
     if impl.prepare is None:
-        inputs = lambda i: case.sets[i % len(case.sets)]  # noqa: E731
+        def inputs(i: int) -> Any:
+            return case.sets[i % len(case.sets)]
     else:
         if impl.prepare not in prepared:
             prepared[impl.prepare] = impl.prepare(case.sets)
