@@ -66,17 +66,22 @@ def test_every_model_size_is_checked_before_any_trains(tmp_path, capsys, monkeyp
     assert not (tmp_path / "x").exists()
 
 
+def _record_trainer_configs(monkeypatch) -> list:
+    """The trainer configs value-probe builds, in order (it still builds them)."""
+    seen, build = [], value_probe.trainer_config
+
+    def recorded(*args, **kwargs):
+        seen.append(build(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(value_probe, "trainer_config", recorded)
+    return seen
+
+
 def test_a_config_files_threads_reach_every_run(tmp_path, monkeypatch):
     # The study's --threads 1 sat on the trainer's command line, where it won over a trainer
     # --config file's threads without a word (the file's other options did reach the runs).
-    seen = []
-
-    def recorded(*args, **kwargs):
-        seen.append(trainer_config(*args, **kwargs))
-        return seen[-1]
-
-    trainer_config = value_probe.trainer_config
-    monkeypatch.setattr(value_probe, "trainer_config", recorded)
+    seen = _record_trainer_configs(monkeypatch)
     path = tmp_path / "trainer.yaml"
     path.write_text("run: {threads: 2}\ntask: {eval_size: 8}\n")
     out = tmp_path / "out"
@@ -117,14 +122,7 @@ def test_model_sizes_beside_the_users_hidden_size_are_refused(tmp_path, capsys):
 
 
 def test_the_preset_sweep_gives_way_to_a_config_files_hidden_size(tmp_path, monkeypatch):
-    seen = []
-
-    def recorded(*args, **kwargs):
-        seen.append(trainer_config(*args, **kwargs))
-        return seen[-1]
-
-    trainer_config = value_probe.trainer_config
-    monkeypatch.setattr(value_probe, "trainer_config", recorded)
+    seen = _record_trainer_configs(monkeypatch)
     monkeypatch.setattr(value_probe, "probe_stages", _interrupted)  # stop before training
     monkeypatch.setitem(value_probe.PRESETS, "tiny", {**value_probe.PRESETS["tiny"],
                                                       "model_sizes": [16, 32]})
